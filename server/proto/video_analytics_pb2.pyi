@@ -1,0 +1,123 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class AnalyzeRequest(_message.Message):
+    __slots__ = ("video", "uri", "encoder")
+    VIDEO_FIELD_NUMBER: _ClassVar[int]
+    URI_FIELD_NUMBER: _ClassVar[int]
+    ENCODER_FIELD_NUMBER: _ClassVar[int]
+    video: bytes
+    uri: str
+    encoder: str
+    def __init__(self, video: _Optional[bytes] = ..., uri: _Optional[str] = ..., encoder: _Optional[str] = ...) -> None: ...
+
+class VideoInfo(_message.Message):
+    __slots__ = ("duration_s", "fps", "clips", "frames", "width", "height")
+    DURATION_S_FIELD_NUMBER: _ClassVar[int]
+    FPS_FIELD_NUMBER: _ClassVar[int]
+    CLIPS_FIELD_NUMBER: _ClassVar[int]
+    FRAMES_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    duration_s: float
+    fps: float
+    clips: int
+    frames: int
+    width: int
+    height: int
+    def __init__(self, duration_s: _Optional[float] = ..., fps: _Optional[float] = ..., clips: _Optional[int] = ..., frames: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ...) -> None: ...
+
+class Answer(_message.Message):
+    __slots__ = ("query", "attribute", "probability", "distribution")
+    class DistributionEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    QUERY_FIELD_NUMBER: _ClassVar[int]
+    ATTRIBUTE_FIELD_NUMBER: _ClassVar[int]
+    PROBABILITY_FIELD_NUMBER: _ClassVar[int]
+    DISTRIBUTION_FIELD_NUMBER: _ClassVar[int]
+    query: str
+    attribute: str
+    probability: float
+    distribution: _containers.ScalarMap[str, float]
+    def __init__(self, query: _Optional[str] = ..., attribute: _Optional[str] = ..., probability: _Optional[float] = ..., distribution: _Optional[_Mapping[str, float]] = ...) -> None: ...
+
+class ClipSpan(_message.Message):
+    __slots__ = ("start_s", "end_s")
+    START_S_FIELD_NUMBER: _ClassVar[int]
+    END_S_FIELD_NUMBER: _ClassVar[int]
+    start_s: float
+    end_s: float
+    def __init__(self, start_s: _Optional[float] = ..., end_s: _Optional[float] = ...) -> None: ...
+
+class Attention(_message.Message):
+    __slots__ = ("query", "weights", "clip_spans")
+    QUERY_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    CLIP_SPANS_FIELD_NUMBER: _ClassVar[int]
+    query: str
+    weights: _containers.RepeatedScalarFieldContainer[float]
+    clip_spans: _containers.RepeatedCompositeFieldContainer[ClipSpan]
+    def __init__(self, query: _Optional[str] = ..., weights: _Optional[_Iterable[float]] = ..., clip_spans: _Optional[_Iterable[_Union[ClipSpan, _Mapping]]] = ...) -> None: ...
+
+class AnalyzeResponse(_message.Message):
+    __slots__ = ("video", "answers", "attention", "timing_ms", "encoder", "request_id")
+    class TimingMsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    VIDEO_FIELD_NUMBER: _ClassVar[int]
+    ANSWERS_FIELD_NUMBER: _ClassVar[int]
+    ATTENTION_FIELD_NUMBER: _ClassVar[int]
+    TIMING_MS_FIELD_NUMBER: _ClassVar[int]
+    ENCODER_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    video: VideoInfo
+    answers: _containers.RepeatedCompositeFieldContainer[Answer]
+    attention: _containers.RepeatedCompositeFieldContainer[Attention]
+    timing_ms: _containers.ScalarMap[str, float]
+    encoder: str
+    request_id: str
+    def __init__(self, video: _Optional[_Union[VideoInfo, _Mapping]] = ..., answers: _Optional[_Iterable[_Union[Answer, _Mapping]]] = ..., attention: _Optional[_Iterable[_Union[Attention, _Mapping]]] = ..., timing_ms: _Optional[_Mapping[str, float]] = ..., encoder: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class DescribeModelsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class QuerySpec(_message.Message):
+    __slots__ = ("query", "attributes")
+    QUERY_FIELD_NUMBER: _ClassVar[int]
+    ATTRIBUTES_FIELD_NUMBER: _ClassVar[int]
+    query: str
+    attributes: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, query: _Optional[str] = ..., attributes: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class DescribeModelsResponse(_message.Message):
+    __slots__ = ("queries", "encoders", "default_encoder", "clip_frames", "frame_size", "max_upload_bytes", "max_duration_s")
+    QUERIES_FIELD_NUMBER: _ClassVar[int]
+    ENCODERS_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_ENCODER_FIELD_NUMBER: _ClassVar[int]
+    CLIP_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    FRAME_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MAX_UPLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_DURATION_S_FIELD_NUMBER: _ClassVar[int]
+    queries: _containers.RepeatedCompositeFieldContainer[QuerySpec]
+    encoders: _containers.RepeatedScalarFieldContainer[str]
+    default_encoder: str
+    clip_frames: int
+    frame_size: int
+    max_upload_bytes: int
+    max_duration_s: float
+    def __init__(self, queries: _Optional[_Iterable[_Union[QuerySpec, _Mapping]]] = ..., encoders: _Optional[_Iterable[str]] = ..., default_encoder: _Optional[str] = ..., clip_frames: _Optional[int] = ..., frame_size: _Optional[int] = ..., max_upload_bytes: _Optional[int] = ..., max_duration_s: _Optional[float] = ...) -> None: ...

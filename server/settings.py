@@ -1,0 +1,68 @@
+"""Typed, frozen settings for the gateway and the Triton launcher (env prefix `VQS_`).
+
+Built once at the entry point and passed down; nothing else reads the environment.
+Nested groups use `__`, e.g. `VQS_DECODE__WORKERS=2`, `VQS_LIMITS__MAX_UPLOAD_BYTES=...`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class _Group(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+
+class TritonSettings(_Group):
+    model_repository: Path = REPO_ROOT / "model_repository"
+    # 0 = pick a free port at start-up.
+    grpc_port: int = 0
+    http_port: int = 0
+    metrics_port: int = 0
+    # Set to use an already running Triton ("host:port", gRPC) instead of launching one.
+    url: str | None = None
+    startup_timeout_s: float = 120.0
+    request_timeout_s: float = 60.0
+
+
+class DecodeSettings(_Group):
+    workers: int = Field(2, ge=1)
+    # Frames read from the decoder per step; bounds memory per request.
+    chunk_frames: int = Field(64, ge=8)
+    # A worker that produces nothing for this long is killed and the request fails.
+    stall_timeout_s: float = 30.0
+    decoder_threads: int = Field(1, ge=0)
+
+
+class LimitsSettings(_Group):
+    max_upload_bytes: int = 256 * 1024 * 1024
+    max_duration_s: float = 3600.0
+    max_frame_pixels: int = 3840 * 2160
+    max_concurrent_requests: int = Field(8, ge=1)
+    request_deadline_s: float = 600.0
+    clips_per_batch: int = Field(16, ge=1)
+
+
+class SecuritySettings(_Group):
+    # `uri` sources must resolve under this directory; None disables path sources.
+    allowed_root: Path | None = None
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="VQS_", env_nested_delimiter="__", frozen=True)
+
+    host: str = "127.0.0.1"
+    grpc_port: int = 50051
+    metrics_port: int = 9090
+    default_encoder: str = "s3d"
+    log_level: str = "INFO"
+
+    triton: TritonSettings = TritonSettings()
+    decode: DecodeSettings = DecodeSettings()
+    limits: LimitsSettings = LimitsSettings()
+    security: SecuritySettings = SecuritySettings()
