@@ -1,0 +1,313 @@
+"""Start the `tritonserver` bundled in nvidia-pytriton as a child process, with our model repository.
+
+Everything is derived from the running interpreter (`sys.executable`, `sysconfig`) and the
+installed `pytriton` package: a backends directory holding the python backend and the stub built
+for this Python's major.minor, PATH with the interpreter's bin first (the stub finds its Python on
+PATH), LD_LIBRARY_PATH with the wheel's bundled libraries and this Python's LIBDIR.
+
+Readiness means: server live and ready and every model in the repository READY. A model that fails
+to load raises `TritonLaunchError` carrying the model's own load error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import importlib.util
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from server.settings import TritonSettings
+
+logger = logging.getLogger(__name__)
+
+_HOST = "127.0.0.1"
+_PR_SET_PDEATHSIG = 1
+# `E1122 01:02:03.456 123 model_lifecycle.cc:654] "failed to load 'x' version 1: Internal: ..."`
+_LOAD_ERROR = re.compile(r"failed to load '(?P<model>[^']+)' version \d+: (?P<reason>.*?)\"?$")
+
+
+class TritonLaunchError(RuntimeError):
+    """Triton did not become ready; the message names the failing models and their errors."""
+
+    def __init__(self, message: str, log_tail: str = ""):
+        super().__init__(message)
+        self.log_tail = log_tail
+
+
+@dataclass(frozen=True)
+class TritonInstall:
+    """Where the bundled server and its pieces live, for this interpreter."""
+
+    binary: Path
+    python_backend: Path
+    stub: Path
+    caches: Path
+    libs: Path
+    python_bin: Path
+    python_libdir: Path | None
+
+    @classmethod
+    def discover(cls) -> TritonInstall:
+        spec = importlib.util.find_spec("pytriton")
+        if spec is None or not spec.submodule_search_locations:
+            raise TritonLaunchError("nvidia-pytriton is not installed in this environment")
+        package = Path(next(iter(spec.submodule_search_locations)))
+        server = package / "tritonserver"
+        version = f"{sys.version_info.major}.{sys.version_info.minor}"
+        libdir = sysconfig.get_config_var("LIBDIR")
+        install = cls(
+            binary=server / "bin" / "tritonserver",
+            python_backend=server / "backends" / "python",
+            stub=server / "python_backend_stubs" / version / "triton_python_backend_stub",
+            caches=server / "caches",
+            libs=package.parent / "nvidia_pytriton.libs",
+            python_bin=Path(sys.executable).parent,
+            python_libdir=Path(libdir) if libdir else None,
+        )
+        for path in (install.binary, install.python_backend, install.stub):
+            if not path.exists():
+                raise TritonLaunchError(
+                    f"the bundled Triton is incomplete: {path} is missing "
+                    f"(Python {version} needs a matching python backend stub)"
+                )
+        return install
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((_HOST, 0))
+        return sock.getsockname()[1]
+
+
+def _die_with_parent() -> None:
+    """Runs in the child before exec: SIGTERM it if the thread that launched it dies (Linux)."""
+    with contextlib.suppress(Exception):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def parse_load_errors(log: str) -> dict[str, str]:
+    """Model name -> load error, from Triton's log output."""
+    errors: dict[str, str] = {}
+    for line in log.splitlines():
+        match = _LOAD_ERROR.search(line.strip())
+        if match:
+            reason = match["reason"].replace('\\"', '"').replace("\\n", "\n").strip()
+            errors.setdefault(match["model"], reason)
+    return errors
+
+
+class TritonProcess:
+    """One tritonserver child process. `start()` then `wait_ready()`; `stop()` always."""
+
+    def __init__(self, settings: TritonSettings, *, log_path: Path | None = None):
+        self.settings = settings
+        self.model_repository = Path(settings.model_repository).resolve()
+        self.grpc_port = settings.grpc_port or free_port()
+        self.http_port = settings.http_port or free_port()
+        self.metrics_port = settings.metrics_port or free_port()
+        self._workdir: Path | None = None
+        self._log_path = log_path
+        self._log_file = None
+        self._process: subprocess.Popen | None = None
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{_HOST}:{self.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{_HOST}:{self.http_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{_HOST}:{self.metrics_port}/metrics"
+
+    @property
+    def log_path(self) -> Path | None:
+        return self._log_path
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process else None
+
+    def log_text(self) -> str:
+        if self._log_path is None or not self._log_path.exists():
+            return ""
+        return self._log_path.read_text(errors="replace")
+
+    def command(self, backends: Path, install: TritonInstall) -> list[str]:
+        return [
+            str(install.binary),
+            f"--model-repository={self.model_repository}",
+            f"--backend-directory={backends}",
+            f"--cache-directory={install.caches}",
+            f"--http-address={_HOST}",
+            f"--grpc-address={_HOST}",
+            f"--metrics-address={_HOST}",
+            f"--http-port={self.http_port}",
+            f"--grpc-port={self.grpc_port}",
+            f"--metrics-port={self.metrics_port}",
+            "--pinned-memory-pool-byte-size=0",
+            # Keep serving so the repository index reports each model's load error, then stop.
+            "--exit-on-error=false",
+            "--strict-readiness=true",
+            "--log-verbose=0",
+        ]
+
+    def environment(self, install: TritonInstall) -> dict[str, str]:
+        env = dict(os.environ)
+        env["PATH"] = os.pathsep.join([str(install.python_bin), env.get("PATH", "")])
+        libs = [str(install.libs)]
+        if install.python_libdir:
+            libs.append(str(install.python_libdir))
+        if env.get("LD_LIBRARY_PATH"):
+            libs.append(env["LD_LIBRARY_PATH"])
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(libs)
+        return env
+
+    def start(self) -> None:
+        """Spawn the server (returns at once). Call from a long-lived thread, e.g. the main one."""
+        if self._process is not None:
+            raise RuntimeError("Triton already started")
+        if not self.model_repository.is_dir():
+            raise TritonLaunchError(f"model repository {self.model_repository} does not exist")
+        install = TritonInstall.discover()
+        self._workdir = Path(tempfile.mkdtemp(prefix="vqs-triton-"))
+        backends = self._workdir / "backends"
+        shutil.copytree(
+            install.python_backend, backends / "python", ignore=shutil.ignore_patterns("__pycache__")
+        )
+        shutil.copy2(install.stub, backends / "python" / install.stub.name)
+        if self._log_path is None:
+            self._log_path = self._workdir / "tritonserver.log"
+        self._log_file = open(self._log_path, "ab")  # noqa: SIM115 (closed in stop)
+        cmd = self.command(backends, install)
+        logger.info("starting Triton: grpc %s, http %s, metrics %s, repository %s, log %s",
+                    self.grpc_url, self.http_url, self.metrics_url, self.model_repository,
+                    self._log_path)
+        self._process = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT,
+            env=self.environment(install),
+            cwd=self._workdir,
+            start_new_session=True,  # Ctrl-C reaches us; we stop Triton in order.
+            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+        )
+
+    def _get(self, path: str, body: bytes | None = None) -> tuple[int, bytes]:
+        request = urllib.request.Request(self.http_url + path, data=body, method="POST" if body else "GET")
+        try:
+            with urllib.request.urlopen(request, timeout=2.0) as response:
+                return response.status, response.read()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read()
+
+    def repository_index(self) -> list[dict]:
+        status, body = self._get("/v2/repository/index", b"{}")
+        if status != 200:
+            raise TritonLaunchError(f"repository index returned HTTP {status}: {body[:200]!r}")
+        return json.loads(body)
+
+    def check(self) -> bool:
+        """True when ready; False while loading; raises when the server died or a model failed."""
+        if self._process is None:
+            raise RuntimeError("Triton not started")
+        code = self._process.poll()
+        if code is not None:
+            self._raise_failure(f"tritonserver exited with code {code} before becoming ready")
+        try:
+            index = self.repository_index()
+            ready_status, _ = self._get("/v2/health/ready")
+        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+            return False  # not listening yet
+        failed = {
+            m["name"]: m.get("reason", "") for m in index if m.get("state") == "UNAVAILABLE"
+        }
+        if failed:
+            self._raise_failure("model(s) failed to load", failed)
+        states = [m.get("state") for m in index]
+        return ready_status == 200 and all(s == "READY" for s in states)
+
+    def _raise_failure(self, headline: str, reasons: dict[str, str] | None = None) -> None:
+        # The repository index may only say "load failed"; the log carries the model's own error.
+        log = self.log_text()
+        merged = dict(reasons or {})
+        for model, reason in parse_load_errors(log).items():
+            if len(reason) > len(merged.get(model, "")):
+                merged[model] = reason
+        tail = "\n".join(log.splitlines()[-60:])
+        details = "".join(f"\n  {model}: {reason}" for model, reason in sorted(merged.items()))
+        self.stop()
+        raise TritonLaunchError(
+            f"Triton failed to start ({self.model_repository}): {headline}{details}"
+            + ("" if merged else f"\n--- tritonserver log (tail) ---\n{tail}"),
+            log_tail=tail,
+        )
+
+    def wait_ready(self, timeout_s: float | None = None) -> None:
+        deadline = time.monotonic() + (timeout_s or self.settings.startup_timeout_s)
+        while not self.check():
+            if time.monotonic() > deadline:
+                self._raise_failure(f"not ready after {timeout_s or self.settings.startup_timeout_s} s")
+            time.sleep(0.25)
+        logger.info("Triton ready (pid %s)", self.pid)
+
+    async def wait_ready_async(self, timeout_s: float | None = None) -> None:
+        import asyncio
+
+        limit = timeout_s or self.settings.startup_timeout_s
+        deadline = time.monotonic() + limit
+        while not await asyncio.to_thread(self.check):
+            if time.monotonic() > deadline:
+                self._raise_failure(f"not ready after {limit} s")
+            await asyncio.sleep(0.25)
+        logger.info("Triton ready (pid %s)", self.pid)
+
+    def stop(self, grace_s: float = 15.0) -> None:
+        """SIGTERM, then SIGKILL after `grace_s`. Safe to call more than once."""
+        process, self._process = self._process, None
+        if process is not None and process.poll() is None:
+            logger.info("stopping Triton (pid %s)", process.pid)
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=grace_s)
+            except subprocess.TimeoutExpired:
+                logger.warning("Triton did not stop in %.0f s; killing it", grace_s)
+                process.kill()
+                process.wait()
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None
+        if self._workdir is not None:
+            # A default log (inside the work dir) goes with it; pass `log_path` to keep the log.
+            shutil.rmtree(self._workdir, ignore_errors=True)
+            self._workdir = None
+
+    def __enter__(self) -> TritonProcess:
+        self.start()
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
