@@ -1,0 +1,253 @@
+"""The one module that talks to Triton (tritonclient gRPC, asyncio).
+
+Holds the gateway's view of the model contract (tensor names, dtypes, ranks; the other two views
+are `model_repository/*/config.pbtxt` and the exported ONNX graphs) and translates tritonclient
+errors into `server.errors`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import tritonclient.grpc.aio as grpcclient
+from tritonclient.utils import InferenceServerException
+
+from server.errors import (
+    BackendUnavailable,
+    InferenceFailed,
+    InvalidInput,
+    Overloaded,
+    Timeout,
+    VqsError,
+)
+
+logger = logging.getLogger(__name__)
+
+ENCODER_PREFIX = "clip_encoder_"
+DECODER_MODEL = "tqn_decoder"
+
+CLIPS = "clips"
+FEATURES = "features"
+MASK = "mask"
+ATTENTION = "attention"
+# Query order of the decoder's attention rows.
+QUERIES = ("take_off", "somersaults", "twists", "flight_pose", "class")
+FEATURE_DIM = 256
+
+
+def logits_name(query: str) -> str:
+    return f"logits_{query}"
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # Triton dtype name: "UINT8", "FP32", "BOOL"
+    dims: tuple[int, ...]  # without the batch dimension for batched models; -1 = variable
+
+
+@dataclass(frozen=True)
+class ModelContract:
+    max_batch_size: int  # 0 = the model is not batched by Triton
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+
+ENCODER_CONTRACT = ModelContract(
+    max_batch_size=64,
+    inputs=(TensorSpec(CLIPS, "UINT8", (8, 112, 112, 3)),),  # T, H, W, C (RGB)
+    outputs=(TensorSpec(FEATURES, "FP32", (FEATURE_DIM,)),),
+)
+DECODER_CONTRACT = ModelContract(
+    max_batch_size=0,
+    inputs=(
+        TensorSpec(FEATURES, "FP32", (-1, -1, FEATURE_DIM)),  # B, N, D
+        TensorSpec(MASK, "BOOL", (-1, -1)),  # B, N; true = real clip
+    ),
+    outputs=tuple(TensorSpec(logits_name(q), "FP32", (-1, -1)) for q in QUERIES)
+    + (TensorSpec(ATTENTION, "FP32", (-1, len(QUERIES), -1)),),  # B, queries, N
+)
+
+
+def contract_for(model: str) -> ModelContract:
+    """The gateway's contract for a model of the repository (every encoder shares one)."""
+    if model == DECODER_MODEL:
+        return DECODER_CONTRACT
+    if model.startswith(ENCODER_PREFIX):
+        return ENCODER_CONTRACT
+    raise KeyError(f"no contract for model {model!r}")
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """What the gateway needs to feed one encoder, read from its Triton model config."""
+
+    encoder: str
+    model: str
+    clip_frames: int
+    frame_size: int
+    feature_dim: int
+    max_batch_size: int
+
+
+_STATUS_ERRORS: dict[str, type[VqsError]] = {
+    "StatusCode.UNAVAILABLE": BackendUnavailable,
+    "StatusCode.NOT_FOUND": BackendUnavailable,
+    "StatusCode.DEADLINE_EXCEEDED": Timeout,
+    "StatusCode.RESOURCE_EXHAUSTED": Overloaded,
+}
+
+
+def _translate(exc: InferenceServerException, what: str) -> VqsError:
+    status = str(exc.status() or "")
+    message = exc.message() or str(exc)
+    kind = _STATUS_ERRORS.get(status)
+    if kind is None and ("is not found" in message or "not ready" in message):
+        kind = BackendUnavailable
+    kind = kind or InferenceFailed
+    return kind(f"{what}: {message}")
+
+
+class TritonClient:
+    """Async access to the vqs models on one Triton server (`host:port`, gRPC)."""
+
+    def __init__(self, url: str, *, timeout_s: float = 60.0):
+        self.url = url
+        self.timeout_s = timeout_s
+        self._client = grpcclient.InferenceServerClient(url=url)
+        self._encoders: dict[str, EncoderSpec] | None = None
+
+    async def close(self) -> None:
+        await self._client.close()
+
+    async def _call(self, what: str, coro):
+        try:
+            return await coro
+        except InferenceServerException as exc:
+            raise _translate(exc, what) from None
+
+    async def model_index(self) -> list[dict]:
+        index = await self._call(
+            "Triton repository index",
+            self._client.get_model_repository_index(as_json=True, client_timeout=self.timeout_s),
+        )
+        return list(index.get("models", []))
+
+    async def is_ready(self) -> bool:
+        """Server live and ready and every model of the repository READY."""
+        try:
+            live = await self._client.is_server_live(client_timeout=5.0)
+            ready = live and await self._client.is_server_ready(client_timeout=5.0)
+            if not ready:
+                return False
+            index = await self.model_index()
+        except (InferenceServerException, VqsError):
+            return False
+        return bool(index) and all(m.get("state") == "READY" for m in index)
+
+    async def wait_ready(self, timeout_s: float) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while not await self.is_ready():
+            if loop.time() > deadline:
+                raise BackendUnavailable(f"Triton at {self.url} not ready after {timeout_s:.0f} s")
+            await asyncio.sleep(0.5)
+
+    async def model_config(self, model: str) -> dict:
+        response = await self._call(
+            f"config of {model}",
+            self._client.get_model_config(model, as_json=True, client_timeout=self.timeout_s),
+        )
+        return response["config"]
+
+    async def model_metadata(self, model: str) -> dict:
+        return await self._call(
+            f"metadata of {model}",
+            self._client.get_model_metadata(model, as_json=True, client_timeout=self.timeout_s),
+        )
+
+    async def encoders(self, *, refresh: bool = False) -> dict[str, EncoderSpec]:
+        """Encoder name ("s3d") -> spec, for every READY `clip_encoder_*` model."""
+        if self._encoders is not None and not refresh:
+            return self._encoders
+        found: dict[str, EncoderSpec] = {}
+        for entry in await self.model_index():
+            model = entry.get("name", "")
+            if not model.startswith(ENCODER_PREFIX) or entry.get("state") != "READY":
+                continue
+            config = await self.model_config(model)
+            clips = next(t for t in config["input"] if t["name"] == CLIPS)
+            features = next(t for t in config["output"] if t["name"] == FEATURES)
+            frames, height, width, _ = (int(d) for d in clips["dims"])
+            if height != width:
+                raise InferenceFailed(f"{model}: non-square frames {height}x{width} unsupported")
+            encoder = model[len(ENCODER_PREFIX):]
+            found[encoder] = EncoderSpec(
+                encoder=encoder,
+                model=model,
+                clip_frames=frames,
+                frame_size=height,
+                feature_dim=int(features["dims"][0]),
+                max_batch_size=int(config.get("max_batch_size", 0)),
+            )
+        self._encoders = found
+        return found
+
+    async def encoder_spec(self, encoder: str) -> EncoderSpec:
+        specs = await self.encoders()
+        if encoder not in specs:
+            specs = await self.encoders(refresh=True)
+        if encoder not in specs:
+            available = ", ".join(sorted(specs)) or "none"
+            raise InvalidInput(f"unknown encoder {encoder!r}; available: {available}")
+        return specs[encoder]
+
+    async def _infer(self, model: str, inputs: dict[str, tuple[np.ndarray, str]], outputs: list[str]):
+        infer_inputs = []
+        for name, (array, dtype) in inputs.items():
+            tensor = grpcclient.InferInput(name, list(array.shape), dtype)
+            tensor.set_data_from_numpy(array)
+            infer_inputs.append(tensor)
+        requested = [grpcclient.InferRequestedOutput(name) for name in outputs]
+        result = await self._call(
+            f"inference on {model}",
+            self._client.infer(
+                model, infer_inputs, outputs=requested, client_timeout=self.timeout_s
+            ),
+        )
+        return {name: result.as_numpy(name) for name in outputs}
+
+    async def encode_clips(self, clips: np.ndarray, *, encoder: str = "s3d") -> np.ndarray:
+        """uint8 [n, T, H, W, 3] -> float32 [n, D]; splits above the model's max batch size."""
+        spec = await self.encoder_spec(encoder)
+        expected = (spec.clip_frames, spec.frame_size, spec.frame_size, 3)
+        if clips.dtype != np.uint8 or clips.ndim != 5 or clips.shape[1:] != expected:
+            raise InvalidInput(
+                f"clips must be uint8 [n, {', '.join(map(str, expected))}], "
+                f"got {clips.dtype} {list(clips.shape)}"
+            )
+        step = spec.max_batch_size or len(clips)
+        parts = []
+        for start in range(0, len(clips), step):
+            out = await self._infer(
+                spec.model, {CLIPS: (np.ascontiguousarray(clips[start:start + step]), "UINT8")},
+                [FEATURES],
+            )
+            parts.append(out[FEATURES])
+        return np.concatenate(parts).astype(np.float32, copy=False)
+
+    async def decode_queries(
+        self, features: np.ndarray
+    ) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """float32 [N, D] -> ({query: logits [A]}, attention [queries, N]) for one video."""
+        if features.ndim != 2 or features.shape[0] == 0 or features.shape[1] != FEATURE_DIM:
+            raise InvalidInput(f"features must be float32 [N>0, {FEATURE_DIM}], got {list(features.shape)}")
+        batch = np.ascontiguousarray(features, dtype=np.float32)[None]  # 1, N, D
+        mask = np.ones(batch.shape[:2], dtype=bool)  # 1, N
+        names = [logits_name(q) for q in QUERIES] + [ATTENTION]
+        out = await self._infer(DECODER_MODEL, {FEATURES: (batch, "FP32"), MASK: (mask, "BOOL")}, names)
+        logits = {q: out[logits_name(q)][0] for q in QUERIES}
+        return logits, out[ATTENTION][0]
