@@ -46,6 +46,8 @@ class LimitsSettings(_Group):
     max_concurrent_requests: int = Field(8, ge=1)
     request_deadline_s: float = 600.0
     clips_per_batch: int = Field(16, ge=1)
+    # Clip batches being encoded at once per request (decoding continues meanwhile).
+    encode_inflight: int = Field(4, ge=1)
 
 
 class SecuritySettings(_Group):

@@ -1,0 +1,60 @@
+"""Prometheus metrics of the gateway, in their own registry, served over HTTP on request."""
+
+from __future__ import annotations
+
+import logging
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+logger = logging.getLogger(__name__)
+
+_LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+_STAGE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.request_duration = Histogram(
+            "vqs_request_duration_seconds", "Gateway RPC latency.",
+            ["rpc", "encoder", "status"], buckets=_LATENCY_BUCKETS, registry=self.registry,
+        )
+        self.stage_duration = Histogram(
+            "vqs_stage_duration_seconds",
+            "Time per request spent waiting on each pipeline stage.",
+            ["stage"], buckets=_STAGE_BUCKETS, registry=self.registry,
+        )
+        self.clips = Counter("vqs_clips", "Clips encoded.", registry=self.registry)
+        self.video_seconds = Counter(
+            "vqs_video_seconds", "Seconds of video analysed.", registry=self.registry
+        )
+        self.inflight = Gauge(
+            "vqs_inflight_requests", "RPCs being handled.", registry=self.registry
+        )
+        self.errors = Counter(
+            "vqs_errors", "RPCs that ended in an error, by gRPC status.", ["code"],
+            registry=self.registry,
+        )
+        self._server = None
+
+    def serve(self, host: str, port: int) -> int:
+        """Expose /metrics on host:port (0 = any free port); returns the bound port."""
+        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        self._server = server
+        bound = server.server_port
+        logger.info("metrics on http://%s:%d/metrics", host, bound)
+        return bound
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+    # StageObserver for the analysis pipeline.
+    def stage(self, stage: str, seconds: float) -> None:
+        self.stage_duration.labels(stage=stage).observe(seconds)
+
+    def video(self, clips: int, seconds: float) -> None:
+        self.clips.inc(clips)
+        self.video_seconds.inc(max(seconds, 0.0))
