@@ -1,0 +1,393 @@
+"""The decode worker process (see `decode.py` for the protocol's other side).
+
+Imports only numpy, decord and av, so a worker costs little memory. Messages (pickled tuples):
+
+parent -> worker: ("job", spec) | ("credit", n) | ("release",) | ("exit",)
+worker -> parent: ("ready", pid) | ("info", meta) | ("frames", seg, n, starts, ends) + raw bytes
+                  | ("end", seg, decoder) | ("error", kind, message) | ("released", rss_mb)
+
+A job without a segment opens the video, checks limits, plans segments and sends "info", then
+decodes segment 0. Each chunk costs one credit; with no credit the worker waits. "release"
+abandons the current job at the next check and drops open files.
+"""
+
+from __future__ import annotations
+
+import os
+from multiprocessing.connection import Connection
+from typing import Any
+
+import numpy as np
+
+_CHECK_EVERY = 8  # frames between checks for a "release"
+_MAX_BAD_PACKETS = 32  # consecutive undecodable packets before PyAV gives up
+
+
+class _Released(Exception):
+    pass
+
+
+class _Exit(Exception):
+    pass
+
+
+class _Failed(Exception):
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _scrub(message: str, path: str) -> str:
+    """Keep server paths (and temp file names) out of messages that reach clients."""
+    for text in (path, os.path.basename(path)):
+        if text:
+            message = message.replace(text, "<input>")
+    return message
+
+
+def _reason(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    # decord prefixes its messages with a timestamp and a source location.
+    if "Error:" in text:
+        text = text.split("Error:", 1)[1].strip()
+    return f"{type(exc).__name__}: {text[:300]}"
+
+
+class _Channel:
+    """The worker's end of the pipe, with credit-based flow control."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self.credits = 0
+        self.jobs: list[dict] = []
+
+    def _handle(self, msg: tuple) -> None:
+        kind = msg[0]
+        if kind == "credit":
+            self.credits += msg[1]
+        elif kind == "job":
+            self.jobs.append(msg[1])
+        elif kind == "release":
+            raise _Released()
+        elif kind == "exit":
+            raise _Exit()
+
+    def check(self) -> None:
+        while self.conn.poll():
+            self._handle(self.conn.recv())
+
+    def wait(self) -> None:
+        self._handle(self.conn.recv())
+
+    def send_frames(self, seg: int, frames: np.ndarray, starts: list, ends: list) -> None:
+        self.check()
+        while self.credits <= 0:
+            self.wait()
+        self.credits -= 1
+        self.conn.send(("frames", seg, len(starts), starts, ends))
+        self.conn.send_bytes(memoryview(np.ascontiguousarray(frames)).cast("B"))
+
+
+class _Chunker:
+    """Collects frames into a fixed buffer and sends it when full."""
+
+    def __init__(
+        self, ch: _Channel, seg: int, size: int, chunk: int, max_duration_s: float | None
+    ) -> None:
+        self.ch, self.seg = ch, seg
+        self.max_duration_s = max_duration_s
+        self.buf = np.empty((chunk, size, size, 3), np.uint8)
+        self.starts: list[float] = []
+        self.ends: list[float] = []
+        self.sent = 0
+        self.last_start: float | None = None
+
+    def add(self, frame: np.ndarray, start: float, end: float) -> None:
+        if self.max_duration_s and start > self.max_duration_s:
+            raise _Failed("too_large", f"the video is longer than the limit of {self.max_duration_s:g} s")
+        n = len(self.starts)
+        self.buf[n] = frame
+        self.starts.append(start)
+        self.ends.append(end)
+        self.last_start = start
+        self.sent += 1
+        if len(self.starts) == len(self.buf):
+            self.flush()
+        elif self.sent % _CHECK_EVERY == 0:
+            self.ch.check()
+
+    def flush(self) -> None:
+        if self.starts:
+            self.ch.send_frames(self.seg, self.buf[: len(self.starts)], self.starts, self.ends)
+            self.starts, self.ends = [], []
+
+
+class _Decoder:
+    """State of one job's video: the open decord reader (reused across segments)."""
+
+    def __init__(self) -> None:
+        self.key: tuple | None = None
+        self.reader: Any = None
+        self.meta: dict[str, Any] = {}
+
+    def close(self) -> None:
+        self.key = None
+        self.reader = None
+        self.meta = {}
+
+    def open(self, spec: dict) -> None:
+        key = (spec["path"], spec["frame_size"], spec["threads"])
+        if key == self.key:
+            return
+        self.close()
+        import decord
+
+        size = spec["frame_size"]
+        reasons = []
+        meta = _probe(spec["path"], reasons)
+        try:
+            # num_threads=0 breaks VP9; the settings default is 1.
+            reader = decord.VideoReader(
+                spec["path"], width=size, height=size, num_threads=max(1, spec["threads"])
+            )
+            self.reader = reader
+            meta["decoder"] = "decord"
+            meta["reported_frames"] = len(reader)
+            meta.setdefault("fps", float(reader.get_avg_fps()))
+        except Exception as exc:  # decord raises RuntimeError or DECORDError
+            reasons.insert(0, "decord " + _reason(exc))
+            if meta.get("width") is None:
+                raise _Failed("unsupported", "cannot decode the input: " + "; ".join(reasons)) from None
+            meta["decoder"] = "pyav"
+            meta["note"] = "; ".join(reasons)
+        self.meta = meta
+        self.key = key
+
+
+def _probe(path: str, reasons: list[str]) -> dict[str, Any]:
+    """Container facts from PyAV (no decoding). Never trusted for frame counts."""
+    import av
+
+    meta: dict[str, Any] = {"width": None}
+    try:
+        with av.open(path) as c:
+            if not c.streams.video:
+                reasons.append("pyav: the input has no video stream")
+                return meta
+            s = c.streams.video[0]
+            cc = s.codec_context
+            meta.update(width=cc.width, height=cc.height, codec=cc.name)
+            rate = s.average_rate or s.guessed_rate or s.base_rate
+            if rate:
+                meta["fps"] = float(rate)
+            if s.duration is not None and s.time_base is not None:
+                meta["duration_s"] = float(s.duration * s.time_base)
+            elif c.duration is not None:
+                meta["duration_s"] = c.duration / 1e6
+    except Exception as exc:
+        reasons.append("pyav " + _reason(exc))
+    return meta
+
+
+def _check_limits(meta: dict, spec: dict) -> None:
+    w, h = meta.get("width") or 0, meta.get("height") or 0
+    limit = spec.get("max_frame_pixels")
+    if limit and w * h > limit:
+        raise _Failed("too_large", f"resolution {w}x{h} is above the limit of {limit} pixels per frame")
+    limit_s = spec.get("max_duration_s")
+    if limit_s and (meta.get("duration_s") or 0) > limit_s:
+        raise _Failed(
+            "too_large", f"duration {meta['duration_s']:.1f} s is above the limit of {limit_s:g} s"
+        )
+
+
+def _plan(reader: Any, segment_frames: int) -> list[tuple]:
+    """Segments (first, stop, start_s, stop_s) starting at keyframes, about segment_frames long."""
+    if not segment_frames or reader is None:
+        return [(0, None, 0.0, None)]
+    try:
+        keys = sorted(int(k) for k in reader.get_key_indices())
+    except Exception:
+        return [(0, None, 0.0, None)]
+    bounds = [0]
+    for k in keys:
+        if k - bounds[-1] >= segment_frames:
+            bounds.append(k)
+    if len(bounds) < 2:
+        return [(0, None, 0.0, None)]
+    times = reader.get_frame_timestamp(bounds)[:, 0].astype(float).tolist()
+    segs = []
+    for i, first in enumerate(bounds):
+        last = i + 1 == len(bounds)
+        segs.append((first, None if last else bounds[i + 1], times[i], None if last else times[i + 1]))
+    return segs
+
+
+def _decode_decord(dec: _Decoder, out: _Chunker, first: int, stop: int | None) -> bool:
+    """Decode frames [first, stop) with decord; False if it stopped early or failed."""
+    vr = dec.reader
+    if vr is None:
+        return False
+    expected = min(stop, len(vr)) if stop is not None else len(vr)
+    index = first
+    try:
+        if first > 0:
+            vr.seek_accurate(first)
+        else:
+            vr.seek(0)
+        pending: list[np.ndarray] = []
+        while stop is None or index < stop:
+            try:
+                frame = vr.next()
+            except StopIteration:
+                break
+            pending.append(frame.asnumpy())
+            index += 1
+            if len(pending) == _CHECK_EVERY:
+                _emit_decord(vr, out, pending, index)
+        _emit_decord(vr, out, pending, index)
+    except (_Released, _Exit, _Failed):
+        raise
+    except Exception as exc:
+        dec.meta["note"] = "decord " + _reason(exc)
+        dec.reader = None  # do not reuse a reader in an unknown state
+        return False
+    return index >= expected
+
+
+def _emit_decord(vr: Any, out: _Chunker, pending: list[np.ndarray], index: int) -> None:
+    if not pending:
+        return
+    ts = vr.get_frame_timestamp(list(range(index - len(pending), index)))  # n, 2
+    for frame, (start, end) in zip(pending, ts.tolist()):
+        out.add(frame, float(start), float(end))
+    pending.clear()
+
+
+def _decode_pyav(spec: dict, out: _Chunker, after_s: float | None, stop_s: float | None) -> None:
+    """Decode frames with after_s < start < stop_s with PyAV, tolerating a truncated tail."""
+    import av
+
+    size = spec["frame_size"]
+    try:
+        container = av.open(spec["path"])
+    except Exception as exc:
+        raise _Failed("unsupported", "cannot decode the input: pyav " + _reason(exc)) from None
+    with container:
+        if not container.streams.video:
+            raise _Failed("unsupported", "the input has no video stream")
+        s = container.streams.video[0]
+        s.thread_type = "AUTO"
+        s.thread_count = max(1, spec["threads"])
+        tb = s.time_base
+        origin = s.start_time or 0
+        rate = s.average_rate or s.guessed_rate
+        default_dur = float(1 / rate) if rate else 1 / 30
+        if after_s is not None and after_s > 1.0:
+            try:
+                container.seek(int((after_s - 1.0) / tb) + origin, stream=s, backward=True)
+            except Exception:
+                container.seek(0)
+        bad = 0
+        stream_iter = container.demux(s)
+        while True:
+            try:
+                packet = next(stream_iter)
+            except StopIteration:
+                break
+            except Exception:  # truncated or corrupt container: keep the readable prefix
+                break
+            try:
+                frames = packet.decode()
+                bad = 0
+            except Exception:
+                bad += 1
+                if bad > _MAX_BAD_PACKETS:
+                    break
+                continue
+            for frame in frames:
+                if frame.pts is None:
+                    continue
+                start = float((frame.pts - origin) * tb)
+                if after_s is not None and start <= after_s + 1e-6:
+                    continue
+                if stop_s is not None and start >= stop_s - 1e-6:
+                    return
+                dur = float(frame.duration * tb) if frame.duration else default_dur
+                rgb = frame.to_ndarray(width=size, height=size, format="rgb24")
+                out.add(rgb, start, start + dur)
+
+
+def _run_job(ch: _Channel, dec: _Decoder, spec: dict) -> None:
+    seg = spec["segment"]
+    if seg is None:
+        dec.open(spec)
+        _check_limits(dec.meta, spec)
+        plan = _plan(dec.reader, spec["segment_frames"])
+        ch.conn.send(("info", dict(dec.meta, segments=plan)))
+        seg = (0, *plan[0])
+    else:
+        dec.open(spec)
+    index, first, stop, start_s, stop_s = seg
+    out = _Chunker(ch, index, spec["frame_size"], spec["chunk_frames"], spec.get("max_duration_s"))
+    complete = _decode_decord(dec, out, first, stop)
+    if not complete:
+        # decord could not open the file or stopped early: PyAV continues after the last frame.
+        after = out.last_start if out.last_start is not None else (start_s - 1e-3 if first else None)
+        _decode_pyav(spec, out, after, stop_s)
+        if dec.meta.get("decoder") == "decord" and out.sent:
+            dec.meta["decoder"] = "decord+pyav"
+    out.flush()
+    ch.conn.send(("end", index, dec.meta.get("decoder", "")))
+
+
+def main(conn: Connection) -> None:
+    import av  # noqa: F401  (import before the first job so "ready" means ready)
+    import decord  # noqa: F401
+
+    av.logging.set_level(av.logging.PANIC)
+    decord.logging.set_level(decord.logging.QUIET)
+    ch = _Channel(conn)
+    dec = _Decoder()
+    conn.send(("ready", os.getpid()))
+    try:
+        while True:
+            try:
+                if not ch.jobs:
+                    ch.wait()
+                    continue
+                spec = ch.jobs.pop(0)
+                try:
+                    _run_job(ch, dec, spec)
+                except _Failed as exc:
+                    conn.send(("error", exc.kind, _scrub(exc.message, spec["path"])))
+                    _wait_for_release(ch)
+                except (_Released, _Exit):
+                    raise
+                except Exception as exc:
+                    conn.send(("error", "internal", _scrub(_reason(exc), spec["path"])))
+                    _wait_for_release(ch)
+            except _Released:
+                ch.credits = 0
+                ch.jobs.clear()
+                dec.close()
+                conn.send(("released", _rss_mb()))
+    except (_Exit, EOFError, OSError, KeyboardInterrupt):
+        return
+
+
+def _wait_for_release(ch: _Channel) -> None:
+    while True:
+        ch.wait()  # raises _Released (or _Exit)
+
+
+if __name__ == "__main__":
+    import sys
+
+    main(Connection(int(sys.argv[1])))
