@@ -1,0 +1,118 @@
+"""Analyze through the real gateway, decoder and Triton."""
+
+from __future__ import annotations
+
+import math
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from server.proto import video_analytics_pb2 as pb
+from server.triton import QUERIES
+
+pytestmark = pytest.mark.integration
+
+
+async def analyze(stub, path, **kwargs) -> pb.AnalyzeResponse:
+    return await stub.Analyze(pb.AnalyzeRequest(video=path.read_bytes(), **kwargs), timeout=120)
+
+
+async def test_analyze_answers_every_query(stub, videos):
+    response = await analyze(stub, videos["normal"])
+
+    assert [a.query for a in response.answers] == list(QUERIES)
+    for answer in response.answers:
+        assert math.isclose(sum(answer.distribution.values()), 1.0, abs_tol=1e-4)
+        assert answer.attribute in answer.distribution
+        assert answer.probability == pytest.approx(max(answer.distribution.values()), abs=1e-6)
+    video = response.video
+    assert video.clips >= 2
+    assert video.width == 112 and video.height == 112
+    assert video.fps == pytest.approx(15, abs=0.5)
+    assert video.duration_s == pytest.approx(4.0, abs=0.5)
+    assert response.encoder == "s3d"
+    assert response.request_id
+    assert {"decode", "encode", "decode_queries", "total"} <= set(response.timing_ms)
+
+
+async def test_attention_is_queries_by_clips_and_rows_sum_to_one(stub, videos):
+    response = await analyze(stub, videos["normal"])
+    clips = response.video.clips
+
+    assert [m.query for m in response.attention] == list(QUERIES)
+    for attention in response.attention:
+        weights = np.asarray(attention.weights)
+        assert weights.shape == (clips,)
+        assert weights.min() >= 0
+        assert weights.sum() == pytest.approx(1.0, abs=1e-4)
+        spans = [(s.start_s, s.end_s) for s in attention.clip_spans]
+        assert len(spans) == clips
+        assert all(start < end for start, end in spans)
+        assert all(a[1] <= b[0] + 1e-6 for a, b in zip(spans, spans[1:]))
+
+
+async def test_video_shorter_than_one_clip_is_one_clip(stub, videos):
+    response = await analyze(stub, videos["short"])
+
+    assert response.video.clips == 1
+    assert 1 <= response.video.frames < 8
+    assert all(len(m.weights) == 1 and m.weights[0] == pytest.approx(1.0) for m in response.attention)
+
+
+async def test_another_codec(stub, videos):
+    response = await analyze(stub, videos["mpeg4"])
+    assert response.video.clips >= 1
+    assert len(response.answers) == len(QUERIES)
+
+
+async def test_corrupt_file_is_invalid_argument_and_server_stays_healthy(stub, channel, videos):
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await analyze(stub, videos["corrupt"])
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.value.details()
+    assert "Traceback" not in error.value.details()
+
+    health = health_pb2_grpc.HealthStub(channel)
+    status = await health.Check(health_pb2.HealthCheckRequest(service="vqs.v1.VideoAnalytics"))
+    assert status.status == health_pb2.HealthCheckResponse.SERVING
+    response = await analyze(stub, videos["normal"])
+    assert len(response.answers) == len(QUERIES)
+
+
+async def test_garbage_bytes_are_invalid_argument(stub):
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await stub.Analyze(pb.AnalyzeRequest(video=b"definitely not a video" * 50))
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_empty_upload_is_invalid_argument(stub):
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await stub.Analyze(pb.AnalyzeRequest(video=b""))
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "empty" in error.value.details()
+
+
+async def test_no_source_is_invalid_argument(stub):
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await stub.Analyze(pb.AnalyzeRequest())
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_unknown_encoder_lists_the_available_ones(stub, videos):
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await analyze(stub, videos["short"], encoder="nonexistent")
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "nonexistent" in error.value.details() and "s3d" in error.value.details()
+
+
+async def test_request_id_comes_back_in_trailing_metadata(stub, videos):
+    call = stub.Analyze(
+        pb.AnalyzeRequest(video=videos["short"].read_bytes()),
+        metadata=(("x-request-id", "test-req-42"),),
+    )
+    response = await call
+    trailing = dict(await call.trailing_metadata())
+    assert response.request_id == "test-req-42"
+    assert trailing["x-request-id"] == "test-req-42"

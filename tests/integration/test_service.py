@@ -1,0 +1,98 @@
+"""DescribeModels, health, reflection, metrics, upload limits."""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+
+import grpc
+import pytest
+import pytest_asyncio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from server.proto import video_analytics_pb2 as pb
+from server.proto import video_analytics_pb2_grpc as pb_grpc
+from server.settings import Settings
+from server.triton import QUERIES
+
+pytestmark = pytest.mark.integration
+
+
+async def test_describe_models_lists_queries_and_attributes(stub, model_repository):
+    response = await stub.DescribeModels(pb.DescribeModelsRequest())
+
+    meta = json.loads((model_repository / "tqn_decoder" / "1" / "model.json").read_text())
+    assert [q.query for q in response.queries] == list(QUERIES)
+    assert {q.query: list(q.attributes) for q in response.queries} == {
+        q["query"]: q["attributes"] for q in meta["queries"]
+    }
+    assert "s3d" in response.encoders
+    assert response.default_encoder == "s3d"
+    assert (response.clip_frames, response.frame_size) == (8, 112)
+    assert response.max_upload_bytes > 0
+
+
+async def test_health_is_serving(channel):
+    health = health_pb2_grpc.HealthStub(channel)
+    for service in ("", "vqs.v1.VideoAnalytics"):
+        response = await health.Check(health_pb2.HealthCheckRequest(service=service))
+        assert response.status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_reflection_lists_the_service(channel):
+    reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+
+    async def one_request():
+        yield reflection_pb2.ServerReflectionRequest(list_services="")
+
+    services = []
+    async for response in reflection.ServerReflectionInfo(one_request()):
+        services += [s.name for s in response.list_services_response.service]
+    assert "vqs.v1.VideoAnalytics" in services
+    assert "grpc.health.v1.Health" in services
+
+
+async def test_metrics_endpoint_exposes_the_counters(stub, gateway, videos):
+    await stub.Analyze(pb.AnalyzeRequest(video=videos["short"].read_bytes()), timeout=120)
+    with pytest.raises(grpc.aio.AioRpcError):
+        await stub.Analyze(pb.AnalyzeRequest(video=b""))
+
+    url = f"http://127.0.0.1:{gateway.metrics_port}/metrics"
+    text = urllib.request.urlopen(url, timeout=5).read().decode()
+    for name in (
+        'vqs_request_duration_seconds_count{encoder="s3d",rpc="Analyze",status="OK"}',
+        'vqs_stage_duration_seconds_count{stage="encode"}',
+        'vqs_stage_duration_seconds_count{stage="decode"}',
+        'vqs_stage_duration_seconds_count{stage="decode_queries"}',
+        "vqs_clips_total",
+        "vqs_video_seconds_total",
+        "vqs_inflight_requests",
+        'vqs_errors_total{code="INVALID_ARGUMENT"}',
+    ):
+        assert name in text, name
+    clips = next(line for line in text.splitlines() if line.startswith("vqs_clips_total"))
+    assert float(clips.split()[-1]) >= 1
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def small_gateway(start_gateway):
+    limits = Settings().limits.model_copy(update={"max_upload_bytes": 64 * 1024})
+    gateway = await start_gateway(limits=limits)
+    yield gateway
+    await gateway.stop()
+
+
+async def test_upload_above_the_limit_names_the_limit(small_gateway):
+    async with grpc.aio.insecure_channel(small_gateway.address) as channel:
+        stub = pb_grpc.VideoAnalyticsStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            await stub.Analyze(pb.AnalyzeRequest(video=b"\0" * (64 * 1024 + 1)))
+        assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "65536" in error.value.details()
+        assert "max_upload_bytes" in error.value.details()
+
+        # Far above the limit gRPC itself refuses the message, with the same status.
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            await stub.Analyze(pb.AnalyzeRequest(video=b"\0" * (3 * 1024 * 1024)))
+        assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
