@@ -1,0 +1,133 @@
+"""The three views of every model agree: config.pbtxt, server/triton.py, and the ONNX graph."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2
+
+from server import triton
+from server.settings import Settings
+
+# The repository the server would use (`VQS_TRITON__MODEL_REPOSITORY`), by default ours.
+REPOSITORY = Path(Settings().triton.model_repository)
+MODELS = sorted(p.parent.name for p in REPOSITORY.glob("*/config.pbtxt"))
+# ONNX TensorProto element types of the Triton dtypes in the contract.
+ONNX_TYPES = {"UINT8": 2, "FP32": 1, "BOOL": 9}
+
+
+def load_config(model: str) -> model_config_pb2.ModelConfig:
+    text = (REPOSITORY / model / "config.pbtxt").read_text()
+    return text_format.Parse(text, model_config_pb2.ModelConfig())
+
+
+def tensors(entries) -> dict[str, tuple[str, tuple[int, ...]]]:
+    return {
+        t.name: (model_config_pb2.DataType.Name(t.data_type).removeprefix("TYPE_"), tuple(t.dims))
+        for t in entries
+    }
+
+
+def contract_tensors(specs) -> dict[str, tuple[str, tuple[int, ...]]]:
+    return {s.name: (s.dtype, s.dims) for s in specs}
+
+
+def test_the_repository_has_the_expected_models():
+    assert {"clip_encoder_s3d", "tqn_decoder"} <= set(MODELS)
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_config_matches_triton_py(model):
+    config = load_config(model)
+    contract = triton.contract_for(model)
+
+    assert config.name == model
+    assert config.backend == "python"
+    assert config.max_batch_size == contract.max_batch_size
+    assert tensors(config.input) == contract_tensors(contract.inputs)
+    assert tensors(config.output) == contract_tensors(contract.outputs)
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_python_backend_entry_is_the_shared_runner(model):
+    entry = REPOSITORY / model / "1" / "model.py"
+    assert entry.is_symlink(), "model.py must link to the shared onnx_runner.py"
+    assert entry.resolve() == (REPOSITORY / "onnx_runner.py").resolve()
+
+
+def test_decoder_outputs_follow_the_query_order():
+    outputs = [t.name for t in load_config(triton.DECODER_MODEL).output]
+    assert outputs == [triton.logits_name(q) for q in triton.QUERIES] + [triton.ATTENTION]
+
+
+def _onnx(model: str):
+    onnx = pytest.importorskip("onnx")
+    path = REPOSITORY / model / "1" / "model.onnx"
+    if not path.is_file():
+        pytest.skip(f"{model}/1/model.onnx not exported yet")
+    return onnx.load(str(path), load_external_data=False)
+
+
+def _graph_tensors(values) -> dict[str, tuple[int, tuple]]:
+    out = {}
+    for v in values:
+        tensor = v.type.tensor_type
+        dims = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in tensor.shape.dim)
+        out[v.name] = (tensor.elem_type, dims)
+    return out
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_onnx_graph_matches_the_contract(model):
+    graph = _onnx(model).graph
+    contract = triton.contract_for(model)
+    batched = contract.max_batch_size > 0
+    graph_inputs = _graph_tensors(graph.input)
+    graph_outputs = _graph_tensors(graph.output)
+    initializers = {i.name for i in graph.initializer}
+
+    assert set(graph_inputs) - initializers == {s.name for s in contract.inputs}
+    assert set(graph_outputs) == {s.name for s in contract.outputs}
+    for spec, table in [(s, graph_inputs) for s in contract.inputs] + [
+        (s, graph_outputs) for s in contract.outputs
+    ]:
+        elem_type, dims = table[spec.name]
+        expected = ((-1,) if batched else ()) + spec.dims
+        assert elem_type == ONNX_TYPES[spec.dtype], f"{model}.{spec.name} dtype"
+        assert len(dims) == len(expected), f"{model}.{spec.name} rank {dims} vs {expected}"
+        for got, want in zip(dims, expected):
+            if want != -1 and got != -1:
+                assert got == want, f"{model}.{spec.name} dims {dims} vs {expected}"
+
+
+def test_decoder_model_json_matches_the_queries():
+    path = REPOSITORY / triton.DECODER_MODEL / "1" / "model.json"
+    if not path.is_file():
+        pytest.skip("tqn_decoder/1/model.json not exported yet")
+    meta = json.loads(path.read_text())
+    assert [q["query"] for q in meta["queries"]] == list(triton.QUERIES)
+    assert all(q["attributes"] for q in meta["queries"])
+
+    graph = _onnx(triton.DECODER_MODEL).graph if (path.parent / "model.onnx").is_file() else None
+    if graph is not None:
+        outputs = _graph_tensors(graph.output)
+        for q in meta["queries"]:
+            width = outputs[triton.logits_name(q["query"])][1][-1]
+            if width != -1:
+                assert width == len(q["attributes"]), q["query"]
+
+
+@pytest.mark.parametrize("model", [m for m in MODELS if m.startswith(triton.ENCODER_PREFIX)])
+def test_encoder_model_json_matches_the_config(model):
+    path = REPOSITORY / model / "1" / "model.json"
+    if not path.is_file():
+        pytest.skip(f"{model}/1/model.json not exported yet")
+    meta = json.loads(path.read_text())
+    (clips,) = load_config(model).input
+    (features,) = load_config(model).output
+    assert meta["encoder"] == model.removeprefix(triton.ENCODER_PREFIX)
+    assert list(clips.dims) == [meta["clip_frames"], meta["frame_size"], meta["frame_size"], 3]
+    assert list(features.dims) == [meta["feature_dim"]]
