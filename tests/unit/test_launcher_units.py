@@ -1,0 +1,53 @@
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from server.api.servicer import Slots
+from server.errors import Overloaded
+from server.launcher import TritonInstall, TritonProcess, parse_load_errors
+from server.settings import TritonSettings
+
+
+def test_parse_load_errors_reads_the_models_message():
+    log = (
+        'I1122 01:39:22.1 1 model_lifecycle.cc:472] "loading: tqn_decoder:1"\n'
+        'E1122 01:39:22.4 1 model_lifecycle.cc:654] "failed to load \'tqn_decoder\' version 1: '
+        'Internal: ValueError: bad \\"thing\\""\n'
+        'E1122 01:39:22.5 1 tritonserver.cc:2607] "Internal: failed to load all models"\n'
+    )
+    assert parse_load_errors(log) == {"tqn_decoder": 'Internal: ValueError: bad "thing"'}
+
+
+def test_install_is_derived_from_this_interpreter():
+    install = TritonInstall.discover()
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    assert install.binary.is_file()
+    assert install.stub.parent.name == version
+    assert (install.python_bin / "python").exists() or install.python_bin.exists()
+    assert install.libs.is_dir()
+
+
+def test_command_uses_explicit_local_ports(tmp_path):
+    process = TritonProcess(TritonSettings(model_repository=tmp_path, grpc_port=9001))
+    install = TritonInstall.discover()
+    cmd = process.command(tmp_path / "backends", install)
+    assert "--grpc-port=9001" in cmd
+    assert all(p > 0 for p in (process.http_port, process.metrics_port))
+    assert "--pinned-memory-pool-byte-size=0" in cmd
+    assert all(f"--{k}-address=127.0.0.1" in cmd for k in ("http", "grpc", "metrics"))
+    env = process.environment(install)
+    assert env["PATH"].startswith(str(install.python_bin))
+    assert env["LD_LIBRARY_PATH"].startswith(str(install.libs))
+
+
+def test_slots_refuse_beyond_the_limit():
+    slots = Slots(1)
+    with slots.claim():
+        with pytest.raises(Overloaded, match="max_concurrent_requests"):
+            with slots.claim():
+                pass
+    with slots.claim():
+        assert slots.used == 1
+    assert slots.used == 0
