@@ -1,0 +1,89 @@
+"""Training data: a synthetic dataset decoded once (with decord, as the server does) into a
+uint8 frame cache on disk, addressed by clip."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import decord
+import numpy as np
+
+from export import vocab
+
+CLIP_FRAMES = 8
+FRAME_SIZE = 112
+
+
+def _decode(path: str) -> np.ndarray:
+    reader = decord.VideoReader(path, ctx=decord.cpu(0), width=FRAME_SIZE, height=FRAME_SIZE, num_threads=1)
+    chunks, start = [], 0
+    while start < len(reader):  # sequential bounded reads
+        stop = min(start + 64, len(reader))
+        chunks.append(reader.get_batch(list(range(start, stop))).asnumpy())
+        start = stop
+    return np.concatenate(chunks)
+
+
+@dataclass
+class ClipDataset:
+    """All clips of a dataset folder: `frames` is a (F, H, W, 3) memmap, clips index into it."""
+
+    records: list[dict]
+    frames: np.ndarray
+    frame_offset: np.ndarray  # per video, first frame in `frames`
+    num_frames: np.ndarray  # per video
+    clip_offset: np.ndarray  # per video, first clip in the flat clip index
+    num_clips: np.ndarray  # per video
+    targets: dict[str, np.ndarray]  # per head, per video target index
+
+    @property
+    def total_clips(self) -> int:
+        return int(self.num_clips.sum())
+
+    def clips(self, video: int, first: int, count: int) -> np.ndarray:
+        """Clips [first, first+count) of a video as uint8 (count, 8, H, W, 3); the last clip of
+        a video is padded with its final frame, as the server does."""
+        n = int(self.num_frames[video])
+        idx = np.arange(first * CLIP_FRAMES, (first + count) * CLIP_FRAMES).clip(max=n - 1)
+        frames = self.frames[self.frame_offset[video] + idx]
+        return frames.reshape(count, CLIP_FRAMES, *frames.shape[1:])
+
+    def video_of_clip(self, flat: np.ndarray) -> np.ndarray:
+        return np.searchsorted(self.clip_offset, flat, side="right") - 1
+
+
+def load(folder: Path, cache: Path | None = None, workers: int = 2) -> ClipDataset:
+    """Decode every video of a `vqs synth` folder into a frame cache (reused when present)."""
+    folder = Path(folder)
+    records = [json.loads(line) for line in (folder / "labels.jsonl").read_text().splitlines()]
+    cache = Path(cache or folder / "frames.u8")
+    lengths_path = cache.with_suffix(".lengths.npy")
+    if not (cache.exists() and lengths_path.exists()):
+        lengths = []
+        with open(cache, "wb") as out, multiprocessing.get_context("spawn").Pool(workers) as pool:
+            paths = [str(folder / r["file"]) for r in records]
+            for i, frames in enumerate(pool.imap(_decode, paths, chunksize=8), 1):
+                out.write(frames.tobytes())
+                lengths.append(len(frames))
+                if i % 200 == 0 or i == len(paths):
+                    print(f"decode {folder.name}: {i}/{len(paths)} videos", file=sys.stderr, flush=True)
+        np.save(lengths_path, np.asarray(lengths, np.int64))
+    num_frames = np.load(lengths_path)
+    total = int(num_frames.sum())
+    frames = np.memmap(cache, np.uint8, "r", shape=(total, FRAME_SIZE, FRAME_SIZE, 3))
+    num_clips = -(-num_frames // CLIP_FRAMES)
+    heads = vocab.head_attributes()
+    targets = {q: np.asarray([heads[q].index(r[q]) for r in records]) for q in heads}
+    return ClipDataset(
+        records=records,
+        frames=frames,
+        frame_offset=np.concatenate([[0], np.cumsum(num_frames)[:-1]]),
+        num_frames=num_frames,
+        clip_offset=np.concatenate([[0], np.cumsum(num_clips)[:-1]]),
+        num_clips=num_clips,
+        targets=targets,
+    )

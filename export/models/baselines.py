@@ -1,0 +1,49 @@
+"""The TQN paper's two baselines, as heads over the same clip encoder's features."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class QueryHeads(nn.Module):
+    """One linear classifier per query over a single feature vector."""
+
+    def __init__(self, *, head_sizes: dict[str, int], feature_dim: int = 256, dropout: float = 0.3):
+        super().__init__()
+        self.query_names = tuple(head_sizes)
+        self.dropout = nn.Dropout(dropout)
+        self.classifiers = nn.ModuleList(nn.Linear(feature_dim, n) for n in head_sizes.values())
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        x = self.dropout(x)
+        return tuple(head(x) for head in self.classifiers)
+
+
+class AveragePooling(nn.Module):
+    """Long-term baseline: average the features of all clips, then classify per query."""
+
+    def __init__(self, *, head_sizes: dict[str, int], feature_dim: int = 256, dropout: float = 0.3):
+        super().__init__()
+        self.heads = QueryHeads(head_sizes=head_sizes, feature_dim=feature_dim, dropout=dropout)
+        self.query_names = self.heads.query_names
+
+    def forward(self, features: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        weights = mask.float() / mask.float().sum(dim=1, keepdim=True)  # B, N
+        pooled = torch.einsum("bn,bnd->bd", weights, features)
+        return self.heads(pooled)
+
+
+class ShortTerm(nn.Module):
+    """Short-term baseline: classify each clip alone; average clip probabilities at test."""
+
+    def __init__(self, *, head_sizes: dict[str, int], feature_dim: int = 256, dropout: float = 0.3):
+        super().__init__()
+        self.heads = QueryHeads(head_sizes=head_sizes, feature_dim=feature_dim, dropout=dropout)
+        self.query_names = self.heads.query_names
+
+    def forward(self, features: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Log of the clip-averaged probabilities (B, n) per query, usable as logits."""
+        weights = (mask.float() / mask.float().sum(dim=1, keepdim=True)).unsqueeze(-1)  # B, N, 1
+        return tuple(torch.log((logits.softmax(-1) * weights).sum(1) + 1e-9)
+                     for logits in self.heads(features))

@@ -1,0 +1,88 @@
+"""Small separable 3D CNN clip encoder (S3D-like): 8 RGB frames -> one D-dim feature."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+# Kinetics-style normalisation, applied inside the graph so servers send raw uint8 frames.
+PIXEL_MEAN = (0.43, 0.4, 0.37)
+PIXEL_STD = (0.23, 0.22, 0.22)
+
+
+class SepConv3d(nn.Module):
+    """Spatial k×k conv then temporal k conv, each followed by norm and ReLU."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        *,
+        kernel_size: int = 3,
+        temporal_kernel_size: int = 3,
+        norm_layer: type[nn.Module] = nn.BatchNorm3d,
+    ):
+        super().__init__()
+        pad, tpad = kernel_size // 2, temporal_kernel_size // 2
+        self.spatial = nn.Conv3d(in_channels, out_channels, (1, kernel_size, kernel_size),
+                                 padding=(0, pad, pad), bias=False)
+        self.norm_s = norm_layer(out_channels)
+        self.temporal = nn.Conv3d(out_channels, out_channels, (temporal_kernel_size, 1, 1),
+                                  padding=(tpad, 0, 0), bias=False)
+        self.norm_t = norm_layer(out_channels)
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act(self.norm_s(self.spatial(x)))
+        return self.act(self.norm_t(self.temporal(x)))
+
+
+class S3D(nn.Module):
+    """Clip encoder; `forward` takes uint8 clips (B, T, H, W, C) exactly as the server sends them."""
+
+    def __init__(
+        self,
+        *,
+        channels: tuple[int, ...] = (24, 32, 64, 128),
+        feature_dim: int = 256,
+        clip_frames: int = 8,
+        frame_size: int = 112,
+        stem_patch: int = 4,
+        norm_layer: type[nn.Module] = nn.BatchNorm3d,
+    ):
+        super().__init__()
+        if len(channels) != 4:
+            raise ValueError(f"channels needs 4 stages, got {channels}")
+        self.clip_frames, self.frame_size, self.feature_dim = clip_frames, frame_size, feature_dim
+        self.register_buffer("mean", torch.tensor(PIXEL_MEAN).view(1, 3, 1, 1, 1) * 255)
+        self.register_buffer("std", torch.tensor(PIXEL_STD).view(1, 3, 1, 1, 1) * 255)
+        c1, c2, c3, c4 = channels
+        self.stem = nn.Sequential(  # patchify: stride stem_patch, keeps all frames
+            nn.Conv3d(3, c1, (1, stem_patch, stem_patch), stride=(1, stem_patch, stem_patch), bias=False),
+            norm_layer(c1),
+            nn.ReLU(inplace=True),
+            nn.Conv3d(c1, c1, (3, 1, 1), padding=(1, 0, 0), bias=False),
+            norm_layer(c1),
+            nn.ReLU(inplace=True),
+        )
+        self.stage2 = SepConv3d(c1, c2, norm_layer=norm_layer)
+        self.pool2 = nn.MaxPool3d((1, 2, 2))
+        self.stage3 = SepConv3d(c2, c3, norm_layer=norm_layer)
+        self.pool3 = nn.MaxPool3d((2, 2, 2))
+        self.stage4 = SepConv3d(c3, c4, norm_layer=norm_layer)
+        self.proj = nn.Linear(c4, feature_dim)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)  # B, C1, T, H/4, W/4
+        x = self.pool2(self.stage2(x))  # B, C2, T, H/8, W/8
+        x = self.pool3(self.stage3(x))  # B, C3, T/2, H/16, W/16
+        x = self.stage4(x)
+        return x.mean(dim=(2, 3, 4))  # B, C4
+
+    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)  # B, D
+
+    def forward(self, clips: torch.Tensor) -> torch.Tensor:
+        x = clips.permute(0, 4, 1, 2, 3).float()  # B, C, T, H, W
+        x = (x - self.mean) / self.std
+        return self.forward_head(self.forward_features(x))

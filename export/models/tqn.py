@@ -1,0 +1,75 @@
+"""Temporal Query Network decoder: learnt queries read clip features and answer per query."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class QueryDecoderLayer(nn.Module):
+    """Post-norm Transformer decoder layer that also returns its cross-attention weights."""
+
+    def __init__(self, d_model: int, num_heads: int, ffn_dim: int, dropout: float):
+        super().__init__()
+        self.self_attn = nn.MultiheadAttention(d_model, num_heads, dropout=dropout, batch_first=True)
+        self.cross_attn = nn.MultiheadAttention(d_model, num_heads, dropout=dropout, batch_first=True)
+        self.ffn = nn.Sequential(nn.Linear(d_model, ffn_dim), nn.ReLU(inplace=True), nn.Dropout(dropout),
+                                 nn.Linear(ffn_dim, d_model))
+        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(d_model), nn.LayerNorm(d_model), nn.LayerNorm(d_model)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, queries: torch.Tensor, memory: torch.Tensor, padding: torch.Tensor):
+        q = self.norm1(queries + self.dropout(self.self_attn(queries, queries, queries, need_weights=False)[0]))
+        attended, weights = self.cross_attn(q, memory, memory, key_padding_mask=padding,
+                                            need_weights=True, average_attn_weights=True)
+        q = self.norm2(q + self.dropout(attended))
+        q = self.norm3(q + self.dropout(self.ffn(q)))
+        return q, weights  # B, Q, D ; B, Q, N
+
+
+class TQNDecoder(nn.Module):
+    """Queries x clip features -> per-query logits and last-layer attention (B, Q, N).
+
+    No positional encoding (as in the paper): answers must not depend on where in the video
+    the action happens.
+    """
+
+    def __init__(
+        self,
+        *,
+        head_sizes: dict[str, int],
+        feature_dim: int = 256,
+        d_model: int = 256,
+        num_layers: int = 2,
+        num_heads: int = 4,
+        ffn_dim: int = 512,
+        dropout: float = 0.1,
+        feature_dropout: float = 0.3,
+    ):
+        super().__init__()
+        if not head_sizes:
+            raise ValueError("head_sizes must name at least one query")
+        self.query_names = tuple(head_sizes)
+        self.queries = nn.Parameter(torch.randn(len(head_sizes), d_model) * 0.02)
+        self.input_proj = nn.Linear(feature_dim, d_model) if feature_dim != d_model else nn.Identity()
+        self.feature_dropout = nn.Dropout(feature_dropout)
+        self.layers = nn.ModuleList(QueryDecoderLayer(d_model, num_heads, ffn_dim, dropout)
+                                    for _ in range(num_layers))
+        self.classifiers = nn.ModuleList(nn.Linear(d_model, n) for n in head_sizes.values())
+
+    def forward_features(self, features: torch.Tensor, mask: torch.Tensor):
+        memory = self.input_proj(self.feature_dropout(features))  # B, N, D
+        padding = ~mask  # True where there is no clip
+        q = self.queries.unsqueeze(0).expand(features.shape[0], -1, -1)  # B, Q, D
+        weights = None
+        for layer in self.layers:
+            q, weights = layer(q, memory, padding)
+        return q, weights
+
+    def forward_head(self, responses: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(head(responses[:, i]) for i, head in enumerate(self.classifiers))
+
+    def forward(self, features: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Returns one logits tensor per query (in `query_names` order), then the attention."""
+        responses, attention = self.forward_features(features, mask)
+        return (*self.forward_head(responses), attention)

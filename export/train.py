@@ -1,0 +1,269 @@
+"""Training on CPU: a shared warm-up, then TQN and the paper's two baselines.
+
+Curriculum (TQN paper §3.2 and appendix D):
+1. warm-up: encoder + TQN decoder + average-pooling head trained end to end on short videos,
+   where every clip fits in one step;
+2. TQN and the average-pooling baseline each go on from there with the stochastically updated
+   feature bank on the full-length videos: per video, n_online random contiguous clips are
+   recomputed with gradients and written back, the others come from the bank;
+3. the short-term baseline goes on from the warm-up encoder on single clips labelled with their
+   video's answers (probabilities averaged over clips at test).
+All three start from the same warm-up, so no model gets a head start over the others.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from export import vocab
+from export.data import ClipDataset
+from export.models.baselines import AveragePooling, ShortTerm
+from export.models.s3d import S3D
+from export.models.tqn import TQNDecoder
+
+HEADS = vocab.head_attributes()
+HEAD_SIZES = {q: len(a) for q, a in HEADS.items()}
+
+
+@dataclass(frozen=True)
+class Budget:
+    warmup_steps: int = 500
+    bank_steps: int = 900
+    short_term_steps: int = 600
+    videos_per_step: int = 8
+    n_online: int = 4
+    clips_per_step: int = 48
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+
+
+def seed_everything(seed: int) -> np.random.Generator:
+    torch.manual_seed(seed)
+    return np.random.default_rng(seed)
+
+
+# Constructor configs, saved beside every exported artifact.
+ENCODER_CONFIG = dict(channels=[24, 32, 64, 128], feature_dim=256, clip_frames=8, frame_size=112, stem_patch=4)
+TQN_CONFIG = dict(head_sizes=HEAD_SIZES, feature_dim=256, d_model=128, num_layers=2, num_heads=4, ffn_dim=256,
+                  dropout=0.1, feature_dropout=0.3)
+
+
+def build_encoder() -> S3D:
+    return S3D(**{**ENCODER_CONFIG, "channels": tuple(ENCODER_CONFIG["channels"])})
+
+
+def build_tqn() -> TQNDecoder:
+    return TQNDecoder(**TQN_CONFIG)
+
+
+def build_average_pooling() -> AveragePooling:
+    return AveragePooling(head_sizes=HEAD_SIZES, feature_dim=256, dropout=0.3)
+
+
+def build_short_term() -> ShortTerm:
+    return ShortTerm(head_sizes=HEAD_SIZES, feature_dim=256, dropout=0.3)
+
+
+def query_loss(logits: tuple[torch.Tensor, ...], targets: dict[str, torch.Tensor]) -> torch.Tensor:
+    return sum(F.cross_entropy(lg, targets[q]) for q, lg in zip(HEADS, logits))
+
+
+def _targets(ds: ClipDataset, videos: np.ndarray) -> dict[str, torch.Tensor]:
+    return {q: torch.as_tensor(ds.targets[q][videos]) for q in HEADS}
+
+
+class _Progress:
+    """Running loss and per-query accuracy, printed to stderr as training goes."""
+
+    def __init__(self, name: str, steps: int, every: int = 50):
+        self.name, self.steps, self.every = name, steps, every
+        self.start = time.monotonic()
+        self.loss, self.hits, self.seen = 0.0, {q: 0 for q in HEADS}, 0
+
+    def update(self, step: int, loss: float, logits, targets) -> None:
+        self.loss += loss
+        self.seen += len(targets["class"])
+        for q, lg in zip(HEADS, logits):
+            self.hits[q] += int((lg.argmax(-1) == targets[q]).sum())
+        if (step + 1) % self.every == 0 or step + 1 == self.steps:
+            elapsed = time.monotonic() - self.start
+            eta = elapsed / (step + 1) * (self.steps - step - 1)
+            accs = " ".join(f"{q}={self.hits[q] / self.seen:.2f}" for q in HEADS)
+            print(f"[{self.name}] step {step + 1}/{self.steps} loss {self.loss / self.every:.3f} "
+                  f"train-acc {accs} ({elapsed:.0f}s, eta {eta:.0f}s)", file=sys.stderr, flush=True)
+            self.loss, self.hits, self.seen = 0.0, {q: 0 for q in HEADS}, 0
+
+
+def _optimizer(modules: list[nn.Module], budget: Budget, steps: int):
+    params = [p for m in modules for p in m.parameters()]
+    opt = torch.optim.AdamW(params, lr=budget.lr, weight_decay=budget.weight_decay)
+    warm = max(1, min(50, steps // 10))
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def _pad(per_video: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack variable-length (n_i, D) features into (B, N, D) plus a validity mask."""
+    n = max(len(f) for f in per_video)
+    feats = torch.zeros(len(per_video), n, per_video[0].shape[-1])
+    mask = torch.zeros(len(per_video), n, dtype=torch.bool)
+    for i, f in enumerate(per_video):
+        feats[i, : len(f)] = f
+        mask[i, : len(f)] = True
+    return feats, mask
+
+
+def warmup(encoder: S3D, heads: list[nn.Module], ds: ClipDataset, budget: Budget,
+           rng: np.random.Generator) -> None:
+    """Stage 1: all clips of short videos online; every head learns from the same encoder."""
+    encoder.train()
+    for h in heads:
+        h.train()
+    opt, sched = _optimizer([encoder, *heads], budget, budget.warmup_steps)
+    progress = _Progress("warm-up", budget.warmup_steps)
+    n_videos = len(ds.records)
+    for step in range(budget.warmup_steps):
+        videos = rng.choice(n_videos, budget.videos_per_step, replace=False)
+        clips = [torch.from_numpy(ds.clips(v, 0, int(ds.num_clips[v]))) for v in videos]
+        feats = encoder(torch.cat(clips))
+        feats, mask = _pad(list(feats.split([len(c) for c in clips])))
+        targets = _targets(ds, videos)
+        outputs = [h(feats, mask) for h in heads]
+        loss = sum(query_loss(out[: len(HEADS)], targets) for out in outputs)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        progress.update(step, loss.item(), outputs[0][: len(HEADS)], targets)
+
+
+@torch.inference_mode()
+def clip_features(encoder: S3D, ds: ClipDataset, video: int, batch: int = 64) -> torch.Tensor:
+    """Features of every clip of one video, (n_clips, D)."""
+    n = int(ds.num_clips[video])
+    return torch.cat([encoder(torch.from_numpy(ds.clips(video, s, min(batch, n - s))))
+                      for s in range(0, n, batch)])
+
+
+def build_bank(encoder: S3D, ds: ClipDataset) -> torch.Tensor:
+    encoder.eval()
+    bank = torch.empty(ds.total_clips, encoder.feature_dim)
+    for v in range(len(ds.records)):
+        o = int(ds.clip_offset[v])
+        bank[o : o + int(ds.num_clips[v])] = clip_features(encoder, ds, v)
+    return bank
+
+
+def train_with_bank(name: str, encoder: S3D, head: nn.Module, ds: ClipDataset, bank: torch.Tensor,
+                    budget: Budget, rng: np.random.Generator) -> None:
+    """Stage 2: stochastically updated feature bank over full-length videos."""
+    encoder.train()
+    head.train()
+    opt, sched = _optimizer([encoder, head], budget, budget.bank_steps)
+    progress = _Progress(name, budget.bank_steps)
+    for step in range(budget.bank_steps):
+        videos = rng.choice(len(ds.records), budget.videos_per_step, replace=False)
+        spans, clips = [], []
+        for v in videos:
+            n = int(ds.num_clips[v])
+            k = min(budget.n_online, n)
+            first = int(rng.integers(0, n - k + 1))
+            spans.append((first, k))
+            clips.append(torch.from_numpy(ds.clips(v, first, k)))
+        online = encoder(torch.cat(clips)).split([k for _, k in spans])
+        per_video = []
+        for v, (first, k), fresh in zip(videos, spans, online):
+            o = int(ds.clip_offset[v])
+            feats = bank[o : o + int(ds.num_clips[v])].clone()
+            feats[first : first + k] = fresh
+            bank[o + first : o + first + k] = fresh.detach()
+            per_video.append(feats)
+        feats, mask = _pad(per_video)
+        targets = _targets(ds, videos)
+        logits = head(feats, mask)[: len(HEADS)]
+        loss = query_loss(logits, targets)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        progress.update(step, loss.item(), logits, targets)
+
+
+def train_short_term(encoder: S3D, head: ShortTerm, datasets: list[ClipDataset], budget: Budget,
+                     rng: np.random.Generator) -> None:
+    """Single clips, each labelled with its video's answers."""
+    encoder.train()
+    head.train()
+    opt, sched = _optimizer([encoder, head], budget, budget.short_term_steps)
+    progress = _Progress("short-term", budget.short_term_steps)
+    sizes = np.asarray([d.total_clips for d in datasets], np.float64)
+    for step in range(budget.short_term_steps):
+        which = rng.choice(len(datasets), budget.clips_per_step, p=sizes / sizes.sum())
+        clips, targets = [], {q: [] for q in HEADS}
+        for d_index in range(len(datasets)):
+            ds = datasets[d_index]
+            flat = rng.integers(0, ds.total_clips, int((which == d_index).sum()))
+            for v, c in zip(ds.video_of_clip(flat), flat):
+                clips.append(ds.clips(v, int(c - ds.clip_offset[v]), 1))
+                for q in HEADS:
+                    targets[q].append(ds.targets[q][v])
+        targets = {q: torch.as_tensor(np.asarray(t)) for q, t in targets.items()}
+        logits = head.heads(encoder(torch.from_numpy(np.concatenate(clips))))
+        loss = query_loss(logits, targets)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        progress.update(step, loss.item(), logits, targets)
+
+
+@torch.inference_mode()
+def predict(encoder: S3D, head: nn.Module, ds: ClipDataset) -> dict[str, np.ndarray]:
+    """Per-video predicted index for every head, using all clips of each video (no bank)."""
+    encoder.eval()
+    head.eval()
+    preds = {q: np.empty(len(ds.records), np.int64) for q in HEADS}
+    for v in range(len(ds.records)):
+        feats = clip_features(encoder, ds, v).unsqueeze(0)
+        mask = torch.ones(feats.shape[:2], dtype=torch.bool)
+        for q, lg in zip(HEADS, head(feats, mask)):
+            preds[q][v] = int(lg.argmax(-1))
+    return preds
+
+
+def accuracy(preds: dict[str, np.ndarray], ds: ClipDataset) -> dict[str, float]:
+    return {q: float((preds[q] == ds.targets[q]).mean()) for q in HEADS}
+
+
+def train_all(short: ClipDataset, full: ClipDataset, budget: Budget, seed: int) -> dict[str, tuple]:
+    """Returns {model name: (encoder, head)} for tqn, average_pooling and short_term."""
+    torch.set_num_threads(2)
+    rng = seed_everything(seed)
+    encoder, tqn, avg = build_encoder(), build_tqn(), build_average_pooling()
+    warmup(encoder, [tqn, avg], short, budget, rng)
+
+    bank = build_bank(encoder, full)
+    models = {}
+    for name, head in (("tqn", tqn), ("average_pooling", avg)):
+        enc = copy.deepcopy(encoder)
+        train_with_bank(name, enc, head, full, bank.clone(), budget, rng)
+        models[name] = (enc, head)
+
+    st_encoder, st_head = copy.deepcopy(encoder), build_short_term()
+    train_short_term(st_encoder, st_head, [full, short], budget, rng)
+    models["short_term"] = (st_encoder, st_head)
+    return models
