@@ -1,0 +1,314 @@
+"""VideoDecoder on real encoded videos synthesized here (the project's generator and PyAV)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import time
+import tracemalloc
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import pytest_asyncio
+
+from export.synth import render_video
+from server.errors import Timeout, TooLarge, UnsupportedMedia
+from server.pipeline.decode import ClipBatch, VideoDecoder
+from server.settings import DecodeSettings
+
+SIZE = 32  # decode-time resize; small keeps the tests fast
+CLIP = 8
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory) -> dict[str, Path]:
+    out = tmp_path_factory.mktemp("media")
+    paths = {
+        "h264": out / "h264.mp4",
+        "mpeg4": out / "mpeg4.avi",
+        "vp9": out / "vp9.webm",
+        "short": out / "short.mp4",
+        "long": out / "long.mp4",
+    }
+    render_video(paths["h264"], seed=1, seconds=4.0)
+    render_video(paths["mpeg4"], seed=2, seconds=3.0, codec="mpeg4")
+    render_video(paths["vp9"], seed=3, seconds=3.0, codec="vp9")
+    render_video(paths["short"], seed=4, seconds=0.34)  # 5 frames at 15 fps
+    render_video(paths["long"], seed=5, seconds=60.0)  # keyframes every 250 frames
+    data = paths["mpeg4"].read_bytes()
+    paths["truncated"] = out / "truncated.avi"
+    paths["truncated"].write_bytes(data[: len(data) * 3 // 4])
+    paths["ts"] = out / "whole.ts"
+    _remux(paths["h264"], paths["ts"])
+    data = paths["ts"].read_bytes()
+    paths["truncated_ts"] = out / "truncated.ts"
+    paths["truncated_ts"].write_bytes(data[: len(data) * 6 // 10])
+    paths["vfr"] = out / "vfr.mkv"
+    _write_vfr(paths["vfr"])
+    return paths
+
+
+def _remux(src: Path, dst: Path) -> None:
+    with av.open(str(src)) as inp, av.open(str(dst), "w") as out:
+        stream = out.add_stream_from_template(inp.streams.video[0])
+        for packet in inp.demux(inp.streams.video[0]):
+            if packet.dts is None:
+                continue
+            packet.stream = stream
+            out.mux(packet)
+
+
+VFR_STARTS_MS = [0, 40, 80, 120, 160, 200, 240, 280, 400, 520, 640, 760, 880, 1000, 1120, 1240]
+
+
+def _write_vfr(path: Path) -> None:
+    """Frames at 25 fps for 0.32 s, then at ~8 fps: timestamps, not index / fps, give spans."""
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("libx264", rate=25, options={"bf": "0"})
+        stream.width = stream.height = 64
+        stream.pix_fmt = "yuv420p"
+        stream.codec_context.time_base = Fraction(1, 1000)
+        for i, ms in enumerate(VFR_STARTS_MS):
+            img = np.full((64, 64, 3), 10 * i, np.uint8)
+            frame = av.VideoFrame.from_ndarray(img, format="rgb24")
+            frame.pts = ms
+            frame.time_base = Fraction(1, 1000)
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def decoder():
+    dec = VideoDecoder(DecodeSettings(workers=2, chunk_frames=16, stall_timeout_s=20))
+    await dec.start()
+    yield dec
+    await dec.close()
+
+
+async def _collect(dec: VideoDecoder, source, size: int = SIZE) -> list[ClipBatch]:
+    return [b async for b in dec.stream(source, frame_size=size, clip_frames=CLIP, clips_per_batch=4)]
+
+
+def _joined(batches: list[ClipBatch]) -> tuple[np.ndarray, np.ndarray]:
+    return np.concatenate([b.clips for b in batches]), np.concatenate([b.spans_s for b in batches])
+
+
+async def test_h264_clips_shapes_and_spans(decoder, media):
+    batches = await _collect(decoder, media["h264"])
+    clips, spans = _joined(batches)
+    info = batches[-1].info
+    assert info.frames == 60 and info.fps == pytest.approx(15.0)
+    assert (info.width, info.height) == (112, 112)
+    assert info.duration_s == pytest.approx(4.0, abs=1e-3)
+    assert clips.shape == (8, CLIP, SIZE, SIZE, 3) and clips.dtype == np.uint8
+    assert all(len(b.clips) <= 4 for b in batches)
+    # Dense and contiguous: each clip starts where the previous one ended.
+    np.testing.assert_allclose(spans[1:, 0], spans[:-1, 1], atol=1e-4)
+    assert spans[0, 0] == pytest.approx(0.0) and spans[-1, 1] == pytest.approx(4.0, abs=1e-3)
+    assert np.all(np.diff(spans[:, 0]) > 0)
+    # Frames are not all identical: the video moves.
+    assert clips[0, 0].std() > 0 and not np.array_equal(clips[0, 0], clips[-1, -1])
+
+
+@pytest.mark.parametrize("name", ["mpeg4", "vp9"])
+async def test_other_codecs(decoder, media, name):
+    batches = await _collect(decoder, media[name])
+    info = batches[-1].info
+    assert info.frames == 45
+    assert info.codec in ("mpeg4", "vp9")
+    assert sum(len(b.clips) for b in batches) == 6  # ceil(45 / 8)
+
+
+async def test_bytes_and_path_decode_identically(decoder, media):
+    from_path, _ = _joined(await _collect(decoder, media["h264"]))
+    from_bytes, _ = _joined(await _collect(decoder, media["h264"].read_bytes()))
+    np.testing.assert_array_equal(from_path, from_bytes)
+
+
+async def test_truncated_file_decodes_its_prefix(decoder, media):
+    batches = await _collect(decoder, media["truncated"])
+    assert 0 < batches[-1].info.frames < 45
+
+
+async def test_pyav_fallback_when_decord_stops_early(decoder, media):
+    whole = await _collect(decoder, media["ts"])
+    batches = await _collect(decoder, media["truncated_ts"])
+    info = batches[-1].info
+    assert "pyav" in info.decoder
+    assert 0 < info.frames < whole[-1].info.frames
+    # The prefix is the same picture content as the start of the whole file.
+    np.testing.assert_array_equal(_joined(batches)[0][0], _joined(whole)[0][0])
+
+
+async def test_garbage_bytes_are_unsupported_with_the_decoders_reason(decoder):
+    with pytest.raises(UnsupportedMedia) as err:
+        await _collect(decoder, b"\x00\x01not a video at all" * 64)
+    assert "Invalid data" in str(err.value)
+    assert "vqs-decode-" not in str(err.value)  # no server paths in client-facing messages
+
+
+async def test_empty_bytes_are_unsupported(decoder, tmp_path):
+    with pytest.raises(UnsupportedMedia):
+        await _collect(decoder, b"")
+    empty = tmp_path / "empty.mp4"
+    empty.write_bytes(b"")
+    with pytest.raises(UnsupportedMedia):
+        await _collect(decoder, empty)
+
+
+async def test_video_shorter_than_one_clip_is_one_padded_clip(decoder, media):
+    batches = await _collect(decoder, media["short"])
+    clips, spans = _joined(batches)
+    assert clips.shape[0] == 1 and batches[-1].info.frames == 5
+    for i in range(5, CLIP):
+        np.testing.assert_array_equal(clips[0, i], clips[0, 4])
+    np.testing.assert_allclose(spans[0], [0.0, 5 / 15], atol=1e-3)
+
+
+async def test_spans_follow_timestamps_of_variable_frame_rate(decoder, media):
+    batches = await _collect(decoder, media["vfr"])
+    _, spans = _joined(batches)
+    assert batches[-1].info.frames == len(VFR_STARTS_MS)
+    # Clip 0 covers frames at 0..280 ms (+40 ms), clip 1 frames at 400..1240 ms (index / fps
+    # would say 0.32..0.64 s). The last frame lasts whatever the container says (40 ms here).
+    np.testing.assert_allclose(spans[0], [0.0, 0.32], atol=0.005)
+    assert spans[1, 0] == pytest.approx(0.4, abs=0.005)
+    assert 1.25 < spans[1, 1] < 1.40
+
+
+async def test_resolution_limit_is_too_large(media):
+    dec = VideoDecoder(DecodeSettings(workers=1), max_frame_pixels=100 * 100)
+    await dec.start()
+    try:
+        with pytest.raises(TooLarge):
+            await _collect(dec, media["h264"])
+        # The worker is usable again afterwards.
+        dec.max_frame_pixels = None
+        assert (await _collect(dec, media["short"]))[-1].info.frames == 5
+    finally:
+        await dec.close()
+
+
+async def test_split_across_workers_matches_sequential_decode(decoder, media):
+    single = VideoDecoder(DecodeSettings(workers=1, chunk_frames=16))
+    split = VideoDecoder(DecodeSettings(workers=2, chunk_frames=16), segment_frames=100)
+    await asyncio.gather(single.start(), split.start())
+    try:
+        a_clips, a_spans = _joined(await _collect(single, media["long"]))
+        b_clips, b_spans = _joined(await _collect(split, media["long"]))
+    finally:
+        await asyncio.gather(single.close(), split.close())
+    assert len(a_clips) == 900 // CLIP + 1
+    np.testing.assert_array_equal(a_spans, b_spans)
+    np.testing.assert_array_equal(a_clips, b_clips)
+
+
+async def test_parent_memory_stays_bounded(media):
+    # 900 frames of 64x64 decode to 11 MB; with a small read-ahead the parent holds far less.
+    dec = VideoDecoder(DecodeSettings(workers=2, chunk_frames=8), ahead_bytes=256 * 1024)
+    await dec.start()
+    try:
+        tracemalloc.start()
+        frames = 0
+        async for batch in dec.stream(media["long"], frame_size=64, clip_frames=CLIP, clips_per_batch=4):
+            frames = batch.info.frames
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+        await dec.close()
+    assert frames == 900
+    assert peak < 3 * 2**20, f"parent peaked at {peak / 2**20:.1f} MB"
+
+
+async def test_closing_the_stream_stops_the_workers(media):
+    dec = VideoDecoder(DecodeSettings(workers=2, chunk_frames=8), ahead_bytes=64 * 1024)
+    await dec.start()
+    try:
+        stream = dec.stream(media["long"], frame_size=SIZE, clip_frames=CLIP, clips_per_batch=1)
+        async with contextlib.aclosing(stream) as batches:
+            await anext(batches)
+        # Both workers acknowledged the release and are idle again.
+        assert dec._idle.qsize() == 2
+        pids = dec.worker_pids()
+        cpu = [_cpu_ticks(p) for p in pids]
+        await asyncio.sleep(0.5)
+        assert [_cpu_ticks(p) for p in pids] == pytest.approx(cpu, abs=2)
+        assert (await _collect(dec, media["short"]))[-1].info.frames == 5
+    finally:
+        await dec.close()
+
+
+async def test_cancelling_the_consumer_stops_the_workers(media):
+    dec = VideoDecoder(DecodeSettings(workers=1, chunk_frames=8), ahead_bytes=64 * 1024)
+    await dec.start()
+    started = asyncio.Event()
+
+    async def consume():
+        async for _ in dec.stream(media["long"], frame_size=SIZE, clip_frames=CLIP, clips_per_batch=1):
+            started.set()
+            await asyncio.sleep(0.05)
+
+    try:
+        task = asyncio.create_task(consume())
+        await started.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        for _ in range(50):
+            if dec._idle.qsize() == 1:
+                break
+            await asyncio.sleep(0.05)
+        assert dec._idle.qsize() == 1
+    finally:
+        await dec.close()
+
+
+async def test_stalled_worker_is_killed_replaced_and_times_out(media):
+    dec = VideoDecoder(DecodeSettings(workers=1, chunk_frames=8, stall_timeout_s=1.0), ahead_bytes=64 * 1024)
+    await dec.start()
+    try:
+        (stalled,) = dec.worker_pids()
+        began = time.monotonic()
+        with pytest.raises(Timeout):
+            async for _ in dec.stream(media["long"], frame_size=SIZE, clip_frames=CLIP, clips_per_batch=1):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(stalled, signal.SIGSTOP)
+        assert time.monotonic() - began < 10
+        # The stalled worker was killed and a fresh one serves the next request.
+        assert (await _collect(dec, media["short"]))[-1].info.frames == 5
+        assert dec.worker_pids() != [stalled]
+        assert not Path(f"/proc/{stalled}").exists() or _state(stalled) == "Z"
+    finally:
+        await dec.close()
+
+
+async def test_workers_are_recycled(media):
+    dec = VideoDecoder(DecodeSettings(workers=1), recycle_after=1)
+    await dec.start()
+    try:
+        first = dec.worker_pids()
+        await _collect(dec, media["short"])
+        for _ in range(100):
+            if dec._idle.qsize() == 1:
+                break
+            await asyncio.sleep(0.05)
+        assert dec.worker_pids() != first
+        assert (await _collect(dec, media["short"]))[-1].info.frames == 5
+    finally:
+        await dec.close()
+
+
+def _cpu_ticks(pid: int) -> int:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
+def _state(pid: int) -> str:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
