@@ -42,7 +42,11 @@ HEALTH_POLL_S = 2.0
 def _default_decoder(settings: Settings):
     from server.pipeline.decode import VideoDecoder
 
-    return VideoDecoder(settings.decode)
+    return VideoDecoder(
+        settings.decode,
+        max_frame_pixels=settings.limits.max_frame_pixels,
+        max_duration_s=settings.limits.max_duration_s,
+    )
 
 
 class Gateway:
