@@ -1,0 +1,107 @@
+"""`vqs analyze PATH`: upload one video, print the answers and where the model looked."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import grpc
+import typer
+from rich.console import Console
+
+from clients import render
+from server.proto import video_analytics_pb2 as pb
+from server.proto import video_analytics_pb2_grpc as pb_grpc
+
+DEFAULT_SERVER = "127.0.0.1:50051"
+MESSAGE_HEADROOM_BYTES = 1 << 20
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_UNAVAILABLE = 4
+
+stdout = Console()
+stderr = Console(stderr=True)
+
+
+def exit_code_for(code: grpc.StatusCode) -> int:
+    return EXIT_UNAVAILABLE if code == grpc.StatusCode.UNAVAILABLE else EXIT_ERROR
+
+
+def error_message(code: grpc.StatusCode, details: str | None) -> str:
+    return f"{code.name}: {details or 'no details'}"
+
+
+def check_upload_size(size: int, max_upload_mb: float) -> None:
+    """Raise `typer.BadParameter` (exit 2) when the file is above the upload limit."""
+    limit = int(max_upload_mb * 2**20)
+    if size > limit:
+        raise typer.BadParameter(
+            f"the file is {size / 2**20:.1f} MB, above the upload limit of {max_upload_mb:g} MB; "
+            "raise --max-upload-mb (the server has its own limit too)",
+            param_hint="PATH",
+        )
+    if size == 0:
+        raise typer.BadParameter("the file is empty", param_hint="PATH")
+
+
+def channel_options(max_upload_mb: float) -> list[tuple[str, int]]:
+    limit = int(max_upload_mb * 2**20) + MESSAGE_HEADROOM_BYTES
+    return [
+        ("grpc.max_send_message_length", limit),
+        ("grpc.max_receive_message_length", limit),
+    ]
+
+
+def call_analyze(
+    server: str, data: bytes, *, encoder: str, timeout: float | None, max_upload_mb: float
+) -> pb.AnalyzeResponse:
+    with grpc.insecure_channel(server, options=channel_options(max_upload_mb)) as channel:
+        stub = pb_grpc.VideoAnalyticsStub(channel)
+        return stub.Analyze(pb.AnalyzeRequest(video=data, encoder=encoder), timeout=timeout)
+
+
+def analyze(
+    path: Annotated[
+        Path,
+        typer.Argument(exists=True, dir_okay=False, readable=True, help="Video file to analyze."),
+    ],
+    server: Annotated[
+        str, typer.Option(envvar="VQS_SERVER", help="Gateway address, HOST:PORT.")
+    ] = DEFAULT_SERVER,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print one JSON object instead of tables.")
+    ] = False,
+    encoder: Annotated[
+        str, typer.Option(help="Clip encoder, e.g. s3d; empty = the server's default.")
+    ] = "",
+    timeout: Annotated[
+        float | None, typer.Option(min=0.1, help="Deadline for the whole call, in seconds.")
+    ] = None,
+    max_upload_mb: Annotated[
+        float, typer.Option(min=0.001, help="Refuse files larger than this many MB.")
+    ] = 256.0,
+) -> None:
+    """Upload a video to the gateway; print the answers and attention over time."""
+    size = path.stat().st_size
+    check_upload_size(size, max_upload_mb)
+    data = path.read_bytes()
+    try:
+        with stderr.status(f"analyzing {path.name} ({size / 2**20:.1f} MB) on {server}"):
+            resp = call_analyze(server, data, encoder=encoder, timeout=timeout, max_upload_mb=max_upload_mb)
+    except grpc.RpcError as exc:
+        code = exc.code()
+        stderr.print(f"[red]error[/red] {error_message(code, exc.details())}", highlight=False)
+        if code == grpc.StatusCode.UNAVAILABLE:
+            stderr.print(f"is the gateway running at {server}? (`vqs serve`, --server, VQS_SERVER)")
+        raise typer.Exit(exit_code_for(code)) from None
+    result = render.response_to_dict(resp)
+    if as_json:
+        sys.stdout.write(json.dumps(result) + "\n")
+        return
+    stdout.print(render.summary_line(result), highlight=False)
+    stdout.print(render.answers_table(result))
+    stdout.print(render.attention_table(result))
