@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import urllib.request
 
@@ -96,3 +97,36 @@ async def test_upload_above_the_limit_names_the_limit(small_gateway):
         with pytest.raises(grpc.aio.AioRpcError) as error:
             await stub.Analyze(pb.AnalyzeRequest(video=b"\0" * (3 * 1024 * 1024)))
         assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+async def test_health_is_not_serving_until_triton_is_ready(trained_models):
+    from server.errors import BackendUnavailable
+    from server.launcher import free_port
+    from server.main import Gateway
+
+    settings = Settings().model_copy(update={
+        "grpc_port": 0,
+        "metrics_port": 0,
+        "triton": Settings().triton.model_copy(
+            update={
+                "url": f"127.0.0.1:{free_port()}",  # nothing listens there
+                "model_repository": trained_models,
+                "startup_timeout_s": 3.0,
+            }
+        ),
+    })
+    gateway = Gateway(settings)
+    starting = asyncio.create_task(gateway.start())
+    try:
+        while gateway.port is None and not starting.done():
+            await asyncio.sleep(0.05)
+        async with grpc.aio.insecure_channel(gateway.address) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            response = await health.Check(
+                health_pb2.HealthCheckRequest(service=""), wait_for_ready=True, timeout=2
+            )
+            assert response.status == health_pb2.HealthCheckResponse.NOT_SERVING
+        with pytest.raises(BackendUnavailable, match="not ready"):
+            await starting
+    finally:
+        await gateway.stop()
