@@ -131,3 +131,36 @@ def test_encoder_model_json_matches_the_config(model):
     assert meta["encoder"] == model.removeprefix(triton.ENCODER_PREFIX)
     assert list(clips.dims) == [meta["clip_frames"], meta["frame_size"], meta["frame_size"], 3]
     assert list(features.dims) == [meta["feature_dim"]]
+
+
+def test_export_code_uses_the_same_names():
+    export = pytest.importorskip("export.onnx_export", reason="export/onnx_export.py not there yet")
+    vocab = pytest.importorskip("export.vocab")
+
+    assert export.ENCODER_INPUT == triton.CLIPS
+    assert export.ENCODER_OUTPUT == triton.FEATURES
+    assert tuple(export.DECODER_INPUTS) == (triton.FEATURES, triton.MASK)
+    assert tuple(export.decoder_outputs()) == tuple(s.name for s in triton.DECODER_CONTRACT.outputs)
+    assert tuple(vocab.head_attributes()) == triton.QUERIES
+
+
+_JSON_DTYPES = {"uint8": "UINT8", "float32": "FP32", "bool": "BOOL"}
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_model_json_tensor_table_matches_the_contract(model):
+    path = REPOSITORY / model / "1" / "model.json"
+    if not path.is_file():
+        pytest.skip(f"{model}/1/model.json not exported yet")
+    meta = json.loads(path.read_text())
+    if "inputs" not in meta:
+        pytest.skip(f"{model}/1/model.json has no tensor table")
+    contract = triton.contract_for(model)
+    batched = contract.max_batch_size > 0
+    for specs, table in ((contract.inputs, meta["inputs"]), (contract.outputs, meta["outputs"])):
+        assert set(table) == {s.name for s in specs}
+        for spec in specs:
+            entry = table[spec.name]
+            assert _JSON_DTYPES[entry["dtype"]] == spec.dtype, spec.name
+            rank = len(spec.dims) + (1 if batched else 0)
+            assert len(entry["shape"]) == rank, spec.name
