@@ -93,6 +93,22 @@ class EncoderSpec:
     max_batch_size: int
 
 
+def _encoder_spec(model: str, config: dict) -> EncoderSpec:
+    clips = next(t for t in config["input"] if t["name"] == CLIPS)
+    features = next(t for t in config["output"] if t["name"] == FEATURES)
+    frames, height, width, channels = (int(d) for d in clips["dims"])
+    if height != width or channels != 3:
+        raise ValueError(f"clips dims {clips['dims']} are not [T, S, S, 3]")
+    return EncoderSpec(
+        encoder=model[len(ENCODER_PREFIX):],
+        model=model,
+        clip_frames=frames,
+        frame_size=height,
+        feature_dim=int(features["dims"][0]),
+        max_batch_size=int(config.get("max_batch_size", 0)),
+    )
+
+
 _STATUS_ERRORS: dict[str, type[VqsError]] = {
     "StatusCode.UNAVAILABLE": BackendUnavailable,
     "StatusCode.NOT_FOUND": BackendUnavailable,
@@ -179,20 +195,13 @@ class TritonClient:
             if not model.startswith(ENCODER_PREFIX) or entry.get("state") != "READY":
                 continue
             config = await self.model_config(model)
-            clips = next(t for t in config["input"] if t["name"] == CLIPS)
-            features = next(t for t in config["output"] if t["name"] == FEATURES)
-            frames, height, width, _ = (int(d) for d in clips["dims"])
-            if height != width:
-                raise InferenceFailed(f"{model}: non-square frames {height}x{width} unsupported")
-            encoder = model[len(ENCODER_PREFIX):]
-            found[encoder] = EncoderSpec(
-                encoder=encoder,
-                model=model,
-                clip_frames=frames,
-                frame_size=height,
-                feature_dim=int(features["dims"][0]),
-                max_batch_size=int(config.get("max_batch_size", 0)),
-            )
+            try:
+                spec = _encoder_spec(model, config)
+            except (StopIteration, KeyError, ValueError) as exc:
+                logger.warning("ignoring %s: its config does not fit the encoder contract (%s)",
+                               model, exc or type(exc).__name__)
+                continue
+            found[spec.encoder] = spec
         self._encoders = found
         return found
 
