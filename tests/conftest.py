@@ -37,10 +37,6 @@ def pytest_runtest_makereport(item, call):
     return report
 
 
-def base_settings(**overrides) -> Settings:
-    return Settings(**overrides)
-
-
 @pytest.fixture(scope="session")
 def model_repository() -> Path:
     return Path(Settings().triton.model_repository)
