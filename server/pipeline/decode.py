@@ -14,7 +14,7 @@ Segments are consumed in order, so the frame stream is the same as a sequential 
 
 Safety: a worker the parent waits on for `stall_timeout_s` without a message is killed and
 replaced, and the request fails with `Timeout`. A worker that crashes is replaced and the request
-fails with `UnsupportedMedia`. Workers are recycled after `recycle_after` jobs or when their RSS
+fails with `UnsupportedMedia`. Workers are recycled after `recycle_after` videos or when their RSS
 passes `recycle_rss_mb` (decord leaks). Closing the stream (or cancelling its consumer) tells its
 workers to stop at their next check (every few frames).
 """
@@ -159,7 +159,7 @@ class VideoDecoder:
         *,
         max_frame_pixels: int | None = None,
         max_duration_s: float | None = None,
-        recycle_after: int = 200,
+        recycle_after: int = 50,
         recycle_rss_mb: float = 220.0,
         segment_frames: int = 240,
         ahead_bytes: int = _AHEAD_BYTES,
@@ -275,7 +275,7 @@ class VideoDecoder:
             return
         w.inbox = asyncio.Queue()
         if w.jobs >= self.recycle_after or w.rss_mb > self.recycle_rss_mb:
-            logger.info("recycling %s after %d jobs (rss %.0f MB)", w.name, w.jobs, w.rss_mb)
+            logger.info("recycling %s after %d videos (rss %.0f MB)", w.name, w.jobs, w.rss_mb)
             with contextlib.suppress(OSError):
                 w.send(("exit",))
             self._replace(w)
@@ -377,7 +377,6 @@ class _Run:
 
     def _assign(self, seg: _Segment, w: _Worker) -> None:
         seg.worker = w
-        w.jobs += 1
         self.assigned.append(seg)
         w.send(self._job(seg))
 
@@ -397,6 +396,7 @@ class _Run:
 
     def _add_worker(self, w: _Worker) -> None:
         self.workers.append(w)
+        w.jobs += 1  # videos this worker has worked on
         w.on_end = self._on_end
         w.send(("credit", self.credits))
 
@@ -427,7 +427,6 @@ class _Run:
     async def batches(self) -> AsyncIterator[ClipBatch]:
         first = await self.dec._acquire()
         self._add_worker(first)
-        first.jobs += 1
         first.send(self._job(None))
         header, _ = await self._next(first)
         if header[0] != "info":

@@ -1,0 +1,330 @@
+"""End-to-end throughput and memory of the gateway against a TQN-style reference pipeline.
+
+`make bench` runs this once. It synthesizes a 60 s 1280x720 30 fps H.264 video and reports
+video-seconds processed per wall-second for:
+  (1)  the gateway end to end: `Analyze` over gRPC with the video's bytes;
+  (a)  the reference, written like the TQN reference code: decord decodes every frame into memory
+       at the same 112x112 resize, all clips are built, then one PyTorch eager forward of the same
+       clip encoder and decoder (built from each model's `model.json`, weights from `model.pt`);
+  (b)  decode only, with decord at the same resize (as in the reference);
+  (c)  decode only, with the gateway's `VideoDecoder` (worker processes, keyframe segments).
+Ratios are against (a) measured in the same run; no absolute time is asserted.
+
+It also sends a 10-minute 720p video by `uri` and checks the peak RSS of the gateway process
+plus its decode workers (VmHWM from /proc) against the 600 MB budget.
+
+The gateway runs as its own process (`server.main.run`, configured through `VQS_*` variables) so
+its memory is not mixed with this process's (which imports torch for the reference); Triton and
+the allowed root are the session fixtures from `tests/conftest.py`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from server.launcher import free_port
+from server.proto import video_analytics_pb2 as pb
+from server.proto import video_analytics_pb2_grpc as pb_grpc
+
+pytestmark = pytest.mark.slow
+
+SECONDS = 60.0
+WIDTH, HEIGHT, FPS = 1280, 720, 30
+LONG_REPEATS = 10  # the 10-minute video is the 60 s one, remuxed 10 times
+RSS_BUDGET_MB = 600.0
+RUNS = 2  # best of RUNS per pipeline: the machine is shared, the best run is the least disturbed
+REPO = Path(__file__).resolve().parents[2]
+
+_results: dict[str, float] = {}
+
+
+@pytest.fixture(scope="session")
+def bench_video(tmp_path_factory) -> Path:
+    from export.synth import render_video
+
+    path = tmp_path_factory.mktemp("bench") / "bench_720p_60s.mp4"
+    started = time.perf_counter()
+    render_video(path, seed=2024, seconds=SECONDS, width=WIDTH, height=HEIGHT, fps=FPS)
+    print(f"\nrendered {path.name} ({path.stat().st_size / 2**20:.1f} MB) in "
+          f"{time.perf_counter() - started:.0f} s", file=sys.stderr)
+    return path
+
+
+@pytest.fixture(scope="session")
+def long_video(bench_video: Path, allowed_root: Path) -> Path:
+    """A 10-minute 720p video under the allowed root: the 60 s video, remuxed back to back."""
+    import av
+
+    path = allowed_root / "bench_720p_10min.mp4"
+    with av.open(str(bench_video)) as first:
+        src = first.streams.video[0]
+        step = None
+        with av.open(str(path), "w") as out:
+            dst = out.add_stream_from_template(src)
+            for i in range(LONG_REPEATS):
+                with av.open(str(bench_video)) as inp:
+                    stream = inp.streams.video[0]
+                    for packet in inp.demux(stream):
+                        if packet.dts is None:
+                            continue
+                        if step is None:
+                            step = int(round(SECONDS / float(stream.time_base)))
+                        packet.pts += i * step
+                        packet.dts += i * step
+                        packet.stream = dst
+                        out.mux(packet)
+    return path
+
+
+@pytest.fixture(scope="session")
+def gateway_process(triton, allowed_root: Path, tmp_path_factory):
+    """The real gateway (`server.main.run`) in its own process, using the session's Triton."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("bench_logs") / "gateway.log"
+    env = dict(
+        os.environ,
+        VQS_GRPC_PORT=str(port),
+        VQS_METRICS_PORT=str(free_port()),
+        VQS_TRITON__URL=triton.grpc_url,
+        VQS_TRITON__MODEL_REPOSITORY=str(triton.model_repository),
+        VQS_SECURITY__ALLOWED_ROOT=str(allowed_root),
+        # The 10-minute video is a ~2 GB file: allow it by uri (the upload limit applies to uris).
+        VQS_LIMITS__MAX_UPLOAD_BYTES=str(8 * 2**30),
+        VQS_LOG_LEVEL="WARNING",
+    )
+    with open(log, "wb") as log_file:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", "from server.main import run; run()"],
+            env=env, cwd=REPO, stdout=log_file, stderr=subprocess.STDOUT,
+        )
+    address = f"127.0.0.1:{port}"
+    try:
+        with grpc.insecure_channel(address) as channel:
+            grpc.channel_ready_future(channel).result(timeout=60)
+        time.sleep(1.0)  # let the decode pool finish starting
+        yield proc, address
+    except grpc.FutureTimeoutError:
+        pytest.fail(f"gateway did not start; log:\n{log.read_text(errors='replace')[-4000:]}")
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def _channel(address: str) -> grpc.Channel:
+    limit = 512 * 2**20
+    return grpc.insecure_channel(
+        address,
+        options=[("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit)],
+    )
+
+
+def _analyze(address: str, request: pb.AnalyzeRequest) -> pb.AnalyzeResponse:
+    with _channel(address) as channel:
+        return pb_grpc.VideoAnalyticsStub(channel).Analyze(request, timeout=900)
+
+
+def _best(fn, runs: int = RUNS) -> tuple[float, object]:
+    best, out = float("inf"), None
+    for _ in range(runs):
+        started = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - started)
+    return best, out
+
+
+# -- the reference pipeline (TQN reference style) ---------------------------------------------------
+
+
+def _load_reference_models():
+    import torch
+
+    from export.models.s3d import S3D
+    from export.models.tqn import TQNDecoder
+
+    repo = REPO / "model_repository"
+    enc_meta = json.loads((repo / "clip_encoder_s3d" / "1" / "model.json").read_text())
+    dec_meta = json.loads((repo / "tqn_decoder" / "1" / "model.json").read_text())
+    enc_cfg = dict(enc_meta["config"])
+    enc_cfg["channels"] = tuple(enc_cfg["channels"])
+    encoder = S3D(**enc_cfg)
+    decoder = TQNDecoder(**dec_meta["config"])
+    for model, name in ((encoder, "clip_encoder_s3d"), (decoder, "tqn_decoder")):
+        weights = repo / name / "1" / "model.pt"
+        if weights.is_file():
+            model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        model.eval()
+    return encoder, decoder, enc_meta["clip_frames"], enc_meta["frame_size"]
+
+
+def _decode_all_decord(path: Path, size: int) -> np.ndarray:
+    import decord
+
+    vr = decord.VideoReader(str(path), width=size, height=size)  # reference default threads
+    return vr.get_batch(list(range(len(vr)))).asnumpy()  # N, H, W, 3: the whole video in memory
+
+
+def _reference(path: Path, encoder, decoder, clip_frames: int, size: int):
+    import torch
+
+    frames = _decode_all_decord(path, size)
+    n = len(frames)
+    pad = (-n) % clip_frames
+    if pad:
+        frames = np.concatenate([frames, np.repeat(frames[-1:], pad, axis=0)])
+    clips = frames.reshape(-1, clip_frames, size, size, 3)  # N, T, H, W, 3
+    with torch.no_grad():
+        features = encoder(torch.from_numpy(clips))  # N, D
+        mask = torch.ones(1, len(features), dtype=torch.bool)
+        outputs = decoder(features[None], mask)
+    return outputs
+
+
+async def _vqs_decode_only(path: Path) -> int:
+    from server.pipeline.decode import VideoDecoder
+    from server.settings import DecodeSettings
+
+    dec = VideoDecoder(DecodeSettings())
+    await dec.start()
+    try:
+        clips = 0
+        async for batch in dec.stream(path, frame_size=112, clip_frames=8, clips_per_batch=16):
+            clips += len(batch.clips)
+        return clips
+    finally:
+        await dec.close()
+
+
+# -- the benchmarks --------------------------------------------------------------------------------
+
+
+def test_throughput_against_reference(bench_video: Path, gateway_process, trained_models):
+    _, address = gateway_process
+    data = bench_video.read_bytes()
+    encoder, decoder, clip_frames, size = _load_reference_models()
+
+    # Warm up every path once on a short request (model load, worker start, thread pools).
+    _reference(bench_video, encoder, decoder, clip_frames, size)
+
+    t_gateway, resp = _best(lambda: _analyze(address, pb.AnalyzeRequest(video=data)))
+    t_reference, _ = _best(lambda: _reference(bench_video, encoder, decoder, clip_frames, size))
+    t_decord, frames = _best(lambda: _decode_all_decord(bench_video, size))
+    t_vqs_decode, clips = _best(lambda: asyncio.run(_vqs_decode_only(bench_video)))
+
+    assert resp.video.clips == int(np.ceil(len(frames) / clip_frames)) == clips
+    duration = resp.video.duration_s
+    rows = [
+        ("(1) gateway end to end (Analyze, bytes)", t_gateway),
+        ("(a) reference: decord all frames + torch eager", t_reference),
+        ("(b) decode only: decord, all frames", t_decord),
+        ("(c) decode only: vqs VideoDecoder", t_vqs_decode),
+    ]
+    lines = [
+        f"\nthroughput on a {duration:.0f} s {WIDTH}x{HEIGHT} {FPS} fps H.264 video "
+        f"(best of {RUNS}; video-s per wall-s; ratio vs (a))",
+        f"{'pipeline':<50} {'wall s':>8} {'video-s/s':>10} {'vs (a)':>7}",
+    ]
+    for name, seconds in rows:
+        lines.append(f"{name:<50} {seconds:>8.2f} {duration / seconds:>10.1f} {t_reference / seconds:>6.2f}x")
+    lines.append(f"gateway stage timings (ms): {dict(sorted(resp.timing_ms.items()))}")
+    print("\n".join(lines))
+    _results["speedup"] = t_reference / t_gateway
+
+
+def test_gateway_peak_rss_on_10_minute_720p(long_video: Path, gateway_process, allowed_root: Path):
+    proc, address = gateway_process
+    sampler = _RssSampler(proc.pid)
+    sampler.start()
+    try:
+        started = time.perf_counter()
+        resp = _analyze(address, pb.AnalyzeRequest(uri=long_video.name))
+        wall = time.perf_counter() - started
+    finally:
+        sampler.stop()
+    gateway_hwm, workers_hwm = sampler.high_water_marks()
+    bound = gateway_hwm + sum(workers_hwm.values())
+    print(
+        f"\n10-minute 720p by uri: {resp.video.duration_s:.0f} s, {resp.video.clips} clips in {wall:.1f} s "
+        f"({resp.video.duration_s / wall:.1f} video-s/s)\n"
+        f"peak RSS (VmHWM): gateway {gateway_hwm:.0f} MB + decode workers "
+        f"{' + '.join(f'{v:.0f}' for v in workers_hwm.values()) or '0'} MB = {bound:.0f} MB "
+        f"(budget {RSS_BUDGET_MB:.0f} MB); largest sampled simultaneous RSS {sampler.peak_total:.0f} MB"
+    )
+    assert resp.video.duration_s == pytest.approx(SECONDS * LONG_REPEATS, rel=0.01)
+    assert bound < RSS_BUDGET_MB
+
+
+class _RssSampler:
+    """Samples the RSS of a process and its children; keeps each one's VmHWM."""
+
+    def __init__(self, pid: int, interval_s: float = 0.1) -> None:
+        self.pid = pid
+        self.interval_s = interval_s
+        self.hwm: dict[int, float] = {}
+        self.peak_total = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self._sample()
+
+    def _sample(self) -> None:
+        total = 0.0
+        for pid in [self.pid, *_children(self.pid)]:
+            status = _status(pid)
+            if not status:
+                continue
+            self.hwm[pid] = max(self.hwm.get(pid, 0.0), status.get("VmHWM", 0.0))
+            total += status.get("VmRSS", 0.0)
+        self.peak_total = max(self.peak_total, total)
+
+    def high_water_marks(self) -> tuple[float, dict[int, float]]:
+        workers = {pid: mb for pid, mb in self.hwm.items() if pid != self.pid}
+        return self.hwm.get(self.pid, 0.0), workers
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def _status(pid: int) -> dict[str, float]:
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return {}
+    values = {}
+    for line in text.splitlines():
+        key, _, rest = line.partition(":")
+        if key in ("VmHWM", "VmRSS"):
+            values[key] = int(rest.split()[0]) / 1024  # kB -> MB
+    return values
