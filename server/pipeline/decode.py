@@ -245,18 +245,27 @@ class VideoDecoder:
         except Exception:
             logger.exception("could not start a decode worker")
 
+    def _usable(self, w: _Worker) -> bool:
+        """False (and the worker replaced) if it died while idle."""
+        if w.proc.poll() is None and w.inbox.empty():
+            return True
+        self._replace(w)
+        return False
+
     async def _acquire(self) -> _Worker:
         if self._idle is None:
             raise RuntimeError("VideoDecoder.start() was not called")
-        return await self._idle.get()
+        while True:
+            w = await self._idle.get()
+            if self._usable(w):
+                return w
 
     def _try_acquire(self) -> _Worker | None:
-        if self._idle is None:
-            return None
-        try:
-            return self._idle.get_nowait()
-        except asyncio.QueueEmpty:
-            return None
+        while self._idle is not None and not self._idle.empty():
+            w = self._idle.get_nowait()
+            if self._usable(w):
+                return w
+        return None
 
     async def _release(self, w: _Worker) -> None:
         """Stop whatever `w` does for a request, then return it to the pool (or recycle it)."""

@@ -312,3 +312,30 @@ def _cpu_ticks(pid: int) -> int:
 
 def _state(pid: int) -> str:
     return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+
+async def test_a_worker_that_died_while_idle_is_replaced(media):
+    dec = VideoDecoder(DecodeSettings(workers=1))
+    await dec.start()
+    try:
+        (pid,) = dec.worker_pids()
+        os.kill(pid, signal.SIGKILL)
+        await asyncio.sleep(0.2)
+        assert (await _collect(dec, media["short"]))[-1].info.frames == 5
+        assert dec.worker_pids() != [pid]
+    finally:
+        await dec.close()
+
+
+async def test_a_worker_crash_fails_the_request_and_is_replaced(media):
+    dec = VideoDecoder(DecodeSettings(workers=1, chunk_frames=8), ahead_bytes=64 * 1024)
+    await dec.start()
+    try:
+        (pid,) = dec.worker_pids()
+        with pytest.raises(UnsupportedMedia, match="crashed"):
+            async for _ in dec.stream(media["long"], frame_size=SIZE, clip_frames=CLIP, clips_per_batch=1):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        assert (await _collect(dec, media["short"]))[-1].info.frames == 5
+    finally:
+        await dec.close()
