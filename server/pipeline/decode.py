@@ -448,12 +448,9 @@ class _Run:
 
         assembler = ClipAssembler(self.clip_frames)
         s = self.frame_size
-        batch = np.empty((self.per_batch, self.clip_frames, s, s, 3), np.uint8)
-        spans = np.empty((self.per_batch, 2), np.float64)
+        shape = (self.per_batch, self.clip_frames, s, s, 3)
+        batch, spans = np.empty(shape, np.uint8), np.empty((self.per_batch, 2), np.float64)
         filled = 0
-
-        def emit(n: int) -> ClipBatch:
-            return ClipBatch(batch[:n].copy(), spans[:n].copy(), self._info())
 
         while self.assigned:
             self._take_workers()
@@ -491,7 +488,8 @@ class _Run:
                 filled += take
                 i += take
                 if filled == self.per_batch:
-                    yield emit(filled)
+                    yield ClipBatch(batch, spans, self._info())
+                    batch, spans = np.empty(shape, np.uint8), np.empty((self.per_batch, 2), np.float64)
                     filled = 0
 
         if self.frames == 0:
@@ -503,7 +501,7 @@ class _Run:
             spans[filled] = clip_spans[0]
             filled += 1
         if filled:
-            yield emit(filled)
+            yield ClipBatch(batch[:filled], spans[:filled], self._info())
 
     def _info(self) -> VideoInfo:
         return VideoInfo(
