@@ -2,7 +2,7 @@
 
 A stick-figure diver on a cluttered, panning background performs a routine
 run-up (idle) -> take-off -> flight -> entry -> idle. What decides each answer is short and local:
-- take-off: 0.3 s of lean direction and arm swing, then the figure is upright again (no leak);
+- take-off: 0.4 s of lean direction and a pencil or star jump, then the figure is upright again (no leak);
 - somersaults: flight lasts a fixed 1.4 s, so more somersaults mean faster rotation inside
   every flight clip (count is visible locally, as in real diving);
 - twists: the torso's front (warm) and back (cool) alternate and the body narrows with the twist
@@ -29,7 +29,7 @@ import numpy as np
 
 from export import vocab
 
-TAKEOFF_S = 0.3
+TAKEOFF_S = 0.4
 FLIGHT_S = 1.4
 ENTRY_S = 0.3
 ACTION_S = TAKEOFF_S + FLIGHT_S + ENTRY_S
@@ -94,8 +94,8 @@ _POSES = {
     "pike": dict(arm=(95, 0), leg=(95, 0), spread=4),
     "straight": dict(arm=(0, 0), leg=(180, 0), spread=3),
     "free": dict(arm=(90, 0), leg=(180, 0), spread=25),
-    "arms_up": dict(arm=(10, 0), leg=(180, 0), spread=5),
-    "arms_out": dict(arm=(90, 0), leg=(180, 0), spread=5),
+    "pencil": dict(arm=(0, 0), leg=(180, 0), spread=6),
+    "star": dict(arm=(0, 0), leg=(180, 0), spread=100),
 }
 
 
@@ -140,10 +140,10 @@ def _body_state(routine: Routine, t: float) -> tuple[dict, float, float, float, 
     if t < t1:  # take-off: crouch, then spring with a lean and an arm swing
         w = (t - t0) / TAKEOFF_S
         backwards = labels["take_off"] in ("backward", "reverse")
-        arms = "arms_up" if labels["take_off"] in ("backward", "forward") else "arms_out"
-        lean = (-32 if backwards else 32) * math.sin(math.pi * w)
+        shape = "pencil" if labels["take_off"] in ("backward", "forward") else "star"
+        lean = (-45 if backwards else 45) * math.sin(math.pi * w)
         crouch = _lerp_pose(_POSES["stand"], _POSES["crouch"], math.sin(math.pi * min(1, 2 * w)))
-        pose = _lerp_pose(crouch, _POSES[arms], w)
+        pose = _lerp_pose(crouch, _POSES[shape], w)
         return pose, 0.0, 0.0, lean, 0.05 * w, 0.0
     if t < t2:  # flight: rotate and twist at label-given rates along a parabola
         w = (t - t1) / routine.flight_s
@@ -183,7 +183,7 @@ class _Scene:
                             speed=rng.uniform(-720, 720), phase=rng.uniform(0, 360),
                             length=rng.uniform(0.08, 0.16) * self.unit,
                             colour=tuple(int(c) for c in rng.integers(60, 256, 3)))
-        self.scale = self.unit * 0.34 * rng.uniform(0.9, 1.1)
+        self.scale = self.unit * 0.38 * rng.uniform(0.9, 1.1)
         self.board_x = width * rng.uniform(0.3, 0.45)
         self.board_y = height * 0.56
         self.travel = width * rng.uniform(0.05, 0.2)

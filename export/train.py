@@ -52,7 +52,7 @@ def seed_everything(seed: int) -> np.random.Generator:
 
 
 # Constructor configs, saved beside every exported artifact.
-ENCODER_CONFIG = dict(channels=[24, 32, 64, 128], feature_dim=256, clip_frames=8, frame_size=112, stem_patch=4)
+ENCODER_CONFIG = dict(channels=[24, 32, 64, 128], feature_dim=256, clip_frames=8, frame_size=112, stem_patch=8)
 TQN_CONFIG = dict(head_sizes=HEAD_SIZES, feature_dim=256, d_model=128, num_layers=2, num_heads=4, ffn_dim=256,
                   dropout=0.1, feature_dropout=0.3)
 

@@ -47,7 +47,7 @@ class S3D(nn.Module):
         feature_dim: int = 256,
         clip_frames: int = 8,
         frame_size: int = 112,
-        stem_patch: int = 4,
+        stem_patch: int = 8,
         norm_layer: type[nn.Module] = nn.BatchNorm3d,
     ):
         super().__init__()
@@ -73,9 +73,9 @@ class S3D(nn.Module):
         self.proj = nn.Linear(c4, feature_dim)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stem(x)  # B, C1, T, H/4, W/4
-        x = self.pool2(self.stage2(x))  # B, C2, T, H/8, W/8
-        x = self.pool3(self.stage3(x))  # B, C3, T/2, H/16, W/16
+        x = self.stem(x)  # B, C1, T, H/p, W/p
+        x = self.pool2(self.stage2(x))  # B, C2, T, H/2p, W/2p
+        x = self.pool3(self.stage3(x))  # B, C3, T/2, H/4p, W/4p
         x = self.stage4(x)
         return x.mean(dim=(2, 3, 4))  # B, C4
 

@@ -1,0 +1,66 @@
+"""torch vs ONNX Runtime parity: the committed artifacts and a fresh export."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from export import onnx_export, train
+from export.models.s3d import S3D
+from export.models.tqn import TQNDecoder
+
+REPO = Path(__file__).resolve().parents[2]
+TOLERANCE = 1e-4
+
+
+def _decoder_inputs(rng, batch=2, clips=11, dim=256):
+    features = rng.standard_normal((batch, clips, dim)).astype(np.float32)
+    mask = np.ones((batch, clips), bool)
+    mask[-1, clips // 2:] = False  # a shorter video padded in the same batch
+    return {"features": features, "mask": mask}
+
+
+def _load(cls, folder: Path):
+    meta = json.loads((folder / "model.json").read_text())
+    model = cls(**meta["config"])
+    model.load_state_dict(torch.load(folder / "model.pt", weights_only=True))
+    return model.eval()
+
+
+def test_committed_encoder_matches_torch():
+    folder = REPO / "model_repository/clip_encoder_s3d/1"
+    encoder = _load(S3D, folder)
+    clips = np.random.default_rng(0).integers(0, 256, (5, 8, 112, 112, 3), dtype=np.uint8)
+    diffs = onnx_export.max_abs_diff(encoder, folder / "model.onnx", {"clips": clips})
+    assert max(diffs.values()) <= TOLERANCE, diffs
+
+
+def test_committed_decoder_matches_torch_on_logits_and_attention():
+    folder = REPO / "model_repository/tqn_decoder/1"
+    decoder = _load(TQNDecoder, folder)
+    diffs = onnx_export.max_abs_diff(decoder, folder / "model.onnx", _decoder_inputs(np.random.default_rng(1)))
+    assert set(diffs) == set(onnx_export.decoder_outputs())
+    assert max(diffs.values()) <= TOLERANCE, diffs
+
+
+def test_fresh_export_keeps_names_dynamic_axes_and_parity(tmp_path):
+    import onnxruntime as ort
+
+    torch.manual_seed(0)
+    decoder = train.build_tqn().eval()
+    path = onnx_export.export_decoder(decoder, train.TQN_CONFIG, tmp_path)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["features", "mask"]
+    assert [o.name for o in session.get_outputs()] == list(onnx_export.decoder_outputs())
+    rng = np.random.default_rng(2)
+    for batch, clips in ((1, 1), (3, 37)):  # other batch sizes and lengths than the export example
+        inputs = _decoder_inputs(rng, batch, clips)
+        if batch == 1:
+            inputs["mask"][:] = True
+        diffs = onnx_export.max_abs_diff(decoder, path, inputs)
+        assert max(diffs.values()) <= TOLERANCE, diffs
+    attention = session.run(["attention"], inputs)[0]
+    np.testing.assert_allclose(attention.sum(-1), 1.0, atol=1e-5)
+    assert np.all(attention[-1, :, clips // 2:] == 0)  # padded clips get no attention
