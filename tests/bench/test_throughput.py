@@ -64,27 +64,29 @@ def bench_video(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def long_video(bench_video: Path, allowed_root: Path) -> Path:
     """A 10-minute 720p video under the allowed root: the 60 s video, remuxed back to back."""
+    path = allowed_root / "bench_720p_10min.mp4"
+    remux_repeated(bench_video, path, LONG_REPEATS)
+    return path
+
+
+def remux_repeated(src: Path, dst: Path, repeats: int) -> None:
+    """Write `src`'s video stream `repeats` times in a row (no re-encoding)."""
     import av
 
-    path = allowed_root / "bench_720p_10min.mp4"
-    with av.open(str(bench_video)) as first:
-        src = first.streams.video[0]
-        step = None
-        with av.open(str(path), "w") as out:
-            dst = out.add_stream_from_template(src)
-            for i in range(LONG_REPEATS):
-                with av.open(str(bench_video)) as inp:
-                    stream = inp.streams.video[0]
-                    for packet in inp.demux(stream):
-                        if packet.dts is None:
-                            continue
-                        if step is None:
-                            step = int(round(SECONDS / float(stream.time_base)))
-                        packet.pts += i * step
-                        packet.dts += i * step
-                        packet.stream = dst
-                        out.mux(packet)
-    return path
+    with av.open(str(src)) as inp:
+        stream = inp.streams.video[0]
+        step = max(p.pts + (p.duration or 0) for p in inp.demux(stream) if p.pts is not None)
+    with av.open(str(src)) as first, av.open(str(dst), "w") as out:
+        dst_stream = out.add_stream_from_template(first.streams.video[0])
+        for i in range(repeats):
+            with av.open(str(src)) as inp:
+                for packet in inp.demux(inp.streams.video[0]):
+                    if packet.dts is None:
+                        continue
+                    packet.pts += i * step
+                    packet.dts += i * step
+                    packet.stream = dst_stream
+                    out.mux(packet)
 
 
 @pytest.fixture(scope="session")
