@@ -39,9 +39,10 @@ from server.proto import video_analytics_pb2_grpc as pb_grpc
 
 pytestmark = pytest.mark.slow
 
-SECONDS = 60.0
+# Smaller values make a quick dry run of the harness (the defaults are the benchmark).
+SECONDS = float(os.environ.get("VQS_BENCH_SECONDS", "60"))
+LONG_REPEATS = int(os.environ.get("VQS_BENCH_LONG_REPEATS", "10"))  # the long video = the short one, remuxed
 WIDTH, HEIGHT, FPS = 1280, 720, 30
-LONG_REPEATS = 10  # the 10-minute video is the 60 s one, remuxed 10 times
 RSS_BUDGET_MB = 600.0
 RUNS = 2  # best of RUNS per pipeline: the machine is shared, the best run is the least disturbed
 REPO = Path(__file__).resolve().parents[2]
@@ -53,7 +54,7 @@ _results: dict[str, float] = {}
 def bench_video(tmp_path_factory) -> Path:
     from export.synth import render_video
 
-    path = tmp_path_factory.mktemp("bench") / "bench_720p_60s.mp4"
+    path = tmp_path_factory.mktemp("bench") / f"bench_720p_{SECONDS:g}s.mp4"
     started = time.perf_counter()
     render_video(path, seed=2024, seconds=SECONDS, width=WIDTH, height=HEIGHT, fps=FPS)
     print(f"\nrendered {path.name} ({path.stat().st_size / 2**20:.1f} MB) in "
@@ -64,7 +65,7 @@ def bench_video(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def long_video(bench_video: Path, allowed_root: Path) -> Path:
     """A 10-minute 720p video under the allowed root: the 60 s video, remuxed back to back."""
-    path = allowed_root / "bench_720p_10min.mp4"
+    path = allowed_root / f"bench_720p_{SECONDS * LONG_REPEATS:g}s.mp4"
     remux_repeated(bench_video, path, LONG_REPEATS)
     return path
 
@@ -89,9 +90,12 @@ def remux_repeated(src: Path, dst: Path, repeats: int) -> None:
                     out.mux(packet)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def gateway_process(triton, allowed_root: Path, tmp_path_factory):
-    """The real gateway (`server.main.run`) in its own process, using the session's Triton."""
+    """A fresh real gateway (`server.main.run`) in its own process, using the session's Triton.
+
+    Fresh per test, so one test's peak memory (e.g. a 200 MB upload) does not show in another's.
+    """
     port = free_port()
     log = tmp_path_factory.mktemp("bench_logs") / "gateway.log"
     env = dict(
@@ -151,13 +155,12 @@ def _best(fn, runs: int = RUNS) -> tuple[float, object]:
 # -- the reference pipeline (TQN reference style) ---------------------------------------------------
 
 
-def _load_reference_models():
+def _load_reference_models(repo: Path):
     import torch
 
     from export.models.s3d import S3D
     from export.models.tqn import TQNDecoder
 
-    repo = REPO / "model_repository"
     enc_meta = json.loads((repo / "clip_encoder_s3d" / "1" / "model.json").read_text())
     dec_meta = json.loads((repo / "tqn_decoder" / "1" / "model.json").read_text())
     enc_cfg = dict(enc_meta["config"])
@@ -195,19 +198,29 @@ def _reference(path: Path, encoder, decoder, clip_frames: int, size: int):
     return outputs
 
 
-async def _vqs_decode_only(path: Path) -> int:
-    from server.pipeline.decode import VideoDecoder
-    from server.settings import DecodeSettings
+class _VqsDecodeOnly:
+    """The gateway's decoder on its own, pool started outside the timed part."""
 
-    dec = VideoDecoder(DecodeSettings())
-    await dec.start()
-    try:
-        clips = 0
-        async for batch in dec.stream(path, frame_size=112, clip_frames=8, clips_per_batch=16):
-            clips += len(batch.clips)
-        return clips
-    finally:
-        await dec.close()
+    def __init__(self) -> None:
+        from server.pipeline.decode import VideoDecoder
+        from server.settings import DecodeSettings
+
+        self.loop = asyncio.new_event_loop()
+        self.decoder = VideoDecoder(DecodeSettings())
+        self.loop.run_until_complete(self.decoder.start())
+
+    def run(self, path: Path) -> int:
+        async def count() -> int:
+            clips = 0
+            async for batch in self.decoder.stream(path, frame_size=112, clip_frames=8, clips_per_batch=16):
+                clips += len(batch.clips)
+            return clips
+
+        return self.loop.run_until_complete(count())
+
+    def close(self) -> None:
+        self.loop.run_until_complete(self.decoder.close())
+        self.loop.close()
 
 
 # -- the benchmarks --------------------------------------------------------------------------------
@@ -216,7 +229,7 @@ async def _vqs_decode_only(path: Path) -> int:
 def test_throughput_against_reference(bench_video: Path, gateway_process, trained_models):
     _, address = gateway_process
     data = bench_video.read_bytes()
-    encoder, decoder, clip_frames, size = _load_reference_models()
+    encoder, decoder, clip_frames, size = _load_reference_models(trained_models)
 
     # Warm up every path once on a short request (model load, worker start, thread pools).
     _reference(bench_video, encoder, decoder, clip_frames, size)
@@ -224,7 +237,11 @@ def test_throughput_against_reference(bench_video: Path, gateway_process, traine
     t_gateway, resp = _best(lambda: _analyze(address, pb.AnalyzeRequest(video=data)))
     t_reference, _ = _best(lambda: _reference(bench_video, encoder, decoder, clip_frames, size))
     t_decord, frames = _best(lambda: _decode_all_decord(bench_video, size))
-    t_vqs_decode, clips = _best(lambda: asyncio.run(_vqs_decode_only(bench_video)))
+    vqs_decoder = _VqsDecodeOnly()
+    try:
+        t_vqs_decode, clips = _best(lambda: vqs_decoder.run(bench_video))
+    finally:
+        vqs_decoder.close()
 
     assert resp.video.clips == int(np.ceil(len(frames) / clip_frames)) == clips
     duration = resp.video.duration_s
@@ -259,7 +276,7 @@ def test_gateway_peak_rss_on_10_minute_720p(long_video: Path, gateway_process, a
     gateway_hwm, workers_hwm = sampler.high_water_marks()
     bound = gateway_hwm + sum(workers_hwm.values())
     print(
-        f"\n10-minute 720p by uri: {resp.video.duration_s:.0f} s, {resp.video.clips} clips in {wall:.1f} s "
+        f"\n{SECONDS * LONG_REPEATS / 60:g}-minute 720p by uri: {resp.video.duration_s:.0f} s, {resp.video.clips} clips in {wall:.1f} s "
         f"({resp.video.duration_s / wall:.1f} video-s/s)\n"
         f"peak RSS (VmHWM): gateway {gateway_hwm:.0f} MB + decode workers "
         f"{' + '.join(f'{v:.0f}' for v in workers_hwm.values()) or '0'} MB = {bound:.0f} MB "
