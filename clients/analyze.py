@@ -94,7 +94,7 @@ def analyze(
             resp = call_analyze(server, data, encoder=encoder, timeout=timeout, max_upload_mb=max_upload_mb)
     except grpc.RpcError as exc:
         code = exc.code()
-        stderr.print(f"[red]error[/red] {error_message(code, exc.details())}", highlight=False)
+        stderr.print(f"[red]error[/red] {error_message(code, exc.details())}", highlight=False, soft_wrap=True)
         if code == grpc.StatusCode.UNAVAILABLE:
             stderr.print(f"is the gateway running at {server}? (`vqs serve`, --server, VQS_SERVER)")
         raise typer.Exit(exit_code_for(code)) from None
@@ -102,6 +102,6 @@ def analyze(
     if as_json:
         sys.stdout.write(json.dumps(result) + "\n")
         return
-    stdout.print(render.summary_line(result), highlight=False)
+    stdout.print(render.summary_line(result), highlight=False, soft_wrap=True)
     stdout.print(render.answers_table(result))
     stdout.print(render.attention_table(result))
