@@ -1,8 +1,8 @@
 """Training on CPU: a shared warm-up, then TQN and the paper's two baselines.
 
 Curriculum (TQN paper §3.2 and appendix D):
-1. warm-up: encoder + TQN decoder + average-pooling head trained end to end on short videos,
-   where every clip fits in one step;
+1. warm-up: encoder + TQN decoder + average-pooling head + per-clip head trained end to end on
+   short videos, where every clip fits in one step;
 2. TQN and the average-pooling baseline each go on from there with the stochastically updated
    feature bank on the full-length videos: per video, n_online random contiguous clips are
    recomputed with gradients and written back, the others come from the bank;
@@ -127,23 +127,29 @@ def _pad(per_video: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     return feats, mask
 
 
-def warmup(encoder: S3D, heads: list[nn.Module], ds: ClipDataset, budget: Budget,
+def warmup(encoder: S3D, heads: list[nn.Module], clip_head: ShortTerm, ds: ClipDataset, budget: Budget,
            rng: np.random.Generator) -> None:
-    """Stage 1: all clips of short videos online; every head learns from the same encoder."""
+    """Stage 1 on short videos, all clips online. Video-level heads (TQN, pooling) learn together
+    with a per-clip head: every clip is labelled with its video's answers, which gives the brief
+    take-off clip as much encoder gradient as the long flight (the per-clip pre-training the
+    design calls for); attention alone spreads it thin over all clips at first."""
     encoder.train()
-    for h in heads:
+    for h in (*heads, clip_head):
         h.train()
-    opt, sched = _optimizer([encoder, *heads], budget, budget.warmup_steps)
+    opt, sched = _optimizer([encoder, *heads, clip_head], budget, budget.warmup_steps)
     progress = _Progress("warm-up", budget.warmup_steps)
     n_videos = len(ds.records)
     for step in range(budget.warmup_steps):
         videos = rng.choice(n_videos, budget.videos_per_step, replace=False)
         clips = [torch.from_numpy(ds.clips(v, 0, int(ds.num_clips[v]))) for v in videos]
-        feats = encoder(torch.cat(clips))
-        feats, mask = _pad(list(feats.split([len(c) for c in clips])))
+        counts = [len(c) for c in clips]
+        flat = encoder(torch.cat(clips))
+        feats, mask = _pad(list(flat.split(counts)))
         targets = _targets(ds, videos)
         outputs = [h(feats, mask) for h in heads]
         loss = sum(query_loss(out[: len(HEADS)], targets) for out in outputs)
+        per_clip = {q: t.repeat_interleave(torch.as_tensor(counts)) for q, t in targets.items()}
+        loss = loss + query_loss(clip_head.heads(flat), per_clip)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -253,8 +259,8 @@ def train_all(short: ClipDataset, full: ClipDataset, budget: Budget, seed: int) 
     """Returns {model name: (encoder, head)} for tqn, average_pooling and short_term."""
     torch.set_num_threads(2)
     rng = seed_everything(seed)
-    encoder, tqn, avg = build_encoder(), build_tqn(), build_average_pooling()
-    warmup(encoder, [tqn, avg], short, budget, rng)
+    encoder, tqn, avg, short_term = build_encoder(), build_tqn(), build_average_pooling(), build_short_term()
+    warmup(encoder, [tqn, avg], short_term, short, budget, rng)
 
     bank = build_bank(encoder, full)
     models = {}
@@ -263,7 +269,7 @@ def train_all(short: ClipDataset, full: ClipDataset, budget: Budget, seed: int) 
         train_with_bank(name, enc, head, full, bank.clone(), budget, rng)
         models[name] = (enc, head)
 
-    st_encoder, st_head = copy.deepcopy(encoder), build_short_term()
-    train_short_term(st_encoder, st_head, [full, short], budget, rng)
-    models["short_term"] = (st_encoder, st_head)
+    st_encoder = copy.deepcopy(encoder)
+    train_short_term(st_encoder, short_term, [full, short], budget, rng)
+    models["short_term"] = (st_encoder, short_term)
     return models
