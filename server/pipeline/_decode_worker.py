@@ -7,7 +7,10 @@ worker -> parent: ("ready", pid) | ("info", meta) | ("frames", seg, n, starts, e
                   | ("end", seg, decoder) | ("error", kind, message) | ("released", rss_mb)
 
 A job without a segment opens the video, checks limits, plans segments and sends "info", then
-decodes segment 0. Each chunk costs one credit; with no credit the worker waits. "release"
+decodes segment 0. decord decodes inputs up to `decord_max_bytes`: its demuxer reads ahead without
+bound, so its memory grows with the file (measured: RSS = file size + ~60 MB); larger inputs go to
+PyAV, whose memory stays flat (~75 MB at 720p), with segments cut at keyframes found while
+demuxing. Each chunk costs one credit; with no credit the worker waits. "release"
 abandons the current job at the next check and drops open files.
 """
 
@@ -149,8 +152,14 @@ class _Decoder:
         import decord
 
         size = spec["frame_size"]
-        reasons = []
+        reasons: list[str] = []
         meta = _probe(spec["path"], reasons)
+        limit = spec.get("decord_max_bytes")
+        if limit and meta.get("width") is not None and os.path.getsize(spec["path"]) > limit:
+            # decord's demuxer reads ahead without bound: its memory grows with the file's size.
+            meta["decoder"] = "pyav"
+            self.meta, self.key = meta, key
+            return
         try:
             # num_threads=0 breaks VP9; the settings default is 1.
             reader = decord.VideoReader(
@@ -183,6 +192,9 @@ def _probe(path: str, reasons: list[str]) -> dict[str, Any]:
             s = c.streams.video[0]
             cc = s.codec_context
             meta.update(width=cc.width, height=cc.height, codec=cc.name)
+            if s.time_base is not None:
+                meta["time_base"] = float(s.time_base)
+                meta["origin_pts"] = int(s.start_time or 0)
             rate = s.average_rate or s.guessed_rate or s.base_rate
             if rate:
                 meta["fps"] = float(rate)
@@ -207,26 +219,57 @@ def _check_limits(meta: dict, spec: dict) -> None:
         )
 
 
-def _plan(reader: Any, segment_frames: int) -> list[tuple]:
-    """Segments (first, stop, start_s, stop_s) starting at keyframes, about segment_frames long."""
-    if not segment_frames or reader is None:
-        return [(0, None, 0.0, None)]
+def _segment(first=None, stop=None, start_s=0.0, stop_s=None, start_pts=None, stop_pts=None) -> dict:
+    """Bounds of one segment: frame indices for decord, stream pts (keyframe-snapped) for PyAV."""
+    return dict(first=first, stop=stop, start_s=start_s, stop_s=stop_s, start_pts=start_pts, stop_pts=stop_pts)
+
+
+def _plan(dec: _Decoder, segment_frames: int) -> list[dict]:
+    """Segments of about `segment_frames` frames, each starting at a keyframe."""
+    if not segment_frames:
+        return [_segment()]
+    if dec.reader is not None:
+        return _plan_decord(dec.reader, segment_frames)
+    return _plan_pyav(dec.meta, segment_frames)
+
+
+def _plan_decord(reader: Any, segment_frames: int) -> list[dict]:
     try:
         keys = sorted(int(k) for k in reader.get_key_indices())
     except Exception:
-        return [(0, None, 0.0, None)]
+        return [_segment()]
     bounds = [0]
     for k in keys:
         if k - bounds[-1] >= segment_frames:
             bounds.append(k)
     if len(bounds) < 2:
-        return [(0, None, 0.0, None)]
+        return [_segment()]
     times = reader.get_frame_timestamp(bounds)[:, 0].astype(float).tolist()
     segs = []
     for i, first in enumerate(bounds):
         last = i + 1 == len(bounds)
-        segs.append((first, None if last else bounds[i + 1], times[i], None if last else times[i + 1]))
+        segs.append(_segment(first, None if last else bounds[i + 1], times[i], None if last else times[i + 1]))
     return segs
+
+
+def _plan_pyav(meta: dict, segment_frames: int) -> list[dict]:
+    """Cut points every `segment_frames / fps` seconds. Each worker snaps them to the first
+    keyframe at or after the cut, in the same way, so segments meet exactly without an index."""
+    fps, duration, tb = meta.get("fps"), meta.get("duration_s"), meta.get("time_base")
+    if not (fps and duration and tb):
+        return [_segment()]
+    step = segment_frames / fps
+    n = int(duration // step)
+    if n < 2:
+        return [_segment()]
+    origin = meta.get("origin_pts", 0)
+    cuts = [origin + int(round(i * step / tb)) for i in range(1, n)]
+    starts = [None, *cuts]
+    stops = [*cuts, None]
+    return [
+        _segment(start_s=i * step, stop_s=None if b is None else (i + 1) * step, start_pts=a, stop_pts=b)
+        for i, (a, b) in enumerate(zip(starts, stops))
+    ]
 
 
 def _decode_decord(dec: _Decoder, out: _Chunker, first: int, stop: int | None) -> bool:
@@ -324,25 +367,99 @@ def _decode_pyav(spec: dict, out: _Chunker, after_s: float | None, stop_s: float
                 out.add(rgb, start, start + dur)
 
 
+def _decode_pyav_segment(spec: dict, out: _Chunker, start_pts: int | None, stop_pts: int | None) -> None:
+    """Frames from the first keyframe at or after start_pts to the first keyframe at or after
+    stop_pts (exclusive), by stream pts. Tolerates a truncated tail (keeps the readable prefix)."""
+    import av
+
+    try:
+        container = av.open(spec["path"])
+    except Exception as exc:
+        raise _Failed("unsupported", "cannot decode the input: pyav " + _reason(exc)) from None
+    with container:
+        if not container.streams.video:
+            raise _Failed("unsupported", "the input has no video stream")
+        s = container.streams.video[0]
+        s.thread_type = "AUTO"
+        s.thread_count = max(1, spec["threads"])
+        tb = s.time_base
+        origin = s.start_time or 0
+        rate = s.average_rate or s.guessed_rate
+        default_dur = float(1 / rate) if rate else 1 / 30
+        size = spec["frame_size"]
+        if start_pts is not None:
+            _seek_before(container, s, start_pts)
+        low = None if start_pts is None else -1  # pts of the keyframe this segment starts at
+        high = None  # pts of the keyframe the next segment starts at, once seen
+        bad = 0
+        packets = container.demux(s)
+        while True:
+            try:
+                packet = next(packets)
+            except StopIteration:
+                break
+            except Exception:  # truncated or corrupt container: keep the readable prefix
+                break
+            if packet.pts is not None and packet.is_keyframe:
+                if low == -1 and packet.pts >= start_pts:
+                    low = packet.pts
+                if stop_pts is not None and high is None and packet.pts >= stop_pts and low != -1:
+                    high = packet.pts
+            if low == -1:
+                continue  # before this segment's first keyframe: skip without decoding
+            try:
+                frames = packet.decode()
+                bad = 0
+            except Exception:
+                bad += 1
+                if bad > _MAX_BAD_PACKETS:
+                    break
+                continue
+            for frame in frames:
+                if frame.pts is None or (low is not None and frame.pts < low):
+                    continue  # leading pictures belong to the previous segment
+                if high is not None and frame.pts >= high:
+                    return  # frames are output in pts order: the rest is the next segment's
+                start = float((frame.pts - origin) * tb)
+                dur = float(frame.duration * tb) if frame.duration else default_dur
+                out.add(frame.to_ndarray(width=size, height=size, format="rgb24"), start, start + dur)
+
+
+def _seek_before(container: Any, stream: Any, pts: int) -> None:
+    """Seek to a keyframe at or before `pts`; step back further if the demuxer overshoots."""
+    back = 0
+    for _ in range(4):
+        target = max(0, pts - back)
+        container.seek(target, stream=stream, backward=True)
+        packet = next(container.demux(stream), None)
+        if packet is None or packet.pts is None or packet.pts <= pts:
+            container.seek(target, stream=stream, backward=True)
+            return
+        back = max(2 * back, int(10 / stream.time_base))
+    container.seek(0, stream=stream, backward=True)
+
+
 def _run_job(ch: _Channel, dec: _Decoder, spec: dict) -> None:
-    seg = spec["segment"]
-    if seg is None:
+    if spec["segment"] is None:
         dec.open(spec)
         _check_limits(dec.meta, spec)
-        plan = _plan(dec.reader, spec["segment_frames"])
+        plan = _plan(dec, spec["segment_frames"])
         ch.conn.send(("info", dict(dec.meta, segments=plan)))
-        seg = (0, *plan[0])
+        index, seg = 0, plan[0]
     else:
+        index, seg = spec["segment"]
         dec.open(spec)
-    index, first, stop, start_s, stop_s = seg
     out = _Chunker(ch, index, spec["frame_size"], spec["chunk_frames"], spec.get("max_duration_s"))
-    complete = _decode_decord(dec, out, first, stop)
-    if not complete:
-        # decord could not open the file or stopped early: PyAV continues after the last frame.
-        after = out.last_start if out.last_start is not None else (start_s - 1e-3 if first else None)
-        _decode_pyav(spec, out, after, stop_s)
-        if dec.meta.get("decoder") == "decord" and out.sent:
-            dec.meta["decoder"] = "decord+pyav"
+    if dec.meta.get("decoder") == "pyav":  # decord not used for this input
+        _decode_pyav_segment(spec, out, seg["start_pts"], seg["stop_pts"])
+    else:
+        first = seg["first"] or 0
+        if not _decode_decord(dec, out, first, seg["stop"]):
+            # decord stopped early or failed: PyAV continues after the last frame it produced.
+            after = out.last_start if out.last_start is not None else (seg["start_s"] - 1e-3 if first else None)
+            _decode_pyav(spec, out, after, seg["stop_s"])
+            if out.sent and dec.meta.get("decoder") == "decord":
+                dec.meta["decoder"] = "decord+pyav"
     out.flush()
     ch.conn.send(("end", index, dec.meta.get("decoder", "")))
 

@@ -163,6 +163,7 @@ class VideoDecoder:
         recycle_rss_mb: float = 220.0,
         segment_frames: int = 240,
         ahead_bytes: int = _AHEAD_BYTES,
+        decord_max_bytes: int = 48 * 2**20,
     ) -> None:
         self.settings = settings
         self.max_frame_pixels = max_frame_pixels
@@ -173,6 +174,8 @@ class VideoDecoder:
         # 0 decodes every video sequentially in one worker.
         self.segment_frames = segment_frames if settings.workers > 1 else 0
         self.ahead_bytes = ahead_bytes
+        # decord's memory grows with the input's size; larger inputs are decoded with PyAV.
+        self.decord_max_bytes = decord_max_bytes
         self._idle: asyncio.Queue[_Worker] | None = None
         self._all: set[_Worker] = set()
         self._tasks: set[asyncio.Task] = set()
@@ -338,10 +341,7 @@ class VideoDecoder:
 @dataclass
 class _Segment:
     index: int
-    first: int  # frame index where the segment starts (a keyframe)
-    stop: int | None  # frame index where the next segment starts; None = to the end
-    start_s: float
-    stop_s: float | None
+    bounds: dict  # planned by the worker: frame indices (decord) or keyframe-snapped pts (PyAV)
     worker: _Worker | None = None
 
 
@@ -380,7 +380,8 @@ class _Run:
                 "max_frame_pixels": self.dec.max_frame_pixels,
                 "max_duration_s": self.dec.max_duration_s,
                 "segment_frames": min(self.dec.segment_frames, (self.credits - 1) * s.chunk_frames),
-                "segment": None if seg is None else (seg.index, seg.first, seg.stop, seg.start_s, seg.stop_s),
+                "decord_max_bytes": self.dec.decord_max_bytes,
+                "segment": None if seg is None else (seg.index, seg.bounds),
             },
         )
 
@@ -441,7 +442,7 @@ class _Run:
         if header[0] != "info":
             raise VqsError(f"unexpected decoder message {header[0]!r}")
         self.meta = header[1]
-        plan = [_Segment(i, *seg) for i, seg in enumerate(self.meta["segments"])]
+        plan = [_Segment(i, bounds) for i, bounds in enumerate(self.meta["segments"])]
         plan[0].worker = first
         self.assigned.append(plan[0])
         self.pending.extend(plan[1:])

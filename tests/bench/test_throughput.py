@@ -37,7 +37,7 @@ from server.launcher import free_port
 from server.proto import video_analytics_pb2 as pb
 from server.proto import video_analytics_pb2_grpc as pb_grpc
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
 # Smaller values make a quick dry run of the harness (the defaults are the benchmark).
 SECONDS = float(os.environ.get("VQS_BENCH_SECONDS", "60"))

@@ -339,3 +339,26 @@ async def test_a_worker_crash_fails_the_request_and_is_replaced(media):
         assert (await _collect(dec, media["short"]))[-1].info.frames == 5
     finally:
         await dec.close()
+
+
+async def test_large_inputs_use_pyav_and_split_it_exactly(media):
+    # decord_max_bytes=1 sends every input to PyAV (what happens to files above the limit).
+    single = VideoDecoder(DecodeSettings(workers=1, chunk_frames=16), decord_max_bytes=1)
+    split = VideoDecoder(DecodeSettings(workers=2, chunk_frames=16), segment_frames=100, decord_max_bytes=1)
+    reference = VideoDecoder(DecodeSettings(workers=1, chunk_frames=16))
+    await asyncio.gather(single.start(), split.start(), reference.start())
+    try:
+        a = await _collect(single, media["long"])
+        b = await _collect(split, media["long"])
+        r = await _collect(reference, media["long"])
+    finally:
+        await asyncio.gather(single.close(), split.close(), reference.close())
+    assert a[-1].info.decoder == b[-1].info.decoder == "pyav"
+    assert r[-1].info.decoder == "decord"
+    assert a[-1].info.frames == b[-1].info.frames == r[-1].info.frames == 900
+    (a_clips, a_spans), (b_clips, b_spans), (r_clips, r_spans) = _joined(a), _joined(b), _joined(r)
+    np.testing.assert_array_equal(a_clips, b_clips)
+    np.testing.assert_allclose(a_spans, b_spans)
+    # Same timestamps as decord, and nearly the same pixels (resize filters differ slightly).
+    np.testing.assert_allclose(a_spans, r_spans, atol=1e-4)
+    assert np.abs(a_clips.astype(int) - r_clips).mean() < 3
