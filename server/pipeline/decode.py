@@ -12,6 +12,10 @@ the request's first worker decodes one segment, idle workers decode the next one
 2 cores: 1.8x the frame rate of one process, against 1.25x for decord's `num_threads=2`).
 Segments are consumed in order, so the frame stream is the same as a sequential decode.
 
+Decoders: decord for inputs up to `decord_max_bytes`, PyAV above (decord's demuxer reads ahead
+without bound: a worker's RSS grew to the file's size, 2.2 GB for a 10-minute 720p file; PyAV
+stays at ~80 MB). PyAV is also the fallback when decord cannot open an input or stops early.
+
 Safety: a worker the parent waits on for `stall_timeout_s` without a message is killed and
 replaced, and the request fails with `Timeout`. A worker that crashes is replaced and the request
 fails with `UnsupportedMedia`. Workers are recycled after `recycle_after` videos or when their RSS
