@@ -58,6 +58,19 @@ def format_table(results: dict[str, dict[str, float]], videos: int) -> str:
     return "\n".join(lines)
 
 
+def check_bar(results: dict[str, dict[str, float]]) -> list[str]:
+    """The issue's acceptance bar; returns one line per criterion, prefixed PASS or FAIL."""
+    tqn, short, pooled = results["tqn"], results["short_term"], results["average_pooling"]
+    gap = 100 * (tqn["class"] - short["class"])
+    lines = [f"{'PASS' if gap >= 15 else 'FAIL'}: TQN beats the short-term baseline on class by "
+             f"{gap:.1f} points (needs >= 15)"]
+    for q in train.HEADS:
+        ok = tqn[q] >= pooled[q]
+        lines.append(f"{'PASS' if ok else 'FAIL'}: TQN {100 * tqn[q]:.1f} vs average pooling "
+                     f"{100 * pooled[q]:.1f} on {q} (must not lose)")
+    return lines
+
+
 def export_served(models: dict) -> None:
     encoder, decoder = models["tqn"]
     enc_dir = MODEL_REPOSITORY / "clip_encoder_s3d" / "1"
@@ -84,11 +97,12 @@ def main(data_dir: Path | None = None, budget: train.Budget | None = None) -> di
     _log(f"training done ({time.monotonic() - start:.0f}s); evaluating")
     results = evaluate(models, datasets["test"])
     table = format_table(results, len(datasets["test"].records))
-    print(table)
+    bar = check_bar(results)
+    print(table + "\n\n" + "\n".join(bar))
     export_served(models)
     report = {"results": results, "test_videos": len(datasets["test"].records), "budget": asdict(budget),
               "splits": SPLITS, "train_seed": TRAIN_SEED, "torch": torch.__version__,
-              "wall_seconds": round(time.monotonic() - start)}
+              "bar": bar, "wall_seconds": round(time.monotonic() - start)}
     EVALUATION.write_text(json.dumps(report, indent=2) + "\n")
     _log(f"done in {time.monotonic() - start:.0f}s; artifacts in model_repository/, table in {EVALUATION.name}")
     return report

@@ -2,7 +2,7 @@
 
 A stick-figure diver on a cluttered, panning background performs a routine
 run-up (idle) -> take-off -> flight -> entry -> idle. What decides each answer is short and local:
-- take-off: 0.4 s of lean direction and a pencil or star jump, then the figure is upright again (no leak);
+- take-off: 0.6 s of lean direction and a pencil or star jump, then the figure is upright again (no leak);
 - somersaults: flight lasts a fixed 1.4 s, so more somersaults mean faster rotation inside
   every flight clip (count is visible locally, as in real diving);
 - twists: the torso's front (warm) and back (cool) alternate and the body narrows with the twist
@@ -29,7 +29,7 @@ import numpy as np
 
 from export import vocab
 
-TAKEOFF_S = 0.4
+TAKEOFF_S = 0.6
 FLIGHT_S = 1.4
 ENTRY_S = 0.3
 ACTION_S = TAKEOFF_S + FLIGHT_S + ENTRY_S
@@ -137,14 +137,15 @@ def _body_state(routine: Routine, t: float) -> tuple[dict, float, float, float, 
         swing = 25 * math.sin(2 * math.pi * 1.3 * t + rng_phase)
         pose = dict(_POSES["stand"], arm=(175 + swing, 10))
         return pose, 0.0, 0.0, 0.0, 0.02 * abs(math.sin(2 * math.pi * 1.3 * t)), 0.0
-    if t < t1:  # take-off: crouch, then spring with a lean and an arm swing
+    if t < t1:  # take-off: crouch, then spring with a lean and a pencil or star shape, held
         w = (t - t0) / TAKEOFF_S
         backwards = labels["take_off"] in ("backward", "reverse")
         shape = "pencil" if labels["take_off"] in ("backward", "forward") else "star"
-        lean = (-45 if backwards else 45) * math.sin(math.pi * w)
-        crouch = _lerp_pose(_POSES["stand"], _POSES["crouch"], math.sin(math.pi * min(1, 2 * w)))
-        pose = _lerp_pose(crouch, _POSES[shape], w)
-        return pose, 0.0, 0.0, lean, 0.05 * w, 0.0
+        hold = min(1.0, 3 * w)  # reach the take-off shape in the first third, then hold it
+        lean = (-45 if backwards else 45) * hold
+        crouch = _lerp_pose(_POSES["stand"], _POSES["crouch"], math.sin(math.pi * min(1.0, 3 * w)))
+        pose = _lerp_pose(crouch, _POSES[shape], hold)
+        return pose, 0.0, 0.0, lean, 0.08 * w, 0.0
     if t < t2:  # flight: rotate and twist at label-given rates along a parabola
         w = (t - t1) / routine.flight_s
         theta = 360.0 * float(labels["somersaults"]) * w

@@ -36,9 +36,9 @@ HEAD_SIZES = {q: len(a) for q, a in HEADS.items()}
 
 @dataclass(frozen=True)
 class Budget:
-    warmup_steps: int = 500
+    warmup_steps: int = 800
     bank_steps: int = 900
-    short_term_steps: int = 600
+    short_term_steps: int = 700
     videos_per_step: int = 8
     n_online: int = 4
     clips_per_step: int = 48
