@@ -49,6 +49,7 @@ BACK_COLOUR = (40, 90, 235)
 SKIN_COLOUR = (250, 215, 170)
 LIMB_COLOUR = (250, 250, 250)
 WATER_COLOUR = (20, 110, 170)
+NOISE_SCALE = 112
 
 
 @dataclass(frozen=True)
@@ -191,8 +192,13 @@ class _Scene:
         self.water_y = int(height * 0.78)
         self.water = np.empty((height - self.water_y, width, 3), np.uint8)
         self.water[:] = WATER_COLOUR
-        # Sensor noise: a few precomputed non-negative fields, cycled (cheap at 720p).
-        self.noise = rng.integers(0, 9, size=(3, height, width, 3), dtype=np.uint8)
+        # Sensor noise: a few precomputed non-negative fields, cycled. Its grain is set at the
+        # 112-px training scale, so large renders stay as compressible as real camera video.
+        grain = min(1.0, NOISE_SCALE / self.unit)
+        gh, gw = max(1, round(height * grain)), max(1, round(width * grain))
+        noise = rng.integers(0, 9, size=(3, gh, gw, 3), dtype=np.uint8)
+        self.noise = noise if (gh, gw) == (height, width) else np.stack(
+            [cv2.resize(n, (width, height), interpolation=cv2.INTER_LINEAR) for n in noise])
 
     def frame(self, index: int) -> np.ndarray:
         t = index / self.fps

@@ -116,6 +116,13 @@ def _optimizer(modules: list[nn.Module], budget: Budget, steps: int):
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
+def _step(opt: torch.optim.Optimizer, sched, loss: torch.Tensor) -> None:
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    sched.step()
+
+
 def _pad(per_video: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Stack variable-length (n_i, D) features into (B, N, D) plus a validity mask."""
     n = max(len(f) for f in per_video)
@@ -150,10 +157,7 @@ def warmup(encoder: S3D, heads: list[nn.Module], clip_head: ShortTerm, ds: ClipD
         loss = sum(query_loss(out[: len(HEADS)], targets) for out in outputs)
         per_clip = {q: t.repeat_interleave(torch.as_tensor(counts)) for q, t in targets.items()}
         loss = loss + query_loss(clip_head.heads(flat), per_clip)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
+        _step(opt, sched, loss)
         progress.update(step, loss.item(), outputs[0][: len(HEADS)], targets)
 
 
@@ -202,10 +206,7 @@ def train_with_bank(name: str, encoder: S3D, head: nn.Module, ds: ClipDataset, b
         targets = _targets(ds, videos)
         logits = head(feats, mask)[: len(HEADS)]
         loss = query_loss(logits, targets)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
+        _step(opt, sched, loss)
         progress.update(step, loss.item(), logits, targets)
 
 
@@ -230,10 +231,7 @@ def train_short_term(encoder: S3D, head: ShortTerm, datasets: list[ClipDataset],
         targets = {q: torch.as_tensor(np.asarray(t)) for q, t in targets.items()}
         logits = head.heads(encoder(torch.from_numpy(np.concatenate(clips))))
         loss = query_loss(logits, targets)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
+        _step(opt, sched, loss)
         progress.update(step, loss.item(), logits, targets)
 
 
