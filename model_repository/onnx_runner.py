@@ -5,6 +5,7 @@ model's `config.pbtxt`; the ONNX graph must use the same names (checked at load 
 
 Config parameters (all optional):
   intra_op_threads / inter_op_threads  ONNX Runtime thread pools (default 1 / 1)
+  allow_spinning                       "1" lets idle ORT threads busy-wait (default "0")
   onnx_file                            file name inside the version directory (default model.onnx)
   providers                            comma-separated execution providers to request, in order
                                        (default: TensorRT, CUDA when installed, then CPU)
@@ -61,6 +62,10 @@ class TritonPythonModel:
         options = ort.SessionOptions()
         options.intra_op_num_threads = int(_parameter(config, "intra_op_threads", "1"))
         options.inter_op_num_threads = int(_parameter(config, "inter_op_threads", "1"))
+        # Idle ORT threads must not spin: the video decoders need those cores between batches.
+        options.add_session_config_entry(
+            "session.intra_op.allow_spinning", _parameter(config, "allow_spinning", "0")
+        )
         self.session = self._create_session(onnx_path, options, config)
         self._check_graph()
         self.logger.log_info(
