@@ -70,8 +70,7 @@ def export_decoder(decoder: TQNDecoder, config: dict, out_dir: Path, name: str =
     out_dir.mkdir(parents=True, exist_ok=True)
     batch = torch.export.Dim("batch", min=1, max=64)
     clips = torch.export.Dim("clips", min=1, max=100_000)
-    feature_dim = decoder.input_proj.in_features if isinstance(decoder.input_proj, torch.nn.Linear) \
-        else decoder.queries.shape[1]
+    feature_dim = decoder.feature_dim
     example = (torch.randn(2, 5, feature_dim), torch.tensor([[True] * 5, [True] * 3 + [False] * 2]))
     path = out_dir / "model.onnx"
     _export(decoder, example, path, DECODER_INPUTS, decoder_outputs(),

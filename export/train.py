@@ -37,10 +37,13 @@ HEAD_SIZES = {q: len(a) for q, a in HEADS.items()}
 @dataclass(frozen=True)
 class Budget:
     warmup_steps: int = 800
-    bank_steps: int = 900
+    bank_steps: int = 2400
     short_term_steps: int = 700
     videos_per_step: int = 8
-    n_online: int = 4
+    # Feature-bank steps see more videos, each with fewer clips recomputed online: the decoder
+    # needs many videos to learn where brief events are, the encoder only a few fresh clips.
+    bank_videos_per_step: int = 16
+    n_online: int = 2
     clips_per_step: int = 48
     lr: float = 1e-3
     weight_decay: float = 1e-4
@@ -53,8 +56,8 @@ def seed_everything(seed: int) -> np.random.Generator:
 
 # Constructor configs, saved beside every exported artifact.
 ENCODER_CONFIG = dict(channels=[24, 32, 64, 128], feature_dim=256, clip_frames=8, frame_size=112, stem_patch=8)
-TQN_CONFIG = dict(head_sizes=HEAD_SIZES, feature_dim=256, d_model=128, num_layers=2, num_heads=4, ffn_dim=256,
-                  dropout=0.1, feature_dropout=0.3)
+TQN_CONFIG = dict(head_sizes=HEAD_SIZES, feature_dim=256, d_model=128, num_layers=2, num_heads=8, ffn_dim=256,
+                  dropout=0.1, feature_dropout=0.1, memory_mlp=True)
 
 
 def build_encoder() -> S3D:
@@ -186,7 +189,7 @@ def train_with_bank(name: str, encoder: S3D, head: nn.Module, ds: ClipDataset, b
     opt, sched = _optimizer([encoder, head], budget, budget.bank_steps)
     progress = _Progress(name, budget.bank_steps)
     for step in range(budget.bank_steps):
-        videos = rng.choice(len(ds.records), budget.videos_per_step, replace=False)
+        videos = rng.choice(len(ds.records), budget.bank_videos_per_step, replace=False)
         spans, clips = [], []
         for v in videos:
             n = int(ds.num_clips[v])

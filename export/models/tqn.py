@@ -45,13 +45,21 @@ class TQNDecoder(nn.Module):
         ffn_dim: int = 512,
         dropout: float = 0.1,
         feature_dropout: float = 0.3,
+        memory_mlp: bool = True,
     ):
         super().__init__()
         if not head_sizes:
             raise ValueError("head_sizes must name at least one query")
         self.query_names = tuple(head_sizes)
+        self.feature_dim = feature_dim
         self.queries = nn.Parameter(torch.randn(len(head_sizes), d_model) * 0.02)
-        self.input_proj = nn.Linear(feature_dim, d_model) if feature_dim != d_model else nn.Identity()
+        # A non-linear memory lets a query's keys pick out an event whatever its attribute: with a
+        # linear projection, clips of different take-offs can sit on both sides of idle clips and
+        # no single key direction finds them all.
+        self.input_proj = (
+            nn.Sequential(nn.Linear(feature_dim, d_model), nn.ReLU(inplace=True), nn.Linear(d_model, d_model))
+            if memory_mlp else nn.Linear(feature_dim, d_model)
+        )
         self.feature_dropout = nn.Dropout(feature_dropout)
         self.layers = nn.ModuleList(QueryDecoderLayer(d_model, num_heads, ffn_dim, dropout)
                                     for _ in range(num_layers))
