@@ -9,10 +9,15 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import av  # noqa: F401  (before decord: see below)
 import decord
 import numpy as np
 
 from export import vocab
+
+# decord bundles its own FFmpeg libraries; whichever FFmpeg a process loads first serves both
+# packages, and decord's lacks options PyAV's encoders need (libvpx-vp9). Loading PyAV first
+# keeps both working.
 
 CLIP_FRAMES = 8
 FRAME_SIZE = 112

@@ -10,6 +10,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+# PyAV before decord in every test process: the first FFmpeg loaded serves both packages, and
+# decord's bundled one lacks what PyAV's encoders need (see export/data.py).
+import av  # noqa: F401
 import grpc
 import pytest
 import pytest_asyncio
