@@ -167,7 +167,7 @@ class VideoDecoder:
         recycle_rss_mb: float = 220.0,
         segment_frames: int = 240,
         ahead_bytes: int = _AHEAD_BYTES,
-        decord_max_bytes: int = 48 * 2**20,
+        decord_max_bytes: int = 96 * 2**20,
     ) -> None:
         self.settings = settings
         self.max_frame_pixels = max_frame_pixels
