@@ -16,6 +16,7 @@ abandons the current job at the next check and drops open files.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from multiprocessing.connection import Connection
 from typing import Any
@@ -313,11 +314,12 @@ def _emit_decord(vr: Any, out: _Chunker, pending: list[np.ndarray], index: int) 
     pending.clear()
 
 
-def _decode_pyav(spec: dict, out: _Chunker, after_s: float | None, stop_s: float | None) -> None:
-    """Decode frames with after_s < start < stop_s with PyAV, tolerating a truncated tail."""
+@contextlib.contextmanager
+def _open_pyav(spec: dict):
+    """The input's first video stream, set up for threaded decoding: yields
+    (container, stream, time base, start pts, default frame duration in seconds)."""
     import av
 
-    size = spec["frame_size"]
     try:
         container = av.open(spec["path"])
     except Exception as exc:
@@ -328,10 +330,14 @@ def _decode_pyav(spec: dict, out: _Chunker, after_s: float | None, stop_s: float
         s = container.streams.video[0]
         s.thread_type = "AUTO"
         s.thread_count = max(1, spec["threads"])
-        tb = s.time_base
-        origin = s.start_time or 0
         rate = s.average_rate or s.guessed_rate
-        default_dur = float(1 / rate) if rate else 1 / 30
+        yield container, s, s.time_base, s.start_time or 0, float(1 / rate) if rate else 1 / 30
+
+
+def _decode_pyav(spec: dict, out: _Chunker, after_s: float | None, stop_s: float | None) -> None:
+    """Decode frames with after_s < start < stop_s with PyAV, tolerating a truncated tail."""
+    size = spec["frame_size"]
+    with _open_pyav(spec) as (container, s, tb, origin, default_dur):
         if after_s is not None and after_s > 1.0:
             try:
                 container.seek(int((after_s - 1.0) / tb) + origin, stream=s, backward=True)
@@ -370,23 +376,8 @@ def _decode_pyav(spec: dict, out: _Chunker, after_s: float | None, stop_s: float
 def _decode_pyav_segment(spec: dict, out: _Chunker, start_pts: int | None, stop_pts: int | None) -> None:
     """Frames from the first keyframe at or after start_pts to the first keyframe at or after
     stop_pts (exclusive), by stream pts. Tolerates a truncated tail (keeps the readable prefix)."""
-    import av
-
-    try:
-        container = av.open(spec["path"])
-    except Exception as exc:
-        raise _Failed("unsupported", "cannot decode the input: pyav " + _reason(exc)) from None
-    with container:
-        if not container.streams.video:
-            raise _Failed("unsupported", "the input has no video stream")
-        s = container.streams.video[0]
-        s.thread_type = "AUTO"
-        s.thread_count = max(1, spec["threads"])
-        tb = s.time_base
-        origin = s.start_time or 0
-        rate = s.average_rate or s.guessed_rate
-        default_dur = float(1 / rate) if rate else 1 / 30
-        size = spec["frame_size"]
+    size = spec["frame_size"]
+    with _open_pyav(spec) as (container, s, tb, origin, default_dur):
         if start_pts is not None:
             _seek_before(container, s, start_pts)
         low = None if start_pts is None else -1  # pts of the keyframe this segment starts at
