@@ -1,0 +1,68 @@
+"""The training harness's pieces that decide what a model learns from."""
+
+import numpy as np
+import torch
+
+from export import train, vocab
+from export.data import ClipDataset
+from export.models.baselines import AveragePooling, ShortTerm
+
+
+def _tiny_dataset(frames_per_video=(20, 9, 33), seed=0) -> ClipDataset:
+    rng = np.random.default_rng(seed)
+    num_frames = np.asarray(frames_per_video)
+    num_clips = -(-num_frames // 8)
+    records = [dict(zip(vocab.QUERIES, c), **{"class": vocab.class_name(dict(zip(vocab.QUERIES, c)))})
+               for c in (vocab.CLASSES[i] for i in rng.integers(0, len(vocab.CLASSES), len(num_frames)))]
+    heads = vocab.head_attributes()
+    return ClipDataset(
+        records=records,
+        frames=rng.integers(0, 256, (int(num_frames.sum()), 112, 112, 3), dtype=np.uint8),
+        frame_offset=np.concatenate([[0], np.cumsum(num_frames)[:-1]]),
+        num_frames=num_frames,
+        clip_offset=np.concatenate([[0], np.cumsum(num_clips)[:-1]]),
+        num_clips=num_clips,
+        targets={q: np.asarray([heads[q].index(r[q]) for r in records]) for q in heads},
+    )
+
+
+def test_last_clip_is_padded_with_the_final_frame():
+    ds = _tiny_dataset()
+    clips = ds.clips(1, 0, 2)  # 9 frames: one full clip, one with a single real frame
+    last = ds.frames[ds.frame_offset[1] + 8]
+    assert clips.shape == (2, 8, 112, 112, 3)
+    assert all(np.array_equal(frame, last) for frame in clips[1])
+
+
+def test_average_pooling_ignores_padded_clips():
+    torch.manual_seed(0)
+    head = AveragePooling(head_sizes=train.HEAD_SIZES).eval()
+    feats = torch.randn(1, 4, 256)
+    padded = torch.cat([feats, 100 * torch.randn(1, 3, 256)], dim=1)
+    mask = torch.tensor([[True] * 4 + [False] * 3])
+    for a, b in zip(head(feats, torch.ones(1, 4, dtype=torch.bool)), head(padded, mask)):
+        torch.testing.assert_close(a, b)
+
+
+def test_short_term_averages_clip_probabilities_over_valid_clips():
+    torch.manual_seed(0)
+    head = ShortTerm(head_sizes=train.HEAD_SIZES).eval()
+    feats = torch.randn(1, 5, 256)
+    mask = torch.tensor([[True, True, True, False, False]])
+    per_clip = head.heads(feats[0, :3])
+    for got, logits in zip(head(feats, mask), per_clip):
+        torch.testing.assert_close(got.exp()[0], logits.softmax(-1).mean(0), atol=1e-6, rtol=1e-5)
+
+
+def test_feature_bank_recomputes_and_writes_back_only_online_clips():
+    ds = _tiny_dataset()
+    encoder, tqn = train.build_encoder(), train.build_tqn()
+    bank = train.build_bank(encoder, ds)
+    before = bank.clone()
+    budget = train.Budget(bank_steps=1, bank_videos_per_step=3, n_online=1)
+    train.train_with_bank("test", encoder, tqn, ds, bank, budget, np.random.default_rng(0))
+    changed = (bank != before).any(dim=1)
+    # One online clip per video was recomputed in train mode and written back; the rest stayed.
+    assert int(changed.sum()) == len(ds.records)
+    per_video = [int(changed[o : o + n].sum()) for o, n in zip(ds.clip_offset, ds.num_clips)]
+    assert per_video == [1, 1, 1]
