@@ -334,6 +334,33 @@ def _open_pyav(spec: dict):
         yield container, s, s.time_base, s.start_time or 0, float(1 / rate) if rate else 1 / 30
 
 
+def _readable_packets(container: Any, stream: Any):
+    """The stream's packets up to the end, or up to where a truncated or corrupt container stops
+    being readable (so its readable prefix is kept)."""
+    packets = container.demux(stream)
+    while True:
+        try:
+            packet = next(packets)
+        except Exception:  # StopIteration at the end, a demuxer error past a truncation
+            return
+        yield packet
+
+
+def _decoded(packets):
+    """Frames of the packets; a few undecodable packets are skipped, too many in a row end it."""
+    bad = 0
+    for packet in packets:
+        try:
+            frames = packet.decode()
+        except Exception:
+            bad += 1
+            if bad > _MAX_BAD_PACKETS:
+                return
+            continue
+        bad = 0
+        yield from frames
+
+
 def _decode_pyav(spec: dict, out: _Chunker, after_s: float | None, stop_s: float | None) -> None:
     """Decode frames with after_s < start < stop_s with PyAV, tolerating a truncated tail."""
     size = spec["frame_size"]
@@ -343,34 +370,16 @@ def _decode_pyav(spec: dict, out: _Chunker, after_s: float | None, stop_s: float
                 container.seek(int((after_s - 1.0) / tb) + origin, stream=s, backward=True)
             except Exception:
                 container.seek(0)
-        bad = 0
-        stream_iter = container.demux(s)
-        while True:
-            try:
-                packet = next(stream_iter)
-            except StopIteration:
-                break
-            except Exception:  # truncated or corrupt container: keep the readable prefix
-                break
-            try:
-                frames = packet.decode()
-                bad = 0
-            except Exception:
-                bad += 1
-                if bad > _MAX_BAD_PACKETS:
-                    break
+        for frame in _decoded(_readable_packets(container, s)):
+            if frame.pts is None:
                 continue
-            for frame in frames:
-                if frame.pts is None:
-                    continue
-                start = float((frame.pts - origin) * tb)
-                if after_s is not None and start <= after_s + 1e-6:
-                    continue
-                if stop_s is not None and start >= stop_s - 1e-6:
-                    return
-                dur = float(frame.duration * tb) if frame.duration else default_dur
-                rgb = frame.to_ndarray(width=size, height=size, format="rgb24")
-                out.add(rgb, start, start + dur)
+            start = float((frame.pts - origin) * tb)
+            if after_s is not None and start <= after_s + 1e-6:
+                continue
+            if stop_s is not None and start >= stop_s - 1e-6:
+                return
+            dur = float(frame.duration * tb) if frame.duration else default_dur
+            out.add(frame.to_ndarray(width=size, height=size, format="rgb24"), start, start + dur)
 
 
 def _decode_pyav_segment(spec: dict, out: _Chunker, start_pts: int | None, stop_pts: int | None) -> None:
@@ -382,38 +391,26 @@ def _decode_pyav_segment(spec: dict, out: _Chunker, start_pts: int | None, stop_
             _seek_before(container, s, start_pts)
         low = None if start_pts is None else -1  # pts of the keyframe this segment starts at
         high = None  # pts of the keyframe the next segment starts at, once seen
-        bad = 0
-        packets = container.demux(s)
-        while True:
-            try:
-                packet = next(packets)
-            except StopIteration:
-                break
-            except Exception:  # truncated or corrupt container: keep the readable prefix
-                break
-            if packet.pts is not None and packet.is_keyframe:
-                if low == -1 and packet.pts >= start_pts:
-                    low = packet.pts
-                if stop_pts is not None and high is None and packet.pts >= stop_pts and low != -1:
-                    high = packet.pts
-            if low == -1:
-                continue  # before this segment's first keyframe: skip without decoding
-            try:
-                frames = packet.decode()
-                bad = 0
-            except Exception:
-                bad += 1
-                if bad > _MAX_BAD_PACKETS:
-                    break
-                continue
-            for frame in frames:
-                if frame.pts is None or (low is not None and frame.pts < low):
-                    continue  # leading pictures belong to the previous segment
-                if high is not None and frame.pts >= high:
-                    return  # frames are output in pts order: the rest is the next segment's
-                start = float((frame.pts - origin) * tb)
-                dur = float(frame.duration * tb) if frame.duration else default_dur
-                out.add(frame.to_ndarray(width=size, height=size, format="rgb24"), start, start + dur)
+
+        def segment_packets():
+            nonlocal low, high
+            for packet in _readable_packets(container, s):
+                if packet.pts is not None and packet.is_keyframe:
+                    if low == -1 and packet.pts >= start_pts:
+                        low = packet.pts
+                    if stop_pts is not None and high is None and packet.pts >= stop_pts and low != -1:
+                        high = packet.pts
+                if low != -1:  # before this segment's first keyframe: skip without decoding
+                    yield packet
+
+        for frame in _decoded(segment_packets()):
+            if frame.pts is None or (low is not None and frame.pts < low):
+                continue  # leading pictures belong to the previous segment
+            if high is not None and frame.pts >= high:
+                return  # frames are output in pts order: the rest is the next segment's
+            start = float((frame.pts - origin) * tb)
+            dur = float(frame.duration * tb) if frame.duration else default_dur
+            out.add(frame.to_ndarray(width=size, height=size, format="rgb24"), start, start + dur)
 
 
 def _seek_before(container: Any, stream: Any, pts: int) -> None:
