@@ -114,7 +114,8 @@ class _Chunker:
 
     def add(self, frame: np.ndarray, start: float, end: float) -> None:
         if self.max_duration_s and start > self.max_duration_s:
-            raise _Failed("too_large", f"the video is longer than the limit of {self.max_duration_s:g} s")
+            raise _Failed("too_large", f"the video is longer than the limit of {self.max_duration_s:g} s "
+                          "(limits.max_duration_s)")
         n = len(self.starts)
         self.buf[n] = frame
         self.starts.append(start)
@@ -212,11 +213,13 @@ def _check_limits(meta: dict, spec: dict) -> None:
     w, h = meta.get("width") or 0, meta.get("height") or 0
     limit = spec.get("max_frame_pixels")
     if limit and w * h > limit:
-        raise _Failed("too_large", f"resolution {w}x{h} is above the limit of {limit} pixels per frame")
+        raise _Failed("too_large", f"resolution {w}x{h} is above the limit of {limit} pixels per frame "
+                                    "(limits.max_frame_pixels)")
     limit_s = spec.get("max_duration_s")
     if limit_s and (meta.get("duration_s") or 0) > limit_s:
         raise _Failed(
-            "too_large", f"duration {meta['duration_s']:.1f} s is above the limit of {limit_s:g} s"
+            "too_large", f"duration {meta['duration_s']:.1f} s is above the limit of {limit_s:g} s "
+            "(limits.max_duration_s)"
         )
 
 

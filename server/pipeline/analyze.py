@@ -23,7 +23,7 @@ from typing import Protocol
 
 import numpy as np
 
-from server.errors import InferenceFailed, InvalidInput, TooLarge, UnsupportedMedia
+from server.errors import InferenceFailed, InvalidInput, UnsupportedMedia
 from server.pipeline import assemble
 from server.settings import LimitsSettings
 from server.triton import QUERIES, TritonClient
@@ -83,20 +83,6 @@ class Analyzer:
         self.encode_inflight = encode_inflight
         self.observer = observer
 
-    def _check_limits(self, info) -> None:
-        duration = float(getattr(info, "duration_s", 0.0) or 0.0)
-        if duration > self.limits.max_duration_s:
-            raise TooLarge(
-                f"video is longer than the limit of {self.limits.max_duration_s:g} s "
-                f"(limits.max_duration_s)"
-            )
-        pixels = int(getattr(info, "width", 0) or 0) * int(getattr(info, "height", 0) or 0)
-        if pixels > self.limits.max_frame_pixels:
-            raise TooLarge(
-                f"frames of {info.width}x{info.height} exceed the limit of "
-                f"{self.limits.max_frame_pixels} pixels (limits.max_frame_pixels)"
-            )
-
     async def analyze(self, job: AnalyzeJob) -> assemble.AnalysisResult:
         started = time.perf_counter()
         clock = _Clock()
@@ -120,7 +106,6 @@ class Analyzer:
                     if batch is None:
                         break
                     info = batch.info
-                    self._check_limits(info)
                     if len(batch.clips) == 0:
                         continue
                     pending.append(asyncio.create_task(
@@ -153,12 +138,12 @@ class Analyzer:
             logits, attention = await self.triton.decode_queries(clip_features)
 
         video = assemble.VideoSummary(
-            duration_s=float(getattr(info, "duration_s", 0.0)),
-            fps=float(getattr(info, "fps", 0.0)),
+            duration_s=info.duration_s,
+            fps=info.fps,
             clips=len(clip_features),
-            frames=int(getattr(info, "frames", 0)),
-            width=int(getattr(info, "width", 0)),
-            height=int(getattr(info, "height", 0)),
+            frames=info.frames,
+            width=info.width,
+            height=info.height,
         )
         clock.spent["total"] = time.perf_counter() - started
         if self.observer is not None:
