@@ -17,6 +17,7 @@ abandons the current job at the next check and drops open files.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from multiprocessing.connection import Connection
 from typing import Any
@@ -25,6 +26,8 @@ import numpy as np
 
 _CHECK_EVERY = 8  # frames between checks for a "release"
 _MAX_BAD_PACKETS = 32  # consecutive undecodable packets before PyAV gives up
+# Shorter segments cost more in opening and seeking (~10 frames' worth) than splitting saves.
+_MIN_SEGMENT_FRAMES = 60
 
 
 class _Released(Exception):
@@ -228,24 +231,40 @@ def _segment(first=None, stop=None, start_s=0.0, stop_s=None, start_pts=None, st
     return dict(first=first, stop=stop, start_s=start_s, stop_s=stop_s, start_pts=start_pts, stop_pts=stop_pts)
 
 
-def _plan(dec: _Decoder, segment_frames: int) -> list[dict]:
-    """Segments of about `segment_frames` frames, each starting at a keyframe."""
-    if not segment_frames:
+def _segment_length(frames: float, segment_frames: int, workers: int) -> int:
+    """Frames per segment: at most `segment_frames`, and a short video is still shared by all
+    workers (a 10 s video is one 300-frame segment otherwise, decoded on one core)."""
+    return min(segment_frames, max(_MIN_SEGMENT_FRAMES, math.ceil(frames / max(1, workers))))
+
+
+def _keyframe_cuts(frames: int, keys: list[int], length: int) -> list[int]:
+    """First frames of near-equal segments of about `length` frames, each at a keyframe (0 first)."""
+    parts = round(frames / length)
+    cuts = [0]
+    for i in range(1, parts):
+        ideal = frames * i / parts
+        key = min(keys, key=lambda k: abs(k - ideal))
+        if key - cuts[-1] >= _MIN_SEGMENT_FRAMES and frames - key >= _MIN_SEGMENT_FRAMES:
+            cuts.append(key)
+    return cuts
+
+
+def _plan(dec: _Decoder, segment_frames: int, workers: int) -> list[dict]:
+    """Segments of about `segment_frames` frames (fewer for short videos), each at a keyframe."""
+    if not segment_frames or workers < 2:
         return [_segment()]
     if dec.reader is not None:
-        return _plan_decord(dec.reader, segment_frames)
-    return _plan_pyav(dec.meta, segment_frames)
+        return _plan_decord(dec.reader, segment_frames, workers)
+    return _plan_pyav(dec.meta, segment_frames, workers)
 
 
-def _plan_decord(reader: Any, segment_frames: int) -> list[dict]:
+def _plan_decord(reader: Any, segment_frames: int, workers: int) -> list[dict]:
     try:
         keys = sorted(int(k) for k in reader.get_key_indices())
     except Exception:
         return [_segment()]
-    bounds = [0]
-    for k in keys:
-        if k - bounds[-1] >= segment_frames:
-            bounds.append(k)
+    frames = len(reader)
+    bounds = _keyframe_cuts(frames, keys, _segment_length(frames, segment_frames, workers))
     if len(bounds) < 2:
         return [_segment()]
     times = reader.get_frame_timestamp(bounds)[:, 0].astype(float).tolist()
@@ -256,14 +275,14 @@ def _plan_decord(reader: Any, segment_frames: int) -> list[dict]:
     return segs
 
 
-def _plan_pyav(meta: dict, segment_frames: int) -> list[dict]:
-    """Cut points every `segment_frames / fps` seconds. Each worker snaps them to the first
-    keyframe at or after the cut, in the same way, so segments meet exactly without an index."""
+def _plan_pyav(meta: dict, segment_frames: int, workers: int) -> list[dict]:
+    """Cut points every `length / fps` seconds. Each worker snaps them to the first keyframe at or
+    after the cut, in the same way, so segments meet exactly without an index."""
     fps, duration, tb = meta.get("fps"), meta.get("duration_s"), meta.get("time_base")
     if not (fps and duration and tb):
         return [_segment()]
-    step = segment_frames / fps
-    n = int(duration // step)
+    step = _segment_length(duration * fps, segment_frames, workers) / fps
+    n = round(duration / step)
     if n < 2:
         return [_segment()]
     origin = meta.get("origin_pts", 0)
@@ -434,7 +453,7 @@ def _run_job(ch: _Channel, dec: _Decoder, spec: dict) -> None:
     if spec["segment"] is None:
         dec.open(spec)
         _check_limits(dec.meta, spec)
-        plan = _plan(dec, spec["segment_frames"])
+        plan = _plan(dec, spec["segment_frames"], spec["workers"])
         ch.conn.send(("info", dict(dec.meta, segments=plan)))
         index, seg = 0, plan[0]
     else:

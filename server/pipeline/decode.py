@@ -7,10 +7,11 @@ One `VideoDecoder` per gateway owns a pool of `settings.workers` processes. A re
 Flow control and memory: each worker may have at most `ahead_bytes` of chunks sent but not yet
 consumed, so a request holds a few chunks per worker whatever the video's length.
 
-Speed: a long video is split by keyframes into segments of about `segment_frames` frames; while
-the request's first worker decodes one segment, idle workers decode the next ones (measured on
-2 cores: 1.8x the frame rate of one process, against 1.25x for decord's `num_threads=2`).
-Segments are consumed in order, so the frame stream is the same as a sequential decode.
+Speed: a video is split at keyframes into near-equal segments of at most `segment_frames` frames
+(a short one into one segment per worker); while the request's first worker decodes one segment,
+idle workers decode the next ones (measured on 2 cores: 1.8x the frame rate of one process,
+against 1.25x for decord's `num_threads=2`). Segments are consumed in order, so the frame stream
+is the same as a sequential decode.
 
 Decoders: decord for inputs up to `decord_max_bytes`, PyAV above (decord's demuxer reads ahead
 without bound: a worker's RSS grew to the file's size, 2.2 GB for a 10-minute 720p file; PyAV
@@ -384,6 +385,7 @@ class _Run:
                 "max_frame_pixels": self.dec.max_frame_pixels,
                 "max_duration_s": self.dec.max_duration_s,
                 "segment_frames": min(self.dec.segment_frames, (self.credits - 1) * s.chunk_frames),
+                "workers": s.workers,
                 "decord_max_bytes": self.dec.decord_max_bytes,
                 "segment": None if seg is None else (seg.index, seg.bounds),
             },

@@ -18,6 +18,7 @@ import pytest_asyncio
 
 from export.synth import render_video
 from server.errors import Timeout, TooLarge, UnsupportedMedia
+from server.pipeline import _decode_worker as worker_impl
 from server.pipeline.decode import ClipBatch, VideoDecoder
 from server.settings import DecodeSettings
 
@@ -208,6 +209,28 @@ async def test_split_across_workers_matches_sequential_decode(decoder, media):
     assert len(a_clips) == 900 // CLIP + 1
     np.testing.assert_array_equal(a_spans, b_spans)
     np.testing.assert_array_equal(a_clips, b_clips)
+
+
+def test_a_short_video_is_shared_between_the_workers():
+    # 10 s at 30 fps with keyframes at 0, 116 and 208: two segments, cut at the keyframe nearest
+    # the middle, instead of one 300-frame segment on one core.
+    length = worker_impl._segment_length(300, 240, workers=2)
+    assert length == 150
+    assert worker_impl._keyframe_cuts(300, [0, 116, 208], length) == [0, 116]
+    # Too short to be worth splitting, or no keyframe to split at.
+    assert worker_impl._keyframe_cuts(100, [0, 50], worker_impl._segment_length(100, 240, 2)) == [0]
+    assert worker_impl._keyframe_cuts(300, [0], length) == [0]
+
+
+def test_long_videos_split_into_near_equal_keyframe_segments():
+    keys = list(range(0, 1800, 50))
+    cuts = worker_impl._keyframe_cuts(1800, keys, worker_impl._segment_length(1800, 240, workers=2))
+    sizes = np.diff([*cuts, 1800])
+    assert cuts[0] == 0 and set(cuts) <= set(keys)
+    assert len(cuts) == 8 and sizes.max() - sizes.min() <= 50
+    # Sparse keyframes: cuts never repeat and no segment is shorter than the minimum.
+    sparse = worker_impl._keyframe_cuts(1800, [0, 10, 1000, 1790], 240)
+    assert sparse == [0, 1000]
 
 
 async def test_parent_memory_stays_bounded(media):
