@@ -25,6 +25,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -112,7 +113,11 @@ def parse_load_errors(log: str) -> dict[str, str]:
 
 
 class TritonProcess:
-    """One tritonserver child process. `start()` then `wait_ready()`; `stop()` always."""
+    """One tritonserver child process. `start()` then `wait_ready()`; `stop()` always.
+
+    `start()` again after the process exited (or after `terminate()`) runs a new server on the
+    same ports, so clients' URLs stay valid across restarts.
+    """
 
     def __init__(self, settings: TritonSettings, *, log_path: Path | None = None):
         self.settings = settings
@@ -123,7 +128,11 @@ class TritonProcess:
         self._workdir: Path | None = None
         self._log_path = log_path
         self._log_file = None
+        self._log_start = 0  # where this run's output begins in a log shared by several runs
         self._process: subprocess.Popen | None = None
+        self._exit_code: int | None = None
+        # stop() may run in a worker thread while a failing check() stops the server in another.
+        self._lock = threading.RLock()
 
     @property
     def grpc_url(self) -> str:
@@ -139,16 +148,30 @@ class TritonProcess:
 
     @property
     def log_path(self) -> Path | None:
+        """The given log file, else one in the work dir (removed by `stop()`)."""
+        if self._log_path is None and self._workdir is not None:
+            return self._workdir / "tritonserver.log"
         return self._log_path
 
     @property
     def pid(self) -> int | None:
-        return self._process.pid if self._process else None
+        process = self._process
+        return process.pid if process else None
+
+    @property
+    def exit_code(self) -> int | None:
+        """How the last run ended; None while it runs (or before the first start)."""
+        process = self._process
+        return process.poll() if process is not None else self._exit_code
 
     def log_text(self) -> str:
-        if self._log_path is None or not self._log_path.exists():
+        """The current (or last) run's log output."""
+        path = self.log_path
+        if path is None or not path.exists():
             return ""
-        return self._log_path.read_text(errors="replace")
+        with open(path, "rb") as log:
+            log.seek(self._log_start)
+            return log.read().decode(errors="replace")
 
     def command(self, backends: Path, install: TritonInstall) -> list[str]:
         return [
@@ -181,25 +204,35 @@ class TritonProcess:
         return env
 
     def start(self) -> None:
-        """Spawn the server (returns at once). Call from a long-lived thread, e.g. the main one."""
-        if self._process is not None:
-            raise RuntimeError("Triton already started")
+        """Spawn the server (returns at once); again after it exited, on the same ports.
+
+        Call from a long-lived thread, e.g. the main one: the child is signalled when the thread
+        that spawned it ends.
+        """
+        with self._lock:
+            if self._process is not None and self._process.poll() is None:
+                raise RuntimeError("Triton already running")
+            self.terminate()  # the last run exited: collect its exit code, close its log
+            self._spawn()
+
+    def _spawn(self) -> None:
         if not self.model_repository.is_dir():
             raise TritonLaunchError(f"model repository {self.model_repository} does not exist")
         install = TritonInstall.discover()
-        self._workdir = Path(tempfile.mkdtemp(prefix="vqs-triton-"))
-        backends = self._workdir / "backends"
-        shutil.copytree(
-            install.python_backend, backends / "python", ignore=shutil.ignore_patterns("__pycache__")
-        )
-        shutil.copy2(install.stub, backends / "python" / install.stub.name)
-        if self._log_path is None:
-            self._log_path = self._workdir / "tritonserver.log"
-        self._log_file = open(self._log_path, "ab")  # noqa: SIM115 (closed in stop)
-        cmd = self.command(backends, install)
+        if self._workdir is None:
+            self._workdir = Path(tempfile.mkdtemp(prefix="vqs-triton-"))
+            python = self._workdir / "backends" / "python"
+            shutil.copytree(
+                install.python_backend, python, ignore=shutil.ignore_patterns("__pycache__")
+            )
+            shutil.copy2(install.stub, python / install.stub.name)
+        self._log_file = open(self.log_path, "ab")  # noqa: SIM115 (closed in terminate)
+        self._log_start = self._log_file.tell()
+        cmd = self.command(self._workdir / "backends", install)
         logger.info("starting Triton: grpc %s, http %s, metrics %s, repository %s, log %s",
                     self.grpc_url, self.http_url, self.metrics_url, self.model_repository,
-                    self._log_path)
+                    self.log_path)
+        self._exit_code = None
         self._process = subprocess.Popen(
             cmd,
             stdin=subprocess.DEVNULL,
@@ -227,9 +260,10 @@ class TritonProcess:
 
     def check(self) -> bool:
         """True when ready; False while loading; raises when the server died or a model failed."""
-        if self._process is None:
+        process = self._process
+        if process is None:
             raise RuntimeError("Triton not started")
-        code = self._process.poll()
+        code = process.poll()
         if code is not None:
             self._raise_failure(f"tritonserver exited with code {code} before becoming ready")
         try:
@@ -276,29 +310,42 @@ class TritonProcess:
         deadline = time.monotonic() + limit
         while not await asyncio.to_thread(self.check):
             if time.monotonic() > deadline:
-                self._raise_failure(f"not ready after {limit} s")
+                # In a thread: stopping a hung server may take its grace period.
+                await asyncio.to_thread(self._raise_failure, f"not ready after {limit} s")
             await asyncio.sleep(0.25)
         logger.info("Triton ready (pid %s)", self.pid)
 
+    def terminate(self, grace_s: float = 15.0) -> int | None:
+        """End the current run (SIGTERM, then SIGKILL after `grace_s`); returns its exit code.
+
+        Keeps the work dir for the next `start()`. Safe to call more than once.
+        """
+        with self._lock:
+            process, self._process = self._process, None
+            if process is not None:
+                if process.poll() is None:
+                    logger.info("stopping Triton (pid %s)", process.pid)
+                    process.send_signal(signal.SIGTERM)
+                    try:
+                        process.wait(timeout=grace_s)
+                    except subprocess.TimeoutExpired:
+                        logger.warning("Triton did not stop in %.0f s; killing it", grace_s)
+                        process.kill()
+                        process.wait()
+                self._exit_code = process.returncode
+            if self._log_file is not None:
+                self._log_file.close()
+                self._log_file = None
+            return self._exit_code
+
     def stop(self, grace_s: float = 15.0) -> None:
-        """SIGTERM, then SIGKILL after `grace_s`. Safe to call more than once."""
-        process, self._process = self._process, None
-        if process is not None and process.poll() is None:
-            logger.info("stopping Triton (pid %s)", process.pid)
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=grace_s)
-            except subprocess.TimeoutExpired:
-                logger.warning("Triton did not stop in %.0f s; killing it", grace_s)
-                process.kill()
-                process.wait()
-        if self._log_file is not None:
-            self._log_file.close()
-            self._log_file = None
-        if self._workdir is not None:
-            # A default log (inside the work dir) goes with it; pass `log_path` to keep the log.
-            shutil.rmtree(self._workdir, ignore_errors=True)
-            self._workdir = None
+        """`terminate()` and remove the work dir. Safe to call more than once."""
+        with self._lock:
+            self.terminate(grace_s)
+            if self._workdir is not None:
+                # A default log (inside the work dir) goes with it; pass `log_path` to keep the log.
+                shutil.rmtree(self._workdir, ignore_errors=True)
+                self._workdir = None
 
     def __enter__(self) -> TritonProcess:
         self.start()
