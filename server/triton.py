@@ -123,8 +123,22 @@ def _translate(exc: InferenceServerException, what: str) -> VqsError:
     kind = _STATUS_ERRORS.get(status)
     if kind is None and ("is not found" in message or "not ready" in message):
         kind = BackendUnavailable
+    if kind is BackendUnavailable:
+        # gRPC's own words ("Connection refused", "Stream removed") do not say what is down.
+        return kind(f"Triton is not ready (down, restarting or loading models); retry later. "
+                    f"{what}: {message}")
     kind = kind or InferenceFailed
     return kind(f"{what}: {message}")
+
+
+# tritonclient's message limits, plus a short reconnect backoff: once Triton is back (restarted),
+# the gateway reaches it within a second instead of after gRPC's growing backoff (up to 2 min).
+_CHANNEL_ARGS = [
+    ("grpc.max_send_message_length", grpcclient.MAX_GRPC_MESSAGE_SIZE),
+    ("grpc.max_receive_message_length", grpcclient.MAX_GRPC_MESSAGE_SIZE),
+    ("grpc.initial_reconnect_backoff_ms", 250),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+]
 
 
 class TritonClient:
@@ -133,7 +147,7 @@ class TritonClient:
     def __init__(self, url: str, *, timeout_s: float = 60.0):
         self.url = url
         self.timeout_s = timeout_s
-        self._client = grpcclient.InferenceServerClient(url=url)
+        self._client = grpcclient.InferenceServerClient(url=url, channel_args=_CHANNEL_ARGS)
         self._encoders: dict[str, EncoderSpec] | None = None
 
     async def close(self) -> None:
