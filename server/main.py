@@ -2,6 +2,9 @@
 
 `run()` is the blocking entry point (stops on SIGINT/SIGTERM, leaving no tritonserver behind);
 `serve()` is the same as a coroutine; `Gateway` is what both start, usable directly by tests.
+
+The gateway supervises a Triton it launched: when the process exits (or stays not ready), it is
+started again on the same ports with exponential backoff; health is NOT_SERVING meanwhile.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from grpc_reflection.v1alpha import reflection
 from server import logs
 from server.api.interceptor import GatewayInterceptor
 from server.api.servicer import VideoAnalyticsServicer
+from server.errors import BackendUnavailable
 from server.launcher import TritonLaunchError, TritonProcess
 from server.metrics import Metrics
 from server.pipeline.analyze import Analyzer
@@ -37,6 +41,17 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["VideoAnalytics"].full_name
 MESSAGE_HEADROOM_BYTES = 1 << 20
 _MAX_GRPC_MESSAGE = 2**31 - 1
 HEALTH_POLL_S = 2.0
+RESTART_BACKOFF_S = 1.0
+RESTART_BACKOFF_MAX_S = 30.0
+
+
+def restart_delay(
+    attempt: int, first_s: float = RESTART_BACKOFF_S, max_s: float = RESTART_BACKOFF_MAX_S
+) -> float:
+    """Seconds to wait before restart `attempt` (0 = the first) of a run: 1, 2, 4, ... 30."""
+    if attempt < 0:
+        raise ValueError("attempt must be >= 0")
+    return min(first_s * 2.0 ** min(attempt, 32), max_s)  # capped exponent: no float overflow
 
 
 def _default_decoder(settings: Settings):
@@ -71,12 +86,14 @@ class Gateway:
         self.port: int | None = None
         self.health = health.aio.HealthServicer()
         self._monitor: asyncio.Task | None = None
+        self._unavailable: str | None = "Triton is starting"  # why requests are refused now
 
     @property
     def address(self) -> str:
         return f"{self.settings.host}:{self.port}"
 
-    async def _set_health(self, serving: bool) -> None:
+    async def _set_health(self, serving: bool, reason: str = "Triton is not ready") -> None:
+        self._unavailable = None if serving else reason
         status = (
             health_pb2.HealthCheckResponse.SERVING
             if serving
@@ -114,13 +131,16 @@ class Gateway:
             ],
         )
         pb_grpc.add_VideoAnalyticsServicer_to_server(
-            VideoAnalyticsServicer(s, analyzer, self.triton, queries), self.server
+            VideoAnalyticsServicer(
+                s, analyzer, self.triton, queries, unavailable=lambda: self._unavailable
+            ),
+            self.server,
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
         )
-        await self._set_health(False)
+        await self._set_health(False, "Triton is starting")
         self.port = self.server.add_insecure_port(f"{s.host}:{s.grpc_port}")
         await self.server.start()
         logger.info("gateway listening on %s (health NOT_SERVING until Triton is ready)", self.address)
@@ -137,14 +157,65 @@ class Gateway:
         )
 
     async def _watch_triton(self) -> None:
-        serving = True
+        """Health follows Triton's readiness. A Triton launched here that exited, or stayed not
+        ready for longer than its start-up timeout, is started again (see `_restart_triton`)."""
+        loop = asyncio.get_running_loop()
+        serving, since = True, loop.time()
+        attempt = 0  # restarts in the current run of failures
         while True:
             await asyncio.sleep(HEALTH_POLL_S)
             ready = await self.triton.is_ready()
             if ready != serving:
                 logger.warning("Triton is %s", "ready again" if ready else "NOT ready")
                 await self._set_health(ready)
-                serving = ready
+                serving, since = ready, loop.time()
+            if ready:
+                if loop.time() - since > RESTART_BACKOFF_MAX_S:
+                    attempt = 0  # it stayed up: a later crash is a new run, not part of a loop
+                continue
+            process = self.triton_process  # None: Triton given by URL, not ours to restart
+            if process is None:
+                continue
+            exited = process.exit_code is not None
+            hung = not exited and loop.time() - since > self.settings.triton.startup_timeout_s
+            if hung:
+                logger.warning("Triton (pid %s) has not been ready for %.0f s; restarting it",
+                               process.pid, loop.time() - since)
+            if exited or hung:
+                attempt = await self._restart_triton(attempt)
+                await self._set_health(True)
+                serving, since = True, loop.time()
+
+    async def _restart_triton(self, attempt: int) -> int:
+        """Start our Triton again, on the same ports, until it is ready; returns the attempt count.
+
+        Waits `restart_delay(attempt)` before each start, so a crash-looping Triton does not spin.
+        A start that fails (e.g. a model that does not load) is logged with the model's error and
+        retried.
+        """
+        process = self.triton_process
+        start_failed = False
+        while True:
+            # Ends what is left of the last run (a hung server; a no-op when it exited).
+            code = await asyncio.to_thread(process.terminate)
+            delay = restart_delay(attempt)
+            attempt += 1
+            cause = "its last start failed" if start_failed else f"tritonserver exited with code {code}"
+            reason = f"Triton is restarting ({cause})"
+            await self._set_health(False, reason)
+            logger.warning("%s; starting it again in %.0f s (attempt %d)", reason, delay, attempt)
+            await asyncio.sleep(delay)
+            self.metrics.triton_restarts.inc()
+            try:
+                process.start()  # in the event loop's (main) thread: the child dies with it
+                await process.wait_ready_async()
+                await self.triton.wait_ready(self.settings.triton.startup_timeout_s)
+            except (TritonLaunchError, BackendUnavailable, OSError) as exc:
+                logger.error("Triton restart failed: %s", exc)
+                start_failed = True
+                continue
+            logger.warning("Triton restarted (pid %s) after %d attempt(s)", process.pid, attempt)
+            return attempt
 
     async def stop(self, grace_s: float = 5.0) -> None:
         if self._monitor is not None:

@@ -35,6 +35,10 @@ class Metrics:
             "vqs_errors", "RPCs that ended in an error, by gRPC status.", ["code"],
             registry=self.registry,
         )
+        self.triton_restarts = Counter(
+            "vqs_triton_restarts", "Times the gateway started the Triton it launched again.",
+            registry=self.registry,
+        )
         self._server = None
 
     def serve(self, host: str, port: int) -> int:

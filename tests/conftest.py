@@ -40,6 +40,20 @@ def pytest_runtest_makereport(item, call):
     return report
 
 
+@pytest.fixture
+def show_log_on_failure():
+    """`show_log_on_failure(name, path)`: attach that log's tail to this test's report if it fails."""
+    added: list[str] = []
+
+    def show(name: str, path: Path) -> None:
+        _session_logs[name] = path
+        added.append(name)
+
+    yield show
+    for name in added:
+        _session_logs.pop(name, None)
+
+
 @pytest.fixture(scope="session")
 def model_repository() -> Path:
     return Path(Settings().triton.model_repository)

@@ -5,14 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import grpc
 
 from server.api import mapping
 from server.api.sources import resolve_uri
-from server.errors import InvalidInput, Overloaded, Timeout, TooLarge
+from server.errors import BackendUnavailable, InvalidInput, Overloaded, Timeout, TooLarge
 from server.logs import current_request, request_id
 from server.pipeline.analyze import Analyzer, AnalyzeJob, validate_encoder_name
 from server.pipeline.assemble import QuerySpec
@@ -52,12 +52,22 @@ class VideoAnalyticsServicer(pb_grpc.VideoAnalyticsServicer):
         analyzer: Analyzer,
         triton: TritonClient,
         queries: Sequence[QuerySpec],
+        *,
+        unavailable: Callable[[], str | None] = lambda: None,
     ):
+        """`unavailable()` says why Triton cannot serve right now (None when it can)."""
         self.settings = settings
         self.analyzer = analyzer
         self.triton = triton
         self.queries = list(queries)
         self.slots = Slots(settings.limits.max_concurrent_requests)
+        self.unavailable = unavailable
+
+    def _require_backend(self) -> None:
+        # Refuse at once rather than decode a video Triton cannot encode.
+        reason = self.unavailable()
+        if reason:
+            raise BackendUnavailable(f"{reason}; retry later")
 
     def _source(self, request: pb.AnalyzeRequest) -> bytes | Path:
         limit = self.settings.limits.max_upload_bytes
@@ -76,6 +86,7 @@ class VideoAnalyticsServicer(pb_grpc.VideoAnalyticsServicer):
         raise InvalidInput("set either `video` (the file's bytes) or `uri` (a server path)")
 
     async def Analyze(self, request: pb.AnalyzeRequest, context: grpc.aio.ServicerContext):
+        self._require_backend()
         encoder = validate_encoder_name(request.encoder, self.settings.default_encoder)
         await self.triton.encoder_spec(encoder)  # unknown names never become metric labels
         ctx = current_request.get()
@@ -101,6 +112,7 @@ class VideoAnalyticsServicer(pb_grpc.VideoAnalyticsServicer):
         return mapping.analyze_response(result, request_id())
 
     async def DescribeModels(self, request, context: grpc.aio.ServicerContext):
+        self._require_backend()
         encoders = await self.triton.encoders(refresh=True)
         default = encoders.get(self.settings.default_encoder)
         return mapping.describe_response(

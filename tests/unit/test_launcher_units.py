@@ -7,6 +7,7 @@ import pytest
 from server.api.servicer import Slots
 from server.errors import Overloaded
 from server.launcher import TritonInstall, TritonProcess, parse_load_errors
+from server.main import restart_delay
 from server.settings import TritonSettings
 
 
@@ -51,3 +52,11 @@ def test_slots_refuse_beyond_the_limit():
     with slots.claim():
         assert slots.used == 1
     assert slots.used == 0
+
+
+def test_restart_delay_doubles_from_one_second_up_to_thirty():
+    assert [restart_delay(n) for n in range(7)] == [1, 2, 4, 8, 16, 30, 30]
+    assert restart_delay(10_000) == 30  # a Triton crash-looping for days: no overflow
+    assert restart_delay(3, first_s=0.5, max_s=60) == 4
+    with pytest.raises(ValueError):
+        restart_delay(-1)
