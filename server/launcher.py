@@ -333,6 +333,11 @@ class TritonProcess:
                         process.kill()
                         process.wait()
                 self._exit_code = process.returncode
+                # The model stubs are in the server's process group (start_new_session). They
+                # outlive a server that was killed or stopped while loading models (they stayed
+                # for good, polling), so end whatever is left of the group.
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(process.pid, signal.SIGKILL)
             if self._log_file is not None:
                 self._log_file.close()
                 self._log_file = None

@@ -99,6 +99,19 @@ def is_tritonserver(pid: int) -> bool:
         return False
 
 
+def process_group(pgid: int) -> list[int]:
+    """Live processes in the process group `pgid` (a tritonserver's: itself and its model stubs)."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            members.append(int(stat.parent.name))
+    return members
+
+
 async def check_health(channel) -> int:
     health = health_pb2_grpc.HealthStub(channel)
     return (await health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME))).status
@@ -127,6 +140,7 @@ async def test_killed_triton_is_restarted_on_the_same_ports(supervised, videos):
         watch.cancel()
 
         assert process.pid != first_pid and is_tritonserver(process.pid)
+        assert process_group(first_pid) == []  # the killed server's model stubs went with it
         assert process.grpc_url == url
         assert restarts(supervised) >= 1
         response = await stub.Analyze(pb.AnalyzeRequest(video=videos["normal"].read_bytes()), timeout=120)
@@ -180,4 +194,6 @@ async def test_stop_during_a_restart_leaves_no_tritonserver(supervised):
 
     assert not is_tritonserver(first_pid)
     assert not is_tritonserver(second_pid)
+    # Nor any of their model stubs (they outlive a server killed while it loads models).
+    assert process_group(first_pid) == process_group(second_pid) == []
     assert process.pid is None
