@@ -211,6 +211,21 @@ async def test_split_across_workers_matches_sequential_decode(decoder, media):
     np.testing.assert_array_equal(a_clips, b_clips)
 
 
+async def test_one_segment_decoded_with_threads_matches_one_thread(media):
+    # The 4 s video has a single keyframe: one segment, which the pool then decodes with
+    # frame threads; the frames and their times are those of a single-threaded decode.
+    one = VideoDecoder(DecodeSettings(workers=1, chunk_frames=16))
+    pool = VideoDecoder(DecodeSettings(workers=2, chunk_frames=16))
+    await asyncio.gather(one.start(), pool.start())
+    try:
+        a_clips, a_spans = _joined(await _collect(one, media["h264"]))
+        b_clips, b_spans = _joined(await _collect(pool, media["h264"]))
+    finally:
+        await asyncio.gather(one.close(), pool.close())
+    np.testing.assert_array_equal(a_spans, b_spans)
+    np.testing.assert_array_equal(a_clips, b_clips)
+
+
 def test_a_short_video_is_shared_between_the_workers():
     # 10 s at 30 fps with keyframes at 0, 116 and 208: two segments, cut at the keyframe nearest
     # the middle, instead of one 300-frame segment on one core.
