@@ -35,7 +35,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -160,6 +160,7 @@ class _Pipeline:
     wall: float = float("inf")  # best of the rounds
     cpu: float = 0.0  # CPU time of that run: this process plus the process trees of `pids()`
     result: object = None
+    walls: list[float] = field(default_factory=list)  # every round's
 
 
 def _measure(pipelines: list[_Pipeline], rounds: int = RUNS) -> None:
@@ -172,6 +173,7 @@ def _measure(pipelines: list[_Pipeline], rounds: int = RUNS) -> None:
             started = time.perf_counter()
             result = p.run()
             wall = time.perf_counter() - started
+            p.walls.append(wall)
             if wall < p.wall:
                 p.wall, p.result = wall, result
                 p.cpu = time.process_time() + _tree_cpu(roots) - cpu_before
@@ -349,12 +351,13 @@ def test_throughput_against_reference(
         f"(best of {RUNS} interleaved rounds; video-s per wall-s; load average {load:.1f} on "
         f"{os.cpu_count()} cores)",
         f"{'pipeline':<54} {'wall s':>7} {'video-s/s':>9} {'vs (a)':>7} {vs_resized:>7} "
-        f"{'cpu s':>6} {'cpu vs (a)':>10}",
+        f"{'cpu s':>6} {'cpu vs (a)':>10}  every round's wall s",
     ]
     for p in pipelines:
         lines.append(
             f"{p.name:<54} {p.wall:>7.2f} {duration / p.wall:>9.1f} {ref.wall / p.wall:>6.2f}x "
-            f"{resized.wall / p.wall:>6.2f}x {p.cpu:>6.1f} {ref.cpu / p.cpu if p.cpu else 0:>9.2f}x"
+            f"{resized.wall / p.wall:>6.2f}x {p.cpu:>6.1f} {ref.cpu / p.cpu if p.cpu else 0:>9.2f}x  "
+            + " ".join(f"{w:.2f}" for w in p.walls)
         )
     lines.append(f"peak RSS of the benchmark process (VmHWM; the reference's frames): {reference_hwm:.0f} MB")
     lines.append(f"gateway stage timings (ms): {dict(sorted(resp.timing_ms.items()))}")
