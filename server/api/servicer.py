@@ -73,14 +73,15 @@ class VideoAnalyticsServicer(pb_grpc.VideoAnalyticsServicer):
         limit = self.settings.limits.max_upload_bytes
         which = request.WhichOneof("source")
         if which == "video":
-            if not request.video:
+            video = request.video  # each read of a bytes field copies it (~50 ms per 87 MB)
+            if not video:
                 raise InvalidInput("the uploaded video is empty (0 bytes)")
-            if len(request.video) > limit:
+            if len(video) > limit:
                 raise TooLarge(
-                    f"upload is {len(request.video)} bytes; the limit is {limit} bytes "
+                    f"upload is {len(video)} bytes; the limit is {limit} bytes "
                     f"(limits.max_upload_bytes)"
                 )
-            return request.video
+            return video
         if which == "uri":
             return resolve_uri(request.uri, self.settings.security.allowed_root, max_bytes=limit)
         raise InvalidInput("set either `video` (the file's bytes) or `uri` (a server path)")
