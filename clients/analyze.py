@@ -12,6 +12,7 @@ import typer
 from rich.console import Console
 
 from clients import render
+from server.api.interceptor import REQUEST_ID_HEADER
 from server.proto import video_analytics_pb2 as pb
 from server.proto import video_analytics_pb2_grpc as pb_grpc
 
@@ -27,8 +28,18 @@ stdout = Console()
 stderr = Console(stderr=True)
 
 
-def exit_code_for(code: grpc.StatusCode) -> int:
-    return EXIT_UNAVAILABLE if code == grpc.StatusCode.UNAVAILABLE else EXIT_ERROR
+def exit_code_for(code: grpc.StatusCode, *, answered: bool = False) -> int:
+    """4 when no gateway answered; an UNAVAILABLE from the gateway itself (its Triton is down or
+    restarting) is an error like any other the server reports."""
+    unreachable = code == grpc.StatusCode.UNAVAILABLE and not answered
+    return EXIT_UNAVAILABLE if unreachable else EXIT_ERROR
+
+
+def answered_by_gateway(exc: grpc.RpcError) -> bool:
+    """True when the status came from the gateway (it tags every answer with a request id), not
+    from a connection that failed."""
+    trailers = exc.trailing_metadata() or ()
+    return any(key == REQUEST_ID_HEADER for key, _ in trailers)
 
 
 def error_message(code: grpc.StatusCode, details: str | None) -> str:
@@ -95,9 +106,10 @@ def analyze(
     except grpc.RpcError as exc:
         code = exc.code()
         stderr.print(f"[red]error[/red] {error_message(code, exc.details())}", highlight=False, soft_wrap=True)
-        if code == grpc.StatusCode.UNAVAILABLE:
+        answered = answered_by_gateway(exc)
+        if code == grpc.StatusCode.UNAVAILABLE and not answered:
             stderr.print(f"is the gateway running at {server}? (`vqs serve`, --server, VQS_SERVER)")
-        raise typer.Exit(exit_code_for(code)) from None
+        raise typer.Exit(exit_code_for(code, answered=answered)) from None
     result = render.response_to_dict(resp)
     if as_json:
         sys.stdout.write(json.dumps(result) + "\n")

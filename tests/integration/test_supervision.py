@@ -17,7 +17,9 @@ import grpc
 import pytest
 import pytest_asyncio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from typer.testing import CliRunner
 
+from clients.cli import app
 from server.launcher import free_port
 from server.main import SERVICE_NAME, Gateway
 from server.proto import video_analytics_pb2 as pb
@@ -171,6 +173,14 @@ async def test_a_model_failing_on_restart_keeps_the_gateway_up_and_not_serving(
             await stub.Analyze(pb.AnalyzeRequest(video=videos["short"].read_bytes()), timeout=60)
         assert error.value.code() == grpc.StatusCode.UNAVAILABLE
         assert "Triton is restarting" in error.value.details()
+        # The CLI tells this apart from an unreachable gateway: exit 1 with the reason, not 4.
+        cli = await asyncio.to_thread(
+            CliRunner().invoke, app,
+            ["analyze", str(videos["short"]), "--server", supervised.address, "--timeout", "60"],
+        )
+        assert cli.exit_code == 1, cli.output
+        assert "UNAVAILABLE: Triton is restarting" in cli.output
+        assert "is the gateway running" not in cli.output
 
         onnx.write_bytes(good)  # the next attempt (after its backoff) loads it
         watch = health_pb2_grpc.HealthStub(channel).Watch(

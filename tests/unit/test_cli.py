@@ -85,6 +85,8 @@ def test_upload_limit_and_channel_options():
 
 def test_exit_codes_for_grpc_status():
     assert analyze.exit_code_for(grpc.StatusCode.UNAVAILABLE) == 4
+    # The gateway answered UNAVAILABLE (its Triton is restarting): an error, not "unreachable".
+    assert analyze.exit_code_for(grpc.StatusCode.UNAVAILABLE, answered=True) == 1
     assert analyze.exit_code_for(grpc.StatusCode.INVALID_ARGUMENT) == 1
     assert analyze.error_message(grpc.StatusCode.INVALID_ARGUMENT, "bad video") == "INVALID_ARGUMENT: bad video"
 
