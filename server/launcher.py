@@ -326,6 +326,8 @@ class TritonProcess:
                 if process.poll() is None:
                     logger.info("stopping Triton (pid %s)", process.pid)
                     process.send_signal(signal.SIGTERM)
+                    # A stopped (SIGSTOP) server can act on the SIGTERM only once continued.
+                    process.send_signal(signal.SIGCONT)
                     try:
                         process.wait(timeout=grace_s)
                     except subprocess.TimeoutExpired:

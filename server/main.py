@@ -158,7 +158,7 @@ class Gateway:
 
     async def _watch_triton(self) -> None:
         """Health follows Triton's readiness. A Triton launched here that exited, or stayed not
-        ready for longer than its start-up timeout, is started again (see `_restart_triton`)."""
+        ready for longer than `triton.hung_restart_s`, is started again (see `_restart_triton`)."""
         loop = asyncio.get_running_loop()
         serving, since = True, loop.time()
         attempt = 0  # restarts in the current run of failures
@@ -177,7 +177,7 @@ class Gateway:
             if process is None:
                 continue
             exited = process.exit_code is not None
-            hung = not exited and loop.time() - since > self.settings.triton.startup_timeout_s
+            hung = not exited and loop.time() - since > self.settings.triton.hung_restart_s
             if hung:
                 logger.warning("Triton (pid %s) has not been ready for %.0f s; restarting it",
                                process.pid, loop.time() - since)

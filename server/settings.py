@@ -27,6 +27,8 @@ class TritonSettings(_Group):
     # Set to use an already running Triton ("host:port", gRPC) instead of launching one.
     url: str | None = None
     startup_timeout_s: float = 120.0
+    # A Triton the gateway launched that stays not ready this long (hung) is restarted.
+    hung_restart_s: float = Field(120.0, gt=0)
     request_timeout_s: float = 60.0
 
 

@@ -7,6 +7,7 @@ repository (a test breaks a model in it).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import signal
@@ -44,6 +45,10 @@ def repository(trained_models: Path, tmp_path: Path) -> Path:
     return copy
 
 
+# A Triton not ready for this long counts as hung here (the default is 120 s).
+HUNG_RESTART_S = 5.0
+
+
 @pytest_asyncio.fixture(loop_scope="session")
 async def supervised(repository: Path, tmp_path: Path, gateway_log, show_log_on_failure):
     """A started gateway that launched its own Triton."""
@@ -54,7 +59,7 @@ async def supervised(repository: Path, tmp_path: Path, gateway_log, show_log_on_
         "metrics_port": free_port(),
         "triton": Settings().triton.model_copy(
             update={"url": None, "model_repository": repository, "grpc_port": 0, "http_port": 0,
-                    "metrics_port": 0}
+                    "metrics_port": 0, "hung_restart_s": HUNG_RESTART_S}
         ),
     })
     gateway = Gateway(settings, triton_log=triton_log)
@@ -148,6 +153,30 @@ async def test_killed_triton_is_restarted_on_the_same_ports(supervised, videos):
         response = await stub.Analyze(pb.AnalyzeRequest(video=videos["normal"].read_bytes()), timeout=120)
         assert [a.query for a in response.answers] == list(QUERIES)
         assert response.video.clips >= 2
+
+
+async def test_a_hung_triton_is_restarted(supervised, videos, caplog):
+    process = supervised.triton_process
+    hung_pid = process.pid
+    os.kill(hung_pid, signal.SIGSTOP)  # alive, listening, answering nothing
+    try:
+        async with grpc.aio.insecure_channel(supervised.address) as channel:
+            watch = health_pb2_grpc.HealthStub(channel).Watch(
+                health_pb2.HealthCheckRequest(service=SERVICE_NAME)
+            )
+            await wait_for_status(watch, NOT_SERVING)
+            await wait_for_status(watch, SERVING)
+            watch.cancel()
+            assert any("has not been ready" in r.getMessage() for r in caplog.records)
+            assert process.pid != hung_pid and not is_tritonserver(hung_pid)
+            assert process_group(hung_pid) == []
+            assert restarts(supervised) == 1
+            stub = pb_grpc.VideoAnalyticsStub(channel)
+            response = await stub.Analyze(pb.AnalyzeRequest(video=videos["short"].read_bytes()), timeout=120)
+            assert len(response.answers) == len(QUERIES)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(hung_pid, signal.SIGCONT)
 
 
 async def test_a_model_failing_on_restart_keeps_the_gateway_up_and_not_serving(
