@@ -25,6 +25,8 @@ SPLITS = {
     "test": ("test", 300, 103, 2.0, 20.0),
 }
 TRAIN_SEED = 7
+# The dataset's frame rate: the encoder learns motion at it and the gateway samples videos at it.
+FPS = 15.0
 MODEL_NAMES = {"tqn": "TQN (s3d + decoder)", "average_pooling": "long-term average pooling",
                "short_term": "short-term (clip average)"}
 
@@ -39,7 +41,7 @@ def make_splits(data_dir: Path) -> dict[str, data.ClipDataset]:
         out = data_dir / folder
         if not (out / "labels.jsonl").exists():
             _log(f"synthesising {count} {split} videos ({lo}-{hi} s, seed {seed})")
-            synth.write_dataset(out, count=count, seed=seed, min_seconds=lo, max_seconds=hi)
+            synth.write_dataset(out, count=count, seed=seed, fps=FPS, min_seconds=lo, max_seconds=hi)
         datasets[split] = data.load(out)
     return datasets
 
@@ -75,7 +77,9 @@ def export_served(models: dict) -> None:
     encoder, decoder = models["tqn"]
     enc_dir = MODEL_REPOSITORY / "clip_encoder_s3d" / "1"
     dec_dir = MODEL_REPOSITORY / "tqn_decoder" / "1"
-    enc_path = onnx_export.export_encoder(encoder, train.ENCODER_CONFIG, enc_dir, "clip_encoder_s3d")
+    enc_path = onnx_export.export_encoder(
+        encoder, train.ENCODER_CONFIG, enc_dir, "clip_encoder_s3d", clip_fps=FPS
+    )
     dec_path = onnx_export.export_decoder(decoder, train.TQN_CONFIG, dec_dir)
     rng = np.random.default_rng(0)
     clips = rng.integers(0, 256, (4, 8, 112, 112, 3), dtype=np.uint8)

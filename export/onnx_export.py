@@ -43,7 +43,7 @@ def _export(model: torch.nn.Module, args: tuple, path: Path, input_names, output
     onnx.checker.check_model(str(path))
 
 
-def export_encoder(encoder: S3D, config: dict, out_dir: Path, name: str) -> Path:
+def export_encoder(encoder: S3D, config: dict, out_dir: Path, name: str, *, clip_fps: float) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     batch = torch.export.Dim("batch", min=1, max=1024)
     example = torch.randint(0, 256, (2, encoder.clip_frames, encoder.frame_size, encoder.frame_size, 3),
@@ -57,6 +57,7 @@ def export_encoder(encoder: S3D, config: dict, out_dir: Path, name: str) -> Path
         "clip_frames": encoder.clip_frames,
         "frame_size": encoder.frame_size,
         "feature_dim": encoder.feature_dim,
+        "clip_fps": clip_fps,
         "config": config,
         "inputs": {ENCODER_INPUT: {"dtype": "uint8", "shape": ["batch", encoder.clip_frames,
                                                               encoder.frame_size, encoder.frame_size, 3]}},

@@ -33,6 +33,8 @@ CLIPS = "clips"
 FEATURES = "features"
 MASK = "mask"
 ATTENTION = "attention"
+# Encoder config parameter: the frame rate its clips are sampled at (see pipeline/chunk.py).
+CLIP_FPS = "clip_fps"
 # Query order of the decoder's attention rows.
 QUERIES = ("take_off", "somersaults", "twists", "flight_pose", "class")
 FEATURE_DIM = 256
@@ -91,6 +93,7 @@ class EncoderSpec:
     frame_size: int
     feature_dim: int
     max_batch_size: int
+    clip_fps: float | None = None  # the frame rate it learnt motion at; None: every frame
 
 
 def _encoder_spec(model: str, config: dict) -> EncoderSpec:
@@ -106,7 +109,12 @@ def _encoder_spec(model: str, config: dict) -> EncoderSpec:
         frame_size=height,
         feature_dim=int(features["dims"][0]),
         max_batch_size=int(config.get("max_batch_size", 0)),
+        clip_fps=float(fps) if (fps := _parameter(config, CLIP_FPS)) else None,
     )
+
+
+def _parameter(config: dict, key: str) -> str:
+    return config.get("parameters", {}).get(key, {}).get("string_value", "")
 
 
 _STATUS_ERRORS: dict[str, type[VqsError]] = {

@@ -96,6 +96,7 @@ class Analyzer:
             job.source,
             frame_size=spec.frame_size,
             clip_frames=spec.clip_frames,
+            sample_fps=spec.clip_fps,
             clips_per_batch=self.limits.clips_per_batch,
         )
         try:

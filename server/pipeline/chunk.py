@@ -1,4 +1,11 @@
-"""Cut a stream of decoded frames into dense, contiguous, non-overlapping clips.
+"""Sample decoded frames at the clip encoder's frame rate and cut them into dense, contiguous,
+non-overlapping clips.
+
+The encoder learnt motion at one frame rate (`clip_fps`, 15 for `s3d`): a 30 fps video cut into
+clips of consecutive frames shows it half the motion per clip, and its answers collapse (measured
+on 40 synthetic videos: somersaults 98% at 15 fps, 38% at 30 fps). `TimeGrid` picks, for every
+tick of a grid at `clip_fps` anchored at the first frame, the frame showing at that tick (a
+frame repeats when the video is slower than the grid).
 
 A clip holds `clip_frames` consecutive frames. The final partial clip is padded by repeating its
 last real frame, so a video shorter than one clip becomes exactly one clip. A clip's span is
@@ -19,6 +26,42 @@ def _check_frames(frames: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> N
             f"need one start and one end per frame: {len(frames)} frames, "
             f"{starts.shape} starts, {ends.shape} ends"
         )
+
+
+class TimeGrid:
+    """Incremental frame sampler at `fps`: push frames in display order, get back which to keep.
+
+    Tick k is at `origin + k / fps` (origin: the first frame's start); a frame [start, end) takes
+    every tick before its end not taken yet, so a tick in a gap between frames goes to the next one.
+    """
+
+    # Ticks within this many ticks of a frame's end belong to the next frame: decoders report
+    # float32 times (off by ~3e-5 ticks at 20 s), far finer than any frame (0.06 ticks at 240 fps).
+    _TOLERANCE = 1e-3
+
+    def __init__(self, fps: float) -> None:
+        if not fps > 0:
+            raise ValueError(f"fps must be > 0, got {fps}")
+        self.fps = fps
+        self.origin: float | None = None
+        self.ticks = 0  # ticks taken so far
+
+    def pick(self, starts: np.ndarray, ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(indices into these frames, repeated or skipped; the tick time of each)."""
+        starts = np.asarray(starts, np.float64)
+        ends = np.asarray(ends, np.float64)
+        if len(starts) == 0:
+            return np.zeros(0, np.int64), np.zeros(0, np.float64)
+        if self.origin is None:
+            self.origin = float(starts[0])
+        # Ticks before each frame's end, never fewer than those already taken.
+        before_end = np.ceil((ends - self.origin) * self.fps - self._TOLERANCE).astype(np.int64)
+        before_end = np.maximum.accumulate(np.maximum(before_end, self.ticks))
+        counts = np.diff(before_end, prepend=self.ticks)
+        indices = np.repeat(np.arange(len(starts)), counts)
+        times = self.origin + np.arange(self.ticks, before_end[-1]) / self.fps
+        self.ticks = int(before_end[-1])
+        return indices, times
 
 
 def pad_clip(frames: np.ndarray, clip_frames: int) -> np.ndarray:

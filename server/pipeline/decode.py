@@ -47,7 +47,7 @@ import numpy as np
 
 from server.errors import TooLarge, Timeout, UnsupportedMedia, VqsError
 from server.pipeline import _decode_worker as worker_impl
-from server.pipeline.chunk import ClipAssembler
+from server.pipeline.chunk import ClipAssembler, TimeGrid
 from server.settings import DecodeSettings
 
 logger = logging.getLogger(__name__)
@@ -310,8 +310,10 @@ class VideoDecoder:
         frame_size: int,
         clip_frames: int,
         clips_per_batch: int,
+        sample_fps: float | None = None,
     ) -> AsyncIterator[ClipBatch]:
-        """Decode `source` and yield batches of clips in time order.
+        """Decode `source` and yield batches of clips in time order, of frames sampled at
+        `sample_fps` (the encoder's frame rate; see `chunk.TimeGrid`) or of every frame (None).
 
         Close the iterator (`contextlib.aclosing`) or cancel its consumer to stop decoding early.
         """
@@ -325,7 +327,7 @@ class VideoDecoder:
             path = tmp
         else:
             path = pathlib.Path(source)
-        run = _Run(self, path, frame_size, clip_frames, clips_per_batch)
+        run = _Run(self, path, frame_size, clip_frames, clips_per_batch, sample_fps)
         try:
             async for batch in run.batches():
                 yield batch
@@ -354,13 +356,20 @@ class _Run:
     """One request: dispatches segments to workers and reassembles frames in order."""
 
     def __init__(
-        self, dec: VideoDecoder, path: pathlib.Path, frame_size: int, clip_frames: int, per_batch: int
+        self,
+        dec: VideoDecoder,
+        path: pathlib.Path,
+        frame_size: int,
+        clip_frames: int,
+        per_batch: int,
+        sample_fps: float | None,
     ) -> None:
         self.dec = dec
         self.path = path
         self.frame_size = frame_size
         self.clip_frames = clip_frames
         self.per_batch = per_batch
+        self.grid = TimeGrid(sample_fps) if sample_fps else None
         self.timeout = dec.settings.stall_timeout_s
         self.workers: list[_Worker] = []
         self.pending: deque[_Segment] = deque()
@@ -486,6 +495,11 @@ class _Run:
             self.last_start = float(starts[-1])
             self.frames += len(starts)
             self.duration_s = max(self.duration_s, float(ends.max()))
+            if self.grid is not None:
+                picked, ticks = self.grid.pick(starts, ends)
+                frames = frames[picked]
+                # A sample lasts one tick (clips tile time), but never past the last frame.
+                starts, ends = ticks, np.minimum(ticks + 1 / self.grid.fps, ends.max())
             clips, clip_spans = assembler.push(frames, starts, ends)
             i = 0
             while i < len(clips):

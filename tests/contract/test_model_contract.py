@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from google.protobuf import text_format
+from google.protobuf import json_format, text_format
 from tritonclient.grpc import model_config_pb2
 
 from server import triton
@@ -131,6 +131,11 @@ def test_encoder_model_json_matches_the_config(model):
     assert meta["encoder"] == model.removeprefix(triton.ENCODER_PREFIX)
     assert list(clips.dims) == [meta["clip_frames"], meta["frame_size"], meta["frame_size"], 3]
     assert list(features.dims) == [meta["feature_dim"]]
+    # The frame rate the gateway samples at is the one the encoder was trained at.
+    config = load_config(model)
+    assert float(config.parameters[triton.CLIP_FPS].string_value) == meta["clip_fps"]
+    spec = triton._encoder_spec(model, json_format.MessageToDict(config, preserving_proto_field_name=True))
+    assert spec.clip_fps == meta["clip_fps"]
 
 
 def test_export_code_uses_the_same_names():

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from server.pipeline.chunk import ClipAssembler, clip_spans, cut_clips, pad_clip
+from server.pipeline.chunk import ClipAssembler, TimeGrid, clip_spans, cut_clips, pad_clip
 
 
 def _frames(n: int, size: int = 4) -> np.ndarray:
@@ -80,3 +80,54 @@ def test_mismatched_timestamps_are_rejected():
         ClipAssembler(8).push(_frames(4), np.zeros(3), np.zeros(4))
     with pytest.raises(ValueError):
         ClipAssembler(0)
+
+
+def _picked(fps_in: float, fps_out: float, n: int, chunk: int = 7, offset: float = 0.0):
+    """Frames (indices) and tick times a TimeGrid picks, fed in chunks as the decoder does."""
+    grid = TimeGrid(fps_out)
+    starts = offset + np.arange(n) / fps_in
+    ends = starts + 1 / fps_in
+    picked, ticks = [], []
+    for i in range(0, n, chunk):
+        index, times = grid.pick(starts[i : i + chunk], ends[i : i + chunk])
+        picked += (index + i).tolist()
+        ticks += times.tolist()
+    return picked, ticks
+
+
+@pytest.mark.parametrize(
+    ("fps_in", "expected"),
+    [
+        (15, list(range(8))),  # the encoder's own rate: every frame, once
+        (30, [0, 2, 4, 6, 8, 10, 12, 14]),
+        (60, [0, 4, 8, 12, 16, 20, 24, 28]),
+        (25, [0, 1, 3, 5, 6, 8, 10, 11]),  # the frame showing at each 1/15 s tick
+        (10, [0, 0, 1, 2, 2, 3, 4, 4]),  # slower than the grid: frames repeat
+    ],
+)
+def test_time_grid_picks_the_frame_showing_at_each_tick(fps_in, expected):
+    picked, ticks = _picked(fps_in, 15, n=int(fps_in * 8 / 15) + 1)
+    assert picked[:8] == expected
+    np.testing.assert_allclose(ticks[:8], np.arange(8) / 15)
+
+
+def test_time_grid_is_anchored_at_the_first_frame_and_fills_gaps():
+    # A stream starting at 5 s, with frames 3..5 missing: the ticks in the gap go to frame 6.
+    grid = TimeGrid(15)
+    starts = 5.0 + np.array([0, 1, 2, 6, 7]) / 15
+    index, ticks = grid.pick(starts, starts + 1 / 15)
+    assert index.tolist() == [0, 1, 2, 3, 3, 3, 3, 4]
+    np.testing.assert_allclose(ticks, 5.0 + np.arange(8) / 15)
+
+
+def test_time_grid_rejects_a_bad_rate():
+    with pytest.raises(ValueError):
+        TimeGrid(0)
+
+
+def test_time_grid_keeps_every_frame_at_its_own_rate_despite_float32_times():
+    # decord reports float32 seconds: 20 s in, a frame's end is off the tick by ~3e-5 ticks.
+    starts = (np.arange(300) / 15).astype(np.float32)
+    ends = ((np.arange(300) + 1) / 15).astype(np.float32)
+    index, _ = TimeGrid(15).pick(starts, ends)
+    assert index.tolist() == list(range(300))
