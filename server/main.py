@@ -54,6 +54,10 @@ def restart_delay(
     return min(first_s * 2.0 ** min(attempt, 32), max_s)  # capped exponent: no float overflow
 
 
+class StartupError(RuntimeError):
+    """The gateway cannot start as configured (e.g. a port in use); the message says which setting."""
+
+
 def _default_decoder(settings: Settings):
     from server.pipeline.decode import VideoDecoder
 
@@ -105,7 +109,13 @@ class Gateway:
     async def start(self) -> None:
         s = self.settings
         if s.metrics_port:
-            self.metrics_port = self.metrics.serve(s.host, s.metrics_port)
+            try:
+                self.metrics_port = self.metrics.serve(s.host, s.metrics_port)
+            except OSError as exc:
+                raise StartupError(
+                    f"cannot serve metrics on {s.host}:{s.metrics_port} ({exc.strerror}); "
+                    "free the port or set VQS_METRICS_PORT (0 = any free port)"
+                ) from None
 
         url = s.triton.url
         if url is None:
@@ -128,6 +138,8 @@ class Gateway:
             options=[
                 ("grpc.max_receive_message_length", message_limit),
                 ("grpc.max_send_message_length", message_limit),
+                # Without this a second gateway on the same port starts and silently shares it.
+                ("grpc.so_reuseport", 0),
             ],
         )
         pb_grpc.add_VideoAnalyticsServicer_to_server(
@@ -141,7 +153,13 @@ class Gateway:
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
         )
         await self._set_health(False, "Triton is starting")
-        self.port = self.server.add_insecure_port(f"{s.host}:{s.grpc_port}")
+        try:
+            self.port = self.server.add_insecure_port(f"{s.host}:{s.grpc_port}")
+        except RuntimeError:  # grpc's only word for it: "Failed to bind"
+            raise StartupError(
+                f"cannot listen for gRPC on {s.host}:{s.grpc_port} (in use, or not an address of this "
+                "host); free the port or set VQS_GRPC_PORT (0 = any free port)"
+            ) from None
         await self.server.start()
         logger.info("gateway listening on %s (health NOT_SERVING until Triton is ready)", self.address)
 
@@ -277,6 +295,6 @@ def run(settings: Settings | None = None) -> None:
         asyncio.run(serve(settings))
     except KeyboardInterrupt:
         pass
-    except TritonLaunchError as exc:
+    except (TritonLaunchError, StartupError) as exc:
         logger.error("%s", exc)
         raise SystemExit(1) from None
