@@ -64,3 +64,21 @@ def test_fresh_export_keeps_names_dynamic_axes_and_parity(tmp_path):
     attention = session.run(["attention"], inputs)[0]
     np.testing.assert_allclose(attention.sum(-1), 1.0, atol=1e-5)
     assert np.all(attention[-1, :, clips // 2:] == 0)  # padded clips get no attention
+
+
+def test_fresh_encoder_export_has_a_dynamic_batch_and_the_served_metadata(tmp_path):
+    from export import build
+
+    torch.manual_seed(0)
+    encoder = train.build_encoder().eval()
+    path = onnx_export.export_encoder(encoder, train.ENCODER_CONFIG, tmp_path, "clip_encoder_s3d",
+                                      clip_fps=build.FPS)
+    clips = np.random.default_rng(3).integers(0, 256, (3, 8, 112, 112, 3), dtype=np.uint8)
+    diffs = onnx_export.max_abs_diff(encoder, path, {"clips": clips})  # batch 3: not the example's 2
+    assert max(diffs.values()) <= TOLERANCE, diffs
+    fresh = json.loads((tmp_path / "model.json").read_text())
+    committed = json.loads((REPO / "model_repository/clip_encoder_s3d/1/model.json").read_text())
+    # What the gateway and contract tests read is what `make models` writes.
+    assert {k: fresh[k] for k in ("clip_frames", "frame_size", "feature_dim", "clip_fps")} == {
+        k: committed[k] for k in ("clip_frames", "frame_size", "feature_dim", "clip_fps")
+    }
