@@ -42,6 +42,7 @@ def describe_response(
     default_encoder: str,
     clip_frames: int,
     frame_size: int,
+    clip_fps: float,
     max_upload_bytes: int,
     max_duration_s: float,
 ) -> pb.DescribeModelsResponse:
@@ -51,6 +52,7 @@ def describe_response(
         default_encoder=default_encoder,
         clip_frames=clip_frames,
         frame_size=frame_size,
+        clip_fps=clip_fps,
         max_upload_bytes=max_upload_bytes,
         max_duration_s=max_duration_s,
     )

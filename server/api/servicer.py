@@ -122,6 +122,7 @@ class VideoAnalyticsServicer(pb_grpc.VideoAnalyticsServicer):
             default_encoder=self.settings.default_encoder,
             clip_frames=default.clip_frames if default else 0,
             frame_size=default.frame_size if default else 0,
+            clip_fps=(default.clip_fps or 0.0) if default else 0.0,
             max_upload_bytes=self.settings.limits.max_upload_bytes,
             max_duration_s=self.settings.limits.max_duration_s,
         )

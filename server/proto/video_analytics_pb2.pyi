@@ -105,7 +105,7 @@ class QuerySpec(_message.Message):
     def __init__(self, query: _Optional[str] = ..., attributes: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class DescribeModelsResponse(_message.Message):
-    __slots__ = ("queries", "encoders", "default_encoder", "clip_frames", "frame_size", "max_upload_bytes", "max_duration_s")
+    __slots__ = ("queries", "encoders", "default_encoder", "clip_frames", "frame_size", "max_upload_bytes", "max_duration_s", "clip_fps")
     QUERIES_FIELD_NUMBER: _ClassVar[int]
     ENCODERS_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_ENCODER_FIELD_NUMBER: _ClassVar[int]
@@ -113,6 +113,7 @@ class DescribeModelsResponse(_message.Message):
     FRAME_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_UPLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_DURATION_S_FIELD_NUMBER: _ClassVar[int]
+    CLIP_FPS_FIELD_NUMBER: _ClassVar[int]
     queries: _containers.RepeatedCompositeFieldContainer[QuerySpec]
     encoders: _containers.RepeatedScalarFieldContainer[str]
     default_encoder: str
@@ -120,4 +121,5 @@ class DescribeModelsResponse(_message.Message):
     frame_size: int
     max_upload_bytes: int
     max_duration_s: float
-    def __init__(self, queries: _Optional[_Iterable[_Union[QuerySpec, _Mapping]]] = ..., encoders: _Optional[_Iterable[str]] = ..., default_encoder: _Optional[str] = ..., clip_frames: _Optional[int] = ..., frame_size: _Optional[int] = ..., max_upload_bytes: _Optional[int] = ..., max_duration_s: _Optional[float] = ...) -> None: ...
+    clip_fps: float
+    def __init__(self, queries: _Optional[_Iterable[_Union[QuerySpec, _Mapping]]] = ..., encoders: _Optional[_Iterable[str]] = ..., default_encoder: _Optional[str] = ..., clip_frames: _Optional[int] = ..., frame_size: _Optional[int] = ..., max_upload_bytes: _Optional[int] = ..., max_duration_s: _Optional[float] = ..., clip_fps: _Optional[float] = ...) -> None: ...

@@ -31,6 +31,7 @@ async def test_describe_models_lists_queries_and_attributes(stub, model_reposito
     assert "s3d" in response.encoders
     assert response.default_encoder == "s3d"
     assert (response.clip_frames, response.frame_size) == (8, 112)
+    assert response.clip_fps == 15.0  # from the encoder's Triton config
     assert response.max_upload_bytes > 0
 
 
