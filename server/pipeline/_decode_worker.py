@@ -28,6 +28,9 @@ _CHECK_EVERY = 8  # frames between checks for a "release"
 _MAX_BAD_PACKETS = 32  # consecutive undecodable packets before PyAV gives up
 # Shorter segments cost more in opening and seeking (~10 frames' worth) than splitting saves.
 _MIN_SEGMENT_FRAMES = 60
+# Non-reference frames are skipped when the video has at least this many frames per sample
+# (never two in a row, so a sample moves by one frame at most).
+_SKIP_FROM_RATIO = 1.9
 
 
 class _Released(Exception):
@@ -150,7 +153,7 @@ class _Decoder:
         self.meta = {}
 
     def open(self, spec: dict) -> None:
-        key = (spec["path"], spec["frame_size"], spec["threads"])
+        key = (spec["path"], spec["frame_size"], spec["threads"], spec.get("sample_fps"))
         if key == self.key:
             return
         self.close()
@@ -163,6 +166,11 @@ class _Decoder:
         if limit and meta.get("width") is not None and os.path.getsize(spec["path"]) > limit:
             # decord's demuxer reads ahead without bound: its memory grows with the file's size.
             meta["decoder"] = "pyav"
+            self.meta, self.key = meta, key
+            return
+        if _skips_frames(meta, spec.get("sample_fps")):
+            # Only PyAV can skip decoding frames (decord decodes every one).
+            meta["decoder"], meta["skip_nonref"] = "pyav", True
             self.meta, self.key = meta, key
             return
         try:
@@ -182,6 +190,15 @@ class _Decoder:
             meta["note"] = "; ".join(reasons)
         self.meta = meta
         self.key = key
+
+
+def _skips_frames(meta: dict, sample_fps: float | None) -> bool:
+    """Whether to skip decoding non-reference frames: when the video is sampled at half its frame
+    rate or less, a skipped frame's tick falls to its neighbour (at most one frame later), and
+    skipping saves a third of the decoding (B-frames are the costly ones: 9.3 -> 5.9 CPU-s for
+    a 60 s 720p H.264 video, 28% of its frames skipped)."""
+    fps = meta.get("fps")
+    return bool(sample_fps and fps and fps >= _SKIP_FROM_RATIO * sample_fps)
 
 
 def _probe(path: str, reasons: list[str]) -> dict[str, Any]:
@@ -352,6 +369,8 @@ def _open_pyav(spec: dict):
         s = container.streams.video[0]
         s.thread_type = "AUTO"
         s.thread_count = max(1, spec["threads"])
+        if spec.get("skip_nonref"):
+            s.codec_context.skip_frame = "NONREF"
         rate = s.average_rate or s.guessed_rate
         yield container, s, s.time_base, s.start_time or 0, float(1 / rate) if rate else 1 / 30
 
@@ -464,6 +483,7 @@ def _run_job(ch: _Channel, dec: _Decoder, spec: dict) -> None:
     else:
         index, seg = spec["segment"]
         dec.open(spec)
+    spec = dict(spec, skip_nonref=bool(dec.meta.get("skip_nonref")))
     out = _Chunker(ch, index, spec["frame_size"], spec["chunk_frames"], spec.get("max_duration_s"))
     if dec.meta.get("decoder") == "pyav":  # decord not used for this input
         _decode_pyav_segment(spec, out, seg["start_pts"], seg["stop_pts"])

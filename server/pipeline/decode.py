@@ -395,6 +395,7 @@ class _Run:
                 "max_duration_s": self.dec.max_duration_s,
                 "segment_frames": min(self.dec.segment_frames, (self.credits - 1) * s.chunk_frames),
                 "workers": s.workers,
+                "sample_fps": self.grid.fps if self.grid is not None else None,
                 "decord_max_bytes": self.dec.decord_max_bytes,
                 "segment": None if seg is None else (seg.index, seg.bounds),
             },

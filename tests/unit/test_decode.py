@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import contextlib
 import os
 import signal
@@ -93,8 +94,9 @@ async def decoder():
     await dec.close()
 
 
-async def _collect(dec: VideoDecoder, source, size: int = SIZE) -> list[ClipBatch]:
-    return [b async for b in dec.stream(source, frame_size=size, clip_frames=CLIP, clips_per_batch=4)]
+async def _collect(dec: VideoDecoder, source, size: int = SIZE, sample_fps=None) -> list[ClipBatch]:
+    stream = dec.stream(source, frame_size=size, clip_frames=CLIP, clips_per_batch=4, sample_fps=sample_fps)
+    return [b async for b in stream]
 
 
 def _joined(batches: list[ClipBatch]) -> tuple[np.ndarray, np.ndarray]:
@@ -224,6 +226,34 @@ async def test_one_segment_decoded_with_threads_matches_one_thread(media):
         await asyncio.gather(one.close(), pool.close())
     np.testing.assert_array_equal(a_spans, b_spans)
     np.testing.assert_array_equal(a_clips, b_clips)
+
+
+async def test_sampling_at_half_the_rate_skips_decoding_non_reference_frames(tmp_path):
+    # 30 fps H.264 with B-frames, sampled at 15 fps: PyAV skips the non-reference frames and
+    # the clips are as many as when every frame is decoded.
+    path = tmp_path / "30fps.mp4"
+    render_video(path, seed=6, seconds=6.0, fps=30)
+    dec = VideoDecoder(DecodeSettings(workers=2, chunk_frames=16))
+    await dec.start()
+    try:
+        every = await _collect(dec, path)
+        sampled = await _collect(dec, path, sample_fps=15)
+    finally:
+        await dec.close()
+    assert every[-1].info.decoder == "decord" and every[-1].info.frames == 180
+    assert sampled[-1].info.decoder == "pyav"
+    assert 90 < sampled[-1].info.frames < 180  # decoded: the skipped frames are not
+    clips, spans = _joined(sampled)
+    assert len(clips) == math.ceil(90 / CLIP)
+    np.testing.assert_allclose(spans[0], [0.0, CLIP / 15], atol=1e-3)
+
+
+def test_frames_are_skipped_only_when_sampling_at_half_the_rate_or_less():
+    assert worker_impl._skips_frames({"fps": 30.0}, 15.0)
+    assert worker_impl._skips_frames({"fps": 60.0}, 15.0)
+    assert not worker_impl._skips_frames({"fps": 25.0}, 15.0)  # would need adjacent frames
+    assert not worker_impl._skips_frames({"fps": 30.0}, None)  # every frame wanted
+    assert not worker_impl._skips_frames({}, 15.0)  # rate unknown
 
 
 def test_a_short_video_is_shared_between_the_workers():
