@@ -41,14 +41,11 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["VideoAnalytics"].full_name
 MESSAGE_HEADROOM_BYTES = 1 << 20
 _MAX_GRPC_MESSAGE = 2**31 - 1
 HEALTH_POLL_S = 2.0
-RESTART_BACKOFF_S = 1.0
-RESTART_BACKOFF_MAX_S = 30.0
 
 
-def restart_delay(
-    attempt: int, first_s: float = RESTART_BACKOFF_S, max_s: float = RESTART_BACKOFF_MAX_S
-) -> float:
-    """Seconds to wait before restart `attempt` (0 = the first) of a run: 1, 2, 4, ... 30."""
+def restart_delay(attempt: int, first_s: float, max_s: float) -> float:
+    """Seconds to wait before restart `attempt` (0 = the first) of a run: first_s doubled each
+    attempt, at most max_s."""
     if attempt < 0:
         raise ValueError("attempt must be >= 0")
     return min(first_s * 2.0 ** min(attempt, 32), max_s)  # capped exponent: no float overflow
@@ -188,7 +185,7 @@ class Gateway:
                 await self._set_health(ready)
                 serving, since = ready, loop.time()
             if ready:
-                if loop.time() - since > RESTART_BACKOFF_MAX_S:
+                if loop.time() - since > self.settings.triton.restart_backoff_max_s:
                     attempt = 0  # it stayed up: a later crash is a new run, not part of a loop
                 continue
             process = self.triton_process  # None: Triton given by URL, not ours to restart
@@ -207,8 +204,8 @@ class Gateway:
     async def _restart_triton(self, attempt: int) -> int:
         """Start our Triton again, on the same ports, until it is ready; returns the attempt count.
 
-        Waits `restart_delay(attempt)` before each start, so a crash-looping Triton does not spin.
-        A start that fails (e.g. a model that does not load) is logged with the model's error and
+        Waits `restart_delay` (`triton.restart_backoff_s`, doubling up to `restart_backoff_max_s`)
+        before each start, so a crash-looping Triton does not spin. A start that fails (e.g. a model that does not load) is logged with the model's error and
         retried.
         """
         process = self.triton_process
@@ -216,12 +213,13 @@ class Gateway:
         while True:
             # Ends what is left of the last run (a hung server; a no-op when it exited).
             code = await asyncio.to_thread(process.terminate)
-            delay = restart_delay(attempt)
+            t = self.settings.triton
+            delay = restart_delay(attempt, t.restart_backoff_s, t.restart_backoff_max_s)
             attempt += 1
             cause = "its last start failed" if start_failed else f"tritonserver exited with code {code}"
             reason = f"Triton is restarting ({cause})"
             await self._set_health(False, reason)
-            logger.warning("%s; starting it again in %.0f s (attempt %d)", reason, delay, attempt)
+            logger.warning("%s; starting it again in %g s (attempt %d)", reason, delay, attempt)
             await asyncio.sleep(delay)
             self.metrics.triton_restarts.inc()
             try:

@@ -29,6 +29,9 @@ class TritonSettings(_Group):
     startup_timeout_s: float = 120.0
     # A Triton the gateway launched that stays not ready this long (hung) is restarted.
     hung_restart_s: float = Field(120.0, gt=0)
+    # A Triton that keeps failing is restarted after 1, 2, 4, ... seconds, at most the max.
+    restart_backoff_s: float = Field(1.0, gt=0)
+    restart_backoff_max_s: float = Field(30.0, gt=0)
     request_timeout_s: float = 60.0
 
 

@@ -47,6 +47,8 @@ def repository(trained_models: Path, tmp_path: Path) -> Path:
 
 # A Triton not ready for this long counts as hung here (the default is 120 s).
 HUNG_RESTART_S = 5.0
+# Restart backoff here: 0.5, 1, 2, ... s (the default is 1, 2, 4, ... 30 s).
+BACKOFF_S = 0.5
 
 
 @pytest_asyncio.fixture(loop_scope="session")
@@ -59,7 +61,8 @@ async def supervised(repository: Path, tmp_path: Path, gateway_log, show_log_on_
         "metrics_port": free_port(),
         "triton": Settings().triton.model_copy(
             update={"url": None, "model_repository": repository, "grpc_port": 0, "http_port": 0,
-                    "metrics_port": 0, "hung_restart_s": HUNG_RESTART_S}
+                    "metrics_port": 0, "hung_restart_s": HUNG_RESTART_S,
+                    "restart_backoff_s": BACKOFF_S}
         ),
     })
     gateway = Gateway(settings, triton_log=triton_log)
@@ -218,6 +221,8 @@ async def test_a_model_failing_on_restart_keeps_the_gateway_up_and_not_serving(
         await wait_for_status(watch, SERVING)
         watch.cancel()
         assert restarts(supervised) >= 2  # the failed attempt and the good one
+        delays = [r.args[1] for r in caplog.records if "starting it again" in r.getMessage()]
+        assert delays[:2] == [BACKOFF_S, 2 * BACKOFF_S]  # the configured backoff, doubling
         response = await stub.Analyze(pb.AnalyzeRequest(video=videos["short"].read_bytes()), timeout=120)
         assert len(response.answers) == len(QUERIES)
 

@@ -55,8 +55,8 @@ def test_slots_refuse_beyond_the_limit():
 
 
 def test_restart_delay_doubles_from_one_second_up_to_thirty():
-    assert [restart_delay(n) for n in range(7)] == [1, 2, 4, 8, 16, 30, 30]
-    assert restart_delay(10_000) == 30  # a Triton crash-looping for days: no overflow
+    assert [restart_delay(n, 1.0, 30.0) for n in range(7)] == [1, 2, 4, 8, 16, 30, 30]
+    assert restart_delay(10_000, 1.0, 30.0) == 30  # a Triton crash-looping for days: no overflow
     assert restart_delay(3, first_s=0.5, max_s=60) == 4
     with pytest.raises(ValueError):
-        restart_delay(-1)
+        restart_delay(-1, 1.0, 30.0)
