@@ -52,7 +52,7 @@ def restart_delay(attempt: int, first_s: float, max_s: float) -> float:
 
 
 class StartupError(RuntimeError):
-    """The gateway cannot start as configured (e.g. a port in use); the message says which setting."""
+    """The gateway cannot start as configured (a port in use); the message names the setting."""
 
 
 def _default_decoder(settings: Settings):
@@ -205,8 +205,8 @@ class Gateway:
         """Start our Triton again, on the same ports, until it is ready; returns the attempt count.
 
         Waits `restart_delay` (`triton.restart_backoff_s`, doubling up to `restart_backoff_max_s`)
-        before each start, so a crash-looping Triton does not spin. A start that fails (e.g. a model that does not load) is logged with the model's error and
-        retried.
+        before each start, so a crash-looping Triton does not spin. A start that fails (e.g. a
+        model that does not load) is logged with the model's error and retried.
         """
         process = self.triton_process
         start_failed = False

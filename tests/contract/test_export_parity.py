@@ -79,6 +79,5 @@ def test_fresh_encoder_export_has_a_dynamic_batch_and_the_served_metadata(tmp_pa
     fresh = json.loads((tmp_path / "model.json").read_text())
     committed = json.loads((REPO / "model_repository/clip_encoder_s3d/1/model.json").read_text())
     # What the gateway and contract tests read is what `make models` writes.
-    assert {k: fresh[k] for k in ("clip_frames", "frame_size", "feature_dim", "clip_fps")} == {
-        k: committed[k] for k in ("clip_frames", "frame_size", "feature_dim", "clip_fps")
-    }
+    served = ("clip_frames", "frame_size", "feature_dim", "clip_fps")
+    assert {k: fresh[k] for k in served} == {k: committed[k] for k in served}
