@@ -1,16 +1,34 @@
-"""Procedural fine-grained diving videos: real encoded files plus `labels.jsonl`.
+"""Procedural fine-grained diving videos (generator version 2): real encoded files plus `labels.jsonl`.
 
 A stick-figure diver on a cluttered, panning background performs a routine
-run-up (idle) -> take-off -> flight -> entry -> idle. What decides each answer is short and local:
-- take-off: 0.6 s of lean direction and a pencil or star jump, then the figure is upright again (no leak);
-- somersaults: flight lasts a fixed 1.4 s, so more somersaults mean faster rotation inside
-  every flight clip (count is visible locally, as in real diving);
-- twists: the torso's front (warm) and back (cool) alternate and the body narrows with the twist
-  angle, at a rate set by the number of twists;
-- flight pose: the body shape during flight.
-The routine sits at a random position in a 2-20 s video, among moving clutter and a spinning
-distractor bar whose speed is unrelated to the labels, so a model must find the few clips
-that matter.
+run-up (idle) -> take-off -> flight -> entry -> idle (figure gone, splash). Only flight pose and
+take-off can be read from a single frame; somersaults and twists need the motion.
+
+What each label depends on (and nothing else does):
+- take_off: during the 0.6 s take-off only, a lean (backwards for backward/reverse, forwards for
+  forward/inward, +-45 deg) and a pencil (backward/forward) or star (reverse/inward) shape, reached
+  in the first third and held. Before and after, the figure is drawn identically for every take-off.
+- somersaults s: flight lasts FLIGHT_S (x U(0.97, 1.03)), during which the body turns at 360*s deg
+  per flight; the rotation starts at a random phase U(0, 360) deg drawn per video, so orientation
+  at any instant (including entry) is uniform whatever s is: only the rotation *speed* tells s.
+- twists n: the twist angle starts at a random phase U(0, 2 pi) and turns 2 pi n per flight; it is
+  drawn continuously: the torso's colour is a blend of a warm front and a cool back by
+  (1 + cos angle) / 2 and the body's width follows |cos angle|. A still frame shows a uniformly
+  random twist angle whatever n is; only the *rate* of change tells n. (n = 0 holds one random
+  appearance for the whole flight.)
+- flight_pose: the body shape during flight (tuck, pike, straight, free), settled after 12% of it.
+- class: the combination, restricted to vocab.CLASSES (48 valid, every flight with all four
+  take-offs).
+
+Label-independent nuisances, all drawn from the video's seed: duration U(min, max) s; routine
+start anywhere in the slack (U(0.05, 0.95)); background texture and pan; 4-8 clutter shapes moving
+at random velocities; a spinning distractor bar at U(-720, 720) deg/s; figure scale U(0.9, 1.1),
+board position, forward travel; sensor noise; codec (mixed h264/mpeg4 in datasets).
+
+Generator parameters: TAKEOFF_S, FLIGHT_S, ENTRY_S (phase lengths), the pose table `_POSES`,
+colours, NOISE_SCALE, fps (15 in every dataset), width/height (112), min/max seconds per split.
+`GENERATOR_VERSION` is written into every labels.jsonl record; bump it whenever pixels or labels
+can change for a seed, so data and artifacts from another version are never mixed.
 """
 
 from __future__ import annotations
@@ -29,6 +47,7 @@ import numpy as np
 
 from export import vocab
 
+GENERATOR_VERSION = 2
 TAKEOFF_S = 0.6
 FLIGHT_S = 1.4
 ENTRY_S = 0.3
@@ -61,6 +80,8 @@ class Routine:
     start_s: float
     flight_s: float
     labels: dict[str, str]
+    rotation_phase: float = 0.0  # degrees, orientation when flight starts
+    twist_phase: float = 0.0  # radians, twist angle when flight starts
 
 
 def sample_routine(rng: np.random.Generator, seed: int, seconds: float | None,
@@ -72,8 +93,9 @@ def sample_routine(rng: np.random.Generator, seed: int, seconds: float | None,
     flight_s = FLIGHT_S * float(rng.uniform(0.97, 1.03))
     action_s = TAKEOFF_S + flight_s + ENTRY_S
     slack = max(0.0, seconds - action_s)
-    return Routine(seed=seed, duration_s=seconds, start_s=float(rng.uniform(0.05, 0.95)) * slack,
-                   flight_s=flight_s, labels=labels)
+    start_s = float(rng.uniform(0.05, 0.95)) * slack
+    return Routine(seed=seed, duration_s=seconds, start_s=start_s, flight_s=flight_s, labels=labels,
+                   rotation_phase=float(rng.uniform(0, 360)), twist_phase=float(rng.uniform(0, 2 * math.pi)))
 
 
 def phase_times(routine: Routine) -> list[float]:
@@ -149,15 +171,15 @@ def _body_state(routine: Routine, t: float) -> tuple[dict, float, float, float, 
         return pose, 0.0, 0.0, lean, 0.08 * w, 0.0
     if t < t2:  # flight: rotate and twist at label-given rates along a parabola
         w = (t - t1) / routine.flight_s
-        theta = 360.0 * float(labels["somersaults"]) * w
-        twist = 2 * math.pi * float(labels["twists"]) * w
+        theta = routine.rotation_phase + 360.0 * float(labels["somersaults"]) * w
+        twist = routine.twist_phase + 2 * math.pi * float(labels["twists"]) * w
         settle = min(1.0, w / 0.12)
         pose = _lerp_pose(_POSES["straight"], _POSES[labels["flight_pose"]], settle)
         return pose, twist, theta, 0.0, 0.05 + 0.8 * w * (1 - w) - 0.6 * w * w, w
     # entry: straight line dropping into the water (not drawn once under)
     w = min(1.0, (t - t2) / ENTRY_S)
-    theta = 360.0 * float(labels["somersaults"])
-    twist = 2 * math.pi * float(labels["twists"])
+    theta = routine.rotation_phase + 360.0 * float(labels["somersaults"])
+    twist = routine.twist_phase + 2 * math.pi * float(labels["twists"])
     return _POSES["straight"], twist, theta, 0.0, -0.55 - 1.6 * w, 1.0
 
 
@@ -251,7 +273,8 @@ class _Scene:
             for a_, b_ in (("hip", f"knee_{name}"), (f"knee_{name}", f"foot_{name}"),
                            ("neck", f"elbow_{name}"), (f"elbow_{name}", f"hand_{name}")):
                 cv2.line(img, px(joints[a_]), px(joints[b_]), LIMB_COLOUR, thick, cv2.LINE_AA)
-        torso = FRONT_COLOUR if facing >= 0 else BACK_COLOUR
+        front = (1 + facing) / 2  # continuous in the twist angle: no two-state colour
+        torso = tuple(f * front + b * (1 - front) for f, b in zip(FRONT_COLOUR, BACK_COLOUR))
         cv2.line(img, px(joints["hip"]), px(joints["neck"]), torso, int(thick * (1.2 + abs(facing))),
                  cv2.LINE_AA)
         cv2.circle(img, px(joints["head"]), max(2, int(0.075 * self.scale)), SKIN_COLOUR, -1,
@@ -300,6 +323,7 @@ def labels_for(routine: Routine, fps: float) -> dict:
         "boundaries": [int(math.ceil(s * fps)) for s in starts],
         "phases": phases.tolist(),
         "seed": routine.seed,
+        "generator_version": GENERATOR_VERSION,
     }
 
 

@@ -66,3 +66,43 @@ def test_feature_bank_recomputes_and_writes_back_only_online_clips():
     assert int(changed.sum()) == len(ds.records)
     per_video = [int(changed[o : o + n].sum()) for o, n in zip(ds.clip_offset, ds.num_clips)]
     assert per_video == [1, 1, 1]
+
+
+def test_every_model_gets_the_same_clip_gradients_after_the_warm_up():
+    budget = train.Budget()
+    bank = budget.bank_steps * budget.bank_videos_per_step * budget.n_online
+    assert budget.clip_gradients == bank
+    assert abs(budget.short_term_steps * budget.clips_per_step - bank) < budget.clips_per_step
+
+
+def test_baselines_have_the_tqn_key_value_mlp():
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    memory = count(train.build_tqn().input_proj)
+    assert count(train.build_average_pooling().heads.project) == memory
+    assert count(train.build_short_term().heads.project) == memory
+
+
+def test_single_frame_encoder_cannot_see_frame_order():
+    torch.manual_seed(0)
+    encoder = train.build_encoder(temporal_kernel_size=1).eval()
+    clips = torch.randint(0, 256, (2, 8, 112, 112, 3), dtype=torch.uint8)
+    shuffled = clips[:, torch.randperm(8)]
+    with torch.inference_mode():
+        torch.testing.assert_close(encoder(clips), encoder(shuffled), atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(train.build_encoder().eval()(clips), train.build_encoder().eval()(shuffled))
+
+
+def test_frame_shuffle_keeps_each_videos_frames_and_moves_them():
+    from export.data import shuffle_frames
+
+    ds = _tiny_dataset()
+    shuffled = shuffle_frames(ds, seed=1)
+    for v, n in enumerate(ds.num_frames):
+        order = shuffled.frame_order[ds.frame_offset[v] : ds.frame_offset[v] + n]
+        assert sorted(order.tolist()) == list(range(n)) and order.tolist() != list(range(n))
+    # All clips of a video show the same frames as before, in another order.
+    n = int(ds.num_frames[2])
+    a = ds.clips(2, 0, int(ds.num_clips[2])).reshape(-1, 112, 112, 3)[:n]
+    b = shuffled.clips(2, 0, int(ds.num_clips[2])).reshape(-1, 112, 112, 3)[:n]
+    assert not np.array_equal(a, b)
+    assert {x.tobytes() for x in a} == {x.tobytes() for x in b}
