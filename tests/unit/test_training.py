@@ -106,3 +106,22 @@ def test_frame_shuffle_keeps_each_videos_frames_and_moves_them():
     b = shuffled.clips(2, 0, int(ds.num_clips[2])).reshape(-1, 112, 112, 3)[:n]
     assert not np.array_equal(a, b)
     assert {x.tobytes() for x in a} == {x.tobytes() for x in b}
+
+
+def test_a_split_from_another_generator_version_is_rebuilt_not_reused(tmp_path, monkeypatch):
+    import json
+
+    from export import build, synth
+
+    monkeypatch.setitem(build.SPLITS, "tiny", ("tiny", 2, 5, 2.2, 3.0))
+    folder = build.make_split(tmp_path, "tiny")
+    first = build.fingerprint(folder)
+    assert json.loads((folder / "split.json").read_text())["generator_version"] == synth.GENERATOR_VERSION
+    assert build.make_split(tmp_path, "tiny") == folder and not (folder / "stale").exists()  # reused as is
+    spec = json.loads((folder / "split.json").read_text())
+    (folder / "split.json").write_text(json.dumps({**spec, "generator_version": spec["generator_version"] - 1}))
+    (folder / "stale").write_text("left over from the old generator")
+    build.make_split(tmp_path, "tiny")
+    assert not (folder / "stale").exists()
+    assert json.loads((folder / "split.json").read_text()) == spec
+    assert build.fingerprint(folder) == first  # same seed and version: the same labels again
