@@ -19,6 +19,7 @@ from export import data, onnx_export, synth, train
 REPO = Path(__file__).resolve().parent.parent
 MODEL_REPOSITORY = REPO / "model_repository"
 EVALUATION = REPO / "export" / "evaluation.json"
+CONTROLS = REPO / "export" / "controls.json"
 
 # Splits: (folder, count, seed, min seconds, max seconds), each from its own seed. Every choice
 # (architecture, budget, learning rate) is made on "val"; "test" is scored once per run.
@@ -228,7 +229,7 @@ def main(data_dir: Path | None = None, budget: train.Budget | None = None, contr
     return report
 
 
-def run_controls(datasets: dict[str, data.ClipDataset], warm: tuple, budget: train.Budget) -> dict:
+def run_controls(datasets: dict[str, data.ClipDataset], warm: tuple | None, budget: train.Budget) -> dict:
     """Train the no-motion controls and score them on test (the shuffled one on shuffled test)."""
     models = train.train_controls(datasets["short"], datasets["train"], warm, budget, TRAIN_SEED, SHUFFLE_SEED)
     test = datasets["test"]
@@ -241,5 +242,22 @@ def run_controls(datasets: dict[str, data.ClipDataset], warm: tuple, budget: tra
     return {"results": results, "chance": chance(test), "checks": checks}
 
 
+def controls_only(data_dir: Path | None = None, budget: train.Budget | None = None) -> dict:
+    """The controls alone (each with its own warm-up), written to export/controls.json."""
+    start = time.monotonic()
+    data_dir = Path(data_dir or REPO / "data")
+    budget = budget or train.Budget()
+    datasets = make_splits(data_dir)
+    report = {"provenance": {**data_fingerprint(data_dir), "train_seed": TRAIN_SEED, "budget": asdict(budget),
+                             "torch": torch.__version__},
+              **run_controls(datasets, None, budget)}
+    report["wall_seconds"] = round(time.monotonic() - start)
+    CONTROLS.write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
 if __name__ == "__main__":
-    main(controls="--no-controls" not in sys.argv[1:])
+    if "--controls-only" in sys.argv[1:]:
+        controls_only()
+    else:
+        main(controls="--no-controls" not in sys.argv[1:])

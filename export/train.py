@@ -319,18 +319,23 @@ def train_tqn_only(name: str, encoder: S3D, short: ClipDataset, full: ClipDatase
     return encoder, tqn
 
 
-def train_controls(short: ClipDataset, full: ClipDataset, warm: tuple, budget: Budget, seed: int,
+def train_controls(short: ClipDataset, full: ClipDataset, warm: tuple | None, budget: Budget, seed: int,
                    shuffle_seed: int) -> dict[str, tuple]:
     """{"single_frame": ..., "shuffled": ...}: TQN models that cannot use motion, with the TQN's
-    feature-bank budget. "single_frame" reads one frame per clip with a 2D CNN (its own warm-up);
-    "shuffled" goes on from the shared warm-up on frame-shuffled videos (whatever motion features
-    the warm-up learnt are useless there) and must be tested on shuffled videos too."""
+    budget. "single_frame" reads one frame per clip with a 2D CNN (its own warm-up); "shuffled"
+    is trained on frame-shuffled videos, going on from the shared warm-up `warm` (encoder, tqn)
+    when given (whatever motion features it learnt are useless there), else with its own warm-up
+    on shuffled short videos; it must be tested on shuffled videos too."""
     torch.set_num_threads(2)
     rng = seed_everything(seed + 1)
     models = {"single_frame": train_tqn_only("single-frame", MiddleFrame(build_encoder(temporal_kernel_size=1)),
                                              short, full, budget, rng)}
-    encoder, tqn = copy.deepcopy(warm[0]), copy.deepcopy(warm[1])
     shuffled = shuffle_frames(full, shuffle_seed)
+    if warm is None:
+        models["shuffled"] = train_tqn_only("shuffled", build_encoder(), shuffle_frames(short, shuffle_seed),
+                                            shuffled, budget, rng)
+        return models
+    encoder, tqn = copy.deepcopy(warm[0]), copy.deepcopy(warm[1])
     train_with_bank("shuffled", encoder, tqn, shuffled, build_bank(encoder, shuffled), budget, rng)
     models["shuffled"] = (encoder, tqn)
     return models
