@@ -35,6 +35,15 @@ async def test_describe_models_lists_queries_and_attributes(stub, model_reposito
     assert response.max_upload_bytes > 0
 
 
+async def test_a_malformed_request_body_is_invalid_argument_with_a_request_id(channel):
+    analyze = channel.unary_unary("/vqs.v1.VideoAnalytics/Analyze")  # raw bytes in and out
+    call = analyze(b"\xff\xff\xff\xff", metadata=(("x-request-id", "bad-body"),))
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await call
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert dict(await call.trailing_metadata())["x-request-id"] == "bad-body"
+
+
 async def test_health_is_serving(channel):
     health = health_pb2_grpc.HealthStub(channel)
     for service in ("", "vqs.v1.VideoAnalytics"):
