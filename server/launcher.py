@@ -32,7 +32,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from server.settings import TritonSettings
+from server.settings import MODEL_REPOSITORY_VARIABLE, TritonSettings
 
 logger = logging.getLogger(__name__)
 
@@ -217,7 +217,10 @@ class TritonProcess:
 
     def _spawn(self) -> None:
         if not self.model_repository.is_dir():
-            raise TritonLaunchError(f"model repository {self.model_repository} does not exist")
+            raise TritonLaunchError(
+                f"model repository {self.model_repository} does not exist; "
+                f"set {MODEL_REPOSITORY_VARIABLE} to the folder holding the models"
+            )
         install = TritonInstall.discover()
         if self._workdir is None:
             self._workdir = Path(tempfile.mkdtemp(prefix="vqs-triton-"))

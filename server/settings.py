@@ -11,7 +11,22 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+# The source checkout this package runs from (in an installed package: site-packages).
 REPO_ROOT = Path(__file__).resolve().parent.parent
+MODEL_REPOSITORY_VARIABLE = "VQS_TRITON__MODEL_REPOSITORY"
+
+
+def default_model_repository() -> Path:
+    """Where the models are when `VQS_TRITON__MODEL_REPOSITORY` is not set.
+
+    From a source checkout, its `model_repository/`; an installed package ships no models, so there
+    it is `model_repository/` in the current directory. The launcher refuses a path that is not a
+    directory with an error naming the setting.
+    """
+    checkout = REPO_ROOT / "model_repository"
+    if (REPO_ROOT / "pyproject.toml").is_file() and checkout.is_dir():
+        return checkout
+    return Path.cwd() / "model_repository"
 
 
 class _Group(BaseModel):
@@ -19,7 +34,7 @@ class _Group(BaseModel):
 
 
 class TritonSettings(_Group):
-    model_repository: Path = REPO_ROOT / "model_repository"
+    model_repository: Path = Field(default_factory=default_model_repository)
     # 0 = pick a free port at start-up.
     grpc_port: int = 0
     http_port: int = 0
@@ -69,7 +84,8 @@ class Settings(BaseSettings):
     default_encoder: str = "s3d"
     log_level: str = "INFO"
 
-    triton: TritonSettings = TritonSettings()
+    # A factory, not an instance made at import: the repository's default depends on the current directory.
+    triton: TritonSettings = Field(default_factory=TritonSettings)
     decode: DecodeSettings = DecodeSettings()
     limits: LimitsSettings = LimitsSettings()
     security: SecuritySettings = SecuritySettings()
