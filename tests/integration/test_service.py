@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import urllib.request
 
 import grpc
@@ -15,7 +14,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from server.proto import video_analytics_pb2 as pb
 from server.proto import video_analytics_pb2_grpc as pb_grpc
 from server.settings import Settings
-from server.triton import QUERIES
+from tests.vocabulary import query_specs
 
 pytestmark = pytest.mark.integration
 
@@ -23,11 +22,10 @@ pytestmark = pytest.mark.integration
 async def test_describe_models_lists_queries_and_attributes(stub, model_repository):
     response = await stub.DescribeModels(pb.DescribeModelsRequest())
 
-    meta = json.loads((model_repository / "tqn_decoder" / "1" / "model.json").read_text())
-    assert [q.query for q in response.queries] == list(QUERIES)
-    assert {q.query: list(q.attributes) for q in response.queries} == {
-        q["query"]: q["attributes"] for q in meta["queries"]
-    }
+    # What Triton serves (the query decoder's config), in its output order.
+    assert [(q.query, tuple(q.attributes)) for q in response.queries] == [
+        (q.query, q.attributes) for q in query_specs(model_repository)
+    ]
     assert "s3d" in response.encoders
     assert response.default_encoder == "s3d"
     assert (response.clip_frames, response.frame_size) == (8, 112)
@@ -75,7 +73,7 @@ async def test_metrics_endpoint_exposes_the_counters(stub, gateway, videos):
         'vqs_request_duration_seconds_count{encoder="s3d",rpc="Analyze",status="OK"}',
         'vqs_stage_duration_seconds_count{stage="encode"}',
         'vqs_stage_duration_seconds_count{stage="decode"}',
-        'vqs_stage_duration_seconds_count{stage="decode_queries"}',
+        'vqs_stage_duration_seconds_count{stage="query_decoder"}',
         "vqs_clips_total",
         "vqs_video_seconds_total",
         "vqs_inflight_requests",

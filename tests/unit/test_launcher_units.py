@@ -7,7 +7,7 @@ import pytest
 from server.api.servicer import Slots
 from server.errors import Overloaded
 from server.launcher import TritonInstall, TritonProcess, parse_load_errors
-from server.main import restart_delay
+from server.supervisor import restart_delay
 from server.settings import TritonSettings
 
 
