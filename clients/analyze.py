@@ -12,11 +12,12 @@ import typer
 from rich.console import Console
 
 from clients import render
-from server.api.interceptor import REQUEST_ID_HEADER
 from server.proto import video_analytics_pb2 as pb
 from server.proto import video_analytics_pb2_grpc as pb_grpc
 
 DEFAULT_SERVER = "127.0.0.1:50051"
+# The gateway tags every answer, errors included, with this trailing metadata key (its request id).
+REQUEST_ID_HEADER = "x-request-id"
 MESSAGE_HEADROOM_BYTES = 1 << 20
 
 EXIT_OK = 0
