@@ -232,7 +232,8 @@ class TimeGrid:
             raise ValueError("frame times must be finite: repair them with FrameTimes first")
         # A frame is never held longer than max_gap_s, whatever its end says.
         ends = np.minimum(ends, starts + self.max_gap_s)
-        previous_ends = np.concatenate([[np.inf if self.last_end is None else self.last_end], ends[:-1]])
+        last_end = np.inf if self.last_end is None else self.last_end
+        previous_ends = np.concatenate([[last_end], ends[:-1]])
         gaps = np.flatnonzero(starts - previous_ends > self.max_gap_s)
         self.last_end = float(ends[-1])
         cuts = [0, *gaps[gaps > 0], len(starts)]

@@ -152,7 +152,10 @@ def _repaired(starts, durations, chunk: int | None = None, **kwargs):
     times = FrameTimes(**kwargs)
     starts, durations = np.asarray(starts, float), np.asarray(durations, float)
     chunk = chunk or len(starts)
-    parts = [times.repair(starts[i : i + chunk], durations[i : i + chunk]) for i in range(0, len(starts), chunk)]
+    parts = [
+        times.repair(starts[i : i + chunk], durations[i : i + chunk])
+        for i in range(0, len(starts), chunk)
+    ]
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]), times
 
 
