@@ -67,6 +67,8 @@ class TritonSupervisor:
             ready = await self.client.is_ready()
             if ready != serving:
                 logger.warning("Triton is %s", "ready again" if ready else "NOT ready")
+                if ready:
+                    self.client.forget_models()
                 await self.set_health(ready, "Triton is not ready")
                 serving, since = ready, loop.time()
             if ready:
@@ -83,6 +85,7 @@ class TritonSupervisor:
                                process.pid, loop.time() - since)
             if exited or hung:
                 attempt = await self._restart(attempt)
+                self.client.forget_models()
                 await self.set_health(True, "")
                 serving, since = True, loop.time()
 

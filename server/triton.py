@@ -43,7 +43,7 @@ FEATURE_DIM = 256
 # Config parameters (string values) written by export/onnx_export.py:
 CLIP_FPS = "clip_fps"  # encoder: the frame rate its clips are sampled at (see pipeline/chunk.py)
 QUERIES_PARAMETER = "queries"  # query decoder: query names, comma-separated, in output order
-ATTRIBUTES_PARAMETER_PREFIX = "attributes."  # + query: its attributes, comma-separated, in logit order
+ATTRIBUTES_PARAMETER_PREFIX = "attributes."  # + query: its attributes, comma-separated, by logit
 
 
 def logits_name(query: str) -> str:
@@ -148,12 +148,15 @@ def query_decoder_spec(config: dict) -> QueryDecoderSpec:
     model = config.get("name", QUERY_DECODER_MODEL)
     queries = _names(_parameter(config, QUERIES_PARAMETER))
     if not queries:
-        raise ValueError(f"{model}: no {QUERIES_PARAMETER!r} parameter in its config; re-export the model")
+        raise ValueError(
+            f"{model}: no {QUERIES_PARAMETER!r} parameter in its config; re-export the model"
+        )
     specs = []
     for query in queries:
         attributes = _names(_parameter(config, ATTRIBUTES_PARAMETER_PREFIX + query))
         if not attributes:
-            raise ValueError(f"{model}: no {ATTRIBUTES_PARAMETER_PREFIX + query!r} parameter in its config")
+            key = ATTRIBUTES_PARAMETER_PREFIX + query
+            raise ValueError(f"{model}: no {key!r} parameter in its config; re-export the model")
         specs.append(QuerySpec(query, attributes))
     outputs = [t["name"] for t in config.get("output", [])]
     expected = [logits_name(q) for q in queries] + [ATTENTION]
@@ -218,6 +221,12 @@ class TritonClient:
 
     async def close(self) -> None:
         await self._client.close()
+
+    def forget_models(self) -> None:
+        """Drop what was read from the model configs: read afresh on next use (after Triton came
+        back, its models may have been re-exported)."""
+        self._encoders = None
+        self._query_decoder = None
 
     async def _call(self, what: str, coro):
         try:

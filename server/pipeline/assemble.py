@@ -65,7 +65,7 @@ def answer(spec: QuerySpec, logits: np.ndarray) -> Answer:
 def answers(specs: Sequence[QuerySpec], logits: Mapping[str, np.ndarray]) -> list[Answer]:
     missing = [s.query for s in specs if s.query not in logits]
     if missing:
-        raise ValueError(f"the decoder returned no logits for {missing}")
+        raise ValueError(f"the query decoder returned no logits for {missing}")
     return [answer(spec, logits[spec.query]) for spec in specs]
 
 
