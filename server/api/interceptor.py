@@ -30,7 +30,8 @@ MAX_DETAILS = 1000  # characters of an error message sent to the caller
 
 
 class _Malformed:
-    """Stands in for a request whose bytes did not parse, so the RPC can answer it in order."""
+    """Stands in for a request whose bytes did not parse: the RPC then answers INVALID_ARGUMENT
+    with a request id (a deserializer that raises gets UNKNOWN from gRPC, without one)."""
 
     def __init__(self, error: Exception):
         self.error = error
