@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import urllib.request
-from pathlib import Path
 
 import grpc
 import pytest
@@ -19,17 +18,7 @@ from server.triton import QUERIES
 
 pytestmark = pytest.mark.integration
 
-LONG_VIDEO_S = 60.0
-
-
-@pytest.fixture(scope="module")
-def long_video(tmp_path_factory) -> Path:
-    """Long enough that its analysis is still running when a second request arrives."""
-    from export.synth import render_video
-
-    path = tmp_path_factory.mktemp("long") / "long.mp4"
-    render_video(path, seed=31, seconds=LONG_VIDEO_S)
-    return path
+LONG_VIDEO_S = 60.0  # the `long_video` fixture's length
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
