@@ -33,6 +33,29 @@ async def test_describe_models_lists_queries_and_attributes(stub, model_reposito
     assert response.max_upload_bytes > 0
 
 
+async def test_a_gateway_of_a_remote_triton_needs_no_model_repository(triton, tmp_path,
+                                                                      model_repository):
+    """The queries, attributes and clip settings come from Triton, not from files on the disk."""
+    from server.main import Gateway
+
+    remote = Settings().triton.model_copy(
+        update={"url": triton.grpc_url, "model_repository": tmp_path / "not-here"}
+    )
+    gateway = Gateway(Settings().model_copy(
+        update={"grpc_port": 0, "metrics_port": 0, "triton": remote}
+    ))
+    try:
+        await gateway.start()
+        async with grpc.aio.insecure_channel(gateway.address) as channel:
+            response = await pb_grpc.VideoAnalyticsStub(channel).DescribeModels(
+                pb.DescribeModelsRequest()
+            )
+    finally:
+        await gateway.stop()
+    assert [q.query for q in response.queries] == [q.query for q in query_specs(model_repository)]
+    assert response.clip_fps == 15.0
+
+
 async def test_a_malformed_request_body_is_invalid_argument_with_a_request_id(channel):
     analyze = channel.unary_unary("/vqs.v1.VideoAnalytics/Analyze")  # raw bytes in and out
     call = analyze(b"\xff\xff\xff\xff", metadata=(("x-request-id", "bad-body"),))
