@@ -57,6 +57,21 @@ class DecodeSettings(_Group):
     # A worker that produces nothing for this long is killed and the request fails.
     stall_timeout_s: float = 30.0
     decoder_threads: int = Field(1, ge=0)
+    # Bytes of decoded frames each worker may send ahead of the consumer (at least 2 chunks).
+    ahead_bytes: int = Field(24 * 2**20, ge=1)
+    # Target length of the keyframe segments a video is split into across workers.
+    segment_frames: int = Field(240, ge=1)
+    # Inputs larger than this, or whose header claims more frames, are decoded with PyAV:
+    # decord's memory grows with the file, and it sizes a table by the claimed frame count.
+    decord_max_bytes: int = Field(96 * 2**20, ge=0)
+    decord_max_frames: int = Field(1_000_000, ge=0)
+    # A worker is replaced after this many videos or once its RSS passes this (decord leaks).
+    recycle_after: int = Field(50, ge=1)
+    recycle_rss_mb: float = Field(220.0, gt=0)
+    # How long a released worker may take to acknowledge before it is killed.
+    release_timeout_s: float = Field(10.0, gt=0)
+    # A gap between frame timestamps longer than this is a discontinuity: no samples inside it.
+    max_gap_s: float = Field(5.0, gt=0)
 
 
 class LimitsSettings(_Group):
