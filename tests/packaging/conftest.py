@@ -1,8 +1,8 @@
 """Run `vqs serve` as a user would (a command in another environment) and talk to it over gRPC.
 
-`served_gateway(command, env=..., port=...)` starts the command in its own process group, waits
-for a SERVING health check and stops the whole group afterwards; its output is attached to the
-report of a failing test.
+`served_gateway(command, env=, port=, cwd=)` starts the command in its own session; the test waits
+for a SERVING health check, asks for an analysis and stops it with SIGTERM, which must end every
+process it started. Its output is attached to the report of a failing test.
 """
 
 from __future__ import annotations
@@ -73,31 +73,62 @@ class ServedGateway:
             return stub.Analyze(pb.AnalyzeRequest(video=video.read_bytes()), timeout=120)
 
     def stop(self) -> int | None:
-        """SIGTERM the process group (the gateway, its Triton and workers); SIGKILL if it lingers."""
+        """SIGTERM `vqs serve` (the command itself, or its process inside a container runner) as an
+        orchestrator would; it must exit and everything it started (Triton, stubs, decode workers)
+        must go with it. Returns the command's exit code."""
         if self.process.poll() is None:
+            started = _descendants(self.process.pid)
+            serve = next(
+                (pid for pid in [self.process.pid, *started] if _is_vqs_serve(pid)), self.process.pid
+            )
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, signal.SIGTERM)
+                os.kill(serve, signal.SIGTERM)
             try:
                 self.process.wait(STOP_TIMEOUT_S)
             except subprocess.TimeoutExpired:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
-        # Anything left in its process group after a grace period outlived the gateway.
-        deadline = time.monotonic() + STOP_TIMEOUT_S
-        while _group_alive(self.process.pid):
-            if time.monotonic() > deadline:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                pytest.fail("processes started by `vqs serve` outlived it")
-            time.sleep(0.2)
+                pytest.fail(f"`vqs serve` did not stop within {STOP_TIMEOUT_S:.0f} s of SIGTERM")
+            deadline = time.monotonic() + STOP_TIMEOUT_S
+            while left := [pid for pid in started if Path(f"/proc/{pid}").exists()]:
+                if time.monotonic() > deadline:
+                    for pid in left:
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(pid, signal.SIGKILL)
+                    pytest.fail(f"processes started by `vqs serve` outlived it: {left}")
+                time.sleep(0.2)
         return self.process.returncode
 
 
-def _group_alive(pgid: int) -> bool:
+def _parent(pid: int) -> int | None:
     try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[1])
+
+
+def _descendants(pid: int) -> list[int]:
+    children: dict[int | None, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            children.setdefault(_parent(int(entry.name)), []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _is_vqs_serve(pid: int) -> bool:
+    """`python .../vqs serve` (a console script run through its interpreter)."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+    except OSError:
         return False
-    return True
+    return len(argv) >= 3 and Path(argv[0]).name.startswith("python") and argv[1].endswith("/vqs") \
+        and argv[2] == "serve"
 
 
 @pytest.fixture
