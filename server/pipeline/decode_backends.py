@@ -32,6 +32,8 @@ from server.pipeline.decode_protocol import BackendName, DecodeJob, FailureKind,
 MAX_BAD_PACKETS = 32
 # Shorter segments cost more in opening and seeking than splitting saves.
 MIN_SEGMENT_FRAMES = 60
+# Segments of one video at most, whatever length its header claims.
+MAX_SEGMENTS = 1024
 # Non-reference frames are skipped when the video has at least this many frames per sample
 # (never two in a row, so a sample moves by one frame at most).
 SKIP_FROM_RATIO = 1.9
@@ -153,9 +155,10 @@ class Backend(Protocol):
 
 
 def segment_length(frames: float, segment_frames: int, workers: int) -> int:
-    """Frames per segment: at most `segment_frames`, and a short video is still shared by all
-    workers."""
-    return min(segment_frames, max(MIN_SEGMENT_FRAMES, math.ceil(frames / max(1, workers))))
+    """Frames per segment: at most `segment_frames` (unless that makes over `MAX_SEGMENTS`), and a
+    short video is still shared by all workers."""
+    length = min(segment_frames, max(MIN_SEGMENT_FRAMES, math.ceil(frames / max(1, workers))))
+    return max(length, math.ceil(frames / MAX_SEGMENTS))
 
 
 def keyframe_cuts(frames: int, keys: list[int], length: int) -> list[int]:
