@@ -55,8 +55,8 @@ def media(tmp_path_factory) -> dict[str, Path]:
     return paths
 
 
-def _remux(src: Path, dst: Path) -> None:
-    with av.open(str(src)) as inp, av.open(str(dst), "w") as out:
+def _remux(src: Path, dst: Path, fmt: str | None = None) -> None:
+    with av.open(str(src)) as inp, av.open(str(dst), "w", format=fmt) as out:
         stream = out.add_stream_from_template(inp.streams.video[0])
         for packet in inp.demux(inp.streams.video[0]):
             if packet.dts is None:
@@ -357,8 +357,9 @@ async def test_stalled_worker_is_killed_replaced_and_times_out(media):
         await dec.close()
 
 
-async def test_workers_are_recycled(media):
-    dec = VideoDecoder(DecodeSettings(workers=1, recycle_after=1))
+@pytest.mark.parametrize("recycle", [{"recycle_after": 1}, {"recycle_rss_mb": 1.0}], ids=["videos", "rss"])
+async def test_workers_are_recycled(media, recycle):
+    dec = VideoDecoder(DecodeSettings(workers=1, **recycle))
     await dec.start()
     try:
         first = dec.worker_pids()

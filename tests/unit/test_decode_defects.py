@@ -4,7 +4,6 @@ internal failures of a worker."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
 import struct
@@ -14,26 +13,13 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
-import pytest_asyncio
 
 from export.synth import render_video
 from server.errors import InternalError, TooLarge, UnsupportedMedia
 from server.pipeline.decode import ClipBatch, VideoDecoder
 from server.pipeline.decode_backends import reason
 from server.settings import DecodeSettings
-
-SIZE = 32
-CLIP = 8
-
-
-def _remux(src: Path, dst: Path, fmt: str | None = None) -> None:
-    with av.open(str(src)) as inp, av.open(str(dst), "w", format=fmt) as out:
-        stream = out.add_stream_from_template(inp.streams.video[0])
-        for packet in inp.demux(inp.streams.video[0]):
-            if packet.dts is None:
-                continue
-            packet.stream = stream
-            out.mux(packet)
+from test_decode import CLIP, SIZE, _collect, _remux, decoder  # noqa: F401 (decoder: a fixture)
 
 
 def _mpeg4_bframes_avi(path: Path, frames: int = 30) -> None:
@@ -97,19 +83,6 @@ def media(tmp_path_factory) -> dict[str, Path]:
     return paths
 
 
-@pytest_asyncio.fixture(scope="module", loop_scope="session")
-async def decoder():
-    dec = VideoDecoder(DecodeSettings(workers=2, chunk_frames=16, stall_timeout_s=20))
-    await dec.start()
-    yield dec
-    await dec.close()
-
-
-async def _collect(dec: VideoDecoder, source, sample_fps=None) -> list[ClipBatch]:
-    stream = dec.stream(source, frame_size=SIZE, clip_frames=CLIP, clips_per_batch=4, sample_fps=sample_fps)
-    return [b async for b in stream]
-
-
 def _spans(batches: list[ClipBatch]) -> np.ndarray:
     return np.concatenate([b.spans_s for b in batches])
 
@@ -124,7 +97,7 @@ def test_the_inputs_have_their_defects(media):
 
 @pytest.mark.parametrize("sample_fps", [None, 15.0])
 async def test_a_raw_h264_stream_decodes_though_its_frames_have_no_timestamps(decoder, media, sample_fps):
-    batches = await _collect(decoder, media["h264"], sample_fps)
+    batches = await _collect(decoder, media["h264"], sample_fps=sample_fps)
     spans = _spans(batches)
     assert batches[-1].info.frames == 60
     assert len(spans) == 60 // CLIP + 1
@@ -183,7 +156,7 @@ async def test_max_duration_is_enforced_at_the_probe(media):
 @pytest.mark.parametrize("sample_fps", [None, 15.0])  # 15: sampled at half the rate (PyAV skips)
 @pytest.mark.parametrize("degrees", [90, -90, 180])
 async def test_rotated_videos_are_decoded_upright(decoder, media, degrees, sample_fps):
-    batches = await _collect(decoder, media[f"rot{degrees}"], sample_fps)
+    batches = await _collect(decoder, media[f"rot{degrees}"], sample_fps=sample_fps)
     info = batches[-1].info
     assert (info.width, info.height) == ((64, 32) if degrees == 180 else (32, 64))
     frame = batches[0].clips[0, 0, ..., 0].astype(float)  # SIZE x SIZE, resized
@@ -225,19 +198,3 @@ def test_decoder_messages_carry_no_build_path_or_log_timestamp(media):
     assert not re.search(r"\d\d:\d\d:\d\d", text)
     assert "video_reader.cc" not in text and "workspace" not in text and "raw.h264" not in text
     assert "broken metadata" in text
-
-
-async def test_workers_are_recycled_by_rss(media):
-    dec = VideoDecoder(DecodeSettings(workers=1, recycle_rss_mb=1.0))
-    await dec.start()
-    try:
-        first = dec.worker_pids()
-        await _collect(dec, media["mp4"])
-        for _ in range(100):
-            if dec.pool.idle_count() == 1:
-                break
-            await asyncio.sleep(0.05)
-        assert dec.worker_pids() != first
-        assert (await _collect(dec, media["mp4"]))[-1].info.frames == 60
-    finally:
-        await dec.close()
