@@ -11,14 +11,13 @@ ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 \
     VIRTUAL_ENV=/opt/venv PATH=/opt/venv/bin:$PATH
 RUN python3 -m venv /opt/venv
 
-# Installed as a package (not editable); the sources do not stay in the image. pip reaches the
-# index with the builder's own settings (mounted at build time, never copied into a layer).
+# Installed as a package, not editable, then the sources are removed. pip reaches the index with
+# the builder's own settings (mounted at build time, never copied into a layer).
 COPY pyproject.toml README.md /tmp/vqs-src/
 COPY server /tmp/vqs-src/server
 COPY clients /tmp/vqs-src/clients
 COPY export/__init__.py /tmp/vqs-src/export/__init__.py
-RUN --mount=type=cache,target=/root/.cache/pip \
-    pip install --disable-pip-version-check /tmp/vqs-src && rm -rf /tmp/vqs-src
+RUN pip install --no-cache-dir --disable-pip-version-check /tmp/vqs-src && rm -rf /tmp/vqs-src
 
 # An installed package ships no models: the repository is data, found through its setting.
 COPY model_repository /opt/vqs/model_repository
