@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv serve test models bench proto clean image image-base image-tools
+.PHONY: venv serve test golden models bench proto clean image image-base image-tools
 
 venv: $(STAMP)
 
@@ -25,6 +25,11 @@ serve: venv $(ARTIFACTS)
 
 test: venv
 	$(BIN)/python -m pytest
+
+# After retraining: re-record tests/golden/analyze.json from the served models (starts its own
+# Triton + gateway; prints what changed). `GOLDEN_ARGS=--check` compares without writing.
+golden: venv
+	$(BIN)/python -m tests.golden.regenerate $(GOLDEN_ARGS)
 
 models: venv
 	$(BIN)/vqs models

@@ -82,6 +82,15 @@ def trained_models(model_repository: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def queries(model_repository: Path) -> list[str]:
+    """The query names in the order the gateway answers them (read from the query decoder's
+    config, as the gateway reads them)."""
+    from tests.vocabulary import query_names
+
+    return query_names(model_repository)
+
+
+@pytest.fixture(scope="session")
 def log_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("logs")
 

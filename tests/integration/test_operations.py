@@ -28,7 +28,6 @@ from server import triton as contract
 from server.proto import video_analytics_pb2 as pb
 from server.proto import video_analytics_pb2_grpc as pb_grpc
 from server.settings import Settings
-from server.triton import QUERIES
 
 pytestmark = pytest.mark.integration
 
@@ -190,7 +189,7 @@ LONG_VIDEO_CLIPS = 112  # 60 s at the encoder's 15 fps, 8 frames a clip
 
 
 async def test_client_deadline_is_deadline_exceeded_and_frees_the_request(
-    one_slot_gateway, triton, long_video, videos
+    one_slot_gateway, triton, long_video, videos, queries
 ):
     workers, before = decode_worker_pids(triton), await settled_counters(triton)
     async with stub_for(one_slot_gateway) as stub:
@@ -202,7 +201,7 @@ async def test_client_deadline_is_deadline_exceeded_and_frees_the_request(
 
     await assert_request_released(one_slot_gateway, triton, workers, at_stop, LONG_VIDEO_CLIPS)
     response = await admitted(one_slot_gateway, videos["short"])
-    assert len(response.answers) == len(QUERIES)
+    assert len(response.answers) == len(queries)
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
@@ -212,7 +211,9 @@ async def short_deadline_gateway(start_gateway):
     await gateway.stop()
 
 
-async def test_server_deadline_is_deadline_exceeded(short_deadline_gateway, triton, long_video, videos):
+async def test_server_deadline_is_deadline_exceeded(
+    short_deadline_gateway, triton, long_video, videos, queries
+):
     # The client sets no deadline: only `limits.request_deadline_s` (1 s here) can end the call.
     workers, before = decode_worker_pids(triton), await settled_counters(triton)
     async with stub_for(short_deadline_gateway) as stub:
@@ -224,7 +225,7 @@ async def test_server_deadline_is_deadline_exceeded(short_deadline_gateway, trit
 
     await assert_request_released(short_deadline_gateway, triton, workers, at_stop, LONG_VIDEO_CLIPS)
     response = await admitted(short_deadline_gateway, videos["short"])  # well within 1 s
-    assert len(response.answers) == len(QUERIES)
+    assert len(response.answers) == len(queries)
 
 
 # -- 2. limits.max_duration_s -----------------------------------------------------------------
@@ -311,7 +312,7 @@ async def test_a_header_understating_the_duration_is_caught_while_decoding(
 
 
 async def test_a_cancelled_request_frees_its_slot_decode_workers_and_triton_calls(
-    one_slot_gateway, triton, long_video, videos
+    one_slot_gateway, triton, long_video, videos, queries
 ):
     workers, before = decode_worker_pids(triton), await settled_counters(triton)
     async with stub_for(one_slot_gateway) as stub:
@@ -324,7 +325,7 @@ async def test_a_cancelled_request_frees_its_slot_decode_workers_and_triton_call
 
     await assert_request_released(one_slot_gateway, triton, workers, at_stop, LONG_VIDEO_CLIPS)
     response = await admitted(one_slot_gateway, videos["short"])
-    assert len(response.answers) == len(QUERIES)
+    assert len(response.answers) == len(queries)
 
 
 # -- 4. a bad request among others in the encoder's dynamic batches ------------------------------
@@ -442,9 +443,12 @@ async def test_concurrent_gateway_requests_share_encoder_executions(gateway, tri
 
     clips_sent = sum(r.video.clips for r in responses)
     assert clips_sent <= len(responses) * Settings().limits.clips_per_batch  # one call each
-    inferences = after["nv_inference_count"] - before["nv_inference_count"] - busy["requests"] * FULL_BATCH
-    requests = after["nv_inference_request_success"] - before["nv_inference_request_success"] - busy["requests"]
-    executions = after["nv_inference_exec_count"] - before["nv_inference_exec_count"] - busy["requests"]
+    def delta(name: str) -> float:
+        return after[name] - before[name]
+
+    inferences = delta("nv_inference_count") - busy["requests"] * FULL_BATCH
+    requests = delta("nv_inference_request_success") - busy["requests"]
+    executions = delta("nv_inference_exec_count") - busy["requests"]
     assert inferences == clips_sent and requests == len(responses)
     assert executions < inferences
     assert executions < requests, f"{requests} encoder requests ran in {executions} executions"
