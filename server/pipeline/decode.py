@@ -158,11 +158,9 @@ class VideoDecoder:
         self, scheduler: SegmentScheduler, clip_frames: int, per_batch: int, sample_fps: float | None
     ) -> AsyncIterator[ClipBatch]:
         await scheduler.open()
-        fps = scheduler.video.fps
-        times = FrameTimes(
-            max_gap_s=self.settings.max_gap_s,
-            frame_duration=1 / fps if fps and 1 / fps <= self.settings.max_gap_s else None,
-        )
+        # No frame_duration from the container's rate: where frames lack durations, that rate is
+        # often derived from the same broken timestamps FrameTimes estimates a better one from.
+        times = FrameTimes(max_gap_s=self.settings.max_gap_s)
         grid = TimeGrid(sample_fps, max_gap_s=self.settings.max_gap_s) if sample_fps else None
         assembler = ClipAssembler(clip_frames)
         batches = _Batcher(per_batch)
@@ -267,7 +265,8 @@ class SegmentScheduler:
         self.video = VideoInfo(fps=0.0, width=0, height=0, frames=0, duration_s=0.0)
         self.decoder = ""
         self.note = ""
-        self.last_start = -float("inf")
+        self.segment_end = -float("inf")  # latest start seen so far
+        self.trimmed = 0  # the last segment whose repeated leading frames were dropped (0 has none)
         self.failed = False
 
     async def open(self) -> None:
@@ -301,16 +300,18 @@ class SegmentScheduler:
                 raise InternalError(f"unexpected decoder message {type(m).__name__}")
             current.worker.send(msg.Credit(1))
             frames = np.frombuffer(payload, np.uint8).reshape(len(m.starts), size, size, 3)
-            # Drop frames repeated across segment boundaries (by their raw times; none are NaN
-            # where a video is split).
-            keep = ~(m.starts <= self.last_start)
             starts, durations = m.starts, m.durations
-            if not keep.all():
-                frames, starts, durations = frames[keep], starts[keep], durations[keep]
+            if m.segment != self.trimmed:
+                # A segment may begin with frames the previous one ended with (decord's seek or
+                # PyAV's keyframe snapping): drop its leading frames up to the previous end.
+                repeated = np.cumprod(starts <= self.segment_end).sum()  # NaN never repeats
+                frames, starts, durations = frames[repeated:], starts[repeated:], durations[repeated:]
+                if len(starts):
+                    self.trimmed = m.segment
+            if np.isfinite(starts).any():
+                self.segment_end = max(self.segment_end, float(np.nanmax(starts)))
             if len(starts) == 0:
                 continue
-            if np.isfinite(starts).any():
-                self.last_start = max(self.last_start, float(np.nanmax(starts)))
             yield FrameChunk(frames, starts, durations)
 
     def _next_job(self, segment: int) -> msg.DecodeJob:

@@ -34,6 +34,8 @@ MAX_BAD_PACKETS = 32
 MIN_SEGMENT_FRAMES = 60
 # Segments of one video at most, whatever length its header claims.
 MAX_SEGMENTS = 1024
+# Frame rates above this are not believed (nor used to split, skip frames or count frames).
+MAX_FPS = 480
 # Non-reference frames are skipped when the video has at least this many frames per sample
 # (never two in a row, so a sample moves by one frame at most).
 SKIP_FROM_RATIO = 1.9
@@ -198,7 +200,6 @@ class PyAVBackend:
         self._skip_nonref = False
         self._time_base = Fraction(1)
         self._origin = 0
-        self._default_s = math.nan
 
     def open(self, path: str) -> None:
         import av
@@ -220,8 +221,8 @@ class PyAVBackend:
         self._time_base = s.time_base or Fraction(1)
         self._origin = s.start_time or 0
         rate = s.average_rate or s.guessed_rate or s.base_rate
-        fps = float(rate) if rate else None
-        self._default_s = 1 / fps if fps else math.nan
+        # A rate above MAX_FPS is the time base guessed as a rate (Matroska: 1000), not a rate.
+        fps = float(rate) if rate and rate <= MAX_FPS else None
         duration = None
         if s.duration is not None and s.time_base is not None:
             duration = float(s.duration * s.time_base)
@@ -353,7 +354,7 @@ class PyAVBackend:
     def _times(self, frame: Any) -> tuple[float, float]:
         stamp = frame.pts if frame.pts is not None else frame.dts
         start = float((stamp - self._origin) * self._time_base) if stamp is not None else math.nan
-        duration = float(frame.duration * self._time_base) if frame.duration else self._default_s
+        duration = float(frame.duration * self._time_base) if frame.duration else math.nan
         return start, duration
 
     def _picture(self, frame: Any) -> Frame:
