@@ -2,8 +2,8 @@
 non-overlapping clips.
 
 The encoder learnt motion at one frame rate (`clip_fps`, 15 for `s3d`): a 30 fps video cut into
-clips of consecutive frames shows it half the motion per clip, and its answers collapse (measured
-on 40 synthetic videos: somersaults 98% at 15 fps, 38% at 30 fps). `TimeGrid` picks, for every
+clips of consecutive frames shows it half the motion per clip, and its answers collapse (see the
+README). `TimeGrid` picks, for every
 tick of a grid at `clip_fps` anchored at the first frame, the frame showing at that tick (a
 frame repeats when the video is slower than the grid).
 
@@ -137,12 +137,17 @@ class FrameTimes:
             good = (durations > 0) & (durations <= self.max_gap_s)
         estimate = self._estimate(starts, valid)
         raw = starts.tolist()
+        spread = self._spread(raw, valid)
+        # Stamps that repeat come from a clock slower than the frames: durations from the
+        # container's rate then overstate the frames' (a run split by the chunk's end has no
+        # spread yet), so none may exceed this chunk's mean step.
+        cap = estimate if estimate and any(spread) else np.inf
         out = np.empty(n, np.float64)
         ends = np.empty(n, np.float64)
         for i in range(n):
             if good[i]:
                 self.frame_duration = float(durations[i])
-            duration = self.frame_duration or estimate or DEFAULT_FRAME_S
+            duration = spread[i] or min(self.frame_duration or estimate or DEFAULT_FRAME_S, cap)
             start = raw[i]
             if self.start is None:
                 if not valid[i]:
@@ -158,6 +163,8 @@ class FrameTimes:
                     raw[i:] = (starts[i:] + (self.end - start)).tolist()
                 else:
                     self.repaired += 1
+                    if estimate and not spread[i]:  # stamped, but by a slower clock
+                        duration = min(duration, estimate)
                 start = self.end
             elif start > self.end + self.max_gap_s and self._returns(raw, valid, i):
                 start = self.end  # a glitch: the next frames are back on the old times
@@ -167,6 +174,20 @@ class FrameTimes:
             self.start, self.end = start, start + duration
         self.frames += n
         return out, ends
+
+    def _spread(self, raw: list[float], valid: np.ndarray) -> list[float]:
+        """Per frame, for runs of frames sharing one timestamp: the step that spreads them evenly
+        up to the next, greater timestamp in these frames (0 elsewhere)."""
+        spread = [0.0] * len(raw)
+        i = 0
+        while i < len(raw):
+            j = i + 1
+            while j < len(raw) and valid[i] and valid[j] and raw[j] == raw[i]:
+                j += 1
+            if j - i > 1 and j < len(raw) and valid[j] and 0 < raw[j] - raw[i] <= self.max_gap_s:
+                spread[i:j] = [(raw[j] - raw[i]) / (j - i)] * (j - i)
+            i = j
+        return spread
 
     def _returns(self, raw: list[float], valid: np.ndarray, i: int) -> bool:
         """Whether a frame among the LOOKAHEAD after frame i is back near the times before it."""

@@ -205,6 +205,15 @@ def test_repeated_timestamps_are_spread_over_the_frames():
     np.testing.assert_allclose(starts, np.arange(48) * 0.04, atol=1e-9)
 
 
+def test_repeated_timestamps_win_over_a_container_rate_they_contradict():
+    # The same file through PyAV: every frame gets 1 / the container's rate (its 16 stamps in
+    # 1.92 s say 8.3 fps) as its duration, while 50 frames share those 16 stamps.
+    raw = (np.arange(48) // 3) * 0.12
+    starts, ends, _ = _repaired(raw, np.full(48, 0.12), chunk=16, frame_duration=0.12)
+    _assert_sane(starts, ends)
+    assert starts[-1] == pytest.approx(47 * 0.04, abs=0.13)
+
+
 def test_out_of_order_timestamps_become_increasing():
     order = [n + 1 if n % 2 == 0 else n - 1 for n in range(50)]  # pairs swapped
     starts, ends, _ = _repaired(np.array(order) * 0.04, np.full(50, 0.04), chunk=16)
