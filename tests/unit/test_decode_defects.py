@@ -198,3 +198,18 @@ def test_decoder_messages_carry_no_build_path_or_log_timestamp(media):
     assert not re.search(r"\d\d:\d\d:\d\d", text)
     assert "video_reader.cc" not in text and "workspace" not in text and "raw.h264" not in text
     assert "broken metadata" in text
+
+
+@pytest.mark.parametrize("name", ["non_monotonic_pts.mkv", "repeated_pts.mkv", "xvid_packed.avi"])
+async def test_every_frame_reaches_the_time_repair_whatever_its_stamps(decoder, tmp_path_factory, name):
+    # 50 frames stamped out of order, three to a stamp, or (packed B-frames) with pts out of
+    # decode order: none is dropped as a repeat (that is only for the frames a segment begins
+    # with), and the repaired clips tile the 2 s of content.
+    from media import Media
+
+    path = Media(tmp_path_factory.mktemp("stamps"))[name]
+    batches = await _collect(decoder, path, sample_fps=15.0)
+    spans = _spans(batches)
+    assert batches[-1].info.frames == 50
+    assert np.isfinite(spans).all() and np.all(np.diff(spans[:, 0]) > 0)
+    assert spans[-1, 1] - spans[0, 0] == pytest.approx(2.0, abs=0.2)
