@@ -68,22 +68,33 @@ def _remux(src: Path, dst: Path, fmt: str | None = None) -> None:
 VFR_STARTS_MS = [0, 40, 80, 120, 160, 200, 240, 280, 400, 520, 640, 760, 880, 1000, 1120, 1240]
 
 
-def _write_vfr(path: Path) -> None:
-    """Frames at 25 fps for 0.32 s, then at ~8 fps: timestamps, not index / fps, give spans."""
+def write_h264(
+    path: Path, images: list[np.ndarray], pts: list[int], time_base: Fraction, rate: int, **options
+) -> None:
+    """Encode RGB images with libx264, each at its pts (in time_base); `rotation` (degrees
+    counterclockwise) goes into the display matrix, other options to the encoder."""
+    rotation = options.pop("rotation", 0)
     with av.open(str(path), "w") as out:
-        stream = out.add_stream("libx264", rate=25, options={"bf": "0"})
-        stream.width = stream.height = 64
+        stream = out.add_stream("libx264", rate=rate, options=options)
+        stream.height, stream.width = images[0].shape[:2]
         stream.pix_fmt = "yuv420p"
-        stream.codec_context.time_base = Fraction(1, 1000)
-        for i, ms in enumerate(VFR_STARTS_MS):
-            img = np.full((64, 64, 3), 10 * i, np.uint8)
+        stream.codec_context.time_base = time_base
+        if rotation:
+            stream.set_display_rotation(rotation)
+        for img, stamp in zip(images, pts):
             frame = av.VideoFrame.from_ndarray(img, format="rgb24")
-            frame.pts = ms
-            frame.time_base = Fraction(1, 1000)
+            frame.pts = stamp
+            frame.time_base = time_base
             for packet in stream.encode(frame):
                 out.mux(packet)
         for packet in stream.encode():
             out.mux(packet)
+
+
+def _write_vfr(path: Path) -> None:
+    """Frames at 25 fps for 0.32 s, then at ~8 fps: timestamps, not index / fps, give spans."""
+    images = [np.full((64, 64, 3), 10 * i, np.uint8) for i in range(len(VFR_STARTS_MS))]
+    write_h264(path, images, VFR_STARTS_MS, Fraction(1, 1000), 25, bf="0")
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")

@@ -19,7 +19,7 @@ from server.errors import InternalError, TooLarge, UnsupportedMedia
 from server.pipeline.decode import ClipBatch, VideoDecoder
 from server.pipeline.decode_backends import reason
 from server.settings import DecodeSettings
-from test_decode import CLIP, SIZE, _collect, _remux, decoder  # noqa: F401 (decoder: a fixture)
+from test_decode import CLIP, SIZE, _collect, _remux, decoder, write_h264  # noqa: F401 (decoder: a fixture)
 
 
 def _mpeg4_bframes_avi(path: Path, frames: int = 30) -> None:
@@ -49,20 +49,9 @@ def _claim_frames(avi: bytes, frames: int) -> bytes:
 def _rotated(path: Path, degrees: int) -> None:
     """64x32 H.264 at 30 fps whose left half is white, displayed rotated `degrees`
     counterclockwise (as a phone records)."""
-    with av.open(str(path), "w") as out:
-        s = out.add_stream("libx264", rate=30)
-        s.width, s.height, s.pix_fmt = 64, 32, "yuv420p"
-        s.set_display_rotation(degrees)
-        for i in range(30):
-            img = np.zeros((32, 64, 3), np.uint8)
-            img[:, :32] = 255
-            frame = av.VideoFrame.from_ndarray(img, format="rgb24")
-            frame.pts = i
-            frame.time_base = Fraction(1, 30)
-            for packet in s.encode(frame):
-                out.mux(packet)
-        for packet in s.encode():
-            out.mux(packet)
+    image = np.zeros((32, 64, 3), np.uint8)
+    image[:, :32] = 255
+    write_h264(path, [image] * 30, list(range(30)), Fraction(1, 30), 30, rotation=degrees)
 
 
 @pytest.fixture(scope="module")

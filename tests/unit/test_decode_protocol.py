@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -88,18 +90,22 @@ def _all(backend, segment=msg.Segment(0)) -> tuple[np.ndarray, np.ndarray, np.nd
     return np.stack(pictures), np.array(starts), np.array(durations)
 
 
-def test_pyav_and_decord_give_the_same_frames_and_times(media):  # noqa: F811
-    path = str(media["h264"])
-    pyav, decord = PyAVBackend(SIZE, 1), DecordBackend(SIZE, 1)
-    pyav.open(path)
-    decord.open(path)
+@contextlib.contextmanager
+def _opened(path: Path, *backends):
+    for backend in backends:
+        backend.open(str(path))
     try:
+        yield backends
+    finally:
+        for backend in backends:
+            backend.close()
+
+
+def test_pyav_and_decord_give_the_same_frames_and_times(media):  # noqa: F811
+    with _opened(media["h264"], PyAVBackend(SIZE, 1), DecordBackend(SIZE, 1)) as (pyav, decord):
         assert pyav.probe == Probe(112, 112, "h264", 15.0, 4.0, 60, media["h264"].stat().st_size)
         a_frames, a_starts, a_durations = _all(pyav)
         b_frames, b_starts, b_durations = _all(decord)
-    finally:
-        pyav.close()
-        decord.close()
     assert a_frames.shape == b_frames.shape == (60, SIZE, SIZE, 3)
     np.testing.assert_allclose(a_starts, np.arange(60) / 15, atol=1e-4)
     np.testing.assert_allclose(b_starts, a_starts, atol=1e-4)
@@ -122,18 +128,11 @@ def test_pyav_keeps_the_frame_it_peeked_at(media):  # noqa: F811
 
 
 def test_pyav_segments_meet_exactly(media):  # noqa: F811
-    path = str(media["long"])
-    whole, parts = PyAVBackend(SIZE, 1), PyAVBackend(SIZE, 1)
-    whole.open(path)
-    parts.open(path)
-    try:
+    with _opened(media["long"], PyAVBackend(SIZE, 1), PyAVBackend(SIZE, 1)) as (whole, parts):
         segments = parts.split(100, workers=2)  # cut every 6.7 s; keyframes every 16.7 s
         assert len(segments) > 2
         expected = _all(whole)[1]
         got = np.concatenate([_all(parts, s)[1] for s in segments])
-    finally:
-        whole.close()
-        parts.close()
     np.testing.assert_array_equal(got, expected)
 
 
