@@ -1,0 +1,175 @@
+"""`vqs score` against the real gateway and Triton, run as a separate process (as users run it).
+
+The gateway runs in this test process's event loop, so the CLI runs as an asyncio subprocess and
+the tests await it (a blocking `subprocess.run` would stall the gateway).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import sys
+import tarfile
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+
+VIDEO_COUNT = 12
+
+
+@pytest.fixture(scope="module")
+def video_folder(tmp_path_factory, videos) -> Path:
+    """12 one-second synthetic videos (some in a subfolder), one corrupt, and a non-video file."""
+    from export.synth import render_video
+
+    root = tmp_path_factory.mktemp("score_folder")
+    (root / "sub").mkdir()
+    for i in range(VIDEO_COUNT):
+        render_video(root / ("sub" if i % 3 == 0 else "") / f"v{i:02d}.mp4", seed=500 + i, seconds=1.0)
+    shutil.copy(videos["corrupt"], root / "broken.mp4")
+    (root / "labels.jsonl").write_text("{}\n")
+    return root
+
+
+def cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "clients.cli", "score", *args]
+
+
+async def run_cli(*args: str, timeout: float = 300) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        *cli(*args), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    return proc.returncode, out.decode(), err.decode()
+
+
+def rows(path: Path) -> list[dict]:
+    data = path.read_bytes()
+    assert data.endswith(b"\n"), "the output ends on a whole line"
+    return [json.loads(line) for line in data.splitlines()]
+
+
+def expected_ids(folder: Path) -> set[str]:
+    return {p.relative_to(folder).as_posix() for p in folder.rglob("*.mp4")}
+
+
+async def test_sigkill_then_resume_scores_every_video_exactly_once(gateway, video_folder, tmp_path, queries):
+    out = tmp_path / "results.jsonl"
+    proc = await asyncio.create_subprocess_exec(
+        *cli(str(video_folder), "--out", str(out), "--server", gateway.address, "--workers", "2"),
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 240
+    while not (out.exists() and out.read_bytes().count(b"\n") >= 3):
+        assert proc.returncode is None, "the run ended before it could be killed"
+        assert time.monotonic() < deadline, "no 3 lines within 240 s"
+        await asyncio.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    await proc.wait()
+    first = rows(out)
+    assert 3 <= len(first) < VIDEO_COUNT + 1, "killed part-way"
+
+    code, stdout, stderr = await run_cli(
+        str(video_folder), "--out", str(out), "--server", gateway.address, "--workers", "2", "--resume"
+    )
+    assert code == 3, stderr  # the corrupt video failed
+    final = rows(out)
+    assert final[: len(first)] == first, "resuming only appends"
+    ids = [r["id"] for r in final]
+    assert sorted(ids) == sorted(expected_ids(video_folder)), "every video exactly once"
+    assert "labels.jsonl" not in ids
+    by_id = {r["id"]: r for r in final}
+    broken = by_id["broken.mp4"]
+    assert broken["error"]["code"] == "INVALID_ARGUMENT" and broken["error"]["message"]
+    assert broken["error"]["request_id"]
+    for name, row in by_id.items():
+        if name != "broken.mp4":
+            assert [a["query"] for a in row["result"]["answers"]] == queries, name
+            assert row["via"] == "bytes" and row["source"] == str(video_folder / name)
+    assert "already in the output" in stdout and "errors in the output" in stdout
+
+    # Nothing left: a second resume scores nothing and still reports the failure.
+    code, stdout, _ = await run_cli(str(video_folder), "--out", str(out), "--server", gateway.address, "--resume")
+    assert code == 3 and rows(out) == final
+
+
+async def test_tar_gz_and_zip_members_are_read_without_extracting(gateway, video_folder, tmp_path):
+    names = sorted(expected_ids(video_folder))[:3]
+    tgz, zipped = tmp_path / "videos.tar.gz", tmp_path / "videos.zip"
+    with tarfile.open(tgz, "w:gz") as tar, zipfile.ZipFile(zipped, "w") as z:
+        for name in names:
+            tar.add(video_folder / name, arcname=f"clips/{name}")
+            z.write(video_folder / name, arcname=f"clips/{name}")
+        tar.add(video_folder / "labels.jsonl", arcname="clips/labels.jsonl")
+    before = set(tmp_path.iterdir())
+    for archive in (tgz, zipped):
+        out = tmp_path / f"{archive.name}.jsonl"
+        code, _, stderr = await run_cli(str(archive), "--out", str(out), "--server", gateway.address)
+        result = {r["id"]: r for r in rows(out)}
+        assert set(result) == {f"clips/{n}" for n in names}
+        assert code == (3 if "broken.mp4" in names else 0), stderr
+        for name, row in result.items():
+            assert row["source"] == f"{archive}::{name}" and row["via"] == "bytes"
+            assert ("result" in row) == (not name.endswith("broken.mp4"))
+    assert set(tmp_path.iterdir()) - before == {tmp_path / f"{a.name}.jsonl" for a in (tgz, zipped)}
+
+
+async def test_a_list_of_paths_sends_files_under_the_allowed_root_as_uris(
+    gateway, allowed_root, video_folder, tmp_path
+):
+    inside = allowed_root / "score_batch"
+    inside.mkdir(exist_ok=True)
+    shutil.copy(video_folder / "v01.mp4", inside / "a.mp4")
+    listing = tmp_path / "paths.txt"
+    listing.write_text(
+        f"# videos to score\n{inside / 'a.mp4'}\n\n{video_folder / 'v02.mp4'}\n"
+        f"{inside / 'a.mp4'}\nmissing.mp4\n"
+    )
+    out = tmp_path / "list.jsonl"
+    code, dry, _ = await run_cli(
+        str(listing), "--out", str(out), "--dry-run", "--uri-root", str(allowed_root)
+    )
+    assert code == 0 and not out.exists()
+    assert [line.split("\t")[2] for line in dry.splitlines()] == ["uri", "bytes", "bytes"]
+
+    code, _, stderr = await run_cli(
+        str(listing), "--out", str(out), "--server", gateway.address, "--uri-root", str(allowed_root)
+    )
+    assert code == 3, stderr
+    result = {r["id"]: r for r in rows(out)}
+    assert len(result) == 3
+    assert result[str(inside / "a.mp4")]["via"] == "uri" and "result" in result[str(inside / "a.mp4")]
+    assert result[str(video_folder / "v02.mp4")]["via"] == "bytes"
+    assert "result" in result[str(video_folder / "v02.mp4")]
+    assert result["missing.mp4"]["error"] == {
+        "code": "NOT_FOUND", "message": f"no such file: {tmp_path / 'missing.mp4'}", "where": "client"
+    }
+
+
+async def test_refuses_to_overwrite_and_says_so_when_the_gateway_is_down(video_folder, tmp_path):
+    from server.launcher import free_port
+
+    out = tmp_path / "r.jsonl"
+    out.write_text('{"id": "v01.mp4", "result": {}}\n')
+    code, _, stderr = await run_cli(str(video_folder), "--out", str(out))
+    assert code == 2 and "--resume" in stderr
+    code, _, stderr = await run_cli(
+        str(video_folder), "--out", str(out), "--resume", "--server", f"127.0.0.1:{free_port()}"
+    )
+    assert code == 4 and "unreachable" in stderr
+    assert out.read_text() == '{"id": "v01.mp4", "result": {}}\n'
+
+
+def test_a_torn_last_line_is_cut_and_its_video_scored_again(tmp_path):
+    from clients.score import load_done
+
+    out = tmp_path / "r.jsonl"
+    out.write_bytes(b'{"id":"a","result":{}}\n{"id":"b","error":{"code":"X"}}\n{"id":"c","res')
+    assert load_done(out) == {"a": True, "b": False}
+    assert out.read_bytes() == b'{"id":"a","result":{}}\n{"id":"b","error":{"code":"X"}}\n'
