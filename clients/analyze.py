@@ -96,8 +96,16 @@ def analyze(
     max_upload_mb: Annotated[
         float, typer.Option(min=0.001, help="Refuse files larger than this many MB.")
     ] = 256.0,
+    png: Annotated[
+        Path | None, typer.Option(
+            dir_okay=False, help="Also draw the report picture (as `vqs render`) into this PNG.")
+    ] = None,
 ) -> None:
     """Upload a video to the gateway; print the answers and attention over time."""
+    if png is not None:
+        from clients import report
+
+        report.require_matplotlib()
     size = path.stat().st_size
     check_upload_size(size, max_upload_mb)
     data = path.read_bytes()
@@ -112,6 +120,9 @@ def analyze(
             stderr.print(f"is the gateway running at {server}? (`vqs serve`, --server, VQS_SERVER)")
         raise typer.Exit(exit_code_for(code, answered=answered)) from None
     result = render.response_to_dict(resp)
+    if png is not None:
+        report.render_report(result, path, png, title=path.name)
+        stderr.print(f"report picture: {png}", highlight=False)
     if as_json:
         sys.stdout.write(json.dumps(result) + "\n")
         return
