@@ -96,12 +96,28 @@ class FrameTimes:
             raise ValueError(f"need one duration per start: {starts.shape} vs {durations.shape}")
         if len(starts) == 0:
             return starts, starts.copy()
+        durations = self._durations_from_steps(starts, durations)
         if not self._sane(starts, durations):
             return self._repair(starts, durations)
         self.frame_duration = float(durations[-1])
         self.start, self.end = float(starts[-1]), float(starts[-1] + durations[-1])
         self.frames += len(starts)
         return starts, starts + durations
+
+    def _durations_from_steps(self, starts: np.ndarray, durations: np.ndarray) -> np.ndarray:
+        """Missing durations (many containers store none) from the step to the next start where
+        that step is plausible; the last frame's from the frame before it."""
+        with np.errstate(invalid="ignore"):
+            missing = ~((durations > 0) & (durations <= self.max_gap_s))
+            if not missing.any():
+                return durations
+            steps = np.diff(starts)
+            fill = missing[:-1] & (steps > 0) & (steps <= self.max_gap_s)
+            durations = durations.copy()
+            durations[:-1][fill] = steps[fill]
+            if missing[-1] and len(durations) > 1 and fill[-1]:
+                durations[-1] = durations[-2]
+        return durations
 
     def _sane(self, starts: np.ndarray, durations: np.ndarray) -> bool:
         """The common case, checked at numpy speed: nothing to repair."""

@@ -173,6 +173,15 @@ def test_sane_times_pass_unchanged():
     assert times.repaired == 0 and times.end == pytest.approx(0.8)
 
 
+def test_missing_durations_come_from_the_next_start():
+    # Variable frame rate in a container that stores no durations.
+    raw = np.array([0.0, 0.1, 0.2, 0.6, 1.0, 1.4])
+    starts, ends, times = _repaired(raw, np.full(6, NAN))
+    np.testing.assert_allclose(starts, raw)
+    np.testing.assert_allclose(ends, [0.1, 0.2, 0.6, 1.0, 1.4, 1.8])
+    assert times.repaired == 0
+
+
 def test_missing_starts_continue_from_the_previous_frame():
     starts, ends, times = _repaired([0.0, NAN, NAN, 0.12, NAN], [0.04, NAN, 0.04, 0.04, NAN])
     np.testing.assert_allclose(starts, [0.0, 0.04, 0.08, 0.12, 0.16])
