@@ -45,6 +45,12 @@ class Listing:
     def items(self) -> list[Item]:
         raise NotImplementedError
 
+    def read_one(self, item_id: str, path: str | None) -> bytes:
+        """One item's bytes by id (random access, e.g. from a Ray actor); raises OSError."""
+        if path is None:
+            raise OSError(f"{item_id}: no path to read")
+        return Path(path).read_bytes()
+
     def read(self, ids: set[str]) -> Iterator[tuple[Item, bytes | OSError]]:
         """The wanted items' bytes (or why they could not be read), in listing order."""
         for item in self.items():
@@ -107,6 +113,18 @@ class TarListing(Listing):
                 for m in tar.getmembers() if m.isfile() and is_video_name(m.name)
             ]
 
+    def read_one(self, item_id: str, path: str | None) -> bytes:
+        # Random access: cheap for a plain .tar; a compressed one is decompressed up to the member.
+        if getattr(self, "_tar", None) is None:
+            self._tar = tarfile.open(self.path, "r:*")
+        try:
+            f = self._tar.extractfile(item_id)
+        except KeyError:
+            raise OSError(f"no member {item_id} in {self.path}") from None
+        if f is None:
+            raise OSError(f"{item_id} is not a regular file in {self.path}")
+        return f.read()
+
     def read(self, ids: set[str]) -> Iterator[tuple[Item, bytes | OSError]]:
         # "r|*": one forward pass over the (possibly compressed) stream, no seeking.
         with tarfile.open(self.path, "r|*") as tar:
@@ -126,6 +144,14 @@ class ZipListing(Listing):
                 Item(i.filename, f"{self.path}::{i.filename}", None, i.file_size)
                 for i in z.infolist() if not i.is_dir() and is_video_name(i.filename)
             ]
+
+    def read_one(self, item_id: str, path: str | None) -> bytes:
+        if getattr(self, "_zip", None) is None:
+            self._zip = zipfile.ZipFile(self.path)
+        try:
+            return self._zip.read(item_id)
+        except (KeyError, zipfile.BadZipFile) as exc:
+            raise OSError(f"cannot read {item_id} from {self.path}: {exc}") from None
 
     def read(self, ids: set[str]) -> Iterator[tuple[Item, bytes | OSError]]:
         with zipfile.ZipFile(self.path) as z:

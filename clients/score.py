@@ -132,39 +132,74 @@ def retryable(exc: grpc.aio.AioRpcError) -> bool:
     return busy or code == grpc.StatusCode.UNAVAILABLE
 
 
+def prepare(
+    item: Item, payload: bytes | OSError | None, uri: str | None, *, encoder: str, max_upload_bytes: int,
+) -> tuple[dict[str, Any], pb.AnalyzeRequest | None]:
+    """The output row so far and the request to send, or the finished row (request None) when
+    the video cannot be sent."""
+    row: dict[str, Any] = {"id": item.id, "source": item.source, "via": "uri" if uri else "bytes"}
+    if uri:
+        return row, pb.AnalyzeRequest(uri=uri, encoder=encoder)
+    if isinstance(payload, OSError):
+        return row | {"error": local_read_error(payload)}, None
+    if len(payload) > max_upload_bytes:
+        return row | {"error": client_error(
+            "RESOURCE_EXHAUSTED",
+            f"file is {len(payload)} bytes, above the server's upload limit of {max_upload_bytes}")}, None
+    if not payload:
+        return row | {"error": client_error("INVALID_ARGUMENT", "the file is empty")}, None
+    return row, pb.AnalyzeRequest(video=payload, encoder=encoder)
+
+
+def outcome(exc: grpc.RpcError, attempt: int, retries: int) -> dict[str, Any] | None:
+    """The error for the row, or None to retry; raises GatewayUnreachable when no gateway answered."""
+    answered = analyze.answered_by_gateway(exc)
+    if exc.code() == grpc.StatusCode.UNAVAILABLE and not answered:
+        raise GatewayUnreachable(exc.details() or "connection failed")
+    if attempt < retries and retryable(exc):
+        return None
+    trailers = dict(exc.trailing_metadata() or ())
+    error = {"code": exc.code().name, "message": exc.details() or ""}
+    if analyze.REQUEST_ID_HEADER in trailers:
+        error["request_id"] = trailers[analyze.REQUEST_ID_HEADER]
+    return error
+
+
 async def score_one(
     stub: pb_grpc.VideoAnalyticsStub, item: Item, payload: bytes | OSError | None, uri: str | None,
     *, encoder: str, timeout: float | None, max_upload_bytes: int, retries: int,
 ) -> dict[str, Any]:
-    row: dict[str, Any] = {"id": item.id, "source": item.source, "via": "uri" if uri else "bytes"}
-    if uri:
-        request = pb.AnalyzeRequest(uri=uri, encoder=encoder)
-    elif isinstance(payload, OSError):
-        return row | {"error": local_read_error(payload)}
-    elif len(payload) > max_upload_bytes:
-        return row | {"error": client_error(
-            "RESOURCE_EXHAUSTED",
-            f"file is {len(payload)} bytes, above the server's upload limit of {max_upload_bytes}")}
-    elif not payload:
-        return row | {"error": client_error("INVALID_ARGUMENT", "the file is empty")}
-    else:
-        request = pb.AnalyzeRequest(video=payload, encoder=encoder)
+    row, request = prepare(item, payload, uri, encoder=encoder, max_upload_bytes=max_upload_bytes)
+    if request is None:
+        return row
     for attempt in range(retries + 1):
         try:
             response = await stub.Analyze(request, timeout=timeout)
             return row | {"result": render.response_to_dict(response)}
         except grpc.aio.AioRpcError as exc:
-            answered = analyze.answered_by_gateway(exc)
-            if exc.code() == grpc.StatusCode.UNAVAILABLE and not answered:
-                raise GatewayUnreachable(exc.details() or "connection failed") from None
-            if attempt < retries and retryable(exc):
-                await asyncio.sleep(RETRY_BACKOFF_S * 2**attempt)
-                continue
-            trailers = dict(exc.trailing_metadata() or ())
-            error = {"code": exc.code().name, "message": exc.details() or ""}
-            if analyze.REQUEST_ID_HEADER in trailers:
-                error["request_id"] = trailers[analyze.REQUEST_ID_HEADER]
-            return row | {"error": error}
+            error = outcome(exc, attempt, retries)
+            if error is not None:
+                return row | {"error": error}
+            await asyncio.sleep(RETRY_BACKOFF_S * 2**attempt)
+    raise AssertionError("unreachable")
+
+
+def score_one_sync(
+    stub: pb_grpc.VideoAnalyticsStub, item: Item, payload: bytes | OSError | None, uri: str | None,
+    *, encoder: str, timeout: float | None, max_upload_bytes: int, retries: int,
+) -> dict[str, Any]:
+    """`score_one` on a blocking channel (for Ray actors)."""
+    row, request = prepare(item, payload, uri, encoder=encoder, max_upload_bytes=max_upload_bytes)
+    if request is None:
+        return row
+    for attempt in range(retries + 1):
+        try:
+            return row | {"result": render.response_to_dict(stub.Analyze(request, timeout=timeout))}
+        except grpc.RpcError as exc:
+            error = outcome(exc, attempt, retries)
+            if error is not None:
+                return row | {"error": error}
+            time.sleep(RETRY_BACKOFF_S * 2**attempt)
     raise AssertionError("unreachable")
 
 
@@ -295,7 +330,10 @@ def score(
     server: Annotated[str, typer.Option(
         envvar="VQS_SERVER", help="Gateway address, HOST:PORT.")] = analyze.DEFAULT_SERVER,
     workers: Annotated[int, typer.Option(
-        min=1, max=64, help="Requests in flight at once.")] = 4,
+        min=1, max=64, help="Requests in flight at once (with --ray: Ray actors).")] = 4,
+    ray_address: Annotated[str | None, typer.Option(
+        "--ray", metavar="ADDRESS",
+        help="Run on this Ray cluster (HOST:PORT of its head, or 'auto'); needs the ray extra.")] = None,
     resume: Annotated[bool, typer.Option(
         help="Skip videos already in --out (after an interrupted run).")] = False,
     force: Annotated[bool, typer.Option(
@@ -313,6 +351,11 @@ def score(
         min=0, help="Retries of a video when the gateway is busy or its Triton restarting.")] = 3,
 ) -> None:
     """Analyze every video of a folder, archive or list of paths; write one JSONL line each."""
+    if ray_address:
+        import importlib.util
+
+        if importlib.util.find_spec("ray") is None:
+            raise typer.BadParameter("Ray is not installed: pip install 'vqs[ray]'", param_hint="--ray")
     if resume and force:
         raise typer.BadParameter("--resume and --force exclude each other", param_hint="--resume")
     try:
@@ -337,16 +380,22 @@ def score(
         stderr.print(f"{len(todo)} of {len(items)} videos to score ({listing.kind}); {skipped} already in {out}")
         return
     stderr.print(f"{len(items)} videos in {archive} ({listing.kind}); {skipped} already in {out}; "
-                 f"{len(todo)} to score with {workers} workers on {server}", highlight=False)
+                 f"{len(todo)} to score with {workers} {'Ray actors' if ray_address else 'workers'} on {server}", highlight=False)
 
     tally = Tally()
     writer = LineWriter(out)
     code = analyze.EXIT_OK
     try:
-        asyncio.run(run_batch(
-            listing, todo, writer, tally, server=server, workers=workers, uri_root=root,
-            encoder=encoder, timeout=timeout, retries=retries,
-        ))
+        if ray_address:
+            from clients.score_ray import run_ray
+
+            run_ray(listing, todo, writer, tally, address=ray_address, actors=workers, server=server,
+                    uri_root=root, encoder=encoder, timeout=timeout, retries=retries)
+        else:
+            asyncio.run(run_batch(
+                listing, todo, writer, tally, server=server, workers=workers, uri_root=root,
+                encoder=encoder, timeout=timeout, retries=retries,
+            ))
     except GatewayUnreachable as exc:
         stderr.print(f"[red]error[/red] the gateway at {server} is unreachable ({exc}); "
                      "start it (`vqs serve`) and rerun with --resume", highlight=False)

@@ -173,3 +173,105 @@ def test_a_torn_last_line_is_cut_and_its_video_scored_again(tmp_path):
     out.write_bytes(b'{"id":"a","result":{}}\n{"id":"b","error":{"code":"X"}}\n{"id":"c","res')
     assert load_done(out) == {"a": True, "b": False}
     assert out.read_bytes() == b'{"id":"a","result":{}}\n{"id":"b","error":{"code":"X"}}\n'
+
+
+# --- the same through Ray ---------------------------------------------------------------------
+
+def _session_pids(sid: int) -> list[int]:
+    """Processes of the session the Ray head was started in (it and everything it spawned)."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == sid:  # fields after the name: state ppid pgrp session ...
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory):
+    """A local Ray head on loopback (2 CPUs, small object store), in its own session so that
+    everything it starts is stopped by process id at the end."""
+    pytest.importorskip("ray", reason="the ray extra is not installed (pip install -e '.[ray]')")
+    import subprocess
+
+    from server.launcher import free_port
+
+    tmp = tmp_path_factory.mktemp("ray")
+    port = free_port()
+    log = tmp / "head.log"
+    head = subprocess.Popen(
+        [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", f"--port={port}",
+         "--node-ip-address=127.0.0.1", "--num-cpus=2", "--include-dashboard=false",
+         f"--ray-client-server-port={free_port()}", "--object-store-memory=100000000",
+         f"--temp-dir={tmp / 't'}", "--disable-usage-stats"],
+        stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
+        env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"},
+    )
+    try:
+        deadline = time.monotonic() + 180
+        while "block forever" not in log.read_text():
+            assert head.poll() is None, log.read_text()[-2000:]
+            assert time.monotonic() < deadline, "Ray head not up in 180 s"
+            time.sleep(0.5)
+        yield f"127.0.0.1:{port}"
+    finally:
+        head.terminate()
+        try:
+            head.wait(10)
+        except subprocess.TimeoutExpired:
+            pass
+        for pid in _session_pids(head.pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if head.poll() is None:
+            head.wait(10)
+        assert not [p for p in _session_pids(head.pid) if Path(f"/proc/{p}").exists()
+                    and "Z" not in Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0]]
+
+
+async def test_ray_sigkill_then_resume_scores_every_video_exactly_once(gateway, video_folder, ray_head, tmp_path):
+    out = tmp_path / "ray.jsonl"
+    args = (str(video_folder), "--out", str(out), "--server", gateway.address, "--ray", ray_head,
+            "--workers", "2")
+    proc = await asyncio.create_subprocess_exec(
+        *cli(*args), stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 300
+    while not (out.exists() and out.read_bytes().count(b"\n") >= 3):
+        assert proc.returncode is None, "the run ended before it could be killed"
+        assert time.monotonic() < deadline, "no 3 lines within 300 s"
+        await asyncio.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    await proc.wait()
+    first = rows(out)
+    assert 3 <= len(first) <= VIDEO_COUNT
+
+    code, _, stderr = await run_cli(*args, "--resume")
+    assert code == 3, stderr
+    final = rows(out)
+    assert final[: len(first)] == first
+    assert sorted(r["id"] for r in final) == sorted(expected_ids(video_folder)), "every video exactly once"
+    by_id = {r["id"]: r for r in final}
+    assert by_id["broken.mp4"]["error"]["code"] == "INVALID_ARGUMENT"
+    assert all("result" in r for name, r in by_id.items() if name != "broken.mp4")
+
+
+async def test_ray_actors_read_zip_members(gateway, video_folder, ray_head, tmp_path):
+    names = ["v01.mp4", "v02.mp4", "broken.mp4"]
+    zipped = tmp_path / "videos.zip"
+    with zipfile.ZipFile(zipped, "w") as z:
+        for name in names:
+            z.write(video_folder / name, arcname=name)
+    out = tmp_path / "zip.jsonl"
+    code, _, stderr = await run_cli(str(zipped), "--out", str(out), "--server", gateway.address,
+                                    "--ray", ray_head, "--workers", "2")
+    assert code == 3, stderr
+    result = {r["id"]: r for r in rows(out)}
+    assert set(result) == set(names)
+    assert "result" in result["v01.mp4"] and "result" in result["v02.mp4"]
+    assert result["broken.mp4"]["error"]["code"] == "INVALID_ARGUMENT"
