@@ -170,6 +170,10 @@ async def assert_request_released(
     spent = await cpu_until_idle(workers)
     assert max(spent.values()) <= WORKER_CPU_AFTER_STOP_S, (
         f"decode workers kept decoding after the request stopped: CPU-s by pid {spent}")
+    # ... and they are handed back to the pool (a recycled one's replacement counts once started).
+    pool = gateway.decoder.pool
+    await until(lambda: pool.idle_count() == gateway.settings.decode.workers,
+                "every decode worker back in the pool", 15.0)
     await until(lambda: gateway_gauge(gateway) == 0, "the gateway's in-flight gauge back at 0", 5.0)
 
     # The encoder calls the request had in flight when it stopped end (answered or cancelled in
@@ -178,12 +182,16 @@ async def assert_request_released(
     settled = await settled_counters(triton)
     await asyncio.sleep(1.0)
     later = triton_counters(triton)
+    clips = (f"encoder clips: {at_stop['before']:g} before the request, "
+             f"{at_stop['nv_inference_count']:g} when it stopped, {settled['nv_inference_count']:g} "
+             f"a second later, {later['nv_inference_count']:g} a second after that")
     for name in ("nv_inference_count", "nv_inference_exec_count", "nv_inference_request_success"):
-        assert later[name] == settled[name], f"Triton kept running the stopped request ({name})"
+        assert later[name] == settled[name], f"Triton kept running the stopped request ({clips})"
     inflight_clips = Settings().limits.encode_inflight * Settings().limits.clips_per_batch
-    assert settled["nv_inference_count"] - at_stop["nv_inference_count"] <= inflight_clips
+    assert settled["nv_inference_count"] - at_stop["nv_inference_count"] <= inflight_clips, (
+        f"more clips encoded after the stop than were in flight ({clips})")
     encoded = settled["nv_inference_count"] - at_stop["before"]
-    assert encoded < full_clips, "the whole video was encoded although the request stopped"
+    assert encoded < full_clips, f"the whole video was encoded although the request stopped ({clips})"
 
 
 LONG_VIDEO_CLIPS = 112  # 60 s at the encoder's 15 fps, 8 frames a clip
