@@ -473,12 +473,12 @@ async def test_concurrent_gateway_requests_share_encoder_executions(gateway, tri
 
 
 def test_missing_model_artifacts_fail_the_run_with_a_clear_message(tmp_path):
+    needs_models = "tests/integration/test_operations.py::test_concurrent_gateway_requests_share_encoder_executions"
     empty = tmp_path / "model_repository"
     empty.mkdir()
     env = {**os.environ, "VQS_TRITON__MODEL_REPOSITORY": str(empty)}
     run = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-         "tests/integration/test_startup.py"],
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", needs_models],
         cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300,
     )
     output = run.stdout + run.stderr
