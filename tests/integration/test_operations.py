@@ -473,7 +473,8 @@ async def test_concurrent_gateway_requests_share_encoder_executions(gateway, tri
 
 
 def test_missing_model_artifacts_fail_the_run_with_a_clear_message(tmp_path):
-    needs_models = "tests/integration/test_operations.py::test_concurrent_gateway_requests_share_encoder_executions"
+    needs_models = ("tests/integration/test_operations.py"
+                    "::test_concurrent_gateway_requests_share_encoder_executions")
     empty = tmp_path / "model_repository"
     empty.mkdir()
     env = {**os.environ, "VQS_TRITON__MODEL_REPOSITORY": str(empty)}
