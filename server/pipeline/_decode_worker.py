@@ -196,7 +196,10 @@ def _open_video(job: msg.DecodeJob, pyav: PyAVBackend) -> tuple[Backend | None, 
         try:
             decord.open(job.path)
         except DecodeFailure as exc:
-            name, note = "pyav", exc.message
+            # A container decord cannot read may claim a duration its frames do not follow:
+            # decoded in one piece, none is lost between cuts by pts.
+            name, note, segments = "pyav", exc.message, [msg.Segment(0)]
+            pyav.set_threads(all_threads)
         else:
             pyav.close()
             backend, segments = decord, decord.split(job.segment_frames, job.workers)

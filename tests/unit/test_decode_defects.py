@@ -189,11 +189,12 @@ def test_decoder_messages_carry_no_build_path_or_log_timestamp(media):
     assert "broken metadata" in text
 
 
-@pytest.mark.parametrize("name", ["non_monotonic_pts.mkv", "repeated_pts.mkv", "xvid_packed.avi"])
+@pytest.mark.parametrize("name", ["non_monotonic_pts.mkv", "repeated_pts.mkv", "xvid_packed.avi", "jumping_pts.mkv"])
 async def test_every_frame_reaches_the_time_repair_whatever_its_stamps(decoder, tmp_path_factory, name):
-    # 50 frames stamped out of order, three to a stamp, or (packed B-frames) with pts out of
-    # decode order: none is dropped as a repeat (that is only for the frames a segment begins
-    # with), and the repaired clips tile the 2 s of content.
+    # 50 frames stamped out of order, three to a stamp, (packed B-frames) with pts out of decode
+    # order, or two stamped 1000 s ahead (so the container claims 1000 s): none is dropped as a
+    # repeat (that is only for the frames a segment begins with) or lost between segments cut by
+    # pts, and the repaired clips tile the 2 s of content.
     from media import Media
 
     path = Media(tmp_path_factory.mktemp("stamps"))[name]
