@@ -19,25 +19,33 @@ from pathlib import Path
 
 import pytest
 
-VIDEO_COUNT = 12
+VIDEO_COUNT = 40
+VIDEO_S = 4.0
 
 
 @pytest.fixture(scope="module")
 def video_folder(tmp_path_factory, videos) -> Path:
-    """12 one-second synthetic videos (some in a subfolder), one corrupt, and a non-video file."""
+    """40 four-second synthetic videos (some in a subfolder; a few seconds of scoring, so a kill
+    lands part-way), one corrupt, and a non-video file."""
     from export.synth import render_video
 
     root = tmp_path_factory.mktemp("score_folder")
     (root / "sub").mkdir()
     for i in range(VIDEO_COUNT):
-        render_video(root / ("sub" if i % 3 == 0 else "") / f"v{i:02d}.mp4", seed=500 + i, seconds=1.0)
+        render_video(root / ("sub" if i % 3 == 0 else "") / f"v{i:02d}.mp4", seed=500 + i, seconds=VIDEO_S)
     shutil.copy(videos["corrupt"], root / "broken.mp4")
     (root / "labels.jsonl").write_text("{}\n")
     return root
 
 
+# SIGINT restored to Python's handler: a child of a shell that ignores SIGINT (CI's background
+# jobs) would inherit SIG_IGN, and Ctrl-C is what the interrupt test sends.
+_VQS = ("import signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+        "from clients.cli import app; app()")
+
+
 def cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "clients.cli", "score", *args]
+    return [sys.executable, "-c", _VQS, "score", *args]
 
 
 async def run_cli(*args: str, timeout: float = 300) -> tuple[int, str, str]:
@@ -62,7 +70,7 @@ def expected_ids(folder: Path) -> set[str]:
 async def test_sigkill_then_resume_scores_every_video_exactly_once(gateway, video_folder, tmp_path, queries):
     out = tmp_path / "results.jsonl"
     proc = await asyncio.create_subprocess_exec(
-        *cli(str(video_folder), "--out", str(out), "--server", gateway.address, "--workers", "2"),
+        *cli(str(video_folder), "--out", str(out), "--server", gateway.address, "--workers", "1"),
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
     )
     deadline = time.monotonic() + 240
@@ -73,7 +81,7 @@ async def test_sigkill_then_resume_scores_every_video_exactly_once(gateway, vide
     proc.send_signal(signal.SIGKILL)
     await proc.wait()
     first = rows(out)
-    assert 3 <= len(first) < VIDEO_COUNT + 1, "killed part-way"
+    assert 3 <= len(first) < VIDEO_COUNT, "killed part-way"
 
     code, stdout, stderr = await run_cli(
         str(video_folder), "--out", str(out), "--server", gateway.address, "--workers", "2", "--resume"
@@ -97,6 +105,28 @@ async def test_sigkill_then_resume_scores_every_video_exactly_once(gateway, vide
     # Nothing left: a second resume scores nothing and still reports the failure.
     code, stdout, _ = await run_cli(str(video_folder), "--out", str(out), "--server", gateway.address, "--resume")
     assert code == 3 and rows(out) == final
+
+
+async def test_ctrl_c_stops_with_whole_lines_and_resume_finishes(gateway, video_folder, tmp_path):
+    out = tmp_path / "results.jsonl"
+    args = (str(video_folder), "--out", str(out), "--server", gateway.address, "--workers", "2")
+    proc = await asyncio.create_subprocess_exec(
+        *cli(*args), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+    deadline = time.monotonic() + 240
+    while not (out.exists() and out.read_bytes().count(b"\n") >= 3):
+        assert proc.returncode is None and time.monotonic() < deadline
+        await asyncio.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = await asyncio.wait_for(proc.communicate(), 60)
+    first = rows(out)
+    assert proc.returncode == 130, err.decode()
+    assert f"interrupted after {len(first)} videos; rerun with --resume" in err.decode()
+    assert len(first) < VIDEO_COUNT
+    code, _, stderr = await run_cli(*args, "--resume")
+    assert code == 3, stderr
+    assert sorted(r["id"] for r in rows(out)) == sorted(expected_ids(video_folder))
 
 
 async def test_tar_gz_and_zip_members_are_read_without_extracting(gateway, video_folder, tmp_path):
@@ -230,8 +260,21 @@ def ray_head(tmp_path_factory):
                 pass
         if head.poll() is None:
             head.wait(10)
-        assert not [p for p in _session_pids(head.pid) if Path(f"/proc/{p}").exists()
-                    and "Z" not in Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0]]
+
+        def alive() -> list[int]:
+            out = []
+            for pid in _session_pids(head.pid):
+                try:
+                    if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                        out.append(pid)
+                except OSError:
+                    pass
+            return out
+
+        deadline = time.monotonic() + 10
+        while alive() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not alive(), "Ray processes outlived the test"
 
 
 async def test_ray_sigkill_then_resume_scores_every_video_exactly_once(gateway, video_folder, ray_head, tmp_path):
