@@ -48,10 +48,10 @@ def cli(*args: str) -> list[str]:
     return [sys.executable, "-c", _VQS, "score", *args]
 
 
-async def run_cli(*args: str, timeout: float = 300) -> tuple[int, str, str]:
+async def run_cli(*args: str, timeout: float = 300, env: dict[str, str] | None = None) -> tuple[int, str, str]:
     proc = await asyncio.create_subprocess_exec(
         *cli(*args), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "COLUMNS": "200"},
+        env={**os.environ, "COLUMNS": "200", **(env or {})},
     )
     out, err = await asyncio.wait_for(proc.communicate(), timeout)
     return proc.returncode, out.decode(), err.decode()
@@ -207,6 +207,11 @@ def test_a_torn_last_line_is_cut_and_its_video_scored_again(tmp_path):
 
 # --- the same through Ray ---------------------------------------------------------------------
 
+# Loopback only: without this Ray on Linux advertises the address of the default-route interface
+# and its processes talk to each other over it.
+RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+
+
 def _session_pids(sid: int) -> list[int]:
     """Processes of the session the Ray head was started in (it and everything it spawned)."""
     pids = []
@@ -238,7 +243,7 @@ def ray_head(tmp_path_factory):
          f"--ray-client-server-port={free_port()}", "--object-store-memory=100000000",
          f"--temp-dir={tmp / 't'}", "--disable-usage-stats"],
         stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
-        env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"},
+        env={**os.environ, **RAY_ENV},
     )
     try:
         deadline = time.monotonic() + 180
@@ -247,6 +252,13 @@ def ray_head(tmp_path_factory):
             assert time.monotonic() < deadline, "Ray head not up in 180 s"
             time.sleep(0.5)
         yield f"127.0.0.1:{port}"
+        # Every address Ray advertised is loopback.
+        gcs = (tmp / "t" / "session_latest" / "logs" / "gcs_server.out")
+        if gcs.exists():
+            import re
+
+            addresses = set(re.findall(r"\b(\d+\.\d+\.\d+\.\d+):\d+", gcs.read_text(errors="replace")))
+            assert addresses <= {"127.0.0.1", "0.0.0.0"}, addresses
     finally:
         head.terminate()
         try:
@@ -283,6 +295,7 @@ async def test_ray_sigkill_then_resume_scores_every_video_exactly_once(gateway, 
             "--workers", "2")
     proc = await asyncio.create_subprocess_exec(
         *cli(*args), stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+        env={**os.environ, **RAY_ENV},
     )
     deadline = time.monotonic() + 300
     while not (out.exists() and out.read_bytes().count(b"\n") >= 3):
@@ -294,7 +307,7 @@ async def test_ray_sigkill_then_resume_scores_every_video_exactly_once(gateway, 
     first = rows(out)
     assert 3 <= len(first) <= VIDEO_COUNT
 
-    code, _, stderr = await run_cli(*args, "--resume")
+    code, _, stderr = await run_cli(*args, "--resume", env=RAY_ENV)
     assert code == 3, stderr
     final = rows(out)
     assert final[: len(first)] == first
@@ -312,7 +325,7 @@ async def test_ray_actors_read_zip_members(gateway, video_folder, ray_head, tmp_
             z.write(video_folder / name, arcname=name)
     out = tmp_path / "zip.jsonl"
     code, _, stderr = await run_cli(str(zipped), "--out", str(out), "--server", gateway.address,
-                                    "--ray", ray_head, "--workers", "2")
+                                    "--ray", ray_head, "--workers", "2", env=RAY_ENV)
     assert code == 3, stderr
     result = {r["id"]: r for r in rows(out)}
     assert set(result) == set(names)
