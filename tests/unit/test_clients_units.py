@@ -138,3 +138,17 @@ def test_metrics_without_a_reachable_gateway_exits_4_saying_what_to_pass():
     result = CliRunner().invoke(app, ["metrics", "--gateway", f"127.0.0.1:{free_port()}"])
     assert result.exit_code == 4
     assert "cannot scrape" in result.output and "--gateway" in result.output
+
+
+def test_the_new_commands_are_registered_and_documented():
+    from typer.testing import CliRunner
+
+    from clients.cli import app
+
+    result = CliRunner().invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for command in ("score", "render", "metrics"):
+        assert command in result.output
+    score_help = CliRunner().invoke(app, ["score", "--help"], env={"COLUMNS": "200"}).output
+    for option in ("--out", "--workers", "--resume", "--dry-run", "--uri-root", "--ray"):
+        assert option in score_help
