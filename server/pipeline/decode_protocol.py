@@ -58,7 +58,6 @@ class Plan:
     segments: tuple[Segment, ...]
     quarter_turns: int = 0  # counterclockwise rotation to display the video upright
     skip_nonref: bool = False  # skip decoding non-reference frames (PyAV)
-    threads: int = 1
 
 
 @dataclass(frozen=True)
