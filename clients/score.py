@@ -255,15 +255,18 @@ async def run_batch(
             for _ in range(workers):
                 loop.call_soon_threadsafe(queue.put_nowait, None)
 
-    async with grpc.aio.insecure_channel(
-        server, options=analyze.channel_options(256.0)
-    ) as channel:
-        stub = pb_grpc.VideoAnalyticsStub(channel)
+    async with grpc.aio.insecure_channel(server) as channel:
         try:
-            models = await stub.DescribeModels(pb.DescribeModelsRequest(), timeout=DESCRIBE_TIMEOUT_S)
+            models = await pb_grpc.VideoAnalyticsStub(channel).DescribeModels(
+                pb.DescribeModelsRequest(), timeout=DESCRIBE_TIMEOUT_S)
         except grpc.aio.AioRpcError as exc:
             raise GatewayUnreachable(exc.details() or exc.code().name) from None
-        max_upload = models.max_upload_bytes or (256 << 20)
+    max_upload = models.max_upload_bytes or (256 << 20)
+    # Messages as large as the server accepts (plus headroom), so its limit, not gRPC's, applies.
+    async with grpc.aio.insecure_channel(
+        server, options=analyze.channel_options(max_upload / 2**20)
+    ) as channel:
+        stub = pb_grpc.VideoAnalyticsStub(channel)
         tally.started = time.monotonic()
         with make_progress() as progress:
             task = progress.add_task("score", total=len(todo), rates=rates(tally))
