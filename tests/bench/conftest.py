@@ -3,6 +3,7 @@ CPU and memory are not mixed with the benchmark process's (which runs the refere
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -15,22 +16,19 @@ import pytest
 from server.launcher import free_port
 
 REPO = Path(__file__).resolve().parents[2]
+VIDEOS = int(os.environ.get("VQS_BENCH_VIDEOS", "200"))  # synthetic videos (fewer: a quick dry run)
 
 
-@pytest.fixture
-def gateway_process(triton, allowed_root: Path, tmp_path_factory):
-    """(process, address) of a fresh gateway using the session's Triton.
-
-    Fresh per test, so one test's peak memory (e.g. a 200 MB upload) does not show in another's.
-    """
+@contextlib.contextmanager
+def gateway_subprocess(triton_url: str, repository: Path, allowed_root: Path, log: Path):
+    """(process, address) of a real gateway in its own process using the Triton at `triton_url`."""
     port = free_port()
-    log = tmp_path_factory.mktemp("bench_logs") / "gateway.log"
     env = dict(
         os.environ,
         VQS_GRPC_PORT=str(port),
         VQS_METRICS_PORT=str(free_port()),
-        VQS_TRITON__URL=triton.grpc_url,
-        VQS_TRITON__MODEL_REPOSITORY=str(triton.model_repository),
+        VQS_TRITON__URL=triton_url,
+        VQS_TRITON__MODEL_REPOSITORY=str(repository),
         VQS_SECURITY__ALLOWED_ROOT=str(allowed_root),
         # The 10-minute video is a ~2 GB file: allow it by uri (the upload limit applies to uris).
         VQS_LIMITS__MAX_UPLOAD_BYTES=str(8 * 2**30),
@@ -55,3 +53,28 @@ def gateway_process(triton, allowed_root: Path, tmp_path_factory):
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+@pytest.fixture
+def gateway_process(triton, allowed_root: Path, tmp_path_factory):
+    """(process, address) of a fresh gateway using the session's Triton.
+
+    Fresh per test, so one test's peak memory (e.g. a 200 MB upload) does not show in another's.
+    """
+    log = tmp_path_factory.mktemp("bench_logs") / "gateway.log"
+    with gateway_subprocess(triton.grpc_url, triton.model_repository, allowed_root, log) as started:
+        yield started
+
+
+@pytest.fixture(scope="session")
+def synthetic_videos(allowed_root: Path) -> list[Path]:
+    """`VIDEOS` synthetic 112x112 15 fps videos (2-20 s, H.264 and MPEG-4 Part 2 mixed as in the
+    training data) under the allowed root."""
+    from export.synth import write_dataset
+
+    out = allowed_root / "synthetic"
+    started = time.perf_counter()
+    write_dataset(out, count=VIDEOS, seed=2025)
+    paths = sorted(p for p in out.iterdir() if p.suffix in (".mp4", ".avi"))
+    print(f"\nrendered {len(paths)} synthetic videos in {time.perf_counter() - started:.0f} s")
+    return paths

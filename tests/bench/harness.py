@@ -7,6 +7,7 @@ import os
 import subprocess
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -210,6 +211,13 @@ def channel(address: str) -> grpc.Channel:
 def analyze(address: str, request: pb.AnalyzeRequest) -> pb.AnalyzeResponse:
     with channel(address) as ch:
         return pb_grpc.VideoAnalyticsStub(ch).Analyze(request, timeout=900)
+
+
+def analyze_all(address: str, uris: list[str], in_flight: int) -> list[pb.AnalyzeResponse]:
+    """`Analyze` of every uri, `in_flight` requests at a time, answers in order."""
+    with channel(address) as ch, ThreadPoolExecutor(in_flight) as pool:
+        stub = pb_grpc.VideoAnalyticsStub(ch)
+        return list(pool.map(lambda uri: stub.Analyze(pb.AnalyzeRequest(uri=uri), timeout=600), uris))
 
 
 def ffmpeg_floor(path: Path, *, fps: float, size: int) -> None:

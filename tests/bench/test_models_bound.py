@@ -15,7 +15,10 @@ it measures, in interleaved rounds (best round kept, every round printed):
   (f) for the 320x240 video, the floor: ffmpeg decoding it to nothing with the gateway's frame
       skipping, threads and output (`-skip_frame noref -threads 2 -vf fps=15,scale=112:112`).
 Goals, asserted after everything is printed: the gateway costs at most 10% more wall time than
-(p) on both, and reaches >= 0.9x the floor at 320x240. Answers must agree with (p): the same
+(p) on both, and at most 10% more CPU-seconds on the 200 videos (its requests in flight run in
+parallel where (p) runs one video at a time, so its wall time can win while serving costs CPU; on
+a machine shared with other work, parallel pipelines also get a larger share of it); and it
+reaches >= 0.9x the floor at 320x240. Answers must agree with (p): the same
 attribute for every query of every video, probabilities within `ANSWER_TOLERANCE`, and the same
 clip count.
 CPU-seconds are printed by process role (gateway, its decode workers, Triton, each model's
@@ -25,20 +28,16 @@ python-backend stub; for (p) its decode and ONNX Runtime parts).
 from __future__ import annotations
 
 import os
-import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
-from server.proto import video_analytics_pb2 as pb
-from server.proto import video_analytics_pb2_grpc as pb_grpc
 from tests.bench.harness import (
     RUNS,
     Goals,
     Pipeline,
+    analyze_all,
     answers_of,
-    channel,
     cpu_roles,
     differences,
     ffmpeg_floor,
@@ -51,7 +50,6 @@ from tests.vocabulary import query_specs
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
 # Smaller values make a quick dry run of the harness (the defaults are the benchmark).
-VIDEOS = int(os.environ.get("VQS_BENCH_VIDEOS", "200"))
 SMALL_SECONDS = float(os.environ.get("VQS_BENCH_SMALL_SECONDS", "60"))
 CONCURRENCY = int(os.environ.get("VQS_BENCH_CONCURRENCY", "4"))
 WARM_UP_VIDEOS = 10  # the unmeasured run of the many-videos pipelines: enough for a steady state
@@ -61,30 +59,12 @@ ANSWER_TOLERANCE = 1e-3  # the same models on the same frames
 
 
 @pytest.fixture(scope="session")
-def synthetic_videos(allowed_root: Path) -> list[Path]:
-    from export.synth import write_dataset
-
-    out = allowed_root / "synthetic"
-    started = time.perf_counter()
-    write_dataset(out, count=VIDEOS, seed=2025)
-    paths = sorted(p for p in out.iterdir() if p.suffix in (".mp4", ".avi"))
-    print(f"\nrendered {len(paths)} synthetic videos in {time.perf_counter() - started:.0f} s")
-    return paths
-
-
-@pytest.fixture(scope="session")
 def small_video(allowed_root: Path) -> Path:
     from export.synth import render_video
 
     path = allowed_root / f"bench_320x240_{SMALL_SECONDS:g}s.mp4"
     render_video(path, seed=2026, seconds=SMALL_SECONDS, width=320, height=240, fps=30)
     return path
-
-
-def _analyze_all(address: str, uris: list[str]) -> list[pb.AnalyzeResponse]:
-    with channel(address) as ch, ThreadPoolExecutor(CONCURRENCY) as pool:
-        stub = pb_grpc.VideoAnalyticsStub(ch)
-        return list(pool.map(lambda uri: stub.Analyze(pb.AnalyzeRequest(uri=uri), timeout=600), uris))
 
 
 def test_gateway_against_in_process_onnx_runtime(
@@ -103,8 +83,8 @@ def test_gateway_against_in_process_onnx_runtime(
     many = [
         many_gateway := Pipeline(
             f"(g) gateway + Triton, {len(uris)} videos by uri, {CONCURRENCY} in flight",
-            lambda: _analyze_all(address, uris), gateway_roles,
-            warm_up=lambda: _analyze_all(address, uris[:WARM_UP_VIDEOS]),
+            lambda: analyze_all(address, uris, CONCURRENCY), gateway_roles,
+            warm_up=lambda: analyze_all(address, uris[:WARM_UP_VIDEOS], CONCURRENCY),
         ),
         many_local := Pipeline(
             f"(p) in process: PyAV + ONNX Runtime, {len(uris)} videos",
@@ -115,7 +95,7 @@ def test_gateway_against_in_process_onnx_runtime(
     one = [
         small_gateway := Pipeline(
             "(g) gateway + Triton, 320x240 by uri",
-            lambda: _analyze_all(address, [small_video.name])[0], gateway_roles,
+            lambda: analyze_all(address, [small_video.name], 1)[0], gateway_roles,
         ),
         small_local := Pipeline(
             "(p) in process: PyAV + ONNX Runtime, 320x240",
@@ -160,6 +140,8 @@ def test_gateway_against_in_process_onnx_runtime(
     goals = Goals()
     goals.check(f"gateway overhead over in process, {len(uris)} videos",
                 100 * (many_gateway.wall / many_local.wall - 1), 100 * MAX_OVERHEAD, at_most=True, unit="%")
+    goals.check(f"gateway CPU-s over in process, {len(uris)} videos",
+                100 * (many_gateway.cpu_total / many_local.cpu_total - 1), 100 * MAX_OVERHEAD, at_most=True, unit="%")
     goals.check("gateway overhead over in process, 320x240",
                 100 * (small_gateway.wall / small_local.wall - 1), 100 * MAX_OVERHEAD, at_most=True, unit="%")
     goals.check("gateway vs the ffmpeg floor at 320x240", floor.wall / small_gateway.wall, GOAL_VS_FLOOR)

@@ -196,3 +196,61 @@ def test_onnx_runtime_threads_and_spinning(trained_models: Path):
     first = next(iter(outputs.values()))
     for name, out in outputs.items():
         np.testing.assert_allclose(np.concatenate(out), np.concatenate(first), rtol=1e-4, atol=1e-5, err_msg=name)
+
+
+LEAD_VIDEOS = 40  # of the synthetic videos, for the end-to-end lead
+
+
+def test_encoder_intra_op_threads_end_to_end(
+    triton, trained_models: Path, synthetic_videos: list[Path], allowed_root: Path, tmp_path_factory,
+):
+    """The same gateway and videos against the session's Triton (the encoder's config today) and a
+    second Triton whose repository copy differs only in the encoder's `intra_op_threads` (1)."""
+    import re
+    import shutil
+
+    from server.launcher import TritonProcess
+    from server.settings import Settings
+    from tests.bench.conftest import gateway_subprocess
+    from tests.bench.harness import Pipeline, analyze_all, answers_of, differences, measure, table
+
+    work = tmp_path_factory.mktemp("intra_op_1")
+    repository = work / "model_repository"
+    shutil.copytree(trained_models, repository, symlinks=True,
+                    ignore=shutil.ignore_patterns("__pycache__", "*.pt"))
+    config = repository / ENCODER / "config.pbtxt"
+    text, n = re.subn(r'(key: "intra_op_threads" value: \{ string_value: ")\d+(")', r"\g<1>1\g<2>", config.read_text())
+    assert n == 1, "the encoder's config has no intra_op_threads parameter to vary"
+    config.write_text(text)
+    variant = TritonProcess(Settings().triton.model_copy(update={"model_repository": repository}),
+                            log_path=work / "tritonserver.log")
+    variant.start()
+    uris = [str(p.relative_to(allowed_root)) for p in synthetic_videos[:LEAD_VIDEOS]]
+    try:
+        variant.wait_ready()
+        with gateway_subprocess(triton.grpc_url, trained_models, allowed_root, work / "a.log") as (a, a_address), \
+                gateway_subprocess(variant.grpc_url, repository, allowed_root, work / "b.log") as (b, b_address):
+            pipelines = [
+                today := Pipeline(
+                    f"encoder intra_op_threads 2 (today), {len(uris)} videos, {IN_FLIGHT} in flight",
+                    lambda: analyze_all(a_address, uris, IN_FLIGHT),
+                    lambda: cpu_roles(gateway=a.pid, triton=triton.pid),
+                    warm_up=lambda: analyze_all(a_address, uris[:8], IN_FLIGHT),
+                ),
+                one := Pipeline(
+                    f"encoder intra_op_threads 1, {len(uris)} videos, {IN_FLIGHT} in flight",
+                    lambda: analyze_all(b_address, uris, IN_FLIGHT),
+                    lambda: cpu_roles(gateway=b.pid, triton=variant.pid),
+                    warm_up=lambda: analyze_all(b_address, uris[:8], IN_FLIGHT),
+                ),
+            ]
+            measure(pipelines)
+    finally:
+        variant.stop()
+    video_s = sum(r.video.duration_s for r in today.result)
+    print(f"\nthe gateway end to end with the encoder's ONNX Runtime at 2 or 1 intra-op threads "
+          f"(best of {RUNS} interleaved rounds; load average {os.getloadavg()[0]:.1f})")
+    print("\n".join(table(pipelines, video_s, {"today": today})))
+    for x, y in zip(today.result, one.result):
+        flipped, worst = differences(answers_of(x), answers_of(y))
+        assert not flipped and worst <= 1e-4
