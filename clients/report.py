@@ -81,26 +81,26 @@ def load_result(path: Path, item_id: str | None = None) -> dict[str, Any]:
 
 
 def frames_at(video: Path, times: list[float]):
-    """The decoded frame (RGB array) shown at each time, read in one forward pass."""
+    """The decoded frame (RGB array) shown at each time: for each, a seek to the keyframe before
+    it and decoding up to it, so a long video is not decoded whole. None where nothing decodes."""
     import av
 
-    picked: list[Any] = [None] * len(times)
+    picked: list[Any] = []
     with av.open(str(video)) as container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
-        want = 0
-        last = None
-        for frame in container.decode(stream):
-            t = frame.time if frame.time is not None else 0.0
-            while want < len(times) and t > times[want] and last is not None:
-                picked[want] = last
-                want += 1
-            if want >= len(times):
-                break
-            last = frame.to_ndarray(format="rgb24")
-        while want < len(times) and last is not None:
-            picked[want] = last
-            want += 1
+        for t in times:
+            frame_rgb = None
+            try:
+                if stream.time_base:
+                    container.seek(int(t / stream.time_base), stream=stream, backward=True)
+                for frame in container.decode(stream):
+                    if frame_rgb is not None and frame.time is not None and frame.time > t:
+                        break
+                    frame_rgb = frame.to_ndarray(format="rgb24")
+            except (av.FFmpegError, ValueError, OverflowError):
+                pass
+            picked.append(frame_rgb)
     return picked
 
 
