@@ -228,10 +228,11 @@ def triton_view(now: Scrape, before: Scrape | None) -> dict[str, Any]:
         }
         for key in ("request_us", "queue_us", "compute_us"):
             row[f"mean_{key[:-3]}_ms"] = d[key].get(model, 0.0) / ok / 1000 if ok else None
-        # Present only when Triton runs with --metrics-config summary_latencies=true.
+        # Only when Triton runs with --metrics-config summary_latencies=true: its own quantiles of
+        # request time over its sliding window (not over our interval).
         for labels, value in now.series("nv_inference_request_summary_us").items():
             lab = dict(labels)
-            if lab.get("model") == model and "quantile" in lab:
+            if lab.get("model") == model and "quantile" in lab and float(lab["quantile"]) in QUANTILES:
                 row[f"p{round(float(lab['quantile']) * 100)}_ms"] = value / 1000
         models[model] = row
     return {"models": models, "interval_s": span}
@@ -272,14 +273,19 @@ def tables(view: dict[str, Any]) -> Group:
     if tv is not None:
         t = Table(title=f"Triton models ({span(tv['interval_s'])}; mean ms from counters)",
                   title_justify="left")
+        summaries = any("p50_ms" in r for r in tv["models"].values())
+        quantile_cols = ("p50*", "p95*", "p99*") if summaries else ()
         for col in ("model", "requests", "req/s", "infer/s", "avg batch", "request", "queue",
-                    "compute", "failures"):
+                    "compute", *quantile_cols, "failures"):
             t.add_column(col, justify="left" if col == "model" else "right")
         for model, r in tv["models"].items():
+            quantiles = [_num(r.get(f"p{q}_ms"), "{:.1f}") for q in (50, 95, 99)] if summaries else []
             t.add_row(model, f"{r['requests']:.0f}", _num(r["requests_per_s"]),
                       _num(r["inferences_per_s"]), _num(r["avg_batch"], "{:.1f}"),
                       _num(r["mean_request_ms"], "{:.1f}"), _num(r["mean_queue_ms"], "{:.1f}"),
-                      _num(r["mean_compute_ms"], "{:.1f}"), f"{r['failures']:.0f}")
+                      _num(r["mean_compute_ms"], "{:.1f}"), *quantiles, f"{r['failures']:.0f}")
+        if summaries:
+            t.caption = "* Triton's own request-time quantiles over its sliding window"
         parts.append(t)
     for name, message in view.get("unreachable", {}).items():
         parts.append(f"[red]{name} unreachable[/red]: {message}")

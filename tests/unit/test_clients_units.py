@@ -152,3 +152,24 @@ def test_the_new_commands_are_registered_and_documented():
     score_help = CliRunner().invoke(app, ["score", "--help"], env={"COLUMNS": "200"}).output
     for option in ("--out", "--workers", "--resume", "--dry-run", "--uri-root", "--ray"):
         assert option in score_help
+
+
+def test_triton_summary_quantiles_are_shown_when_triton_exports_them():
+    """`--metrics-config summary_latencies=true` (seen on Triton 2.51): quantile series per model."""
+    text = (
+        'nv_inference_request_success{model="m",version="1"} 4\n'
+        'nv_inference_request_duration_us{model="m",version="1"} 8000\n'
+        'nv_inference_request_summary_us{model="m",version="1",quantile="0.5"} 1500\n'
+        'nv_inference_request_summary_us{model="m",version="1",quantile="0.99"} 3000\n'
+        'nv_inference_request_summary_us{model="m",version="1",quantile="0.999"} 3100\n'
+        'nv_inference_request_summary_us_count{model="m",version="1"} 4\n'
+    )
+    row = metrics.triton_view(metrics.parse(text, at=1.0), None)["models"]["m"]
+    assert row["mean_request_ms"] == 2.0
+    assert (row["p50_ms"], row["p99_ms"]) == (1.5, 3.0) and "p100_ms" not in row
+    from rich.console import Console
+
+    console = Console(width=200, record=True)
+    console.print(metrics.tables({"triton": {"models": {"m": row}, "interval_s": None}, "one_shot": True}))
+    text = console.export_text()
+    assert "p50*" in text and "sliding window" in text
