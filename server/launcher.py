@@ -186,6 +186,8 @@ class TritonProcess:
             f"--grpc-port={self.grpc_port}",
             f"--metrics-port={self.metrics_port}",
             "--pinned-memory-pool-byte-size=0",
+            # Per-model latency quantiles beside the cumulative counters (`vqs metrics` reads both).
+            "--metrics-config=summary_latencies=true",
             # Keep serving so the repository index reports each model's load error, then stop.
             "--exit-on-error=false",
             "--strict-readiness=true",
