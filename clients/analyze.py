@@ -12,11 +12,12 @@ import typer
 from rich.console import Console
 
 from clients import render
-from server.api.interceptor import REQUEST_ID_HEADER
 from server.proto import video_analytics_pb2 as pb
 from server.proto import video_analytics_pb2_grpc as pb_grpc
 
 DEFAULT_SERVER = "127.0.0.1:50051"
+# The gateway tags every answer, errors included, with this trailing metadata key (its request id).
+REQUEST_ID_HEADER = "x-request-id"
 MESSAGE_HEADROOM_BYTES = 1 << 20
 
 EXIT_OK = 0
@@ -95,8 +96,16 @@ def analyze(
     max_upload_mb: Annotated[
         float, typer.Option(min=0.001, help="Refuse files larger than this many MB.")
     ] = 256.0,
+    png: Annotated[
+        Path | None, typer.Option(
+            dir_okay=False, help="Also draw the report picture (as `vqs render`) into this PNG.")
+    ] = None,
 ) -> None:
     """Upload a video to the gateway; print the answers and attention over time."""
+    if png is not None:
+        from clients import report
+
+        report.require_matplotlib()
     size = path.stat().st_size
     check_upload_size(size, max_upload_mb)
     data = path.read_bytes()
@@ -111,6 +120,9 @@ def analyze(
             stderr.print(f"is the gateway running at {server}? (`vqs serve`, --server, VQS_SERVER)")
         raise typer.Exit(exit_code_for(code, answered=answered)) from None
     result = render.response_to_dict(resp)
+    if png is not None:
+        report.render_report(result, path, png, title=path.name)
+        stderr.print(f"report picture: {png}", highlight=False)
     if as_json:
         sys.stdout.write(json.dumps(result) + "\n")
         return

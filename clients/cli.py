@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from clients import analyze
+from clients import analyze, metrics, report, score
 
 app = typer.Typer(
     name="vqs",
@@ -22,6 +22,9 @@ app = typer.Typer(
 )
 
 app.command("analyze")(analyze.analyze)
+app.command("score")(score.score)
+app.command("render")(report.render)
+app.command("metrics")(metrics.metrics)
 
 
 @app.command("serve")

@@ -3,11 +3,19 @@
 Each artifact is written as `model_repository/<name>/1/model.onnx` with `model.json` beside it
 (constructor config, tensor contract and, for decoders, the query vocabulary) and the torch
 weights as `model.pt`, so an artifact always says how it was made.
+
+What the gateway must know about a model is written into the model's `config.pbtxt` as config
+parameters, which the gateway reads from Triton (so a gateway never needs the repository on its
+disk): an encoder's `clip_fps`; the query decoder's `queries` (in output order) and
+`attributes.<query>` (in logit order). The rest of `config.pbtxt` is kept as it is.
 """
 
 from __future__ import annotations
 
 import json
+import re
+import sys
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -26,8 +34,66 @@ DECODER_INPUTS = ("features", "mask")
 ATTENTION_OUTPUT = "attention"
 
 
+# Config parameter names; server/triton.py reads them (the contract test holds the two together).
+CLIP_FPS_PARAMETER = "clip_fps"
+QUERIES_PARAMETER = "queries"
+ATTRIBUTES_PARAMETER_PREFIX = "attributes."
+_PARAMETERS_NOTE = "# Written by export/onnx_export.py from the exported model; re-export to change."
+_PARAMETER_LINE = re.compile(r'^parameters: \{ key: "(?P<key>[^"]+)"')
+_NAME = re.compile(r"^[A-Za-z0-9_./+-]+$")  # no commas, quotes or spaces: safe in a pbtxt list
+
+
 def logits_name(query: str) -> str:
     return f"logits_{query}"
+
+
+def encoder_parameters(clip_fps: float) -> dict[str, str]:
+    return {CLIP_FPS_PARAMETER: f"{clip_fps:g}"}
+
+
+def query_decoder_parameters(heads: Mapping[str, tuple[str, ...]]) -> dict[str, str]:
+    """`queries` in head (= output) order, and each query's attributes in logit order."""
+    for name in [*heads, *(a for attributes in heads.values() for a in attributes)]:
+        if not _NAME.match(name):
+            raise ValueError(f"query or attribute name {name!r} cannot be a config parameter value")
+    parameters = {QUERIES_PARAMETER: ",".join(heads)}
+    for query, attributes in heads.items():
+        parameters[ATTRIBUTES_PARAMETER_PREFIX + query] = ",".join(attributes)
+    return parameters
+
+
+def write_config_parameters(
+    config_path: Path, parameters: Mapping[str, str], *, owns: Callable[[str], bool] | None = None
+) -> None:
+    """Set `parameters` in a `config.pbtxt`, replacing the lines of every parameter `owns` claims
+    (by default those being set) and keeping every other line."""
+    owns = owns or (lambda key: key in parameters)
+    lines = config_path.read_text().splitlines()
+    kept: list[str] = []
+    at = None
+    for line in lines:
+        match = _PARAMETER_LINE.match(line)
+        if line == _PARAMETERS_NOTE or (match and owns(match["key"])):
+            at = len(kept) if at is None else at
+            continue
+        kept.append(line)
+    if at is None:  # after the last parameter line, else at the end
+        others = [i for i, line in enumerate(kept) if _PARAMETER_LINE.match(line)]
+        at = others[-1] + 1 if others else len(kept)
+    block = [_PARAMETERS_NOTE] + [
+        f'parameters: {{ key: "{key}" value: {{ string_value: "{value}" }} }}'
+        for key, value in parameters.items()
+    ]
+    config_path.write_text("\n".join(kept[:at] + block + kept[at:]) + "\n")
+
+
+def _write_parameters_beside(out_dir: Path, parameters: Mapping[str, str], owns=None) -> None:
+    """Into `<model>/config.pbtxt` when the version dir `out_dir` sits in a model repository."""
+    config_path = out_dir.parent / "config.pbtxt"
+    if not config_path.is_file():
+        print(f"export: no {config_path}; config parameters not written", file=sys.stderr)
+        return
+    write_config_parameters(config_path, parameters, owns=owns)
 
 
 def decoder_outputs() -> tuple[str, ...]:
@@ -64,6 +130,7 @@ def export_encoder(encoder: S3D, config: dict, out_dir: Path, name: str, *, clip
         "outputs": {ENCODER_OUTPUT: {"dtype": "float32", "shape": ["batch", encoder.feature_dim]}},
     }
     (out_dir / "model.json").write_text(json.dumps(meta, indent=2) + "\n")
+    _write_parameters_beside(out_dir, encoder_parameters(clip_fps))
     return path
 
 
@@ -88,6 +155,10 @@ def export_decoder(decoder: TQNDecoder, config: dict, out_dir: Path, name: str =
                     ATTENTION_OUTPUT: {"dtype": "float32", "shape": ["batch", len(heads), "clips"]}},
     }
     (out_dir / "model.json").write_text(json.dumps(meta, indent=2) + "\n")
+    _write_parameters_beside(
+        out_dir, query_decoder_parameters(heads),
+        owns=lambda key: key == QUERIES_PARAMETER or key.startswith(ATTRIBUTES_PARAMETER_PREFIX),
+    )
     return path
 
 

@@ -9,6 +9,8 @@ Config parameters (all optional):
   onnx_file                            file name inside the version directory (default model.onnx)
   providers                            comma-separated execution providers to request, in order
                                        (default: TensorRT, CUDA when installed, then CPU)
+Other parameters (`clip_fps`, `queries`, `attributes.<query>`) describe the model to the gateway,
+which reads them from Triton; this runner does not use them.
 """
 
 from __future__ import annotations

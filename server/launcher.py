@@ -5,16 +5,17 @@ installed `pytriton` package: a backends directory holding the python backend an
 for this Python's major.minor, PATH with the interpreter's bin first (the stub finds its Python on
 PATH), LD_LIBRARY_PATH with the wheel's bundled libraries and this Python's LIBDIR.
 
-Readiness means: server live and ready and every model in the repository READY. A model that fails
-to load raises `TritonLaunchError` carrying the model's own load error.
+Readiness is `TritonClient.readiness()` (gRPC: server live and ready, every model READY); while
+waiting for it, a server that exits or a model that fails to load raises `TritonLaunchError`
+carrying the model's own load error from Triton's log.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
 import importlib.util
-import json
 import logging
 import os
 import re
@@ -26,13 +27,12 @@ import sys
 import sysconfig
 import tempfile
 import threading
-import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from server.settings import TritonSettings
+from server.errors import BackendUnavailable
+from server.settings import MODEL_REPOSITORY_VARIABLE, TritonSettings
+from server.triton import Readiness, TritonClient
 
 logger = logging.getLogger(__name__)
 
@@ -186,6 +186,8 @@ class TritonProcess:
             f"--grpc-port={self.grpc_port}",
             f"--metrics-port={self.metrics_port}",
             "--pinned-memory-pool-byte-size=0",
+            # Per-model latency quantiles beside the cumulative counters (`vqs metrics` reads both).
+            "--metrics-config=summary_latencies=true",
             # Keep serving so the repository index reports each model's load error, then stop.
             "--exit-on-error=false",
             "--strict-readiness=true",
@@ -217,7 +219,10 @@ class TritonProcess:
 
     def _spawn(self) -> None:
         if not self.model_repository.is_dir():
-            raise TritonLaunchError(f"model repository {self.model_repository} does not exist")
+            raise TritonLaunchError(
+                f"model repository {self.model_repository} does not exist; "
+                f"set {MODEL_REPOSITORY_VARIABLE} to the folder holding the models"
+            )
         install = TritonInstall.discover()
         if self._workdir is None:
             self._workdir = Path(tempfile.mkdtemp(prefix="vqs-triton-"))
@@ -244,42 +249,19 @@ class TritonProcess:
             preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
         )
 
-    def _get(self, path: str, body: bytes | None = None) -> tuple[int, bytes]:
-        request = urllib.request.Request(self.http_url + path, data=body, method="POST" if body else "GET")
-        try:
-            with urllib.request.urlopen(request, timeout=2.0) as response:
-                return response.status, response.read()
-        except urllib.error.HTTPError as exc:
-            return exc.code, exc.read()
-
-    def repository_index(self) -> list[dict]:
-        status, body = self._get("/v2/repository/index", b"{}")
-        if status != 200:
-            raise TritonLaunchError(f"repository index returned HTTP {status}: {body[:200]!r}")
-        return json.loads(body)
-
-    def check(self) -> bool:
-        """True when ready; False while loading; raises when the server died or a model failed."""
+    def check(self, state: Readiness) -> None:
+        """Raise `TritonLaunchError` when this run exited or a model failed to load."""
         process = self._process
         if process is None:
             raise RuntimeError("Triton not started")
         code = process.poll()
         if code is not None:
-            self._raise_failure(f"tritonserver exited with code {code} before becoming ready")
-        try:
-            index = self.repository_index()
-            ready_status, _ = self._get("/v2/health/ready")
-        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
-            return False  # not listening yet
-        failed = {
-            m["name"]: m.get("reason", "") for m in index if m.get("state") == "UNAVAILABLE"
-        }
-        if failed:
-            self._raise_failure("model(s) failed to load", failed)
-        states = [m.get("state") for m in index]
-        return ready_status == 200 and all(s == "READY" for s in states)
+            raise self.failure(f"tritonserver exited with code {code} before becoming ready")
+        if state.failed:
+            raise self.failure("model(s) failed to load", state.failed)
 
-    def _raise_failure(self, headline: str, reasons: dict[str, str] | None = None) -> None:
+    def failure(self, headline: str, reasons: dict[str, str] | None = None) -> TritonLaunchError:
+        """The error for a run that did not become ready, with each failing model's own error."""
         # The repository index may only say "load failed"; the log carries the model's own error.
         log = self.log_text()
         merged = dict(reasons or {})
@@ -288,32 +270,43 @@ class TritonProcess:
                 merged[model] = reason
         tail = "\n".join(log.splitlines()[-60:])
         details = "".join(f"\n  {model}: {reason}" for model, reason in sorted(merged.items()))
-        self.stop()
-        raise TritonLaunchError(
+        return TritonLaunchError(
             f"Triton failed to start ({self.model_repository}): {headline}{details}"
             + ("" if merged else f"\n--- tritonserver log (tail) ---\n{tail}"),
             log_tail=tail,
         )
 
-    def wait_ready(self, timeout_s: float | None = None) -> None:
-        deadline = time.monotonic() + (timeout_s or self.settings.startup_timeout_s)
-        while not self.check():
-            if time.monotonic() > deadline:
-                self._raise_failure(f"not ready after {timeout_s or self.settings.startup_timeout_s} s")
-            time.sleep(0.25)
-        logger.info("Triton ready (pid %s)", self.pid)
-
-    async def wait_ready_async(self, timeout_s: float | None = None) -> None:
-        import asyncio
-
+    async def wait_ready_async(self, client: TritonClient, timeout_s: float | None = None) -> None:
+        """Until `client` finds this run ready; on failure (exit, a model that failed to load,
+        the timeout) stops the server and raises `TritonLaunchError`."""
         limit = timeout_s or self.settings.startup_timeout_s
-        deadline = time.monotonic() + limit
-        while not await asyncio.to_thread(self.check):
-            if time.monotonic() > deadline:
-                # In a thread: stopping a hung server may take its grace period.
-                await asyncio.to_thread(self._raise_failure, f"not ready after {limit} s")
-            await asyncio.sleep(0.25)
-        logger.info("Triton ready (pid %s)", self.pid)
+        try:
+            await client.wait_ready(limit, check=self.check)
+        except TritonLaunchError as exc:
+            error = exc
+        except BackendUnavailable:
+            error = self.failure(f"not ready after {limit} s")
+        else:
+            logger.info("Triton ready (pid %s)", self.pid)
+            return
+        await asyncio.to_thread(self.stop)  # in a thread: a hung server may take its grace period
+        raise error
+
+    def wait_ready(self, timeout_s: float | None = None) -> None:
+        """`wait_ready_async` for callers without an event loop (scripts, test fixtures)."""
+
+        async def wait() -> None:
+            client = TritonClient(self.grpc_url)
+            try:
+                await self.wait_ready_async(client, timeout_s)
+            finally:
+                await client.close()
+
+        loop = asyncio.new_event_loop()  # not asyncio.run: leaves the thread's current loop alone
+        try:
+            loop.run_until_complete(wait())
+        finally:
+            loop.close()
 
     def terminate(self, grace_s: float = 15.0) -> int | None:
         """End the current run (SIGTERM, then SIGKILL after `grace_s`); returns its exit code.

@@ -1,10 +1,9 @@
-"""`vqs serve`: Triton (launched here unless `triton.url` is set), the decoder and the gRPC gateway.
+"""`vqs serve`: Triton (launched here unless `triton.url` is set), the video decoder and the gRPC
+gateway, wired together.
 
 `run()` is the blocking entry point (stops on SIGINT/SIGTERM, leaving no tritonserver behind);
 `serve()` is the same as a coroutine; `Gateway` is what both start, usable directly by tests.
-
-The gateway supervises a Triton it launched: when the process exits (or stays not ready), it is
-started again on the same ports with exponential backoff; health is NOT_SERVING meanwhile.
+Triton's supervision (health, restarts) is `server.supervisor`.
 """
 
 from __future__ import annotations
@@ -23,14 +22,14 @@ from grpc_reflection.v1alpha import reflection
 from server import logs
 from server.api.interceptor import GatewayInterceptor
 from server.api.servicer import VideoAnalyticsServicer
-from server.errors import BackendUnavailable
+from server.errors import InternalError
 from server.launcher import TritonLaunchError, TritonProcess
 from server.metrics import Metrics
 from server.pipeline.analyze import Analyzer
-from server.pipeline.assemble import load_queries
 from server.proto import video_analytics_pb2 as pb
 from server.proto import video_analytics_pb2_grpc as pb_grpc
 from server.settings import Settings
+from server.supervisor import TritonSupervisor
 from server.triton import TritonClient
 
 logger = logging.getLogger(__name__)
@@ -40,15 +39,6 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["VideoAnalytics"].full_name
 # precise RESOURCE_EXHAUSTED; far larger messages are refused by gRPC (also RESOURCE_EXHAUSTED).
 MESSAGE_HEADROOM_BYTES = 1 << 20
 _MAX_GRPC_MESSAGE = 2**31 - 1
-HEALTH_POLL_S = 2.0
-
-
-def restart_delay(attempt: int, first_s: float, max_s: float) -> float:
-    """Seconds to wait before restart `attempt` (0 = the first) of a run: first_s doubled each
-    attempt, at most max_s."""
-    if attempt < 0:
-        raise ValueError("attempt must be >= 0")
-    return min(first_s * 2.0 ** min(attempt, 32), max_s)  # capped exponent: no float overflow
 
 
 class StartupError(RuntimeError):
@@ -86,6 +76,7 @@ class Gateway:
         self.server: grpc.aio.Server | None = None
         self.port: int | None = None
         self.health = health.aio.HealthServicer()
+        self.supervisor: TritonSupervisor | None = None
         self._monitor: asyncio.Task | None = None
         self._unavailable: str | None = "Triton is starting"  # why requests are refused now
 
@@ -120,14 +111,14 @@ class Gateway:
             self.triton_process.start()  # in this (main) thread: the child dies with it
             url = self.triton_process.grpc_url
         self.triton = TritonClient(url, timeout_s=s.triton.request_timeout_s)
+        self.supervisor = TritonSupervisor(
+            s.triton, self.triton, self.triton_process,
+            set_health=self._set_health, on_restart=self.metrics.triton_restarts.inc,
+        )
 
-        queries = load_queries(s.triton.model_repository)
         self.decoder = self._decoder_factory(s)
         await self.decoder.start()
-        analyzer = Analyzer(
-            self.triton, self.decoder, queries, s.limits,
-            encode_inflight=s.limits.encode_inflight, observer=self.metrics,
-        )
+        analyzer = Analyzer(self.triton, self.decoder, s.limits, observer=self.metrics)
 
         message_limit = min(s.limits.max_upload_bytes + MESSAGE_HEADROOM_BYTES, _MAX_GRPC_MESSAGE)
         self.server = grpc.aio.server(
@@ -140,9 +131,7 @@ class Gateway:
             ],
         )
         pb_grpc.add_VideoAnalyticsServicer_to_server(
-            VideoAnalyticsServicer(
-                s, analyzer, self.triton, queries, unavailable=lambda: self._unavailable
-            ),
+            VideoAnalyticsServicer(s, analyzer, unavailable=lambda: self._unavailable),
             self.server,
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -160,78 +149,18 @@ class Gateway:
         await self.server.start()
         logger.info("gateway listening on %s (health NOT_SERVING until Triton is ready)", self.address)
 
-        if self.triton_process is not None:
-            await self.triton_process.wait_ready_async()
-        await self.triton.wait_ready(s.triton.startup_timeout_s)
+        await self.supervisor.wait_ready()
+        try:
+            models = await analyzer.models()
+        except InternalError as exc:  # the query decoder's config has no vocabulary
+            raise StartupError(f"Triton at {url} serves unusable models: {exc}") from None
         await self._set_health(True)
-        self._monitor = asyncio.create_task(self._watch_triton())
+        self._monitor = asyncio.create_task(self.supervisor.watch())
         logger.info(
-            "serving on %s: Triton %s, encoders %s, metrics %s",
-            self.address, url, sorted(await self.triton.encoders(refresh=True)),
+            "serving on %s: Triton %s, encoders %s, queries %s, metrics %s",
+            self.address, url, sorted(models.encoders), [q.query for q in models.queries],
             f"http://{s.host}:{self.metrics_port}/metrics" if self.metrics_port else "off",
         )
-
-    async def _watch_triton(self) -> None:
-        """Health follows Triton's readiness. A Triton launched here that exited, or stayed not
-        ready for longer than `triton.hung_restart_s`, is started again (see `_restart_triton`)."""
-        loop = asyncio.get_running_loop()
-        serving, since = True, loop.time()
-        attempt = 0  # restarts in the current run of failures
-        while True:
-            await asyncio.sleep(HEALTH_POLL_S)
-            ready = await self.triton.is_ready()
-            if ready != serving:
-                logger.warning("Triton is %s", "ready again" if ready else "NOT ready")
-                await self._set_health(ready)
-                serving, since = ready, loop.time()
-            if ready:
-                if loop.time() - since > self.settings.triton.restart_backoff_max_s:
-                    attempt = 0  # it stayed up: a later crash is a new run, not part of a loop
-                continue
-            process = self.triton_process  # None: Triton given by URL, not ours to restart
-            if process is None:
-                continue
-            exited = process.exit_code is not None
-            hung = not exited and loop.time() - since > self.settings.triton.hung_restart_s
-            if hung:
-                logger.warning("Triton (pid %s) has not been ready for %.0f s; restarting it",
-                               process.pid, loop.time() - since)
-            if exited or hung:
-                attempt = await self._restart_triton(attempt)
-                await self._set_health(True)
-                serving, since = True, loop.time()
-
-    async def _restart_triton(self, attempt: int) -> int:
-        """Start our Triton again, on the same ports, until it is ready; returns the attempt count.
-
-        Waits `restart_delay` (`triton.restart_backoff_s`, doubling up to `restart_backoff_max_s`)
-        before each start, so a crash-looping Triton does not spin. A start that fails (e.g. a
-        model that does not load) is logged with the model's error and retried.
-        """
-        process = self.triton_process
-        start_failed = False
-        while True:
-            # Ends what is left of the last run (a hung server; a no-op when it exited).
-            code = await asyncio.to_thread(process.terminate)
-            t = self.settings.triton
-            delay = restart_delay(attempt, t.restart_backoff_s, t.restart_backoff_max_s)
-            attempt += 1
-            cause = "its last start failed" if start_failed else f"tritonserver exited with code {code}"
-            reason = f"Triton is restarting ({cause})"
-            await self._set_health(False, reason)
-            logger.warning("%s; starting it again in %g s (attempt %d)", reason, delay, attempt)
-            await asyncio.sleep(delay)
-            self.metrics.triton_restarts.inc()
-            try:
-                process.start()  # in the event loop's (main) thread: the child dies with it
-                await process.wait_ready_async()
-                await self.triton.wait_ready(self.settings.triton.startup_timeout_s)
-            except (TritonLaunchError, BackendUnavailable, OSError) as exc:
-                logger.error("Triton restart failed: %s", exc)
-                start_failed = True
-                continue
-            logger.warning("Triton restarted (pid %s) after %d attempt(s)", process.pid, attempt)
-            return attempt
 
     async def stop(self, grace_s: float = 5.0) -> None:
         if self._monitor is not None:

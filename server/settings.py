@@ -11,7 +11,22 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+# The source checkout this package runs from (in an installed package: site-packages).
 REPO_ROOT = Path(__file__).resolve().parent.parent
+MODEL_REPOSITORY_VARIABLE = "VQS_TRITON__MODEL_REPOSITORY"
+
+
+def default_model_repository() -> Path:
+    """Where the models are when `VQS_TRITON__MODEL_REPOSITORY` is not set.
+
+    From a source checkout, its `model_repository/`; an installed package ships no models, so there
+    it is `model_repository/` in the current directory. The launcher refuses a path that is not a
+    directory with an error naming the setting.
+    """
+    checkout = REPO_ROOT / "model_repository"
+    if (REPO_ROOT / "pyproject.toml").is_file() and checkout.is_dir():
+        return checkout
+    return Path.cwd() / "model_repository"
 
 
 class _Group(BaseModel):
@@ -19,7 +34,7 @@ class _Group(BaseModel):
 
 
 class TritonSettings(_Group):
-    model_repository: Path = REPO_ROOT / "model_repository"
+    model_repository: Path = Field(default_factory=default_model_repository)
     # 0 = pick a free port at start-up.
     grpc_port: int = 0
     http_port: int = 0
@@ -42,6 +57,21 @@ class DecodeSettings(_Group):
     # A worker that produces nothing for this long is killed and the request fails.
     stall_timeout_s: float = 30.0
     decoder_threads: int = Field(1, ge=0)
+    # Bytes of decoded frames each worker may send ahead of the consumer (at least 2 chunks).
+    ahead_bytes: int = Field(24 * 2**20, ge=1)
+    # Target length of the keyframe segments a video is split into across workers.
+    segment_frames: int = Field(240, ge=1)
+    # Inputs larger than this, or whose header claims more frames, are decoded with PyAV:
+    # decord's memory grows with the file, and it sizes a table by the claimed frame count.
+    decord_max_bytes: int = Field(96 * 2**20, ge=0)
+    decord_max_frames: int = Field(1_000_000, ge=0)
+    # A worker is replaced after this many videos or once its RSS passes this (decord leaks).
+    recycle_after: int = Field(50, ge=1)
+    recycle_rss_mb: float = Field(220.0, gt=0)
+    # How long a released worker may take to acknowledge before it is killed.
+    release_timeout_s: float = Field(10.0, gt=0)
+    # A gap between frame timestamps longer than this is a discontinuity: no samples inside it.
+    max_gap_s: float = Field(5.0, gt=0)
 
 
 class LimitsSettings(_Group):
@@ -69,7 +99,8 @@ class Settings(BaseSettings):
     default_encoder: str = "s3d"
     log_level: str = "INFO"
 
-    triton: TritonSettings = TritonSettings()
+    # A factory, not an instance made at import: the repository's default depends on the current directory.
+    triton: TritonSettings = Field(default_factory=TritonSettings)
     decode: DecodeSettings = DecodeSettings()
     limits: LimitsSettings = LimitsSettings()
     security: SecuritySettings = SecuritySettings()

@@ -1,7 +1,9 @@
 """The one module that talks to Triton (tritonclient gRPC, asyncio).
 
 Holds the gateway's view of the model contract (tensor names, dtypes, ranks; the other two views
-are `model_repository/*/config.pbtxt` and the exported ONNX graphs) and translates tritonclient
+are `model_repository/*/config.pbtxt` and the exported ONNX graphs), reads what the gateway needs to
+know about the served models from their Triton configs (clip size and frame rate of each encoder;
+the query decoder's queries, their attributes and its output order), and translates tritonclient
 errors into `server.errors`.
 """
 
@@ -9,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,26 +21,29 @@ from tritonclient.utils import InferenceServerException
 from server.errors import (
     BackendUnavailable,
     InferenceFailed,
+    InternalError,
     InvalidInput,
     Overloaded,
     Timeout,
     VqsError,
+    echo,
 )
 
 logger = logging.getLogger(__name__)
 
 ENCODER_PREFIX = "clip_encoder_"
-DECODER_MODEL = "tqn_decoder"
+QUERY_DECODER_MODEL = "tqn_decoder"
 
 CLIPS = "clips"
 FEATURES = "features"
 MASK = "mask"
 ATTENTION = "attention"
-# Encoder config parameter: the frame rate its clips are sampled at (see pipeline/chunk.py).
-CLIP_FPS = "clip_fps"
-# Query order of the decoder's attention rows.
-QUERIES = ("take_off", "somersaults", "twists", "flight_pose", "class")
 FEATURE_DIM = 256
+
+# Config parameters (string values) written by export/onnx_export.py:
+CLIP_FPS = "clip_fps"  # encoder: the frame rate its clips are sampled at (see pipeline/chunk.py)
+QUERIES_PARAMETER = "queries"  # query decoder: query names, comma-separated, in output order
+ATTRIBUTES_PARAMETER_PREFIX = "attributes."  # + query: its attributes, comma-separated, by logit
 
 
 def logits_name(query: str) -> str:
@@ -63,21 +69,26 @@ ENCODER_CONTRACT = ModelContract(
     inputs=(TensorSpec(CLIPS, "UINT8", (8, 112, 112, 3)),),  # T, H, W, C (RGB)
     outputs=(TensorSpec(FEATURES, "FP32", (FEATURE_DIM,)),),
 )
-DECODER_CONTRACT = ModelContract(
-    max_batch_size=0,
-    inputs=(
-        TensorSpec(FEATURES, "FP32", (-1, -1, FEATURE_DIM)),  # B, N, D
-        TensorSpec(MASK, "BOOL", (-1, -1)),  # B, N; true = real clip
-    ),
-    outputs=tuple(TensorSpec(logits_name(q), "FP32", (-1, -1)) for q in QUERIES)
-    + (TensorSpec(ATTENTION, "FP32", (-1, len(QUERIES), -1)),),  # B, queries, N
-)
 
 
-def contract_for(model: str) -> ModelContract:
-    """The gateway's contract for a model of the repository (every encoder shares one)."""
-    if model == DECODER_MODEL:
-        return DECODER_CONTRACT
+def query_decoder_contract(queries: Sequence[str]) -> ModelContract:
+    """The query decoder's contract: one logits output per query, then the attention rows."""
+    return ModelContract(
+        max_batch_size=0,
+        inputs=(
+            TensorSpec(FEATURES, "FP32", (-1, -1, FEATURE_DIM)),  # B, N, D
+            TensorSpec(MASK, "BOOL", (-1, -1)),  # B, N; true = real clip
+        ),
+        outputs=tuple(TensorSpec(logits_name(q), "FP32", (-1, -1)) for q in queries)
+        + (TensorSpec(ATTENTION, "FP32", (-1, len(queries), -1)),),  # B, queries, N
+    )
+
+
+def contract_for(model: str, config: dict) -> ModelContract:
+    """The gateway's contract for a model of the repository, given its Triton config as a dict
+    (every encoder shares one; the query decoder's outputs follow its `queries` parameter)."""
+    if model == QUERY_DECODER_MODEL:
+        return query_decoder_contract([q.query for q in query_decoder_spec(config).queries])
     if model.startswith(ENCODER_PREFIX):
         return ENCODER_CONTRACT
     raise KeyError(f"no contract for model {model!r}")
@@ -94,6 +105,20 @@ class EncoderSpec:
     feature_dim: int
     max_batch_size: int
     clip_fps: float | None = None  # the frame rate it learnt motion at; None: every frame
+
+
+@dataclass(frozen=True)
+class QuerySpec:
+    query: str
+    attributes: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class QueryDecoderSpec:
+    """The query decoder's vocabulary, read from its Triton model config."""
+
+    model: str
+    queries: tuple[QuerySpec, ...]  # in output order: logits outputs and attention rows
 
 
 def _encoder_spec(model: str, config: dict) -> EncoderSpec:
@@ -113,8 +138,43 @@ def _encoder_spec(model: str, config: dict) -> EncoderSpec:
     )
 
 
+def _names(value: str) -> tuple[str, ...]:
+    return tuple(name.strip() for name in value.split(",") if name.strip())
+
+
+def query_decoder_spec(config: dict) -> QueryDecoderSpec:
+    """The vocabulary in a query decoder's config (a dict of Triton's JSON form); raises
+    `ValueError` when it is missing or does not match the config's outputs."""
+    model = config.get("name", QUERY_DECODER_MODEL)
+    queries = _names(_parameter(config, QUERIES_PARAMETER))
+    if not queries:
+        raise ValueError(
+            f"{model}: no {QUERIES_PARAMETER!r} parameter in its config; re-export the model"
+        )
+    specs = []
+    for query in queries:
+        attributes = _names(_parameter(config, ATTRIBUTES_PARAMETER_PREFIX + query))
+        if not attributes:
+            key = ATTRIBUTES_PARAMETER_PREFIX + query
+            raise ValueError(f"{model}: no {key!r} parameter in its config; re-export the model")
+        specs.append(QuerySpec(query, attributes))
+    outputs = [t["name"] for t in config.get("output", [])]
+    expected = [logits_name(q) for q in queries] + [ATTENTION]
+    if outputs != expected:
+        raise ValueError(f"{model}: outputs {outputs} do not follow its queries {list(queries)}")
+    return QueryDecoderSpec(model=model, queries=tuple(specs))
+
+
 def _parameter(config: dict, key: str) -> str:
     return config.get("parameters", {}).get(key, {}).get("string_value", "")
+
+
+@dataclass(frozen=True)
+class Readiness:
+    """Triton's state as the gateway sees it: ready to serve, and which models failed to load."""
+
+    ready: bool
+    failed: dict[str, str]  # model -> its load error (Triton's repository index)
 
 
 _STATUS_ERRORS: dict[str, type[VqsError]] = {
@@ -157,9 +217,16 @@ class TritonClient:
         self.timeout_s = timeout_s
         self._client = grpcclient.InferenceServerClient(url=url, channel_args=_CHANNEL_ARGS)
         self._encoders: dict[str, EncoderSpec] | None = None
+        self._query_decoder: QueryDecoderSpec | None = None
 
     async def close(self) -> None:
         await self._client.close()
+
+    def forget_models(self) -> None:
+        """Drop what was read from the model configs: read afresh on next use (after Triton came
+        back, its models may have been re-exported)."""
+        self._encoders = None
+        self._query_decoder = None
 
     async def _call(self, what: str, coro):
         try:
@@ -174,25 +241,38 @@ class TritonClient:
         )
         return list(index.get("models", []))
 
-    async def is_ready(self) -> bool:
-        """Server live and ready and every model of the repository READY."""
+    async def readiness(self) -> Readiness:
+        """The one readiness check: server live and ready and every model of the repository
+        READY; a model that failed to load is named with its error."""
         try:
-            live = await self._client.is_server_live(client_timeout=5.0)
-            ready = live and await self._client.is_server_ready(client_timeout=5.0)
-            if not ready:
-                return False
+            if not await self._client.is_server_live(client_timeout=5.0):
+                return Readiness(False, {})
             index = await self.model_index()
+            server_ready = await self._client.is_server_ready(client_timeout=5.0)
         except (InferenceServerException, VqsError):
-            return False
-        return bool(index) and all(m.get("state") == "READY" for m in index)
+            return Readiness(False, {})
+        failed = {
+            m.get("name", "?"): m.get("reason", "") for m in index if m.get("state") == "UNAVAILABLE"
+        }
+        ready = server_ready and bool(index) and all(m.get("state") == "READY" for m in index)
+        return Readiness(ready, failed)
 
-    async def wait_ready(self, timeout_s: float) -> None:
+    async def is_ready(self) -> bool:
+        return (await self.readiness()).ready
+
+    async def wait_ready(self, timeout_s: float, *, check=None, poll_s: float = 0.25) -> None:
+        """Until `readiness()` is ready; `check(readiness)` may raise to stop waiting early."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
-        while not await self.is_ready():
+        while True:
+            state = await self.readiness()
+            if check is not None:
+                check(state)
+            if state.ready:
+                return
             if loop.time() > deadline:
                 raise BackendUnavailable(f"Triton at {self.url} not ready after {timeout_s:.0f} s")
-            await asyncio.sleep(0.5)
+            await asyncio.sleep(poll_s)
 
     async def model_config(self, model: str) -> dict:
         response = await self._call(
@@ -233,8 +313,19 @@ class TritonClient:
             specs = await self.encoders(refresh=True)
         if encoder not in specs:
             available = ", ".join(sorted(specs)) or "none"
-            raise InvalidInput(f"unknown encoder {encoder!r}; available: {available}")
+            raise InvalidInput(f"unknown encoder {echo(encoder)}; available: {available}")
         return specs[encoder]
+
+    async def query_decoder(self, *, refresh: bool = False) -> QueryDecoderSpec:
+        """The query decoder's vocabulary, from its Triton config (the one source of it)."""
+        if self._query_decoder is not None and not refresh:
+            return self._query_decoder
+        config = await self.model_config(QUERY_DECODER_MODEL)
+        try:
+            self._query_decoder = query_decoder_spec(config)
+        except ValueError as exc:
+            raise InternalError(str(exc)) from None
+        return self._query_decoder
 
     async def _infer(self, model: str, inputs: dict[str, tuple[np.ndarray, str]], outputs: list[str]):
         infer_inputs = []
@@ -256,7 +347,7 @@ class TritonClient:
         spec = await self.encoder_spec(encoder)
         expected = (spec.clip_frames, spec.frame_size, spec.frame_size, 3)
         if clips.dtype != np.uint8 or clips.ndim != 5 or clips.shape[1:] != expected:
-            raise InvalidInput(
+            raise InternalError(
                 f"clips must be uint8 [n, {', '.join(map(str, expected))}], "
                 f"got {clips.dtype} {list(clips.shape)}"
             )
@@ -270,15 +361,21 @@ class TritonClient:
             parts.append(out[FEATURES])
         return np.concatenate(parts).astype(np.float32, copy=False)
 
-    async def decode_queries(
+    async def run_query_decoder(
         self, features: np.ndarray
     ) -> tuple[dict[str, np.ndarray], np.ndarray]:
-        """float32 [N, D] -> ({query: logits [A]}, attention [queries, N]) for one video."""
+        """float32 [N, D] -> ({query: logits [A]}, attention [queries, N]) for one video; the
+        attention rows follow `query_decoder().queries`."""
         if features.ndim != 2 or features.shape[0] == 0 or features.shape[1] != FEATURE_DIM:
-            raise InvalidInput(f"features must be float32 [N>0, {FEATURE_DIM}], got {list(features.shape)}")
+            raise InternalError(
+                f"features must be float32 [N>0, {FEATURE_DIM}], got {list(features.shape)}"
+            )
+        queries = [q.query for q in (await self.query_decoder()).queries]
         batch = np.ascontiguousarray(features, dtype=np.float32)[None]  # 1, N, D
         mask = np.ones(batch.shape[:2], dtype=bool)  # 1, N
-        names = [logits_name(q) for q in QUERIES] + [ATTENTION]
-        out = await self._infer(DECODER_MODEL, {FEATURES: (batch, "FP32"), MASK: (mask, "BOOL")}, names)
-        logits = {q: out[logits_name(q)][0] for q in QUERIES}
+        names = [logits_name(q) for q in queries] + [ATTENTION]
+        out = await self._infer(
+            QUERY_DECODER_MODEL, {FEATURES: (batch, "FP32"), MASK: (mask, "BOOL")}, names
+        )
+        logits = {q: out[logits_name(q)][0] for q in queries}
         return logits, out[ATTENTION][0]

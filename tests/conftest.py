@@ -59,17 +59,35 @@ def model_repository() -> Path:
     return Path(Settings().triton.model_repository)
 
 
+MODEL_ARTIFACTS = ("clip_encoder_s3d/1/model.onnx", "tqn_decoder/1/model.onnx")
+
+
+def missing_artifacts(model_repository: Path) -> list[str]:
+    return [name for name in MODEL_ARTIFACTS if not (model_repository / name).is_file()]
+
+
 @pytest.fixture(scope="session")
 def trained_models(model_repository: Path) -> Path:
-    """The model repository, once its models have been exported (skip until then)."""
-    missing = [
-        str(p.relative_to(model_repository))
-        for p in (model_repository / m / "1" / "model.onnx" for m in ("clip_encoder_s3d", "tqn_decoder"))
-        if not p.is_file()
-    ]
+    """The model repository with its exported models. Without them every test that needs them
+    FAILS (never skips: a green `make test` must mean the integration tests ran)."""
+    missing = missing_artifacts(model_repository)
     if missing:
-        pytest.skip(f"models not exported yet ({', '.join(missing)} absent): run `vqs models`")
+        pytest.fail(
+            f"model artifacts missing from {model_repository}: {', '.join(missing)}. "
+            "Run `make models` (or `vqs models`) to train and export them, or point "
+            "VQS_TRITON__MODEL_REPOSITORY at a repository that has them.",
+            pytrace=False,
+        )
     return model_repository
+
+
+@pytest.fixture(scope="session")
+def queries(model_repository: Path) -> list[str]:
+    """The query names in the order the gateway answers them (read from the query decoder's
+    config, as the gateway reads them)."""
+    from tests.vocabulary import query_names
+
+    return query_names(model_repository)
 
 
 @pytest.fixture(scope="session")
@@ -115,20 +133,10 @@ def allowed_root(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("allowed_root")
 
 
-def _decoder_available() -> None:
-    try:
-        import server.pipeline.decode  # noqa: F401
-    except ModuleNotFoundError as exc:
-        if exc.name == "server.pipeline.decode":
-            pytest.skip("server/pipeline/decode.py has not landed yet")
-        raise
-
-
 async def _start_gateway(triton: TritonProcess, allowed_root: Path, **overrides):
     """A real gateway on free ports, using the session's Triton."""
     from server.main import Gateway
 
-    _decoder_available()
     settings = Settings().model_copy(
         update={
             "grpc_port": 0,
@@ -199,3 +207,24 @@ def videos(tmp_path_factory) -> dict[str, Path]:
     corrupt.write_bytes(data[:32] + bytes((b * 7 + 13) % 256 for b in data[32:4096]))
     paths["corrupt"] = corrupt
     return paths
+
+
+LONG_VIDEO_S = 60.0
+
+
+@pytest.fixture(scope="session")
+def long_video(tmp_path_factory) -> Path:
+    """60 s of 1280x720 30 fps H.264 (ffmpeg's test pattern, 29 MB): seconds of decoding, so a
+    second request, a cancel or a deadline arrives while its analysis is still running."""
+    import subprocess
+
+    import imageio_ffmpeg
+
+    path = tmp_path_factory.mktemp("long") / "long.mp4"
+    subprocess.run(
+        [imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-f", "lavfi",
+         "-i", f"testsrc2=size=1280x720:rate=30:duration={LONG_VIDEO_S:g}",
+         "-c:v", "libx264", "-preset", "ultrafast", "-crf", "32", "-pix_fmt", "yuv420p", str(path)],
+        check=True,
+    )
+    return path

@@ -2,6 +2,10 @@
 
 Also: a request id per RPC (from `x-request-id` metadata or new) in a contextvar for logging and
 returned as trailing metadata, and the request metrics.
+
+An INTERNAL status carries only the request id; what went wrong is logged under that id. Other
+statuses carry the error's message, cut to `MAX_DETAILS` characters. A request body that is not the
+RPC's protobuf message is INVALID_ARGUMENT with a request id, like any other bad request.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from collections.abc import Callable
 
 import grpc
 
-from server.errors import VqsError
+from server.errors import InvalidInput, VqsError
 from server.logs import RequestContext, current_request, new_request_id
 from server.metrics import Metrics
 
@@ -22,6 +26,45 @@ logger = logging.getLogger(__name__)
 
 REQUEST_ID_HEADER = "x-request-id"
 SERVICE_PREFIX = "/vqs.v1."
+MAX_DETAILS = 1000  # characters of an error message sent to the caller
+
+
+class _Malformed:
+    """Stands in for a request whose bytes did not parse: the RPC then answers INVALID_ARGUMENT
+    with a request id (a deserializer that raises gets UNKNOWN from gRPC, without one)."""
+
+    def __init__(self, error: Exception):
+        self.error = error
+
+
+def _tolerant(deserializer: Callable | None) -> Callable | None:
+    if deserializer is None:
+        return None
+
+    def deserialize(data: bytes):
+        try:
+            return deserializer(data)
+        except Exception as exc:  # protobuf's DecodeError, or anything a parser raises
+            return _Malformed(exc)
+
+    return deserialize
+
+
+def _parsed(request, rpc: str):
+    if isinstance(request, _Malformed):
+        raise InvalidInput(f"the request body is not a valid {rpc} request message")
+    return request
+
+
+async def _parsed_stream(requests, rpc: str):
+    async for request in requests:
+        yield _parsed(request, rpc)
+
+
+def _details(message: str) -> str:
+    if len(message) <= MAX_DETAILS:
+        return message
+    return message[:MAX_DETAILS] + f"... ({len(message)} characters)"
 
 
 class _Call:
@@ -63,12 +106,15 @@ class _Call:
             code = self.context.code()
             self.status = code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
             return
-        if isinstance(exc, VqsError):
+        if isinstance(exc, VqsError) and exc.code != grpc.StatusCode.INTERNAL:
             self.status = exc.code.name
             logger.warning("%s failed: %s: %s", self.ctx.rpc, exc.code.name, exc)
-            await self.context.abort(exc.code, str(exc))
+            await self.context.abort(exc.code, _details(str(exc)))
         self.status = grpc.StatusCode.INTERNAL.name
-        logger.error("%s failed unexpectedly", self.ctx.rpc, exc_info=exc)
+        if isinstance(exc, VqsError):  # a fault the server named: its message is the detail
+            logger.error("%s failed: INTERNAL: %s", self.ctx.rpc, exc)
+        else:
+            logger.error("%s failed unexpectedly", self.ctx.rpc, exc_info=exc)
         await self.context.abort(
             grpc.StatusCode.INTERNAL, f"internal error (request id {self.ctx.request_id})"
         )
@@ -84,33 +130,37 @@ class GatewayInterceptor(grpc.aio.ServerInterceptor):
             return handler  # health and reflection pass through untouched
         rpc = details.method.rsplit("/", 1)[-1]
         kwargs = dict(
-            request_deserializer=handler.request_deserializer,
+            request_deserializer=_tolerant(handler.request_deserializer),
             response_serializer=handler.response_serializer,
         )
         if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(self._unary(rpc, handler.unary_unary), **kwargs)
+            behavior = self._unary(rpc, handler.unary_unary, _parsed)
+            return grpc.unary_unary_rpc_method_handler(behavior, **kwargs)
         if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(self._unary(rpc, handler.stream_unary), **kwargs)
+            behavior = self._unary(rpc, handler.stream_unary, _parsed_stream)
+            return grpc.stream_unary_rpc_method_handler(behavior, **kwargs)
         if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(self._stream(rpc, handler.unary_stream), **kwargs)
-        return grpc.stream_stream_rpc_method_handler(self._stream(rpc, handler.stream_stream), **kwargs)
+            behavior = self._stream(rpc, handler.unary_stream, _parsed)
+            return grpc.unary_stream_rpc_method_handler(behavior, **kwargs)
+        behavior = self._stream(rpc, handler.stream_stream, _parsed_stream)
+        return grpc.stream_stream_rpc_method_handler(behavior, **kwargs)
 
-    def _unary(self, rpc: str, behavior: Callable):
+    def _unary(self, rpc: str, behavior: Callable, parse: Callable):
         async def wrapped(request, context):
             with _Call(self.metrics, rpc, context) as call:
                 try:
-                    return await behavior(request, context)
+                    return await behavior(parse(request, rpc), context)
                 except (Exception, asyncio.CancelledError) as exc:
                     await call.fail(exc)
                     raise
 
         return wrapped
 
-    def _stream(self, rpc: str, behavior: Callable):
+    def _stream(self, rpc: str, behavior: Callable, parse: Callable):
         async def wrapped(request, context):
             with _Call(self.metrics, rpc, context) as call:
                 try:
-                    result = behavior(request, context)
+                    result = behavior(parse(request, rpc), context)
                     if inspect.isasyncgen(result):
                         async for item in result:
                             yield item

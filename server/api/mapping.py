@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
-from server.pipeline.assemble import AnalysisResult, QuerySpec
+from server.pipeline.analyze import ModelCatalog
+from server.pipeline.assemble import AnalysisResult
 from server.proto import video_analytics_pb2 as pb
 
 
@@ -12,7 +11,7 @@ def analyze_response(result: AnalysisResult, request_id: str) -> pb.AnalyzeRespo
     v = result.video
     response = pb.AnalyzeResponse(
         video=pb.VideoInfo(
-            duration_s=v.duration_s, fps=v.fps, clips=v.clips, frames=v.frames,
+            duration_s=v.duration_s, fps=v.fps, clips=result.clips, frames=v.frames,
             width=v.width, height=v.height,
         ),
         encoder=result.encoder,
@@ -36,23 +35,21 @@ def analyze_response(result: AnalysisResult, request_id: str) -> pb.AnalyzeRespo
 
 
 def describe_response(
-    queries: Sequence[QuerySpec],
-    encoders: Sequence[str],
+    models: ModelCatalog,
     *,
     default_encoder: str,
-    clip_frames: int,
-    frame_size: int,
-    clip_fps: float,
     max_upload_bytes: int,
     max_duration_s: float,
 ) -> pb.DescribeModelsResponse:
+    """Clip size and frame rate are the default encoder's (0 when it is not served)."""
+    default = models.encoders.get(default_encoder)
     return pb.DescribeModelsResponse(
-        queries=[pb.QuerySpec(query=q.query, attributes=list(q.attributes)) for q in queries],
-        encoders=sorted(encoders),
+        queries=[pb.QuerySpec(query=q.query, attributes=list(q.attributes)) for q in models.queries],
+        encoders=sorted(models.encoders),
         default_encoder=default_encoder,
-        clip_frames=clip_frames,
-        frame_size=frame_size,
-        clip_fps=clip_fps,
+        clip_frames=default.clip_frames if default else 0,
+        frame_size=default.frame_size if default else 0,
+        clip_fps=(default.clip_fps or 0.0) if default else 0.0,
         max_upload_bytes=max_upload_bytes,
         max_duration_s=max_duration_s,
     )

@@ -5,23 +5,29 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
 
 from server.api import mapping
 from server.api.sources import resolve_uri
-from server.errors import BackendUnavailable, InvalidInput, Overloaded, Timeout, TooLarge
+from server.errors import BackendUnavailable, InvalidInput, Overloaded, Timeout, TooLarge, echo
 from server.logs import current_request, request_id
-from server.pipeline.analyze import Analyzer, AnalyzeJob, validate_encoder_name
-from server.pipeline.assemble import QuerySpec
+from server.pipeline.analyze import Analyzer, AnalyzeJob
 from server.proto import video_analytics_pb2 as pb
 from server.proto import video_analytics_pb2_grpc as pb_grpc
 from server.settings import Settings
-from server.triton import TritonClient
 
 logger = logging.getLogger(__name__)
+
+
+def validate_encoder_name(encoder: str, default: str) -> str:
+    """The requested encoder's name (the default when empty); letters, digits and `_` only."""
+    name = encoder.strip() or default
+    if not name.replace("_", "").isalnum():
+        raise InvalidInput(f"invalid encoder name {echo(name)}")
+    return name
 
 
 class Slots:
@@ -50,16 +56,12 @@ class VideoAnalyticsServicer(pb_grpc.VideoAnalyticsServicer):
         self,
         settings: Settings,
         analyzer: Analyzer,
-        triton: TritonClient,
-        queries: Sequence[QuerySpec],
         *,
         unavailable: Callable[[], str | None] = lambda: None,
     ):
         """`unavailable()` says why Triton cannot serve right now (None when it can)."""
         self.settings = settings
         self.analyzer = analyzer
-        self.triton = triton
-        self.queries = list(queries)
         self.slots = Slots(settings.limits.max_concurrent_requests)
         self.unavailable = unavailable
 
@@ -73,7 +75,7 @@ class VideoAnalyticsServicer(pb_grpc.VideoAnalyticsServicer):
         limit = self.settings.limits.max_upload_bytes
         which = request.WhichOneof("source")
         if which == "video":
-            video = request.video  # each read of a bytes field copies it (~50 ms per 87 MB)
+            video = request.video  # read once: each read of a bytes field copies it
             if not video:
                 raise InvalidInput("the uploaded video is empty (0 bytes)")
             if len(video) > limit:
@@ -89,7 +91,7 @@ class VideoAnalyticsServicer(pb_grpc.VideoAnalyticsServicer):
     async def Analyze(self, request: pb.AnalyzeRequest, context: grpc.aio.ServicerContext):
         self._require_backend()
         encoder = validate_encoder_name(request.encoder, self.settings.default_encoder)
-        await self.triton.encoder_spec(encoder)  # unknown names never become metric labels
+        await self.analyzer.encoder(encoder)  # unknown names never become metric labels
         ctx = current_request.get()
         if ctx is not None:
             ctx.labels["encoder"] = encoder
@@ -108,21 +110,16 @@ class VideoAnalyticsServicer(pb_grpc.VideoAnalyticsServicer):
                 raise
         logger.info(
             "analyzed %d clips (%.1f s of video) with %s in %.0f ms",
-            result.video.clips, result.video.duration_s, encoder, result.timing_ms.get("total", 0.0),
+            result.clips, result.video.duration_s, encoder, result.timing_ms.get("total", 0.0),
         )
         return mapping.analyze_response(result, request_id())
 
     async def DescribeModels(self, request, context: grpc.aio.ServicerContext):
         self._require_backend()
-        encoders = await self.triton.encoders(refresh=True)
-        default = encoders.get(self.settings.default_encoder)
+        models = await self.analyzer.models()
         return mapping.describe_response(
-            self.queries,
-            list(encoders),
+            models,
             default_encoder=self.settings.default_encoder,
-            clip_frames=default.clip_frames if default else 0,
-            frame_size=default.frame_size if default else 0,
-            clip_fps=(default.clip_fps or 0.0) if default else 0.0,
             max_upload_bytes=self.settings.limits.max_upload_bytes,
             max_duration_s=self.settings.limits.max_duration_s,
         )

@@ -1,42 +1,42 @@
-"""One video through the models: decode -> encode clip batches (several in flight) -> decode queries.
+"""One video through the models: decode -> encode clip batches (several in flight) -> query decoder.
 
-A bounded pipeline: at most `encode_inflight` clip batches are held (being encoded) while the
-decoder keeps producing; only the [N, D] clip features and [N, 2] spans accumulate, so memory does
-not grow with the video's length beyond D floats per clip.
+A bounded pipeline: at most `limits.encode_inflight` clip batches are held (being encoded) while the
+video decoder keeps producing; only the [N, D] clip features and [N, 2] spans accumulate, so memory
+does not grow with the video's length beyond D floats per clip.
 
 Stage timings are the time the pipeline spent *waiting* on each stage, so they add up to about the
-total: `decode` (waiting for the next clip batch), `encode` (waiting for encoder results when the
-in-flight bound is reached, and at the end), `decode_queries` (the decoder model).
+total: `decode` (waiting for the next clip batch from the video decoder), `encode` (waiting for
+encoder results when the in-flight bound is reached, and at the end), `query_decoder` (the TQN
+decoder model answering the queries).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
-from server.errors import InferenceFailed, InvalidInput, UnsupportedMedia
+from server.errors import InferenceFailed, UnsupportedMedia
 from server.pipeline import assemble
+from server.pipeline.decode import ClipBatch
 from server.settings import LimitsSettings
-from server.triton import QUERIES, TritonClient
-
-logger = logging.getLogger(__name__)
+from server.triton import EncoderSpec, QuerySpec, TritonClient
 
 
 class ClipSource(Protocol):
     """What the pipeline needs from `server.pipeline.decode.VideoDecoder`."""
 
     def stream(
-        self, source: bytes | Path, *, frame_size: int, clip_frames: int, clips_per_batch: int
-    ) -> AsyncIterator: ...
+        self, source: bytes | Path, *, frame_size: int, clip_frames: int,
+        sample_fps: float | None, clips_per_batch: int,
+    ) -> AsyncIterator[ClipBatch]: ...
 
 
 class StageObserver(Protocol):
@@ -48,6 +48,15 @@ class StageObserver(Protocol):
 class AnalyzeJob:
     source: bytes | Path
     encoder: str
+
+
+@dataclass(frozen=True)
+class ModelCatalog:
+    """The served models as the gateway describes them: the query decoder's queries (in its output
+    order) and every ready encoder by name."""
+
+    queries: tuple[QuerySpec, ...]
+    encoders: dict[str, EncoderSpec]
 
 
 class _Clock:
@@ -67,32 +76,37 @@ class Analyzer:
     def __init__(
         self,
         triton: TritonClient,
-        decoder: ClipSource,
-        queries: Sequence[assemble.QuerySpec],
+        video_decoder: ClipSource,
         limits: LimitsSettings,
         *,
-        encode_inflight: int = 4,
         observer: StageObserver | None = None,
     ):
-        if encode_inflight < 1:
-            raise ValueError("encode_inflight must be >= 1")
         self.triton = triton
-        self.decoder = decoder
-        self.queries = list(queries)
+        self.video_decoder = video_decoder
         self.limits = limits
-        self.encode_inflight = encode_inflight
         self.observer = observer
+
+    async def encoder(self, name: str) -> EncoderSpec:
+        """The encoder called `name`; `InvalidInput` naming the available ones when none is."""
+        return await self.triton.encoder_spec(name)
+
+    async def models(self) -> ModelCatalog:
+        """What Triton serves now (read afresh: models may have been reloaded)."""
+        encoders = await self.triton.encoders(refresh=True)
+        query_decoder = await self.triton.query_decoder(refresh=True)
+        return ModelCatalog(queries=query_decoder.queries, encoders=encoders)
 
     async def analyze(self, job: AnalyzeJob) -> assemble.AnalysisResult:
         started = time.perf_counter()
         clock = _Clock()
         spec = await self.triton.encoder_spec(job.encoder)
+        queries = (await self.triton.query_decoder()).queries
 
         features: list[np.ndarray] = []
         spans: list[np.ndarray] = []
         pending: deque[asyncio.Task] = deque()
         info = None
-        stream = self.decoder.stream(
+        stream = self.video_decoder.stream(
             job.source,
             frame_size=spec.frame_size,
             clip_frames=spec.clip_frames,
@@ -114,7 +128,7 @@ class Analyzer:
                     ))
                     spans.append(np.asarray(batch.spans_s, dtype=np.float64))
                     del batch
-                    while len(pending) >= self.encode_inflight:
+                    while len(pending) >= self.limits.encode_inflight:
                         with clock.waiting("encode"):
                             features.append(await pending.popleft())
             with clock.waiting("encode"):
@@ -135,40 +149,26 @@ class Analyzer:
                 f"{len(clip_features)} clip features for {len(spans_s)} clip spans"
             )
 
-        with clock.waiting("decode_queries"):
-            logits, attention = await self.triton.decode_queries(clip_features)
+        with clock.waiting("query_decoder"):
+            logits, attention = await self.triton.run_query_decoder(clip_features)
 
-        video = assemble.VideoSummary(
-            duration_s=info.duration_s,
-            fps=info.fps,
-            clips=len(clip_features),
-            frames=info.frames,
-            width=info.width,
-            height=info.height,
-        )
         clock.spent["total"] = time.perf_counter() - started
         if self.observer is not None:
             for stage, seconds in clock.spent.items():
                 if stage != "total":
                     self.observer.stage(stage, seconds)
-            self.observer.video(video.clips, video.duration_s)
+            self.observer.video(len(clip_features), info.duration_s)
         try:
             return assemble.build_result(
                 encoder=spec.encoder,
-                specs=self.queries,
+                specs=queries,
                 logits=logits,
-                attention_order=QUERIES,
                 attention=attention,
                 spans_s=spans_s,
-                video=video,
+                video=info,
                 timing_ms={k: v * 1000.0 for k, v in clock.spent.items()},
             )
         except ValueError as exc:
-            raise InferenceFailed(f"model outputs do not match the decoder's model.json: {exc}") from exc
-
-
-def validate_encoder_name(encoder: str, default: str) -> str:
-    name = encoder.strip() or default
-    if not name.replace("_", "").isalnum():
-        raise InvalidInput(f"invalid encoder name {name!r}")
-    return name
+            raise InferenceFailed(
+                f"the query decoder's outputs do not match its vocabulary: {exc}"
+            ) from exc

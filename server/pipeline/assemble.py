@@ -1,21 +1,16 @@
-"""Turn the decoder's raw outputs into the analysis result (pure functions, no I/O but `load_queries`)."""
+"""Turn the query decoder's raw outputs into the analysis result (pure functions, no I/O)."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
-DECODER_MODEL = "tqn_decoder"
+from server.pipeline.decode import VideoInfo
+from server.triton import QuerySpec
 
-
-@dataclass(frozen=True)
-class QuerySpec:
-    query: str
-    attributes: tuple[str, ...]
+__all__ = ["AnalysisResult", "Answer", "AttentionMap", "QuerySpec", "VideoInfo", "build_result"]
 
 
 @dataclass(frozen=True)
@@ -34,35 +29,13 @@ class AttentionMap:
 
 
 @dataclass(frozen=True)
-class VideoSummary:
-    duration_s: float
-    fps: float
-    clips: int
-    frames: int
-    width: int
-    height: int
-
-
-@dataclass(frozen=True)
 class AnalysisResult:
     encoder: str
-    video: VideoSummary
+    video: VideoInfo
+    clips: int  # clips encoded
     answers: list[Answer]
     attention: list[AttentionMap]
     timing_ms: dict[str, float]
-
-
-def load_queries(model_repository: Path) -> list[QuerySpec]:
-    """The decoder's queries and attribute sets, from `tqn_decoder/1/model.json`."""
-    path = Path(model_repository) / DECODER_MODEL / "1" / "model.json"
-    try:
-        meta = json.loads(path.read_text())
-        specs = [QuerySpec(q["query"], tuple(q["attributes"])) for q in meta["queries"]]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ValueError(f"cannot read the decoder's queries from {path}: {exc}") from exc
-    if not specs or any(not s.attributes for s in specs):
-        raise ValueError(f"{path}: every query needs a non-empty attribute list")
-    return specs
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -92,7 +65,7 @@ def answer(spec: QuerySpec, logits: np.ndarray) -> Answer:
 def answers(specs: Sequence[QuerySpec], logits: Mapping[str, np.ndarray]) -> list[Answer]:
     missing = [s.query for s in specs if s.query not in logits]
     if missing:
-        raise ValueError(f"the decoder returned no logits for {missing}")
+        raise ValueError(f"the query decoder returned no logits for {missing}")
     return [answer(spec, logits[spec.query]) for spec in specs]
 
 
@@ -120,17 +93,18 @@ def build_result(
     encoder: str,
     specs: Sequence[QuerySpec],
     logits: Mapping[str, np.ndarray],
-    attention_order: Sequence[str],
     attention: np.ndarray,
     spans_s: np.ndarray,
-    video: VideoSummary,
+    video: VideoInfo,
     timing_ms: Mapping[str, float],
 ) -> AnalysisResult:
-    maps = {m.query: m for m in attention_maps(attention_order, attention, spans_s)}
+    """The answers and attention maps in the order of `specs`, which is also the order of the
+    rows of `attention` (the query decoder's output order)."""
     return AnalysisResult(
         encoder=encoder,
         video=video,
+        clips=len(spans_s),
         answers=answers(specs, logits),
-        attention=[maps[s.query] for s in specs if s.query in maps],
+        attention=attention_maps([s.query for s in specs], attention, spans_s),
         timing_ms=dict(timing_ms),
     )

@@ -1,4 +1,5 @@
-"""The three views of every model agree: config.pbtxt, server/triton.py, and the ONNX graph."""
+"""The three views of every model agree: config.pbtxt, server/triton.py, and the ONNX graph; and
+the config parameters the gateway reads are the ones export/onnx_export.py writes."""
 
 from __future__ import annotations
 
@@ -24,6 +25,11 @@ def load_config(model: str) -> model_config_pb2.ModelConfig:
     return text_format.Parse(text, model_config_pb2.ModelConfig())
 
 
+def config_dict(model: str) -> dict:
+    """The config as the gateway gets it from Triton (`get_model_config(as_json=True)`)."""
+    return json_format.MessageToDict(load_config(model), preserving_proto_field_name=True)
+
+
 def tensors(entries) -> dict[str, tuple[str, tuple[int, ...]]]:
     return {
         t.name: (model_config_pb2.DataType.Name(t.data_type).removeprefix("TYPE_"), tuple(t.dims))
@@ -42,7 +48,7 @@ def test_the_repository_has_the_expected_models():
 @pytest.mark.parametrize("model", MODELS)
 def test_config_matches_triton_py(model):
     config = load_config(model)
-    contract = triton.contract_for(model)
+    contract = triton.contract_for(model, config_dict(model))
 
     assert config.name == model
     assert config.backend == "python"
@@ -58,9 +64,23 @@ def test_python_backend_entry_is_the_shared_runner(model):
     assert entry.resolve() == (REPOSITORY / "onnx_runner.py").resolve()
 
 
-def test_decoder_outputs_follow_the_query_order():
-    outputs = [t.name for t in load_config(triton.DECODER_MODEL).output]
-    assert outputs == [triton.logits_name(q) for q in triton.QUERIES] + [triton.ATTENTION]
+def test_query_decoder_config_holds_the_vocabulary_in_output_order():
+    spec = triton.query_decoder_spec(config_dict(triton.QUERY_DECODER_MODEL))
+    queries = [q.query for q in spec.queries]
+    outputs = [t.name for t in load_config(triton.QUERY_DECODER_MODEL).output]
+    assert outputs == [triton.logits_name(q) for q in queries] + [triton.ATTENTION]
+    assert all(q.attributes for q in spec.queries)
+
+
+def test_query_decoder_spec_refuses_a_config_without_vocabulary():
+    config = config_dict(triton.QUERY_DECODER_MODEL)
+    del config["parameters"][triton.QUERIES_PARAMETER]
+    with pytest.raises(ValueError, match="re-export"):
+        triton.query_decoder_spec(config)
+    config = config_dict(triton.QUERY_DECODER_MODEL)
+    config["output"] = config["output"][::-1]
+    with pytest.raises(ValueError, match="do not follow its queries"):
+        triton.query_decoder_spec(config)
 
 
 def _onnx(model: str):
@@ -83,7 +103,7 @@ def _graph_tensors(values) -> dict[str, tuple[int, tuple]]:
 @pytest.mark.parametrize("model", MODELS)
 def test_onnx_graph_matches_the_contract(model):
     graph = _onnx(model).graph
-    contract = triton.contract_for(model)
+    contract = triton.contract_for(model, config_dict(model))
     batched = contract.max_batch_size > 0
     graph_inputs = _graph_tensors(graph.input)
     graph_outputs = _graph_tensors(graph.output)
@@ -103,21 +123,23 @@ def test_onnx_graph_matches_the_contract(model):
                 assert got == want, f"{model}.{spec.name} dims {dims} vs {expected}"
 
 
-def test_decoder_model_json_matches_the_queries():
-    path = REPOSITORY / triton.DECODER_MODEL / "1" / "model.json"
+def test_query_decoder_config_matches_its_model_json_and_graph():
+    path = REPOSITORY / triton.QUERY_DECODER_MODEL / "1" / "model.json"
     if not path.is_file():
         pytest.skip("tqn_decoder/1/model.json not exported yet")
     meta = json.loads(path.read_text())
-    assert [q["query"] for q in meta["queries"]] == list(triton.QUERIES)
-    assert all(q["attributes"] for q in meta["queries"])
+    spec = triton.query_decoder_spec(config_dict(triton.QUERY_DECODER_MODEL))
+    assert [(q["query"], tuple(q["attributes"])) for q in meta["queries"]] == [
+        (q.query, q.attributes) for q in spec.queries
+    ]
 
-    graph = _onnx(triton.DECODER_MODEL).graph if (path.parent / "model.onnx").is_file() else None
+    graph = _onnx(triton.QUERY_DECODER_MODEL).graph if (path.parent / "model.onnx").is_file() else None
     if graph is not None:
         outputs = _graph_tensors(graph.output)
-        for q in meta["queries"]:
-            width = outputs[triton.logits_name(q["query"])][1][-1]
+        for q in spec.queries:
+            width = outputs[triton.logits_name(q.query)][1][-1]
             if width != -1:
-                assert width == len(q["attributes"]), q["query"]
+                assert width == len(q.attributes), q.query
 
 
 @pytest.mark.parametrize("model", [m for m in MODELS if m.startswith(triton.ENCODER_PREFIX)])
@@ -134,7 +156,7 @@ def test_encoder_model_json_matches_the_config(model):
     # The frame rate the gateway samples at is the one the encoder was trained at.
     config = load_config(model)
     assert float(config.parameters[triton.CLIP_FPS].string_value) == meta["clip_fps"]
-    spec = triton._encoder_spec(model, json_format.MessageToDict(config, preserving_proto_field_name=True))
+    spec = triton._encoder_spec(model, config_dict(model))
     assert spec.clip_fps == meta["clip_fps"]
 
 
@@ -142,11 +164,49 @@ def test_export_code_uses_the_same_names():
     export = pytest.importorskip("export.onnx_export", reason="export/onnx_export.py not there yet")
     vocab = pytest.importorskip("export.vocab")
 
+    heads = vocab.head_attributes()
     assert export.ENCODER_INPUT == triton.CLIPS
     assert export.ENCODER_OUTPUT == triton.FEATURES
     assert tuple(export.DECODER_INPUTS) == (triton.FEATURES, triton.MASK)
-    assert tuple(export.decoder_outputs()) == tuple(s.name for s in triton.DECODER_CONTRACT.outputs)
-    assert tuple(vocab.head_attributes()) == triton.QUERIES
+    contract = triton.query_decoder_contract(list(heads))
+    assert tuple(export.decoder_outputs()) == tuple(s.name for s in contract.outputs)
+    assert export.CLIP_FPS_PARAMETER == triton.CLIP_FPS
+    assert export.QUERIES_PARAMETER == triton.QUERIES_PARAMETER
+    assert export.ATTRIBUTES_PARAMETER_PREFIX == triton.ATTRIBUTES_PARAMETER_PREFIX
+
+
+def test_the_exporter_writes_the_vocabulary_the_gateway_reads(tmp_path):
+    """Written into a copy of the committed config, the exporter's parameters are exactly the
+    committed ones, and `server/triton.py` reads the exporter's vocabulary back."""
+    export = pytest.importorskip("export.onnx_export", reason="export/onnx_export.py not there yet")
+    vocab = pytest.importorskip("export.vocab")
+    heads = vocab.head_attributes()
+    committed = (REPOSITORY / triton.QUERY_DECODER_MODEL / "config.pbtxt").read_text()
+    path = tmp_path / "config.pbtxt"
+    path.write_text(committed.replace('"attributes.class"', '"attributes.stale_query"'))
+    export.write_config_parameters(
+        path, export.query_decoder_parameters(heads),
+        owns=lambda key: key == triton.QUERIES_PARAMETER or key.startswith(triton.ATTRIBUTES_PARAMETER_PREFIX),
+    )
+    assert path.read_text() == committed
+    config = json_format.MessageToDict(
+        text_format.Parse(path.read_text(), model_config_pb2.ModelConfig()),
+        preserving_proto_field_name=True,
+    )
+    spec = triton.query_decoder_spec(config)
+    assert {q.query: q.attributes for q in spec.queries} == heads
+    assert [q.query for q in spec.queries] == list(heads)
+
+
+@pytest.mark.parametrize("model", [m for m in MODELS if m.startswith(triton.ENCODER_PREFIX)])
+def test_the_exporter_writes_the_clip_fps_the_gateway_reads(model, tmp_path):
+    export = pytest.importorskip("export.onnx_export", reason="export/onnx_export.py not there yet")
+    committed = (REPOSITORY / model / "config.pbtxt").read_text()
+    path = tmp_path / "config.pbtxt"
+    path.write_text(committed)
+    fps = float(load_config(model).parameters[triton.CLIP_FPS].string_value)
+    export.write_config_parameters(path, export.encoder_parameters(fps))
+    assert path.read_text() == committed
 
 
 _JSON_DTYPES = {"uint8": "UINT8", "float32": "FP32", "bool": "BOOL"}
@@ -160,7 +220,7 @@ def test_model_json_tensor_table_matches_the_contract(model):
     meta = json.loads(path.read_text())
     if "inputs" not in meta:
         pytest.skip(f"{model}/1/model.json has no tensor table")
-    contract = triton.contract_for(model)
+    contract = triton.contract_for(model, config_dict(model))
     batched = contract.max_batch_size > 0
     for specs, table in ((contract.inputs, meta["inputs"]), (contract.outputs, meta["outputs"])):
         assert set(table) == {s.name for s in specs}

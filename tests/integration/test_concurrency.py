@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import urllib.request
-from pathlib import Path
 
 import grpc
 import pytest
@@ -15,21 +14,10 @@ from server.main import SERVICE_NAME
 from server.proto import video_analytics_pb2 as pb
 from server.proto import video_analytics_pb2_grpc as pb_grpc
 from server.settings import Settings
-from server.triton import QUERIES
 
 pytestmark = pytest.mark.integration
 
-LONG_VIDEO_S = 60.0
-
-
-@pytest.fixture(scope="module")
-def long_video(tmp_path_factory) -> Path:
-    """Long enough that its analysis is still running when a second request arrives."""
-    from export.synth import render_video
-
-    path = tmp_path_factory.mktemp("long") / "long.mp4"
-    render_video(path, seed=31, seconds=LONG_VIDEO_S)
-    return path
+LONG_VIDEO_S = 60.0  # the `long_video` fixture's length
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
@@ -46,7 +34,9 @@ def inflight(gateway) -> float:
     return float(next(l for l in text.splitlines() if l.startswith("vqs_inflight_requests ")).split()[-1])
 
 
-async def test_second_request_is_refused_while_the_first_runs(one_slot_gateway, long_video, videos):
+async def test_second_request_is_refused_while_the_first_runs(
+    one_slot_gateway, long_video, videos, queries
+):
     async with grpc.aio.insecure_channel(one_slot_gateway.address) as channel:
         stub = pb_grpc.VideoAnalyticsStub(channel)
         upload = long_video.read_bytes()
@@ -70,7 +60,7 @@ async def test_second_request_is_refused_while_the_first_runs(one_slot_gateway, 
         assert "limits.max_concurrent_requests" in error.details()
 
         response = await admitted
-        assert [a.query for a in response.answers] == list(QUERIES)
+        assert [a.query for a in response.answers] == queries
         assert response.video.duration_s == pytest.approx(LONG_VIDEO_S, abs=0.5)
         assert response.video.clips == len(response.attention[0].weights) >= 100
 
@@ -79,4 +69,4 @@ async def test_second_request_is_refused_while_the_first_runs(one_slot_gateway, 
         status = await health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME))
         assert status.status == health_pb2.HealthCheckResponse.SERVING
         again = await stub.Analyze(pb.AnalyzeRequest(video=videos["short"].read_bytes()), timeout=120)
-        assert len(again.answers) == len(QUERIES)
+        assert len(again.answers) == len(queries)

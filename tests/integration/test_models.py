@@ -11,6 +11,7 @@ from tritonclient.utils import InferenceServerException
 
 from server import triton as contract
 from server.triton import TritonClient
+from tests.vocabulary import query_names
 
 pytestmark = pytest.mark.integration
 
@@ -36,6 +37,7 @@ async def test_encoder_batches_across_requests_without_mixing_them(client):
 
 
 async def test_triton_matches_onnx_runtime(client, model_repository):
+    queries = query_names(model_repository)
     ort = pytest.importorskip("onnxruntime")
     batch = clips(3, seed=1)
     session = ort.InferenceSession(
@@ -47,19 +49,19 @@ async def test_triton_matches_onnx_runtime(client, model_repository):
 
     features = np.random.default_rng(2).standard_normal((5, contract.FEATURE_DIM)).astype(np.float32)
     decoder = ort.InferenceSession(
-        str(model_repository / contract.DECODER_MODEL / "1" / "model.onnx"),
+        str(model_repository / contract.QUERY_DECODER_MODEL / "1" / "model.onnx"),
         providers=["CPUExecutionProvider"],
     )
-    names = [contract.logits_name(q) for q in contract.QUERIES] + [contract.ATTENTION]
+    names = [contract.logits_name(q) for q in queries] + [contract.ATTENTION]
     outputs = decoder.run(names, {contract.FEATURES: features[None], contract.MASK: np.ones((1, 5), bool)})
-    logits, attention = await client.decode_queries(features)
-    for q, want in zip(contract.QUERIES, outputs):
+    logits, attention = await client.run_query_decoder(features)
+    for q, want in zip(queries, outputs):
         np.testing.assert_allclose(logits[q], want[0], rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(attention, outputs[-1][0], rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(attention.sum(axis=-1), 1.0, atol=1e-4)
 
 
-async def test_decoder_answers_a_bad_request_with_its_own_error(triton, client):
+async def test_decoder_answers_a_bad_request_with_its_own_error(triton, client, model_repository):
     raw = grpcclient.InferenceServerClient(triton.grpc_url)
     features = np.zeros((1, 4, contract.FEATURE_DIM), np.float32)
     inputs = [
@@ -70,11 +72,11 @@ async def test_decoder_answers_a_bad_request_with_its_own_error(triton, client):
     inputs[1].set_data_from_numpy(np.ones((1, 3), bool))
     try:
         with pytest.raises(InferenceServerException, match="mask shape"):
-            await raw.infer(contract.DECODER_MODEL, inputs)
+            await raw.infer(contract.QUERY_DECODER_MODEL, inputs)
     finally:
         await raw.close()
-    logits, attention = await client.decode_queries(features[0] + 1.0)
-    assert attention.shape == (len(contract.QUERIES), 4)
+    logits, attention = await client.run_query_decoder(features[0] + 1.0)
+    assert attention.shape == (len(query_names(model_repository)), 4)
 
 
 async def test_unknown_encoder_lists_what_exists(client):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import urllib.request
 
 import grpc
@@ -15,7 +14,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from server.proto import video_analytics_pb2 as pb
 from server.proto import video_analytics_pb2_grpc as pb_grpc
 from server.settings import Settings
-from server.triton import QUERIES
+from tests.vocabulary import query_specs
 
 pytestmark = pytest.mark.integration
 
@@ -23,16 +22,47 @@ pytestmark = pytest.mark.integration
 async def test_describe_models_lists_queries_and_attributes(stub, model_repository):
     response = await stub.DescribeModels(pb.DescribeModelsRequest())
 
-    meta = json.loads((model_repository / "tqn_decoder" / "1" / "model.json").read_text())
-    assert [q.query for q in response.queries] == list(QUERIES)
-    assert {q.query: list(q.attributes) for q in response.queries} == {
-        q["query"]: q["attributes"] for q in meta["queries"]
-    }
+    # What Triton serves (the query decoder's config), in its output order.
+    assert [(q.query, tuple(q.attributes)) for q in response.queries] == [
+        (q.query, q.attributes) for q in query_specs(model_repository)
+    ]
     assert "s3d" in response.encoders
     assert response.default_encoder == "s3d"
     assert (response.clip_frames, response.frame_size) == (8, 112)
     assert response.clip_fps == 15.0  # from the encoder's Triton config
     assert response.max_upload_bytes > 0
+
+
+async def test_a_gateway_of_a_remote_triton_needs_no_model_repository(triton, tmp_path,
+                                                                      model_repository):
+    """The queries, attributes and clip settings come from Triton, not from files on the disk."""
+    from server.main import Gateway
+
+    remote = Settings().triton.model_copy(
+        update={"url": triton.grpc_url, "model_repository": tmp_path / "not-here"}
+    )
+    gateway = Gateway(Settings().model_copy(
+        update={"grpc_port": 0, "metrics_port": 0, "triton": remote}
+    ))
+    try:
+        await gateway.start()
+        async with grpc.aio.insecure_channel(gateway.address) as channel:
+            response = await pb_grpc.VideoAnalyticsStub(channel).DescribeModels(
+                pb.DescribeModelsRequest()
+            )
+    finally:
+        await gateway.stop()
+    assert [q.query for q in response.queries] == [q.query for q in query_specs(model_repository)]
+    assert response.clip_fps == 15.0
+
+
+async def test_a_malformed_request_body_is_invalid_argument_with_a_request_id(channel):
+    analyze = channel.unary_unary("/vqs.v1.VideoAnalytics/Analyze")  # raw bytes in and out
+    call = analyze(b"\xff\xff\xff\xff", metadata=(("x-request-id", "bad-body"),))
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await call
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert dict(await call.trailing_metadata())["x-request-id"] == "bad-body"
 
 
 async def test_health_is_serving(channel):
@@ -66,7 +96,7 @@ async def test_metrics_endpoint_exposes_the_counters(stub, gateway, videos):
         'vqs_request_duration_seconds_count{encoder="s3d",rpc="Analyze",status="OK"}',
         'vqs_stage_duration_seconds_count{stage="encode"}',
         'vqs_stage_duration_seconds_count{stage="decode"}',
-        'vqs_stage_duration_seconds_count{stage="decode_queries"}',
+        'vqs_stage_duration_seconds_count{stage="query_decoder"}',
         "vqs_clips_total",
         "vqs_video_seconds_total",
         "vqs_inflight_requests",

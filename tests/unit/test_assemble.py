@@ -1,7 +1,5 @@
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 
@@ -62,13 +60,12 @@ def test_attention_maps_check_shapes(attention, spans, message):
 
 
 def test_build_result_orders_everything_like_the_specs():
-    video = assemble.VideoSummary(duration_s=1.2, fps=15, clips=3, frames=18, width=64, height=48)
+    video = assemble.VideoInfo(fps=15, width=64, height=48, frames=18, duration_s=1.2)
     result = assemble.build_result(
         encoder="s3d",
         specs=SPECS,
         logits={"class": np.array([0.0, 1.0]), "take_off": np.array([3.0, 0.0, 0.0])},
-        attention_order=["class", "take_off"],
-        attention=np.array([[0.2, 0.3, 0.5], [1.0, 0.0, 0.0]]),
+        attention=np.array([[1.0, 0.0, 0.0], [0.2, 0.3, 0.5]]),  # rows follow the specs
         spans_s=np.array([[0.0, 0.5], [0.5, 1.0], [1.0, 1.2]]),
         video=video,
         timing_ms={"total": 12.0},
@@ -77,17 +74,11 @@ def test_build_result_orders_everything_like_the_specs():
     assert [a.attribute for a in result.answers] == ["backward", "b"]
     assert [m.query for m in result.attention] == ["take_off", "class"]
     np.testing.assert_allclose(result.attention[0].weights, [1.0, 0.0, 0.0])
-    assert result.video is video and result.timing_ms == {"total": 12.0}
+    assert result.video is video and result.clips == 3 and result.timing_ms == {"total": 12.0}
 
 
-def test_load_queries_reads_the_decoder_model_json(tmp_path):
-    meta = {"name": "tqn_decoder", "config": {},
-            "queries": [{"query": s.query, "attributes": list(s.attributes)} for s in SPECS]}
-    (tmp_path / "tqn_decoder" / "1").mkdir(parents=True)
-    (tmp_path / "tqn_decoder" / "1" / "model.json").write_text(json.dumps(meta))
-    assert assemble.load_queries(tmp_path) == SPECS
+def test_one_video_metadata_type():
+    from server.pipeline import decode
 
-
-def test_load_queries_explains_a_missing_file(tmp_path):
-    with pytest.raises(ValueError, match="model.json"):
-        assemble.load_queries(tmp_path)
+    assert assemble.VideoInfo is decode.VideoInfo
+    assert not hasattr(assemble, "VideoSummary")

@@ -141,3 +141,26 @@ def test_help_lists_commands():
     assert result.exit_code == 0
     for command in ("analyze", "serve", "synth", "models"):
         assert command in result.output
+
+
+def test_the_client_imports_only_the_stubs_and_its_own_code():
+    """`vqs analyze` needs grpc, typer, rich and the generated stubs: no server code (logging,
+    metrics, settings), no prometheus."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, clients.cli, clients.analyze, clients.render; "
+        "print('\\n'.join(sorted(m for m in sys.modules "
+        "if m.split('.')[0] in ('server', 'prometheus_client', 'tritonclient', 'numpy'))))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    loaded = set(out.stdout.split())
+    assert loaded <= {"server", "server.proto", "server.proto.video_analytics_pb2",
+                      "server.proto.video_analytics_pb2_grpc"}, loaded
+
+
+def test_the_request_id_header_is_the_gateways():
+    from server.api.interceptor import REQUEST_ID_HEADER
+
+    assert analyze.REQUEST_ID_HEADER == REQUEST_ID_HEADER

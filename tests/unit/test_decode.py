@@ -19,7 +19,7 @@ import pytest_asyncio
 
 from export.synth import render_video
 from server.errors import Timeout, TooLarge, UnsupportedMedia
-from server.pipeline import _decode_worker as worker_impl
+from server.pipeline import decode_backends as backends
 from server.pipeline.decode import ClipBatch, VideoDecoder
 from server.settings import DecodeSettings
 
@@ -55,8 +55,8 @@ def media(tmp_path_factory) -> dict[str, Path]:
     return paths
 
 
-def _remux(src: Path, dst: Path) -> None:
-    with av.open(str(src)) as inp, av.open(str(dst), "w") as out:
+def _remux(src: Path, dst: Path, fmt: str | None = None) -> None:
+    with av.open(str(src)) as inp, av.open(str(dst), "w", format=fmt) as out:
         stream = out.add_stream_from_template(inp.streams.video[0])
         for packet in inp.demux(inp.streams.video[0]):
             if packet.dts is None:
@@ -68,22 +68,33 @@ def _remux(src: Path, dst: Path) -> None:
 VFR_STARTS_MS = [0, 40, 80, 120, 160, 200, 240, 280, 400, 520, 640, 760, 880, 1000, 1120, 1240]
 
 
-def _write_vfr(path: Path) -> None:
-    """Frames at 25 fps for 0.32 s, then at ~8 fps: timestamps, not index / fps, give spans."""
+def write_h264(
+    path: Path, images: list[np.ndarray], pts: list[int], time_base: Fraction, rate: int, **options
+) -> None:
+    """Encode RGB images with libx264, each at its pts (in time_base); `rotation` (degrees
+    counterclockwise) goes into the display matrix, other options to the encoder."""
+    rotation = options.pop("rotation", 0)
     with av.open(str(path), "w") as out:
-        stream = out.add_stream("libx264", rate=25, options={"bf": "0"})
-        stream.width = stream.height = 64
+        stream = out.add_stream("libx264", rate=rate, options=options)
+        stream.height, stream.width = images[0].shape[:2]
         stream.pix_fmt = "yuv420p"
-        stream.codec_context.time_base = Fraction(1, 1000)
-        for i, ms in enumerate(VFR_STARTS_MS):
-            img = np.full((64, 64, 3), 10 * i, np.uint8)
+        stream.codec_context.time_base = time_base
+        if rotation:
+            stream.set_display_rotation(rotation)
+        for img, stamp in zip(images, pts):
             frame = av.VideoFrame.from_ndarray(img, format="rgb24")
-            frame.pts = ms
-            frame.time_base = Fraction(1, 1000)
+            frame.pts = stamp
+            frame.time_base = time_base
             for packet in stream.encode(frame):
                 out.mux(packet)
         for packet in stream.encode():
             out.mux(packet)
+
+
+def _write_vfr(path: Path) -> None:
+    """Frames at 25 fps for 0.32 s, then at ~8 fps: timestamps, not index / fps, give spans."""
+    images = [np.full((64, 64, 3), 10 * i, np.uint8) for i in range(len(VFR_STARTS_MS))]
+    write_h264(path, images, VFR_STARTS_MS, Fraction(1, 1000), 25, bf="0")
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
@@ -201,7 +212,7 @@ async def test_resolution_limit_is_too_large(media):
 
 async def test_split_across_workers_matches_sequential_decode(decoder, media):
     single = VideoDecoder(DecodeSettings(workers=1, chunk_frames=16))
-    split = VideoDecoder(DecodeSettings(workers=2, chunk_frames=16), segment_frames=100)
+    split = VideoDecoder(DecodeSettings(workers=2, chunk_frames=16, segment_frames=100))
     await asyncio.gather(single.start(), split.start())
     try:
         a_clips, a_spans = _joined(await _collect(single, media["long"]))
@@ -249,38 +260,38 @@ async def test_sampling_at_half_the_rate_skips_decoding_non_reference_frames(tmp
 
 
 def test_frames_are_skipped_only_when_sampling_at_half_the_rate_or_less():
-    assert worker_impl._skips_frames({"fps": 30.0}, 15.0)
-    assert worker_impl._skips_frames({"fps": 60.0}, 15.0)
-    assert not worker_impl._skips_frames({"fps": 25.0}, 15.0)  # would need adjacent frames
-    assert not worker_impl._skips_frames({"fps": 30.0}, None)  # every frame wanted
-    assert not worker_impl._skips_frames({}, 15.0)  # rate unknown
+    assert backends.skips_frames(30.0, 15.0)
+    assert backends.skips_frames(60.0, 15.0)
+    assert not backends.skips_frames(25.0, 15.0)  # would need adjacent frames
+    assert not backends.skips_frames(30.0, None)  # every frame wanted
+    assert not backends.skips_frames(None, 15.0)  # rate unknown
 
 
 def test_a_short_video_is_shared_between_the_workers():
     # 10 s at 30 fps with keyframes at 0, 116 and 208: two segments, cut at the keyframe nearest
     # the middle, instead of one 300-frame segment on one core.
-    length = worker_impl._segment_length(300, 240, workers=2)
+    length = backends.segment_length(300, 240, workers=2)
     assert length == 150
-    assert worker_impl._keyframe_cuts(300, [0, 116, 208], length) == [0, 116]
+    assert backends.keyframe_cuts(300, [0, 116, 208], length) == [0, 116]
     # Too short to be worth splitting, or no keyframe to split at.
-    assert worker_impl._keyframe_cuts(100, [0, 50], worker_impl._segment_length(100, 240, 2)) == [0]
-    assert worker_impl._keyframe_cuts(300, [0], length) == [0]
+    assert backends.keyframe_cuts(100, [0, 50], backends.segment_length(100, 240, 2)) == [0]
+    assert backends.keyframe_cuts(300, [0], length) == [0]
 
 
 def test_long_videos_split_into_near_equal_keyframe_segments():
     keys = list(range(0, 1800, 50))
-    cuts = worker_impl._keyframe_cuts(1800, keys, worker_impl._segment_length(1800, 240, workers=2))
+    cuts = backends.keyframe_cuts(1800, keys, backends.segment_length(1800, 240, workers=2))
     sizes = np.diff([*cuts, 1800])
     assert cuts[0] == 0 and set(cuts) <= set(keys)
     assert len(cuts) == 8 and sizes.max() - sizes.min() <= 50
     # Sparse keyframes: cuts never repeat and no segment is shorter than the minimum.
-    sparse = worker_impl._keyframe_cuts(1800, [0, 10, 1000, 1790], 240)
+    sparse = backends.keyframe_cuts(1800, [0, 10, 1000, 1790], 240)
     assert sparse == [0, 1000]
 
 
 async def test_parent_memory_stays_bounded(media):
     # 900 frames of 64x64 decode to 11 MB; with a small read-ahead the parent holds far less.
-    dec = VideoDecoder(DecodeSettings(workers=2, chunk_frames=8), ahead_bytes=256 * 1024)
+    dec = VideoDecoder(DecodeSettings(workers=2, chunk_frames=8, ahead_bytes=256 * 1024))
     await dec.start()
     try:
         tracemalloc.start()
@@ -296,14 +307,14 @@ async def test_parent_memory_stays_bounded(media):
 
 
 async def test_closing_the_stream_stops_the_workers(media):
-    dec = VideoDecoder(DecodeSettings(workers=2, chunk_frames=8), ahead_bytes=64 * 1024)
+    dec = VideoDecoder(DecodeSettings(workers=2, chunk_frames=8, ahead_bytes=64 * 1024))
     await dec.start()
     try:
         stream = dec.stream(media["long"], frame_size=SIZE, clip_frames=CLIP, clips_per_batch=1)
         async with contextlib.aclosing(stream) as batches:
             await anext(batches)
         # Both workers acknowledged the release and are idle again.
-        assert dec._idle.qsize() == 2
+        assert dec.pool.idle_count() == 2
         pids = dec.worker_pids()
         cpu = [_cpu_ticks(p) for p in pids]
         await asyncio.sleep(0.5)
@@ -314,7 +325,7 @@ async def test_closing_the_stream_stops_the_workers(media):
 
 
 async def test_cancelling_the_consumer_stops_the_workers(media):
-    dec = VideoDecoder(DecodeSettings(workers=1, chunk_frames=8), ahead_bytes=64 * 1024)
+    dec = VideoDecoder(DecodeSettings(workers=1, chunk_frames=8, ahead_bytes=64 * 1024))
     await dec.start()
     started = asyncio.Event()
 
@@ -330,16 +341,16 @@ async def test_cancelling_the_consumer_stops_the_workers(media):
         with pytest.raises(asyncio.CancelledError):
             await task
         for _ in range(50):
-            if dec._idle.qsize() == 1:
+            if dec.pool.idle_count() == 1:
                 break
             await asyncio.sleep(0.05)
-        assert dec._idle.qsize() == 1
+        assert dec.pool.idle_count() == 1
     finally:
         await dec.close()
 
 
 async def test_stalled_worker_is_killed_replaced_and_times_out(media):
-    dec = VideoDecoder(DecodeSettings(workers=1, chunk_frames=8, stall_timeout_s=1.0), ahead_bytes=64 * 1024)
+    dec = VideoDecoder(DecodeSettings(workers=1, chunk_frames=8, stall_timeout_s=1.0, ahead_bytes=64 * 1024))
     await dec.start()
     try:
         (stalled,) = dec.worker_pids()
@@ -357,14 +368,15 @@ async def test_stalled_worker_is_killed_replaced_and_times_out(media):
         await dec.close()
 
 
-async def test_workers_are_recycled(media):
-    dec = VideoDecoder(DecodeSettings(workers=1), recycle_after=1)
+@pytest.mark.parametrize("recycle", [{"recycle_after": 1}, {"recycle_rss_mb": 1.0}], ids=["videos", "rss"])
+async def test_workers_are_recycled(media, recycle):
+    dec = VideoDecoder(DecodeSettings(workers=1, **recycle))
     await dec.start()
     try:
         first = dec.worker_pids()
         await _collect(dec, media["short"])
         for _ in range(100):
-            if dec._idle.qsize() == 1:
+            if dec.pool.idle_count() == 1:
                 break
             await asyncio.sleep(0.05)
         assert dec.worker_pids() != first
@@ -396,7 +408,7 @@ async def test_a_worker_that_died_while_idle_is_replaced(media):
 
 
 async def test_a_worker_crash_fails_the_request_and_is_replaced(media):
-    dec = VideoDecoder(DecodeSettings(workers=1, chunk_frames=8), ahead_bytes=64 * 1024)
+    dec = VideoDecoder(DecodeSettings(workers=1, chunk_frames=8, ahead_bytes=64 * 1024))
     await dec.start()
     try:
         (pid,) = dec.worker_pids()
@@ -411,8 +423,8 @@ async def test_a_worker_crash_fails_the_request_and_is_replaced(media):
 
 async def test_large_inputs_use_pyav_and_split_it_exactly(media):
     # decord_max_bytes=1 sends every input to PyAV (what happens to files above the limit).
-    single = VideoDecoder(DecodeSettings(workers=1, chunk_frames=16), decord_max_bytes=1)
-    split = VideoDecoder(DecodeSettings(workers=2, chunk_frames=16), segment_frames=100, decord_max_bytes=1)
+    single = VideoDecoder(DecodeSettings(workers=1, chunk_frames=16, decord_max_bytes=1))
+    split = VideoDecoder(DecodeSettings(workers=2, chunk_frames=16, segment_frames=100, decord_max_bytes=1))
     reference = VideoDecoder(DecodeSettings(workers=1, chunk_frames=16))
     await asyncio.gather(single.start(), split.start(), reference.start())
     try:

@@ -6,9 +6,10 @@ import grpc
 import pytest
 
 from server.api.interceptor import GatewayInterceptor
-from server.errors import NotFound
+from server.errors import InternalError, InvalidInput, NotFound, echo
 from server.logs import current_request
 from server.metrics import Metrics
+from server.proto import video_analytics_pb2 as pb
 
 SERVICE = "vqs.v1.Probe"
 
@@ -25,6 +26,22 @@ async def unary_crash(request: bytes, context) -> bytes:
     raise RuntimeError("secret internals")
 
 
+async def unary_internal(request: bytes, context) -> bytes:
+    raise InternalError("clips must be uint8 [n, 8, 112, 112, 3], got float32 [2, 3]")
+
+
+async def unary_echo(request: bytes, context) -> bytes:
+    raise InvalidInput(f"invalid encoder name {echo('e' * 20_000)}")
+
+
+async def unary_huge_message(request: bytes, context) -> bytes:
+    raise NotFound("x" * 20_000)
+
+
+async def unary_parsed(request: pb.AnalyzeRequest, context) -> bytes:
+    return request.encoder.encode()
+
+
 async def stream_crash(request: bytes, context):
     yield b"first"
     raise NotFound("gone midway")
@@ -38,6 +55,12 @@ def _handlers():
             "Missing": grpc.unary_unary_rpc_method_handler(unary_vqs_error),
             "Crash": grpc.unary_unary_rpc_method_handler(unary_crash),
             "Stream": grpc.unary_stream_rpc_method_handler(stream_crash),
+            "Internal": grpc.unary_unary_rpc_method_handler(unary_internal),
+            "Echo": grpc.unary_unary_rpc_method_handler(unary_echo),
+            "Huge": grpc.unary_unary_rpc_method_handler(unary_huge_message),
+            "Parsed": grpc.unary_unary_rpc_method_handler(
+                unary_parsed, request_deserializer=pb.AnalyzeRequest.FromString
+            ),
         },
     )
 
@@ -91,3 +114,43 @@ async def test_streaming_rpcs_are_mapped_too(probe):
             received.append(item)
     assert received == [b"first"]
     assert error.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_internal_errors_the_server_names_carry_only_the_request_id(probe, caplog):
+    channel, metrics = probe
+    call = channel.unary_unary(f"/{SERVICE}/Internal")(b"", metadata=(("x-request-id", "r-7"),))
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await call
+    assert error.value.code() == grpc.StatusCode.INTERNAL
+    assert error.value.details() == "internal error (request id r-7)"
+    assert "uint8" in caplog.text  # the detail is in the log
+    assert metrics.errors.labels(code="INTERNAL")._value.get() == 1
+
+
+async def test_a_huge_echoed_value_stays_invalid_argument(probe):
+    channel, _ = probe
+    for method, code in (("Echo", grpc.StatusCode.INVALID_ARGUMENT), ("Huge", grpc.StatusCode.NOT_FOUND)):
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            await channel.unary_unary(f"/{SERVICE}/{method}")(b"")
+        assert error.value.code() == code, error.value.details()[:200]
+        assert len(error.value.details()) < 2000
+
+
+async def test_a_malformed_body_is_invalid_argument_with_a_request_id(probe):
+    channel, metrics = probe
+    parsed = channel.unary_unary(f"/{SERVICE}/Parsed")
+    good = pb.AnalyzeRequest(encoder="s3d").SerializeToString()
+    assert await parsed(good) == b"s3d"
+    call = parsed(b"\xff\xff\xff\xff", metadata=(("x-request-id", "r-bad"),))
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await call
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "Parsed request" in error.value.details()
+    assert dict(await call.trailing_metadata())["x-request-id"] == "r-bad"
+    assert metrics.errors.labels(code="INVALID_ARGUMENT")._value.get() == 1
+
+
+def test_echo_cuts_long_values():
+    assert echo("s3d") == "'s3d'"
+    long = echo("e" * 20_000)
+    assert len(long) < 150 and "20000 characters" in long

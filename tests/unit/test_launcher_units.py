@@ -7,7 +7,7 @@ import pytest
 from server.api.servicer import Slots
 from server.errors import Overloaded
 from server.launcher import TritonInstall, TritonProcess, parse_load_errors
-from server.main import restart_delay
+from server.supervisor import restart_delay
 from server.settings import TritonSettings
 
 
@@ -60,3 +60,25 @@ def test_restart_delay_doubles_from_one_second_up_to_thirty():
     assert restart_delay(3, first_s=0.5, max_s=60) == 4
     with pytest.raises(ValueError):
         restart_delay(-1, 1.0, 30.0)
+
+
+def test_readiness_is_checked_once_over_grpc_and_failed_models_are_named(tmp_path):
+    """The launcher has no readiness check of its own (it had an HTTP one beside the client's gRPC
+    one); it judges the client's `Readiness`: a model that failed to load stops the wait."""
+    import subprocess
+
+    from server.launcher import TritonLaunchError
+    from server.triton import Readiness
+
+    assert not hasattr(TritonProcess, "repository_index")
+    process = TritonProcess(TritonSettings(model_repository=tmp_path))
+    process._process = subprocess.Popen(["sleep", "30"])
+    try:
+        process.check(Readiness(ready=False, failed={}))  # still loading: no error
+        with pytest.raises(TritonLaunchError, match="tqn_decoder: bad config"):
+            process.check(Readiness(ready=False, failed={"tqn_decoder": "bad config"}))
+    finally:
+        process._process.kill()
+        process._process.wait()
+    with pytest.raises(TritonLaunchError, match="exited with code"):
+        process.check(Readiness(ready=False, failed={}))

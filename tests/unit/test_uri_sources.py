@@ -17,10 +17,36 @@ def root(tmp_path):
     return root
 
 
-def test_relative_absolute_and_file_scheme(root):
+def test_relative_and_absolute(root):
     target = (root / "sub" / "a.mp4").resolve()
-    for uri in ("sub/a.mp4", str(root / "sub" / "a.mp4"), f"file://{root}/sub/a.mp4"):
+    for uri in ("sub/a.mp4", str(root / "sub" / "a.mp4")):
         assert resolve_uri(uri, root, max_bytes=100) == target
+
+
+def test_file_urls_are_refused_like_any_url(root):
+    with pytest.raises(InvalidInput, match="not URLs"):
+        resolve_uri(f"file://{root}/sub/a.mp4", root, max_bytes=100)
+
+
+def test_a_symlink_loop_is_invalid_input(root):
+    os.symlink(root / "loop_b", root / "loop_a")
+    os.symlink(root / "loop_a", root / "loop_b")
+    with pytest.raises(InvalidInput, match="symlink loop"):
+        resolve_uri("loop_a", root, max_bytes=100)
+
+
+@pytest.mark.parametrize("uri", ["x" * 300 + ".mp4", "sub/" + "y" * 5000])
+def test_a_name_too_long_is_invalid_input(root, uri):
+    with pytest.raises(InvalidInput, match="too long") as error:
+        resolve_uri(uri, root, max_bytes=100)
+    assert len(str(error.value)) < 300  # the caller's value is echoed cut short
+
+
+def test_huge_values_are_echoed_cut_short(root):
+    for uri in ("http://" + "h" * 20_000, "../" * 7000, "x" * 20_000 + "/.."):
+        with pytest.raises(InvalidInput) as error:
+            resolve_uri(uri, root, max_bytes=100)
+        assert len(str(error.value)) < 300
 
 
 def test_disabled_without_a_root():

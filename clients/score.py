@@ -1,0 +1,421 @@
+"""`vqs score ARCHIVE --out results.jsonl`: analyze every video of a folder, archive or list.
+
+One JSONL line per video: `{"id", "source", "via", "result"}` or `{"id", "source", "via",
+"error": {"code", "message", ...}}`. Each line is written whole with one `write` on an
+`O_APPEND` file, so a run killed at any point (Ctrl-C, SIGKILL) leaves only whole lines, and
+`--resume` scores only the ids not yet in the file (after cutting a torn last line, which only a
+crash of the machine itself can leave). Concurrency is `--workers` requests in flight on one
+grpc.aio channel; archive members are read by one thread, at most 2 x workers ahead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+import tarfile
+import threading
+import time
+import zipfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any
+
+import grpc
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from clients import analyze, render
+from clients.archive import Item, Listing, open_listing
+from server.proto import video_analytics_pb2 as pb
+from server.proto import video_analytics_pb2_grpc as pb_grpc
+
+EXIT_SOME_FAILED = 3
+EXIT_INTERRUPTED = 130
+DESCRIBE_TIMEOUT_S = 15.0
+RETRY_BACKOFF_S = 1.0
+
+stdout = Console()
+stderr = Console(stderr=True)
+
+
+class GatewayUnreachable(Exception):
+    pass
+
+
+# --- the output file ------------------------------------------------------------------------
+
+def load_done(out: Path) -> dict[str, bool]:
+    """Ids already in OUT -> whether they have a result. A torn last line (no newline) is cut
+    off so the file ends on a whole line; an unparsable line elsewhere is ignored (its id is
+    scored again)."""
+    if not out.exists():
+        return {}
+    data = out.read_bytes()
+    whole = data.rfind(b"\n") + 1
+    if whole < len(data):
+        stderr.print(f"[yellow]cutting a torn last line[/yellow] ({len(data) - whole} bytes) from {out}")
+        with open(out, "r+b") as f:
+            f.truncate(whole)
+    done: dict[str, bool] = {}
+    for line in data[:whole].splitlines():
+        try:
+            row = json.loads(line)
+            done[row["id"]] = "result" in row
+        except (ValueError, KeyError, TypeError):
+            stderr.print(f"[yellow]ignoring an unreadable line[/yellow] in {out}: {line[:80]!r}")
+    return done
+
+
+class LineWriter:
+    """Appends whole lines: one `os.write` per line on an O_APPEND descriptor (no buffer that a
+    kill could leave half-flushed)."""
+
+    def __init__(self, path: Path):
+        self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+
+    def write(self, row: dict[str, Any]) -> None:
+        data = (json.dumps(row, separators=(",", ":")) + "\n").encode()
+        written = os.write(self.fd, data)
+        while written < len(data):  # only on a full disk or similar; never seen on a kill
+            written += os.write(self.fd, data[written:])
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+# --- one request ----------------------------------------------------------------------------
+
+@dataclass
+class Tally:
+    ok: int = 0
+    failed: Counter = field(default_factory=Counter)
+    video_s: float = 0.0
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def done(self) -> int:
+        return self.ok + sum(self.failed.values())
+
+
+def uri_for(item: Item, uri_root: Path | None) -> str | None:
+    """The path to send instead of the bytes, relative to the gateway's allowed root, when the
+    file is under it."""
+    if uri_root is None or item.path is None:
+        return None
+    try:
+        return item.path.resolve().relative_to(uri_root).as_posix()
+    except (ValueError, OSError):
+        return None
+
+
+def client_error(code: str, message: str) -> dict[str, Any]:
+    return {"code": code, "message": message, "where": "client"}
+
+
+def local_read_error(exc: OSError) -> dict[str, Any]:
+    if isinstance(exc, FileNotFoundError):
+        return client_error("NOT_FOUND", f"no such file: {exc.filename or exc}")
+    if isinstance(exc, PermissionError):
+        return client_error("PERMISSION_DENIED", f"cannot read {exc.filename or exc}")
+    return client_error("UNKNOWN", f"cannot read it: {exc}")
+
+
+def retryable(exc: grpc.aio.AioRpcError) -> bool:
+    """The gateway is busy (its concurrency limit) or its Triton is restarting."""
+    code = exc.code()
+    busy = code == grpc.StatusCode.RESOURCE_EXHAUSTED and "busy" in (exc.details() or "")
+    return busy or code == grpc.StatusCode.UNAVAILABLE
+
+
+def prepare(
+    item: Item, payload: bytes | OSError | None, uri: str | None, *, encoder: str, max_upload_bytes: int,
+) -> tuple[dict[str, Any], pb.AnalyzeRequest | None]:
+    """The output row so far and the request to send, or the finished row (request None) when
+    the video cannot be sent."""
+    row: dict[str, Any] = {"id": item.id, "source": item.source, "via": "uri" if uri else "bytes"}
+    if uri:
+        return row, pb.AnalyzeRequest(uri=uri, encoder=encoder)
+    if isinstance(payload, OSError):
+        return row | {"error": local_read_error(payload)}, None
+    if len(payload) > max_upload_bytes:
+        return row | {"error": client_error(
+            "RESOURCE_EXHAUSTED",
+            f"file is {len(payload)} bytes, above the server's upload limit of {max_upload_bytes}")}, None
+    if not payload:
+        return row | {"error": client_error("INVALID_ARGUMENT", "the file is empty")}, None
+    return row, pb.AnalyzeRequest(video=payload, encoder=encoder)
+
+
+def outcome(exc: grpc.RpcError, attempt: int, retries: int) -> dict[str, Any] | None:
+    """The error for the row, or None to retry; raises GatewayUnreachable when no gateway answered."""
+    answered = analyze.answered_by_gateway(exc)
+    if exc.code() == grpc.StatusCode.UNAVAILABLE and not answered:
+        raise GatewayUnreachable(exc.details() or "connection failed")
+    if attempt < retries and retryable(exc):
+        return None
+    trailers = dict(exc.trailing_metadata() or ())
+    error = {"code": exc.code().name, "message": exc.details() or ""}
+    if analyze.REQUEST_ID_HEADER in trailers:
+        error["request_id"] = trailers[analyze.REQUEST_ID_HEADER]
+    return error
+
+
+async def score_one(
+    stub: pb_grpc.VideoAnalyticsStub, item: Item, payload: bytes | OSError | None, uri: str | None,
+    *, encoder: str, timeout: float | None, max_upload_bytes: int, retries: int,
+) -> dict[str, Any]:
+    row, request = prepare(item, payload, uri, encoder=encoder, max_upload_bytes=max_upload_bytes)
+    if request is None:
+        return row
+    for attempt in range(retries + 1):
+        try:
+            response = await stub.Analyze(request, timeout=timeout)
+            return row | {"result": render.response_to_dict(response)}
+        except grpc.aio.AioRpcError as exc:
+            error = outcome(exc, attempt, retries)
+            if error is not None:
+                return row | {"error": error}
+            await asyncio.sleep(RETRY_BACKOFF_S * 2**attempt)
+    raise AssertionError("unreachable")
+
+
+def score_one_sync(
+    stub: pb_grpc.VideoAnalyticsStub, item: Item, payload: bytes | OSError | None, uri: str | None,
+    *, encoder: str, timeout: float | None, max_upload_bytes: int, retries: int,
+) -> dict[str, Any]:
+    """`score_one` on a blocking channel (for Ray actors)."""
+    row, request = prepare(item, payload, uri, encoder=encoder, max_upload_bytes=max_upload_bytes)
+    if request is None:
+        return row
+    for attempt in range(retries + 1):
+        try:
+            return row | {"result": render.response_to_dict(stub.Analyze(request, timeout=timeout))}
+        except grpc.RpcError as exc:
+            error = outcome(exc, attempt, retries)
+            if error is not None:
+                return row | {"error": error}
+            time.sleep(RETRY_BACKOFF_S * 2**attempt)
+    raise AssertionError("unreachable")
+
+
+# --- the batch ------------------------------------------------------------------------------
+
+def make_progress() -> Progress:
+    return Progress(
+        TextColumn("[bold]scoring"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rates]}"),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=stderr,
+        transient=False,
+    )
+
+
+def rates(tally: Tally) -> str:
+    took = max(time.monotonic() - tally.started, 1e-6)
+    return f"{tally.done / took:.2f} videos/s, {tally.video_s / took:.1f} video-s/s"
+
+
+async def run_batch(
+    listing: Listing, todo: list[Item], writer: LineWriter, tally: Tally, *, server: str,
+    workers: int, uri_root: Path | None, encoder: str, timeout: float | None, retries: int,
+) -> None:
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+    ahead = threading.Semaphore(2 * workers)
+    stop = threading.Event()
+    by_id = {item.id: item for item in todo}
+    wanted_bytes = {i.id for i in todo if uri_for(i, uri_root) is None}
+
+    def produce() -> None:
+        """Reads the wanted items in listing order (one pass over an archive) into the queue."""
+        try:
+            reader = listing.read(wanted_bytes) if wanted_bytes else iter(())
+            pending = [i for i in todo if i.id not in wanted_bytes]  # sent as paths: nothing to read
+            for item in pending:
+                while not ahead.acquire(timeout=0.2):
+                    if stop.is_set():
+                        return
+                loop.call_soon_threadsafe(queue.put_nowait, (item, None))
+            for item, payload in reader:
+                while not ahead.acquire(timeout=0.2):
+                    if stop.is_set():
+                        return
+                loop.call_soon_threadsafe(queue.put_nowait, (by_id.get(item.id, item), payload))
+        except BaseException as exc:  # a broken archive: the workers stop and the run reports it
+            loop.call_soon_threadsafe(queue.put_nowait, exc)
+        finally:
+            for _ in range(workers):
+                loop.call_soon_threadsafe(queue.put_nowait, None)
+
+    async with grpc.aio.insecure_channel(server) as channel:
+        try:
+            models = await pb_grpc.VideoAnalyticsStub(channel).DescribeModels(
+                pb.DescribeModelsRequest(), timeout=DESCRIBE_TIMEOUT_S)
+        except grpc.aio.AioRpcError as exc:
+            raise GatewayUnreachable(exc.details() or exc.code().name) from None
+    max_upload = models.max_upload_bytes or (256 << 20)
+    # Messages as large as the server accepts (plus headroom), so its limit, not gRPC's, applies.
+    async with grpc.aio.insecure_channel(
+        server, options=analyze.channel_options(max_upload / 2**20)
+    ) as channel:
+        stub = pb_grpc.VideoAnalyticsStub(channel)
+        tally.started = time.monotonic()
+        with make_progress() as progress:
+            task = progress.add_task("score", total=len(todo), rates=rates(tally))
+
+            async def work() -> None:
+                while True:
+                    entry = await queue.get()
+                    if entry is None:
+                        return
+                    if isinstance(entry, BaseException):
+                        raise entry
+                    ahead.release()
+                    item, payload = entry
+                    row = await score_one(
+                        stub, item, payload, uri_for(item, uri_root), encoder=encoder, timeout=timeout,
+                        max_upload_bytes=max_upload, retries=retries,
+                    )
+                    writer.write(row)
+                    if "result" in row:
+                        tally.ok += 1
+                        tally.video_s += row["result"]["video"]["duration_s"]
+                    else:
+                        tally.failed[row["error"]["code"]] += 1
+                    progress.update(task, advance=1, rates=rates(tally))
+
+            producer = threading.Thread(target=produce, name="vqs-score-reader", daemon=True)
+            producer.start()
+            tasks = [asyncio.create_task(work()) for _ in range(workers)]
+            try:
+                await asyncio.gather(*tasks)
+            except BaseException:
+                for t in tasks:
+                    t.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                raise
+            finally:
+                stop.set()
+
+
+def summary_table(tally: Tally, *, skipped: int, out: Path, in_output: dict[str, bool]) -> Table:
+    took = time.monotonic() - tally.started
+    table = Table(title=f"vqs score → {out}", title_justify="left")
+    table.add_column("", style="bold")
+    table.add_column("videos", justify="right")
+    table.add_row("scored now", str(tally.done))
+    table.add_row("  with a result", str(tally.ok))
+    for code, n in sorted(tally.failed.items()):
+        table.add_row(f"  error {code}", str(n))
+    table.add_row("already in the output", str(skipped))
+    failed_total = sum(1 for ok in in_output.values() if not ok)
+    table.add_row("errors in the output", str(failed_total))
+    table.add_row("video seconds now", f"{tally.video_s:.1f}")
+    table.add_row("wall time", f"{took:.1f} s")
+    table.add_row("rate", rates(tally))
+    return table
+
+
+def score(
+    archive: Annotated[Path, typer.Argument(
+        exists=True, readable=True,
+        help="A folder (searched recursively), a .tar/.tar.gz/.zip, or a text file of paths.")],
+    out: Annotated[Path, typer.Option(
+        "--out", "-o", dir_okay=False, help="JSONL output, one line per video.")] = Path("results.jsonl"),
+    server: Annotated[str, typer.Option(
+        envvar="VQS_SERVER", help="Gateway address, HOST:PORT.")] = analyze.DEFAULT_SERVER,
+    workers: Annotated[int, typer.Option(
+        min=1, max=64, help="Requests in flight at once (with --ray: Ray actors).")] = 4,
+    ray_address: Annotated[str | None, typer.Option(
+        "--ray", metavar="ADDRESS",
+        help="Run on this Ray cluster (HOST:PORT of its head, or 'auto'); needs the ray extra.")] = None,
+    resume: Annotated[bool, typer.Option(
+        help="Skip videos already in --out (after an interrupted run).")] = False,
+    force: Annotated[bool, typer.Option(
+        help="Overwrite an existing --out instead of refusing.")] = False,
+    dry_run: Annotated[bool, typer.Option(
+        help="List what would be scored (id, source, uri or bytes) and exit.")] = False,
+    uri_root: Annotated[Path | None, typer.Option(
+        envvar="VQS_URI_ROOT", file_okay=False,
+        help="The gateway's allowed root (security.allowed_root) as seen from here: files under it "
+             "are sent as paths for the server to read, the rest as bytes.")] = None,
+    encoder: Annotated[str, typer.Option(help="Clip encoder; empty = the server's default.")] = "",
+    timeout: Annotated[float | None, typer.Option(
+        min=0.1, help="Deadline per video, in seconds.")] = 600.0,
+    retries: Annotated[int, typer.Option(
+        min=0, help="Retries of a video when the gateway is busy or its Triton restarting.")] = 3,
+) -> None:
+    """Analyze every video of a folder, archive or list of paths; write one JSONL line each."""
+    if ray_address:
+        import importlib.util
+
+        if importlib.util.find_spec("ray") is None:
+            raise typer.BadParameter("Ray is not installed: pip install 'vqs[ray]'", param_hint="--ray")
+    if resume and force:
+        raise typer.BadParameter("--resume and --force exclude each other", param_hint="--resume")
+    try:
+        listing = open_listing(archive)
+        items = listing.items()
+    except (ValueError, OSError) as exc:
+        raise typer.BadParameter(str(exc), param_hint="ARCHIVE") from None
+    if out.exists() and out.stat().st_size and not (resume or force or dry_run):
+        raise typer.BadParameter(
+            f"{out} exists: pass --resume to continue it or --force to start over", param_hint="--out"
+        )
+    if force and out.exists() and not dry_run:
+        out.unlink()
+    done = load_done(out) if (resume or dry_run) and out.exists() else {}
+    todo = [i for i in items if i.id not in done]
+    skipped = len(items) - len(todo)
+    root = uri_root.resolve() if uri_root else None
+
+    if dry_run:
+        for item in todo:
+            sys.stdout.write(f"{item.id}\t{item.source}\t{'uri' if uri_for(item, root) else 'bytes'}\n")
+        stderr.print(f"{len(todo)} of {len(items)} videos to score ({listing.kind}); {skipped} already in {out}")
+        return
+    stderr.print(f"{len(items)} videos in {archive} ({listing.kind}); {skipped} already in {out}; "
+                 f"{len(todo)} to score with {workers} {'Ray actors' if ray_address else 'workers'} on {server}", highlight=False)
+
+    tally = Tally()
+    writer = LineWriter(out)
+    code = analyze.EXIT_OK
+    try:
+        if ray_address:
+            from clients.score_ray import run_ray
+
+            run_ray(listing, todo, writer, tally, address=ray_address, actors=workers, server=server,
+                    uri_root=root, encoder=encoder, timeout=timeout, retries=retries)
+        else:
+            asyncio.run(run_batch(
+                listing, todo, writer, tally, server=server, workers=workers, uri_root=root,
+                encoder=encoder, timeout=timeout, retries=retries,
+            ))
+    except GatewayUnreachable as exc:
+        stderr.print(f"[red]error[/red] the gateway at {server} is unreachable ({exc}); "
+                     "start it (`vqs serve`) and rerun with --resume", highlight=False)
+        code = analyze.EXIT_UNAVAILABLE
+    except KeyboardInterrupt:
+        stderr.print(f"interrupted after {tally.done} videos; rerun with --resume to finish")
+        code = EXIT_INTERRUPTED
+    except (OSError, ValueError, EOFError, tarfile.TarError, zipfile.BadZipFile) as exc:
+        # a broken archive mid-way
+        stderr.print(f"[red]error[/red] reading {archive}: {exc}; the lines written so far are "
+                     "whole: fix the input and rerun with --resume", highlight=False)
+        code = analyze.EXIT_ERROR
+    finally:
+        writer.close()
+    ids = {i.id for i in items}
+    in_output = {k: v for k, v in load_done(out).items() if k in ids}
+    stdout.print(summary_table(tally, skipped=skipped, out=out, in_output=in_output))
+    if code == analyze.EXIT_OK and not all(in_output.values()):
+        code = EXIT_SOME_FAILED
+    raise typer.Exit(code)
