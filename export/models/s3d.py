@@ -49,14 +49,20 @@ class S3D(nn.Module):
         frame_size: int = 112,
         stem_patch: int = 8,
         temporal_kernel_size: int = 3,
+        stem_temporal_kernel: int = 1,
         norm_layer: type[nn.Module] = nn.BatchNorm3d,
     ):
         """`temporal_kernel_size=1` makes every layer per-frame (a 2D CNN whose frame features
-        are max- and mean-pooled over time): the single-frame control, which cannot see motion."""
+        are max- and mean-pooled over time): the single-frame control, which cannot see motion.
+        `stem_temporal_kernel=3` lets the patchifying stem itself span 3 frames, so motion inside
+        a patch (a limb turning by a few pixels) is seen at pixel level, before patchify
+        compresses each patch."""
         super().__init__()
         if temporal_kernel_size not in (1, 3):
             raise ValueError(f"temporal_kernel_size must be 1 or 3, got {temporal_kernel_size}")
-        tk = temporal_kernel_size
+        if stem_temporal_kernel not in (1, 3) or (temporal_kernel_size == 1 and stem_temporal_kernel != 1):
+            raise ValueError(f"stem_temporal_kernel must be 1 or 3 (1 for a per-frame encoder), got {stem_temporal_kernel}")
+        tk, stk = temporal_kernel_size, stem_temporal_kernel
         self.per_frame = tk == 1
         if len(channels) != 4:
             raise ValueError(f"channels needs 4 stages, got {channels}")
@@ -65,7 +71,8 @@ class S3D(nn.Module):
         self.register_buffer("std", torch.tensor(PIXEL_STD).view(1, 3, 1, 1, 1) * 255)
         c1, c2, c3, c4 = channels
         self.stem = nn.Sequential(  # patchify: stride stem_patch, keeps all frames
-            nn.Conv3d(3, c1, (1, stem_patch, stem_patch), stride=(1, stem_patch, stem_patch), bias=False),
+            nn.Conv3d(3, c1, (stk, stem_patch, stem_patch), stride=(1, stem_patch, stem_patch),
+                      padding=(stk // 2, 0, 0), bias=False),
             norm_layer(c1),
             nn.ReLU(inplace=True),
             nn.Conv3d(c1, c1, (tk, 1, 1), padding=(tk // 2, 0, 0), bias=False),

@@ -79,6 +79,34 @@ def test_somersaults_set_the_rotation_speed_inside_flight():
     assert speed(fast) == pytest.approx(3 * speed(slow))
 
 
+def test_null_videos_answer_null_and_show_no_routine():
+    frames, records = {}, {}
+    for kind in synth.NULL_KINDS:
+        routine = synth.sample_routine(np.random.default_rng([4, 0]), 4, 3.0, kind=kind)
+        frames[kind] = list(synth.render_frames(routine, 112, 112, 15))
+        records[kind] = synth.labels_for(routine, 15)
+    for kind, r in records.items():
+        assert all(r[q] == vocab.NULL for q in vocab.QUERIES) and r["class"] == vocab.NULL, kind
+        assert r["kind"] == kind and set(r["phases"]) == {0} and r["boundaries"] == [r["num_frames"]] * 4
+    # The same draws as a routine: only the figure differs. The walker has left by the end; the
+    # idle diver is still there; "background" never shows one.
+    assert np.array_equal(frames["walk_off"][-1], frames["background"][-1])
+    assert not np.array_equal(frames["idle"][-1], frames["background"][-1])
+    assert not np.array_equal(frames["walk_off"][0], frames["background"][0])
+
+
+def test_null_every_makes_every_kth_video_a_null_one_and_leaves_the_others(tmp_path):
+    synth.write_dataset(tmp_path / "a", count=4, seed=8, max_seconds=3.0, workers=1, null_every=2)
+    synth.write_dataset(tmp_path / "b", count=4, seed=8, max_seconds=3.0, workers=1)
+    a, b = ([json.loads(line) for line in (tmp_path / d / "labels.jsonl").read_text().splitlines()] for d in "ab")
+    assert [r["kind"] for r in a] == [synth.ROUTINE, synth.NULL_KINDS[0], synth.ROUTINE, synth.NULL_KINDS[1]]
+    assert [r["kind"] for r in b] == [synth.ROUTINE] * 4
+    assert a[0] == b[0] and a[2] == b[2]
+    assert (tmp_path / "a" / a[0]["file"]).read_bytes() == (tmp_path / "b" / b[0]["file"]).read_bytes()
+    with pytest.raises(ValueError):
+        synth.write_dataset(tmp_path / "c", count=2, seed=8, null_every=1)
+
+
 @pytest.mark.parametrize("codec", ["vp9", "mpeg4"])
 def test_other_codecs_encode(tmp_path, codec):
     path = tmp_path / f"v{synth.CODECS[codec][0]}"

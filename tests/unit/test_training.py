@@ -1,6 +1,7 @@
 """The training harness's pieces that decide what a model learns from."""
 
 import numpy as np
+import pytest
 import torch
 
 from export import train, vocab
@@ -125,3 +126,67 @@ def test_a_split_from_another_generator_version_is_rebuilt_not_reused(tmp_path, 
     assert not (folder / "stale").exists()
     assert json.loads((folder / "split.json").read_text()) == spec
     assert build.fingerprint(folder) == first  # same seed and version: the same labels again
+
+
+def test_per_clip_targets_name_only_what_each_clip_shows():
+    from export import synth
+
+    routine = synth.sample_routine(np.random.default_rng([3, 0]), 3, 4.0)
+    record = synth.labels_for(routine, 15)
+    ds = _tiny_dataset(frames_per_video=(record["num_frames"],))
+    ds.records = [record]
+    ds.targets = {q: np.asarray([i]) for q, i in vocab.label_indices(record).items()}
+    shown = train.clip_targets(ds, 0)
+    phases = np.asarray(record["phases"] + [-1] * (8 * int(ds.num_clips[0]) - record["num_frames"])).reshape(-1, 8)
+    null = {q: len(a) - 1 for q, a in train.HEADS.items()}
+    in_flight = (phases == 2).sum(1) >= train.EVENT_MIN_FRAMES
+    in_take_off = (phases == 1).sum(1) >= train.EVENT_MIN_FRAMES
+    assert in_flight.any() and in_take_off.any() and not (in_flight | in_take_off).all()
+    for q in ("somersaults", "twists", "flight_pose"):
+        assert (shown[q] == np.where(in_flight, ds.targets[q][0], null[q])).all()
+    assert (shown["take_off"] == np.where(in_take_off, ds.targets["take_off"][0], null["take_off"])).all()
+    assert (shown["class"] == ds.targets["class"][0]).all()
+
+
+def test_temperature_keeps_the_answer_and_softens_the_probabilities():
+    torch.manual_seed(0)
+    decoder = train.build_tqn().eval()
+    feats, mask = torch.randn(2, 6, 256), torch.ones(2, 6, dtype=torch.bool)
+    with torch.inference_mode():
+        before = decoder(feats, mask)
+        decoder.temperature.fill_(2.0)
+        after = decoder(feats, mask)
+    for a, b in zip(before[: len(train.HEADS)], after):
+        torch.testing.assert_close(b, a / 2)
+
+
+def test_in_domain_score_is_high_on_training_like_clips_and_low_elsewhere():
+    torch.manual_seed(0)
+    decoder = train.build_tqn().eval()
+    basis = torch.randn(64, 256) / 8
+    fit = torch.randn(4000, 64) @ basis + 3.0  # "training" features: a shifted 64-d subspace
+    decoder.set_domain(fit)
+    like = torch.randn(1, 20, 64) @ basis + 3.0
+    unlike = like + torch.randn(256)  # the same, moved off the subspace by about its own scale
+    mask = torch.ones(1, 20, dtype=torch.bool)
+    with torch.inference_mode():
+        score_like = float(decoder(like, mask)[-1])
+        score_unlike = float(decoder(unlike, mask)[-1])
+        padded = torch.cat([like, 1e3 * torch.ones(1, 5, 256)], 1)
+        score_padded = float(decoder(padded, torch.cat([mask, torch.zeros(1, 5, dtype=torch.bool)], 1))[-1])
+    assert -1.5 < score_like < -0.5  # about one standard deviation per dimension
+    assert score_unlike < 3 * score_like
+    assert score_padded == pytest.approx(score_like, rel=1e-5)  # padded clips do not count
+
+
+def test_temperature_fit_recovers_the_scale_and_lowers_calibration_error():
+    from export import build
+
+    rng = np.random.default_rng(0)
+    true = rng.standard_normal((4000, 5)) * 2
+    targets = np.asarray([rng.choice(5, p=np.exp(t) / np.exp(t).sum()) for t in true])
+    overconfident = true * 3
+    t = build.fit_temperature(overconfident, targets)
+    assert t == pytest.approx(3.0, rel=0.1)
+    assert build.expected_calibration_error(overconfident / t, targets) < build.expected_calibration_error(
+        overconfident, targets) / 2
