@@ -31,6 +31,11 @@ def analyze_response(result: AnalysisResult, request_id: str) -> pb.AnalyzeRespo
             )
         )
     response.timing_ms.update(result.timing_ms)
+    domain = getattr(result, "domain", None)
+    if domain is not None:
+        response.domain.CopyFrom(
+            pb.Domain(score=domain.score, threshold=domain.threshold, in_domain=domain.in_domain)
+        )
     return response
 
 

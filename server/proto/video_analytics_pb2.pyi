@@ -80,7 +80,7 @@ class Attention(_message.Message):
     def __init__(self, query: _Optional[str] = ..., weights: _Optional[_Iterable[float]] = ..., clip_spans: _Optional[_Iterable[_Union[ClipSpan, _Mapping]]] = ...) -> None: ...
 
 class AnalyzeResponse(_message.Message):
-    __slots__ = ("video", "answers", "attention", "timing_ms", "encoder", "request_id")
+    __slots__ = ("video", "answers", "attention", "timing_ms", "encoder", "request_id", "domain")
     class TimingMsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -94,13 +94,25 @@ class AnalyzeResponse(_message.Message):
     TIMING_MS_FIELD_NUMBER: _ClassVar[int]
     ENCODER_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    DOMAIN_FIELD_NUMBER: _ClassVar[int]
     video: VideoInfo
     answers: _containers.RepeatedCompositeFieldContainer[Answer]
     attention: _containers.RepeatedCompositeFieldContainer[Attention]
     timing_ms: _containers.ScalarMap[str, float]
     encoder: str
     request_id: str
-    def __init__(self, video: _Optional[_Union[VideoInfo, _Mapping]] = ..., answers: _Optional[_Iterable[_Union[Answer, _Mapping]]] = ..., attention: _Optional[_Iterable[_Union[Attention, _Mapping]]] = ..., timing_ms: _Optional[_Mapping[str, float]] = ..., encoder: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
+    domain: Domain
+    def __init__(self, video: _Optional[_Union[VideoInfo, _Mapping]] = ..., answers: _Optional[_Iterable[_Union[Answer, _Mapping]]] = ..., attention: _Optional[_Iterable[_Union[Attention, _Mapping]]] = ..., timing_ms: _Optional[_Mapping[str, float]] = ..., encoder: _Optional[str] = ..., request_id: _Optional[str] = ..., domain: _Optional[_Union[Domain, _Mapping]] = ...) -> None: ...
+
+class Domain(_message.Message):
+    __slots__ = ("score", "threshold", "in_domain")
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    IN_DOMAIN_FIELD_NUMBER: _ClassVar[int]
+    score: float
+    threshold: float
+    in_domain: bool
+    def __init__(self, score: _Optional[float] = ..., threshold: _Optional[float] = ..., in_domain: _Optional[bool] = ...) -> None: ...
 
 class DescribeModelsRequest(_message.Message):
     __slots__ = ()
