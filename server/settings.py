@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # The source checkout this package runs from (in an installed package: site-packages).
@@ -83,15 +83,50 @@ class LimitsSettings(_Group):
     clips_per_batch: int = Field(16, ge=1)
     # Clip batches being encoded at once per request (decoding continues meanwhile).
     encode_inflight: int = Field(4, ge=1)
+    # `AnalyzeStream`s open at once (admitted separately from unary requests); one more is refused.
+    max_concurrent_streams: int = Field(4, ge=1)
+    # A stream whose client sends nothing for this long is ended with DEADLINE_EXCEEDED.
+    stream_idle_s: float = Field(30.0, gt=0)
 
 
 class SecuritySettings(_Group):
+    """Who may call the gateway. With none of TLS, client CA or token set, anyone who can reach the
+    port may (the default address is loopback). The gRPC health service is always open."""
+
     # `uri` sources must resolve under this directory; None disables path sources.
     allowed_root: Path | None = None
+    # PEM server certificate (chain) and its private key: set both to serve TLS.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    # PEM CA bundle for mutual TLS: client certificates are verified against it, and required
+    # unless `tls_require_client_cert` is false (then a client without one is let in).
+    tls_client_ca: Path | None = None
+    tls_require_client_cert: bool = True
+    # Bearer token every RPC but health must carry (`authorization: Bearer <token>`); or a file
+    # holding it (read once at start-up, surrounding whitespace ignored). At most one of the two.
+    token: SecretStr | None = None
+    token_file: Path | None = None
+    # Listening on an address other than loopback needs TLS and client authentication (a token or
+    # required client certificates); this lets the gateway start without them (a trusted network).
+    allow_insecure_public: bool = False
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SecuritySettings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("set both security.tls_cert and security.tls_key, or neither")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("security.tls_client_ca (mutual TLS) needs security.tls_cert and tls_key")
+        if self.token is not None and self.token_file is not None:
+            raise ValueError("set security.token or security.token_file, not both")
+        if self.token is not None and not self.token.get_secret_value().strip():
+            raise ValueError("security.token is empty")
+        return self
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="VQS_", env_nested_delimiter="__", frozen=True)
+    model_config = SettingsConfigDict(
+        env_prefix="VQS_", env_nested_delimiter="__", frozen=True, hide_input_in_errors=True
+    )
 
     host: str = "127.0.0.1"
     grpc_port: int = 50051
