@@ -153,12 +153,13 @@ class Outcome:
     in_domain: bool | None = None
     in_domain_score: float | None = None
     error: dict[str, Any] | None = None
+    kind: str | None = None  # the label's "kind" where the split has one ("routine", "idle", ...)
 
     def correct(self, query: str) -> bool:
         return self.answers is not None and self.answers.get(query) == self.labels[query]
 
     def to_json(self) -> dict[str, Any]:
-        row = {"id": self.id, "duration_s": self.duration_s, "labels": self.labels,
+        row = {"id": self.id, "kind": self.kind, "duration_s": self.duration_s, "labels": self.labels,
                "answers": self.answers, "confidence": self.confidence,
                "in_domain": self.in_domain, "in_domain_score": self.in_domain_score}
         return row | ({"error": self.error} if self.error else {})
@@ -168,9 +169,10 @@ def outcome_of(label: Mapping[str, Any], row: Mapping[str, Any] | None, queries:
     """The outcome of the labelled video `label` from its `vqs score` line (None: never sent)."""
     labels = {q: str(label[q]) for q in queries}
     duration = float(label.get("duration_s") or 0.0)
+    kind = label.get("kind")
     if row is None or "result" not in row:
         error = (row or {}).get("error") or {"code": "MISSING", "message": "no answer recorded"}
-        return Outcome(label["file"], duration, labels, None, {}, error=error)
+        return Outcome(label["file"], duration, labels, None, {}, error=error, kind=kind)
     result = row["result"]
     served = {a["query"]: a for a in result["answers"]}
     domain = result.get("domain") or {}
@@ -182,6 +184,7 @@ def outcome_of(label: Mapping[str, Any], row: Mapping[str, Any] | None, queries:
         confidence={q: float(served[q]["probability"]) for q in queries if q in served},
         in_domain=domain.get("in_domain"),
         in_domain_score=domain.get("score"),
+        kind=kind,
     )
 
 
@@ -196,6 +199,11 @@ def evaluated_queries(labels: Sequence[Mapping[str, Any]], rows: Mapping[str, Ma
 
 
 # --- the metrics of a split -----------------------------------------------------------------
+
+def answered_null(o: Outcome, queries: Sequence[str]) -> bool:
+    """The server said "not in this video" on every query."""
+    return o.answers is not None and all(o.answers.get(q) == NULL for q in queries)
+
 
 def summarise(
     outcomes: Sequence[Outcome], queries: Sequence[str], *, length_cuts: Sequence[float],
@@ -224,9 +232,12 @@ def summarise(
         by_length.append({"bin": name, "videos": len(inside),
                           "accuracy": {q: accuracy([o.correct(q) for o in inside]) for q in queries}})
     no_routine = [o for o in outcomes if all(v == NULL for v in o.labels.values())]
-    all_null = [o for o in no_routine if o.answers is not None
-                and all(o.answers.get(q) == NULL for q in queries)]
+    all_null = [o for o in no_routine if answered_null(o, queries)]
     flagged = [o for o in answered if o.in_domain is not None]
+    kinds: dict[str, list[Outcome]] = defaultdict(list)
+    for o in outcomes:
+        if o.kind is not None:
+            kinds[o.kind].append(o)
     return {
         "videos": len(outcomes),
         "answered": len(answered),
@@ -238,6 +249,12 @@ def summarise(
         "in_domain": {
             "known": len(flagged),
             "out_of_domain_rate": (sum(not o.in_domain for o in flagged) / len(flagged)) if flagged else None,
+        },
+        "by_kind": {
+            kind: {"videos": len(group),
+                   "accuracy": {q: accuracy([o.correct(q) for o in group]) for q in queries},
+                   "all_null_rate": accuracy([answered_null(o, queries) for o in group])}
+            for kind, group in sorted(kinds.items())
         },
     }
 
@@ -386,6 +403,9 @@ def notes(results: Mapping[str, Any]) -> list[str]:
     if m["no_routine"]["videos"]:
         lines.append(f"videos without a routine: {m['no_routine']['videos']}, null on every query: "
                      f"{_pct(m['no_routine']['all_null_rate'])}%")
+    for kind, k in m.get("by_kind", {}).items():
+        lines.append(f"  kind {kind}: {k['videos']} videos, null on every query {_pct(k['all_null_rate'])}%, "
+                     "accuracy " + ", ".join(f"{q} {_pct(a)}" for q, a in k["accuracy"].items()))
     d = m["in_domain"]
     if d["known"]:
         lines.append(f"flagged out of domain: {_pct(d['out_of_domain_rate'])}% of {d['known']} videos")

@@ -142,6 +142,7 @@ def test_summarise_by_hand():
     assert m["by_length"][0]["accuracy"] == {"twists": 1.0, "class": 1.0}
     assert m["by_length"][2]["accuracy"] == {"twists": 0.0, "class": 0.0}
     assert m["no_routine"] == {"videos": 1, "all_null_rate": 1.0}
+    assert m["by_kind"] == {}  # these labels have no "kind"
     assert m["in_domain"] == {"known": 2, "out_of_domain_rate": 0.5}
 
 
@@ -191,3 +192,18 @@ def test_read_labels_refuses_what_is_not_a_split(tmp_path):
     (tmp_path / "labels.jsonl").write_text(json.dumps({"file": "a.mp4", "twists": "1"}) + "\n\n")
     records, sha = ev.read_labels(tmp_path)
     assert records == [{"file": "a.mp4", "twists": "1"}] and len(sha) == 64
+
+
+def test_by_kind_when_the_labels_have_one():
+    labels = [_label("a.mp4", 3.0, twists="1", kind="routine"), _label("b.mp4", 3.0, twists="null", kind="idle"),
+              _label("c.mp4", 3.0, twists="null", kind="idle")]
+    rows = {"a.mp4": _row("a.mp4", {"twists": ("null", 0.6)}), "b.mp4": _row("b.mp4", {"twists": ("null", 0.9)}),
+            "c.mp4": _row("c.mp4", {"twists": ("2", 0.5)})}
+    outcomes = [ev.outcome_of(rec, rows[rec["file"]], ["twists"]) for rec in labels]
+    m = ev.summarise(outcomes, ["twists"], length_cuts=[], ece_bins=10, rounds=100, seed=0)
+    assert m["by_kind"] == {
+        "idle": {"videos": 2, "accuracy": {"twists": 0.5}, "all_null_rate": 0.5},
+        "routine": {"videos": 1, "accuracy": {"twists": 0.0}, "all_null_rate": 1.0},
+    }
+    assert m["no_routine"] == {"videos": 2, "all_null_rate": 0.5}
+    assert any("kind idle: 2 videos" in line for line in ev.notes({"metrics": m}))
