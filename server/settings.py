@@ -87,6 +87,15 @@ class LimitsSettings(_Group):
     max_concurrent_streams: int = Field(4, ge=1)
     # A stream whose client sends nothing for this long is ended with DEADLINE_EXCEEDED.
     stream_idle_s: float = Field(30.0, gt=0)
+    # The documented largest chunk of a stream (a larger one is INVALID_ARGUMENT) ...
+    stream_max_chunk_bytes: int = Field(1 * 2**20, ge=1024)
+    # ... and the fastest a stream is read: a faster sender is slowed (back-pressure), not refused.
+    stream_max_bytes_per_s: int = Field(32 * 2**20, ge=1024)
+    # Clips per window event when the client does not say, and the most it may ask for.
+    stream_window_clips: int = Field(4, ge=1)
+    stream_max_window_clips: int = Field(64, ge=1)
+    # `realtime` mode: decoded clips waiting for the encoder beyond this drop the oldest.
+    stream_pending_clips: int = Field(8, ge=1)
 
 
 class SecuritySettings(_Group):
