@@ -112,7 +112,7 @@ class Gateway:
             except OSError as exc:
                 raise StartupError(
                     f"cannot serve metrics on {s.host}:{s.metrics_port} ({exc.strerror}); "
-                    "free the port or set VQS_METRICS_PORT (0 = any free port)"
+                    "free the port or set VQS_METRICS_PORT (0 = no metrics endpoint)"
                 ) from None
 
         url = s.triton.url
