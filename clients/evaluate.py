@@ -44,6 +44,9 @@ from rich.table import Table
 
 from clients import analyze, score
 from clients.archive import Item, Listing
+from clients.channel import (
+    TlsCaOption, TlsCertOption, TlsKeyOption, TokenOption, config_from_options, plaintext_token_warning,
+)
 
 NULL = "null"
 DEFAULT_LENGTH_BINS = (8.0, 14.0)
@@ -463,8 +466,15 @@ def evaluate(
     seed: Annotated[int, typer.Option(help="Bootstrap seed.")] = 0,
     timeout: Annotated[float | None, typer.Option(min=0.1, help="Deadline per video, in seconds.")] = 600.0,
     retries: Annotated[int, typer.Option(min=0, help="Retries of a video when the gateway is busy.")] = 3,
+    tls_ca: TlsCaOption = None,
+    tls_cert: TlsCertOption = None,
+    tls_key: TlsKeyOption = None,
+    token: TokenOption = None,
 ) -> None:
     """Send every video of a labelled split to the gateway and score its answers."""
+    config = config_from_options(server, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key, token=token)
+    if (warning := plaintext_token_warning(config)) is not None:
+        stderr.print(warning, highlight=False)
     try:
         cuts = sorted(float(c) for c in length_bins.split(",") if c.strip())
     except ValueError:
@@ -500,9 +510,13 @@ def evaluate(
         writer = score.LineWriter(answers_path)
         try:
             asyncio.run(score.run_batch(
-                listing, todo, writer, tally, server=server, workers=workers,
+                listing, todo, writer, tally, server=config, workers=workers,
                 uri_root=uri_root.resolve() if uri_root else None, encoder=encoder, timeout=timeout,
                 retries=retries))
+        except score.GatewayRefused as exc:
+            stderr.print(f"[red]error[/red] the gateway at {server} refused the call ({exc}); "
+                         "check --token / VQS_TOKEN and the TLS options", highlight=False)
+            raise typer.Exit(analyze.EXIT_ERROR) from None
         except score.GatewayUnreachable as exc:
             stderr.print(f"[red]error[/red] the gateway at {server} is unreachable ({exc}); "
                          "start it (`vqs serve`) and rerun with --resume", highlight=False)
