@@ -30,7 +30,7 @@ from server.metrics import Metrics
 from server.pipeline.analyze import Analyzer
 from server.proto import video_analytics_pb2 as pb
 from server.proto import video_analytics_pb2_grpc as pb_grpc
-from server.settings import Settings
+from server.settings import SecuritySettings, Settings
 from server.supervisor import TritonSupervisor
 from server.triton import TritonClient
 
@@ -231,7 +231,7 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> Non
         await gateway.stop()
 
 
-def _describe_tls(security) -> str:
+def _describe_tls(security: SecuritySettings) -> str:
     if security.tls_cert is None:
         return "plaintext"
     if security.tls_client_ca is None:
