@@ -507,6 +507,7 @@ def evaluate(
         stderr.print(f"{len(records)} labelled videos in {split_dir}; {len(todo)} to send to {server}",
                      highlight=False)
         tally = score.Tally()
+        answers_path.parent.mkdir(parents=True, exist_ok=True)
         writer = score.LineWriter(answers_path)
         try:
             asyncio.run(score.run_batch(

@@ -108,7 +108,7 @@ async def test_evaluate_resumes_from_its_answers_without_a_server(gateway, split
     """A finished answers file is scored again offline; a video missing from it is what gets sent."""
     from server.launcher import free_port
 
-    out = tmp_path / "r.json"
+    out = tmp_path / "new_folder" / "r.json"
     code, _, stderr = await run_cli(str(split), "--out", str(out), "--server", gateway.address, "--rounds", "200")
     assert code == 0, stderr
     first = json.loads(out.read_text())["metrics"]
