@@ -137,6 +137,31 @@ async def test_mutual_tls_refuses_a_client_without_a_certificate(mtls_gateway, p
     assert [a.query for a in reply.answers] == queries
 
 
+async def _stream_requests(data: bytes, chunk: int = 64 * 1024):
+    yield pb.StreamRequest(options=pb.StreamOptions())
+    for start in range(0, len(data), chunk):
+        yield pb.StreamRequest(chunk=data[start:start + chunk])
+
+
+async def test_streams_need_the_token_too(tls_gateway, pki, videos, tmp_path, queries):
+    from tests.media import ffmpeg
+
+    ts = tmp_path / "stream.ts"
+    ffmpeg("-i", str(videos["normal"]), "-c", "copy", "-f", "mpegts", str(ts))
+    data = ts.read_bytes()
+    async with connect(tls_gateway, pki, token="wrong") as channel:
+        call = pb_grpc.VideoAnalyticsStub(channel).AnalyzeStream(_stream_requests(data), timeout=WAIT_S)
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            async for _ in call:
+                pass
+        assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    async with connect(tls_gateway, pki, token=TOKEN) as channel:
+        call = pb_grpc.VideoAnalyticsStub(channel).AnalyzeStream(_stream_requests(data), timeout=WAIT_S)
+        events = [event async for event in call]
+    assert events[-1].kind == pb.StreamEvent.FINAL
+    assert [a.query for a in events[-1].result.answers] == queries
+
+
 # -- the command-line clients, as separate processes ----------------------------------------------
 
 
