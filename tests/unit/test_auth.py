@@ -284,3 +284,22 @@ def test_client_options_are_checked_before_connecting(pki, tmp_path):
     assert "without TLS" in client_channel.plaintext_token_warning(config)
     assert client_channel.plaintext_token_warning(
         client_channel.config_from_options("127.0.0.1:50051", token=TOKEN)) is None
+
+
+# Every command that calls the gateway over gRPC takes the TLS and token options.
+GRPC_COMMANDS = ("analyze", "score", "evaluate", "stream")
+CHANNEL_OPTIONS = {"tls_ca", "tls_cert", "tls_key", "token"}
+
+
+def test_every_grpc_command_takes_the_tls_and_token_options():
+    import typer.main
+
+    from clients.cli import app
+
+    commands = typer.main.get_command(app).commands
+    assert {"analyze", "score"} <= set(commands)
+    for name in GRPC_COMMANDS:
+        if name in commands:
+            params = {p.name: p for p in commands[name].params}
+            assert CHANNEL_OPTIONS <= set(params), f"vqs {name} lacks {CHANNEL_OPTIONS - set(params)}"
+            assert params["token"].envvar == "VQS_TOKEN" and params["tls_ca"].opts == ["--tls-ca"]
