@@ -38,12 +38,16 @@ CLIPS = "clips"
 FEATURES = "features"
 MASK = "mask"
 ATTENTION = "attention"
+# Optional last output of the query decoder: how alike a video's clip features are to its training
+# data (higher = more alike); its threshold is the config parameter IN_DOMAIN_THRESHOLD.
+IN_DOMAIN_SCORE = "in_domain_score"
 FEATURE_DIM = 256
 
 # Config parameters (string values) written by export/onnx_export.py:
 CLIP_FPS = "clip_fps"  # encoder: the frame rate its clips are sampled at (see pipeline/chunk.py)
 QUERIES_PARAMETER = "queries"  # query decoder: query names, comma-separated, in output order
 ATTRIBUTES_PARAMETER_PREFIX = "attributes."  # + query: its attributes, comma-separated, by logit
+IN_DOMAIN_THRESHOLD = "in_domain_threshold"  # query decoder: in domain = score >= this (float)
 
 
 def logits_name(query: str) -> str:
@@ -71,8 +75,9 @@ ENCODER_CONTRACT = ModelContract(
 )
 
 
-def query_decoder_contract(queries: Sequence[str]) -> ModelContract:
-    """The query decoder's contract: one logits output per query, then the attention rows."""
+def query_decoder_contract(queries: Sequence[str], *, in_domain: bool = False) -> ModelContract:
+    """The query decoder's contract: one logits output per query, then the attention rows, then
+    (when it scores its domain) the in-domain score."""
     return ModelContract(
         max_batch_size=0,
         inputs=(
@@ -80,7 +85,8 @@ def query_decoder_contract(queries: Sequence[str]) -> ModelContract:
             TensorSpec(MASK, "BOOL", (-1, -1)),  # B, N; true = real clip
         ),
         outputs=tuple(TensorSpec(logits_name(q), "FP32", (-1, -1)) for q in queries)
-        + (TensorSpec(ATTENTION, "FP32", (-1, len(queries), -1)),),  # B, queries, N
+        + (TensorSpec(ATTENTION, "FP32", (-1, len(queries), -1)),)  # B, queries, N
+        + ((TensorSpec(IN_DOMAIN_SCORE, "FP32", (-1,)),) if in_domain else ()),  # B
     )
 
 
@@ -88,7 +94,10 @@ def contract_for(model: str, config: dict) -> ModelContract:
     """The gateway's contract for a model of the repository, given its Triton config as a dict
     (every encoder shares one; the query decoder's outputs follow its `queries` parameter)."""
     if model == QUERY_DECODER_MODEL:
-        return query_decoder_contract([q.query for q in query_decoder_spec(config).queries])
+        spec = query_decoder_spec(config)
+        return query_decoder_contract(
+            [q.query for q in spec.queries], in_domain=spec.in_domain_threshold is not None
+        )
     if model.startswith(ENCODER_PREFIX):
         return ENCODER_CONTRACT
     raise KeyError(f"no contract for model {model!r}")
@@ -119,6 +128,17 @@ class QueryDecoderSpec:
 
     model: str
     queries: tuple[QuerySpec, ...]  # in output order: logits outputs and attention rows
+    # Set when the decoder also outputs IN_DOMAIN_SCORE; None: it does not score its domain.
+    in_domain_threshold: float | None = None
+
+
+@dataclass(frozen=True)
+class DecoderOutputs:
+    """The query decoder's answer for one video."""
+
+    logits: dict[str, np.ndarray]  # query -> [A]
+    attention: np.ndarray  # queries, N (rows follow the decoder's queries)
+    in_domain_score: float | None  # None: the decoder does not score its domain
 
 
 def _encoder_spec(model: str, config: dict) -> EncoderSpec:
@@ -160,9 +180,19 @@ def query_decoder_spec(config: dict) -> QueryDecoderSpec:
         specs.append(QuerySpec(query, attributes))
     outputs = [t["name"] for t in config.get("output", [])]
     expected = [logits_name(q) for q in queries] + [ATTENTION]
-    if outputs != expected:
+    if outputs not in (expected, expected + [IN_DOMAIN_SCORE]):
         raise ValueError(f"{model}: outputs {outputs} do not follow its queries {list(queries)}")
-    return QueryDecoderSpec(model=model, queries=tuple(specs))
+    threshold = None
+    if outputs[-1] == IN_DOMAIN_SCORE:
+        raw = _parameter(config, IN_DOMAIN_THRESHOLD)
+        try:
+            threshold = float(raw)
+        except ValueError:
+            raise ValueError(
+                f"{model}: outputs {IN_DOMAIN_SCORE} but its {IN_DOMAIN_THRESHOLD!r} parameter is "
+                f"{raw!r}, not a number; re-export the model"
+            ) from None
+    return QueryDecoderSpec(model=model, queries=tuple(specs), in_domain_threshold=threshold)
 
 
 def _parameter(config: dict, key: str) -> str:
@@ -361,21 +391,24 @@ class TritonClient:
             parts.append(out[FEATURES])
         return np.concatenate(parts).astype(np.float32, copy=False)
 
-    async def run_query_decoder(
-        self, features: np.ndarray
-    ) -> tuple[dict[str, np.ndarray], np.ndarray]:
-        """float32 [N, D] -> ({query: logits [A]}, attention [queries, N]) for one video; the
-        attention rows follow `query_decoder().queries`."""
+    async def run_query_decoder(self, features: np.ndarray) -> DecoderOutputs:
+        """float32 [N, D] -> the decoder's logits per query, attention [queries, N] and in-domain
+        score for one video; the attention rows follow `query_decoder().queries`."""
         if features.ndim != 2 or features.shape[0] == 0 or features.shape[1] != FEATURE_DIM:
             raise InternalError(
                 f"features must be float32 [N>0, {FEATURE_DIM}], got {list(features.shape)}"
             )
-        queries = [q.query for q in (await self.query_decoder()).queries]
+        decoder = await self.query_decoder()
+        queries = [q.query for q in decoder.queries]
+        scored = decoder.in_domain_threshold is not None
         batch = np.ascontiguousarray(features, dtype=np.float32)[None]  # 1, N, D
         mask = np.ones(batch.shape[:2], dtype=bool)  # 1, N
-        names = [logits_name(q) for q in queries] + [ATTENTION]
+        names = [logits_name(q) for q in queries] + [ATTENTION] + ([IN_DOMAIN_SCORE] if scored else [])
         out = await self._infer(
             QUERY_DECODER_MODEL, {FEATURES: (batch, "FP32"), MASK: (mask, "BOOL")}, names
         )
-        logits = {q: out[logits_name(q)][0] for q in queries}
-        return logits, out[ATTENTION][0]
+        return DecoderOutputs(
+            logits={q: out[logits_name(q)][0] for q in queries},
+            attention=out[ATTENTION][0],
+            in_domain_score=float(out[IN_DOMAIN_SCORE].reshape(-1)[0]) if scored else None,
+        )

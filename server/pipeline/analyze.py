@@ -168,17 +168,19 @@ class Analyzer:
         training data. `timing_ms` gains the decoder's own time as "query_decoder"."""
         decoder = await self.triton.query_decoder()
         started = time.perf_counter()
-        logits, attention = await self.triton.run_query_decoder(clip_features)
+        outputs = await self.triton.run_query_decoder(clip_features)
         took_ms = (time.perf_counter() - started) * 1000.0
         try:
             return assemble.build_result(
                 encoder=spec.encoder,
                 specs=decoder.queries,
-                logits=logits,
-                attention=attention,
+                logits=outputs.logits,
+                attention=outputs.attention,
                 spans_s=spans_s,
                 video=video,
                 timing_ms={**timing_ms, "query_decoder": took_ms},
+                in_domain_score=outputs.in_domain_score,
+                in_domain_threshold=decoder.in_domain_threshold,
             )
         except ValueError as exc:
             raise InferenceFailed(

@@ -3,7 +3,9 @@ JSON/console display; absent (unknown) when the decoder does not score its domai
 
 from __future__ import annotations
 
+import copy
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -68,3 +70,46 @@ def test_an_unknown_domain_is_absent_on_the_wire_and_in_the_json():
     as_dict = render.response_to_dict(response)
     assert "domain" not in as_dict
     assert render.domain_line(as_dict) is None
+
+
+def _decoder_config() -> dict:
+    from server import triton
+    from tests.vocabulary import model_config
+    from server.settings import Settings
+
+    return model_config(Path(Settings().triton.model_repository), triton.QUERY_DECODER_MODEL)
+
+
+def _scoring(config: dict, threshold: str | None) -> dict:
+    config = copy.deepcopy(config)
+    config["output"] = [o for o in config["output"] if o["name"] != "in_domain_score"]
+    config["output"].append({"name": "in_domain_score", "data_type": "TYPE_FP32", "dims": ["-1"]})
+    config["parameters"].pop("in_domain_threshold", None)
+    if threshold is not None:
+        config["parameters"]["in_domain_threshold"] = {"string_value": threshold}
+    return config
+
+
+def test_the_decoder_spec_reads_the_optional_score_output_and_its_threshold():
+    from server import triton
+
+    scoring = _scoring(_decoder_config(), "-3.25")
+    spec = triton.query_decoder_spec(scoring)
+    assert spec.in_domain_threshold == -3.25
+    contract = triton.contract_for(triton.QUERY_DECODER_MODEL, scoring)
+    assert contract.outputs[-1] == triton.TensorSpec("in_domain_score", "FP32", (-1,))
+    assert [t.name for t in contract.outputs] == [o["name"] for o in scoring["output"]]
+
+    plain = copy.deepcopy(scoring)
+    plain["output"] = plain["output"][:-1]
+    plain["parameters"].pop("in_domain_threshold")
+    assert triton.query_decoder_spec(plain).in_domain_threshold is None
+    assert triton.contract_for(triton.QUERY_DECODER_MODEL, plain).outputs[-1].name == "attention"
+
+
+@pytest.mark.parametrize("threshold", [None, "", "high"])
+def test_a_score_output_without_a_numeric_threshold_is_refused(threshold):
+    from server import triton
+
+    with pytest.raises(ValueError, match="in_domain_threshold"):
+        triton.query_decoder_spec(_scoring(_decoder_config(), threshold))
