@@ -23,8 +23,7 @@ pytestmark = pytest.mark.integration
 
 VIDEOS = 6
 # The gateway runs in this test process's event loop: the CLI is an asyncio subprocess.
-_VQS = ("import typer; from clients.evaluate import evaluate; app = typer.Typer(); "
-        "app.command('evaluate')(evaluate); app.command('-')(lambda: None); app()")
+_VQS = "from clients.cli import app; app()"
 
 
 async def run_cli(*args: str, timeout: float = 300) -> tuple[int, str, str]:
