@@ -278,6 +278,10 @@ class _Stream:
         finally:
             for task in tasks:
                 task.cancel()
+            if self.pipe is not None:
+                # End of file for the decode worker, so it sees the release (a worker waiting for
+                # bytes on the pipe checks for nothing else).
+                self.pipe.close()
             await asyncio.gather(*tasks, return_exceptions=True)
             for holder in (self.pipe, self.spill):
                 if holder is not None:

@@ -154,6 +154,18 @@ async def test_mp4_with_the_index_at_the_end_is_spilled_and_said_so(stub, stream
     assert_same_answers(events[-1].result, analyzed, 1e-4)
 
 
+LONG_TS_CLIPS = 113  # 60 s sampled at the encoder's 15 fps, 8 frames a clip, the last one padded
+
+
+@pytest.fixture(scope="session")
+def long_ts(tmp_path_factory) -> Path:
+    """60 s of 320x240 30 fps MPEG-TS (ffmpeg's test pattern)."""
+    path = tmp_path_factory.mktemp("long_ts") / "long.ts"
+    ffmpeg("-f", "lavfi", "-i", "testsrc2=size=320x240:rate=30:duration=60", "-c:v", "libx264",
+           "-preset", "ultrafast", "-g", "30", "-bf", "0", "-f", "mpegts", str(path))
+    return path
+
+
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def small_gateway(start_gateway):
     """One stream at a time, 1 s of silence ends a stream, uploads of at most 200 kB."""
@@ -174,10 +186,14 @@ async def stub_for(gateway):
 async def test_mp4_index_at_the_end_above_the_upload_limit_is_refused_with_the_remedy(
     small_gateway, long_video
 ):
-    data = long_video.read_bytes()[:1_000_000]
+    data = long_video.read_bytes()[:250_000]
+    hold = asyncio.Event()  # then the client waits: the refusal is not raced by its own sending
     async with stub_for(small_gateway) as stub:
+        call = stub.AnalyzeStream(requests(pb.StreamOptions(), data, hold=hold), timeout=WAIT_S)
         with pytest.raises(grpc.aio.AioRpcError) as error:
-            await collect(stub, pb.StreamOptions(), data)
+            async for _ in call:
+                pass
+        hold.set()
     assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "frag_keyframe+empty_moov" in error.value.details()
     assert "limits.max_upload_bytes" in error.value.details()
@@ -218,13 +234,10 @@ async def test_a_second_stream_beyond_the_limit_is_refused_at_once(small_gateway
 
 
 async def test_cancel_mid_stream_frees_the_slot_and_stops_decoding_and_triton(
-    small_gateway, triton, tmp_path
+    small_gateway, triton, long_ts
 ):
-    """A 60 s MPEG-TS sent whole; the client cancels once encoding is under way."""
-    ts = tmp_path / "long.ts"
-    ffmpeg("-f", "lavfi", "-i", "testsrc2=size=320x240:rate=30:duration=60", "-c:v", "libx264",
-           "-preset", "ultrafast", "-g", "30", "-f", "mpegts", str(ts))
-    data = ts.read_bytes()
+    """A 60 s MPEG-TS sent whole; the client cancels at the first window."""
+    data = long_ts.read_bytes()
     workers, before = decode_worker_pids(triton), await settled_counters(triton)
     async with stub_for(small_gateway) as stub:
         call = stub.AnalyzeStream(requests(pb.StreamOptions(mode=pb.STREAM_MODE_ARCHIVE), data),
@@ -234,7 +247,7 @@ async def test_cancel_mid_stream_frees_the_slot_and_stops_decoding_and_triton(
                 break
         assert call.cancel()
         at_stop = {**triton_counters(triton), "before": before["nv_inference_count"]}
-    await assert_request_released(small_gateway, triton, workers, at_stop, full_clips=112)
+    await assert_request_released(small_gateway, triton, workers, at_stop, full_clips=LONG_TS_CLIPS)
     async with stub_for(small_gateway) as stub:  # the slot is free
         events = await collect(stub, pb.StreamOptions(), data[:200_000])
     assert events[-1].kind == FINAL
@@ -272,3 +285,61 @@ async def test_resumed_stream_repeats_no_window_and_misses_none(stub, stream_vid
     with pytest.raises(grpc.aio.AioRpcError) as error:
         await collect(stub, other, data)
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def slow_gateway(start_gateway):
+    """An encoder kept far behind the decoder: one request of at most 2 clips in flight, and at
+    most 2 clips waiting for it."""
+    limits = Settings().limits.model_copy(update={
+        "encode_inflight": 1, "clips_per_batch": 2, "stream_pending_clips": 2,
+    })
+    gateway = await start_gateway(limits=limits)
+    yield gateway
+    await gateway.stop()
+
+
+def gateway_counter(gateway, name: str) -> float:
+    import urllib.request
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{gateway.metrics_port}/metrics", timeout=10).read().decode()
+    return sum(float(l.split()[-1]) for l in text.splitlines() if l.startswith(name + " "))
+
+
+async def test_realtime_drops_clips_and_says_so_archive_analyses_all_and_pushes_back(
+    slow_gateway, long_ts
+):
+    data = long_ts.read_bytes()
+    async with stub_for(slow_gateway) as stub:
+        started = asyncio.get_running_loop().time()
+        realtime = await collect(stub, pb.StreamOptions(window_clips=8, mode=pb.STREAM_MODE_REALTIME), data)
+        realtime_s = asyncio.get_running_loop().time() - started
+        started = asyncio.get_running_loop().time()
+        archive = await collect(stub, pb.StreamOptions(window_clips=8, mode=pb.STREAM_MODE_ARCHIVE), data)
+        archive_s = asyncio.get_running_loop().time() - started
+
+    final = realtime[-1]
+    assert final.kind == FINAL and final.clips_decoded == LONG_TS_CLIPS
+    # Realtime: the analysis could not keep up with a feed sent at full speed: clips were dropped,
+    # each window says how many of its own, and the totals add up.
+    assert final.dropped_clips_total > 0
+    assert sum(w.dropped_clips for w in windows(realtime)) == final.dropped_clips_total
+    assert final.clips_analysed + final.dropped_clips_total == final.clips_decoded
+    assert final.result.video.clips == final.clips_analysed  # the final answer is over what was analysed
+    assert gateway_counter(slow_gateway, "vqs_stream_dropped_clips_total") >= final.dropped_clips_total
+    # ... and it finished sooner than analysing everything.
+    assert realtime_s < archive_s
+
+    # Archive: every clip analysed, nothing dropped; the gateway read the feed only as fast as it
+    # analysed it (when the first window went out, most of the bytes were still with the sender).
+    last = archive[-1]
+    assert last.dropped_clips_total == 0 and last.clips_analysed == last.clips_decoded == LONG_TS_CLIPS
+    first_window = windows(archive)[0]
+    assert first_window.received_bytes < 0.6 * len(data), (
+        f"{first_window.received_bytes} of {len(data)} bytes read before the first window")
+
+
+async def test_stream_metrics_count_lag_and_stalls(gateway, small_gateway):
+    # Windows observed their lag; the silent sender of an earlier test counts as stalled.
+    assert gateway_counter(gateway, "vqs_stream_lag_seconds_count") > 0
+    assert gateway_counter(small_gateway, "vqs_stream_stalled_total") >= 1
