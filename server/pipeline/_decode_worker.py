@@ -180,13 +180,13 @@ def open_video(job: msg.DecodeJob) -> tuple[Backend | None, msg.Opened]:
 def _open_video(job: msg.DecodeJob, pyav: PyAVBackend) -> tuple[Backend | None, msg.Opened]:
     probe = pyav.probe
     check_limits(probe, job.limits)
-    segments = pyav.split(job.segment_frames, job.workers)
+    segments = [msg.Segment(0)] if job.live else pyav.split(job.segment_frames, job.workers)
     # One segment: no other worker can help, so this one decodes with the pool's share of threads.
     all_threads = max(job.threads, job.workers)
     if len(segments) == 1:
         pyav.set_threads(all_threads)
     turns = pyav.peek_quarter_turns(segments[0])
-    name, note = choose_backend(probe, turns, job)
+    name, note = ("pyav", "a live stream") if job.live else choose_backend(probe, turns, job)
     backend: Backend | None = pyav
     skip = name == "pyav" and skips_frames(probe.fps, job.sample_fps)
     if skip:
