@@ -87,8 +87,8 @@ def config_from_options(
             param_hint="--tls-cert",
         )
     token = token.strip() if token else None
-    if token is not None and any(c.isspace() for c in token):
-        raise typer.BadParameter("the token contains whitespace", param_hint="--token")
+    if token is not None and not all("!" <= c <= "~" for c in token):
+        raise typer.BadParameter("the token must be visible ASCII without spaces", param_hint="--token")
     return ChannelConfig(
         server=server,
         root_certificates=_read_pem(tls_ca, "--tls-ca", b"CERTIFICATE") if tls_ca else None,

@@ -86,13 +86,20 @@ def _read(path: Path, setting: str) -> bytes:
     return data
 
 
+def _checked(token: str, setting: str) -> BearerToken:
+    # gRPC metadata values are visible ASCII; a space would split `Bearer <token>`.
+    if not all("!" <= c <= "~" for c in token):
+        raise SecurityConfigError(f"security.{setting}: the token must be visible ASCII without spaces")
+    return BearerToken(token)
+
+
 def load_token(security: SecuritySettings) -> BearerToken | None:
     """The token from `security.token` or `security.token_file` (None: no token required)."""
     if security.token is not None:
-        return BearerToken(security.token.get_secret_value().strip())
+        return _checked(security.token.get_secret_value().strip(), "token")
     if security.token_file is not None:
         text = _read(security.token_file, "token_file").decode("utf-8", "replace").strip()
-        return BearerToken(text)
+        return _checked(text, "token_file")
     return None
 
 

@@ -77,6 +77,11 @@ def test_token_file_is_read_once_and_stripped(tmp_path):
         auth.load_token(SecuritySettings(token_file=path))
     with pytest.raises(auth.SecurityConfigError, match="security.token_file: cannot read"):
         auth.load_token(SecuritySettings(token_file=tmp_path / "absent"))
+    path.write_text("two words\n")
+    with pytest.raises(auth.SecurityConfigError, match="security.token_file: .*visible ASCII"):
+        auth.load_token(SecuritySettings(token_file=path))
+    with pytest.raises(auth.SecurityConfigError, match="security.token: .*visible ASCII"):
+        auth.load_token(SecuritySettings(token=SecretStr("caf\u00e9")))
 
 
 # -- settings and start-up checks -----------------------------------------------------------------
@@ -281,6 +286,8 @@ def test_client_options_are_checked_before_connecting(pki, tmp_path):
         client_channel.config_from_options("h:1", tls_ca=tmp_path / "absent.pem")
     with pytest.raises(typer.BadParameter, match="not PEM"):
         client_channel.config_from_options("h:1", tls_ca=pki.client_key)
+    with pytest.raises(typer.BadParameter, match="visible ASCII"):
+        client_channel.config_from_options("h:1", token="two words")
     config = client_channel.config_from_options("10.0.0.2:50051", token=TOKEN)
     assert TOKEN not in repr(config)
     assert "without TLS" in client_channel.plaintext_token_warning(config)
