@@ -312,3 +312,29 @@ def test_every_grpc_command_takes_the_tls_and_token_options():
             params = {p.name: p for p in commands[name].params}
             assert CHANNEL_OPTIONS <= set(params), f"vqs {name} lacks {CHANNEL_OPTIONS - set(params)}"
             assert params["token"].envvar == "VQS_TOKEN" and params["tls_ca"].opts == ["--tls-ca"]
+
+
+@pytest.mark.parametrize("required", [True, False])
+async def test_client_certificates_required_or_optional(pki, required):
+    server = grpc.aio.server(interceptors=[GatewayInterceptor(Metrics())])
+    server.add_generic_rpc_handlers((_probe_handlers([]),))
+    credentials = auth.server_credentials(SecuritySettings(
+        tls_cert=pki.server_cert, tls_key=pki.server_key, tls_client_ca=pki.ca,
+        tls_require_client_cert=required))
+    address = f"127.0.0.1:{server.add_secure_port('127.0.0.1:0', credentials)}"
+    await server.start()
+    try:
+        async def echo(**certs) -> grpc.StatusCode:
+            config = client_channel.config_from_options(address, tls_ca=pki.ca, **certs)
+            async with client_channel.open_aio_channel(config) as ch:
+                try:
+                    await ch.unary_unary(f"/{SERVICE}/Echo")(b"x", timeout=10)
+                except grpc.aio.AioRpcError as error:
+                    return error.code()
+                return grpc.StatusCode.OK
+
+        assert await echo(tls_cert=pki.client_cert, tls_key=pki.client_key) == grpc.StatusCode.OK
+        without = await echo()
+        assert without == (grpc.StatusCode.UNAVAILABLE if required else grpc.StatusCode.OK)
+    finally:
+        await server.stop(0)
