@@ -14,7 +14,7 @@ import grpc
 from server.api import mapping
 from server.api.admission import Admission
 from server.api.sources import resolve_uri
-from server.errors import BackendUnavailable, InvalidInput, Overloaded, Timeout, TooLarge, echo
+from server.errors import BackendUnavailable, InvalidInput, Timeout, TooLarge, echo
 from server.logs import current_request, request_id
 from server.pipeline.analyze import Analyzer, AnalyzeJob
 from server.pipeline.stream import StreamAnalyzer, StreamLimits
@@ -31,27 +31,6 @@ def validate_encoder_name(encoder: str, default: str) -> str:
     if not name.replace("_", "").isalnum():
         raise InvalidInput(f"invalid encoder name {echo(name)}")
     return name
-
-
-class Slots:
-    """At most `limit` requests at once; one more is refused, not queued."""
-
-    def __init__(self, limit: int):
-        self.limit = limit
-        self.used = 0
-
-    @contextlib.contextmanager
-    def claim(self):
-        if self.used >= self.limit:
-            raise Overloaded(
-                f"server busy: {self.limit} requests already running "
-                f"(limits.max_concurrent_requests); retry later"
-            )
-        self.used += 1
-        try:
-            yield
-        finally:
-            self.used -= 1
 
 
 class VideoAnalyticsServicer(pb_grpc.VideoAnalyticsServicer):

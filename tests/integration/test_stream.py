@@ -343,3 +343,40 @@ async def test_stream_metrics_count_lag_and_stalls(gateway, small_gateway):
     # Windows observed their lag; the silent sender of an earlier test counts as stalled.
     assert gateway_counter(gateway, "vqs_stream_lag_seconds_count") > 0
     assert gateway_counter(small_gateway, "vqs_stream_stalled_total") >= 1
+
+
+async def test_vqs_stream_prints_jsonl_events_in_analyze_shapes(gateway, stream_videos, queries):
+    import json
+
+    from typer.testing import CliRunner
+
+    from clients.cli import app
+
+    data = stream_videos["stream.ts"].read_bytes()
+    runner = CliRunner()
+    # The CLI's blocking gRPC runs in a thread: this test's event loop serves the gateway.
+    result = await asyncio.to_thread(
+        runner.invoke, app,
+        ["stream", "-", "--server", gateway.address, "--json", "--mode", "archive", "--window-clips", "4"],
+        input=data,
+    )
+    assert result.exit_code == 0, result.output
+    events = [json.loads(line) for line in result.stdout.splitlines()]
+    kinds = [e["kind"] for e in events]
+    assert kinds[-1] == "final" and "window" in kinds
+    analyze_keys = {"video", "answers", "attention", "timing_ms", "encoder", "request_id"}
+    for event in events:
+        if event["kind"] in ("window", "final"):
+            assert analyze_keys <= event.keys()
+            assert [a["query"] for a in event["answers"]] == queries
+            assert event["end_s"] > event["start_s"] >= 0 and event["resume_token"]
+    window_spans = [(e["start_s"], e["end_s"]) for e in events if e["kind"] == "window"]
+    assert window_spans == sorted(window_spans)
+
+    unreachable = await asyncio.to_thread(
+        runner.invoke, app, ["stream", "-", "--server", "127.0.0.1:1", "--json"], input=data[:1000])
+    assert unreachable.exit_code == 4
+    bad = await asyncio.to_thread(
+        runner.invoke, app, ["stream", "-", "--server", gateway.address, "--window-clips", "1000"],
+        input=data[:1000])
+    assert bad.exit_code == 1 and "INVALID_ARGUMENT" in bad.output
