@@ -115,7 +115,7 @@ async def test_streamed_containers_answer_per_window_and_as_analyze_at_the_end(
     # The whole stream: the same clips (spans from the stream's timestamps) and answers.
     spans = [(s.start_s, s.end_s) for s in final.result.attention[0].clip_spans]
     want = [(s.start_s, s.end_s) for s in analyzed.attention[0].clip_spans]
-    if name == "stream.h264":  # no timestamps in the bytes: both sides number frames at 25 fps
+    if name == "stream.h264":  # no timestamps in the bytes: both sides time frames by their durations
         assert len(spans) == len(want)
     else:
         np.testing.assert_allclose(spans, want, atol=1e-3)
