@@ -253,6 +253,22 @@ async def test_cancel_mid_stream_frees_the_slot_and_stops_decoding_and_triton(
     assert events[-1].kind == FINAL
 
 
+async def test_a_stream_past_its_deadline_stops_its_work_and_frees_its_slot(small_gateway, triton, long_ts):
+    data = long_ts.read_bytes()
+    workers, before = decode_worker_pids(triton), await settled_counters(triton)
+    async with stub_for(small_gateway) as stub:
+        # Sent in about 10 s: the deadline passes while its clips are decoded and encoded.
+        pause = 10.0 / len(chunks_of(data))
+        call = stub.AnalyzeStream(requests(pb.StreamOptions(mode=pb.STREAM_MODE_ARCHIVE), data, pause_s=pause),
+                                  timeout=2.0)
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            async for _ in call:
+                pass
+        at_stop = {**triton_counters(triton), "before": before["nv_inference_count"]}
+    assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    await assert_request_released(small_gateway, triton, workers, at_stop, full_clips=LONG_TS_CLIPS)
+
+
 async def test_resumed_stream_repeats_no_window_and_misses_none(stub, stream_videos):
     data = stream_videos["stream.ts"].read_bytes()
     options = pb.StreamOptions(window_clips=2, hop_clips=2, mode=pb.STREAM_MODE_ARCHIVE)
