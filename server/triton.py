@@ -10,12 +10,17 @@ errors into `server.errors`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Sequence
+import math
+import os
+import uuid
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import tritonclient.grpc.aio as grpcclient
+import tritonclient.utils.shared_memory as shm
 from tritonclient.utils import InferenceServerException
 
 from server.errors import (
@@ -239,24 +244,133 @@ _CHANNEL_ARGS = [
 ]
 
 
-class TritonClient:
-    """Async access to the vqs models on one Triton server (`host:port`, gRPC)."""
+@dataclass
+class _Region:
+    name: str  # Triton's name for it, and its POSIX shared-memory key without the slash
+    size: int
+    handle: shm.SharedMemoryRegion
+    registered: bool = False
 
-    def __init__(self, url: str, *, timeout_s: float = 60.0):
+
+class ClipRegions:
+    """System shared-memory regions registered with Triton, for clip batches: a batch is copied
+    once into a region and the request names it, instead of carrying the clips (which costs both
+    sides a protobuf copy and parse; README, "Speed"). At most `budget_bytes` of regions, each
+    sized for the first batch it carries and reused by any batch that fits; a batch that finds
+    none free travels inside its request. Regions are registered on first use and again after
+    Triton lost them (`forget`: a restart); a Triton that cannot map them (on another host) turns
+    them off for this client."""
+
+    def __init__(self, client: grpcclient.InferenceServerClient, budget_bytes: int) -> None:
+        if budget_bytes < 0:
+            raise ValueError("budget_bytes must be >= 0")
+        self._client = client
+        self.budget_bytes = budget_bytes
+        self.enabled = budget_bytes > 0
+        self._all: list[_Region] = []
+        self._free: list[_Region] = []
+        self._prefix = f"vqs_clips_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+
+    @property
+    def allocated_bytes(self) -> int:
+        return sum(r.size for r in self._all)
+
+    @contextlib.asynccontextmanager
+    async def holding(self, array: np.ndarray) -> AsyncIterator[_Region | None]:
+        """A registered region holding a copy of `array` while the block runs (None: none free)."""
+        region = await self._acquire(array.nbytes)
+        try:
+            if region is not None:
+                shm.set_shared_memory_region(region.handle, [array])
+            yield region
+        finally:
+            if region is not None:
+                self._free.append(region)
+
+    async def _acquire(self, nbytes: int) -> _Region | None:
+        if not self.enabled:
+            return None
+        fitting = [r for r in self._free if r.size >= nbytes]
+        if fitting:
+            region = min(fitting, key=lambda r: r.size)
+            self._free.remove(region)
+        else:
+            size = math.ceil(nbytes / 2**20) * 2**20
+            if self.allocated_bytes + size > self.budget_bytes:
+                return None
+            name = f"{self._prefix}_{len(self._all)}"
+            region = _Region(name, size, shm.create_shared_memory_region(name, "/" + name, size, create_only=True))
+            self._all.append(region)
+        if not region.registered:
+            try:
+                await self._register(region)
+            except BaseException:
+                self._free.append(region)
+                raise
+            if not region.registered:  # Triton cannot map it: regions are off
+                self._free.append(region)
+                return None
+        return region
+
+    async def _register(self, region: _Region) -> None:
+        with contextlib.suppress(InferenceServerException):  # a registration Triton still has
+            await self._client.unregister_system_shared_memory(region.name)
+        try:
+            await self._client.register_system_shared_memory(region.name, "/" + region.name, region.size)
+        except InferenceServerException as exc:
+            error = _translate(exc, "registering shared memory")
+            if isinstance(error, (BackendUnavailable, Timeout)):
+                raise error from None
+            logger.warning("clips go inside requests: Triton cannot map this gateway's shared memory (%s)",
+                           exc.message() or exc)
+            self.enabled = False
+            return
+        region.registered = True
+
+    def forget(self) -> None:
+        """Triton lost its registrations (it restarted): register each region again on use."""
+        for region in self._all:
+            region.registered = False
+
+    async def close(self) -> None:
+        for region in self._all:
+            if region.registered:
+                with contextlib.suppress(Exception):
+                    await self._client.unregister_system_shared_memory(region.name, client_timeout=5.0)
+            with contextlib.suppress(Exception):
+                shm.destroy_shared_memory_region(region.handle)
+        self._all, self._free = [], []
+        self.enabled = False
+
+
+def _lost_region(error: VqsError) -> bool:
+    """Whether Triton refused a request because it no longer knows its shared-memory region."""
+    return "shared memory" in str(error).lower()
+
+
+class TritonClient:
+    """Async access to the vqs models on one Triton server (`host:port`, gRPC). Clip batches
+    travel in up to `shared_memory_bytes` of system shared memory (`ClipRegions`; 0: inside the
+    requests)."""
+
+    def __init__(self, url: str, *, timeout_s: float = 60.0, shared_memory_bytes: int = 64 * 2**20):
         self.url = url
         self.timeout_s = timeout_s
         self._client = grpcclient.InferenceServerClient(url=url, channel_args=_CHANNEL_ARGS)
+        self.clip_regions = ClipRegions(self._client, shared_memory_bytes)
         self._encoders: dict[str, EncoderSpec] | None = None
         self._query_decoder: QueryDecoderSpec | None = None
 
     async def close(self) -> None:
+        await self.clip_regions.close()
         await self._client.close()
 
     def forget_models(self) -> None:
         """Drop what was read from the model configs: read afresh on next use (after Triton came
-        back, its models may have been re-exported)."""
+        back, its models may have been re-exported, and it lost the shared-memory registrations)."""
         self._encoders = None
         self._query_decoder = None
+        self.clip_regions.forget()
 
     async def _call(self, what: str, coro):
         try:
@@ -363,6 +477,9 @@ class TritonClient:
             tensor = grpcclient.InferInput(name, list(array.shape), dtype)
             tensor.set_data_from_numpy(array)
             infer_inputs.append(tensor)
+        return await self._request(model, infer_inputs, outputs)
+
+    async def _request(self, model: str, infer_inputs: list, outputs: list[str]) -> dict[str, np.ndarray]:
         requested = [grpcclient.InferRequestedOutput(name) for name in outputs]
         result = await self._call(
             f"inference on {model}",
@@ -382,14 +499,26 @@ class TritonClient:
                 f"got {clips.dtype} {list(clips.shape)}"
             )
         step = spec.max_batch_size or len(clips)
-        parts = []
-        for start in range(0, len(clips), step):
-            out = await self._infer(
-                spec.model, {CLIPS: (np.ascontiguousarray(clips[start:start + step]), "UINT8")},
-                [FEATURES],
-            )
-            parts.append(out[FEATURES])
+        parts = [
+            await self._encode(spec.model, np.ascontiguousarray(clips[start:start + step]))
+            for start in range(0, len(clips), step)
+        ]
         return np.concatenate(parts).astype(np.float32, copy=False)
+
+    async def _encode(self, model: str, clips: np.ndarray) -> np.ndarray:
+        """One batch of clips, in a shared-memory region if one is free, else inside the request."""
+        async with self.clip_regions.holding(clips) as region:
+            if region is not None:
+                tensor = grpcclient.InferInput(CLIPS, list(clips.shape), "UINT8")
+                tensor.set_shared_memory(region.name, clips.nbytes)
+                try:
+                    return (await self._request(model, [tensor], [FEATURES]))[FEATURES]
+                except VqsError as exc:
+                    if not _lost_region(exc):
+                        raise
+                    logger.info("Triton lost the clip regions (restarted?): registering them again")
+                    self.clip_regions.forget()
+        return (await self._infer(model, {CLIPS: (clips, "UINT8")}, [FEATURES]))[FEATURES]
 
     async def run_query_decoder(self, features: np.ndarray) -> DecoderOutputs:
         """float32 [N, D] -> the decoder's logits per query, attention [queries, N] and in-domain
