@@ -22,6 +22,7 @@ The sampling is the custom op `vqs::adaptive_token_sampler` (one ONNX node of ty
 from __future__ import annotations
 
 import torch
+from torch.utils.flop_counter import register_flop_formula
 
 # Guards the normalisation when every score is 0 (no valid token attended).
 _TINY = 1e-12
@@ -137,3 +138,11 @@ def _backward(ctx, grad_attended, grad_residual, _grad_mask, _grad_index):
 
 
 adaptive_token_sampler.register_autograd(_backward, setup_context=_setup_context)
+
+
+@register_flop_formula(torch.ops.vqs.adaptive_token_sampler)
+def _flops(x_shape, attn_shape, v_shape, mask_shape, k_shape, *, out_shape, **kwargs) -> int:
+    # A^s V for the kept rows (the flop counter counts 2 per multiply-add).
+    n, _, tokens, _ = attn_shape
+    _, kept, width = out_shape[0]
+    return 2 * n * kept * tokens * width

@@ -121,8 +121,11 @@ def AdaptiveTokenSampler(x: FLOAT, attn: FLOAT, v: FLOAT, mask: BOOL, k: INT64):
     n_tokens = tokens - op.Constant(value_int=1)
     k_eff = op.Min(op.Reshape(k, op.Constant(value_ints=[])), n_tokens)
     k_float = op.Cast(k_eff, to=1)
-    i = op.Cast(op.Range(op.Constant(value_int=1), k_eff + op.Constant(value_int=1), op.Constant(value_int=1)), to=1)
-    points = (i * op.Constant(value_float=2.0) - op.Constant(value_float=1.0)) / (k_float * op.Constant(value_float=2.0))
+    valid_count = op.ReduceSum(valid, one, keepdims=0)  # N
+    # When K covers every sample's tokens nothing is sampled: one point keeps that part cheap.
+    k_points = op.Where(op.GreaterOrEqual(k_float, op.ReduceMax(valid_count, keepdims=0)), op.Constant(value_int=1), k_eff)
+    i = op.Cast(op.Range(op.Constant(value_int=1), k_points + op.Constant(value_int=1), op.Constant(value_int=1)), to=1)
+    points = (i * op.Constant(value_float=2.0) - op.Constant(value_float=1.0)) / (op.Cast(k_points, to=1) * op.Constant(value_float=2.0))
     distance = op.Abs(op.Unsqueeze(cdf, one) - op.Unsqueeze(points, one))  # N, K, n
     distance = op.Where(
         op.Unsqueeze(op.Greater(valid, op.Constant(value_float=0.5)), one),
@@ -132,7 +135,7 @@ def AdaptiveTokenSampler(x: FLOAT, attn: FLOAT, v: FLOAT, mask: BOOL, k: INT64):
     picked = op.ArgMin(distance, axis=2, keepdims=0)  # N, K
     chosen = op.ScatterElements(op.Mul(valid, op.Constant(value_float=0.0)), picked,
                                 op.Expand(op.Constant(value_float=1.0), op.Shape(picked)), axis=1, reduction="max")
-    keep_all = op.Unsqueeze(op.GreaterOrEqual(k_float, op.ReduceSum(valid, one, keepdims=0)), one)
+    keep_all = op.Unsqueeze(op.GreaterOrEqual(k_float, valid_count), one)
     chosen = op.Where(keep_all, valid, chosen * valid)  # N, n as 0/1
     kept = op.Cast(op.ReduceMax(op.ReduceSum(chosen, one, keepdims=0), keepdims=1), to=7)
     n_float = op.Cast(n_tokens, to=1)

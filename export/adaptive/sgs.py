@@ -19,8 +19,11 @@ to its largest B' (zero feature maps, `mask` False), kept bins first in bin orde
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
+from torch.utils.flop_counter import register_flop_formula
 
 # Below this Δ_max a clip's similarity vectors are all (numerically) zero.
 _FLAT = 1e-12
@@ -110,6 +113,14 @@ def _backward(ctx, grad_sampled, _grad_mask):
 
 
 similarity_guided_sampling.register_autograd(_backward, setup_context=_setup_context)
+
+
+@register_flop_formula(torch.ops.vqs.similarity_guided_sampling)
+def _flops(features_shape, z_shape, bins_shape, *, out_shape, **kwargs) -> int:
+    # O_b = Σ_t I_t·w_tb for the kept bins (the flop counter counts 2 per multiply-add).
+    n, c, frames = features_shape[:3]
+    kept = out_shape[0][2]
+    return 2 * n * c * kept * frames * math.prod(features_shape[3:])
 
 
 class SimilarityNet(nn.Module):

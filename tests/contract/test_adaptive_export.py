@@ -172,3 +172,69 @@ def test_ats_keeps_fewer_tokens_than_asked(exported):
     _, kept, _ = session.run(None, {"x": x.numpy(), "mask": np.ones((8, 17), dtype=bool), "k": np.array(12)})
     per_sample = kept.sum(axis=1) - 1
     assert per_sample.max() <= 12 and per_sample.min() < 12 and (~kept).any()
+
+
+@pytest.fixture(scope="module")
+def encoders(tmp_path_factory):
+    """Small ViT with ATS in 3 blocks and the s3d with SGS after its stem, exported for serving."""
+    from export.models.s3d_sgs import create as create_s3d_sgs
+    from export.models.vit import VideoViT
+
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("encoders")
+    batch = torch.export.Dim("batch", min=1, max=64)
+    clips = torch.randint(0, 255, (2, 8, 64, 64, 3), dtype=torch.uint8)
+    vit = VideoViT(dim=32, depth=4, heads=2, frame_size=64, ats_blocks=(1, 2, 3)).eval()
+    sgs = create_s3d_sgs("s3d_sgs_stem_112", frame_size=64).eval()
+    with torch.no_grad():  # sharper attention and a similarity net that tells frames apart, as after training
+        for block in vit.blocks:
+            block.attn.qkv.weight[:32].mul_(8)
+        sgs.sgs.similarity.conv1.bias.zero_()
+        sgs.sgs.similarity.conv2.bias.zero_()
+    _export(vit, (clips, torch.tensor([16, 8, 4])), out / "vit_ats.onnx", ["clips", "k"], ["features", "tokens_kept"],
+            {"clips": {0: batch}, "k": None})
+    _export(sgs, (clips, torch.tensor(8)), out / "s3d_sgs.onnx", ["clips", "bins"], ["features", "bins_kept"],
+            {"clips": {0: batch}, "bins": None})
+    return {name: (model, onnx.load(str(out / f"{name}.onnx")),
+                   ort.InferenceSession(str(out / f"{name}.onnx"), providers=["CPUExecutionProvider"]))
+            for name, model in (("vit_ats", vit), ("s3d_sgs", sgs))}
+
+
+def _video(batch: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    noise = rng.integers(0, 255, (batch, 8, 64, 64, 3))
+    return (noise * rng.random((batch, 8, 1, 1, 1))).astype(np.uint8)
+
+
+def test_encoders_keep_one_node_per_use(encoders):
+    for name, op_type, uses in (("vit_ats", "AdaptiveTokenSampler", 3), ("s3d_sgs", "SimilarityGuidedSampling", 1)):
+        _, proto, _ = encoders[name]
+        custom = [n.op_type for n in proto.graph.node if n.domain == "vqs"]
+        assert custom == [op_type] * uses
+        onnx.checker.check_model(proto, full_check=True)
+
+
+@pytest.mark.parametrize("k", [(196, 196, 196), (32, 16, 8), (8, 4, 2)])
+@pytest.mark.parametrize("batch", [1, 4])
+def test_vit_ats_matches_torch(encoders, k, batch):
+    model, _, session = encoders["vit_ats"]
+    clips = _video(batch, seed=sum(k) + batch)
+    with torch.no_grad():
+        features, kept = model(torch.from_numpy(clips), torch.tensor(k))
+    got_features, got_kept = session.run(None, {"clips": clips, "k": np.array(k)})
+    np.testing.assert_array_equal(got_kept, kept.numpy())
+    np.testing.assert_allclose(got_features, features.numpy(), atol=TOLERANCE, rtol=0)
+
+
+@pytest.mark.parametrize("bins", [8, 4, 2, 1])
+@pytest.mark.parametrize("batch", [1, 4])
+def test_s3d_sgs_matches_torch(encoders, bins, batch):
+    model, _, session = encoders["s3d_sgs"]
+    clips = _video(batch, seed=bins + batch)
+    with torch.no_grad():
+        features, kept = model(torch.from_numpy(clips), torch.tensor(bins))
+    got_features, got_kept = session.run(None, {"clips": clips, "bins": np.array(bins)})
+    np.testing.assert_array_equal(got_kept, kept.numpy())
+    assert kept.max() <= bins
+    # Features are small at init: compare relative to their spread across clips too.
+    np.testing.assert_allclose(got_features, features.numpy(), atol=TOLERANCE * float(features.abs().max()), rtol=0)
