@@ -187,11 +187,14 @@ class PyAVBackend:
 
     name: BackendName = "pyav"
 
-    def __init__(self, frame_size: int, threads: int) -> None:
+    def __init__(self, frame_size: int, threads: int, *, low_delay: bool = False) -> None:
         import av.video.reformatter
 
         self.frame_size = frame_size
         self.threads = max(1, threads)
+        # Frame threads hold threads - 1 frames back before the first comes out; slice threads
+        # hold none (a live stream's latency).
+        self.thread_type = "SLICE" if low_delay else "AUTO"
         self.path = ""
         self.container: Any = None
         self.stream: Any = None
@@ -216,7 +219,7 @@ class PyAVBackend:
             self.close()
             raise DecodeFailure("unsupported", "the input has no video stream")
         s = self.stream = self.container.streams.video[0]
-        s.thread_type = "AUTO"
+        s.thread_type = self.thread_type
         s.thread_count = self.threads
         if self._skip_nonref:
             s.codec_context.skip_frame = "NONREF"
@@ -282,15 +285,6 @@ class PyAVBackend:
             Segment(i, start_s=i * step, stop_s=None if b is None else (i + 1) * step, start_pts=a, stop_pts=b)
             for i, (a, b) in enumerate(zip(starts, stops))
         ]
-
-    def _index_spans(self, duration_s: float) -> bool:
-        """Whether the container's index (if it has one) spans about the duration it claims: where
-        a few frames are stamped far ahead, the claim follows them and the index does not."""
-        entries = self.stream.index_entries
-        if not len(entries):
-            return True
-        span_s = float((entries[len(entries) - 1].timestamp - entries[0].timestamp) * self._time_base)
-        return span_s + max(10.0, 0.1 * duration_s) >= duration_s
 
     def frames(self, segment: Segment) -> Iterator[Frame]:
         """The segment's frames, cut by its keyframe pts."""
