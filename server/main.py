@@ -120,7 +120,10 @@ class Gateway:
             self.triton_process = TritonProcess(s.triton, log_path=self._triton_log)
             self.triton_process.start()  # in this (main) thread: the child dies with it
             url = self.triton_process.grpc_url
-        self.triton = TritonClient(url, timeout_s=s.triton.request_timeout_s)
+        self.triton = TritonClient(
+            url, timeout_s=s.triton.request_timeout_s,
+            shared_memory_bytes=s.triton.shared_memory_mb * 2**20,
+        )
         self.supervisor = TritonSupervisor(
             s.triton, self.triton, self.triton_process,
             set_health=self._set_health, on_restart=self.metrics.triton_restarts.inc,

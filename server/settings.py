@@ -48,6 +48,8 @@ class TritonSettings(_Group):
     restart_backoff_s: float = Field(1.0, gt=0)
     restart_backoff_max_s: float = Field(30.0, gt=0)
     request_timeout_s: float = 60.0
+    # System shared memory for clip batches to a Triton on this host (0: inside the requests).
+    shared_memory_mb: int = Field(64, ge=0)
 
 
 class DecodeSettings(_Group):
@@ -66,7 +68,7 @@ class DecodeSettings(_Group):
     decord_max_bytes: int = Field(96 * 2**20, ge=0)
     decord_max_frames: int = Field(1_000_000, ge=0)
     # A worker is replaced after this many videos or once its RSS passes this (decord leaks).
-    recycle_after: int = Field(50, ge=1)
+    recycle_after: int = Field(500, ge=1)
     recycle_rss_mb: float = Field(220.0, gt=0)
     # How long a released worker may take to acknowledge before it is killed.
     release_timeout_s: float = Field(10.0, gt=0)
