@@ -219,6 +219,21 @@ async def test_vqs_analyze_with_a_client_certificate(mtls_gateway, pki, videos):
     assert "--tls-ca trusts" in err
 
 
+async def test_vqs_stream_with_tls_ca_and_token(tls_gateway, pki, videos, tmp_path, queries):
+    from tests.media import ffmpeg
+
+    ts = tmp_path / "cli.ts"
+    ffmpeg("-i", str(videos["normal"]), "-c", "copy", "-f", "mpegts", str(ts))
+    server = ("--server", tls_gateway.address, "--tls-ca", str(pki.ca))
+    code, out, err = await vqs("stream", str(ts), *server, "--json", "--mode", "archive",
+                               env={"VQS_TOKEN": TOKEN})
+    assert code == 0, err
+    events = [json.loads(line) for line in out.splitlines()]
+    assert [a["query"] for a in events[-1]["answers"]] == queries
+    code, out, err = await vqs("stream", str(ts), *server, "--json", env={"VQS_TOKEN": "wrong"})
+    assert code == 1 and "UNAUTHENTICATED" in err
+
+
 async def test_vqs_score_with_tls_ca_and_token(tls_gateway, pki, videos, tmp_path):
     folder = tmp_path / "videos"
     folder.mkdir()
