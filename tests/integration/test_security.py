@@ -229,6 +229,7 @@ async def test_vqs_stream_with_tls_ca_and_token(tls_gateway, pki, videos, tmp_pa
                                env={"VQS_TOKEN": TOKEN})
     assert code == 0, err
     events = [json.loads(line) for line in out.splitlines()]
+    assert events[-1]["kind"] == "final" and any(e["kind"] == "window" for e in events)
     assert [a["query"] for a in events[-1]["answers"]] == queries
     code, out, err = await vqs("stream", str(ts), *server, "--json", env={"VQS_TOKEN": "wrong"})
     assert code == 1 and "UNAUTHENTICATED" in err
