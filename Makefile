@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv serve test golden models bench proto clean image image-base image-tools
+.PHONY: venv serve test golden models evaluate bench proto clean image image-base image-tools
 
 venv: $(STAMP)
 
@@ -33,6 +33,15 @@ golden: venv
 
 models: venv
 	$(BIN)/vqs models
+
+# The served models scored on a labelled split, against a running gateway (`make serve` elsewhere):
+# every video of SPLIT is sent to SERVER and the answers scored against its labels.jsonl (per-query
+# and per-class accuracy, by length, ECE, null and in-domain rates); EVALUATE_ARGS e.g. --resume.
+SPLIT ?= data/test
+SERVER ?= 127.0.0.1:50051
+OUT ?= export/evaluation_served.json
+evaluate: venv
+	$(BIN)/vqs evaluate $(SPLIT) --server $(SERVER) --out $(OUT) $(EVALUATE_ARGS)
 
 bench: venv
 	$(BIN)/python -m pytest -m slow tests/bench -s -p no:cacheprovider

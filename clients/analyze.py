@@ -12,6 +12,10 @@ import typer
 from rich.console import Console
 
 from clients import render
+from clients.channel import (
+    ChannelConfig, TlsCaOption, TlsCertOption, TlsKeyOption, TokenOption, config_from_options,
+    open_channel, plaintext_token_warning,
+)
 from server.proto import video_analytics_pb2 as pb
 from server.proto import video_analytics_pb2_grpc as pb_grpc
 
@@ -68,10 +72,18 @@ def channel_options(max_upload_mb: float) -> list[tuple[str, int]]:
     ]
 
 
+def unreachable_hint(config: ChannelConfig) -> str:
+    """What to check when no gateway answered."""
+    hint = f"is the gateway running at {config.server}? (`vqs serve`, --server, VQS_SERVER)"
+    if config.tls:
+        hint += "; does it serve TLS with a certificate --tls-ca trusts (and accept --tls-cert)?"
+    return hint
+
+
 def call_analyze(
-    server: str, data: bytes, *, encoder: str, timeout: float | None, max_upload_mb: float
+    config: ChannelConfig, data: bytes, *, encoder: str, timeout: float | None, max_upload_mb: float
 ) -> pb.AnalyzeResponse:
-    with grpc.insecure_channel(server, options=channel_options(max_upload_mb)) as channel:
+    with open_channel(config, options=channel_options(max_upload_mb)) as channel:
         stub = pb_grpc.VideoAnalyticsStub(channel)
         return stub.Analyze(pb.AnalyzeRequest(video=data, encoder=encoder), timeout=timeout)
 
@@ -100,8 +112,16 @@ def analyze(
         Path | None, typer.Option(
             dir_okay=False, help="Also draw the report picture (as `vqs render`) into this PNG.")
     ] = None,
+    tls_ca: TlsCaOption = None,
+    tls_cert: TlsCertOption = None,
+    tls_key: TlsKeyOption = None,
+    token: TokenOption = None,
 ) -> None:
     """Upload a video to the gateway; print the answers and attention over time."""
+    config = config_from_options(server, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key, token=token)
+    warning = plaintext_token_warning(config)
+    if warning:
+        stderr.print(warning, highlight=False)
     if png is not None:
         from clients import report
 
@@ -111,13 +131,13 @@ def analyze(
     data = path.read_bytes()
     try:
         with stderr.status(f"analyzing {path.name} ({size / 2**20:.1f} MB) on {server}"):
-            resp = call_analyze(server, data, encoder=encoder, timeout=timeout, max_upload_mb=max_upload_mb)
+            resp = call_analyze(config, data, encoder=encoder, timeout=timeout, max_upload_mb=max_upload_mb)
     except grpc.RpcError as exc:
         code = exc.code()
         stderr.print(f"[red]error[/red] {error_message(code, exc.details())}", highlight=False, soft_wrap=True)
         answered = answered_by_gateway(exc)
         if code == grpc.StatusCode.UNAVAILABLE and not answered:
-            stderr.print(f"is the gateway running at {server}? (`vqs serve`, --server, VQS_SERVER)")
+            stderr.print(unreachable_hint(config), highlight=False)
         raise typer.Exit(exit_code_for(code, answered=answered)) from None
     result = render.response_to_dict(resp)
     if png is not None:
@@ -127,5 +147,7 @@ def analyze(
         sys.stdout.write(json.dumps(result) + "\n")
         return
     stdout.print(render.summary_line(result), highlight=False, soft_wrap=True)
+    if (domain := render.domain_line(result)) is not None:
+        stdout.print(domain, soft_wrap=True)
     stdout.print(render.answers_table(result))
     stdout.print(render.attention_table(result))

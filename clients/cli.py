@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from clients import analyze, metrics, report, score
+from clients import analyze, evaluate, metrics, report, score, stream
 
 app = typer.Typer(
     name="vqs",
@@ -25,6 +25,8 @@ app.command("analyze")(analyze.analyze)
 app.command("score")(score.score)
 app.command("render")(report.render)
 app.command("metrics")(metrics.metrics)
+app.command("stream")(stream.stream)
+app.command("evaluate")(evaluate.evaluate)
 
 
 @app.command("serve")

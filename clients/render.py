@@ -50,7 +50,11 @@ def response_to_dict(resp: pb.AnalyzeResponse) -> dict[str, Any]:
         "timing_ms": {k: round(v, 3) for k, v in sorted(resp.timing_ms.items())},
         "encoder": resp.encoder,
         "request_id": resp.request_id,
-    }
+    } | ({"domain": {
+        "score": _r(resp.domain.score),
+        "threshold": _r(resp.domain.threshold),
+        "in_domain": resp.domain.in_domain,
+    }} if resp.HasField("domain") else {})
 
 
 def heatmap(weights: Sequence[float], width: int = 48) -> str:
@@ -115,3 +119,16 @@ def summary_line(result: dict[str, Any]) -> str:
         f"{v['duration_s']:.1f} s video, {v['width']}x{v['height']} at {v['fps']:.1f} fps, "
         f"{v['clips']} clips; encoder {result['encoder']}{took}; request {result['request_id']}"
     )
+
+
+def domain_line(result: dict[str, Any]) -> Text | None:
+    """Whether the video looks like what the models were trained on (None when the server does
+    not say): out of domain means the answers are not to be trusted, whatever their probability."""
+    d = result.get("domain")
+    if d is None:
+        return None
+    if d["in_domain"]:
+        return Text(f"in domain (score {d['score']:.2f} >= threshold {d['threshold']:.2f})", style="green")
+    return Text(
+        f"OUT OF DOMAIN (score {d['score']:.2f} < threshold {d['threshold']:.2f}): the video looks "
+        "unlike the training data; the answers below are not reliable", style="bold red")

@@ -131,6 +131,14 @@ def render_report(result: dict[str, Any], video: Path | None, out: Path, *, titl
         "rows: attention per clip, scaled to each query's peak (bright = looked here)",
         fontsize=9, va="center", color="0.3",
     )
+    domain = result.get("domain")
+    if domain is not None:
+        fig.text(
+            0.99, 1 - 0.3 / height_in,
+            "in domain" if domain["in_domain"] else "OUT OF DOMAIN: answers not reliable",
+            fontsize=11, weight="bold", ha="right", va="center",
+            color="tab:green" if domain["in_domain"] else "tab:red",
+        )
 
     strip = axes_at(top_in, strip_in)
     strip.set_xlim(0, duration)

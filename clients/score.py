@@ -31,6 +31,10 @@ from rich.table import Table
 
 from clients import analyze, render
 from clients.archive import Item, Listing, open_listing
+from clients.channel import (
+    ChannelConfig, TlsCaOption, TlsCertOption, TlsKeyOption, TokenOption, config_from_options,
+    open_aio_channel, plaintext_token_warning,
+)
 from server.proto import video_analytics_pb2 as pb
 from server.proto import video_analytics_pb2_grpc as pb_grpc
 
@@ -45,6 +49,21 @@ stderr = Console(stderr=True)
 
 class GatewayUnreachable(Exception):
     pass
+
+
+class GatewayRefused(GatewayUnreachable):
+    """The gateway answered but refused our credentials (token, certificate): nothing can be
+    scored. A kind of unreachable, so callers that only catch that still stop cleanly."""
+
+
+REFUSING_CODES = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
+
+
+def describe_failed(exc: grpc.RpcError) -> GatewayUnreachable:
+    """The error to stop a run with when the first call (DescribeModels) fails."""
+    if exc.code() in REFUSING_CODES:
+        return GatewayRefused(f"{exc.code().name}: {exc.details()}")
+    return GatewayUnreachable(exc.details() or exc.code().name)
 
 
 # --- the output file ------------------------------------------------------------------------
@@ -224,9 +243,11 @@ def rates(tally: Tally) -> str:
 
 
 async def run_batch(
-    listing: Listing, todo: list[Item], writer: LineWriter, tally: Tally, *, server: str,
+    listing: Listing, todo: list[Item], writer: LineWriter, tally: Tally, *, server: str | ChannelConfig,
     workers: int, uri_root: Path | None, encoder: str, timeout: float | None, retries: int,
 ) -> None:
+    """`server`: HOST:PORT of a plaintext gateway without a token, or how to reach any gateway."""
+    config = server if isinstance(server, ChannelConfig) else ChannelConfig(server)
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
     ahead = threading.Semaphore(2 * workers)
@@ -255,17 +276,15 @@ async def run_batch(
             for _ in range(workers):
                 loop.call_soon_threadsafe(queue.put_nowait, None)
 
-    async with grpc.aio.insecure_channel(server) as channel:
+    async with open_aio_channel(config) as channel:
         try:
             models = await pb_grpc.VideoAnalyticsStub(channel).DescribeModels(
                 pb.DescribeModelsRequest(), timeout=DESCRIBE_TIMEOUT_S)
         except grpc.aio.AioRpcError as exc:
-            raise GatewayUnreachable(exc.details() or exc.code().name) from None
+            raise describe_failed(exc) from None
     max_upload = models.max_upload_bytes or (256 << 20)
     # Messages as large as the server accepts (plus headroom), so its limit, not gRPC's, applies.
-    async with grpc.aio.insecure_channel(
-        server, options=analyze.channel_options(max_upload / 2**20)
-    ) as channel:
+    async with open_aio_channel(config, options=analyze.channel_options(max_upload / 2**20)) as channel:
         stub = pb_grpc.VideoAnalyticsStub(channel)
         tally.started = time.monotonic()
         with make_progress() as progress:
@@ -352,8 +371,13 @@ def score(
         min=0.1, help="Deadline per video, in seconds.")] = 600.0,
     retries: Annotated[int, typer.Option(
         min=0, help="Retries of a video when the gateway is busy or its Triton restarting.")] = 3,
+    tls_ca: TlsCaOption = None,
+    tls_cert: TlsCertOption = None,
+    tls_key: TlsKeyOption = None,
+    token: TokenOption = None,
 ) -> None:
     """Analyze every video of a folder, archive or list of paths; write one JSONL line each."""
+    config = config_from_options(server, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key, token=token)
     if ray_address:
         import importlib.util
 
@@ -382,6 +406,9 @@ def score(
             sys.stdout.write(f"{item.id}\t{item.source}\t{'uri' if uri_for(item, root) else 'bytes'}\n")
         stderr.print(f"{len(todo)} of {len(items)} videos to score ({listing.kind}); {skipped} already in {out}")
         return
+    warning = plaintext_token_warning(config)
+    if warning:
+        stderr.print(warning, highlight=False)
     stderr.print(f"{len(items)} videos in {archive} ({listing.kind}); {skipped} already in {out}; "
                  f"{len(todo)} to score with {workers} {'Ray actors' if ray_address else 'workers'} on {server}", highlight=False)
 
@@ -392,13 +419,17 @@ def score(
         if ray_address:
             from clients.score_ray import run_ray
 
-            run_ray(listing, todo, writer, tally, address=ray_address, actors=workers, server=server,
+            run_ray(listing, todo, writer, tally, address=ray_address, actors=workers, server=config,
                     uri_root=root, encoder=encoder, timeout=timeout, retries=retries)
         else:
             asyncio.run(run_batch(
-                listing, todo, writer, tally, server=server, workers=workers, uri_root=root,
+                listing, todo, writer, tally, server=config, workers=workers, uri_root=root,
                 encoder=encoder, timeout=timeout, retries=retries,
             ))
+    except GatewayRefused as exc:
+        stderr.print(f"[red]error[/red] the gateway at {server} refused the call ({exc}); "
+                     "check --token / VQS_TOKEN and the TLS options", highlight=False)
+        code = analyze.EXIT_ERROR
     except GatewayUnreachable as exc:
         stderr.print(f"[red]error[/red] the gateway at {server} is unreachable ({exc}); "
                      "start it (`vqs serve`) and rerun with --resume", highlight=False)

@@ -21,8 +21,10 @@ import grpc
 
 from clients import analyze
 from clients.archive import Item, Listing, open_listing
+from clients.channel import ChannelConfig, open_channel
 from clients.score import (
-    DESCRIBE_TIMEOUT_S, GatewayUnreachable, LineWriter, Tally, make_progress, rates, score_one_sync,
+    DESCRIBE_TIMEOUT_S, GatewayUnreachable, LineWriter, Tally, describe_failed, make_progress, rates,
+    score_one_sync,
 )
 from server.proto import video_analytics_pb2 as pb
 from server.proto import video_analytics_pb2_grpc as pb_grpc
@@ -33,9 +35,10 @@ UNREACHABLE = "__gateway_unreachable__"
 class RayScorer:
     """One Ray Data actor: a blocking channel to the gateway, the archive open for reading."""
 
-    def __init__(self, *, server: str, archive: str, encoder: str, timeout: float | None,
+    def __init__(self, *, server: ChannelConfig, archive: str, encoder: str, timeout: float | None,
                  retries: int, max_upload_bytes: int):
-        self.channel = grpc.insecure_channel(server, options=analyze.channel_options(max_upload_bytes / 2**20))
+        # The config carries the PEM bytes and the token: nodes need no certificate files.
+        self.channel = open_channel(server, options=analyze.channel_options(max_upload_bytes / 2**20))
         self.stub = pb_grpc.VideoAnalyticsStub(self.channel)
         self.listing = open_listing(Path(archive))
         self.options = {"encoder": encoder, "timeout": timeout, "retries": retries,
@@ -63,7 +66,7 @@ class RayScorer:
 
 def run_ray(
     listing: Listing, todo: list[Item], writer: LineWriter, tally: Tally, *, address: str,
-    actors: int, server: str, uri_root: Path | None, encoder: str, timeout: float | None, retries: int,
+    actors: int, server: ChannelConfig, uri_root: Path | None, encoder: str, timeout: float | None, retries: int,
 ) -> None:
     from clients.score import uri_for
 
@@ -71,12 +74,12 @@ def run_ray(
     import ray
     import ray.data
 
-    with grpc.insecure_channel(server) as channel:
+    with open_channel(server) as channel:
         try:
             models = pb_grpc.VideoAnalyticsStub(channel).DescribeModels(
                 pb.DescribeModelsRequest(), timeout=DESCRIBE_TIMEOUT_S)
         except grpc.RpcError as exc:
-            raise GatewayUnreachable(exc.details() or exc.code().name) from None
+            raise describe_failed(exc) from None
     max_upload = models.max_upload_bytes or (256 << 20)
 
     ray.init(address=address, logging_level="ERROR", log_to_driver=False)

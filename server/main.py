@@ -18,8 +18,10 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from pydantic import ValidationError
 
 from server import logs
+from server.api import auth
 from server.api.interceptor import GatewayInterceptor
 from server.api.servicer import VideoAnalyticsServicer
 from server.errors import InternalError
@@ -28,7 +30,7 @@ from server.metrics import Metrics
 from server.pipeline.analyze import Analyzer
 from server.proto import video_analytics_pb2 as pb
 from server.proto import video_analytics_pb2_grpc as pb_grpc
-from server.settings import Settings
+from server.settings import SecuritySettings, Settings
 from server.supervisor import TritonSupervisor
 from server.triton import TritonClient
 
@@ -42,7 +44,8 @@ _MAX_GRPC_MESSAGE = 2**31 - 1
 
 
 class StartupError(RuntimeError):
-    """The gateway cannot start as configured (a port in use); the message names the setting."""
+    """The gateway cannot start as configured (a port in use, a TLS file that does not load); the
+    message names the setting."""
 
 
 def _default_decoder(settings: Settings):
@@ -96,13 +99,20 @@ class Gateway:
 
     async def start(self) -> None:
         s = self.settings
+        # Security first: a gateway that would run unprotected must not launch anything.
+        try:
+            auth.check_exposure(s.host, s.security)
+            credentials = auth.server_credentials(s.security)
+            token = auth.load_token(s.security)
+        except auth.SecurityConfigError as exc:
+            raise StartupError(str(exc)) from None
         if s.metrics_port:
             try:
                 self.metrics_port = self.metrics.serve(s.host, s.metrics_port)
             except OSError as exc:
                 raise StartupError(
                     f"cannot serve metrics on {s.host}:{s.metrics_port} ({exc.strerror}); "
-                    "free the port or set VQS_METRICS_PORT (0 = any free port)"
+                    "free the port or set VQS_METRICS_PORT (0 = no metrics endpoint)"
                 ) from None
 
         url = s.triton.url
@@ -110,7 +120,10 @@ class Gateway:
             self.triton_process = TritonProcess(s.triton, log_path=self._triton_log)
             self.triton_process.start()  # in this (main) thread: the child dies with it
             url = self.triton_process.grpc_url
-        self.triton = TritonClient(url, timeout_s=s.triton.request_timeout_s)
+        self.triton = TritonClient(
+            url, timeout_s=s.triton.request_timeout_s,
+            shared_memory_bytes=s.triton.shared_memory_mb * 2**20,
+        )
         self.supervisor = TritonSupervisor(
             s.triton, self.triton, self.triton_process,
             set_health=self._set_health, on_restart=self.metrics.triton_restarts.inc,
@@ -122,7 +135,7 @@ class Gateway:
 
         message_limit = min(s.limits.max_upload_bytes + MESSAGE_HEADROOM_BYTES, _MAX_GRPC_MESSAGE)
         self.server = grpc.aio.server(
-            interceptors=[GatewayInterceptor(self.metrics)],
+            interceptors=[GatewayInterceptor(self.metrics, token=token)],
             options=[
                 ("grpc.max_receive_message_length", message_limit),
                 ("grpc.max_send_message_length", message_limit),
@@ -139,15 +152,22 @@ class Gateway:
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
         )
         await self._set_health(False, "Triton is starting")
+        address = f"{s.host}:{s.grpc_port}"
         try:
-            self.port = self.server.add_insecure_port(f"{s.host}:{s.grpc_port}")
+            if credentials is None:
+                self.port = self.server.add_insecure_port(address)
+            else:
+                self.port = self.server.add_secure_port(address, credentials)
         except RuntimeError:  # grpc's only word for it: "Failed to bind"
             raise StartupError(
                 f"cannot listen for gRPC on {s.host}:{s.grpc_port} (in use, or not an address of this "
                 "host); free the port or set VQS_GRPC_PORT (0 = any free port)"
             ) from None
         await self.server.start()
-        logger.info("gateway listening on %s (health NOT_SERVING until Triton is ready)", self.address)
+        logger.info(
+            "gateway listening on %s (%s, %s; health NOT_SERVING until Triton is ready)", self.address,
+            _describe_tls(s.security), "bearer token required" if token else "no token",
+        )
 
         await self.supervisor.wait_ready()
         try:
@@ -214,9 +234,33 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> Non
         await gateway.stop()
 
 
+def _describe_tls(security: SecuritySettings) -> str:
+    if security.tls_cert is None:
+        return "plaintext"
+    if security.tls_client_ca is None:
+        return "TLS"
+    return "mutual TLS" if security.tls_require_client_cert else "TLS, client certificates optional"
+
+
+def _settings_error(exc: ValidationError) -> str:
+    """One line naming each refused setting (values are hidden: one may be the token)."""
+    parts = []
+    for error in exc.errors():
+        where = ".".join(str(p) for p in error["loc"])
+        message = error["msg"].removeprefix("Value error, ")
+        parts.append(f"{where}: {message}" if where else message)
+    return "invalid settings: " + "; ".join(parts)
+
+
 def run(settings: Settings | None = None) -> None:
     """The `vqs serve` entry point."""
-    settings = settings or Settings()
+    if settings is None:
+        try:
+            settings = Settings()
+        except ValidationError as exc:
+            logs.configure("INFO")
+            logger.error("%s", _settings_error(exc))
+            raise SystemExit(1) from None
     logs.configure(settings.log_level)
     try:
         asyncio.run(serve(settings))

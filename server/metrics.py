@@ -39,6 +39,7 @@ class Metrics:
             "vqs_triton_restarts", "Times the gateway started the Triton it launched again.",
             registry=self.registry,
         )
+        self._init_stream_metrics()
         self._server = None
 
     def serve(self, host: str, port: int) -> int:
@@ -62,3 +63,30 @@ class Metrics:
     def video(self, clips: int, seconds: float) -> None:
         self.clips.inc(clips)
         self.video_seconds.inc(max(seconds, 0.0))
+
+    # -- AnalyzeStream (StreamObserver)
+
+    def _init_stream_metrics(self) -> None:
+        self.stream_lag = Histogram(
+            "vqs_stream_lag_seconds",
+            "How long after its end was live each stream window's event went out.",
+            buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60), registry=self.registry,
+        )
+        self.stream_dropped_clips = Counter(
+            "vqs_stream_dropped_clips",
+            "Clips of realtime streams dropped unanalysed because the analysis was behind.",
+            registry=self.registry,
+        )
+        self.stalled_streams = Counter(
+            "vqs_stream_stalled",
+            "Streams ended because their client sent nothing for limits.stream_idle_s.",
+            registry=self.registry,
+        )
+
+    def stream_window(self, lag_s: float, dropped_clips: int) -> None:
+        self.stream_lag.observe(max(lag_s, 0.0))
+        if dropped_clips:
+            self.stream_dropped_clips.inc(dropped_clips)
+
+    def stream_stalled(self) -> None:
+        self.stalled_streams.inc()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # The source checkout this package runs from (in an installed package: site-packages).
@@ -48,6 +48,8 @@ class TritonSettings(_Group):
     restart_backoff_s: float = Field(1.0, gt=0)
     restart_backoff_max_s: float = Field(30.0, gt=0)
     request_timeout_s: float = 60.0
+    # System shared memory for clip batches to a Triton on this host (0: inside the requests).
+    shared_memory_mb: int = Field(64, ge=0)
 
 
 class DecodeSettings(_Group):
@@ -66,7 +68,7 @@ class DecodeSettings(_Group):
     decord_max_bytes: int = Field(96 * 2**20, ge=0)
     decord_max_frames: int = Field(1_000_000, ge=0)
     # A worker is replaced after this many videos or once its RSS passes this (decord leaks).
-    recycle_after: int = Field(50, ge=1)
+    recycle_after: int = Field(500, ge=1)
     recycle_rss_mb: float = Field(220.0, gt=0)
     # How long a released worker may take to acknowledge before it is killed.
     release_timeout_s: float = Field(10.0, gt=0)
@@ -83,15 +85,59 @@ class LimitsSettings(_Group):
     clips_per_batch: int = Field(16, ge=1)
     # Clip batches being encoded at once per request (decoding continues meanwhile).
     encode_inflight: int = Field(4, ge=1)
+    # `AnalyzeStream`s open at once (admitted separately from unary requests); one more is refused.
+    max_concurrent_streams: int = Field(4, ge=1)
+    # A stream whose client sends nothing for this long is ended with DEADLINE_EXCEEDED.
+    stream_idle_s: float = Field(30.0, gt=0)
+    # The documented largest chunk of a stream (a larger one is INVALID_ARGUMENT) ...
+    stream_max_chunk_bytes: int = Field(1 * 2**20, ge=1024)
+    # ... and the fastest a stream is read: a faster sender is slowed (back-pressure), not refused.
+    stream_max_bytes_per_s: int = Field(32 * 2**20, ge=1024)
+    # Clips per window event when the client does not say, and the most it may ask for.
+    stream_window_clips: int = Field(4, ge=1)
+    stream_max_window_clips: int = Field(64, ge=1)
+    # `realtime` mode: decoded clips waiting for the encoder beyond this drop the oldest.
+    stream_pending_clips: int = Field(8, ge=1)
 
 
 class SecuritySettings(_Group):
+    """Who may call the gateway. With none of TLS, client CA or token set, anyone who can reach the
+    port may (the default address is loopback). The gRPC health service is always open."""
+
     # `uri` sources must resolve under this directory; None disables path sources.
     allowed_root: Path | None = None
+    # PEM server certificate (chain) and its private key: set both to serve TLS.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    # PEM CA bundle for mutual TLS: client certificates are verified against it, and required
+    # unless `tls_require_client_cert` is false (then a client without one is let in).
+    tls_client_ca: Path | None = None
+    tls_require_client_cert: bool = True
+    # Bearer token every RPC but health must carry (`authorization: Bearer <token>`); or a file
+    # holding it (read once at start-up, surrounding whitespace ignored). At most one of the two.
+    token: SecretStr | None = None
+    token_file: Path | None = None
+    # Listening on an address other than loopback needs TLS and client authentication (a token or
+    # required client certificates); this lets the gateway start without them (a trusted network).
+    allow_insecure_public: bool = False
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SecuritySettings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("set both security.tls_cert and security.tls_key, or neither")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("security.tls_client_ca (mutual TLS) needs security.tls_cert and tls_key")
+        if self.token is not None and self.token_file is not None:
+            raise ValueError("set security.token or security.token_file, not both")
+        if self.token is not None and not self.token.get_secret_value().strip():
+            raise ValueError("security.token is empty")
+        return self
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="VQS_", env_nested_delimiter="__", frozen=True)
+    model_config = SettingsConfigDict(
+        env_prefix="VQS_", env_nested_delimiter="__", frozen=True, hide_input_in_errors=True
+    )
 
     host: str = "127.0.0.1"
     grpc_port: int = 50051

@@ -10,12 +10,17 @@ errors into `server.errors`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Sequence
+import math
+import os
+import uuid
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import tritonclient.grpc.aio as grpcclient
+import tritonclient.utils.shared_memory as shm
 from tritonclient.utils import InferenceServerException
 
 from server.errors import (
@@ -38,12 +43,16 @@ CLIPS = "clips"
 FEATURES = "features"
 MASK = "mask"
 ATTENTION = "attention"
+# Optional last output of the query decoder: how alike a video's clip features are to its training
+# data (higher = more alike); its threshold is the config parameter IN_DOMAIN_THRESHOLD.
+IN_DOMAIN_SCORE = "in_domain_score"
 FEATURE_DIM = 256
 
 # Config parameters (string values) written by export/onnx_export.py:
 CLIP_FPS = "clip_fps"  # encoder: the frame rate its clips are sampled at (see pipeline/chunk.py)
 QUERIES_PARAMETER = "queries"  # query decoder: query names, comma-separated, in output order
 ATTRIBUTES_PARAMETER_PREFIX = "attributes."  # + query: its attributes, comma-separated, by logit
+IN_DOMAIN_THRESHOLD = "in_domain_threshold"  # query decoder: in domain = score >= this (float)
 
 
 def logits_name(query: str) -> str:
@@ -71,8 +80,9 @@ ENCODER_CONTRACT = ModelContract(
 )
 
 
-def query_decoder_contract(queries: Sequence[str]) -> ModelContract:
-    """The query decoder's contract: one logits output per query, then the attention rows."""
+def query_decoder_contract(queries: Sequence[str], *, in_domain: bool = False) -> ModelContract:
+    """The query decoder's contract: one logits output per query, then the attention rows, then
+    (when it scores its domain) the in-domain score."""
     return ModelContract(
         max_batch_size=0,
         inputs=(
@@ -80,7 +90,8 @@ def query_decoder_contract(queries: Sequence[str]) -> ModelContract:
             TensorSpec(MASK, "BOOL", (-1, -1)),  # B, N; true = real clip
         ),
         outputs=tuple(TensorSpec(logits_name(q), "FP32", (-1, -1)) for q in queries)
-        + (TensorSpec(ATTENTION, "FP32", (-1, len(queries), -1)),),  # B, queries, N
+        + (TensorSpec(ATTENTION, "FP32", (-1, len(queries), -1)),)  # B, queries, N
+        + ((TensorSpec(IN_DOMAIN_SCORE, "FP32", (-1,)),) if in_domain else ()),  # B
     )
 
 
@@ -88,7 +99,10 @@ def contract_for(model: str, config: dict) -> ModelContract:
     """The gateway's contract for a model of the repository, given its Triton config as a dict
     (every encoder shares one; the query decoder's outputs follow its `queries` parameter)."""
     if model == QUERY_DECODER_MODEL:
-        return query_decoder_contract([q.query for q in query_decoder_spec(config).queries])
+        spec = query_decoder_spec(config)
+        return query_decoder_contract(
+            [q.query for q in spec.queries], in_domain=spec.in_domain_threshold is not None
+        )
     if model.startswith(ENCODER_PREFIX):
         return ENCODER_CONTRACT
     raise KeyError(f"no contract for model {model!r}")
@@ -119,6 +133,17 @@ class QueryDecoderSpec:
 
     model: str
     queries: tuple[QuerySpec, ...]  # in output order: logits outputs and attention rows
+    # Set when the decoder also outputs IN_DOMAIN_SCORE; None: it does not score its domain.
+    in_domain_threshold: float | None = None
+
+
+@dataclass(frozen=True)
+class DecoderOutputs:
+    """The query decoder's answer for one video."""
+
+    logits: dict[str, np.ndarray]  # query -> [A]
+    attention: np.ndarray  # queries, N (rows follow the decoder's queries)
+    in_domain_score: float | None  # None: the decoder does not score its domain
 
 
 def _encoder_spec(model: str, config: dict) -> EncoderSpec:
@@ -160,9 +185,19 @@ def query_decoder_spec(config: dict) -> QueryDecoderSpec:
         specs.append(QuerySpec(query, attributes))
     outputs = [t["name"] for t in config.get("output", [])]
     expected = [logits_name(q) for q in queries] + [ATTENTION]
-    if outputs != expected:
+    if outputs not in (expected, expected + [IN_DOMAIN_SCORE]):
         raise ValueError(f"{model}: outputs {outputs} do not follow its queries {list(queries)}")
-    return QueryDecoderSpec(model=model, queries=tuple(specs))
+    threshold = None
+    if outputs[-1] == IN_DOMAIN_SCORE:
+        raw = _parameter(config, IN_DOMAIN_THRESHOLD)
+        try:
+            threshold = float(raw)
+        except ValueError:
+            raise ValueError(
+                f"{model}: outputs {IN_DOMAIN_SCORE} but its {IN_DOMAIN_THRESHOLD!r} parameter is "
+                f"{raw!r}, not a number; re-export the model"
+            ) from None
+    return QueryDecoderSpec(model=model, queries=tuple(specs), in_domain_threshold=threshold)
 
 
 def _parameter(config: dict, key: str) -> str:
@@ -209,24 +244,133 @@ _CHANNEL_ARGS = [
 ]
 
 
-class TritonClient:
-    """Async access to the vqs models on one Triton server (`host:port`, gRPC)."""
+@dataclass
+class _Region:
+    name: str  # Triton's name for it, and its POSIX shared-memory key without the slash
+    size: int
+    handle: shm.SharedMemoryRegion
+    registered: bool = False
 
-    def __init__(self, url: str, *, timeout_s: float = 60.0):
+
+class ClipRegions:
+    """System shared-memory regions registered with Triton, for clip batches: a batch is copied
+    once into a region and the request names it, instead of carrying the clips (which costs both
+    sides a protobuf copy and parse; README, "Speed"). At most `budget_bytes` of regions, each
+    sized for the first batch it carries and reused by any batch that fits; a batch that finds
+    none free travels inside its request. Regions are registered on first use and again after
+    Triton lost them (`forget`: a restart); a Triton that cannot map them (on another host) turns
+    them off for this client."""
+
+    def __init__(self, client: grpcclient.InferenceServerClient, budget_bytes: int) -> None:
+        if budget_bytes < 0:
+            raise ValueError("budget_bytes must be >= 0")
+        self._client = client
+        self.budget_bytes = budget_bytes
+        self.enabled = budget_bytes > 0
+        self._all: list[_Region] = []
+        self._free: list[_Region] = []
+        self._prefix = f"vqs_clips_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+
+    @property
+    def allocated_bytes(self) -> int:
+        return sum(r.size for r in self._all)
+
+    @contextlib.asynccontextmanager
+    async def holding(self, array: np.ndarray) -> AsyncIterator[_Region | None]:
+        """A registered region holding a copy of `array` while the block runs (None: none free)."""
+        region = await self._acquire(array.nbytes)
+        try:
+            if region is not None:
+                shm.set_shared_memory_region(region.handle, [array])
+            yield region
+        finally:
+            if region is not None:
+                self._free.append(region)
+
+    async def _acquire(self, nbytes: int) -> _Region | None:
+        if not self.enabled:
+            return None
+        fitting = [r for r in self._free if r.size >= nbytes]
+        if fitting:
+            region = min(fitting, key=lambda r: r.size)
+            self._free.remove(region)
+        else:
+            size = math.ceil(nbytes / 2**20) * 2**20
+            if self.allocated_bytes + size > self.budget_bytes:
+                return None
+            name = f"{self._prefix}_{len(self._all)}"
+            region = _Region(name, size, shm.create_shared_memory_region(name, "/" + name, size, create_only=True))
+            self._all.append(region)
+        if not region.registered:
+            try:
+                await self._register(region)
+            except BaseException:
+                self._free.append(region)
+                raise
+            if not region.registered:  # Triton cannot map it: regions are off
+                self._free.append(region)
+                return None
+        return region
+
+    async def _register(self, region: _Region) -> None:
+        with contextlib.suppress(InferenceServerException):  # a registration Triton still has
+            await self._client.unregister_system_shared_memory(region.name)
+        try:
+            await self._client.register_system_shared_memory(region.name, "/" + region.name, region.size)
+        except InferenceServerException as exc:
+            error = _translate(exc, "registering shared memory")
+            if isinstance(error, (BackendUnavailable, Timeout)):
+                raise error from None
+            logger.warning("clips go inside requests: Triton cannot map this gateway's shared memory (%s)",
+                           exc.message() or exc)
+            self.enabled = False
+            return
+        region.registered = True
+
+    def forget(self) -> None:
+        """Triton lost its registrations (it restarted): register each region again on use."""
+        for region in self._all:
+            region.registered = False
+
+    async def close(self) -> None:
+        for region in self._all:
+            if region.registered:
+                with contextlib.suppress(Exception):
+                    await self._client.unregister_system_shared_memory(region.name, client_timeout=5.0)
+            with contextlib.suppress(Exception):
+                shm.destroy_shared_memory_region(region.handle)
+        self._all, self._free = [], []
+        self.enabled = False
+
+
+def _lost_region(error: VqsError) -> bool:
+    """Whether Triton refused a request because it no longer knows its shared-memory region."""
+    return "shared memory" in str(error).lower()
+
+
+class TritonClient:
+    """Async access to the vqs models on one Triton server (`host:port`, gRPC). Clip batches
+    travel in up to `shared_memory_bytes` of system shared memory (`ClipRegions`; 0: inside the
+    requests)."""
+
+    def __init__(self, url: str, *, timeout_s: float = 60.0, shared_memory_bytes: int = 64 * 2**20):
         self.url = url
         self.timeout_s = timeout_s
         self._client = grpcclient.InferenceServerClient(url=url, channel_args=_CHANNEL_ARGS)
+        self.clip_regions = ClipRegions(self._client, shared_memory_bytes)
         self._encoders: dict[str, EncoderSpec] | None = None
         self._query_decoder: QueryDecoderSpec | None = None
 
     async def close(self) -> None:
+        await self.clip_regions.close()
         await self._client.close()
 
     def forget_models(self) -> None:
         """Drop what was read from the model configs: read afresh on next use (after Triton came
-        back, its models may have been re-exported)."""
+        back, its models may have been re-exported, and it lost the shared-memory registrations)."""
         self._encoders = None
         self._query_decoder = None
+        self.clip_regions.forget()
 
     async def _call(self, what: str, coro):
         try:
@@ -333,6 +477,9 @@ class TritonClient:
             tensor = grpcclient.InferInput(name, list(array.shape), dtype)
             tensor.set_data_from_numpy(array)
             infer_inputs.append(tensor)
+        return await self._request(model, infer_inputs, outputs)
+
+    async def _request(self, model: str, infer_inputs: list, outputs: list[str]) -> dict[str, np.ndarray]:
         requested = [grpcclient.InferRequestedOutput(name) for name in outputs]
         result = await self._call(
             f"inference on {model}",
@@ -352,30 +499,45 @@ class TritonClient:
                 f"got {clips.dtype} {list(clips.shape)}"
             )
         step = spec.max_batch_size or len(clips)
-        parts = []
-        for start in range(0, len(clips), step):
-            out = await self._infer(
-                spec.model, {CLIPS: (np.ascontiguousarray(clips[start:start + step]), "UINT8")},
-                [FEATURES],
-            )
-            parts.append(out[FEATURES])
+        parts = [
+            await self._encode(spec.model, np.ascontiguousarray(clips[start:start + step]))
+            for start in range(0, len(clips), step)
+        ]
         return np.concatenate(parts).astype(np.float32, copy=False)
 
-    async def run_query_decoder(
-        self, features: np.ndarray
-    ) -> tuple[dict[str, np.ndarray], np.ndarray]:
-        """float32 [N, D] -> ({query: logits [A]}, attention [queries, N]) for one video; the
-        attention rows follow `query_decoder().queries`."""
+    async def _encode(self, model: str, clips: np.ndarray) -> np.ndarray:
+        """One batch of clips, in a shared-memory region if one is free, else inside the request."""
+        async with self.clip_regions.holding(clips) as region:
+            if region is not None:
+                tensor = grpcclient.InferInput(CLIPS, list(clips.shape), "UINT8")
+                tensor.set_shared_memory(region.name, clips.nbytes)
+                try:
+                    return (await self._request(model, [tensor], [FEATURES]))[FEATURES]
+                except VqsError as exc:
+                    if not _lost_region(exc):
+                        raise
+                    logger.info("Triton lost the clip regions (restarted?): registering them again")
+                    self.clip_regions.forget()
+        return (await self._infer(model, {CLIPS: (clips, "UINT8")}, [FEATURES]))[FEATURES]
+
+    async def run_query_decoder(self, features: np.ndarray) -> DecoderOutputs:
+        """float32 [N, D] -> the decoder's logits per query, attention [queries, N] and in-domain
+        score for one video; the attention rows follow `query_decoder().queries`."""
         if features.ndim != 2 or features.shape[0] == 0 or features.shape[1] != FEATURE_DIM:
             raise InternalError(
                 f"features must be float32 [N>0, {FEATURE_DIM}], got {list(features.shape)}"
             )
-        queries = [q.query for q in (await self.query_decoder()).queries]
+        decoder = await self.query_decoder()
+        queries = [q.query for q in decoder.queries]
+        scored = decoder.in_domain_threshold is not None
         batch = np.ascontiguousarray(features, dtype=np.float32)[None]  # 1, N, D
         mask = np.ones(batch.shape[:2], dtype=bool)  # 1, N
-        names = [logits_name(q) for q in queries] + [ATTENTION]
+        names = [logits_name(q) for q in queries] + [ATTENTION] + ([IN_DOMAIN_SCORE] if scored else [])
         out = await self._infer(
             QUERY_DECODER_MODEL, {FEATURES: (batch, "FP32"), MASK: (mask, "BOOL")}, names
         )
-        logits = {q: out[logits_name(q)][0] for q in queries}
-        return logits, out[ATTENTION][0]
+        return DecoderOutputs(
+            logits={q: out[logits_name(q)][0] for q in queries},
+            attention=out[ATTENTION][0],
+            in_domain_score=float(out[IN_DOMAIN_SCORE].reshape(-1)[0]) if scored else None,
+        )

@@ -20,6 +20,7 @@ import pytest_asyncio
 from server.launcher import TritonProcess, free_port
 from server.logs import FORMAT, RequestIdFilter
 from server.settings import Settings
+from tests.media import write_long_video
 
 LOG_TAIL_LINES = 80
 _session_logs: dict[str, Path] = {}
@@ -209,22 +210,8 @@ def videos(tmp_path_factory) -> dict[str, Path]:
     return paths
 
 
-LONG_VIDEO_S = 60.0
-
-
 @pytest.fixture(scope="session")
 def long_video(tmp_path_factory) -> Path:
-    """60 s of 1280x720 30 fps H.264 (ffmpeg's test pattern, 29 MB): seconds of decoding, so a
-    second request, a cancel or a deadline arrives while its analysis is still running."""
-    import subprocess
-
-    import imageio_ffmpeg
-
-    path = tmp_path_factory.mktemp("long") / "long.mp4"
-    subprocess.run(
-        [imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-f", "lavfi",
-         "-i", f"testsrc2=size=1280x720:rate=30:duration={LONG_VIDEO_S:g}",
-         "-c:v", "libx264", "-preset", "ultrafast", "-crf", "32", "-pix_fmt", "yuv420p", str(path)],
-        check=True,
-    )
-    return path
+    """LONG_VIDEO_S of 720p test pattern: seconds of decoding, so a second request, a cancel or
+    a deadline arrives while its analysis is still running."""
+    return write_long_video(tmp_path_factory.mktemp("long") / "long.mp4")

@@ -227,3 +227,19 @@ class Media:
             MAKERS[name](path)
             self._made[name] = path
         return self._made[name]
+
+
+# Long enough that an unloaded machine is still analysing it when a 1 s deadline or a cancel
+# arrives (60 s of it took 1.2 s).
+LONG_VIDEO_S = 120.0
+
+
+def write_long_video(path: Path) -> Path:
+    """LONG_VIDEO_S of 1280x720 30 fps H.264 (ffmpeg's test pattern, ~60 MB)."""
+    subprocess.run(
+        [imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-f", "lavfi",
+         "-i", f"testsrc2=size=1280x720:rate=30:duration={LONG_VIDEO_S:g}",
+         "-c:v", "libx264", "-preset", "ultrafast", "-crf", "32", "-pix_fmt", "yuv420p", str(path)],
+        check=True,
+    )
+    return path

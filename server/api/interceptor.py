@@ -1,6 +1,8 @@
 """The one place that maps errors to gRPC statuses, for unary and streaming RPCs alike.
 
-Also: a request id per RPC (from `x-request-id` metadata or new) in a contextvar for logging and
+Also: the bearer token check (`server.api.auth`) on every RPC but health, before the handler runs
+(for streaming requests, before any message is read; a refused unary request's bytes are not even
+parsed); a request id per RPC (from `x-request-id` metadata or new) in a contextvar for logging and
 returned as trailing metadata, and the request metrics.
 
 An INTERNAL status carries only the request id; what went wrong is logged under that id. Other
@@ -18,6 +20,7 @@ from collections.abc import Callable
 
 import grpc
 
+from server.api.auth import BearerToken, Unauthenticated, is_exempt
 from server.errors import InvalidInput, VqsError
 from server.logs import RequestContext, current_request, new_request_id
 from server.metrics import Metrics
@@ -120,15 +123,27 @@ class _Call:
         )
 
 
+def _unread(data: bytes) -> None:
+    return None
+
+
 class GatewayInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, metrics: Metrics):
+    def __init__(self, metrics: Metrics, *, token: BearerToken | None = None):
+        """`token`: every RPC but health must carry it (None: no token required)."""
         self.metrics = metrics
+        self.token = token
 
     async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
         handler = await continuation(details)
-        if handler is None or not details.method.startswith(SERVICE_PREFIX):
-            return handler  # health and reflection pass through untouched
+        if handler is None or is_exempt(details.method):
+            return handler
         rpc = details.method.rsplit("/", 1)[-1]
+        if self.token is not None:
+            refusal = self.token.refusal(details.invocation_metadata)
+            if refusal is not None:
+                return self._refused(handler, rpc, refusal)
+        if not details.method.startswith(SERVICE_PREFIX):
+            return handler  # reflection passes through untouched
         kwargs = dict(
             request_deserializer=_tolerant(handler.request_deserializer),
             response_serializer=handler.response_serializer,
@@ -144,6 +159,23 @@ class GatewayInterceptor(grpc.aio.ServerInterceptor):
             return grpc.unary_stream_rpc_method_handler(behavior, **kwargs)
         behavior = self._stream(rpc, handler.stream_stream, _parsed_stream)
         return grpc.stream_stream_rpc_method_handler(behavior, **kwargs)
+
+    def _refused(self, handler: grpc.RpcMethodHandler, rpc: str, reason: str) -> grpc.RpcMethodHandler:
+        """A handler of the same kind that answers UNAUTHENTICATED (counted and logged like any
+        other error) without reading or parsing the caller's messages."""
+
+        async def refuse(request, context):
+            with _Call(self.metrics, rpc, context) as call:
+                await call.fail(Unauthenticated(reason))
+
+        kwargs = dict(request_deserializer=_unread, response_serializer=handler.response_serializer)
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(refuse, **kwargs)
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(refuse, **kwargs)
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(refuse, **kwargs)
+        return grpc.stream_stream_rpc_method_handler(refuse, **kwargs)
 
     def _unary(self, rpc: str, behavior: Callable, parse: Callable):
         async def wrapped(request, context):

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from server.errors import InvalidInput
 from server.pipeline.analyze import ModelCatalog
 from server.pipeline.assemble import AnalysisResult
+from server.pipeline.stream import EventKind, ResumeToken, StreamEvent, StreamLimits, StreamOptions
 from server.proto import video_analytics_pb2 as pb
 
 
@@ -31,6 +33,11 @@ def analyze_response(result: AnalysisResult, request_id: str) -> pb.AnalyzeRespo
             )
         )
     response.timing_ms.update(result.timing_ms)
+    domain = getattr(result, "domain", None)
+    if domain is not None:
+        response.domain.CopyFrom(
+            pb.Domain(score=domain.score, threshold=domain.threshold, in_domain=domain.in_domain)
+        )
     return response
 
 
@@ -53,3 +60,68 @@ def describe_response(
         max_upload_bytes=max_upload_bytes,
         max_duration_s=max_duration_s,
     )
+
+
+_MODES = {
+    pb.STREAM_MODE_UNSPECIFIED: "realtime",
+    pb.STREAM_MODE_REALTIME: "realtime",
+    pb.STREAM_MODE_ARCHIVE: "archive",
+}
+_KINDS = {
+    EventKind.PROGRESS: pb.StreamEvent.PROGRESS,
+    EventKind.WINDOW: pb.StreamEvent.WINDOW,
+    EventKind.FINAL: pb.StreamEvent.FINAL,
+}
+
+
+def stream_options(message: pb.StreamOptions, encoder: str, limits: StreamLimits) -> StreamOptions:
+    """The stream's options (`encoder`: its validated name), checked; `InvalidInput` names the
+    field and its bounds."""
+    window = message.window_clips or limits.window_clips
+    hop = message.hop_clips or window
+    if not 1 <= window <= limits.max_window_clips:
+        raise InvalidInput(
+            f"window_clips {message.window_clips} is outside 1..{limits.max_window_clips} "
+            "(limits.stream_max_window_clips; 0 = the server's default)"
+        )
+    if not 1 <= hop <= window:
+        raise InvalidInput(f"hop_clips {message.hop_clips} is outside 1..window_clips ({window})")
+    if message.mode not in _MODES:
+        raise InvalidInput(f"unknown stream mode {message.mode}")
+    producer = message.producer_start_unix_s
+    if producer < 0 or producer != producer or producer == float("inf"):
+        raise InvalidInput(f"producer_start_unix_s {producer!r} is not a time")
+    return StreamOptions(
+        encoder=encoder,
+        window_clips=window,
+        hop_clips=hop,
+        mode=_MODES[message.mode],
+        window_attention=not message.omit_window_attention,
+        producer_start_unix_s=producer or None,
+        resume=ResumeToken.parse(message.resume_token) if message.resume_token else None,
+    )
+
+
+def stream_event(event: StreamEvent, request_id: str) -> pb.StreamEvent:
+    message = pb.StreamEvent(
+        kind=_KINDS[event.kind],
+        start_s=event.start_s,
+        end_s=event.end_s,
+        window=event.window,
+        first_clip=event.first_clip,
+        last_clip=event.last_clip,
+        model_version=event.model_version,
+        resume_token=event.resume_token,
+        dropped_clips=event.dropped_clips,
+        dropped_clips_total=event.dropped_clips_total,
+        lag_s=event.lag_s,
+        producer_time_unix_s=event.producer_time_unix_s or 0.0,
+        error=event.error,
+        note=event.note,
+        received_bytes=event.received_bytes,
+        clips_decoded=event.clips_decoded,
+        clips_analysed=event.clips_analysed,
+    )
+    if event.result is not None:
+        message.result.CopyFrom(analyze_response(event.result, request_id))
+    return message

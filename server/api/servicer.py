@@ -5,16 +5,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+import tempfile
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import grpc
 
 from server.api import mapping
+from server.api.admission import Admission
 from server.api.sources import resolve_uri
-from server.errors import BackendUnavailable, InvalidInput, Overloaded, Timeout, TooLarge, echo
+from server.errors import BackendUnavailable, InvalidInput, Timeout, TooLarge, echo
 from server.logs import current_request, request_id
 from server.pipeline.analyze import Analyzer, AnalyzeJob
+from server.pipeline.stream import StreamAnalyzer, StreamLimits
 from server.proto import video_analytics_pb2 as pb
 from server.proto import video_analytics_pb2_grpc as pb_grpc
 from server.settings import Settings
@@ -30,27 +33,6 @@ def validate_encoder_name(encoder: str, default: str) -> str:
     return name
 
 
-class Slots:
-    """At most `limit` requests at once; one more is refused, not queued."""
-
-    def __init__(self, limit: int):
-        self.limit = limit
-        self.used = 0
-
-    @contextlib.contextmanager
-    def claim(self):
-        if self.used >= self.limit:
-            raise Overloaded(
-                f"server busy: {self.limit} requests already running "
-                f"(limits.max_concurrent_requests); retry later"
-            )
-        self.used += 1
-        try:
-            yield
-        finally:
-            self.used -= 1
-
-
 class VideoAnalyticsServicer(pb_grpc.VideoAnalyticsServicer):
     def __init__(
         self,
@@ -58,12 +40,20 @@ class VideoAnalyticsServicer(pb_grpc.VideoAnalyticsServicer):
         analyzer: Analyzer,
         *,
         unavailable: Callable[[], str | None] = lambda: None,
+        stream_workdir: Path | None = None,
     ):
-        """`unavailable()` says why Triton cannot serve right now (None when it can)."""
+        """`unavailable()` says why Triton cannot serve right now (None when it can);
+        `stream_workdir` holds the streams' pipes and spill files (default: the system's temp)."""
         self.settings = settings
         self.analyzer = analyzer
-        self.slots = Slots(settings.limits.max_concurrent_requests)
+        self.admission = Admission(settings.limits)
         self.unavailable = unavailable
+        self.streams = StreamAnalyzer(
+            analyzer,
+            StreamLimits.from_settings(settings.limits),
+            workdir=stream_workdir or Path(tempfile.gettempdir()),
+            observer=getattr(analyzer, "observer", None),
+        )
 
     def _require_backend(self) -> None:
         # Refuse at once rather than decode a video Triton cannot encode.
@@ -100,7 +90,7 @@ class VideoAnalyticsServicer(pb_grpc.VideoAnalyticsServicer):
         remaining = context.time_remaining()
         if remaining is not None:
             deadline = min(deadline, remaining)
-        with self.slots.claim():
+        async with self.admission.unary():
             try:
                 async with asyncio.timeout(deadline) as timer:
                     result = await self.analyzer.analyze(AnalyzeJob(source=source, encoder=encoder))
@@ -114,6 +104,34 @@ class VideoAnalyticsServicer(pb_grpc.VideoAnalyticsServicer):
         )
         return mapping.analyze_response(result, request_id())
 
+    async def AnalyzeStream(self, requests: AsyncIterator[pb.StreamRequest], context: grpc.aio.ServicerContext):
+        async with self.admission.stream():
+            self._require_backend()
+            first = await self._first_message(requests)
+            encoder = validate_encoder_name(first.encoder, self.settings.default_encoder)
+            options = mapping.stream_options(first, encoder, self.streams.limits)
+            await self.analyzer.encoder(options.encoder)  # unknown names never become metric labels
+            ctx = current_request.get()
+            if ctx is not None:
+                ctx.labels["encoder"] = options.encoder
+            events = 0
+            async with contextlib.aclosing(self.streams.run(options, _chunks(requests))) as stream:
+                async for event in stream:
+                    events += 1
+                    yield mapping.stream_event(event, request_id())
+            logger.info("stream ended after %d events", events)
+
+    async def _first_message(self, requests: AsyncIterator[pb.StreamRequest]) -> pb.StreamOptions:
+        idle = self.streams.limits.idle_s
+        try:
+            async with asyncio.timeout(idle):
+                first = await anext(requests, None)
+        except TimeoutError:
+            raise Timeout(f"no StreamOptions within {idle:g} s (limits.stream_idle_s)") from None
+        if first is None or first.WhichOneof("message") != "options":
+            raise InvalidInput("the first message of a stream must be its StreamOptions")
+        return first.options
+
     async def DescribeModels(self, request, context: grpc.aio.ServicerContext):
         self._require_backend()
         models = await self.analyzer.models()
@@ -123,3 +141,11 @@ class VideoAnalyticsServicer(pb_grpc.VideoAnalyticsServicer):
             max_upload_bytes=self.settings.limits.max_upload_bytes,
             max_duration_s=self.settings.limits.max_duration_s,
         )
+
+
+async def _chunks(requests: AsyncIterator[pb.StreamRequest]) -> AsyncIterator[bytes]:
+    """The video bytes of a stream's messages after its options."""
+    async for message in requests:
+        if message.WhichOneof("message") != "chunk":
+            raise InvalidInput("StreamOptions may only be sent once, first; then only chunks")
+        yield message.chunk

@@ -168,7 +168,7 @@ def _open_pyav(job: msg.DecodeJob, threads: int, skip_nonref: bool) -> PyAVBacke
 def open_video(job: msg.DecodeJob) -> tuple[Backend | None, msg.Opened]:
     """Probe the video (PyAV reads the header and its first frame), check the limits on what it
     claims, pick and open the backend, and plan the segments."""
-    pyav = PyAVBackend(job.frame_size, job.threads)
+    pyav = PyAVBackend(job.frame_size, job.threads, low_delay=job.live)
     pyav.open(job.path)
     try:
         return _open_video(job, pyav)
@@ -180,13 +180,14 @@ def open_video(job: msg.DecodeJob) -> tuple[Backend | None, msg.Opened]:
 def _open_video(job: msg.DecodeJob, pyav: PyAVBackend) -> tuple[Backend | None, msg.Opened]:
     probe = pyav.probe
     check_limits(probe, job.limits)
-    segments = pyav.split(job.segment_frames, job.workers)
-    # One segment: no other worker can help, so this one decodes with the pool's share of threads.
+    segments = [msg.Segment(0)] if job.live else pyav.split(job.segment_frames, job.workers)
+    # One segment: no other worker can help, so this one decodes with the pool's share of threads
+    # (not a live stream: the other workers serve other streams).
     all_threads = max(job.threads, job.workers)
-    if len(segments) == 1:
+    if len(segments) == 1 and not job.live:
         pyav.set_threads(all_threads)
     turns = pyav.peek_quarter_turns(segments[0])
-    name, note = choose_backend(probe, turns, job)
+    name, note = ("pyav", "a live stream") if job.live else choose_backend(probe, turns, job)
     backend: Backend | None = pyav
     skip = name == "pyav" and skips_frames(probe.fps, job.sample_fps)
     if skip:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 from collections import deque
 from collections.abc import AsyncIterator
@@ -25,7 +26,7 @@ import numpy as np
 
 from server.errors import InferenceFailed, UnsupportedMedia
 from server.pipeline import assemble
-from server.pipeline.decode import ClipBatch
+from server.pipeline.decode import ClipBatch, VideoInfo
 from server.settings import LimitsSettings
 from server.triton import EncoderSpec, QuerySpec, TritonClient
 
@@ -100,7 +101,6 @@ class Analyzer:
         started = time.perf_counter()
         clock = _Clock()
         spec = await self.triton.encoder_spec(job.encoder)
-        queries = (await self.triton.query_decoder()).queries
 
         features: list[np.ndarray] = []
         spans: list[np.ndarray] = []
@@ -149,24 +149,38 @@ class Analyzer:
                 f"{len(clip_features)} clip features for {len(spans_s)} clip spans"
             )
 
-        with clock.waiting("query_decoder"):
-            logits, attention = await self.triton.run_query_decoder(clip_features)
-
-        clock.spent["total"] = time.perf_counter() - started
+        timing_ms = {k: v * 1000.0 for k, v in clock.spent.items()}
+        result = await self.answer(spec, clip_features, spans_s, info, timing_ms)
+        total_s = time.perf_counter() - started
         if self.observer is not None:
             for stage, seconds in clock.spent.items():
-                if stage != "total":
-                    self.observer.stage(stage, seconds)
+                self.observer.stage(stage, seconds)
+            self.observer.stage("query_decoder", result.timing_ms["query_decoder"] / 1000.0)
             self.observer.video(len(clip_features), info.duration_s)
+        return dataclasses.replace(result, timing_ms={**result.timing_ms, "total": total_s * 1000.0})
+
+    async def answer(
+        self, spec: EncoderSpec, clip_features: np.ndarray, spans_s: np.ndarray, video: VideoInfo,
+        timing_ms: dict[str, float],
+    ) -> assemble.AnalysisResult:
+        """The query decoder's answers about these clips (a whole video, or a window of a stream):
+        answers, attention maps and, when the decoder scores it, whether they look like its
+        training data. `timing_ms` gains the decoder's own time as "query_decoder"."""
+        decoder = await self.triton.query_decoder()
+        started = time.perf_counter()
+        outputs = await self.triton.run_query_decoder(clip_features)
+        took_ms = (time.perf_counter() - started) * 1000.0
         try:
             return assemble.build_result(
                 encoder=spec.encoder,
-                specs=queries,
-                logits=logits,
-                attention=attention,
+                specs=decoder.queries,
+                logits=outputs.logits,
+                attention=outputs.attention,
                 spans_s=spans_s,
-                video=info,
-                timing_ms={k: v * 1000.0 for k, v in clock.spent.items()},
+                video=video,
+                timing_ms={**timing_ms, "query_decoder": took_ms},
+                in_domain_score=outputs.in_domain_score,
+                in_domain_threshold=decoder.in_domain_threshold,
             )
         except ValueError as exc:
             raise InferenceFailed(

@@ -10,7 +10,9 @@ import numpy as np
 from server.pipeline.decode import VideoInfo
 from server.triton import QuerySpec
 
-__all__ = ["AnalysisResult", "Answer", "AttentionMap", "QuerySpec", "VideoInfo", "build_result"]
+__all__ = [
+    "AnalysisResult", "Answer", "AttentionMap", "Domain", "QuerySpec", "VideoInfo", "build_result",
+]
 
 
 @dataclass(frozen=True)
@@ -29,6 +31,17 @@ class AttentionMap:
 
 
 @dataclass(frozen=True)
+class Domain:
+    """How much the video's clip features look like the decoder's training data: `score` is the
+    decoder's `in_domain_score` (higher = more alike), `in_domain` is score >= threshold (a NaN
+    score is out of domain)."""
+
+    score: float
+    threshold: float
+    in_domain: bool
+
+
+@dataclass(frozen=True)
 class AnalysisResult:
     encoder: str
     video: VideoInfo
@@ -36,6 +49,7 @@ class AnalysisResult:
     answers: list[Answer]
     attention: list[AttentionMap]
     timing_ms: dict[str, float]
+    domain: Domain | None = None  # None: the served decoder does not score its domain
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -88,6 +102,14 @@ def attention_maps(
     return [AttentionMap(query=q, weights=weights[i], spans_s=spans_s) for i, q in enumerate(order)]
 
 
+def domain(score: float | None, threshold: float | None) -> Domain | None:
+    """The in-domain verdict, or None (unknown) unless the decoder gave both a score and a
+    threshold."""
+    if score is None or threshold is None:
+        return None
+    return Domain(score=float(score), threshold=float(threshold), in_domain=bool(score >= threshold))
+
+
 def build_result(
     *,
     encoder: str,
@@ -97,6 +119,8 @@ def build_result(
     spans_s: np.ndarray,
     video: VideoInfo,
     timing_ms: Mapping[str, float],
+    in_domain_score: float | None = None,
+    in_domain_threshold: float | None = None,
 ) -> AnalysisResult:
     """The answers and attention maps in the order of `specs`, which is also the order of the
     rows of `attention` (the query decoder's output order)."""
@@ -107,4 +131,5 @@ def build_result(
         answers=answers(specs, logits),
         attention=attention_maps([s.query for s in specs], attention, spans_s),
         timing_ms=dict(timing_ms),
+        domain=domain(in_domain_score, in_domain_threshold),
     )

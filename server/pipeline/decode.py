@@ -108,9 +108,15 @@ class VideoDecoder:
         clip_frames: int,
         clips_per_batch: int,
         sample_fps: float | None = None,
+        live: bool = False,
+        chunk_frames: int | None = None,
     ) -> AsyncIterator[ClipBatch]:
         """Decode `source` and yield batches of clips in time order, of frames sampled at
         `sample_fps` (the encoder's frame rate; see `chunk.TimeGrid`) or of every frame (None).
+
+        `live`: `source` is a stream that can be read once (a named pipe), decoded by one worker
+        with PyAV from start to end. `chunk_frames` overrides `decode.chunk_frames` for this
+        request (a stream sends small chunks, so no frame waits for a chunk to fill).
 
         Close the iterator (`contextlib.aclosing`) or cancel its consumer to stop decoding early.
         """
@@ -124,7 +130,8 @@ class VideoDecoder:
             path = tmp
         else:
             path = pathlib.Path(source)
-        scheduler = SegmentScheduler(self.pool, self._job(path, frame_size, sample_fps), self.settings)
+        job = self._job(path, frame_size, sample_fps, live=live, chunk_frames=chunk_frames)
+        scheduler = SegmentScheduler(self.pool, job, self.settings)
         try:
             async for batch in self._clips(scheduler, clip_frames, clips_per_batch, sample_fps):
                 yield batch
@@ -133,19 +140,25 @@ class VideoDecoder:
             if tmp is not None:
                 tmp.unlink(missing_ok=True)
 
-    def _job(self, path: pathlib.Path, frame_size: int, sample_fps: float | None) -> msg.DecodeJob:
+    def _job(
+        self, path: pathlib.Path, frame_size: int, sample_fps: float | None, *,
+        live: bool = False, chunk_frames: int | None = None,
+    ) -> msg.DecodeJob:
         s = self.settings
-        chunk_bytes = s.chunk_frames * frame_size * frame_size * 3
-        credits = max(2, s.ahead_bytes // chunk_bytes)
+        chunk = s.chunk_frames if chunk_frames is None else chunk_frames
+        if chunk < 1:
+            raise ValueError("chunk_frames must be >= 1")
+        credits = max(2, s.ahead_bytes // (chunk * frame_size * frame_size * 3))
         return msg.DecodeJob(
             path=str(path),
             frame_size=frame_size,
-            chunk_frames=s.chunk_frames,
+            chunk_frames=chunk,
             threads=s.decoder_threads,
             workers=s.workers,
             # A segment fits in the worker's credits, so a worker ahead never waits mid-segment.
-            segment_frames=0 if s.workers < 2 else min(s.segment_frames, (credits - 1) * s.chunk_frames),
+            segment_frames=0 if s.workers < 2 or live else min(s.segment_frames, (credits - 1) * chunk),
             sample_fps=sample_fps,
+            live=live,
             limits=msg.Limits(
                 max_frame_pixels=self.max_frame_pixels,
                 max_duration_s=self.max_duration_s,

@@ -39,6 +39,8 @@ MAX_FPS = 480
 # Non-reference frames are skipped when the video has at least this many frames per sample
 # (never two in a row, so a sample moves by one frame at most).
 SKIP_FROM_RATIO = 1.9
+# Frames decord decodes per call (uint8 frames of the clip size, so a batch is small).
+DECORD_BATCH = 32
 # decord reports a missing timestamp as INT64_MIN ticks; no real timestamp is this far out.
 _ABSURD_S = 1e12
 
@@ -185,11 +187,14 @@ class PyAVBackend:
 
     name: BackendName = "pyav"
 
-    def __init__(self, frame_size: int, threads: int) -> None:
+    def __init__(self, frame_size: int, threads: int, *, low_delay: bool = False) -> None:
         import av.video.reformatter
 
         self.frame_size = frame_size
         self.threads = max(1, threads)
+        # Frame threads hold threads - 1 frames back before the first comes out; slice threads
+        # hold none (a live stream's latency).
+        self.thread_type = "SLICE" if low_delay else "AUTO"
         self.path = ""
         self.container: Any = None
         self.stream: Any = None
@@ -214,7 +219,7 @@ class PyAVBackend:
             self.close()
             raise DecodeFailure("unsupported", "the input has no video stream")
         s = self.stream = self.container.streams.video[0]
-        s.thread_type = "AUTO"
+        s.thread_type = self.thread_type
         s.thread_count = self.threads
         if self._skip_nonref:
             s.codec_context.skip_frame = "NONREF"
@@ -280,148 +285,6 @@ class PyAVBackend:
             Segment(i, start_s=i * step, stop_s=None if b is None else (i + 1) * step, start_pts=a, stop_pts=b)
             for i, (a, b) in enumerate(zip(starts, stops))
         ]
-
-    def frames(self, segment: Segment) -> Iterator[Frame]: ...
-
-    def close(self) -> None: ...
-
-
-# -- planning (shared by both backends) --------------------------------------------------------
-
-
-def segment_length(frames: float, segment_frames: int, workers: int) -> int:
-    """Frames per segment: at most `segment_frames` (unless that makes over `MAX_SEGMENTS`), and a
-    short video is still shared by all workers."""
-    length = min(segment_frames, max(MIN_SEGMENT_FRAMES, math.ceil(frames / max(1, workers))))
-    return max(length, math.ceil(frames / MAX_SEGMENTS))
-
-
-def keyframe_cuts(frames: int, keys: list[int], length: int) -> list[int]:
-    """First frames of near-equal segments of about `length` frames, each at a keyframe (0 first)."""
-    parts = round(frames / length)
-    cuts = [0]
-    for i in range(1, parts):
-        ideal = frames * i / parts
-        key = min(keys, key=lambda k: abs(k - ideal))
-        if key - cuts[-1] >= MIN_SEGMENT_FRAMES and frames - key >= MIN_SEGMENT_FRAMES:
-            cuts.append(key)
-    return cuts
-
-
-# -- PyAV --------------------------------------------------------------------------------------
-
-
-class PyAVBackend:
-    """Decodes with PyAV: memory stays flat whatever the input's size, a truncated or corrupt
-    tail ends the video (its readable prefix is kept), segments cut at keyframes found while
-    demuxing, and non-reference frames can be skipped. Also the probe: `open` reads the header."""
-
-    name: BackendName = "pyav"
-
-    def __init__(self, frame_size: int, threads: int) -> None:
-        import av.video.reformatter
-
-        self.frame_size = frame_size
-        self.threads = max(1, threads)
-        self.path = ""
-        self.container: Any = None
-        self.stream: Any = None
-        self.probe: Probe | None = None
-        self._scaler = av.video.reformatter.VideoReformatter()  # one scaler for every frame
-        self._pending: tuple[Segment, Iterator[Any]] | None = None  # a segment's peeked frames
-        self._touched = False  # read from since opened
-        self._skip_nonref = False
-        self._time_base = Fraction(1)
-        self._origin = 0
-
-    def open(self, path: str) -> None:
-        import av
-
-        self.close()
-        self.path = path
-        try:
-            self.container = av.open(path)
-        except Exception as exc:
-            raise DecodeFailure("unsupported", "cannot decode the input: pyav " + reason(exc, path)) from None
-        if not self.container.streams.video:
-            self.close()
-            raise DecodeFailure("unsupported", "the input has no video stream")
-        s = self.stream = self.container.streams.video[0]
-        s.thread_type = "AUTO"
-        s.thread_count = self.threads
-        if self._skip_nonref:
-            s.codec_context.skip_frame = "NONREF"
-        self._time_base = s.time_base or Fraction(1)
-        self._origin = s.start_time or 0
-        rate = s.average_rate or s.guessed_rate or s.base_rate
-        # A rate above MAX_FPS is the time base guessed as a rate (Matroska: 1000), not a rate.
-        fps = float(rate) if rate and rate <= MAX_FPS else None
-        duration = None
-        if s.duration is not None and s.time_base is not None:
-            duration = float(s.duration * s.time_base)
-        elif self.container.duration is not None:
-            duration = self.container.duration / 1e6
-        frames = s.frames or None
-        if frames is None and duration and fps:
-            frames = math.ceil(duration * fps)
-        cc = s.codec_context
-        self.probe = Probe(cc.width, cc.height, cc.name, fps, duration, frames, os.path.getsize(path))
-
-    def set_threads(self, threads: int) -> None:
-        """Decoding threads, from the next (re)opening if a frame was decoded already."""
-        self.threads = max(1, threads)
-        if self.stream is not None and not self._touched:
-            self.stream.thread_count = self.threads
-
-    def skip_nonref(self) -> None:
-        """Skip decoding non-reference frames from now on."""
-        self._skip_nonref = True
-        self.stream.codec_context.skip_frame = "NONREF"
-
-    def peek_quarter_turns(self, first: Segment) -> int:
-        """Counterclockwise quarter turns that display the video upright, from its first frame's
-        display matrix (0 without a frame). That frame is kept for decoding segment `first`."""
-        frames = self._raw_between(first.start_pts, first.stop_pts)
-        frame = next(frames, None)
-        self._pending = (first, iter(()) if frame is None else _chain(frame, frames))
-        return 0 if frame is None else round((frame.rotation or 0) / 90) % 4
-
-    def keyframe_estimate(self) -> list[int] | None:
-        """Frame numbers of the keyframes the container's index lists (None without an index)."""
-        entries = self.stream.index_entries
-        if not len(entries) or self.probe is None or not self.probe.fps:
-            return None
-        stamps = [e.timestamp for e in entries if e.is_keyframe]
-        if not stamps:
-            return None
-        first = entries[0].timestamp
-        return [round(float((t - first) * self._time_base) * self.probe.fps) for t in stamps]
-
-    def split(self, segment_frames: int, workers: int) -> list[Segment]:
-        """Cut points every `length / fps` seconds of the claimed duration. Each worker snaps them
-        to the first keyframe at or after the cut, in the same way, so segments meet exactly."""
-        p = self.probe
-        if not (segment_frames and workers > 1 and p and p.fps and p.duration_s):
-            return [Segment(0)]
-        step = segment_length(p.duration_s * p.fps, segment_frames, workers) / p.fps
-        n = round(p.duration_s / step)
-        if n < 2:
-            return [Segment(0)]
-        cuts = [self._origin + int(round(i * step / self._time_base)) for i in range(1, n)]
-        starts, stops = [None, *cuts], [*cuts, None]
-        return [
-            Segment(i, start_s=i * step, stop_s=None if b is None else (i + 1) * step, start_pts=a, stop_pts=b)
-            for i, (a, b) in enumerate(zip(starts, stops))
-        ]
-
-    def _index_spans(self, duration_s: float) -> bool:
-        """Whether the container's index (if it has one) spans about the duration it claims: where
-        a few frames are stamped far ahead, the claim follows them and the index does not."""
-        entries = self.stream.index_entries
-        if not len(entries):
-            return True
-        span_s = float((entries[len(entries) - 1].timestamp - entries[0].timestamp) * self._time_base)
-        return span_s + max(10.0, 0.1 * duration_s) >= duration_s
 
     def frames(self, segment: Segment) -> Iterator[Frame]:
         """The segment's frames, cut by its keyframe pts."""
@@ -624,25 +487,25 @@ class DecordBackend:
         if vr is None:
             raise StoppedEarly("decord is not open")
         stop = len(self.times) if segment.stop_frame is None else min(segment.stop_frame, len(self.times))
-        index = first
+        index, batch_frames = first, DECORD_BATCH
         try:
-            if first > 0:
-                vr.seek_accurate(first)
-            else:
-                vr.seek(0)
             while index < stop:
+                # By the batch (decord's per-call cost is large beside a small frame's); where a
+                # batch fails, frame by frame up to the frame that fails.
                 try:
-                    frame = vr.next()
-                except StopIteration:
-                    break
-                start, end = self.times[index]
-                index += 1
-                yield frame.asnumpy(), float(start), float(end - start)
-        except StoppedEarly:
-            raise
+                    batch = vr.get_batch(list(range(index, min(stop, index + batch_frames)))).asnumpy()
+                except Exception:
+                    if batch_frames == 1:
+                        raise
+                    batch_frames = 1
+                    continue
+                for frame in batch:
+                    start, end = self.times[index]
+                    index += 1
+                    yield frame, float(start), float(end - start)
         except Exception as exc:
             self.close()
-            raise StoppedEarly("decord " + reason(exc)) from None
+            raise StoppedEarly(f"decord stopped after {index} of {stop} frames: {reason(exc)}") from None
         if index < stop:
             raise StoppedEarly(f"decord stopped after {index} of {stop} frames")
 

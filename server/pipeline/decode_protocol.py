@@ -80,6 +80,7 @@ class DecodeJob:
     limits: Limits = field(default_factory=Limits)
     segment: int | None = None  # None: open the video and plan it first
     plan: Plan | None = None  # given with a segment index
+    live: bool = False  # a stream read once (a pipe): PyAV, one segment, never reopened or seeked
 
 
 @dataclass(frozen=True)

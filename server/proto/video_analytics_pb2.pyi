@@ -1,10 +1,20 @@
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class StreamMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    STREAM_MODE_UNSPECIFIED: _ClassVar[StreamMode]
+    STREAM_MODE_REALTIME: _ClassVar[StreamMode]
+    STREAM_MODE_ARCHIVE: _ClassVar[StreamMode]
+STREAM_MODE_UNSPECIFIED: StreamMode
+STREAM_MODE_REALTIME: StreamMode
+STREAM_MODE_ARCHIVE: StreamMode
 
 class AnalyzeRequest(_message.Message):
     __slots__ = ("video", "uri", "encoder")
@@ -70,7 +80,7 @@ class Attention(_message.Message):
     def __init__(self, query: _Optional[str] = ..., weights: _Optional[_Iterable[float]] = ..., clip_spans: _Optional[_Iterable[_Union[ClipSpan, _Mapping]]] = ...) -> None: ...
 
 class AnalyzeResponse(_message.Message):
-    __slots__ = ("video", "answers", "attention", "timing_ms", "encoder", "request_id")
+    __slots__ = ("video", "answers", "attention", "timing_ms", "encoder", "request_id", "domain")
     class TimingMsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -84,13 +94,25 @@ class AnalyzeResponse(_message.Message):
     TIMING_MS_FIELD_NUMBER: _ClassVar[int]
     ENCODER_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    DOMAIN_FIELD_NUMBER: _ClassVar[int]
     video: VideoInfo
     answers: _containers.RepeatedCompositeFieldContainer[Answer]
     attention: _containers.RepeatedCompositeFieldContainer[Attention]
     timing_ms: _containers.ScalarMap[str, float]
     encoder: str
     request_id: str
-    def __init__(self, video: _Optional[_Union[VideoInfo, _Mapping]] = ..., answers: _Optional[_Iterable[_Union[Answer, _Mapping]]] = ..., attention: _Optional[_Iterable[_Union[Attention, _Mapping]]] = ..., timing_ms: _Optional[_Mapping[str, float]] = ..., encoder: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
+    domain: Domain
+    def __init__(self, video: _Optional[_Union[VideoInfo, _Mapping]] = ..., answers: _Optional[_Iterable[_Union[Answer, _Mapping]]] = ..., attention: _Optional[_Iterable[_Union[Attention, _Mapping]]] = ..., timing_ms: _Optional[_Mapping[str, float]] = ..., encoder: _Optional[str] = ..., request_id: _Optional[str] = ..., domain: _Optional[_Union[Domain, _Mapping]] = ...) -> None: ...
+
+class Domain(_message.Message):
+    __slots__ = ("score", "threshold", "in_domain")
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    IN_DOMAIN_FIELD_NUMBER: _ClassVar[int]
+    score: float
+    threshold: float
+    in_domain: bool
+    def __init__(self, score: _Optional[float] = ..., threshold: _Optional[float] = ..., in_domain: _Optional[bool] = ...) -> None: ...
 
 class DescribeModelsRequest(_message.Message):
     __slots__ = ()
@@ -123,3 +145,79 @@ class DescribeModelsResponse(_message.Message):
     max_duration_s: float
     clip_fps: float
     def __init__(self, queries: _Optional[_Iterable[_Union[QuerySpec, _Mapping]]] = ..., encoders: _Optional[_Iterable[str]] = ..., default_encoder: _Optional[str] = ..., clip_frames: _Optional[int] = ..., frame_size: _Optional[int] = ..., max_upload_bytes: _Optional[int] = ..., max_duration_s: _Optional[float] = ..., clip_fps: _Optional[float] = ...) -> None: ...
+
+class StreamOptions(_message.Message):
+    __slots__ = ("encoder", "window_clips", "hop_clips", "mode", "omit_window_attention", "producer_start_unix_s", "resume_token")
+    ENCODER_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_CLIPS_FIELD_NUMBER: _ClassVar[int]
+    HOP_CLIPS_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    OMIT_WINDOW_ATTENTION_FIELD_NUMBER: _ClassVar[int]
+    PRODUCER_START_UNIX_S_FIELD_NUMBER: _ClassVar[int]
+    RESUME_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    encoder: str
+    window_clips: int
+    hop_clips: int
+    mode: StreamMode
+    omit_window_attention: bool
+    producer_start_unix_s: float
+    resume_token: str
+    def __init__(self, encoder: _Optional[str] = ..., window_clips: _Optional[int] = ..., hop_clips: _Optional[int] = ..., mode: _Optional[_Union[StreamMode, str]] = ..., omit_window_attention: _Optional[bool] = ..., producer_start_unix_s: _Optional[float] = ..., resume_token: _Optional[str] = ...) -> None: ...
+
+class StreamRequest(_message.Message):
+    __slots__ = ("options", "chunk")
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    options: StreamOptions
+    chunk: bytes
+    def __init__(self, options: _Optional[_Union[StreamOptions, _Mapping]] = ..., chunk: _Optional[bytes] = ...) -> None: ...
+
+class StreamEvent(_message.Message):
+    __slots__ = ("kind", "start_s", "end_s", "window", "first_clip", "last_clip", "result", "model_version", "resume_token", "dropped_clips", "dropped_clips_total", "lag_s", "producer_time_unix_s", "error", "note", "received_bytes", "clips_decoded", "clips_analysed")
+    class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        KIND_UNSPECIFIED: _ClassVar[StreamEvent.Kind]
+        PROGRESS: _ClassVar[StreamEvent.Kind]
+        WINDOW: _ClassVar[StreamEvent.Kind]
+        FINAL: _ClassVar[StreamEvent.Kind]
+    KIND_UNSPECIFIED: StreamEvent.Kind
+    PROGRESS: StreamEvent.Kind
+    WINDOW: StreamEvent.Kind
+    FINAL: StreamEvent.Kind
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    START_S_FIELD_NUMBER: _ClassVar[int]
+    END_S_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_FIELD_NUMBER: _ClassVar[int]
+    FIRST_CLIP_FIELD_NUMBER: _ClassVar[int]
+    LAST_CLIP_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    RESUME_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_CLIPS_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_CLIPS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    LAG_S_FIELD_NUMBER: _ClassVar[int]
+    PRODUCER_TIME_UNIX_S_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    NOTE_FIELD_NUMBER: _ClassVar[int]
+    RECEIVED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CLIPS_DECODED_FIELD_NUMBER: _ClassVar[int]
+    CLIPS_ANALYSED_FIELD_NUMBER: _ClassVar[int]
+    kind: StreamEvent.Kind
+    start_s: float
+    end_s: float
+    window: int
+    first_clip: int
+    last_clip: int
+    result: AnalyzeResponse
+    model_version: str
+    resume_token: str
+    dropped_clips: int
+    dropped_clips_total: int
+    lag_s: float
+    producer_time_unix_s: float
+    error: str
+    note: str
+    received_bytes: int
+    clips_decoded: int
+    clips_analysed: int
+    def __init__(self, kind: _Optional[_Union[StreamEvent.Kind, str]] = ..., start_s: _Optional[float] = ..., end_s: _Optional[float] = ..., window: _Optional[int] = ..., first_clip: _Optional[int] = ..., last_clip: _Optional[int] = ..., result: _Optional[_Union[AnalyzeResponse, _Mapping]] = ..., model_version: _Optional[str] = ..., resume_token: _Optional[str] = ..., dropped_clips: _Optional[int] = ..., dropped_clips_total: _Optional[int] = ..., lag_s: _Optional[float] = ..., producer_time_unix_s: _Optional[float] = ..., error: _Optional[str] = ..., note: _Optional[str] = ..., received_bytes: _Optional[int] = ..., clips_decoded: _Optional[int] = ..., clips_analysed: _Optional[int] = ...) -> None: ...

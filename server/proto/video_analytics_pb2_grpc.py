@@ -45,6 +45,11 @@ class VideoAnalyticsStub:
                 request_serializer=server_dot_proto_dot_video__analytics__pb2.DescribeModelsRequest.SerializeToString,
                 response_deserializer=server_dot_proto_dot_video__analytics__pb2.DescribeModelsResponse.FromString,
                 _registered_method=True)
+        self.AnalyzeStream = channel.stream_stream(
+                '/vqs.v1.VideoAnalytics/AnalyzeStream',
+                request_serializer=server_dot_proto_dot_video__analytics__pb2.StreamRequest.SerializeToString,
+                response_deserializer=server_dot_proto_dot_video__analytics__pb2.StreamEvent.FromString,
+                _registered_method=True)
 
 
 class VideoAnalyticsServicer:
@@ -63,6 +68,15 @@ class VideoAnalyticsServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AnalyzeStream(self, request_iterator, context):
+        """A video analysed while it arrives: StreamOptions first, then the video's bytes in chunks;
+        events come back per window, as progress, and a final one for the whole stream when the
+        client half-closes. See the README's "Streaming" section.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_VideoAnalyticsServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -75,6 +89,11 @@ def add_VideoAnalyticsServicer_to_server(servicer, server):
                     servicer.DescribeModels,
                     request_deserializer=server_dot_proto_dot_video__analytics__pb2.DescribeModelsRequest.FromString,
                     response_serializer=server_dot_proto_dot_video__analytics__pb2.DescribeModelsResponse.SerializeToString,
+            ),
+            'AnalyzeStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.AnalyzeStream,
+                    request_deserializer=server_dot_proto_dot_video__analytics__pb2.StreamRequest.FromString,
+                    response_serializer=server_dot_proto_dot_video__analytics__pb2.StreamEvent.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -132,6 +151,33 @@ class VideoAnalytics:
             '/vqs.v1.VideoAnalytics/DescribeModels',
             server_dot_proto_dot_video__analytics__pb2.DescribeModelsRequest.SerializeToString,
             server_dot_proto_dot_video__analytics__pb2.DescribeModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AnalyzeStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/vqs.v1.VideoAnalytics/AnalyzeStream',
+            server_dot_proto_dot_video__analytics__pb2.StreamRequest.SerializeToString,
+            server_dot_proto_dot_video__analytics__pb2.StreamEvent.FromString,
             options,
             channel_credentials,
             insecure,

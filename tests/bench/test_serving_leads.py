@@ -1,10 +1,11 @@
-"""Two leads on what serving costs over running the models in process, each measured before/after
-in one run (interleaved rounds, best kept, every round printed):
+"""Two serving choices, each measured before/after in one run (interleaved rounds, best kept,
+every round printed):
 
-  - how clips reach Triton: inside the gRPC request (today, `server.triton.TritonClient`) or in a
-    registered system shared-memory region (one copy into the region, a few hundred bytes on the
-    wire). Counted: this process's CPU per 16-clip request (the gateway's side) and Triton's
-    (server + the encoder's python-backend stub); the features must be identical;
+  - how clips reach Triton: in a registered system shared-memory region (one copy into the
+    region, a few hundred bytes on the wire; `server.triton.TritonClient`'s default) or inside the
+    gRPC request (`shared_memory_bytes=0`). Counted: this process's CPU per 16-clip request (the
+    gateway's side) and Triton's (server + the encoder's python-backend stub); the features must
+    be identical;
   - ONNX Runtime's thread settings for the encoder: the python-backend stub against ONNX Runtime
     in this process on the same batches, and in process, intra-op threads 1 or 2 and idle threads
     spinning or not.
@@ -16,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -38,49 +38,6 @@ def _batches(frame_size: int, clip_frames: int) -> list[np.ndarray]:
     return [np.roll(base, i, axis=0) for i in range(BATCHES)]
 
 
-class _SharedMemoryEncoder:
-    """Clip batches to Triton through system shared memory: `IN_FLIGHT` registered regions, each
-    the size of one batch; a request writes its clips into a free region and names it."""
-
-    def __init__(self, client, batch_bytes: int) -> None:
-        import tritonclient.utils.shared_memory as shm
-
-        self.shm = shm
-        self.client = client
-        self.batch_bytes = batch_bytes
-        self.regions = []
-        self.free: asyncio.Queue | None = None
-
-    async def start(self) -> None:
-        self.free = asyncio.Queue()
-        for i in range(IN_FLIGHT):
-            name = f"vqs_bench_{uuid.uuid4().hex[:8]}_{i}"
-            handle = self.shm.create_shared_memory_region(name, "/" + name, self.batch_bytes)
-            await self.client.register_system_shared_memory(name, "/" + name, self.batch_bytes)
-            self.regions.append((name, handle))
-            self.free.put_nowait((name, handle))
-
-    async def encode(self, clips: np.ndarray) -> np.ndarray:
-        import tritonclient.grpc.aio as grpcclient
-
-        name, handle = await self.free.get()
-        try:
-            self.shm.set_shared_memory_region(handle, [clips])
-            tensor = grpcclient.InferInput("clips", list(clips.shape), "UINT8")
-            tensor.set_shared_memory(name, clips.nbytes)
-            result = await self.client.infer(
-                ENCODER, [tensor], outputs=[grpcclient.InferRequestedOutput("features")]
-            )
-            return result.as_numpy("features")
-        finally:
-            self.free.put_nowait((name, handle))
-
-    async def close(self) -> None:
-        for name, handle in self.regions:
-            await self.client.unregister_system_shared_memory(name)
-            self.shm.destroy_shared_memory_region(handle)
-
-
 async def _run_all(encode, batches: list[np.ndarray]) -> list[np.ndarray]:
     """`IN_FLIGHT` requests at a time, as the gateway sends one video's batches."""
     limit = asyncio.Semaphore(IN_FLIGHT)
@@ -93,8 +50,6 @@ async def _run_all(encode, batches: list[np.ndarray]) -> list[np.ndarray]:
 
 
 def test_clips_by_shared_memory_vs_inside_the_request(triton, trained_models: Path):
-    import tritonclient.grpc.aio as grpcclient
-
     from server.triton import TritonClient
     from tests.bench.in_process import InProcess
 
@@ -102,13 +57,11 @@ def test_clips_by_shared_memory_vs_inside_the_request(triton, trained_models: Pa
     batches = _batches(local.frame_size, local.clip_frames)
 
     async def main():
-        in_message = TritonClient(triton.grpc_url)
-        raw = grpcclient.InferenceServerClient(triton.grpc_url)
-        by_shm = _SharedMemoryEncoder(raw, batches[0].nbytes)
-        await by_shm.start()
+        in_message = TritonClient(triton.grpc_url, shared_memory_bytes=0)
+        by_shm = TritonClient(triton.grpc_url)
         variants = {
-            "clips inside the gRPC request (TritonClient.encode_clips)": lambda b: in_message.encode_clips(b),
-            "clips in system shared memory": by_shm.encode,
+            "clips inside the gRPC request (shared_memory_bytes=0)": in_message.encode_clips,
+            "clips in system shared memory (TritonClient's default)": by_shm.encode_clips,
         }
         best: dict[str, tuple[float, dict, list]] = {}
         walls: dict[str, list[float]] = {k: [] for k in variants}
@@ -126,7 +79,6 @@ def test_clips_by_shared_memory_vs_inside_the_request(triton, trained_models: Pa
                         best[name] = (wall, {k: after[k] - before.get(k, 0.0) for k in after}, features)
         finally:
             await by_shm.close()
-            await raw.close()
             await in_message.close()
         return best, walls
 

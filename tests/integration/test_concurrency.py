@@ -14,10 +14,9 @@ from server.main import SERVICE_NAME
 from server.proto import video_analytics_pb2 as pb
 from server.proto import video_analytics_pb2_grpc as pb_grpc
 from server.settings import Settings
+from tests.media import LONG_VIDEO_S
 
 pytestmark = pytest.mark.integration
-
-LONG_VIDEO_S = 60.0  # the `long_video` fixture's length
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")

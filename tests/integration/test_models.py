@@ -54,7 +54,8 @@ async def test_triton_matches_onnx_runtime(client, model_repository):
     )
     names = [contract.logits_name(q) for q in queries] + [contract.ATTENTION]
     outputs = decoder.run(names, {contract.FEATURES: features[None], contract.MASK: np.ones((1, 5), bool)})
-    logits, attention = await client.run_query_decoder(features)
+    out = await client.run_query_decoder(features)
+    logits, attention = out.logits, out.attention
     for q, want in zip(queries, outputs):
         np.testing.assert_allclose(logits[q], want[0], rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(attention, outputs[-1][0], rtol=1e-4, atol=1e-5)
@@ -75,7 +76,7 @@ async def test_decoder_answers_a_bad_request_with_its_own_error(triton, client, 
             await raw.infer(contract.QUERY_DECODER_MODEL, inputs)
     finally:
         await raw.close()
-    logits, attention = await client.run_query_decoder(features[0] + 1.0)
+    attention = (await client.run_query_decoder(features[0] + 1.0)).attention
     assert attention.shape == (len(query_names(model_repository)), 4)
 
 

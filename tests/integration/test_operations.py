@@ -28,6 +28,7 @@ from server import triton as contract
 from server.proto import video_analytics_pb2 as pb
 from server.proto import video_analytics_pb2_grpc as pb_grpc
 from server.settings import Settings
+from tests.media import LONG_VIDEO_S
 
 pytestmark = pytest.mark.integration
 
@@ -194,7 +195,7 @@ async def assert_request_released(
     assert encoded < full_clips, f"the whole video was encoded although the request stopped ({clips})"
 
 
-LONG_VIDEO_CLIPS = 112  # 60 s at the encoder's 15 fps, 8 frames a clip
+LONG_VIDEO_CLIPS = int(LONG_VIDEO_S * 15 / 8)  # at the encoder's 15 fps, 8 frames a clip
 
 
 # -- 1. deadlines -------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from server.errors import InferenceFailed, InternalError, InvalidInput, Unsuppor
 from server.pipeline.analyze import AnalyzeJob, Analyzer
 from server.pipeline.decode import ClipBatch, VideoInfo
 from server.settings import LimitsSettings
-from server.triton import EncoderSpec, QueryDecoderSpec, QuerySpec
+from server.triton import DecoderOutputs, EncoderSpec, QueryDecoderSpec, QuerySpec
 
 FRAMES, SIZE, DIM = 2, 4, 3
 QUERIES = (QuerySpec("take_off", ("forward", "back")), QuerySpec("class", ("a", "b", "c")))
@@ -55,7 +55,7 @@ class FakeTriton:
         logits = {q.query: np.arange(self.logits_width or len(q.attributes), dtype=np.float32)
                   for q in QUERIES}
         attention = np.tile(np.linspace(1.0, 2.0, len(features)), (len(QUERIES), 1))
-        return logits, attention
+        return DecoderOutputs(logits, attention, None)
 
 
 class FakeClips:

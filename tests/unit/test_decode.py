@@ -442,3 +442,24 @@ async def test_large_inputs_use_pyav_and_split_it_exactly(media):
     # Same timestamps as decord, and nearly the same pixels (resize filters differ slightly).
     np.testing.assert_allclose(a_spans, r_spans, atol=1e-4)
     assert np.abs(a_clips.astype(int) - r_clips).mean() < 3
+
+
+async def test_a_live_stream_is_read_once_through_a_pipe_by_pyav(decoder, media, tmp_path):
+    # A named pipe cannot be reopened or seeked: one PyAV segment from start to end, in chunks of
+    # the request's size, with the same clips as the file itself.
+    fifo = tmp_path / "live.ts"
+    os.mkfifo(fifo)
+    data = media["ts"].read_bytes()
+
+    def feed() -> None:
+        with open(fifo, "wb") as pipe:
+            pipe.write(data)
+
+    writer = asyncio.get_running_loop().run_in_executor(None, feed)
+    stream = decoder.stream(fifo, frame_size=SIZE, clip_frames=CLIP, clips_per_batch=1, live=True, chunk_frames=2)
+    live = [b async for b in stream]
+    await writer
+    whole = await _collect(decoder, media["ts"])
+    assert live[-1].info.decoder == "pyav" and live[-1].info.frames == whole[-1].info.frames == 60
+    np.testing.assert_array_equal(_joined(live)[0], _joined(whole)[0])
+    np.testing.assert_allclose(_joined(live)[1], _joined(whole)[1], atol=1e-6)

@@ -4,8 +4,6 @@ import sys
 
 import pytest
 
-from server.api.servicer import Slots
-from server.errors import Overloaded
 from server.launcher import TritonInstall, TritonProcess, parse_load_errors
 from server.supervisor import restart_delay
 from server.settings import TritonSettings
@@ -41,17 +39,6 @@ def test_command_uses_explicit_local_ports(tmp_path):
     env = process.environment(install)
     assert env["PATH"].startswith(str(install.python_bin))
     assert env["LD_LIBRARY_PATH"].startswith(str(install.libs))
-
-
-def test_slots_refuse_beyond_the_limit():
-    slots = Slots(1)
-    with slots.claim():
-        with pytest.raises(Overloaded, match="max_concurrent_requests"):
-            with slots.claim():
-                pass
-    with slots.claim():
-        assert slots.used == 1
-    assert slots.used == 0
 
 
 def test_restart_delay_doubles_from_one_second_up_to_thirty():

@@ -1,0 +1,236 @@
+"""ONNX form of the adaptive ops: one `vqs` node per use, with a function body of standard ONNX ops.
+
+Each use of SGS / ATS in an exported graph is one node (domain `vqs`, op type
+`SimilarityGuidedSampling` / `AdaptiveTokenSampler`). The model carries a FunctionProto of the same
+name whose body is made of opset-18 ops, so ONNX Runtime runs the model by inlining it, and a
+TensorRT plugin registered under the same name can replace it. The bodies are the CPU
+implementation: they compute only the rows and bins they keep (a gather before each matmul).
+
+Route (DESIGN.md §3): `torch.onnx.export(dynamo=True, custom_translation_table=translation_table())`
+turns each custom op into its `vqs` node (the op schemas registered here give the node its
+outputs), then `attach_functions` adds the bodies.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+import onnx
+import onnxscript
+import torch
+from onnxscript import BOOL, FLOAT, INT64
+from onnxscript import opset18 as op
+
+from export.adaptive import ats as _ats  # noqa: F401  (registers torch.ops.vqs.*)
+from export.adaptive import sgs as _sgs  # noqa: F401
+
+DOMAIN = "vqs"
+VERSION = 1
+OPSET = 18
+SGS_OP_TYPE = "SimilarityGuidedSampling"
+ATS_OP_TYPE = "AdaptiveTokenSampler"
+
+vqs = onnxscript.values.Opset(DOMAIN, VERSION)
+
+_SCHEMAS = {
+    SGS_OP_TYPE: (
+        [("features", "T"), ("z", "T"), ("bins", "tensor(int64)")],
+        [("sampled", "T"), ("mask", "tensor(bool)")],
+    ),
+    ATS_OP_TYPE: (
+        [("x", "T"), ("attn", "T"), ("v", "T"), ("mask", "tensor(bool)"), ("k", "tensor(int64)")],
+        [("attended", "T"), ("residual", "T"), ("kept_mask", "tensor(bool)"), ("index", "tensor(int64)")],
+    ),
+}
+
+
+def register_schemas() -> None:
+    """Declare the two ops to onnx (once per process) so the exporter knows their outputs."""
+    for name, (inputs, outputs) in _SCHEMAS.items():
+        if onnx.defs.has(name, DOMAIN):
+            continue
+        onnx.defs.register_schema(
+            onnx.defs.OpSchema(
+                name,
+                DOMAIN,
+                VERSION,
+                inputs=[onnx.defs.OpSchema.FormalParameter(n, t) for n, t in inputs],
+                outputs=[onnx.defs.OpSchema.FormalParameter(n, t) for n, t in outputs],
+                type_constraints=[("T", ["tensor(float)"], "float32 features")],
+            )
+        )
+
+
+@onnxscript.script(vqs, default_opset=op)
+def SimilarityGuidedSampling(features: FLOAT, z: FLOAT, bins: INT64):
+    # Same arithmetic and bin order as export.adaptive.sgs.sample (see there for the why).
+    delta = op.ReduceL2(z, op.Constant(value_ints=[-1]), keepdims=0)  # N, T
+    delta_max = op.ReduceMax(delta, op.Constant(value_ints=[1]), keepdims=1)  # N, 1
+    flat = op.LessOrEqual(delta_max, op.Constant(value_float=1e-12))
+    two_b = op.Cast(bins, to=1) * op.Constant(value_float=2.0)
+    x = op.Where(flat, two_b, two_b * delta / op.Where(flat, op.Constant(value_float=1.0), delta_max))
+    bin_number = op.Range(op.Constant(value_int=1), bins + op.Constant(value_int=1), op.Constant(value_int=1))
+    centres = op.Cast(bin_number, to=1) * op.Constant(value_float=2.0) - op.Constant(value_float=1.0)  # B
+    right_limit = op.Where(
+        op.Equal(bin_number, bins), op.Constant(value_float=0.0), op.Constant(value_float=float("inf"))
+    )
+    offset = op.Min(op.Unsqueeze(x, op.Constant(value_ints=[-1])) - centres, right_limit)  # N, T, B
+    weights = op.Relu(op.Constant(value_float=1.0) - op.Abs(offset))
+    occupied = op.Cast(
+        op.Greater(op.ReduceSum(weights, op.Constant(value_ints=[1]), keepdims=0), op.Constant(value_float=0.0)),
+        to=1,
+    )  # N, B as 0/1
+    kept = op.Cast(op.ReduceMax(op.ReduceSum(occupied, op.Constant(value_ints=[1]), keepdims=0), keepdims=1), to=7)
+    # Kept bins first, each group in bin order: descending key occupied·2B + (B − b).
+    key = occupied * two_b + (op.Cast(bins - bin_number, to=1))
+    _, order = op.TopK(key, kept, axis=1, largest=1, sorted=1)  # N, B'
+    shape = op.Shape(features)
+    head = op.Slice(shape, op.Constant(value_ints=[0]), op.Constant(value_ints=[3]))  # N, C, T
+    nt = op.Concat(op.Slice(shape, op.Constant(value_ints=[0]), op.Constant(value_ints=[1])),
+                   op.Slice(shape, op.Constant(value_ints=[2]), op.Constant(value_ints=[3])), kept, axis=0)
+    chosen = op.GatherElements(weights, op.Expand(op.Unsqueeze(order, op.Constant(value_ints=[1])), nt), axis=2)
+    flat_features = op.Reshape(features, op.Concat(head, op.Constant(value_ints=[-1]), axis=0))  # N, C, T, S
+    sampled = op.MatMul(op.Unsqueeze(op.Transpose(chosen, perm=[0, 2, 1]), op.Constant(value_ints=[1])), flat_features)
+    out_shape = op.Concat(
+        op.Slice(shape, op.Constant(value_ints=[0]), op.Constant(value_ints=[2])),
+        kept,
+        op.Slice(shape, op.Constant(value_ints=[3]), op.Constant(value_ints=[1000])),
+        axis=0,
+    )
+    sampled = op.Reshape(sampled, out_shape)  # N, C, B', *S
+    mask = op.Cast(op.GatherElements(occupied, order, axis=1), to=9)
+    return sampled, mask
+
+
+@onnxscript.script(vqs, default_opset=op)
+def AdaptiveTokenSampler(x: FLOAT, attn: FLOAT, v: FLOAT, mask: BOOL, k: INT64):
+    # Same arithmetic and token order as export.adaptive.ats.select / gather_rows.
+    one = op.Constant(value_ints=[1])
+    zero = op.Constant(value_ints=[0])
+    end = op.Constant(value_ints=[1000000000])
+    valid = op.Cast(op.Slice(mask, one, end, one), to=1)  # N, n as 0/1
+    cls_row = op.Squeeze(op.Slice(attn, zero, one, op.Constant(value_ints=[2])), op.Constant(value_ints=[2]))
+    cls_row = op.Slice(cls_row, one, end, op.Constant(value_ints=[2]))  # N, h, n
+    v_norm = op.ReduceL2(op.Slice(v, one, end, op.Constant(value_ints=[2])), op.Constant(value_ints=[3]), keepdims=0)
+    scores = op.ReduceSum(cls_row * v_norm, one, keepdims=0) * valid  # N, n
+    total = op.Max(op.ReduceSum(scores, one, keepdims=1), op.Constant(value_float=1e-12))
+    cdf = op.CumSum(scores / total, op.Constant(value_int=1))  # N, n
+    attn_shape = op.Shape(attn)
+    tokens = op.Squeeze(op.Slice(attn_shape, op.Constant(value_ints=[3]), op.Constant(value_ints=[4])))
+    n_tokens = tokens - op.Constant(value_int=1)
+    k_eff = op.Min(op.Reshape(k, op.Constant(value_ints=[])), n_tokens)
+    k_float = op.Cast(k_eff, to=1)
+    valid_count = op.ReduceSum(valid, one, keepdims=0)  # N
+    # When K covers every sample's tokens nothing is sampled: one point keeps that part cheap.
+    k_points = op.Where(op.GreaterOrEqual(k_float, op.ReduceMax(valid_count, keepdims=0)), op.Constant(value_int=1), k_eff)
+    i = op.Cast(op.Range(op.Constant(value_int=1), k_points + op.Constant(value_int=1), op.Constant(value_int=1)), to=1)
+    points = (i * op.Constant(value_float=2.0) - op.Constant(value_float=1.0)) / (op.Cast(k_points, to=1) * op.Constant(value_float=2.0))
+    distance = op.Abs(op.Unsqueeze(cdf, one) - op.Unsqueeze(points, one))  # N, K, n
+    distance = op.Where(
+        op.Unsqueeze(op.Greater(valid, op.Constant(value_float=0.5)), one),
+        distance,
+        op.Constant(value_float=float("inf")),
+    )
+    picked = op.ArgMin(distance, axis=2, keepdims=0)  # N, K
+    chosen = op.ScatterElements(op.Mul(valid, op.Constant(value_float=0.0)), picked,
+                                op.Expand(op.Constant(value_float=1.0), op.Shape(picked)), axis=1, reduction="max")
+    keep_all = op.Unsqueeze(op.GreaterOrEqual(k_float, valid_count), one)
+    chosen = op.Where(keep_all, valid, chosen * valid)  # N, n as 0/1
+    kept = op.Cast(op.ReduceMax(op.ReduceSum(chosen, one, keepdims=0), keepdims=1), to=7)
+    n_float = op.Cast(n_tokens, to=1)
+    position = op.Cast(op.Range(op.Constant(value_int=0), n_tokens, op.Constant(value_int=1)), to=1)
+    # Kept tokens first, each group in token order: descending key chosen·2n + (n − j).
+    _, order = op.TopK(chosen * (n_float * op.Constant(value_float=2.0)) + (n_float - position), kept, axis=1)
+    kept_mask = op.Greater(op.GatherElements(chosen, order, axis=1), op.Constant(value_float=0.5))  # N, K'
+    index = op.Where(kept_mask, order + op.Constant(value_int=1), op.Constant(value_int=0))
+    batch_shape = op.Slice(attn_shape, zero, one)
+    index = op.Concat(op.Expand(op.Constant(value_ints=[0]), op.Concat(batch_shape, one, axis=0)), index, axis=1)
+    kept_mask = op.Concat(op.Cast(op.Expand(one, op.Concat(batch_shape, one, axis=0)), to=9), kept_mask, axis=1)
+    # Rows of A for the kept tokens only, by one flat gather: row (b·h + head)·(n+1) + index.
+    heads = op.Slice(attn_shape, one, op.Constant(value_ints=[2]))
+    batch = op.Squeeze(batch_shape)
+    head_count = op.Squeeze(heads)
+    plane = op.Unsqueeze(op.Range(op.Constant(value_int=0), batch, op.Constant(value_int=1)), one) * head_count \
+        + op.Unsqueeze(op.Range(op.Constant(value_int=0), head_count, op.Constant(value_int=1)), zero)  # N, h
+    flat_index = op.Unsqueeze(plane * tokens, op.Constant(value_ints=[2])) + op.Unsqueeze(index, one)  # N, h, m
+    rows = op.Gather(op.Reshape(attn, op.Concat(op.Constant(value_ints=[-1]), op.Unsqueeze(tokens, zero), axis=0)),
+                     flat_index, axis=0)  # N, h, m, n+1
+    attended = op.Reshape(op.Transpose(op.MatMul(rows, v), perm=[0, 2, 1, 3]), op.Constant(value_ints=[0, 0, -1]))
+    x_shape = op.Shape(x)
+    sample_index = op.Unsqueeze(op.Range(op.Constant(value_int=0), batch, op.Constant(value_int=1)), one) * tokens + index
+    residual = op.Gather(op.Reshape(x, op.Concat(op.Constant(value_ints=[-1]), op.Slice(x_shape, op.Constant(value_ints=[2]), op.Constant(value_ints=[3])), axis=0)),
+                         sample_index, axis=0)  # N, m, d
+    keep = op.Unsqueeze(op.Cast(kept_mask, to=1), op.Constant(value_ints=[2]))
+    return attended * keep, residual * keep, kept_mask, index
+
+
+def function_protos() -> dict[str, onnx.FunctionProto]:
+    return {
+        SGS_OP_TYPE: SimilarityGuidedSampling.to_function_proto(),
+        ATS_OP_TYPE: AdaptiveTokenSampler.to_function_proto(),
+    }
+
+
+def _sgs_node(features, z, bins):
+    return vqs.SimilarityGuidedSampling(features, z, bins)
+
+
+def _ats_node(x, attn, v, mask, k):
+    return vqs.AdaptiveTokenSampler(x, attn, v, mask, k)
+
+
+def translation_table() -> dict[Callable, Callable]:
+    """`custom_translation_table` for torch.onnx.export: each op becomes its single vqs node."""
+    register_schemas()
+    return {
+        torch.ops.vqs.similarity_guided_sampling.default: _sgs_node,
+        torch.ops.vqs.adaptive_token_sampler.default: _ats_node,
+    }
+
+
+def attach_functions(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Add the body of every vqs op the graph uses (in place) and import the vqs domain."""
+    used = {node.op_type for node in _all_nodes(model.graph) if node.domain == DOMAIN}
+    present = {(f.domain, f.name) for f in model.functions}
+    for name, proto in function_protos().items():
+        if name in used and (DOMAIN, name) not in present:
+            model.functions.append(proto)
+    if used and not any(o.domain == DOMAIN for o in model.opset_import):
+        model.opset_import.append(onnx.helper.make_opsetid(DOMAIN, VERSION))
+    return model
+
+
+def _all_nodes(graph: onnx.GraphProto):
+    for node in graph.node:
+        yield node
+        for attribute in node.attribute:
+            if attribute.type == onnx.AttributeProto.GRAPH:
+                yield from _all_nodes(attribute.g)
+
+
+def export(
+    model: torch.nn.Module,
+    args: tuple,
+    path: Path,
+    *,
+    input_names: Sequence[str],
+    output_names: Sequence[str],
+    dynamic_shapes: Mapping | Sequence | None = None,
+) -> onnx.ModelProto:
+    """torch -> ONNX with the vqs ops kept as single nodes and their bodies attached; saved to `path`."""
+    program = torch.onnx.export(
+        model,
+        args,
+        dynamo=True,
+        opset_version=OPSET,
+        input_names=list(input_names),
+        output_names=list(output_names),
+        dynamic_shapes=dynamic_shapes,
+        custom_translation_table=translation_table(),
+        external_data=False,
+    )
+    proto = attach_functions(program.model_proto)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(proto, str(path))
+    return proto

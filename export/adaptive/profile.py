@@ -1,0 +1,180 @@
+"""Time the ONNX function bodies of the adaptive ops in ONNX Runtime against the plain encoder
+block they sit in (untrained weights: the op's cost depends on shapes, and K'/B' are set by hand).
+
+    python -m export.adaptive.profile [--batch 1 8] [--threads 1] [--repeats 30]
+
+Each case is exported once (bare op, ATS block, plain block; SGS op and the s3d stage after it)
+and the sessions are timed interleaved, so machine load hits them alike; medians are printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from export.adaptive import onnx_functions
+from export.adaptive.ats import adaptive_token_sampler
+from export.adaptive.sgs import SimilarityGuidedSampling, similarity_guided_sampling
+from export.models.s3d import SepConv3d
+from export.models.vit import Block
+
+
+class _AtsOp(torch.nn.Module):
+    def forward(self, x, attn, v, mask, k):
+        return adaptive_token_sampler(x, attn, v, mask, k)
+
+
+class _AtsBlock(torch.nn.Module):
+    def __init__(self, block: Block):
+        super().__init__()
+        self.block = block
+
+    def forward(self, x, k):
+        return self.block(x, None, k)
+
+
+class _PlainBlock(_AtsBlock):
+    def forward(self, x):
+        return self.block(x)[0]
+
+
+class _SgsOp(torch.nn.Module):
+    def forward(self, features, z, bins):
+        return similarity_guided_sampling(features, z, bins)
+
+
+class _SgsModule(torch.nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.sgs = SimilarityGuidedSampling(channels)
+
+    def forward(self, features, bins):
+        return self.sgs(features, bins)
+
+
+class _Stage(torch.nn.Module):
+    def __init__(self, stage: SepConv3d):
+        super().__init__()
+        self.stage = stage
+
+    def forward(self, features):
+        return self.stage(features)
+
+
+def _session(path: Path, threads: int) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _export(model, args, path, names, dynamic):
+    inputs, outputs = names
+    onnx_functions.export(model.eval(), args, path, input_names=inputs, output_names=outputs, dynamic_shapes=dynamic)
+
+
+def _time_interleaved(cases: dict[str, tuple[ort.InferenceSession, dict]], repeats: int) -> dict[str, float]:
+    for session, feed in cases.values():
+        session.run(None, feed)
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in range(repeats):
+        for name, (session, feed) in cases.items():
+            start = time.perf_counter()
+            session.run(None, feed)
+            times[name].append(time.perf_counter() - start)
+    return {name: float(np.median(t)) * 1e3 for name, t in times.items()}
+
+
+def profile_ats(out: Path, *, batches, threads: int, repeats: int, dim: int = 128, heads: int = 4, tokens: int = 197):
+    torch.manual_seed(0)
+    block = Block(dim, heads=heads).eval()
+    batch = torch.export.Dim("batch", min=1, max=64)
+    x = torch.randn(2, tokens, dim)
+    attn = torch.softmax(torch.randn(2, heads, tokens, tokens), dim=-1)
+    v = torch.randn(2, heads, tokens, dim // heads)
+    mask = torch.ones(2, tokens, dtype=torch.bool)
+    _export(_AtsOp(), (x, attn, v, mask, torch.tensor(8)), out / "ats_op.onnx",
+            (["x", "attn", "v", "mask", "k"], ["attended", "residual", "kept", "index"]),
+            {"x": {0: batch}, "attn": {0: batch}, "v": {0: batch}, "mask": {0: batch}, "k": None})
+    _export(_AtsBlock(block), (x, torch.tensor(8)), out / "ats_block.onnx", (["x", "k"], ["y", "kept"]),
+            {"x": {0: batch}, "k": None})
+    _export(_PlainBlock(block), (x,), out / "plain_block.onnx", (["x"], ["y"]), {"x": {0: batch}})
+    op, ats, plain = (_session(out / f"{n}.onnx", threads) for n in ("ats_op", "ats_block", "plain_block"))
+    rng = np.random.default_rng(0)
+    print(f"ATS, {tokens} tokens, dim {dim}, {heads} heads, {threads} thread(s); ms per call (median of {repeats})")
+    print("batch  K    K'+1  ATS op  ATS block  plain block  op/plain  block/plain")
+    for n in batches:
+        xs = rng.standard_normal((n, tokens, dim)).astype(np.float32)
+        # Peaked attention (as in trained later blocks) so K' < K happens.
+        logits = 4 * rng.standard_normal((n, heads, tokens, tokens)).astype(np.float32)
+        probs = np.exp(logits - logits.max(-1, keepdims=True))
+        probs /= probs.sum(-1, keepdims=True)
+        vs = rng.standard_normal((n, heads, tokens, dim // heads)).astype(np.float32)
+        ones = np.ones((n, tokens), dtype=bool)
+        for k in (tokens - 1, 128, 64, 32, 16):
+            kk = np.array(k)
+            kept = op.run(None, {"x": xs, "attn": probs, "v": vs, "mask": ones, "k": kk})[2].shape[1]
+            t = _time_interleaved({
+                "op": (op, {"x": xs, "attn": probs, "v": vs, "mask": ones, "k": kk}),
+                "block": (ats, {"x": xs, "k": kk}),
+                "plain": (plain, {"x": xs}),
+            }, repeats)
+            print(f"{n:5d} {k:4d} {kept:5d} {t['op']:7.3f} {t['block']:10.3f} {t['plain']:12.3f}"
+                  f" {t['op'] / t['plain']:9.2f} {t['block'] / t['plain']:12.2f}")
+
+
+def profile_sgs(out: Path, *, batches, threads: int, repeats: int, channels: int = 24, frames: int = 8, size: int = 14,
+                next_channels: int = 32):
+    """SGS on the s3d's stem output (24 channels, 8 frames, 14×14) against the stage after it."""
+    torch.manual_seed(0)
+    batch = torch.export.Dim("batch", min=1, max=64)
+    bins_kept = torch.export.Dim("kept", min=1, max=frames)
+    features = torch.randn(2, channels, frames, size, size)
+    _export(_SgsOp(), (features, torch.randn(2, frames, 8), torch.tensor(frames)), out / "sgs_op.onnx",
+            (["features", "z", "bins"], ["sampled", "mask"]), {"features": {0: batch}, "z": {0: batch}, "bins": None})
+    _export(_SgsModule(channels), (features, torch.tensor(frames)), out / "sgs_module.onnx",
+            (["features", "bins"], ["sampled", "mask"]), {"features": {0: batch}, "bins": None})
+    _export(_Stage(SepConv3d(channels, next_channels)), (features,), out / "stage.onnx", (["features"], ["y"]),
+            {"features": {0: batch, 2: bins_kept}})
+    op, module, stage = (_session(out / f"{n}.onnx", threads) for n in ("sgs_op", "sgs_module", "stage"))
+    rng = np.random.default_rng(0)
+    print(f"SGS on ({channels}, {frames}, {size}, {size}) features, {threads} thread(s); ms per call (median of {repeats})")
+    print("batch  B   B'  SGS op  SGS+net  stage(T)  stage(B')  op/stage(T)")
+    for n in batches:
+        feats = rng.standard_normal((n, channels, frames, size, size)).astype(np.float32)
+        for bins in (frames, 4, 2):
+            z = rng.standard_normal((n, frames, 8)).astype(np.float32)
+            feed = {"features": feats, "z": z, "bins": np.array(bins)}
+            sampled = op.run(None, feed)[0]
+            t = _time_interleaved({
+                "op": (op, feed),
+                "module": (module, {"features": feats, "bins": np.array(bins)}),
+                "stage": (stage, {"features": feats}),
+                "stage_kept": (stage, {"features": np.ascontiguousarray(sampled)}),
+            }, repeats)
+            print(f"{n:5d} {bins:2d} {sampled.shape[2]:3d} {t['op']:7.3f} {t['module']:8.3f} {t['stage']:9.3f}"
+                  f" {t['stage_kept']:10.3f} {t['op'] / t['stage']:12.2f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--only", choices=["ats", "sgs"], default=None)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.only in (None, "ats"):
+            profile_ats(Path(tmp), batches=args.batch, threads=args.threads, repeats=args.repeats)
+        if args.only in (None, "sgs"):
+            profile_sgs(Path(tmp), batches=args.batch, threads=args.threads, repeats=args.repeats)
+
+
+if __name__ == "__main__":
+    main()

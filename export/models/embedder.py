@@ -1,0 +1,127 @@
+"""Frame embedder (CARL-style, issue 11) and the per-frame CNN it shares with the action parser.
+
+frames (B, T, 112, 112, 3) uint8 -> 2x2 mean to 56 px -> small 2D CNN per frame -> projection ->
+sine-cosine positions -> Transformer encoder -> 128-d L2-normalised embedding per frame.
+Trained self-supervised with the sequence contrastive loss (`sequence_contrastive_loss`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+PIXEL_MEAN = 0.45 * 255
+PIXEL_STD = 0.225 * 255
+
+
+class FrameCNN(nn.Module):
+    """Small 2D CNN applied to every frame on its own: (B, T, 56, 56, 3) -> (B, T, dim).
+
+    With `motion`, each frame is stacked with its difference to the previous frame (6 input
+    channels): still one frame's worth of context, but what moves is visible at frame rate.
+    """
+
+    def __init__(self, dim: int = 128, *, motion: bool = False, width: int = 24):
+        super().__init__()
+        self.motion = motion
+        c1, c2, c3, c4 = width, 2 * width, 4 * width, 128
+
+        def block(cin: int, cout: int, stride: int) -> list[nn.Module]:
+            return [nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout),
+                    nn.ReLU(inplace=True)]
+
+        self.body = nn.Sequential(
+            *block(6 if motion else 3, c1, 2), *block(c1, c1, 1),  # 28
+            *block(c1, c2, 2), *block(c2, c2, 1),  # 14
+            *block(c2, c3, 2),  # 7
+            *block(c3, c4, 2),  # 4: keep the 4x4 layout, where the figure is matters
+        )
+        self.proj = nn.Linear(c4 * 16, dim)
+
+    def forward(self, frames: torch.Tensor) -> torch.Tensor:
+        b, t = frames.shape[:2]
+        x = (frames.float() - PIXEL_MEAN) / PIXEL_STD
+        x = x.permute(0, 1, 4, 2, 3)  # B, T, C, H, W
+        if self.motion:
+            previous = torch.cat([x[:, :1], x[:, :-1]], dim=1)
+            x = torch.cat([x, x - previous], dim=2)
+        x = self.body(x.flatten(0, 1))
+        return self.proj(x.flatten(1)).view(b, t, -1)
+
+
+def pool_served_frames(frames: torch.Tensor) -> torch.Tensor:
+    """(B, T, 112, 112, 3) served frames -> (B, T, 56, 56, 3), the mean of each 2x2 block (what
+    cv2.INTER_AREA computes for the training data, see export/frames.py)."""
+    b, t, h, w, c = frames.shape
+    x = frames.float().reshape(b, t, h // 2, 2, w // 2, 2, c)
+    return x.mean(dim=(3, 5))
+
+
+def sine_cosine_positions(length: int | torch.Tensor, dim: int) -> torch.Tensor:
+    """(length, dim) Transformer positional encoding."""
+    position = torch.arange(length, dtype=torch.float32).unsqueeze(1)
+    frequency = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))
+    angles = position * frequency
+    return torch.stack([angles.sin(), angles.cos()], dim=-1).flatten(1)
+
+
+class EncoderLayer(nn.Module):
+    """Pre-norm self-attention + FFN, written out so it exports to ONNX as plain ops."""
+
+    def __init__(self, dim: int, heads: int, hidden: int, dropout: float = 0.1):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.out = nn.Linear(dim, dim)
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.ffn = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        attn = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(d // self.heads), dim=-1)
+        x = x + self.drop(self.out((attn @ v).transpose(1, 2).reshape(b, t, d)))
+        return x + self.drop(self.ffn(self.norm2(x)))
+
+
+class FrameEmbedder(nn.Module):
+    """`forward` takes served frames (B, T, 112, 112, 3); `embed` takes 56 px training frames."""
+
+    def __init__(self, *, dim: int = 128, layers: int = 2, heads: int = 4, out_dim: int = 128,
+                 contextual: bool = True):
+        super().__init__()
+        self.dim, self.contextual = dim, contextual
+        self.cnn = FrameCNN(dim)
+        self.layers = nn.ModuleList(EncoderLayer(dim, heads, 2 * dim) for _ in range(layers if contextual else 0))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, out_dim)
+
+    def embed(self, frames: torch.Tensor) -> torch.Tensor:
+        x = self.cnn(frames)
+        if self.contextual:
+            x = x + sine_cosine_positions(x.shape[1], self.dim).to(x)
+            for layer in self.layers:
+                x = layer(x)
+        return F.normalize(self.head(self.norm(x)), dim=-1)
+
+    def forward(self, frames: torch.Tensor) -> torch.Tensor:
+        return self.embed(pool_served_frames(frames))
+
+
+def sequence_contrastive_loss(z1: torch.Tensor, z2: torch.Tensor, t1: torch.Tensor, t2: torch.Tensor,
+                              *, sigma2: float = 10.0, temperature: float = 0.1) -> torch.Tensor:
+    """CARL's SCL: for each frame of one view, KL from a Gaussian prior over its timestamp distance
+    to the other view's frames, to the softmax of cosine similarities / temperature; both ways.
+
+    z: (B, T, D) L2-normalised embeddings; t: (B, T) source timestamps in frames.
+    """
+    def one_way(za, zb, ta, tb):
+        log_p = torch.log_softmax(za @ zb.transpose(1, 2) / temperature, dim=-1)
+        prior = torch.softmax(-(ta[:, :, None] - tb[:, None, :]).float() ** 2 / (2 * sigma2), dim=-1)
+        return (prior * (torch.log(prior.clamp_min(1e-12)) - log_p)).sum(-1).mean()
+
+    return one_way(z1, z2, t1, t2) + one_way(z2, z1, t2, t1)

@@ -1,0 +1,131 @@
+"""The s3d clip encoder with Similarity Guided Sampling: after SGS every layer runs on the clip's
+B' <= B kept bins instead of its T frames.
+
+Where SGS goes decides what it can save: only the layers after it shrink. `PLACEMENTS` names the
+points tried (after the stem, after stage 2 as the thesis does for X3D, after stage 3); `macs`
+counts a clip's multiply-adds for a given B' from the shapes each layer processes.
+
+Across a batch the kept bins are padded to the batch's largest B' (mask False). Padded frames are
+zeroed before every temporal conv and pooled out at the end, so a clip's features do not depend
+on its batch. The temporal max-pool after stage 3 rounds up (B' = 1 and odd B' pool to
+ceil(B'/2) frames); on an even T it is the s3d's pool.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from export.adaptive.sgs import SimilarityGuidedSampling
+from export.models.s3d import S3D, SepConv3d
+
+PLACEMENTS = ("stem", "stage2", "stage3")
+
+
+def _masked_stage(stage: SepConv3d, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """`stage` on (N, C, T, H, W) whose padded frames (mask False) are held at 0 around the temporal conv."""
+    keep = None if mask is None else mask[:, None, :, None, None].to(x.dtype)
+    x = stage.act(stage.norm_s(stage.spatial(x)))
+    if keep is not None:
+        x = x * keep
+    x = stage.act(stage.norm_t(stage.temporal(x)))
+    return x if keep is None else x * keep
+
+
+class S3DSGS(S3D):
+    """`forward(clips, bins)` -> features (N, D) and the bins each clip kept, B' (N,)."""
+
+    def __init__(self, *, sgs_after: str = "stem", similarity_dim: int = 8, **s3d_options):
+        super().__init__(**s3d_options)
+        if sgs_after not in PLACEMENTS:
+            raise ValueError(f"sgs_after must be one of {PLACEMENTS}, got {sgs_after!r}")
+        if getattr(self, "per_frame", False):
+            raise ValueError("SGS needs a temporal encoder (temporal_kernel_size=3)")
+        self.sgs_after = sgs_after
+        channels = {"stem": self.stem[-3].out_channels, "stage2": self.stage2.temporal.out_channels,
+                    "stage3": self.stage3.temporal.out_channels}[sgs_after]
+        self.sgs = SimilarityGuidedSampling(channels, similarity_dim=similarity_dim)
+        self.temporal_stride = self.pool3.kernel_size[0] if isinstance(self.pool3.kernel_size, tuple) else 2
+
+    def _pool3(self, x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        x = F.max_pool3d(x, (1, 2, 2))
+        if self.temporal_stride == 1:
+            return x, mask
+        # Round up: stride − 1 zero frames at the end (0 <= any ReLU output, so no max changes);
+        # a fixed pad instead of ceil_mode, whose size check cannot be traced on a data-dependent T.
+        extra = self.temporal_stride - 1
+        x = F.max_pool3d(F.pad(x, (0, 0, 0, 0, 0, extra)), (self.temporal_stride, 1, 1))
+        if mask is not None:
+            frames = F.pad(mask[:, None, :, None, None].to(x.dtype), (0, 0, 0, 0, 0, extra))
+            mask = F.max_pool3d(frames, (self.temporal_stride, 1, 1))[:, 0, :, 0, 0] > 0
+        return x, mask
+
+    def before_sgs(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)  # N, C1, T, H/p, W/p
+        if self.sgs_after == "stem":
+            return x
+        x = self.pool2(self.stage2(x))  # N, C2, T, H/2p, W/2p
+        if self.sgs_after == "stage2":
+            return x
+        return self.stage3(x)  # N, C3, T, H/2p, W/2p
+
+    def after_sgs(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        if self.sgs_after == "stem":
+            x = self.pool2(_masked_stage(self.stage2, x, mask))
+        if self.sgs_after in ("stem", "stage2"):
+            x = _masked_stage(self.stage3, x, mask)
+        x, mask = self._pool3(x, mask)
+        x = _masked_stage(self.stage4, x, mask).mean(dim=(3, 4))  # N, C4, T'
+        if mask is None:
+            return x.mean(dim=2)
+        keep = mask[:, None].to(x.dtype)
+        return (x * keep).sum(dim=2) / keep.sum(dim=2)  # N, C4
+
+    def forward_features(self, x: torch.Tensor, bins: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        sampled, mask = self.sgs(self.before_sgs(x), bins)  # N, C, B', h, w; N, B'
+        return self.after_sgs(sampled, mask), mask.sum(dim=1)
+
+    def forward(self, clips: torch.Tensor, bins: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = clips.permute(0, 4, 1, 2, 3).float()  # N, C, T, H, W
+        x = (x - self.mean) / self.std
+        features, kept = self.forward_features(x, bins)
+        return self.forward_head(features), kept
+
+    @torch.no_grad()
+    def macs(self, bins_kept: int) -> int:
+        """Multiply-adds of one clip that kept `bins_kept` bins: convolutions, linear layers,
+        the similarity net and the SGS sum, counted on the shapes each of them processes."""
+        if not 1 <= bins_kept <= self.clip_frames:
+            raise ValueError(f"bins_kept must be in 1..{self.clip_frames}, got {bins_kept}")
+        was_training = self.training
+        self.eval()
+        try:
+            x = torch.zeros(1, 3, self.clip_frames, self.frame_size, self.frame_size)
+            with FlopCounterMode(display=False) as counter:
+                before = self.before_sgs(x)
+                self.sgs.similarity(before)
+                _, c, t, *space = before.shape
+                self.forward_head(self.after_sgs(before.new_zeros(1, c, bins_kept, *space), None))
+            sgs_sum = c * bins_kept * t * space[0] * space[1]  # O_b = Σ_t I_t·w_tb
+            return counter.get_total_flops() // 2 + sgs_sum
+        finally:
+            self.train(was_training)
+
+
+def s3d_macs(model: S3D) -> int:
+    """Multiply-adds of one clip through the plain s3d, counted the same way."""
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model.eval()(torch.zeros(1, model.clip_frames, model.frame_size, model.frame_size, 3, dtype=torch.uint8))
+    return counter.get_total_flops() // 2
+
+
+# Shape-named variants (after timm): SGS placement in the name.
+VARIANTS = {f"s3d_sgs_{where}_112": dict(sgs_after=where) for where in PLACEMENTS}
+
+
+def create(name: str, **overrides) -> S3DSGS:
+    if name not in VARIANTS:
+        raise ValueError(f"unknown s3d_sgs variant {name!r}; known: {', '.join(VARIANTS)}")
+    return S3DSGS(**{**VARIANTS[name], **overrides})

@@ -1,0 +1,163 @@
+"""Small tubelet video ViT clip encoder, with the Adaptive Token Sampler in its later blocks.
+
+8 RGB frames at 112 px -> 2×16×16 tubelets (4·7·7 = 196 tokens) + a cls token -> pre-norm
+transformer blocks -> the cls token projected to D. One set of weights serves both encoders:
+`forward(clips)` is the plain ViT; `forward(clips, k)` samples tokens with ATS in `ats_blocks`
+(thesis: blocks 3..end), K per ATS block given at run time; K >= the tokens a block receives keeps
+them all, so k = 196 reproduces the plain ViT exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from export.adaptive.ats import adaptive_token_sampler
+from export.models.s3d import PIXEL_MEAN, PIXEL_STD
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, *, heads: int):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"dim {dim} is not divisible by heads {heads}")
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def probabilities(self, x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Softmax attention over the valid keys (N, h, n, n) and the values (N, h, n, dh);
+        `mask` None: every token is valid (no padding yet, so no masking cost)."""
+        n, t, d = x.shape
+        q, k, v = self.qkv(x).reshape(n, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        scores = (q @ k.transpose(-1, -2)) * (d // self.heads) ** -0.5
+        if mask is not None:
+            scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
+        return scores.softmax(dim=-1), v
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block; with `k`, ATS keeps K' + 1 rows of the attention output and the
+    residual and FFN run on those tokens only."""
+
+    def __init__(self, dim: int, *, heads: int, mlp_ratio: float = 4.0, norm_layer: type[nn.Module] = nn.LayerNorm):
+        super().__init__()
+        self.norm1 = norm_layer(dim)
+        self.attn = Attention(dim, heads=heads)
+        self.norm2 = norm_layer(dim)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor | None = None, k: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Tokens (N, n, dim) and their validity mask (N, n) or None (all valid) -> the same for
+        the tokens this block keeps."""
+        attn, v = self.attn.probabilities(self.norm1(x), mask)  # N, h, n, n; N, h, n, dh
+        if k is None:
+            attended, residual = (attn @ v).transpose(1, 2).flatten(2), x
+        else:
+            if mask is None:
+                mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+            attended, residual, mask, _ = adaptive_token_sampler(x, attn, v, mask, k)
+        x = residual + self.attn.proj(attended)
+        return x + self.mlp(self.norm2(x)), mask
+
+
+class VideoViT(nn.Module):
+    """Clip encoder; `forward` takes uint8 clips (N, T, H, W, C) exactly as the server sends them."""
+
+    def __init__(
+        self,
+        *,
+        dim: int = 128,
+        depth: int = 6,
+        heads: int = 4,
+        mlp_ratio: float = 4.0,
+        feature_dim: int = 256,
+        clip_frames: int = 8,
+        frame_size: int = 112,
+        tubelet: tuple[int, int] = (2, 16),
+        ats_blocks: Sequence[int] = (2, 3, 4, 5),
+        norm_layer: type[nn.Module] = nn.LayerNorm,
+    ):
+        super().__init__()
+        tubelet_frames, patch = tubelet
+        if clip_frames % tubelet_frames or frame_size % patch:
+            raise ValueError(f"tubelet {tubelet} does not tile {clip_frames}×{frame_size}²")
+        if any(not 0 <= b < depth for b in ats_blocks):
+            raise ValueError(f"ats_blocks {tuple(ats_blocks)} must index the {depth} blocks")
+        self.clip_frames, self.frame_size, self.feature_dim = clip_frames, frame_size, feature_dim
+        self.ats_blocks = tuple(sorted(ats_blocks))
+        self.register_buffer("mean", torch.tensor(PIXEL_MEAN).view(1, 3, 1, 1, 1) * 255)
+        self.register_buffer("std", torch.tensor(PIXEL_STD).view(1, 3, 1, 1, 1) * 255)
+        self.embed = nn.Conv3d(3, dim, (tubelet_frames, patch, patch), stride=(tubelet_frames, patch, patch))
+        self.tokens = (clip_frames // tubelet_frames) * (frame_size // patch) ** 2
+        self.cls = nn.Parameter(torch.zeros(1, 1, dim))
+        self.position = nn.Parameter(torch.randn(1, self.tokens + 1, dim) * 0.02)
+        self.blocks = nn.ModuleList(
+            Block(dim, heads=heads, mlp_ratio=mlp_ratio, norm_layer=norm_layer) for _ in range(depth)
+        )
+        self.norm = norm_layer(dim)
+        self.proj = nn.Linear(dim, feature_dim)
+
+    def forward_features(
+        self, x: torch.Tensor, k: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Normalised video (N, 3, T, H, W) -> cls features (N, dim) and, with ATS, the tokens
+        each ATS block kept per sample (N, len(ats_blocks)), cls included."""
+        tokens = self.embed(x).flatten(2).transpose(1, 2)  # N, n, dim
+        x = torch.cat([self.cls.expand(tokens.shape[0], -1, -1), tokens], dim=1) + self.position
+        mask = None
+        kept = []
+        for i, block in enumerate(self.blocks):
+            block_k = None if k is None or i not in self.ats_blocks else k[self.ats_blocks.index(i)]
+            x, mask = block(x, mask, block_k)
+            if block_k is not None:
+                kept.append(mask.sum(dim=1))
+        return self.norm(x[:, 0]), (torch.stack(kept, dim=1) if kept else None)
+
+    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)  # N, D
+
+    def forward(self, clips: torch.Tensor, k: torch.Tensor | None = None):
+        """uint8 clips -> features (N, D); with k (one K per ATS block, int64), also the tokens kept."""
+        x = clips.permute(0, 4, 1, 2, 3).float()  # N, C, T, H, W
+        x = (x - self.mean) / self.std
+        features, kept = self.forward_features(x, k)
+        return self.forward_head(features) if k is None else (self.forward_head(features), kept)
+
+    def macs(self, kept: Sequence[int] | None = None) -> int:
+        """Multiply-adds of one clip whose ATS blocks kept `kept` tokens (cls included; None: no ATS).
+
+        Counted from the shapes each layer processes: a block receiving n tokens and keeping m
+        computes q, k, v and the attention scores for all n, and A·V, the projection and the FFN
+        for m (ATS's scoring and sorting are O(n·K), not counted)."""
+        dim = self.cls.shape[-1]
+        hidden = self.blocks[0].mlp[0].out_features
+        kernel = self.embed.weight[0].numel()
+        total = self.tokens * dim * kernel  # tubelet embedding
+        n = self.tokens + 1
+        kept = list(kept) if kept is not None else []
+        if kept and len(kept) != len(self.ats_blocks):
+            raise ValueError(f"kept needs one count per ATS block ({len(self.ats_blocks)}), got {len(kept)}")
+        for i in range(len(self.blocks)):
+            m = kept[self.ats_blocks.index(i)] if kept and i in self.ats_blocks else n
+            total += n * dim * 3 * dim + n * n * dim  # qkv, QKᵀ
+            total += m * n * dim + m * dim * dim + 2 * m * dim * hidden  # A·V, proj, FFN
+            n = m
+        return total + dim * self.feature_dim
+
+
+# Shape-named variants (after timm): the same weights serve `vit` and `vit_ats`.
+VARIANTS = {
+    "vit_tiny_112": dict(dim=128, depth=6, heads=4, ats_blocks=(2, 3, 4, 5)),
+}
+
+
+def create(name: str, **overrides) -> VideoViT:
+    if name not in VARIANTS:
+        raise ValueError(f"unknown ViT variant {name!r}; known: {', '.join(VARIANTS)}")
+    return VideoViT(**{**VARIANTS[name], **overrides})

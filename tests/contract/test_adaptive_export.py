@@ -1,0 +1,240 @@
+"""The adaptive ops export as one `vqs` node per use with an attached body of standard ONNX ops,
+pass the full ONNX checker, and ONNX Runtime (which inlines the body) matches torch."""
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from export.adaptive import onnx_functions
+from export.adaptive.ats import adaptive_token_sampler
+from export.adaptive.sgs import SimilarityGuidedSampling, similarity_guided_sampling
+
+TOLERANCE = 1e-4
+
+
+class _SgsOnly(torch.nn.Module):
+    """The bare op, so the test controls the similarity vectors (and hence B')."""
+
+    def forward(self, features, z, bins):
+        return similarity_guided_sampling(features, z, bins)
+
+
+class _SgsStage(torch.nn.Module):
+    """SGS with its similarity net, then a temporal conv over the B' kept bins and masked pooling."""
+
+    def __init__(self, channels=8):
+        super().__init__()
+        self.sgs = SimilarityGuidedSampling(channels)
+        self.conv = torch.nn.Conv3d(channels, channels, (3, 1, 1), padding=(1, 0, 0))
+
+    def forward(self, features, bins):
+        sampled, mask = self.sgs(features, bins)
+        pooled = (self.conv(sampled).mean(dim=(3, 4)) * mask[:, None]).sum(dim=2) / mask.sum(dim=1, keepdim=True)
+        return pooled, mask
+
+
+class _AtsBlock(torch.nn.Module):
+    """A pre-norm transformer block with ATS in its attention (masked keys for padded tokens)."""
+
+    def __init__(self, dim=32, heads=4):
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.norm2 = torch.nn.LayerNorm(dim), torch.nn.LayerNorm(dim)
+        self.qkv, self.proj = torch.nn.Linear(dim, 3 * dim), torch.nn.Linear(dim, dim)
+        self.ffn = torch.nn.Sequential(torch.nn.Linear(dim, 2 * dim), torch.nn.GELU(), torch.nn.Linear(2 * dim, dim))
+
+    def forward(self, x, mask, k):
+        n, t, d = x.shape
+        q, key, v = self.qkv(self.norm1(x)).reshape(n, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        attn = (q @ key.transpose(-1, -2)) * (d // self.heads) ** -0.5
+        attn = attn.masked_fill(~mask[:, None, None, :], float("-inf")).softmax(dim=-1)
+        attended, residual, kept, index = adaptive_token_sampler(x, attn, v, mask, k)
+        y = residual + self.proj(attended)
+        return y + self.ffn(self.norm2(y)), kept, index
+
+
+def _export(model, args, path, input_names, output_names, dynamic_shapes):
+    return onnx_functions.export(
+        model.eval(), args, path, input_names=input_names, output_names=output_names, dynamic_shapes=dynamic_shapes
+    )
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("adaptive")
+    batch = torch.export.Dim("batch", min=1, max=64)
+    models = {
+        "sgs": _SgsOnly(),
+        "sgs_stage": _SgsStage(),
+        "ats": _AtsBlock(),
+    }
+    specs = {
+        "sgs": ((torch.randn(2, 8, 8, 3, 3), torch.randn(2, 8, 4), torch.tensor(8)), ["features", "z", "bins"],
+                ["sampled", "mask"], {"features": {0: batch}, "z": {0: batch}, "bins": None}),
+        "sgs_stage": ((torch.randn(2, 8, 8, 3, 3), torch.tensor(8)), ["features", "bins"], ["pooled", "mask"],
+                      {"features": {0: batch}, "bins": None}),
+        "ats": ((torch.randn(2, 17, 32), torch.ones(2, 17, dtype=torch.bool), torch.tensor(8)), ["x", "mask", "k"],
+                ["y", "kept", "index"], {"x": {0: batch}, "mask": {0: batch}, "k": None}),
+    }
+    result = {}
+    for name, model in models.items():
+        args, inputs, outputs, dynamic = specs[name]
+        path = out / f"{name}.onnx"
+        _export(model, args, path, inputs, outputs, dynamic)
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        result[name] = (model, onnx.load(str(path)), session)
+    return result
+
+
+@pytest.mark.parametrize(("name", "op_type"), [("sgs", "SimilarityGuidedSampling"), ("sgs_stage", "SimilarityGuidedSampling"),
+                                               ("ats", "AdaptiveTokenSampler")])
+def test_each_use_is_one_vqs_node_with_a_standard_body(exported, name, op_type):
+    _, proto, _ = exported[name]
+    custom = [n for n in proto.graph.node if n.domain not in ("", "ai.onnx")]
+    assert [(n.domain, n.op_type) for n in custom] == [("vqs", op_type)]
+    (function,) = [f for f in proto.functions if (f.domain, f.name) == ("vqs", op_type)]
+    assert {n.domain for n in function.node} <= {"", "ai.onnx"} and len(function.node) > 10
+    assert ("vqs", 1) in {(o.domain, o.version) for o in proto.opset_import}
+    onnx.checker.check_model(proto, full_check=True)
+
+
+def _similarity(batch: int, frames: int, rng: np.random.Generator) -> np.ndarray:
+    """Similarity vectors whose magnitudes spread over a clip-dependent number of levels."""
+    z = rng.standard_normal((batch, frames, 4)).astype(np.float32)
+    z /= np.linalg.norm(z, axis=-1, keepdims=True)
+    levels = rng.integers(1, frames + 1, size=(batch, 1))
+    return z * (1 + rng.integers(0, levels, size=(batch, frames)) + 0.05 * rng.random((batch, frames)))[..., None].astype(np.float32)
+
+
+@pytest.mark.parametrize("bins", [1, 2, 3, 5, 8, 16])
+@pytest.mark.parametrize("batch", [1, 4])
+def test_sgs_matches_torch(exported, bins, batch):
+    model, _, session = exported["sgs"]
+    rng = np.random.default_rng(bins * 10 + batch)
+    features = rng.standard_normal((batch, 8, 8, 3, 3)).astype(np.float32)
+    z = _similarity(batch, 8, rng)
+    sampled, mask = model(torch.from_numpy(features), torch.from_numpy(z), torch.tensor(bins))
+    got_sampled, got_mask = session.run(None, {"features": features, "z": z, "bins": np.array(bins)})
+    np.testing.assert_array_equal(got_mask, mask.numpy())
+    np.testing.assert_allclose(got_sampled, sampled.numpy(), atol=TOLERANCE, rtol=0)
+    assert mask.shape[1] <= min(bins, 8)
+
+
+def test_sgs_keeps_fewer_bins_than_asked_and_varies_per_clip(exported):
+    model, _, session = exported["sgs"]
+    rng = np.random.default_rng(7)
+    z = _similarity(16, 8, rng)
+    _, mask = session.run(None, {"features": rng.standard_normal((16, 8, 8, 3, 3)).astype(np.float32), "z": z,
+                                 "bins": np.array(8)})
+    kept = mask.sum(axis=1)
+    assert kept.min() < 8 and len(set(kept.tolist())) > 2 and (~mask).any()
+
+
+@pytest.mark.parametrize("bins", [1, 4, 8])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_sgs_stage_matches_torch(exported, bins, batch):
+    model, _, session = exported["sgs_stage"]
+    features = torch.randn(batch, 8, 8, 3, 3, generator=torch.Generator().manual_seed(bins + batch))
+    with torch.no_grad():
+        pooled, mask = model(features, torch.tensor(bins))
+    got_pooled, got_mask = session.run(None, {"features": features.numpy(), "bins": np.array(bins)})
+    np.testing.assert_array_equal(got_mask, mask.numpy())
+    np.testing.assert_allclose(got_pooled, pooled.numpy(), atol=TOLERANCE, rtol=0)
+
+
+@pytest.mark.parametrize("k", [1, 3, 8, 15, 16, 40])
+@pytest.mark.parametrize("batch", [1, 4])
+def test_ats_matches_torch(exported, k, batch):
+    model, _, session = exported["ats"]
+    generator = torch.Generator().manual_seed(k * 10 + batch)
+    x = 3 * torch.randn(batch, 17, 32, generator=generator)
+    mask = torch.ones(batch, 17, dtype=torch.bool)
+    if batch > 1:
+        mask[1, 9:] = False  # padding left by an earlier ATS block
+    with torch.no_grad():
+        y, kept, index = model(x, mask, torch.tensor(k))
+    got_y, got_kept, got_index = session.run(None, {"x": x.numpy(), "mask": mask.numpy(), "k": np.array(k)})
+    np.testing.assert_array_equal(got_kept, kept.numpy())
+    np.testing.assert_array_equal(got_index, index.numpy())
+    np.testing.assert_allclose(got_y, y.numpy(), atol=TOLERANCE, rtol=0)
+    if k < 16:
+        assert kept.shape[1] <= k + 1
+    else:
+        assert kept.shape[1] == 17
+
+
+def test_ats_keeps_fewer_tokens_than_asked(exported):
+    _, _, session = exported["ats"]
+    x = 3 * torch.randn(8, 17, 32, generator=torch.Generator().manual_seed(5))
+    _, kept, _ = session.run(None, {"x": x.numpy(), "mask": np.ones((8, 17), dtype=bool), "k": np.array(12)})
+    per_sample = kept.sum(axis=1) - 1
+    assert per_sample.max() <= 12 and per_sample.min() < 12 and (~kept).any()
+
+
+@pytest.fixture(scope="module")
+def encoders(tmp_path_factory):
+    """Small ViT with ATS in 3 blocks and the s3d with SGS after its stem, exported for serving."""
+    from export.models.s3d_sgs import create as create_s3d_sgs
+    from export.models.vit import VideoViT
+
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("encoders")
+    batch = torch.export.Dim("batch", min=1, max=64)
+    clips = torch.randint(0, 255, (2, 8, 64, 64, 3), dtype=torch.uint8)
+    vit = VideoViT(dim=32, depth=4, heads=2, frame_size=64, ats_blocks=(1, 2, 3)).eval()
+    sgs = create_s3d_sgs("s3d_sgs_stem_112", frame_size=64).eval()
+    with torch.no_grad():  # sharper attention and a similarity net that tells frames apart, as after training
+        for block in vit.blocks:
+            block.attn.qkv.weight[:32].mul_(8)
+        sgs.sgs.similarity.conv1.bias.zero_()
+        sgs.sgs.similarity.conv2.bias.zero_()
+    _export(vit, (clips, torch.tensor([16, 8, 4])), out / "vit_ats.onnx", ["clips", "k"], ["features", "tokens_kept"],
+            {"clips": {0: batch}, "k": None})
+    _export(sgs, (clips, torch.tensor(8)), out / "s3d_sgs.onnx", ["clips", "bins"], ["features", "bins_kept"],
+            {"clips": {0: batch}, "bins": None})
+    return {name: (model, onnx.load(str(out / f"{name}.onnx")),
+                   ort.InferenceSession(str(out / f"{name}.onnx"), providers=["CPUExecutionProvider"]))
+            for name, model in (("vit_ats", vit), ("s3d_sgs", sgs))}
+
+
+def _video(batch: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    noise = rng.integers(0, 255, (batch, 8, 64, 64, 3))
+    return (noise * rng.random((batch, 8, 1, 1, 1))).astype(np.uint8)
+
+
+def test_encoders_keep_one_node_per_use(encoders):
+    for name, op_type, uses in (("vit_ats", "AdaptiveTokenSampler", 3), ("s3d_sgs", "SimilarityGuidedSampling", 1)):
+        _, proto, _ = encoders[name]
+        custom = [n.op_type for n in proto.graph.node if n.domain == "vqs"]
+        assert custom == [op_type] * uses
+        onnx.checker.check_model(proto, full_check=True)
+
+
+@pytest.mark.parametrize("k", [(196, 196, 196), (32, 16, 8), (8, 4, 2)])
+@pytest.mark.parametrize("batch", [1, 4])
+def test_vit_ats_matches_torch(encoders, k, batch):
+    model, _, session = encoders["vit_ats"]
+    clips = _video(batch, seed=sum(k) + batch)
+    with torch.no_grad():
+        features, kept = model(torch.from_numpy(clips), torch.tensor(k))
+    got_features, got_kept = session.run(None, {"clips": clips, "k": np.array(k)})
+    np.testing.assert_array_equal(got_kept, kept.numpy())
+    np.testing.assert_allclose(got_features, features.numpy(), atol=TOLERANCE, rtol=0)
+
+
+@pytest.mark.parametrize("bins", [8, 4, 2, 1])
+@pytest.mark.parametrize("batch", [1, 4])
+def test_s3d_sgs_matches_torch(encoders, bins, batch):
+    model, _, session = encoders["s3d_sgs"]
+    clips = _video(batch, seed=bins + batch)
+    with torch.no_grad():
+        features, kept = model(torch.from_numpy(clips), torch.tensor(bins))
+    got_features, got_kept = session.run(None, {"clips": clips, "bins": np.array(bins)})
+    np.testing.assert_array_equal(got_kept, kept.numpy())
+    assert kept.max() <= bins
+    # Features are small at init: compare relative to their spread across clips too.
+    np.testing.assert_allclose(got_features, features.numpy(), atol=TOLERANCE * float(features.abs().max()), rtol=0)

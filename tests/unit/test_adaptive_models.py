@@ -1,0 +1,128 @@
+"""The encoders with adaptive modules: ViT with ATS, s3d with SGS (untrained weights, small inputs)."""
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from export.models.s3d import S3D
+from export.models.s3d_sgs import PLACEMENTS, S3DSGS, s3d_macs
+from export.models.s3d_sgs import create as create_s3d_sgs
+from export.models.vit import VideoViT
+from export.models.vit import create as create_vit
+
+
+def _counted_macs(model, *args) -> int:
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(*args)
+    return counter.get_total_flops() // 2
+
+
+def _clips(n: int, seed: int = 0, frames: int = 8, size: int = 112) -> torch.Tensor:
+    """uint8 clips whose frames differ in brightness (so SGS has something to tell apart)."""
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randint(0, 255, (n, frames, size, size, 3), generator=g)
+    gain = torch.rand(n, frames, 1, 1, 1, generator=g)
+    return (noise * gain).to(torch.uint8)
+
+
+@pytest.fixture(scope="module")
+def vit():
+    torch.manual_seed(0)
+    model = VideoViT(dim=32, depth=4, heads=2, frame_size=64, ats_blocks=(1, 2, 3)).eval()
+    with torch.no_grad():  # sharper attention than at init, as after training: K' varies per clip
+        for block in model.blocks:
+            block.attn.qkv.weight[:32].mul_(8)
+    return model
+
+
+def test_vit_with_k_covering_every_token_is_the_plain_vit(vit):
+    clips = _clips(2, frames=8, size=64)
+    with torch.no_grad():
+        plain = vit(clips)
+        same, kept = vit(clips, torch.tensor([vit.tokens] * 3))
+    torch.testing.assert_close(same, plain)
+    assert (kept == vit.tokens + 1).all()
+
+
+def test_vit_ats_keeps_at_most_k_and_varies_per_clip(vit):
+    with torch.no_grad():
+        _, kept = vit(_clips(6, seed=1, size=64), torch.tensor([20, 10, 5]))
+    assert (kept[:, 0] <= 21).all() and (kept[:, 1] <= 11).all() and (kept[:, 2] <= 6).all()
+    assert (kept[:, 1:] <= kept[:, :-1]).all()  # a block cannot keep more than it received
+    assert len(set(kept[:, 0].tolist())) > 1
+
+
+def test_vit_clip_features_do_not_depend_on_the_batch(vit):
+    clips = _clips(4, seed=2, size=64)
+    k = torch.tensor([20, 10, 5])
+    with torch.no_grad():
+        batched, kept = vit(clips, k)
+        for i in range(4):
+            alone, alone_kept = vit(clips[i : i + 1], k)
+            torch.testing.assert_close(alone[0], batched[i], atol=1e-5, rtol=1e-5)
+            assert alone_kept[0].tolist() == kept[i].tolist()
+
+
+def test_vit_macs_are_the_counted_shapes(vit):
+    clip = _clips(1, seed=3, size=64)
+    assert vit.macs() == _counted_macs(vit, clip)
+    with torch.no_grad():
+        _, kept = vit(clip, torch.tensor([20, 10, 5]))
+    assert vit.macs(kept[0].tolist()) == _counted_macs(vit, clip, torch.tensor([20, 10, 5])) < vit.macs()
+
+
+def test_vit_variant_is_the_issue_size():
+    model = create_vit("vit_tiny_112")
+    assert model.tokens == 196 and model.ats_blocks == (2, 3, 4, 5) and model.feature_dim == 256
+    with pytest.raises(ValueError, match="unknown"):
+        create_vit("vit_huge")
+
+
+def _sharpen(model: S3DSGS) -> S3DSGS:
+    with torch.no_grad():  # a similarity net that tells frames apart (at init its biases dominate Δ)
+        model.sgs.similarity.conv1.bias.zero_()
+        model.sgs.similarity.conv2.bias.zero_()
+    return model.eval()
+
+
+@pytest.mark.parametrize("where", PLACEMENTS)
+def test_s3d_sgs_clip_features_do_not_depend_on_the_batch(where):
+    torch.manual_seed(0)
+    model = _sharpen(create_s3d_sgs(f"s3d_sgs_{where}_112", frame_size=64))
+    clips = _clips(4, seed=4, size=64)
+    with torch.no_grad():
+        batched, kept = model(clips, torch.tensor(8))
+        assert len(set(kept.tolist())) > 1 and kept.max() < 8
+        assert (batched[0] - batched[1:]).abs().amax(dim=1).min() > 1e-5  # clips are told apart
+        for i in range(4):
+            alone, alone_kept = model(clips[i : i + 1], torch.tensor(8))
+            assert int(alone_kept) == int(kept[i])
+            torch.testing.assert_close(alone[0], batched[i], atol=1e-7, rtol=1e-5)
+
+
+def test_s3d_sgs_one_bin_still_pools():
+    torch.manual_seed(0)
+    model = create_s3d_sgs("s3d_sgs_stem_112", frame_size=64).eval()
+    with torch.no_grad():
+        features, kept = model(_clips(2, size=64), torch.tensor(1))
+    assert kept.tolist() == [1, 1] and features.shape == (2, 256) and torch.isfinite(features).all()
+
+
+@pytest.mark.parametrize("where", PLACEMENTS)
+def test_s3d_sgs_macs_are_the_counted_shapes(where):
+    torch.manual_seed(0)
+    model = _sharpen(create_s3d_sgs(f"s3d_sgs_{where}_112", frame_size=64))
+    clip = _clips(1, seed=5, size=64)
+    with torch.no_grad():
+        _, kept = model(clip, torch.tensor(8))
+    assert model.macs(int(kept)) == _counted_macs(model, clip, torch.tensor(8))
+    table = [model.macs(b) for b in range(1, 9)]
+    assert table == sorted(table)
+    # With every bin kept, SGS only adds its similarity net and sum to the s3d.
+    plain = s3d_macs(S3D(frame_size=64))
+    assert plain < table[-1] < 1.02 * plain
+
+
+def test_s3d_sgs_refuses_unknown_placements():
+    with pytest.raises(ValueError, match="sgs_after"):
+        S3DSGS(sgs_after="head")

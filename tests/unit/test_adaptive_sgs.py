@@ -1,0 +1,118 @@
+"""SGS against hand-computed cases (thesis eqs. 6.1-6.6, with the last bin flat right of its centre)."""
+
+import pytest
+import torch
+
+from export.adaptive.sgs import SimilarityGuidedSampling, bin_weights, similarity_guided_sampling
+
+
+def _z_with_norms(*norms: float) -> torch.Tensor:
+    """(1, T, 2) similarity vectors whose magnitudes Δ_t are `norms` (direction varies: only Δ counts)."""
+    angles = torch.arange(len(norms), dtype=torch.float64)
+    unit = torch.stack([angles.cos(), angles.sin()], dim=-1)
+    return (unit * torch.tensor(norms, dtype=torch.float64)[:, None]).unsqueeze(0)
+
+
+def _frames(t: int, c: int = 3) -> torch.Tensor:
+    """(1, C, T, 2, 2) features whose frame t is filled with t + 1 (frames are told apart by value)."""
+    values = torch.arange(1, t + 1, dtype=torch.float64).view(1, 1, t, 1, 1)
+    return values.expand(1, c, t, 2, 2).clone()
+
+
+def _sgs(features, z, bins):
+    return similarity_guided_sampling(features, z, torch.tensor(bins))
+
+
+def test_all_equal_frames_fall_in_one_bin_and_are_summed():
+    features = torch.randn(1, 4, 6, 3, 3, dtype=torch.float64)
+    z = torch.ones(1, 6, 8, dtype=torch.float64)
+    for bins in (1, 2, 6, 12):
+        sampled, mask = _sgs(features, z, bins)
+        assert sampled.shape == (1, 4, 1, 3, 3) and mask.tolist() == [[True]]
+        torch.testing.assert_close(sampled[:, :, 0], features.sum(dim=2))
+
+
+def test_zero_similarity_vectors_count_as_equal():
+    features = torch.randn(1, 2, 4, 1, 1, dtype=torch.float64)
+    sampled, mask = _sgs(features, torch.zeros(1, 4, 8, dtype=torch.float64), 4)
+    assert mask.tolist() == [[True]]
+    torch.testing.assert_close(sampled[:, :, 0], features.sum(dim=2))
+
+
+def test_distinct_frames_each_keep_a_bin_ordered_by_magnitude():
+    # B = 4, Δ_max = 8: γ = 1, centres 1, 3, 5, 7; Δ = 5, 1, 8, 3 hit bins 3, 1, 4, 2 at weight 1
+    # (Δ = 8 is the last bin's right edge, which keeps it).
+    sampled, mask = _sgs(_frames(4), _z_with_norms(5, 1, 8, 3), 4)
+    assert mask.tolist() == [[True] * 4]
+    assert sampled[0, 0, :, 0, 0].tolist() == pytest.approx([2.0, 4.0, 1.0, 3.0])
+
+
+def test_linear_kernel_weights_by_hand():
+    # B = 2, Δ_max = 8: γ = 2, centres 2 and 6. Δ = 1 -> bin 1 at 1 − 1/2; Δ = 5 -> bin 2 at
+    # 1 − 1/2; Δ = 8 -> bin 2 at 1 (flat right of the last centre).
+    weights = bin_weights(_z_with_norms(1, 5, 8), 2)
+    torch.testing.assert_close(weights[0], torch.tensor([[0.5, 0.0], [0.0, 0.5], [0.0, 1.0]], dtype=torch.float64))
+    sampled, _ = _sgs(_frames(3), _z_with_norms(1, 5, 8), 2)
+    assert sampled[0, 0, :, 0, 0].tolist() == pytest.approx([0.5 * 1, 0.5 * 2 + 3])
+
+
+def test_empty_bins_are_dropped():
+    # B = 4, γ = 1: Δ = 1 and 1.2 share bin 1 (weights 1 and 0.8), Δ = 8 is bin 4; bins 2, 3 empty.
+    sampled, mask = _sgs(_frames(3), _z_with_norms(1, 1.2, 8), 4)
+    assert mask.tolist() == [[True, True]]
+    assert sampled[0, 0, :, 0, 0].tolist() == pytest.approx([1 + 0.8 * 2, 3.0])
+
+
+def test_the_largest_frame_always_keeps_full_weight():
+    torch.manual_seed(0)
+    z = torch.randn(5, 8, 8, dtype=torch.float64)
+    for bins in (1, 3, 8, 20):
+        weights = bin_weights(z, bins)
+        top = torch.linalg.vector_norm(z, dim=-1).argmax(dim=1)
+        torch.testing.assert_close(weights[torch.arange(5), top, -1], torch.ones(5, dtype=torch.float64))
+
+
+def test_a_batch_is_padded_to_its_largest_b_and_each_clip_matches_its_own_run():
+    features = torch.cat([_frames(4), 10 * _frames(4)])
+    z = torch.cat([_z_with_norms(2, 2, 2, 2), _z_with_norms(5, 1, 8, 3)])
+    sampled, mask = _sgs(features, z, 4)
+    assert sampled.shape == (2, 3, 4, 2, 2)
+    assert mask.tolist() == [[True, False, False, False], [True] * 4]
+    assert (sampled[0, :, 1:] == 0).all()
+    for i in range(2):
+        alone, alone_mask = _sgs(features[i : i + 1], z[i : i + 1], 4)
+        kept = int(alone_mask.sum())
+        torch.testing.assert_close(sampled[i : i + 1, :, :kept], alone)
+
+
+def test_gradients_match_finite_differences():
+    torch.manual_seed(1)
+    features = torch.randn(2, 3, 6, 2, 2, dtype=torch.float64, requires_grad=True)
+    z = torch.randn(2, 6, 4, dtype=torch.float64, requires_grad=True)
+    for bins in (2, 6):
+        assert torch.autograd.gradcheck(lambda f, zz: _sgs(f, zz, bins)[0], (features, z))
+
+
+def test_the_similarity_net_learns_through_the_kernel():
+    torch.manual_seed(2)
+    module = SimilarityGuidedSampling(4, similarity_dim=8).double()
+    features = torch.randn(2, 4, 8, 3, 3, dtype=torch.float64)
+    sampled, _ = module(features, torch.tensor(8))
+    sampled.square().sum().backward()
+    for parameter in module.parameters():
+        assert parameter.grad is not None and parameter.grad.abs().sum() > 0
+
+
+def test_bins_is_a_run_time_input():
+    torch.manual_seed(3)
+    features = torch.randn(1, 2, 8, 1, 1)
+    z = torch.randn(1, 8, 4)
+    kept = [int(_sgs(features, z, bins)[1].sum()) for bins in (1, 2, 4, 8, 32)]
+    assert kept[0] == 1 and kept[-1] > kept[1]  # one bin sums everything; more bins keep more
+    assert all(k <= min(b, 8) for k, b in zip(kept, (1, 2, 4, 8, 32), strict=True))
+
+
+@pytest.mark.parametrize("bins", [torch.tensor(0), torch.tensor(2.0), torch.tensor([2, 3])])
+def test_bad_bins_are_refused(bins):
+    with pytest.raises(ValueError, match="bins"):
+        similarity_guided_sampling(torch.zeros(1, 1, 2, 1, 1), torch.ones(1, 2, 2), bins)

@@ -1,0 +1,65 @@
+"""Action parser pieces: SPS shapes, the local loss, parsing responses into segments, peaks."""
+
+import numpy as np
+import pytest
+import torch
+
+from export.models.parser import (ActionParser, BoundaryDetector, SPSUnit, local_loss, parse_responses,
+                                  pick_peaks)
+
+
+def test_sps_unit_returns_features_and_pattern_responses():
+    torch.manual_seed(0)
+    unit = SPSUnit(dim=16, patterns=5)
+    x, alpha = unit(torch.randn(2, 7, 16))
+    assert x.shape == (2, 7, 16) and alpha.shape == (2, 7, 5)
+    assert torch.allclose(alpha.sum(-1), torch.ones(2, 7), atol=1e-5)
+
+
+def test_parser_takes_served_frames():
+    torch.manual_seed(0)
+    model = ActionParser(classes=3, dim=32, patterns=4).eval()
+    frames = torch.randint(0, 256, (1, 6, 112, 112, 3), dtype=torch.uint8)
+    responses, logits = model(frames)
+    assert responses.shape == (1, 6, 4) and logits.shape == (1, 3)
+
+
+def test_local_loss_prefers_one_pattern_per_sub_action():
+    segments = torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2]])
+    consistent = torch.nn.functional.one_hot(segments, 4).float()
+    mixed = torch.full((1, 8, 4), 0.25)
+    mixed[0, ::2] = torch.tensor([0.7, 0.1, 0.1, 0.1])  # alternates inside every sub-action
+    assert local_loss(consistent, segments) < local_loss(mixed, segments)
+    # with one-hot responses: L_sim ~ 0, L_dissim = sqrt(2), so the loss is margin / sqrt(2)
+    assert float(local_loss(consistent, segments, margin=0.1)) == pytest.approx(0.1 / np.sqrt(2), abs=1e-3)
+
+
+def test_local_loss_gradient_is_finite_and_single_segment_windows_are_skipped():
+    responses = torch.softmax(torch.randn(2, 6, 3), -1).requires_grad_()
+    segments = torch.tensor([[0, 0, 0, 0, 0, 0], [0, 0, 1, 1, 2, 2]])
+    loss = local_loss(responses, segments)
+    loss.backward()
+    assert torch.isfinite(responses.grad).all()
+    assert responses.grad[0].abs().sum() == 0  # the one-segment window contributes nothing
+
+
+def test_parse_responses_merges_flicker_and_reports_confidence():
+    patterns = [0, 0, 0, 0, 1, 0, 0, 2, 2, 2, 2]
+    responses = np.full((len(patterns), 3), 0.1)
+    responses[np.arange(len(patterns)), patterns] = 0.8
+    segments = parse_responses(responses, min_length=2)
+    assert [(s.start, s.end, s.pattern) for s in segments] == [(0, 7, 0), (7, 11, 2)]
+    assert segments[1].confidence == pytest.approx(0.8)
+    assert segments[0].confidence == pytest.approx((6 * 0.8 + 0.1) / 7)
+
+
+def test_boundary_detector_scores_every_frame():
+    out = BoundaryDetector(dim=8)(torch.randn(2, 9, 8))
+    assert out.shape == (2, 9)
+
+
+def test_pick_peaks_one_per_run_and_spaced():
+    scores = np.array([0, 0.6, 0.9, 0.7, 0, 0, 0.8, 0, 0.95, 0])
+    assert pick_peaks(scores, 0.5, 1).tolist() == [2, 6, 8]
+    assert pick_peaks(scores, 0.5, 3).tolist() == [2, 8]  # 6 is within 3 of the stronger 8
+    assert pick_peaks(scores, 0.99, 1).tolist() == []
