@@ -43,7 +43,7 @@ HEAD_SIZES = {q: len(a) for q, a in HEADS.items()}
 
 @dataclass(frozen=True)
 class Budget:
-    warmup_steps: int = 300
+    warmup_steps: int = 500
     bank_steps: int = 450
     videos_per_step: int = 8
     # 8 videos x 4 online clips: the encoder cost per step of generator v1's 16 x 2, with each
@@ -72,7 +72,7 @@ def seed_everything(seed: int) -> np.random.Generator:
 
 # Constructor configs, saved beside every exported artifact.
 ENCODER_CONFIG = dict(channels=[24, 32, 64, 128], feature_dim=256, clip_frames=8, frame_size=112, stem_patch=8,
-                      stem_temporal_kernel=3)
+                      stem_temporal_kernel=1)
 TQN_CONFIG = dict(head_sizes=HEAD_SIZES, feature_dim=256, d_model=128, num_layers=2, num_heads=8, ffn_dim=256,
                   dropout=0.1, feature_dropout=0.1, memory_mlp=True)
 
