@@ -36,7 +36,7 @@ import pathlib
 import time
 from collections import deque
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 from typing import Literal, Protocol
 
@@ -233,7 +233,6 @@ class _Progress:
     first_byte_unix_s: float | None = None
     dropped: int = 0
     analysed: int = 0
-    notes: list[str] = field(default_factory=list)
 
 
 class _Stream:
@@ -363,7 +362,6 @@ class _Stream:
                 f"{self.limits.max_spill_bytes} bytes, limits.max_upload_bytes) and analysed when "
                 f"the upload ends; {REMUX_HINT} to have it analysed while it arrives"
             )
-            self.progress.notes.append(note)
             await self._emit(self._progress_event(note))
             return self.spill
         self.pipe = PipeFeed(workdir)
