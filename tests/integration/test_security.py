@@ -22,7 +22,7 @@ from pydantic import SecretStr
 from clients import channel as client_channel
 from server.proto import video_analytics_pb2 as pb
 from server.proto import video_analytics_pb2_grpc as pb_grpc
-from server.settings import SecuritySettings, Settings
+from server.settings import SecuritySettings
 from tests.certificates import Pki, make_pki
 
 pytestmark = pytest.mark.integration
@@ -37,14 +37,10 @@ def pki(tmp_path_factory) -> Pki:
     return make_pki(tmp_path_factory.mktemp("pki"))
 
 
-def _one_decoder():
-    return Settings().decode.model_copy(update={"workers": 1})
-
-
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def tls_gateway(start_gateway, pki, allowed_root):
     """TLS with the test CA's server certificate, and a token."""
-    gateway = await start_gateway(decode=_one_decoder(), security=SecuritySettings(
+    gateway = await start_gateway(security=SecuritySettings(
         allowed_root=allowed_root, tls_cert=pki.server_cert, tls_key=pki.server_key,
         token=SecretStr(TOKEN)))
     yield gateway
@@ -54,7 +50,7 @@ async def tls_gateway(start_gateway, pki, allowed_root):
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def mtls_gateway(start_gateway, pki, allowed_root):
     """Mutual TLS: clients must show a certificate the test CA signed; no token."""
-    gateway = await start_gateway(decode=_one_decoder(), security=SecuritySettings(
+    gateway = await start_gateway(security=SecuritySettings(
         allowed_root=allowed_root, tls_cert=pki.server_cert, tls_key=pki.server_key,
         tls_client_ca=pki.ca))
     yield gateway
