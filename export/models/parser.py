@@ -1,6 +1,6 @@
 """Temporal action parser (TransParser-style, issue 11) and its trained boundary-detector baseline.
 
-frames (B, T, 112, 112, 3) -> 56 px -> per-frame CNN over each frame and its difference to the
+frames (B, T, 112, 112, 3) -> 28 px -> per-frame CNN over each frame and its difference to the
 previous frame -> a +-2-frame temporal conv -> two SPS units -> per-frame responses over m learnt
 patterns. A sub-action starts where the arg-max pattern changes (after dropping runs shorter than
 a minimum length). Why per-frame features: a clip of the served encoder spans 8 frames = 0.53 s,
@@ -68,7 +68,7 @@ class FrameFeatures(nn.Module):
 
 class ActionParser(nn.Module):
     """`forward(served frames)` -> (responses (B, T, m), class logits (B, classes));
-    `parse_small(56 px frames)` is the same on training-size frames and also returns features."""
+    `parse_small(28 px frames)` is the same on training-size frames and also returns features."""
 
     def __init__(self, *, classes: int, dim: int = 128, patterns: int = 8, units: int = 2):
         super().__init__()
