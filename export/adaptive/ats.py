@@ -47,7 +47,19 @@ def select(attn: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, k: int) -> t
     picked = distance.argmin(dim=2)  # N, K (first of equals, as ONNX ArgMin)
     chosen = torch.zeros_like(valid).scatter(1, picked, True)
     keep_all = (k >= valid.sum(dim=1)).unsqueeze(1)
-    chosen = torch.where(keep_all, valid, chosen & valid)
+    return _compact(torch.where(keep_all, valid, chosen & valid))
+
+
+def select_top_k(attn: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The thesis's baseline (Table 7.1): the K highest-scoring tokens, a fixed K' = min(K, N)."""
+    scores = significance(attn, v, mask).masked_fill(~mask[:, 1:], -1.0)
+    picked = scores.topk(min(k, scores.shape[1]), dim=1).indices
+    return _compact(torch.zeros_like(mask[:, 1:]).scatter(1, picked, True) & mask[:, 1:])
+
+
+def _compact(chosen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chosen non-cls tokens (N, n) -> indices (N, K'max+1), cls first, then kept tokens in token
+    order, then padding (index 0); and their mask."""
     kept = int(chosen.sum(dim=1).max())
     order = torch.argsort((~chosen).to(torch.int8), dim=1, stable=True)[:, :kept]  # N, K'
     kept_mask = chosen.gather(1, order)

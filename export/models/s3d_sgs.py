@@ -13,6 +13,8 @@ ceil(B'/2) frames); on an even T it is the s3d's pool.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -92,6 +94,12 @@ class S3DSGS(S3D):
         x = (x - self.mean) / self.std
         features, kept = self.forward_features(x, bins)
         return self.forward_head(features), kept
+
+    def bins_for_budget(self, budget: float) -> int:
+        """B for a compute budget in (0, 1]: ⌈budget·T⌉ bins; budget 1 is the thesis's B = T."""
+        if not 0 < budget <= 1:
+            raise ValueError(f"budget must be in (0, 1], got {budget}")
+        return max(math.ceil(budget * self.clip_frames), 1)
 
     @torch.no_grad()
     def macs(self, bins_kept: int) -> int:

@@ -111,3 +111,13 @@ def test_bad_k_is_refused(k):
     x, attn, v, mask = _inputs([0.5, 0.5])
     with pytest.raises(ValueError, match="k must"):
         adaptive_token_sampler(x, attn, v, mask, k)
+
+
+def test_top_k_keeps_the_highest_scores():
+    from export.adaptive.ats import select_top_k
+
+    x, attn, v, mask = _inputs([0.2, 0.1, 0.4, 0.05, 0.25])
+    index, kept = select_top_k(attn, v, mask, 2)
+    assert index.tolist() == [[0, 2, 4]] and kept.all()
+    mask[0, 2] = False  # an invalid token is never taken
+    assert select_top_k(attn, v, mask, 2)[0].tolist() == [[0, 1, 4]]
