@@ -117,7 +117,7 @@ def adaptive_token_sampler(
 def _(x, attn, v, mask, k):
     ctx = torch.library.get_ctx()
     tokens = attn.shape[2]
-    m = ctx.new_dynamic_size(min=2, max=tokens if isinstance(tokens, int) else None)
+    m = ctx.new_dynamic_size(min=1, max=tokens if isinstance(tokens, int) else None)
     n, heads = attn.shape[:2]
     return (
         v.new_empty((n, m, heads * v.shape[3])),

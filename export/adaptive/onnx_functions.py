@@ -85,17 +85,16 @@ def SimilarityGuidedSampling(features: FLOAT, z: FLOAT, bins: INT64):
     # Kept bins first, each group in bin order: descending key occupied·2B + (B − b).
     key = occupied * two_b + (op.Cast(bins - bin_number, to=1))
     _, order = op.TopK(key, kept, axis=1, largest=1, sorted=1)  # N, B'
+    chosen = op.GatherND(op.Transpose(weights, perm=[0, 2, 1]), op.Unsqueeze(order, op.Constant(value_ints=[2])),
+                         batch_dims=1)  # N, B', T: weights of the kept bins
     shape = op.Shape(features)
-    head = op.Slice(shape, op.Constant(value_ints=[0]), op.Constant(value_ints=[3]))  # N, C, T
-    nt = op.Concat(op.Slice(shape, op.Constant(value_ints=[0]), op.Constant(value_ints=[1])),
-                   op.Slice(shape, op.Constant(value_ints=[2]), op.Constant(value_ints=[3])), kept, axis=0)
-    chosen = op.GatherElements(weights, op.Expand(op.Unsqueeze(order, op.Constant(value_ints=[1])), nt), axis=2)
-    flat_features = op.Reshape(features, op.Concat(head, op.Constant(value_ints=[-1]), axis=0))  # N, C, T, S
-    sampled = op.MatMul(op.Unsqueeze(op.Transpose(chosen, perm=[0, 2, 1]), op.Constant(value_ints=[1])), flat_features)
+    n_c_t = op.Slice(shape, op.Constant(value_ints=[0]), op.Constant(value_ints=[3]))
+    flat_features = op.Reshape(features, op.Concat(n_c_t, op.Constant(value_ints=[-1]), axis=0))  # N, C, T, S
+    sampled = op.MatMul(op.Unsqueeze(chosen, op.Constant(value_ints=[1])), flat_features)  # N, C, B', S
     out_shape = op.Concat(
         op.Slice(shape, op.Constant(value_ints=[0]), op.Constant(value_ints=[2])),
         kept,
-        op.Slice(shape, op.Constant(value_ints=[3]), op.Constant(value_ints=[1000])),
+        op.Slice(shape, op.Constant(value_ints=[3]), op.Constant(value_ints=[2**31 - 1])),
         axis=0,
     )
     sampled = op.Reshape(sampled, out_shape)  # N, C, B', *S
@@ -125,9 +124,11 @@ def AdaptiveTokenSampler(x: FLOAT, attn: FLOAT, v: FLOAT, mask: BOOL, k: INT64):
     k_eff = op.Min(op.Reshape(k, op.Constant(value_ints=[])), n_tokens)
     k_float = op.Cast(k_eff, to=1)
     # When K covers every sample's tokens nothing is sampled: one point keeps that part cheap.
-    k_points = op.Where(op.GreaterOrEqual(k_float, op.ReduceMax(valid_count, keepdims=0)), op.Constant(value_int=1), k_eff)
+    covers_all = op.GreaterOrEqual(k_float, op.ReduceMax(valid_count, keepdims=0))
+    k_points = op.Where(covers_all, op.Constant(value_int=1), k_eff)
     i = op.Cast(op.Range(op.Constant(value_int=1), k_points + op.Constant(value_int=1), op.Constant(value_int=1)), to=1)
-    points = (i * op.Constant(value_float=2.0) - op.Constant(value_float=1.0)) / (op.Cast(k_points, to=1) * op.Constant(value_float=2.0))
+    two = op.Constant(value_float=2.0)
+    points = (i * two - op.Constant(value_float=1.0)) / (op.Cast(k_points, to=1) * two)  # (2i − 1) / 2K
     distance = op.Abs(op.Unsqueeze(cdf, one) - op.Unsqueeze(points, one))  # N, K, n+1
     distance = op.Where(op.Unsqueeze(op.Greater(eligible, op.Constant(value_float=0.5)), one), distance,
                         op.Constant(value_float=float("inf")))

@@ -144,7 +144,8 @@ def profile_sgs(out: Path, *, batches, threads: int, repeats: int, channels: int
             {"features": {0: batch, 2: bins_kept}})
     op, module, stage = (_session(out / f"{n}.onnx", threads) for n in ("sgs_op", "sgs_module", "stage"))
     rng = np.random.default_rng(0)
-    print(f"SGS on ({channels}, {frames}, {size}, {size}) features, {threads} thread(s); ms per call (median of {repeats})")
+    print(f"SGS on ({channels}, {frames}, {size}, {size}) features, {threads} thread(s);"
+          f" ms per call (median of {repeats})")
     print("batch  B   B'  SGS op  SGS+net  stage(T)  stage(B')  op/stage(T)")
     for n in batches:
         feats = rng.standard_normal((n, channels, frames, size, size)).astype(np.float32)
