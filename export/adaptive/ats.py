@@ -1,7 +1,8 @@
 """Adaptive Token Sampler (thesis chapter 7): keep the K' <= K tokens that matter to the class
 token, K' chosen per sample by the data.
 
-Score S_j = Σ_heads A[cls, j] · ‖V_j‖ over the non-cls tokens j, normalised to sum to 1; its CDF
+Score S_j = Σ_heads A_h[cls, j] · ‖V_h,j‖ (each head's attention and value vector) over the non-cls
+tokens j, normalised to sum to 1; its CDF
 is inverted deterministically at (2i − 1) / (2K), i = 1..K, each point taking the token whose CDF
 value is nearest; repeated tokens are kept once; the cls token is always kept. The block's output
 rows are the selected rows of the attention times V (A^s V); the residual and the FFN then run on
