@@ -13,7 +13,7 @@ video; the truth is the four starts of take-off, flight, entry and the idle afte
 - MoF and segmental F1@{10,25,50}: the k-th predicted segment is phase k (clipped to the last),
   so a spurious boundary costs what it costs a user reading the timeline.
 Knobs chosen on validation by the mean absolute F1: minimum segment length (parser, ablation,
-k-means), k (k-means, fitted on training-split features of the parser's frame CNN), the number
+k-means), response smoothing (parser, ablation), k (k-means, fitted on training-split features of the parser's frame CNN), the number
 of evenly spaced boundaries, the detector's threshold.
 
 Embedder protocol: linear probe (softmax regression, class-balanced, fitted on training-split
@@ -46,6 +46,7 @@ from export.train_parser import TEST_VIDEOS, TRAIN_VIDEOS, VAL_VIDEOS, frame_fea
 FPS = framedata.FPS
 PHASES = 5
 MIN_LENGTHS = (1, 2, 3, 4, 6)
+SMOOTHING = (1, 3, 5)
 KMEANS_K = (3, 4, 5, 6, 8)
 EVEN_COUNTS = (2, 3, 4, 5, 6)
 THRESHOLDS = (0.3, 0.5, 0.7, 0.8, 0.9)
@@ -102,8 +103,8 @@ def evaluate_parsers(args, splits: dict[str, list[framedata.Video]], train: list
     cache = {name: [frame_features(parser, v.frames) for v in vids] for name, vids in splits.items()}
     methods: dict[str, dict] = {}
 
-    def boundaries_from(responses: np.ndarray, min_length: int) -> np.ndarray:
-        segments = parse_responses(responses, min_length)
+    def boundaries_from(responses: np.ndarray, knob: tuple[int, int]) -> np.ndarray:
+        segments = parse_responses(responses, *knob)
         return np.asarray([s.start for s in segments[1:]], int)
 
     # the parser and its ablation
@@ -113,9 +114,10 @@ def evaluate_parsers(args, splits: dict[str, list[framedata.Video]], train: list
         models["1 SPS, no local loss"] = {name: [frame_features(ablation, v.frames) for v in vids]
                                          for name, vids in splits.items()}
     for name, feats in models.items():
-        knob, scores = choose(MIN_LENGTHS, lambda i, m, f=feats: boundaries_from(f["val"][i][0], m), val)
-        methods[name] = dict(knob=f"min_length={knob}", val=scores, predict=lambda i, split, f=feats, m=knob:
-                             boundaries_from(f[split][i][0], m))
+        grid = [(m, w) for m in MIN_LENGTHS for w in SMOOTHING]
+        knob, scores = choose(grid, lambda i, mw, f=feats: boundaries_from(f["val"][i][0], mw), val)
+        methods[name] = dict(knob=f"min_length={knob[0]}, smooth={knob[1]}", val=scores,
+                             predict=lambda i, split, f=feats, mw=knob: boundaries_from(f[split][i][0], mw))
 
     # evenly spaced boundaries
     def even(n: int, count: int) -> np.ndarray:

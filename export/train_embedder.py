@@ -26,7 +26,8 @@ from torch.nn import functional as F
 
 from export import frames as framedata
 from export.models.embedder import FrameEmbedder, sequence_contrastive_loss
-from export.train_parser import TRAIN_VIDEOS, cosine_lr, export_onnx
+from export.train_parser import (TRAIN_VIDEOS, VAL_VIDEOS, cosine_lr, export_onnx, onnx_max_difference,
+                                 served_frames)
 
 EMBEDDER_OUTPUTS = ("embeddings",)
 
@@ -136,7 +137,11 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     if args.export_onnx:
-        print(export_onnx(load_embedder(args.out), args.export_onnx, EMBEDDER_OUTPUTS))
+        model = load_embedder(args.out)
+        path = export_onnx(model, args.export_onnx, EMBEDDER_OUTPUTS)
+        video = framedata.load_split("val", VAL_VIDEOS, cache=args.data)[0]
+        print(f"{path}: max |torch - onnxruntime| on a validation video "
+              f"{onnx_max_difference(model, path, served_frames(video)):.2e}")
     else:
         train(args)
 

@@ -123,6 +123,23 @@ def export_onnx(model: torch.nn.Module, path: Path, output_names: tuple[str, ...
     return path
 
 
+def onnx_max_difference(model: torch.nn.Module, path: Path, frames: np.ndarray) -> float:
+    """Largest |torch - ONNX Runtime| over all outputs for one input (B, T, 112, 112, 3) uint8."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        expected = model(torch.from_numpy(frames))
+    expected = expected if isinstance(expected, tuple) else (expected,)
+    got = session.run(None, {FRAMES_INPUT: frames})
+    return max(float(np.abs(g - e.numpy()).max()) for g, e in zip(got, expected))
+
+
+def served_frames(video: framedata.Video) -> np.ndarray:
+    """A cached 28 px video blown up to the served 112 px (each pixel a 4x4 block), for checks."""
+    return np.repeat(np.repeat(video.frames, 4, axis=1), 4, axis=2)[None]
+
+
 PARSER_OUTPUTS = ("responses", "class_logits")
 
 
@@ -203,7 +220,11 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     if args.export_onnx:
-        print(export_onnx(load_parser(args.out), args.export_onnx, PARSER_OUTPUTS))
+        model = load_parser(args.out)
+        path = export_onnx(model, args.export_onnx, PARSER_OUTPUTS)
+        video = framedata.load_split("val", VAL_VIDEOS, cache=args.data)[0]
+        print(f"{path}: max |torch - onnxruntime| on a validation video "
+              f"{onnx_max_difference(model, path, served_frames(video)):.2e}")
     elif args.detector:
         train_detector(args)
     else:

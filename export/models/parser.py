@@ -123,10 +123,17 @@ class Segment:
     confidence: float  # mean arg-max response over the segment
 
 
-def parse_responses(responses: np.ndarray, min_length: int) -> list[Segment]:
+def parse_responses(responses: np.ndarray, min_length: int, smooth: int = 1) -> list[Segment]:
     """Responses (T, m) of one video -> segments where the arg-max pattern changes, runs shorter
-    than `min_length` frames merged into a neighbour."""
-    labels = segments_eval.drop_short_segments(np.argmax(responses, axis=1), min_length)
+    than `min_length` frames merged into a neighbour. `smooth` > 1 first averages the responses
+    over that many frames (centred), which removes one-frame flicker before the arg-max."""
+    if smooth > 1:
+        kernel = np.ones(smooth) / smooth
+        padded = np.pad(responses, ((smooth // 2, smooth - 1 - smooth // 2), (0, 0)), mode="edge")
+        smoothed = np.stack([np.convolve(padded[:, j], kernel, mode="valid") for j in range(responses.shape[1])], 1)
+    else:
+        smoothed = responses
+    labels = segments_eval.drop_short_segments(np.argmax(smoothed, axis=1), min_length)
     return [Segment(s, e, p, float(responses[s:e, p].mean()))
             for p, s, e in segments_eval.segments_of(labels)]
 
