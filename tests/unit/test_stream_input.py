@@ -53,23 +53,44 @@ def test_mp4_layout_of_real_files(tmp_path):
     assert layout_of(faststart.read_bytes(), 7) is Layout.STREAMABLE
 
 
+def read_pipe(path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
 async def test_pipe_feed_waits_for_a_slow_reader_and_ends_with_eof(tmp_path):
     feed = PipeFeed(tmp_path)
     data = os.urandom(1 << 20)  # far more than the pipe holds
-    read = bytearray()
-
-    def reader():
-        with open(feed.path, "rb") as f:
-            while block := f.read(65536):
-                read.extend(block)
-
-    reading = asyncio.create_task(asyncio.to_thread(reader))
+    reading = asyncio.create_task(asyncio.to_thread(read_pipe, feed.path))
     await feed.write(data)
     feed.close()
-    await asyncio.wait_for(reading, 30)
-    assert bytes(read) == data and feed.written == len(data)
+    assert await asyncio.wait_for(reading, 30) == data and feed.written == len(data)
     feed.remove()
     assert not feed.directory.exists()
+
+
+async def test_pipe_feed_keeps_a_short_stream_for_a_reader_that_opens_late(tmp_path):
+    """A stream shorter than the pipe's buffer, sent and closed before its decoder opens the pipe,
+    still reaches it whole (the writer waits for the reader before writing)."""
+    feed = PipeFeed(tmp_path)
+    writing = asyncio.create_task(feed.write(b"short stream"))
+    await asyncio.sleep(0.2)
+    assert not writing.done()  # no reader yet
+    reading = asyncio.create_task(asyncio.to_thread(read_pipe, feed.path))
+    await asyncio.wait_for(writing, 10)
+    feed.close()
+    assert await asyncio.wait_for(reading, 10) == b"short stream"
+
+
+async def test_an_aborted_pipe_feed_wakes_a_waiting_reader_and_refuses_later_ones(tmp_path):
+    feed = PipeFeed(tmp_path)
+    waiting = asyncio.create_task(asyncio.to_thread(read_pipe, feed.path))
+    await asyncio.sleep(0.2)  # the reader is blocked opening the pipe
+    feed.abort()
+    assert await asyncio.wait_for(waiting, 10) == b""
+    with pytest.raises(FileNotFoundError):
+        read_pipe(feed.path)
+    feed.remove()
 
 
 async def test_spill_file_refuses_past_its_limit_naming_the_remedy(tmp_path):
