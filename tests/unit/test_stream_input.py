@@ -10,7 +10,7 @@ import struct
 
 import pytest
 
-from clients.stream import SendLog, is_mpegts, paced_ts, video_pes_time
+from clients.stream import Prefixed, SendLog, is_mpegts, paced_ts, read_head, video_pes_time
 from server.errors import InvalidInput, TooLarge
 from server.pipeline.stream import ResumeToken
 from server.pipeline.stream_input import Layout, Mp4Layout, PipeFeed, SpillFile
@@ -126,3 +126,27 @@ def test_ts_pacing_releases_each_frame_when_due(tmp_path):
     assert b"".join(chunks) == data
     assert now[0] == pytest.approx(1.9, abs=1e-6)  # the last frame is due 1.9 s after the first
     assert [round(m, 3) for m, _ in log.frames] == [round(0.1 * i, 3) for i in range(20)]
+
+
+class Trickle:
+    """A pipe that hands out at most 100 bytes per read."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def read(self, size: int) -> bytes:
+        block, self.data = self.data[:min(size, 100)], self.data[min(size, 100):]
+        return block
+
+
+def test_ts_pacing_from_a_pipe_that_trickles(tmp_path):
+    ts = tmp_path / "clip.ts"
+    ffmpeg("-f", "lavfi", "-i", "testsrc=size=64x64:rate=10:duration=1", "-c:v", "libx264",
+           "-bf", "0", "-f", "mpegts", str(ts))
+    data = ts.read_bytes()
+    source = Trickle(data)
+    head = read_head(source, 2 * 188)
+    assert head == data[:376] and is_mpegts(head)
+    log = SendLog()
+    chunks = list(paced_ts(Prefixed(head, source), chunk_bytes=1 << 20, log=log, sleep=lambda s: None))
+    assert b"".join(chunks) == data and len(log.frames) == 10
