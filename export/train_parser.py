@@ -30,24 +30,27 @@ VAL_VIDEOS = 100
 TEST_VIDEOS = 100
 
 
-def sample_window(video: framedata.Video, length: int, rng: np.random.Generator,
-                  action_share: float = 0.75) -> tuple[np.ndarray, np.ndarray]:
-    """A `length`-frame window (frames, phases) from a random background of the video.
+def window_indices(video: framedata.Video, length: int, rng: np.random.Generator,
+                   action_share: float = 0.75) -> np.ndarray:
+    """Frame indices of a `length`-frame window.
 
     Most windows hold the whole action with idle on both sides (where the boundaries are); the
     rest are anywhere, so long idle stretches are seen too. Short videos repeat their last frame.
     """
     n = len(video)
-    frames = video.backgrounds[rng.integers(len(video.backgrounds))]
     if n <= length:
-        idx = np.minimum(np.arange(length), n - 1)
-    else:
-        first, last = int(video.boundaries[0]), int(video.boundaries[-1])
-        lo, hi = max(0, last - length + 1), min(first, n - length)
-        start = rng.integers(lo, hi + 1) if rng.random() < action_share and lo <= hi else \
-            rng.integers(0, n - length + 1)
-        idx = np.arange(start, start + length)
-    window = frames[idx]
+        return np.minimum(np.arange(length), n - 1)
+    first, last = int(video.boundaries[0]), int(video.boundaries[-1])
+    lo, hi = max(0, last - length + 1), min(first, n - length)
+    start = rng.integers(lo, hi + 1) if rng.random() < action_share and lo <= hi else \
+        rng.integers(0, n - length + 1)
+    return np.arange(start, start + length)
+
+
+def sample_window(video: framedata.Video, length: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A window (frames, phases) from a random background of the video, flipped half the time."""
+    idx = window_indices(video, length, rng)
+    window = video.backgrounds[rng.integers(len(video.backgrounds))][idx]
     if rng.random() < 0.5:
         window = window[:, :, ::-1]
     return window, video.phases[idx]
@@ -197,6 +200,53 @@ def train_detector(args) -> None:
     print(f"detector: {step} steps in {time.monotonic() - t0:.0f}s", flush=True)
 
 
+def train_heads(args) -> None:
+    """Stage 2: the SPS units and classifier alone, on the frozen per-frame features of the
+    stage-1 parser in --init. Without the CNN in the loop a step costs ~1/50, so the local loss
+    gets thousands of steps in minutes."""
+    torch.manual_seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+    model = load_parser(args.init)
+    meta = json.loads((args.init / "parser.json").read_text())
+    videos = framedata.load_split("train", TRAIN_VIDEOS, backgrounds=2, cache=args.data)
+    start = time.monotonic()
+    feats = [torch.from_numpy(frame_features(model, v.frames)[1]) for v in videos]
+    print(f"heads: features of {len(feats)} videos in {time.monotonic() - start:.0f}s", flush=True)
+    heads = [*model.units.parameters(), *model.classifier.parameters()]
+    optimizer = torch.optim.AdamW(heads, lr=args.lr, weight_decay=1e-4)
+    model.units.train()
+    start, step, budget, log = time.monotonic(), 0, args.minutes * 60, []
+    while (progress := (time.monotonic() - start) / budget) < 1:
+        cosine_lr(optimizer, args.lr, progress)
+        picks = rng.integers(0, len(videos), args.batch)
+        idx = [window_indices(videos[i], args.window, rng) for i in picks]
+        x = torch.stack([feats[i][j] for i, j in zip(picks, idx)])
+        phases = torch.from_numpy(np.stack([videos[i].phases[j] for i, j in zip(picks, idx)]))
+        labels = torch.tensor([videos[i].label for i in picks])
+        responses = None
+        for unit in model.units:
+            x, responses = unit(x)
+        glob = F.cross_entropy(model.classifier(x.mean(dim=1)), labels)
+        loc = local_loss(responses, phases, margin=args.margin) if args.local else glob * 0
+        loss = loc + args.global_weight * glob
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        step += 1
+        if step % 200 == 0:
+            log.append(dict(step=step, seconds=round(time.monotonic() - start), local=loc.item(),
+                            global_=glob.item()))
+            print(f"heads step {step} {time.monotonic() - start:.0f}s local {loc.item():.3f} "
+                  f"global {glob.item():.3f}", flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), args.out / "parser.pt")
+    (args.out / "parser.json").write_text(json.dumps(dict(
+        config=meta["config"], stage1=meta, stage2=dict(steps=step, seconds=round(time.monotonic() - start),
+                                                        window=args.window, batch=args.batch, lr=args.lr,
+                                                        local=args.local, log=log)), indent=1))
+    print(f"heads: {step} steps in {time.monotonic() - start:.0f}s -> {args.out}", flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, required=True, help="cache folder of export.frames")
@@ -217,6 +267,7 @@ def main() -> None:
     p.add_argument("--detector-videos", type=int, default=120)
     p.add_argument("--detector", action="store_true", help="train the boundary-detector baseline")
     p.add_argument("--export-onnx", type=Path, help="export the trained parser in --out to this file")
+    p.add_argument("--init", type=Path, help="stage 2: train the heads on the frozen features of this run")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     if args.export_onnx:
@@ -227,6 +278,8 @@ def main() -> None:
               f"{onnx_max_difference(model, path, served_frames(video)):.2e}")
     elif args.detector:
         train_detector(args)
+    elif args.init:
+        train_heads(args)
     else:
         train_parser(args)
 
