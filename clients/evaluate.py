@@ -5,7 +5,8 @@ attribute per query, as `vqs synth` and the model build write them; "null" where
 no routine). Every labelled video is sent to the gateway exactly as `vqs score` sends it (a path
 when it lies under `--uri-root`, the bytes otherwise); the served answers go to a JSONL beside the
 output (`--resume` continues it, so a finished file is scored again without a server), and the
-metrics to `--out`:
+metrics to `--out`. Per query, over the videos that show a routine (as the paper reports them;
+`all_videos` repeats accuracy and ECE over every video):
 
 - accuracy per query (with a percentile-bootstrap 95% interval over videos) and the majority
   answer's rate on the split (what a constant answer scores);
@@ -14,13 +15,14 @@ metrics to `--out`:
 - accuracy by video length (bins cut at `--length-bins` seconds, from the labels' durations);
 - expected calibration error of each head's top answer (`--ece-bins` equal-width bins; bin m holds
   confidences in ((m-1)/M, m/M]);
-- videos without a routine (every label "null"): how many got "null" on every query;
-- the in-domain flag: how many videos the server flagged as unlike its training data (only where
-  the served decoder reports one).
+Then over the whole split: videos without a routine (every label "null") and how many got "null"
+on every query, the same and accuracy per label `kind` where the labels have one, and how many
+videos the server flagged as unlike its training data (only where the served decoder says).
 
-`--against OTHER.json` (another results file on the same videos: a baseline served under another
-encoder, or the torch models' predictions written in this format) adds, per query, the paired
-bootstrap 95% interval of (this - other) accuracy and how often the two answer the same.
+`--against OTHER.json` (another results file on the same videos: a baseline served by another
+model repository, or the torch models' predictions as `{"videos": [{"id", "labels", "answers"}]}`)
+adds, per query over the shared videos with a routine, the paired bootstrap 95% interval of
+(this - other) accuracy and how often the two answer the same.
 
 A failed video counts as a wrong answer (and is listed); exit 3 when any failed.
 """
@@ -208,34 +210,50 @@ def answered_null(o: Outcome, queries: Sequence[str]) -> bool:
     return o.answers is not None and all(o.answers.get(q) == NULL for q in queries)
 
 
+def has_routine(o: Outcome) -> bool:
+    """Labelled with something other than "null" on some query: a video that shows a routine."""
+    return any(v != NULL for v in o.labels.values())
+
+
+def query_metrics(
+    outcomes: Sequence[Outcome], q: str, *, ece_bins: int, rounds: int, seed: int
+) -> dict[str, Any]:
+    """Accuracy (with its bootstrap interval), per-class accuracy, majority rate and ECE of one
+    query over `outcomes` (None where there is nothing to measure)."""
+    if not outcomes:
+        return {"accuracy": None, "accuracy_95": None, "mean_class_accuracy": None,
+                "majority_rate": None, "ece": None, "mean_confidence": None}
+    correct = [o.correct(q) for o in outcomes]
+    truth = [o.labels[q] for o in outcomes]
+    acc, lo, hi = bootstrap_interval([float(c) for c in correct], rounds=rounds, seed=seed)
+    scored = [o for o in outcomes if q in o.confidence]
+    return {
+        "accuracy": acc,
+        "accuracy_95": [lo, hi],
+        "mean_class_accuracy": mean_class_accuracy(truth, correct),
+        "majority_rate": majority_rate(truth),
+        "ece": expected_calibration_error(
+            [o.confidence[q] for o in scored], [o.correct(q) for o in scored], ece_bins),
+        "mean_confidence": accuracy([o.confidence[q] for o in scored]),
+    }
+
+
 def summarise(
     outcomes: Sequence[Outcome], queries: Sequence[str], *, length_cuts: Sequence[float],
     ece_bins: int, rounds: int, seed: int,
 ) -> dict[str, Any]:
+    """The split's metrics. Per query (and by length) they are over the videos with a routine, as
+    the paper reports them; videos labelled null everywhere are measured by how many were answered
+    null everywhere; `all_videos` has accuracy and ECE over both kinds together."""
     answered = [o for o in outcomes if o.answers is not None]
-    per_query: dict[str, Any] = {}
-    for q in queries:
-        correct = [o.correct(q) for o in outcomes]
-        truth = [o.labels[q] for o in outcomes]
-        acc, lo, hi = bootstrap_interval([float(c) for c in correct], rounds=rounds, seed=seed)
-        scored = [o for o in answered if q in o.confidence]
-        per_query[q] = {
-            "accuracy": acc,
-            "accuracy_95": [lo, hi],
-            "mean_class_accuracy": mean_class_accuracy(truth, correct),
-            "majority_rate": majority_rate(truth),
-            "ece": expected_calibration_error(
-                [o.confidence[q] for o in scored], [o.correct(q) for o in scored], ece_bins),
-            "mean_confidence": accuracy([o.confidence[q] for o in scored]),
-        }
-    names = length_bin_names(length_cuts)
+    routine = [o for o in outcomes if has_routine(o)]
+    options = {"ece_bins": ece_bins, "rounds": rounds, "seed": seed}
     by_length = []
-    for b, name in enumerate(names):
-        inside = [o for o in outcomes if length_bin(o.duration_s, length_cuts) == b]
+    for b, name in enumerate(length_bin_names(length_cuts)):
+        inside = [o for o in routine if length_bin(o.duration_s, length_cuts) == b]
         by_length.append({"bin": name, "videos": len(inside),
                           "accuracy": {q: accuracy([o.correct(q) for o in inside]) for q in queries}})
-    no_routine = [o for o in outcomes if all(v == NULL for v in o.labels.values())]
-    all_null = [o for o in no_routine if answered_null(o, queries)]
+    no_routine = [o for o in outcomes if not has_routine(o)]
     flagged = [o for o in answered if o.in_domain is not None]
     kinds: dict[str, list[Outcome]] = defaultdict(list)
     for o in outcomes:
@@ -244,11 +262,14 @@ def summarise(
     return {
         "videos": len(outcomes),
         "answered": len(answered),
+        "routine_videos": len(routine),
         "errors": dict(Counter(o.error["code"] for o in outcomes if o.error)),
-        "queries": per_query,
+        "queries": {q: query_metrics(routine, q, **options) for q in queries},
         "by_length": by_length,
+        "all_videos": {q: {k: v for k, v in query_metrics(outcomes, q, **options).items()
+                           if k in ("accuracy", "ece")} for q in queries},
         "no_routine": {"videos": len(no_routine),
-                       "all_null_rate": len(all_null) / len(no_routine) if no_routine else None},
+                       "all_null_rate": accuracy([answered_null(o, queries) for o in no_routine])},
         "in_domain": {
             "known": len(flagged),
             "out_of_domain_rate": (sum(not o.in_domain for o in flagged) / len(flagged)) if flagged else None,
@@ -266,12 +287,13 @@ def compare(
     ours: Sequence[Mapping[str, Any]], theirs: Sequence[Mapping[str, Any]], queries: Sequence[str],
     *, rounds: int, seed: int,
 ) -> dict[str, Any]:
-    """Paired comparison of two results files' `videos` on the videos both hold: per query, both
-    accuracies, the bootstrap 95% interval of (ours - theirs), and the rate of equal answers."""
+    """Paired comparison of two results files' `videos` on the videos with a routine both hold:
+    per query, both accuracies, the bootstrap 95% interval of (ours - theirs), and the rate of
+    equal answers."""
     other = {v["id"]: v for v in theirs}
-    common = [v for v in ours if v["id"] in other]
+    common = [v for v in ours if v["id"] in other and any(x != NULL for x in v["labels"].values())]
     if not common:
-        raise ValueError("the two results share no video id")
+        raise ValueError("the two results share no video id (with a routine)")
     for v in common:
         w = other[v["id"]]
         clash = {q for q in queries if q in w["labels"] and w["labels"][q] != v["labels"][q]}
@@ -369,7 +391,8 @@ def results_table(results: Mapping[str, Any]) -> Table:
     m = results["metrics"]
     comparison = results.get("comparison")
     table = Table(title=f"vqs evaluate: {results['split']['dir']} ({m['videos']} videos, "
-                        f"{m['answered']} answered; encoder {results['served'].get('encoder') or '?'})",
+                        f"{m['answered']} answered; encoder {results['served'].get('encoder') or '?'}); "
+                        f"per query over the {m['routine_videos']} with a routine",
                   title_justify="left")
     table.add_column("query", style="bold")
     table.add_column("accuracy % [95%]", justify="right")
@@ -383,7 +406,7 @@ def results_table(results: Mapping[str, Any]) -> Table:
         table.add_column("diff [95%]", justify="right")
         table.add_column("agree %", justify="right")
     for q, s in m["queries"].items():
-        lo, hi = s["accuracy_95"]
+        lo, hi = s["accuracy_95"] or (None, None)
         row = [q, f"{_pct(s['accuracy'])} [{_pct(lo)}, {_pct(hi)}]", _pct(s["majority_rate"]),
                _pct(s["mean_class_accuracy"]),
                *(_pct(b["accuracy"][q]) for b in m["by_length"]), _pct(s["ece"])]

@@ -150,6 +150,30 @@ def paced_ts(
             log.frames.append((frame, time.time()))
 
 
+def read_head(source: BinaryIO, size: int) -> bytes:
+    """The first `size` bytes (fewer at the end), however a pipe delivers them."""
+    head = b""
+    while len(head) < size:
+        block = source.read(size - len(head))
+        if not block:
+            break
+        head += block
+    return head
+
+
+class Prefixed:
+    """`source` with `head`, already read from it, in front again."""
+
+    def __init__(self, head: bytes, source: BinaryIO) -> None:
+        self.head, self.source = head, source
+
+    def read(self, size: int) -> bytes:
+        if self.head:
+            block, self.head = self.head[:size], self.head[size:]
+            return block
+        return self.source.read(size)
+
+
 def read_chunks(source: BinaryIO, chunk_bytes: int) -> Iterator[bytes]:
     while True:
         block = source.read(chunk_bytes)
@@ -251,7 +275,8 @@ def stream(
             raise typer.BadParameter(f"{path} is not a file", param_hint="PATH")
         source = file.open("rb")
     chunk_bytes = chunk_kb * 1024
-    head = source.peek(2 * TS_PACKET)[: 2 * TS_PACKET] if hasattr(source, "peek") else b""
+    head = read_head(source, 2 * TS_PACKET)
+    source = Prefixed(head, source)
     if realtime and not is_mpegts(head):
         stderr.print(
             "--realtime paces an MPEG-TS by its timestamps, and this input is not one: remux it "

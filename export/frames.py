@@ -1,8 +1,10 @@
 """Per-frame training and evaluation data for the action parser and the frame embedder.
 
 Each video is rendered by `export.synth`, encoded to H.264 and decoded again (so the models see
-compression as served videos have it), then area-downsampled from the served 112 px to 56 px:
-the models pool 112 -> 56 inside their graphs, so the two paths agree exactly.
+compression as served videos have it), then area-downsampled from the served 112 px: cached at
+56 px, handed to the models at 28 px. The models pool 112 -> 28 (4x4 means) inside their graphs,
+so the two paths agree to rounding. 28 px is what this machine can train in minutes; the
+diver (about 10 px tall), its shape, rotation, entry and splash stay visible.
 
 A video can be rendered over several backgrounds: the same routine (diver, timing, labels) with
 a different scene seed, so background texture, pan, clutter and spinner differ. The embedder's
@@ -27,14 +29,15 @@ import numpy as np
 from export import synth, vocab
 
 SERVED_SIZE = 112
-MODEL_SIZE = 56
+CACHE_SIZE = 56
+MODEL_SIZE = 28
 FPS = 15.0
 SPLIT_SEEDS = {"train": 1101, "val": 1202, "test": 1303}  # distinct seed streams per split
 
 
 @dataclass
 class Video:
-    backgrounds: list[np.ndarray]  # per background, (N, 56, 56, 3) uint8
+    backgrounds: list[np.ndarray]  # per background, (N, S, S, 3) uint8, S = 56 (cache) or 28 (model)
     phases: np.ndarray  # (N,) 0..4, see synth.PHASES
     boundaries: np.ndarray  # first frame of take-off, flight, entry, after
     label: int  # global class index
@@ -63,9 +66,16 @@ def _decoded(routine: synth.Routine, tmp: Path) -> np.ndarray:
 
 
 def downsample(frames: np.ndarray) -> np.ndarray:
-    """Served 112 px frames -> 56 px (a 2x2 mean, what the models' first layer does)."""
-    return np.stack([cv2.resize(f, (MODEL_SIZE, MODEL_SIZE), interpolation=cv2.INTER_AREA)
+    """Served 112 px frames -> 56 px cache (2x2 means)."""
+    return np.stack([cv2.resize(f, (CACHE_SIZE, CACHE_SIZE), interpolation=cv2.INTER_AREA)
                      for f in frames])
+
+
+def to_model_size(frames: np.ndarray) -> np.ndarray:
+    """56 px cache -> 28 px model input (2x2 means, rounded)."""
+    n, h, w, c = frames.shape
+    blocks = frames.reshape(n, h // 2, 2, w // 2, 2, c).astype(np.uint16).sum(axis=(2, 4))
+    return ((blocks + 2) // 4).astype(np.uint8)
 
 
 def render(seed: int, backgrounds: int = 1) -> Video:
@@ -87,12 +97,19 @@ def _render_job(args: tuple[int, int]) -> Video:
 
 def load_split(split: str, count: int, *, backgrounds: int = 1, cache: Path | None = None,
                workers: int = 2) -> list[Video]:
-    """`count` videos of a split, cached as one .npz per (split, count, backgrounds)."""
+    """`count` videos of a split at model size, cached at 56 px as one .npz per (split, count,
+    backgrounds)."""
     if split not in SPLIT_SEEDS:
         raise ValueError(f"split must be one of {sorted(SPLIT_SEEDS)}, got {split!r}")
     path = Path(cache) / f"{split}_{count}_{backgrounds}.npz" if cache else None
-    if path is not None and path.exists():
-        return _read(path)
+    videos = _read(path) if path is not None and path.exists() else _render_split(split, count,
+                                                                                 backgrounds, path, workers)
+    for v in videos:
+        v.backgrounds = [to_model_size(bg) for bg in v.backgrounds]
+    return videos
+
+
+def _render_split(split: str, count: int, backgrounds: int, path: Path | None, workers: int) -> list[Video]:
     jobs = [(video_seed(split, i), backgrounds) for i in range(count)]
     videos = []
     with multiprocessing.get_context("spawn").Pool(workers) as pool:
@@ -120,9 +137,9 @@ def _read(path: Path) -> list[Video]:
     data = np.load(path)
     starts = np.concatenate([[0], np.cumsum(data["lengths"])])
     bgs = [data[k] for k in sorted(k for k in data.files if k.startswith("bg"))]
-    return [Video(backgrounds=[bg[s:e] for bg in bgs], phases=data["phases"][s:e],
-                  boundaries=data["boundaries"][i], label=int(data["labels"][i]),
-                  seed=int(data["seeds"][i]))
+    phases, boundaries, labels, seeds = (data[k] for k in ("phases", "boundaries", "labels", "seeds"))
+    return [Video(backgrounds=[bg[s:e] for bg in bgs], phases=phases[s:e], boundaries=boundaries[i],
+                  label=int(labels[i]), seed=int(seeds[i]))
             for i, (s, e) in enumerate(zip(starts[:-1], starts[1:]))]
 
 

@@ -185,14 +185,21 @@ def retrieval_ap(queries, query_labels, gallery, gallery_labels, k: int) -> floa
     Dividing by k (not by the relevant items found) makes a query that finds only a few matching
     frames score low, which the lenient form would hide.
     """
+    return float(retrieval_ap_per_query(queries, query_labels, gallery, gallery_labels, k).mean())
+
+
+def retrieval_ap_per_query(queries, query_labels, gallery, gallery_labels, k: int) -> np.ndarray:
+    """AP@k of each query (see `retrieval_ap`)."""
     q, g = _normalise(queries), _normalise(gallery)
     query_labels, gallery_labels = np.asarray(query_labels), np.asarray(gallery_labels)
     if k < 1 or k > len(g):
         raise ValueError(f"k must be in 1..{len(g)}, got {k}")
-    top = np.argsort(-(q @ g.T), axis=1, kind="stable")[:, :k]
+    sims = q @ g.T
+    top = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+    top = np.take_along_axis(top, np.argsort(-np.take_along_axis(sims, top, 1), axis=1, kind="stable"), 1)
     relevant = gallery_labels[top] == query_labels[:, None]
     precision_at = np.cumsum(relevant, axis=1) / np.arange(1, k + 1)
-    return float(((precision_at * relevant).sum(axis=1) / k).mean())
+    return (precision_at * relevant).sum(axis=1) / k
 
 
 def balanced_accuracy(predicted, truth) -> float:

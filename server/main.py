@@ -99,6 +99,10 @@ class Gateway:
 
     async def start(self) -> None:
         s = self.settings
+        # Settings copied with changes (tests) skip validation: check what start-up relies on.
+        problem = s.capacity_problem()
+        if problem is not None:
+            raise StartupError(problem)
         # Security first: a gateway that would run unprotected must not launch anything.
         try:
             auth.check_exposure(s.host, s.security)

@@ -86,7 +86,8 @@ class LimitsSettings(_Group):
     # Clip batches being encoded at once per request (decoding continues meanwhile).
     encode_inflight: int = Field(4, ge=1)
     # `AnalyzeStream`s open at once (admitted separately from unary requests); one more is refused.
-    max_concurrent_streams: int = Field(4, ge=1)
+    # Each holds a decode worker while it lasts: below decode.workers (see Settings.capacity_problem).
+    max_concurrent_streams: int = Field(1, ge=1)
     # A stream whose client sends nothing for this long is ended with DEADLINE_EXCEEDED.
     stream_idle_s: float = Field(30.0, gt=0)
     # The documented largest chunk of a stream (a larger one is INVALID_ARGUMENT) ...
@@ -150,3 +151,23 @@ class Settings(BaseSettings):
     decode: DecodeSettings = DecodeSettings()
     limits: LimitsSettings = LimitsSettings()
     security: SecuritySettings = SecuritySettings()
+
+    def capacity_problem(self) -> str | None:
+        """Why the decode pool cannot honour the admission limits (None: it can). Each admitted
+        stream holds a decode worker for its whole life and Analyze needs at least one: with no
+        worker left, an admitted call would wait for one, unbounded, instead of being refused."""
+        streams, workers = self.limits.max_concurrent_streams, self.decode.workers
+        if streams < workers:
+            return None
+        return (
+            f"limits.max_concurrent_streams ({streams}) must be below decode.workers ({workers}): "
+            "each stream holds a decode worker while it lasts and Analyze needs one too; raise "
+            "VQS_DECODE__WORKERS or lower VQS_LIMITS__MAX_CONCURRENT_STREAMS"
+        )
+
+    @model_validator(mode="after")
+    def _capacity(self) -> Settings:
+        problem = self.capacity_problem()
+        if problem is not None:
+            raise ValueError(problem)
+        return self

@@ -1,7 +1,8 @@
 """Adaptive Token Sampler (thesis chapter 7): keep the K' <= K tokens that matter to the class
 token, K' chosen per sample by the data.
 
-Score S_j = Σ_heads A[cls, j] · ‖V_j‖ over the non-cls tokens j, normalised to sum to 1; its CDF
+Score S_j = Σ_heads A_h[cls, j] · ‖V_h,j‖ (each head's attention and value vector) over the non-cls
+tokens j, normalised to sum to 1; its CDF
 is inverted deterministically at (2i − 1) / (2K), i = 1..K, each point taking the token whose CDF
 value is nearest; repeated tokens are kept once; the cls token is always kept. The block's output
 rows are the selected rows of the attention times V (A^s V); the residual and the FFN then run on
@@ -47,7 +48,19 @@ def select(attn: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, k: int) -> t
     picked = distance.argmin(dim=2)  # N, K (first of equals, as ONNX ArgMin)
     chosen = torch.zeros_like(valid).scatter(1, picked, True)
     keep_all = (k >= valid.sum(dim=1)).unsqueeze(1)
-    chosen = torch.where(keep_all, valid, chosen & valid)
+    return _compact(torch.where(keep_all, valid, chosen & valid))
+
+
+def select_top_k(attn: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The thesis's baseline (Table 7.1): the K highest-scoring tokens, a fixed K' = min(K, N)."""
+    scores = significance(attn, v, mask).masked_fill(~mask[:, 1:], -1.0)
+    picked = scores.topk(min(k, scores.shape[1]), dim=1).indices
+    return _compact(torch.zeros_like(mask[:, 1:]).scatter(1, picked, True) & mask[:, 1:])
+
+
+def _compact(chosen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chosen non-cls tokens (N, n) -> indices (N, K'max+1), cls first, then kept tokens in token
+    order, then padding (index 0); and their mask."""
     kept = int(chosen.sum(dim=1).max())
     order = torch.argsort((~chosen).to(torch.int8), dim=1, stable=True)[:, :kept]  # N, K'
     kept_mask = chosen.gather(1, order)
@@ -105,7 +118,7 @@ def adaptive_token_sampler(
 def _(x, attn, v, mask, k):
     ctx = torch.library.get_ctx()
     tokens = attn.shape[2]
-    m = ctx.new_dynamic_size(min=2, max=tokens if isinstance(tokens, int) else None)
+    m = ctx.new_dynamic_size(min=1, max=tokens if isinstance(tokens, int) else None)
     n, heads = attn.shape[:2]
     return (
         v.new_empty((n, m, heads * v.shape[3])),

@@ -85,17 +85,16 @@ def SimilarityGuidedSampling(features: FLOAT, z: FLOAT, bins: INT64):
     # Kept bins first, each group in bin order: descending key occupied·2B + (B − b).
     key = occupied * two_b + (op.Cast(bins - bin_number, to=1))
     _, order = op.TopK(key, kept, axis=1, largest=1, sorted=1)  # N, B'
+    chosen = op.GatherND(op.Transpose(weights, perm=[0, 2, 1]), op.Unsqueeze(order, op.Constant(value_ints=[2])),
+                         batch_dims=1)  # N, B', T: weights of the kept bins
     shape = op.Shape(features)
-    head = op.Slice(shape, op.Constant(value_ints=[0]), op.Constant(value_ints=[3]))  # N, C, T
-    nt = op.Concat(op.Slice(shape, op.Constant(value_ints=[0]), op.Constant(value_ints=[1])),
-                   op.Slice(shape, op.Constant(value_ints=[2]), op.Constant(value_ints=[3])), kept, axis=0)
-    chosen = op.GatherElements(weights, op.Expand(op.Unsqueeze(order, op.Constant(value_ints=[1])), nt), axis=2)
-    flat_features = op.Reshape(features, op.Concat(head, op.Constant(value_ints=[-1]), axis=0))  # N, C, T, S
-    sampled = op.MatMul(op.Unsqueeze(op.Transpose(chosen, perm=[0, 2, 1]), op.Constant(value_ints=[1])), flat_features)
+    n_c_t = op.Slice(shape, op.Constant(value_ints=[0]), op.Constant(value_ints=[3]))
+    flat_features = op.Reshape(features, op.Concat(n_c_t, op.Constant(value_ints=[-1]), axis=0))  # N, C, T, S
+    sampled = op.MatMul(op.Unsqueeze(chosen, op.Constant(value_ints=[1])), flat_features)  # N, C, B', S
     out_shape = op.Concat(
         op.Slice(shape, op.Constant(value_ints=[0]), op.Constant(value_ints=[2])),
         kept,
-        op.Slice(shape, op.Constant(value_ints=[3]), op.Constant(value_ints=[1000])),
+        op.Slice(shape, op.Constant(value_ints=[3]), op.Constant(value_ints=[2**31 - 1])),
         axis=0,
     )
     sampled = op.Reshape(sampled, out_shape)  # N, C, B', *S
@@ -105,63 +104,55 @@ def SimilarityGuidedSampling(features: FLOAT, z: FLOAT, bins: INT64):
 
 @onnxscript.script(vqs, default_opset=op)
 def AdaptiveTokenSampler(x: FLOAT, attn: FLOAT, v: FLOAT, mask: BOOL, k: INT64):
-    # Same arithmetic and token order as export.adaptive.ats.select / gather_rows.
+    # Same arithmetic and token order as export.adaptive.ats.select / gather_rows, computed over
+    # all n + 1 tokens with the cls token's score held at 0 (fewer nodes: at batch 1 ONNX Runtime's
+    # per-node cost, not arithmetic, is what this body costs).
     one = op.Constant(value_ints=[1])
-    zero = op.Constant(value_ints=[0])
-    end = op.Constant(value_ints=[1000000000])
-    valid = op.Cast(op.Slice(mask, one, end, one), to=1)  # N, n as 0/1
-    cls_row = op.Squeeze(op.Slice(attn, zero, one, op.Constant(value_ints=[2])), op.Constant(value_ints=[2]))
-    cls_row = op.Slice(cls_row, one, end, op.Constant(value_ints=[2]))  # N, h, n
-    v_norm = op.ReduceL2(op.Slice(v, one, end, op.Constant(value_ints=[2])), op.Constant(value_ints=[3]), keepdims=0)
-    scores = op.ReduceSum(cls_row * v_norm, one, keepdims=0) * valid  # N, n
-    total = op.Max(op.ReduceSum(scores, one, keepdims=1), op.Constant(value_float=1e-12))
-    cdf = op.CumSum(scores / total, op.Constant(value_int=1))  # N, n
-    attn_shape = op.Shape(attn)
-    tokens = op.Squeeze(op.Slice(attn_shape, op.Constant(value_ints=[3]), op.Constant(value_ints=[4])))
+    attn_shape = op.Shape(attn)  # N, h, n+1, n+1
+    tokens = op.Gather(attn_shape, op.Constant(value_int=3))
     n_tokens = tokens - op.Constant(value_int=1)
+    position = op.Range(op.Constant(value_int=0), tokens, op.Constant(value_int=1))  # n+1
+    is_cls = op.Cast(op.Equal(position, op.Constant(value_int=0)), to=1)
+    valid = op.Cast(mask, to=1)  # N, n+1 as 0/1
+    eligible = valid * (op.Constant(value_float=1.0) - is_cls)  # valid non-cls tokens
+    cls_row = op.Gather(attn, op.Constant(value_int=0), axis=2)  # N, h, n+1
+    v_norm = op.ReduceL2(v, op.Constant(value_ints=[3]), keepdims=0)  # N, h, n+1
+    scores = op.ReduceSum(cls_row * v_norm, one, keepdims=0) * eligible  # N, n+1
+    total = op.Max(op.ReduceSum(scores, one, keepdims=1), op.Constant(value_float=1e-12))
+    cdf = op.CumSum(scores / total, op.Constant(value_int=1))
+    valid_count = op.ReduceSum(eligible, one, keepdims=0)  # N
     k_eff = op.Min(op.Reshape(k, op.Constant(value_ints=[])), n_tokens)
     k_float = op.Cast(k_eff, to=1)
-    valid_count = op.ReduceSum(valid, one, keepdims=0)  # N
     # When K covers every sample's tokens nothing is sampled: one point keeps that part cheap.
-    k_points = op.Where(op.GreaterOrEqual(k_float, op.ReduceMax(valid_count, keepdims=0)), op.Constant(value_int=1), k_eff)
+    covers_all = op.GreaterOrEqual(k_float, op.ReduceMax(valid_count, keepdims=0))
+    k_points = op.Where(covers_all, op.Constant(value_int=1), k_eff)
     i = op.Cast(op.Range(op.Constant(value_int=1), k_points + op.Constant(value_int=1), op.Constant(value_int=1)), to=1)
-    points = (i * op.Constant(value_float=2.0) - op.Constant(value_float=1.0)) / (op.Cast(k_points, to=1) * op.Constant(value_float=2.0))
-    distance = op.Abs(op.Unsqueeze(cdf, one) - op.Unsqueeze(points, one))  # N, K, n
-    distance = op.Where(
-        op.Unsqueeze(op.Greater(valid, op.Constant(value_float=0.5)), one),
-        distance,
-        op.Constant(value_float=float("inf")),
-    )
-    picked = op.ArgMin(distance, axis=2, keepdims=0)  # N, K
-    chosen = op.ScatterElements(op.Mul(valid, op.Constant(value_float=0.0)), picked,
-                                op.Expand(op.Constant(value_float=1.0), op.Shape(picked)), axis=1, reduction="max")
+    two = op.Constant(value_float=2.0)
+    points = (i * two - op.Constant(value_float=1.0)) / (op.Cast(k_points, to=1) * two)  # (2i − 1) / 2K
+    distance = op.Abs(op.Unsqueeze(cdf, one) - op.Unsqueeze(points, one))  # N, K, n+1
+    distance = op.Where(op.Unsqueeze(op.Greater(eligible, op.Constant(value_float=0.5)), one), distance,
+                        op.Constant(value_float=float("inf")))
+    picked = op.ArgMin(distance, axis=2, keepdims=0)  # N, K (first of equals)
+    sampled = op.ScatterElements(op.Mul(valid, op.Constant(value_float=0.0)), picked,
+                                 op.Expand(op.Constant(value_float=1.0), op.Shape(picked)), axis=1, reduction="max")
     keep_all = op.Unsqueeze(op.GreaterOrEqual(k_float, valid_count), one)
-    chosen = op.Where(keep_all, valid, chosen * valid)  # N, n as 0/1
+    chosen = op.Where(keep_all, valid, op.Max(sampled * eligible, is_cls))  # N, n+1 as 0/1, cls always
     kept = op.Cast(op.ReduceMax(op.ReduceSum(chosen, one, keepdims=0), keepdims=1), to=7)
-    n_float = op.Cast(n_tokens, to=1)
-    position = op.Cast(op.Range(op.Constant(value_int=0), n_tokens, op.Constant(value_int=1)), to=1)
-    # Kept tokens first, each group in token order: descending key chosen·2n + (n − j).
-    _, order = op.TopK(chosen * (n_float * op.Constant(value_float=2.0)) + (n_float - position), kept, axis=1)
-    kept_mask = op.Greater(op.GatherElements(chosen, order, axis=1), op.Constant(value_float=0.5))  # N, K'
-    index = op.Where(kept_mask, order + op.Constant(value_int=1), op.Constant(value_int=0))
-    batch_shape = op.Slice(attn_shape, zero, one)
-    index = op.Concat(op.Expand(op.Constant(value_ints=[0]), op.Concat(batch_shape, one, axis=0)), index, axis=1)
-    kept_mask = op.Concat(op.Cast(op.Expand(one, op.Concat(batch_shape, one, axis=0)), to=9), kept_mask, axis=1)
-    # Rows of A for the kept tokens only, by one flat gather: row (b·h + head)·(n+1) + index.
+    # Kept tokens first, each group in token order: descending key chosen·2(n+1) + (n+1 − j).
+    tokens_float = op.Cast(tokens, to=1)
+    key = chosen * (tokens_float * op.Constant(value_float=2.0)) + (tokens_float - op.Cast(position, to=1))
+    _, order = op.TopK(key, kept, axis=1)  # N, m
+    keep = op.GatherElements(chosen, order, axis=1)  # N, m as 0/1
+    kept_mask = op.Greater(keep, op.Constant(value_float=0.5))
+    index = op.Where(kept_mask, order, op.Constant(value_int=0))
+    # Rows of A for the kept tokens only: one batched gather over (sample, head).
     heads = op.Slice(attn_shape, one, op.Constant(value_ints=[2]))
-    batch = op.Squeeze(batch_shape)
-    head_count = op.Squeeze(heads)
-    plane = op.Unsqueeze(op.Range(op.Constant(value_int=0), batch, op.Constant(value_int=1)), one) * head_count \
-        + op.Unsqueeze(op.Range(op.Constant(value_int=0), head_count, op.Constant(value_int=1)), zero)  # N, h
-    flat_index = op.Unsqueeze(plane * tokens, op.Constant(value_ints=[2])) + op.Unsqueeze(index, one)  # N, h, m
-    rows = op.Gather(op.Reshape(attn, op.Concat(op.Constant(value_ints=[-1]), op.Unsqueeze(tokens, zero), axis=0)),
-                     flat_index, axis=0)  # N, h, m, n+1
+    row_index = op.Expand(op.Unsqueeze(index, op.Constant(value_ints=[1, 3])),
+                          op.Concat(one, heads, op.Constant(value_ints=[1, 1]), axis=0))  # N, h, m, 1
+    rows = op.GatherND(attn, row_index, batch_dims=2)  # N, h, m, n+1
     attended = op.Reshape(op.Transpose(op.MatMul(rows, v), perm=[0, 2, 1, 3]), op.Constant(value_ints=[0, 0, -1]))
-    x_shape = op.Shape(x)
-    sample_index = op.Unsqueeze(op.Range(op.Constant(value_int=0), batch, op.Constant(value_int=1)), one) * tokens + index
-    residual = op.Gather(op.Reshape(x, op.Concat(op.Constant(value_ints=[-1]), op.Slice(x_shape, op.Constant(value_ints=[2]), op.Constant(value_ints=[3])), axis=0)),
-                         sample_index, axis=0)  # N, m, d
-    keep = op.Unsqueeze(op.Cast(kept_mask, to=1), op.Constant(value_ints=[2]))
+    residual = op.GatherND(x, op.Unsqueeze(index, op.Constant(value_ints=[2])), batch_dims=1)  # N, m, d
+    keep = op.Unsqueeze(keep, op.Constant(value_ints=[2]))
     return attended * keep, residual * keep, kept_mask, index
 
 

@@ -12,9 +12,10 @@ Two choices the thesis leaves open, made here:
 - If every Δ is 0 (Z = 0), the bins have no width; all frames are then treated as equal and
   summed into one bin.
 
-The sampling is the custom op `vqs::similarity_guided_sampling` (one ONNX node of type
-`SimilarityGuidedSampling`, domain `vqs`, see `export.adaptive.onnx_functions`). A batch is padded
-to its largest B' (zero feature maps, `mask` False), kept bins first in bin order.
+The output is indexed by bin, i.e. ordered by Δ, not by time (O_b in the thesis). The sampling is
+the custom op `vqs::similarity_guided_sampling` (one ONNX node of type `SimilarityGuidedSampling`,
+domain `vqs`, see `export.adaptive.onnx_functions`). A batch is padded to its largest B' (zero
+feature maps, `mask` False), kept bins first in bin order.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Frame embedder (CARL-style, issue 11) and the per-frame CNN it shares with the action parser.
 
-frames (B, T, 112, 112, 3) uint8 -> 2x2 mean to 56 px -> small 2D CNN per frame -> projection ->
+frames (B, T, 112, 112, 3) uint8 -> 4x4 means to 28 px -> small 2D CNN per frame -> projection ->
 sine-cosine positions -> Transformer encoder -> 128-d L2-normalised embedding per frame.
 Trained self-supervised with the sequence contrastive loss (`sequence_contrastive_loss`).
 """
@@ -18,28 +18,27 @@ PIXEL_STD = 0.225 * 255
 
 
 class FrameCNN(nn.Module):
-    """Small 2D CNN applied to every frame on its own: (B, T, 56, 56, 3) -> (B, T, dim).
+    """Small 2D CNN applied to every frame on its own: (B, T, 28, 28, 3) -> (B, T, dim).
 
     With `motion`, each frame is stacked with its difference to the previous frame (6 input
     channels): still one frame's worth of context, but what moves is visible at frame rate.
     """
 
-    def __init__(self, dim: int = 128, *, motion: bool = False, width: int = 24):
+    def __init__(self, dim: int = 128, *, motion: bool = False, width: int = 8):
         super().__init__()
         self.motion = motion
-        c1, c2, c3, c4 = width, 2 * width, 4 * width, 128
+        c1, c2, c3 = width, 2 * width, 4 * width
 
         def block(cin: int, cout: int, stride: int) -> list[nn.Module]:
             return [nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout),
                     nn.ReLU(inplace=True)]
 
         self.body = nn.Sequential(
-            *block(6 if motion else 3, c1, 2), *block(c1, c1, 1),  # 28
-            *block(c1, c2, 2), *block(c2, c2, 1),  # 14
-            *block(c2, c3, 2),  # 7
-            *block(c3, c4, 2),  # 4: keep the 4x4 layout, where the figure is matters
+            *block(6 if motion else 3, c1, 2), *block(c1, c1, 1),  # 14
+            *block(c1, c2, 2),  # 7
+            *block(c2, c3, 2),  # 4: keep the 4x4 layout, where the figure is matters
         )
-        self.proj = nn.Linear(c4 * 16, dim)
+        self.proj = nn.Linear(c3 * 16, dim)
 
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
         b, t = frames.shape[:2]
@@ -52,11 +51,14 @@ class FrameCNN(nn.Module):
         return self.proj(x.flatten(1)).view(b, t, -1)
 
 
+POOL = 4
+
+
 def pool_served_frames(frames: torch.Tensor) -> torch.Tensor:
-    """(B, T, 112, 112, 3) served frames -> (B, T, 56, 56, 3), the mean of each 2x2 block (what
-    cv2.INTER_AREA computes for the training data, see export/frames.py)."""
+    """(B, T, 112, 112, 3) served frames -> (B, T, 28, 28, 3), the mean of each 4x4 block (what
+    the training data's area downsampling computes, see export/frames.py)."""
     b, t, h, w, c = frames.shape
-    x = frames.float().reshape(b, t, h // 2, 2, w // 2, 2, c)
+    x = frames.float().reshape(b, t, h // POOL, POOL, w // POOL, POOL, c)
     return x.mean(dim=(3, 5))
 
 
@@ -80,32 +82,44 @@ class EncoderLayer(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         b, t, d = x.shape
         q, k, v = self.qkv(self.norm1(x)).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        attn = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(d // self.heads), dim=-1)
+        attn = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(d // self.heads) + bias, dim=-1)
         x = x + self.drop(self.out((attn @ v).transpose(1, 2).reshape(b, t, d)))
         return x + self.drop(self.ffn(self.norm2(x)))
 
 
+def band_bias(length: int | torch.Tensor, radius: int) -> torch.Tensor:
+    """(T, T) attention bias: 0 within `radius` frames, -inf beyond. Attention then sees the
+    same neighbourhood in a 40-frame training view and a 300-frame video."""
+    position = torch.arange(length)
+    far = (position[:, None] - position[None, :]).abs() > radius
+    return torch.zeros(far.shape).masked_fill(far, float("-inf"))
+
+
 class FrameEmbedder(nn.Module):
-    """`forward` takes served frames (B, T, 112, 112, 3); `embed` takes 56 px training frames."""
+    """`forward` takes served frames (B, T, 112, 112, 3); `embed` takes 28 px training frames."""
 
     def __init__(self, *, dim: int = 128, layers: int = 2, heads: int = 4, out_dim: int = 128,
-                 contextual: bool = True):
+                 contextual: bool = True, radius: int = 16):
         super().__init__()
-        self.dim, self.contextual = dim, contextual
+        self.dim, self.contextual, self.radius = dim, contextual, radius
         self.cnn = FrameCNN(dim)
         self.layers = nn.ModuleList(EncoderLayer(dim, heads, 2 * dim) for _ in range(layers if contextual else 0))
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, out_dim)
 
-    def embed(self, frames: torch.Tensor) -> torch.Tensor:
+    def embed(self, frames: torch.Tensor, first_position: int = 0) -> torch.Tensor:
+        """28 px frames (B, T, 28, 28, 3) -> (B, T, out_dim); training starts positions at a
+        random `first_position` so that absolute position cannot act as a clock."""
         x = self.cnn(frames)
         if self.contextual:
-            x = x + sine_cosine_positions(x.shape[1], self.dim).to(x)
+            t = x.shape[1]
+            x = x + sine_cosine_positions(first_position + t, self.dim)[first_position:].to(x)
+            bias = band_bias(t, self.radius).to(x)
             for layer in self.layers:
-                x = layer(x)
+                x = layer(x, bias)
         return F.normalize(self.head(self.norm(x)), dim=-1)
 
     def forward(self, frames: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """Temporal action parser (TransParser-style, issue 11) and its trained boundary-detector baseline.
 
-frames (B, T, 112, 112, 3) -> 56 px -> per-frame CNN over each frame and its difference to the
+frames (B, T, 112, 112, 3) -> 28 px -> per-frame CNN over each frame and its difference to the
 previous frame -> a +-2-frame temporal conv -> two SPS units -> per-frame responses over m learnt
 patterns. A sub-action starts where the arg-max pattern changes (after dropping runs shorter than
 a minimum length). Why per-frame features: a clip of the served encoder spans 8 frames = 0.53 s,
@@ -68,7 +68,7 @@ class FrameFeatures(nn.Module):
 
 class ActionParser(nn.Module):
     """`forward(served frames)` -> (responses (B, T, m), class logits (B, classes));
-    `parse_small(56 px frames)` is the same on training-size frames and also returns features."""
+    `parse_small(28 px frames)` is the same on training-size frames and also returns features."""
 
     def __init__(self, *, classes: int, dim: int = 128, patterns: int = 8, units: int = 2):
         super().__init__()
@@ -123,10 +123,17 @@ class Segment:
     confidence: float  # mean arg-max response over the segment
 
 
-def parse_responses(responses: np.ndarray, min_length: int) -> list[Segment]:
+def parse_responses(responses: np.ndarray, min_length: int, smooth: int = 1) -> list[Segment]:
     """Responses (T, m) of one video -> segments where the arg-max pattern changes, runs shorter
-    than `min_length` frames merged into a neighbour."""
-    labels = segments_eval.drop_short_segments(np.argmax(responses, axis=1), min_length)
+    than `min_length` frames merged into a neighbour. `smooth` > 1 first averages the responses
+    over that many frames (centred), which removes one-frame flicker before the arg-max."""
+    if smooth > 1:
+        kernel = np.ones(smooth) / smooth
+        padded = np.pad(responses, ((smooth // 2, smooth - 1 - smooth // 2), (0, 0)), mode="edge")
+        smoothed = np.stack([np.convolve(padded[:, j], kernel, mode="valid") for j in range(responses.shape[1])], 1)
+    else:
+        smoothed = responses
+    labels = segments_eval.drop_short_segments(np.argmax(smoothed, axis=1), min_length)
     return [Segment(s, e, p, float(responses[s:e, p].mean()))
             for p, s, e in segments_eval.segments_of(labels)]
 

@@ -2,7 +2,8 @@
 B' <= B kept bins instead of its T frames.
 
 Where SGS goes decides what it can save: only the layers after it shrink. `PLACEMENTS` names the
-points tried (after the stem, after stage 2 as the thesis does for X3D, after stage 3); `macs`
+points tried (after the stem's patchifying conv, after the stem, after stage 2 as the thesis does
+for X3D, after stage 3); `macs`
 counts a clip's multiply-adds for a given B' from the shapes each layer processes.
 
 Across a batch the kept bins are padded to the batch's largest B' (mask False). Padded frames are
@@ -13,6 +14,8 @@ ceil(B'/2) frames); on an even T it is the s3d's pool.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -21,7 +24,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from export.adaptive.sgs import SimilarityGuidedSampling
 from export.models.s3d import S3D, SepConv3d
 
-PLACEMENTS = ("stem", "stage2", "stage3")
+PLACEMENTS = ("patchify", "stem", "stage2", "stage3")
 
 
 def _masked_stage(stage: SepConv3d, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -44,8 +47,8 @@ class S3DSGS(S3D):
         if getattr(self, "per_frame", False):
             raise ValueError("SGS needs a temporal encoder (temporal_kernel_size=3)")
         self.sgs_after = sgs_after
-        channels = {"stem": self.stem[-3].out_channels, "stage2": self.stage2.temporal.out_channels,
-                    "stage3": self.stage3.temporal.out_channels}[sgs_after]
+        channels = {"patchify": self.stem[0].out_channels, "stem": self.stem[-3].out_channels,
+                    "stage2": self.stage2.temporal.out_channels, "stage3": self.stage3.temporal.out_channels}[sgs_after]
         self.sgs = SimilarityGuidedSampling(channels, similarity_dim=similarity_dim)
         self.temporal_stride = self.pool3.kernel_size[0] if isinstance(self.pool3.kernel_size, tuple) else 2
 
@@ -63,6 +66,8 @@ class S3DSGS(S3D):
         return x, mask
 
     def before_sgs(self, x: torch.Tensor) -> torch.Tensor:
+        if self.sgs_after == "patchify":
+            return self.stem[:3](x)  # N, C1, T, H/p, W/p: patchify conv, norm, ReLU
         x = self.stem(x)  # N, C1, T, H/p, W/p
         if self.sgs_after == "stem":
             return x
@@ -72,9 +77,13 @@ class S3DSGS(S3D):
         return self.stage3(x)  # N, C3, T, H/2p, W/2p
 
     def after_sgs(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        if self.sgs_after == "stem":
+        if self.sgs_after == "patchify":  # the rest of the stem: temporal conv, norm, ReLU
+            keep = None if mask is None else mask[:, None, :, None, None].to(x.dtype)
+            x = self.stem[3:](x if keep is None else x * keep)
+            x = x if keep is None else x * keep
+        if self.sgs_after in ("patchify", "stem"):
             x = self.pool2(_masked_stage(self.stage2, x, mask))
-        if self.sgs_after in ("stem", "stage2"):
+        if self.sgs_after in ("patchify", "stem", "stage2"):
             x = _masked_stage(self.stage3, x, mask)
         x, mask = self._pool3(x, mask)
         x = _masked_stage(self.stage4, x, mask).mean(dim=(3, 4))  # N, C4, T'
@@ -92,6 +101,12 @@ class S3DSGS(S3D):
         x = (x - self.mean) / self.std
         features, kept = self.forward_features(x, bins)
         return self.forward_head(features), kept
+
+    def bins_for_budget(self, budget: float) -> int:
+        """B for a compute budget in (0, 1]: ⌈budget·T⌉ bins; budget 1 is the thesis's B = T."""
+        if not 0 < budget <= 1:
+            raise ValueError(f"budget must be in (0, 1], got {budget}")
+        return max(math.ceil(budget * self.clip_frames), 1)
 
     @torch.no_grad()
     def macs(self, bins_kept: int) -> int:

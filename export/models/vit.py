@@ -9,12 +9,13 @@ them all, so k = 196 reproduces the plain ViT exactly.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-from export.adaptive.ats import adaptive_token_sampler
+from export.adaptive.ats import adaptive_token_sampler, gather_rows, select_top_k
 from export.models.s3d import PIXEL_MEAN, PIXEL_STD
 
 
@@ -42,8 +43,17 @@ class Block(nn.Module):
     """Pre-norm transformer block; with `k`, ATS keeps K' + 1 rows of the attention output and the
     residual and FFN run on those tokens only."""
 
-    def __init__(self, dim: int, *, heads: int, mlp_ratio: float = 4.0, norm_layer: type[nn.Module] = nn.LayerNorm):
+    def __init__(
+        self,
+        dim: int,
+        *,
+        heads: int,
+        mlp_ratio: float = 4.0,
+        top_k: bool = False,
+        norm_layer: type[nn.Module] = nn.LayerNorm,
+    ):
         super().__init__()
+        self.top_k = top_k
         self.norm1 = norm_layer(dim)
         self.attn = Attention(dim, heads=heads)
         self.norm2 = norm_layer(dim)
@@ -61,7 +71,11 @@ class Block(nn.Module):
         else:
             if mask is None:
                 mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
-            attended, residual, mask, _ = adaptive_token_sampler(x, attn, v, mask, k)
+            if self.top_k:
+                index, mask = select_top_k(attn, v, mask, int(k))
+                attended, residual = gather_rows(x, attn, v, index, mask)
+            else:
+                attended, residual, mask, _ = adaptive_token_sampler(x, attn, v, mask, k)
         x = residual + self.attn.proj(attended)
         return x + self.mlp(self.norm2(x)), mask
 
@@ -81,8 +95,11 @@ class VideoViT(nn.Module):
         frame_size: int = 112,
         tubelet: tuple[int, int] = (2, 16),
         ats_blocks: Sequence[int] = (2, 3, 4, 5),
+        top_k: bool = False,
         norm_layer: type[nn.Module] = nn.LayerNorm,
     ):
+        """`top_k=True` replaces ATS's sampling by the K highest scores (the thesis's Table 7.1
+        baseline; torch only, not exported)."""
         super().__init__()
         tubelet_frames, patch = tubelet
         if clip_frames % tubelet_frames or frame_size % patch:
@@ -98,7 +115,7 @@ class VideoViT(nn.Module):
         self.cls = nn.Parameter(torch.zeros(1, 1, dim))
         self.position = nn.Parameter(torch.randn(1, self.tokens + 1, dim) * 0.02)
         self.blocks = nn.ModuleList(
-            Block(dim, heads=heads, mlp_ratio=mlp_ratio, norm_layer=norm_layer) for _ in range(depth)
+            Block(dim, heads=heads, mlp_ratio=mlp_ratio, top_k=top_k, norm_layer=norm_layer) for _ in range(depth)
         )
         self.norm = norm_layer(dim)
         self.proj = nn.Linear(dim, feature_dim)
@@ -128,6 +145,13 @@ class VideoViT(nn.Module):
         x = (x - self.mean) / self.std
         features, kept = self.forward_features(x, k)
         return self.forward_head(features) if k is None else (self.forward_head(features), kept)
+
+    def k_for_budget(self, budget: float) -> list[int]:
+        """K per ATS block for a compute budget in (0, 1]: max(⌈budget·N⌉, 8) of the N = 196
+        tokens, as the thesis sets K_n = max(ρ·#tokens, 8); budget 1 keeps every token."""
+        if not 0 < budget <= 1:
+            raise ValueError(f"budget must be in (0, 1], got {budget}")
+        return [max(math.ceil(budget * self.tokens), 8)] * len(self.ats_blocks)
 
     def macs(self, kept: Sequence[int] | None = None) -> int:
         """Multiply-adds of one clip whose ATS blocks kept `kept` tokens (cls included; None: no ATS).

@@ -115,10 +115,13 @@ class VideoAnalyticsServicer(pb_grpc.VideoAnalyticsServicer):
             if ctx is not None:
                 ctx.labels["encoder"] = options.encoder
             events = 0
+            # Written with context.write from this coroutine, not yielded: a cancelled call then
+            # cancels this very task, so the stream's cleanup (its decode worker, its Triton
+            # requests, its slot) runs at once instead of when an abandoned generator is collected.
             async with contextlib.aclosing(self.streams.run(options, _chunks(requests))) as stream:
                 async for event in stream:
                     events += 1
-                    yield mapping.stream_event(event, request_id())
+                    await context.write(mapping.stream_event(event, request_id()))
             logger.info("stream ended after %d events", events)
 
     async def _first_message(self, requests: AsyncIterator[pb.StreamRequest]) -> pb.StreamOptions:

@@ -36,7 +36,7 @@ import pathlib
 import time
 from collections import deque
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 from typing import Literal, Protocol
 
@@ -233,7 +233,6 @@ class _Progress:
     first_byte_unix_s: float | None = None
     dropped: int = 0
     analysed: int = 0
-    notes: list[str] = field(default_factory=list)
 
 
 class _Stream:
@@ -253,7 +252,7 @@ class _Stream:
         self.features: dict[int, np.ndarray] = {}
         self.waiting: deque[tuple[int, np.ndarray]] = deque()
         self.decoded_all = False
-        self.failure: BaseException | None = None  # of the decoder: ends the stream
+        self.failure: BaseException | None = None  # of the decoder or the gateway: ends the stream
         self.failed_windows = 0  # in a row
         self.info: VideoInfo | None = None
         self.pipe: PipeFeed | None = None
@@ -281,7 +280,7 @@ class _Stream:
             if self.pipe is not None:
                 # End of file for the decode worker, so it sees the release (a worker waiting for
                 # bytes on the pipe checks for nothing else).
-                self.pipe.close()
+                self.pipe.abort()
             await asyncio.gather(*tasks, return_exceptions=True)
             for holder in (self.pipe, self.spill):
                 if holder is not None:
@@ -363,7 +362,6 @@ class _Stream:
                 f"{self.limits.max_spill_bytes} bytes, limits.max_upload_bytes) and analysed when "
                 f"the upload ends; {REMUX_HINT} to have it analysed while it arrives"
             )
-            self.progress.notes.append(note)
             await self._emit(self._progress_event(note))
             return self.spill
         self.pipe = PipeFeed(workdir)
@@ -440,11 +438,12 @@ class _Stream:
                     take = min(len(self.waiting), self.limits.clips_per_batch)
                     batch = [self.waiting.popleft() for _ in range(take)]
                     inflight.add(asyncio.create_task(self._encode_batch(batch, inflight)))
-                if self.decoded_all and not self.waiting and not inflight:
+                if self.failure is not None or (self.decoded_all and not self.waiting and not inflight):
                     break
                 await self._wait_for(
                     lambda: (self.waiting and len(inflight) < self.limits.encode_inflight)
                     or (self.decoded_all and not self.waiting and not inflight)
+                    or self.failure is not None
                 )
         finally:
             for task in inflight:
@@ -459,10 +458,15 @@ class _Stream:
         clips = np.stack([clip for _, clip in batch])  # n, T, H, W, 3
         try:
             features = await self.owner.analyzer.triton.encode_clips(clips, encoder=self.spec.encoder)
-        except VqsError as exc:
+        except VqsError as exc:  # this batch's windows say so; the stream goes on
             for i in indices:
                 self.states[i] = ClipState.FAILED
                 self.errors[i] = exc
+        except asyncio.CancelledError:
+            inflight.discard(asyncio.current_task())
+            raise
+        except Exception as exc:  # a fault of the gateway: the stream ends with it
+            self.failure = exc
         else:
             for i, f in zip(indices, features):
                 self.features[i] = f

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import pathlib
 import tempfile
@@ -26,6 +27,8 @@ from server.errors import TooLarge
 # Top-level MP4 boxes read before the layout is decided regardless (huge `free` or `uuid` boxes):
 # past this the stream is passed through, and the demuxer says what it can do with it.
 MP4_LAYOUT_BYTES = 1 << 20
+# How often a stream's first write checks whether its decode worker has opened the pipe.
+PIPE_CONNECT_POLL_S = 0.005
 REMUX_HINT = "remux it as fragmented MP4 (ffmpeg -i IN -c copy -movflags frag_keyframe+empty_moov OUT.mp4)"
 
 
@@ -91,36 +94,56 @@ class Mp4Layout:
 
 
 class PipeFeed:
-    """A named pipe in `directory` that a decode worker opens by path while the gateway writes
-    into it without blocking its event loop. `close()` gives the reader end-of-file."""
+    """A named pipe in `directory` that a decode worker opens by path and the gateway writes into
+    without blocking its event loop.
+
+    The write end is opened only once the reader has the pipe open (until then a write waits):
+    bytes written before would be lost if the writer closed first, and a reader that opens a pipe
+    without a writer waits forever. `close()` gives the reader end-of-file; `abort()` also wakes
+    one still waiting to open it and removes the path, so a reader that comes later fails at once."""
 
     def __init__(self, directory: pathlib.Path) -> None:
         self.directory = pathlib.Path(tempfile.mkdtemp(prefix="stream-", dir=directory))
         self.path = self.directory / "video"
         os.mkfifo(self.path, 0o600)
-        # Read-write: opening never waits for the reader, and the bytes written before it opens
-        # wait in the pipe. The reader sees end-of-file once this descriptor is closed.
-        self._fd: int | None = os.open(self.path, os.O_RDWR | os.O_NONBLOCK)
+        self._fd: int | None = None
+        self._closed = False
         self.written = 0
+        self.reader_gone = False  # the decoder closed its end before the stream ended
 
-    async def write(self, data: bytes | memoryview) -> None:
-        """Write all of `data`, waiting (not blocking the loop) while the pipe is full."""
-        view = memoryview(data)
-        loop = asyncio.get_running_loop()
-        while view:
-            if self._fd is None:
+    async def _connect(self) -> int:
+        while self._fd is None:
+            if self._closed:
                 raise RuntimeError("the pipe is closed")
             try:
-                n = os.write(self._fd, view)
+                self._fd = os.open(self.path, os.O_WRONLY | os.O_NONBLOCK)
+            except OSError as exc:
+                if exc.errno != errno.ENXIO:  # ENXIO: no reader yet
+                    raise
+                await asyncio.sleep(PIPE_CONNECT_POLL_S)
+        return self._fd
+
+    async def write(self, data: bytes | memoryview) -> None:
+        """Write all of `data`, waiting (not blocking the loop) for the reader and while the pipe
+        is full. Once the reader is gone (the decoder stopped early) the rest is discarded."""
+        view = memoryview(data)
+        loop = asyncio.get_running_loop()
+        fd = await self._connect()
+        while view and not self.reader_gone:
+            try:
+                n = os.write(fd, view)
             except BlockingIOError:
-                await self._writable(loop)
+                await self._writable(loop, fd)
                 continue
+            except BrokenPipeError:
+                self.reader_gone = True
+                return
             view = view[n:]
             self.written += n
 
-    async def _writable(self, loop: asyncio.AbstractEventLoop) -> None:
+    @staticmethod
+    async def _writable(loop: asyncio.AbstractEventLoop, fd: int) -> None:
         ready = loop.create_future()
-        fd = self._fd
         loop.add_writer(fd, lambda: ready.done() or ready.set_result(None))
         try:
             await ready
@@ -128,14 +151,25 @@ class PipeFeed:
             loop.remove_writer(fd)
 
     def close(self) -> None:
+        """The end of the stream: the reader gets end-of-file after the bytes written."""
+        self._closed = True
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
 
-    def remove(self) -> None:
+    def abort(self) -> None:
+        """Stop now: a reader gets end-of-file, one blocked opening the pipe too, and one that
+        comes later finds no pipe (instead of waiting for a writer forever)."""
+        connected = self._fd is not None
         self.close()
+        if not connected:  # a writer that leaves at once wakes a reader waiting to open
+            with contextlib.suppress(OSError):
+                os.close(os.open(self.path, os.O_WRONLY | os.O_NONBLOCK))
         with contextlib.suppress(OSError):
             self.path.unlink()
+
+    def remove(self) -> None:
+        self.abort()
         with contextlib.suppress(OSError):
             self.directory.rmdir()
 

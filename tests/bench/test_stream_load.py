@@ -23,7 +23,6 @@ import grpc
 import numpy as np
 import pytest
 
-from clients.channel import ChannelConfig
 from server.proto import video_analytics_pb2 as pb
 from tests.bench.conftest import gateway_subprocess
 from tests.bench.harness import RssSampler, analyze, cpu_roles

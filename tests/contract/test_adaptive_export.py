@@ -89,8 +89,10 @@ def exported(tmp_path_factory):
     return result
 
 
-@pytest.mark.parametrize(("name", "op_type"), [("sgs", "SimilarityGuidedSampling"), ("sgs_stage", "SimilarityGuidedSampling"),
-                                               ("ats", "AdaptiveTokenSampler")])
+@pytest.mark.parametrize(
+    ("name", "op_type"),
+    [("sgs", "SimilarityGuidedSampling"), ("sgs_stage", "SimilarityGuidedSampling"), ("ats", "AdaptiveTokenSampler")],
+)
 def test_each_use_is_one_vqs_node_with_a_standard_body(exported, name, op_type):
     _, proto, _ = exported[name]
     custom = [n for n in proto.graph.node if n.domain not in ("", "ai.onnx")]
@@ -106,7 +108,8 @@ def _similarity(batch: int, frames: int, rng: np.random.Generator) -> np.ndarray
     z = rng.standard_normal((batch, frames, 4)).astype(np.float32)
     z /= np.linalg.norm(z, axis=-1, keepdims=True)
     levels = rng.integers(1, frames + 1, size=(batch, 1))
-    return z * (1 + rng.integers(0, levels, size=(batch, frames)) + 0.05 * rng.random((batch, frames)))[..., None].astype(np.float32)
+    magnitude = 1 + rng.integers(0, levels, size=(batch, frames)) + 0.05 * rng.random((batch, frames))
+    return (z * magnitude[..., None]).astype(np.float32)
 
 
 @pytest.mark.parametrize("bins", [1, 2, 3, 5, 8, 16])

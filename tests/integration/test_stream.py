@@ -143,6 +143,19 @@ async def test_streamed_containers_answer_per_window_and_as_analyze_at_the_end(
     assert_same_answers(whole.result, everything[-1].result, 1e-5)
 
 
+async def test_a_stream_shorter_than_the_pipe_buffer_is_answered_whole(stub, tmp_path):
+    """Sent and half-closed before the decode worker opens its pipe: nothing is lost."""
+    ts = tmp_path / "tiny.ts"
+    ffmpeg("-f", "lavfi", "-i", "testsrc=size=64x64:rate=15:duration=1.2", "-c:v", "libx264",
+           "-f", "mpegts", str(ts))
+    data = ts.read_bytes()
+    assert len(data) < 64 * 1024
+    events = await collect(stub, pb.StreamOptions(), data)
+    analyzed = await stub.Analyze(pb.AnalyzeRequest(video=data), timeout=WAIT_S)
+    assert events[-1].kind == FINAL and events[-1].clips_decoded == analyzed.video.clips == 3
+    assert_same_answers(events[-1].result, analyzed, 1e-4)
+
+
 async def test_mp4_with_the_index_at_the_end_is_spilled_and_said_so(stub, stream_videos):
     data = stream_videos["index_at_end.mp4"].read_bytes()
     events = await collect(stub, pb.StreamOptions(mode=pb.STREAM_MODE_ARCHIVE), data)
@@ -269,7 +282,7 @@ async def test_a_stream_past_its_deadline_stops_its_work_and_frees_its_slot(smal
     await assert_request_released(small_gateway, triton, workers, at_stop, full_clips=LONG_TS_CLIPS)
 
 
-async def test_resumed_stream_repeats_no_window_and_misses_none(stub, stream_videos):
+async def test_resumed_stream_repeats_no_window_and_misses_none(stub, gateway, stream_videos):
     data = stream_videos["stream.ts"].read_bytes()
     options = pb.StreamOptions(window_clips=2, hop_clips=2, mode=pb.STREAM_MODE_ARCHIVE)
     whole = windows(await collect(stub, options, data))
@@ -284,6 +297,8 @@ async def test_resumed_stream_repeats_no_window_and_misses_none(stub, stream_vid
             if len(first) == 2:
                 break
     call.cancel()
+    # The client reconnects once the server has let go of the broken stream (one stream at a time).
+    await until(lambda: gateway_gauge(gateway) == 0, "the broken stream released", 10.0)
     resumed_options = pb.StreamOptions()
     resumed_options.CopyFrom(options)
     resumed_options.resume_token = first[-1].resume_token

@@ -32,7 +32,8 @@ def test_balanced_scores_sample_evenly_and_keep_k():
 def test_inverse_transform_sampling_by_hand():
     # Non-cls scores 1/2, 1/4, 1/8, 1/8 -> CDF .5, .75, .875, 1.
     x, attn, v, mask = _inputs([0.5, 0.25, 0.125, 0.0625, 0.0625])
-    torch.testing.assert_close(significance(attn, v, mask)[0], torch.tensor([0.5, 0.25, 0.125, 0.125], dtype=torch.float64))
+    expected = torch.tensor([0.5, 0.25, 0.125, 0.125], dtype=torch.float64)
+    torch.testing.assert_close(significance(attn, v, mask)[0], expected)
     # K = 2: points .25, .75 -> tokens 1, 2.
     assert _ats(x, attn, v, mask, 2)[3].tolist() == [[0, 1, 2]]
     # K = 3: points 1/6, 1/2, 5/6 -> tokens 1, 1, 3: token 1 is kept once, so K' = 2 < K.
@@ -91,8 +92,8 @@ def test_a_batch_is_padded_with_a_mask_and_each_sample_matches_its_own_run():
     assert (index[~kept] == 0).all() and (attended[~kept] == 0).all() and (residual[~kept] == 0).all()
     assert not {4, 5} & set(index[2].tolist())  # padding is never sampled
     for i in range(3):
-        a, r, m, idx = _ats(x[i : i + 1, : 4 if i == 2 else 6], attn[i : i + 1, :, : 4 if i == 2 else 6, : 4 if i == 2 else 6],
-                            v[i : i + 1, :, : 4 if i == 2 else 6], mask[i : i + 1, : 4 if i == 2 else 6], 4)
+        t = 4 if i == 2 else 6  # sample 2 alone is its 4 valid tokens
+        a, r, m, idx = _ats(x[i : i + 1, :t], attn[i : i + 1, :, :t, :t], v[i : i + 1, :, :t], mask[i : i + 1, :t], 4)
         width = idx.shape[1]
         assert index[i, :width].tolist() == idx[0].tolist()
         torch.testing.assert_close(attended[i, :width], a[0])
@@ -111,3 +112,13 @@ def test_bad_k_is_refused(k):
     x, attn, v, mask = _inputs([0.5, 0.5])
     with pytest.raises(ValueError, match="k must"):
         adaptive_token_sampler(x, attn, v, mask, k)
+
+
+def test_top_k_keeps_the_highest_scores():
+    from export.adaptive.ats import select_top_k
+
+    x, attn, v, mask = _inputs([0.2, 0.1, 0.4, 0.05, 0.25])
+    index, kept = select_top_k(attn, v, mask, 2)
+    assert index.tolist() == [[0, 2, 4]] and kept.all()
+    mask[0, 2] = False  # an invalid token is never taken
+    assert select_top_k(attn, v, mask, 2)[0].tolist() == [[0, 1, 4]]

@@ -116,7 +116,7 @@ def test_s3d_sgs_macs_are_the_counted_shapes(where):
     with torch.no_grad():
         _, kept = model(clip, torch.tensor(8))
     assert model.macs(int(kept)) == _counted_macs(model, clip, torch.tensor(8))
-    table = [model.macs(b) for b in range(1, 9)]
+    table = [model.macs(b) for b in (1, 4, 8)]
     assert table == sorted(table)
     # With every bin kept, SGS only adds its similarity net and sum to the s3d.
     plain = s3d_macs(S3D(frame_size=64))
@@ -126,3 +126,22 @@ def test_s3d_sgs_macs_are_the_counted_shapes(where):
 def test_s3d_sgs_refuses_unknown_placements():
     with pytest.raises(ValueError, match="sgs_after"):
         S3DSGS(sgs_after="head")
+
+
+def test_vit_top_k_baseline_keeps_exactly_k(vit):
+    top_k = VideoViT(dim=32, depth=4, heads=2, frame_size=64, ats_blocks=(1, 2, 3), top_k=True).eval()
+    top_k.load_state_dict(vit.state_dict())
+    with torch.no_grad():
+        _, kept = top_k(_clips(3, seed=6, size=64), torch.tensor([20, 10, 5]))
+    assert kept.tolist() == [[21, 11, 6]] * 3
+
+
+def test_budget_maps_to_k_and_bins():
+    vit = create_vit("vit_tiny_112")
+    assert vit.k_for_budget(1.0) == [196] * 4 and vit.k_for_budget(0.5) == [98] * 4
+    assert vit.k_for_budget(0.01) == [8] * 4
+    sgs = create_s3d_sgs("s3d_sgs_stem_112")
+    assert [sgs.bins_for_budget(b) for b in (1.0, 0.5, 0.3, 0.01)] == [8, 4, 3, 1]
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError, match="budget"):
+            vit.k_for_budget(bad)

@@ -94,3 +94,38 @@ def test_limits_are_validated():
         Slots(0, what="requests", setting="limits.max_concurrent_requests")
     with pytest.raises(ValueError):
         LimitsSettings(max_concurrent_streams=0)
+
+
+def test_streams_must_leave_a_decode_worker_for_analyze(monkeypatch):
+    """Each stream holds a decode worker while it lasts: admitting as many streams as there are
+    workers would leave an admitted call waiting for one instead of being refused."""
+    from pydantic import ValidationError
+
+    from server.settings import Settings
+
+    for name in ("VQS_DECODE__WORKERS", "VQS_LIMITS__MAX_CONCURRENT_STREAMS"):
+        monkeypatch.delenv(name, raising=False)
+    defaults = Settings()
+    assert defaults.limits.max_concurrent_streams < defaults.decode.workers
+    monkeypatch.setenv("VQS_DECODE__WORKERS", "3")
+    monkeypatch.setenv("VQS_LIMITS__MAX_CONCURRENT_STREAMS", "3")
+    with pytest.raises(ValidationError) as error:
+        Settings()
+    assert "limits.max_concurrent_streams (3) must be below decode.workers (3)" in str(error.value)
+    monkeypatch.setenv("VQS_DECODE__WORKERS", "4")
+    assert Settings().limits.max_concurrent_streams == 3
+
+
+async def test_the_gateway_refuses_limits_its_decode_pool_cannot_honour():
+    from server.main import Gateway, StartupError
+    from server.settings import Settings
+
+    base = Settings()
+    settings = base.model_copy(update={  # copies skip validation; start-up checks again
+        "grpc_port": 0, "metrics_port": 0,
+        "limits": base.limits.model_copy(update={"max_concurrent_streams": base.decode.workers}),
+    })
+    gateway = Gateway(settings)
+    with pytest.raises(StartupError, match="must be below decode.workers"):
+        await gateway.start()
+    assert gateway.triton_process is None and gateway.decoder is None

@@ -126,24 +126,45 @@ def test_summarise_by_hand():
     assert ev.evaluated_queries(labels, rows) == q
     outcomes = [ev.outcome_of(rec, rows.get(rec["file"]), q) for rec in labels]
     m = ev.summarise(outcomes, q, length_cuts=[8, 14], ece_bins=10, rounds=200, seed=0)
-    assert m["videos"] == 4 and m["answered"] == 3
+    assert m["videos"] == 4 and m["answered"] == 3 and m["routine_videos"] == 3
     assert m["errors"] == {"INVALID_ARGUMENT": 1}
+    # Per query over the videos with a routine (a, b, c): d is null everywhere.
     tw, cl = m["queries"]["twists"], m["queries"]["class"]
-    assert tw["accuracy"] == 0.5  # a, d right; b wrong; c failed counts wrong
-    assert cl["accuracy"] == 0.75
-    # twists classes: "1" 1/2, "2" 0/1, "null" 1/1 -> 0.5; class: x 1/2, y 1, null 1 -> 5/6
-    assert tw["mean_class_accuracy"] == pytest.approx(0.5)
-    assert cl["mean_class_accuracy"] == pytest.approx(5 / 6)
-    assert tw["majority_rate"] == 0.5
-    # ECE over the answered: twists conf 0.9 (right), 0.7 (wrong), 0.95 (right), one per bin
-    assert tw["ece"] == pytest.approx((0.1 + 0.7 + 0.05) / 3)
-    assert tw["accuracy_95"][0] <= 0.5 <= tw["accuracy_95"][1]
-    assert [b["videos"] for b in m["by_length"]] == [2, 1, 1]
+    assert tw["accuracy"] == pytest.approx(1 / 3)  # a right; b wrong; c failed counts wrong
+    assert cl["accuracy"] == pytest.approx(2 / 3)
+    # twists classes: "1" 1/2, "2" 0/1 -> 0.25; class: x 1/2, y 1/1 -> 0.75
+    assert tw["mean_class_accuracy"] == pytest.approx(0.25)
+    assert cl["mean_class_accuracy"] == pytest.approx(0.75)
+    assert tw["majority_rate"] == pytest.approx(2 / 3)
+    # ECE over the answered routine videos: twists conf 0.9 (right), 0.7 (wrong), one per bin
+    assert tw["ece"] == pytest.approx((0.1 + 0.7) / 2)
+    assert tw["accuracy_95"][0] <= 1 / 3 <= tw["accuracy_95"][1]
+    assert [b["videos"] for b in m["by_length"]] == [1, 1, 1]
     assert m["by_length"][0]["accuracy"] == {"twists": 1.0, "class": 1.0}
     assert m["by_length"][2]["accuracy"] == {"twists": 0.0, "class": 0.0}
+    # Every video together: d's nulls count as right.
+    assert m["all_videos"]["twists"]["accuracy"] == 0.5
+    assert m["all_videos"]["class"]["accuracy"] == 0.75
+    assert m["all_videos"]["twists"]["ece"] == pytest.approx((0.1 + 0.7 + 0.05) / 3)
     assert m["no_routine"] == {"videos": 1, "all_null_rate": 1.0}
     assert m["by_kind"] == {}  # these labels have no "kind"
     assert m["in_domain"] == {"known": 2, "out_of_domain_rate": 0.5}
+
+
+def test_a_split_of_null_videos_only_has_no_per_query_accuracy():
+    labels = [_label("r.mp4", 5.0, twists="null")]
+    o = ev.outcome_of(labels[0], _row("r.mp4", {"twists": ("1", 0.8)}, domain={
+        "score": -9.0, "threshold": -1.0, "in_domain": False}), ["twists"])
+    m = ev.summarise([o], ["twists"], length_cuts=[], ece_bins=10, rounds=100, seed=0)
+    assert m["routine_videos"] == 0
+    assert m["queries"]["twists"]["accuracy"] is None
+    assert m["no_routine"] == {"videos": 1, "all_null_rate": 0.0}
+    assert m["in_domain"] == {"known": 1, "out_of_domain_rate": 1.0}
+    from rich.console import Console
+
+    console = Console(record=True, width=200)
+    console.print(ev.results_table({"split": {"dir": "x"}, "served": {}, "metrics": m}))
+    assert "–" in console.export_text()
 
 
 def test_in_domain_unknown_when_the_server_reports_none():
@@ -160,9 +181,10 @@ def test_compare_pairs_by_id_and_counts_agreement():
     def video(vid, label, answer):
         return {"id": vid, "labels": {"q": label}, "answers": None if answer is None else {"q": answer}}
 
-    ours = [video("1", "a", "a"), video("2", "b", "b"), video("3", "a", "b"), video("4", "a", None)]
+    ours = [video("1", "a", "a"), video("2", "b", "b"), video("3", "a", "b"), video("4", "a", None),
+            video("6", "null", "a")]
     theirs = [video("2", "b", "a"), video("1", "a", "a"), video("3", "a", "b"), video("4", "a", "a"),
-              video("5", "a", "a")]
+              video("5", "a", "a"), video("6", "null", "null")]  # 5 not ours; 6 has no routine
     c = ev.compare(ours, theirs, ["q"], rounds=200, seed=0)
     s = c["queries"]["q"]
     assert c["videos"] == 4
@@ -205,5 +227,6 @@ def test_by_kind_when_the_labels_have_one():
         "idle": {"videos": 2, "accuracy": {"twists": 0.5}, "all_null_rate": 0.5},
         "routine": {"videos": 1, "accuracy": {"twists": 0.0}, "all_null_rate": 1.0},
     }
+    assert m["queries"]["twists"]["accuracy"] == 0.0  # over the one routine video
     assert m["no_routine"] == {"videos": 2, "all_null_rate": 0.5}
     assert any("kind idle: 2 videos" in line for line in ev.notes({"metrics": m}))

@@ -63,3 +63,12 @@ def test_pick_peaks_one_per_run_and_spaced():
     assert pick_peaks(scores, 0.5, 1).tolist() == [2, 6, 8]
     assert pick_peaks(scores, 0.5, 3).tolist() == [2, 8]  # 6 is within 3 of the stronger 8
     assert pick_peaks(scores, 0.99, 1).tolist() == []
+
+
+def test_smoothing_removes_flicker_before_the_arg_max():
+    patterns = [0] * 6 + [1] + [0] * 6 + [2] * 8
+    responses = np.full((len(patterns), 3), 0.2)
+    responses[np.arange(len(patterns)), patterns] = 0.6
+    assert len(parse_responses(responses, min_length=1)) == 4
+    segments = parse_responses(responses, min_length=1, smooth=3)
+    assert [(s.start, s.pattern) for s in segments] == [(0, 0), (13, 2)]

@@ -10,7 +10,7 @@ import struct
 
 import pytest
 
-from clients.stream import SendLog, is_mpegts, paced_ts, video_pes_time
+from clients.stream import Prefixed, SendLog, is_mpegts, paced_ts, read_head, video_pes_time
 from server.errors import InvalidInput, TooLarge
 from server.pipeline.stream import ResumeToken
 from server.pipeline.stream_input import Layout, Mp4Layout, PipeFeed, SpillFile
@@ -53,23 +53,44 @@ def test_mp4_layout_of_real_files(tmp_path):
     assert layout_of(faststart.read_bytes(), 7) is Layout.STREAMABLE
 
 
+def read_pipe(path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
 async def test_pipe_feed_waits_for_a_slow_reader_and_ends_with_eof(tmp_path):
     feed = PipeFeed(tmp_path)
     data = os.urandom(1 << 20)  # far more than the pipe holds
-    read = bytearray()
-
-    def reader():
-        with open(feed.path, "rb") as f:
-            while block := f.read(65536):
-                read.extend(block)
-
-    reading = asyncio.create_task(asyncio.to_thread(reader))
+    reading = asyncio.create_task(asyncio.to_thread(read_pipe, feed.path))
     await feed.write(data)
     feed.close()
-    await asyncio.wait_for(reading, 30)
-    assert bytes(read) == data and feed.written == len(data)
+    assert await asyncio.wait_for(reading, 30) == data and feed.written == len(data)
     feed.remove()
     assert not feed.directory.exists()
+
+
+async def test_pipe_feed_keeps_a_short_stream_for_a_reader_that_opens_late(tmp_path):
+    """A stream shorter than the pipe's buffer, sent and closed before its decoder opens the pipe,
+    still reaches it whole (the writer waits for the reader before writing)."""
+    feed = PipeFeed(tmp_path)
+    writing = asyncio.create_task(feed.write(b"short stream"))
+    await asyncio.sleep(0.2)
+    assert not writing.done()  # no reader yet
+    reading = asyncio.create_task(asyncio.to_thread(read_pipe, feed.path))
+    await asyncio.wait_for(writing, 10)
+    feed.close()
+    assert await asyncio.wait_for(reading, 10) == b"short stream"
+
+
+async def test_an_aborted_pipe_feed_wakes_a_waiting_reader_and_refuses_later_ones(tmp_path):
+    feed = PipeFeed(tmp_path)
+    waiting = asyncio.create_task(asyncio.to_thread(read_pipe, feed.path))
+    await asyncio.sleep(0.2)  # the reader is blocked opening the pipe
+    feed.abort()
+    assert await asyncio.wait_for(waiting, 10) == b""
+    with pytest.raises(FileNotFoundError):
+        read_pipe(feed.path)
+    feed.remove()
 
 
 async def test_spill_file_refuses_past_its_limit_naming_the_remedy(tmp_path):
@@ -105,3 +126,27 @@ def test_ts_pacing_releases_each_frame_when_due(tmp_path):
     assert b"".join(chunks) == data
     assert now[0] == pytest.approx(1.9, abs=1e-6)  # the last frame is due 1.9 s after the first
     assert [round(m, 3) for m, _ in log.frames] == [round(0.1 * i, 3) for i in range(20)]
+
+
+class Trickle:
+    """A pipe that hands out at most 100 bytes per read."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def read(self, size: int) -> bytes:
+        block, self.data = self.data[:min(size, 100)], self.data[min(size, 100):]
+        return block
+
+
+def test_ts_pacing_from_a_pipe_that_trickles(tmp_path):
+    ts = tmp_path / "clip.ts"
+    ffmpeg("-f", "lavfi", "-i", "testsrc=size=64x64:rate=10:duration=1", "-c:v", "libx264",
+           "-bf", "0", "-f", "mpegts", str(ts))
+    data = ts.read_bytes()
+    source = Trickle(data)
+    head = read_head(source, 2 * 188)
+    assert head == data[:376] and is_mpegts(head)
+    log = SendLog()
+    chunks = list(paced_ts(Prefixed(head, source), chunk_bytes=1 << 20, log=log, sleep=lambda s: None))
+    assert b"".join(chunks) == data and len(log.frames) == 10

@@ -1,0 +1,324 @@
+"""Issue 11's tables: the action parser against its baselines, the frame embedder against its
+controls, on the validation split (where every knob is chosen) and the test split (once).
+
+    python -m export.evaluate_segments --data runs/r11 --parser runs/r11/parser \\
+        --ablation runs/r11/sps1 --embedder runs/r11/embedder --cnn-only runs/r11/cnn_only \\
+        --out runs/r11/evaluation.json
+
+Parser protocol. Every method yields sub-action starts (frame indices) for a whole untrimmed
+video; the truth is the four starts of take-off, flight, entry and the idle after.
+- absolute: F1 (one-to-one matching) averaged over 1..5 frames and over 0.1..0.5 s;
+- relative (TAPOS): F1/precision/recall averaged over d = 0.05..0.5 of the ACTION WINDOW's length
+  (take-off start to entry end, ~35 frames), all predictions of the video counted;
+- MoF and segmental F1@{10,25,50}: the k-th predicted segment is phase k (clipped to the last),
+  so a spurious boundary costs what it costs a user reading the timeline.
+Knobs chosen on validation by the mean absolute F1: minimum segment length (parser, ablation,
+k-means), response smoothing (parser, ablation), k (k-means, fitted on training-split features of the parser's frame CNN), the number
+of evenly spaced boundaries, the detector's threshold.
+
+Embedder protocol: linear probe (softmax regression, class-balanced, fitted on training-split
+embeddings, L2 chosen on validation) -> balanced accuracy over the five phases; Kendall's tau
+over all ordered pairs of videos on their action windows; frame retrieval AP@5/10/15 against
+all other videos' frames, averaged per phase (idle would dominate a plain mean); the clock check:
+ridge regression from embeddings of run-up (idle, before take-off) frames to the time in the video,
+R^2 on held-out videos (validation: fitted on one half, scored on the other; test: fitted on
+validation). Controls: a randomly initialised embedder, the CNN-only ablation, and for the clock
+check the sine-cosine position vectors themselves (a clock the probe must find).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from export import frames as framedata
+from export import segments_eval as se
+from export.models.embedder import FrameEmbedder, sine_cosine_positions
+from export.models.parser import BoundaryDetector, parse_responses, pick_peaks
+from export.train_embedder import load_embedder
+from export.train_parser import TEST_VIDEOS, TRAIN_VIDEOS, VAL_VIDEOS, frame_features, load_parser
+
+FPS = framedata.FPS
+PHASES = 5
+MIN_LENGTHS = (1, 2, 3, 4, 6)
+SMOOTHING = (1, 3, 5)
+KMEANS_K = (3, 4, 5, 6, 8)
+EVEN_COUNTS = (2, 3, 4, 5, 6)
+THRESHOLDS = (0.3, 0.5, 0.7, 0.8, 0.9)
+PROBE_VIDEOS = 60  # training-split videos for the probe and k-means
+
+
+# ---------------------------------------------------------------- parser scoring
+def parse_scores(predicted: list[np.ndarray], videos: list[framedata.Video]) -> dict[str, float]:
+    truth = [v.boundaries for v in videos]
+    frames = se.boundary_scores(zip(predicted, truth, [1.0] * len(videos)), se.ABSOLUTE_FRAMES)
+    seconds = se.boundary_scores(zip(predicted, truth, [FPS] * len(videos)), se.ABSOLUTE_SECONDS)
+    window = [float(v.boundaries[-1] - v.boundaries[0]) for v in videos]
+    relative = se.boundary_scores(zip(predicted, truth, window), se.RELATIVE)
+    absolute = {**{("f", k): c for k, c in frames.items()}, **{("s", k): c for k, c in seconds.items()}}
+    out = {f"abs_{k}": v for k, v in se.average(absolute).items()}
+    out.update({f"frames_{k}": v for k, v in se.average(frames).items()})
+    out.update({f"seconds_{k}": v for k, v in se.average(seconds).items()})
+    out.update({f"rel_{k}": v for k, v in se.average(relative).items()})
+    labels = [(se.labels_from_boundaries(p, len(v), order=range(PHASES)), v.phases)
+              for p, v in zip(predicted, videos)]
+    out["mof"] = float(np.mean(np.concatenate([a == b for a, b in labels])))
+    for iou in se.SEGMENTAL_IOU:
+        total = se.Counts()
+        for a, b in labels:
+            total = total + se.segmental_counts(a, b, iou)
+        out[f"seg_f1@{int(iou * 100)}"] = total.f1
+    out["boundaries_per_video"] = float(np.mean([len(p) for p in predicted]))
+    return out
+
+
+def choose(knobs, predict, val: list[framedata.Video]) -> tuple[object, dict[str, float]]:
+    """The knob with the best mean absolute F1 on validation, and its validation scores."""
+    results = {k: parse_scores([predict(i, k) for i in range(len(val))], val) for k in knobs}
+    best = max(results, key=lambda k: results[k]["abs_f1"])
+    return best, results[best]
+
+
+def kmeans(x: np.ndarray, k: int, rng: np.random.Generator, iters: int = 30) -> np.ndarray:
+    """Lloyd's k-means with k-means++ seeding; returns the centres."""
+    centres = [x[rng.integers(len(x))]]
+    for _ in range(1, k):
+        d = np.min([((x - c) ** 2).sum(1) for c in centres], axis=0)
+        centres.append(x[rng.choice(len(x), p=d / d.sum())])
+    c = np.stack(centres)
+    for _ in range(iters):
+        assign = np.argmin(((x[:, None] - c[None]) ** 2).sum(-1), axis=1)
+        c = np.stack([x[assign == j].mean(0) if (assign == j).any() else c[j] for j in range(k)])
+    return c
+
+
+def evaluate_parsers(args, splits: dict[str, list[framedata.Video]], train: list[framedata.Video]) -> dict:
+    val = splits["val"]
+    parser = load_parser(args.parser)
+    cache = {name: [frame_features(parser, v.frames) for v in vids] for name, vids in splits.items()}
+    methods: dict[str, dict] = {}
+
+    def boundaries_from(responses: np.ndarray, knob: tuple[int, int]) -> np.ndarray:
+        segments = parse_responses(responses, *knob)
+        return np.asarray([s.start for s in segments[1:]], int)
+
+    # the parser and its ablation
+    models = {"parser (2 SPS + local loss)": cache}
+    if args.ablation:
+        ablation = load_parser(args.ablation)
+        models["1 SPS, no local loss"] = {name: [frame_features(ablation, v.frames) for v in vids]
+                                         for name, vids in splits.items()}
+    for name, feats in models.items():
+        grid = [(m, w) for m in MIN_LENGTHS for w in SMOOTHING]
+        knob, scores = choose(grid, lambda i, mw, f=feats: boundaries_from(f["val"][i][0], mw), val)
+        methods[name] = dict(knob=f"min_length={knob[0]}, smooth={knob[1]}", val=scores,
+                             predict=lambda i, split, f=feats, mw=knob: boundaries_from(f[split][i][0], mw))
+
+    # evenly spaced boundaries
+    def even(n: int, count: int) -> np.ndarray:
+        return np.round(np.arange(1, count + 1) * n / (count + 1)).astype(int)
+    knob, scores = choose(EVEN_COUNTS, lambda i, c: even(len(val[i]), c), val)
+    methods["evenly spaced"] = dict(knob=f"count={knob}", val=scores,
+                                    predict=lambda i, split, c=knob: even(len(splits[split][i]), c))
+
+    # k-means over the parser's per-frame input features (fitted on training-split frames)
+    rng = np.random.default_rng(0)
+    train_feats = np.concatenate([frame_features(parser, v.frames)[1] for v in train[:PROBE_VIDEOS]])
+    train_feats = train_feats[rng.choice(len(train_feats), min(8000, len(train_feats)), replace=False)]
+    centres = {k: kmeans(train_feats, k, rng) for k in KMEANS_K}
+
+    def kmeans_boundaries(feat: np.ndarray, k: int, min_length: int) -> np.ndarray:
+        labels = np.argmin(((feat[:, None] - centres[k][None]) ** 2).sum(-1), axis=1)
+        return se.boundaries_of(se.drop_short_segments(labels, min_length))
+    grid = [(k, m) for k in KMEANS_K for m in MIN_LENGTHS]
+    knob, scores = choose(grid, lambda i, km: kmeans_boundaries(cache["val"][i][1], *km), val)
+    methods["k-means (same features)"] = dict(
+        knob=f"k={knob[0]}, min_length={knob[1]}", val=scores,
+        predict=lambda i, split, km=knob: kmeans_boundaries(cache[split][i][1], *km))
+
+    # temporal-conv boundary detector on the same features
+    detector_path = Path(args.parser) / "detector.pt"
+    if detector_path.exists():
+        detector = BoundaryDetector(cache["val"][0][1].shape[1])
+        detector.load_state_dict(torch.load(detector_path, weights_only=True))
+        detector.eval()
+        with torch.no_grad():
+            scores_of = {split: [torch.sigmoid(detector(torch.from_numpy(f)[None]))[0].numpy()
+                                 for _, f in cache[split]] for split in splits}
+        knob, scores = choose(THRESHOLDS, lambda i, th: pick_peaks(scores_of["val"][i], th, 3), val)
+        methods["temporal-conv detector"] = dict(
+            knob=f"threshold={knob}", val=scores,
+            predict=lambda i, split, th=knob: pick_peaks(scores_of[split][i], th, 3))
+
+    out = {}
+    for name, m in methods.items():
+        out[name] = dict(knob=m["knob"], val=m["val"])
+        if "test" in splits:
+            out[name]["test"] = parse_scores([m["predict"](i, "test") for i in range(len(splits["test"]))],
+                                             splits["test"])
+    return out
+
+
+# ---------------------------------------------------------------- embedder scoring
+@torch.no_grad()
+def embed(model: FrameEmbedder, video: framedata.Video) -> np.ndarray:
+    return model.embed(torch.from_numpy(video.frames)[None])[0].numpy()
+
+
+def fit_probe(x: np.ndarray, y: np.ndarray, l2: float, steps: int = 200) -> torch.nn.Linear:
+    """Class-balanced softmax regression (full-batch L-BFGS)."""
+    torch.manual_seed(0)
+    xt, yt = torch.from_numpy(x).float(), torch.from_numpy(y).long()
+    counts = torch.bincount(yt, minlength=PHASES).float()
+    weight = counts.sum() / (PHASES * counts.clamp_min(1))
+    probe = torch.nn.Linear(x.shape[1], PHASES)
+    optimizer = torch.optim.LBFGS(probe.parameters(), max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(probe(xt), yt, weight=weight) + l2 * probe.weight.pow(2).sum()
+        loss.backward()
+        return loss
+    optimizer.step(closure)
+    return probe
+
+
+def ridge_r2(x_fit, y_fit, x_eval, y_eval, l2: float = 1.0) -> float:
+    mu, sd = x_fit.mean(0), x_fit.std(0) + 1e-6
+    a = np.c_[(x_fit - mu) / sd, np.ones(len(x_fit))]
+    b = np.c_[(x_eval - mu) / sd, np.ones(len(x_eval))]
+    w = np.linalg.solve(a.T @ a + l2 * np.eye(a.shape[1]), a.T @ y_fit)
+    return se.r_squared(b @ w, y_eval)
+
+
+def runup(embeddings: list[np.ndarray], videos: list[framedata.Video]) -> tuple[np.ndarray, np.ndarray]:
+    x = np.concatenate([e[v.phases == 0] for e, v in zip(embeddings, videos)])
+    t = np.concatenate([np.flatnonzero(v.phases == 0) / FPS for v in videos])
+    return x, t
+
+
+def embedding_scores(emb: dict[str, list[np.ndarray]], splits, probe_xy) -> dict:
+    out = {}
+    x_tr, y_tr = probe_xy
+    val_emb, val = emb["val"], splits["val"]
+    x_val, y_val = np.concatenate(val_emb), np.concatenate([v.phases for v in val])
+    probes = {l2: fit_probe(x_tr, y_tr, l2) for l2 in (1e-4, 1e-3, 1e-2)}
+
+    def accuracy(probe, x, y):
+        with torch.no_grad():
+            return se.balanced_accuracy(probe(torch.from_numpy(x).float()).argmax(1).numpy(), y)
+    best = max(probes, key=lambda l2: accuracy(probes[l2], x_val, y_val))
+    for split, vids in splits.items():
+        e = emb[split]
+        x, y = np.concatenate(e), np.concatenate([v.phases for v in vids])
+        windows = [ev[v.boundaries[0]:v.boundaries[-1]] for ev, v in zip(e, vids)]
+        taus = [se.alignment_tau(windows[i], windows[j]) for i in range(len(vids)) for j in range(len(vids))
+                if i != j]
+        aps = {}
+        offsets = np.concatenate([[0], np.cumsum([len(v) for v in vids])])
+        for k in (5, 10, 15):
+            per_phase: dict[int, list[np.ndarray]] = {p: [] for p in range(PHASES)}
+            for i, v in enumerate(vids):
+                others = np.r_[0:offsets[i], offsets[i + 1]:len(x)]
+                queries = np.arange(0, len(v), 2)
+                ap = se.retrieval_ap_per_query(e[i][queries], v.phases[queries], x[others], y[others], k)
+                for p in range(PHASES):
+                    per_phase[p].append(ap[v.phases[queries] == p])
+            aps[f"ap@{k}"] = float(np.mean([np.concatenate(a).mean() for a in per_phase.values()]))
+        out[split] = dict(probe_l2=best, balanced_accuracy=accuracy(probes[best], x, y),
+                          kendall_tau=float(np.mean(taus)), **aps, clock_r2=clock_r2(emb, splits, split))
+    return out
+
+
+def evaluate_embedders(args, splits, train) -> dict:
+    models: dict[str, FrameEmbedder] = {}
+    if args.embedder:
+        models["embedder (CNN + Transformer, SCL)"] = load_embedder(args.embedder)
+    if args.cnn_only:
+        models["CNN only, SCL (ablation)"] = load_embedder(args.cnn_only)
+    torch.manual_seed(0)
+    models["random init"] = FrameEmbedder().eval()
+    out = {}
+    probe_videos = train[:PROBE_VIDEOS]
+    for name, model in models.items():
+        emb = {split: [embed(model, v) for v in vids] for split, vids in splits.items()}
+        tr = [embed(model, v) for v in probe_videos]
+        xy = (np.concatenate(tr), np.concatenate([v.phases for v in probe_videos]))
+        out[name] = embedding_scores(emb, splits, xy)
+    # clock control: the position vectors themselves carry time, the probe must find it
+    pe = {split: [sine_cosine_positions(len(v), 128).numpy() for v in vids] for split, vids in splits.items()}
+    out["positions only (clock control)"] = {split: dict(clock_r2=clock_r2(pe, splits, split)) for split in splits}
+    return out
+
+
+def clock_r2(emb: dict[str, list[np.ndarray]], splits, split: str) -> float:
+    """R^2 of time from run-up embeddings on held-out videos: on validation fitted on one half and
+    scored on the other, on test fitted on validation."""
+    val, half = splits["val"], len(splits["val"]) // 2
+    if split == "val":
+        return ridge_r2(*runup(emb["val"][:half], val[:half]), *runup(emb["val"][half:], val[half:]))
+    return ridge_r2(*runup(emb["val"], val), *runup(emb[split], splits[split]))
+
+
+# ---------------------------------------------------------------- tables
+PARSER_COLUMNS = (("abs_f1", "abs F1"), ("frames_f1", "F1 1-5f"), ("seconds_f1", "F1 .1-.5s"),
+                  ("abs_precision", "abs P"), ("abs_recall", "abs R"), ("rel_f1", "rel F1"),
+                  ("rel_precision", "rel P"), ("rel_recall", "rel R"), ("mof", "MoF"),
+                  ("seg_f1@10", "F1@10"), ("seg_f1@25", "F1@25"), ("seg_f1@50", "F1@50"),
+                  ("boundaries_per_video", "#b/video"))
+EMBEDDER_COLUMNS = (("balanced_accuracy", "probe bal.acc"), ("kendall_tau", "Kendall tau"),
+                    ("ap@5", "AP@5"), ("ap@10", "AP@10"), ("ap@15", "AP@15"), ("clock_r2", "clock R2"))
+
+
+def table(title: str, rows: dict, columns, split: str) -> str:
+    width = max(len(n) for n in rows) + 2
+    lines = [f"{title} [{split}]", " " * width + " ".join(f"{c:>9}" for _, c in columns)]
+    for name, row in rows.items():
+        values = row.get(split, {})
+        cells = [f"{values[k]:9.3f}" if k in values else f"{'-':>9}" for k, _ in columns]
+        knob = f"  ({row['knob']})" if "knob" in row else ""
+        lines.append(f"{name:<{width}}" + " ".join(cells) + knob)
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--parser", type=Path)
+    p.add_argument("--ablation", type=Path)
+    p.add_argument("--embedder", type=Path)
+    p.add_argument("--cnn-only", type=Path)
+    p.add_argument("--no-test", dest="test", action="store_false", help="validation only")
+    p.add_argument("--out", type=Path)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--limit", type=int, help="first N videos of each split")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    start = time.monotonic()
+    splits = {"val": framedata.load_split("val", VAL_VIDEOS, cache=args.data)}
+    if args.test:
+        splits["test"] = framedata.load_split("test", TEST_VIDEOS, cache=args.data)
+    train = framedata.load_split("train", TRAIN_VIDEOS, backgrounds=2, cache=args.data)[:PROBE_VIDEOS]
+    if args.limit:
+        splits = {k: v[:args.limit] for k, v in splits.items()}
+    result = {}
+    if args.parser:
+        result["parser"] = evaluate_parsers(args, splits, train)
+        for split in splits:
+            print(table("Action parser: sub-action boundaries", result["parser"], PARSER_COLUMNS, split), "\n")
+    if args.embedder:
+        result["embedder"] = evaluate_embedders(args, splits, train)
+        for split in splits:
+            print(table("Frame embedder", result["embedder"], EMBEDDER_COLUMNS, split), "\n")
+    print(f"evaluated in {time.monotonic() - start:.0f}s")
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
