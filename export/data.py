@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import av  # noqa: F401  (before decord: see below)
@@ -44,6 +44,9 @@ class ClipDataset:
     clip_offset: np.ndarray  # per video, first clip in the flat clip index
     num_clips: np.ndarray  # per video
     targets: dict[str, np.ndarray]  # per head, per video target index
+    # Optional, per frame of `frames`: which frame of the same video to show in its place (the
+    # frame-shuffled control); None shows the video as decoded.
+    frame_order: np.ndarray | None = None
 
     @property
     def total_clips(self) -> int:
@@ -54,6 +57,8 @@ class ClipDataset:
         a video is padded with its final frame, as the server does."""
         n = int(self.num_frames[video])
         idx = np.arange(first * CLIP_FRAMES, (first + count) * CLIP_FRAMES).clip(max=n - 1)
+        if self.frame_order is not None:
+            idx = self.frame_order[self.frame_offset[video] + idx]
         frames = self.frames[self.frame_offset[video] + idx]
         return frames.reshape(count, CLIP_FRAMES, *frames.shape[1:])
 
@@ -92,3 +97,12 @@ def load(folder: Path, cache: Path | None = None, workers: int = 2) -> ClipDatas
         num_clips=num_clips,
         targets=targets,
     )
+
+
+def shuffle_frames(ds: ClipDataset, seed: int) -> ClipDataset:
+    """The same videos with each video's frames in a fixed random order (seeded per video): every
+    frame is still there, no motion is. A model that answers from this only uses static cues."""
+    order = np.empty(int(ds.num_frames.sum()), np.int64)
+    for v, (offset, n) in enumerate(zip(ds.frame_offset, ds.num_frames)):
+        order[offset : offset + n] = np.random.default_rng([seed, v]).permutation(int(n))
+    return replace(ds, frame_order=order)

@@ -1,16 +1,39 @@
-"""Procedural fine-grained diving videos: real encoded files plus `labels.jsonl`.
+"""Procedural fine-grained diving videos (generator version 2): real encoded files plus `labels.jsonl`.
 
 A stick-figure diver on a cluttered, panning background performs a routine
-run-up (idle) -> take-off -> flight -> entry -> idle. What decides each answer is short and local:
-- take-off: 0.6 s of lean direction and a pencil or star jump, then the figure is upright again (no leak);
-- somersaults: flight lasts a fixed 1.4 s, so more somersaults mean faster rotation inside
-  every flight clip (count is visible locally, as in real diving);
-- twists: the torso's front (warm) and back (cool) alternate and the body narrows with the twist
-  angle, at a rate set by the number of twists;
-- flight pose: the body shape during flight.
-The routine sits at a random position in a 2-20 s video, among moving clutter and a spinning
-distractor bar whose speed is unrelated to the labels, so a model must find the few clips
-that matter.
+run-up (idle) -> take-off -> flight -> entry -> idle (figure gone, splash). Only flight pose and
+take-off can be read from a single frame; somersaults and twists need the motion.
+
+What each label depends on (and nothing else does):
+- take_off: during the 0.6 s take-off only, a lean (backwards for backward/reverse, forwards for
+  forward/inward, +-45 deg) and a pencil (backward/forward) or star (reverse/inward) shape, reached
+  in the first third and held. Before and after, the figure is drawn identically for every take-off.
+- somersaults s: flight lasts FLIGHT_S (x U(0.97, 1.03)), during which the body turns at 360*s deg
+  per flight; the rotation starts at a random phase U(0, 360) deg drawn per video, so orientation
+  at any instant (including entry) is uniform whatever s is: only the rotation *speed* tells s.
+- twists n: the twist angle starts at a random phase U(0, 2 pi) and turns 2 pi n per flight; it is
+  drawn continuously: the torso's colour is a blend of a warm front and a cool back by
+  (1 + cos angle) / 2 and the body's width follows |cos angle|. A still frame shows a uniformly
+  random twist angle whatever n is; only the *rate* of change tells n. (n = 0 holds one random
+  appearance for the whole flight.)
+- flight_pose: the body shape during flight (tuck, pike, straight, free), settled after 12% of it.
+- class: the combination, restricted to vocab.CLASSES (48 valid, every flight with all four
+  take-offs).
+- null videos (`kind` other than "routine"; `write_dataset(null_every=k)` makes every k-th video
+  one, cycling through NULL_KINDS): "idle" (the diver stands on the board, barely moving), "walk_off"
+  (the diver walks along the board and out of the picture), "background" (no diver at all), "cut"
+  (the run-up, and the video ends before the take-off starts). Every query and the class are
+  "null"; there is no splash; phases are all "before" and every boundary is the video's end.
+
+Label-independent nuisances, all drawn from the video's seed: duration U(min, max) s; routine
+start anywhere in the slack (U(0.05, 0.95)); background texture and pan; 4-8 clutter shapes moving
+at random velocities; a spinning distractor bar at U(-720, 720) deg/s; figure scale U(0.9, 1.1),
+board position, forward travel; sensor noise; codec (mixed h264/mpeg4 in datasets).
+
+Generator parameters: TAKEOFF_S, FLIGHT_S, ENTRY_S (phase lengths), the pose table `_POSES`,
+colours, NOISE_SCALE, fps (15 in every dataset), width/height (112), min/max seconds per split.
+`GENERATOR_VERSION` is written into every labels.jsonl record; bump it whenever pixels or labels
+can change for a seed, so data and artifacts from another version are never mixed.
 """
 
 from __future__ import annotations
@@ -29,6 +52,9 @@ import numpy as np
 
 from export import vocab
 
+GENERATOR_VERSION = 3
+ROUTINE = "routine"
+NULL_KINDS = ("idle", "walk_off", "background", "cut")
 TAKEOFF_S = 0.6
 FLIGHT_S = 1.4
 ENTRY_S = 0.3
@@ -61,10 +87,16 @@ class Routine:
     start_s: float
     flight_s: float
     labels: dict[str, str]
+    rotation_phase: float = 0.0  # degrees, orientation when flight starts
+    twist_phase: float = 0.0  # radians, twist angle when flight starts
+    kind: str = ROUTINE  # or one of NULL_KINDS: no routine in the video
+    walk_speed: float = 0.0  # "walk_off": figure heights per second towards the left edge
 
 
 def sample_routine(rng: np.random.Generator, seed: int, seconds: float | None,
-                   min_seconds: float = 2.0, max_seconds: float = 20.0) -> Routine:
+                   min_seconds: float = 2.0, max_seconds: float = 20.0, kind: str = ROUTINE) -> Routine:
+    if kind != ROUTINE and kind not in NULL_KINDS:
+        raise ValueError(f"unknown video kind {kind!r}; choose {ROUTINE!r} or one of {NULL_KINDS}")
     if seconds is None:
         seconds = float(rng.uniform(max(min_seconds, ACTION_S + 0.2), max_seconds))
     combo = vocab.CLASSES[rng.integers(len(vocab.CLASSES))]
@@ -72,12 +104,21 @@ def sample_routine(rng: np.random.Generator, seed: int, seconds: float | None,
     flight_s = FLIGHT_S * float(rng.uniform(0.97, 1.03))
     action_s = TAKEOFF_S + flight_s + ENTRY_S
     slack = max(0.0, seconds - action_s)
-    return Routine(seed=seed, duration_s=seconds, start_s=float(rng.uniform(0.05, 0.95)) * slack,
-                   flight_s=flight_s, labels=labels)
+    start_s = float(rng.uniform(0.05, 0.95)) * slack
+    rotation_phase, twist_phase = float(rng.uniform(0, 360)), float(rng.uniform(0, 2 * math.pi))
+    walk_speed = 0.0
+    if kind != ROUTINE:  # the same draws as a routine, so only the labels and the figure differ
+        labels = {q: vocab.NULL for q in vocab.QUERIES}
+        start_s = seconds  # nothing starts inside the video
+        walk_speed = float(rng.uniform(2.0, 4.0)) / max(seconds, 1.0) if kind == "walk_off" else 0.0
+    return Routine(seed=seed, duration_s=seconds, start_s=start_s, flight_s=flight_s, labels=labels,
+                   rotation_phase=rotation_phase, twist_phase=twist_phase, kind=kind, walk_speed=walk_speed)
 
 
 def phase_times(routine: Routine) -> list[float]:
-    """Start time of take-off, flight, entry and the idle after."""
+    """Start time of take-off, flight, entry and the idle after (all the video's end without a routine)."""
+    if routine.kind != ROUTINE:
+        return [routine.duration_s] * 4
     t0 = routine.start_s
     t1 = t0 + TAKEOFF_S
     t2 = t1 + routine.flight_s
@@ -134,8 +175,8 @@ def _body_state(routine: Routine, t: float) -> tuple[dict, float, float, float, 
     t0, t1, t2, t3 = phase_times(routine)
     labels = routine.labels
     rng_phase = (routine.seed % 997) / 997.0 * 2 * math.pi
-    if t < t0:  # run-up: walk in place with swinging arms
-        swing = 25 * math.sin(2 * math.pi * 1.3 * t + rng_phase)
+    if t < t0:  # run-up: walk in place with swinging arms (an idle diver barely moves)
+        swing = (4 if routine.kind == "idle" else 25) * math.sin(2 * math.pi * 1.3 * t + rng_phase)
         pose = dict(_POSES["stand"], arm=(175 + swing, 10))
         return pose, 0.0, 0.0, 0.0, 0.02 * abs(math.sin(2 * math.pi * 1.3 * t)), 0.0
     if t < t1:  # take-off: crouch, then spring with a lean and a pencil or star shape, held
@@ -149,15 +190,15 @@ def _body_state(routine: Routine, t: float) -> tuple[dict, float, float, float, 
         return pose, 0.0, 0.0, lean, 0.08 * w, 0.0
     if t < t2:  # flight: rotate and twist at label-given rates along a parabola
         w = (t - t1) / routine.flight_s
-        theta = 360.0 * float(labels["somersaults"]) * w
-        twist = 2 * math.pi * float(labels["twists"]) * w
+        theta = routine.rotation_phase + 360.0 * float(labels["somersaults"]) * w
+        twist = routine.twist_phase + 2 * math.pi * float(labels["twists"]) * w
         settle = min(1.0, w / 0.12)
         pose = _lerp_pose(_POSES["straight"], _POSES[labels["flight_pose"]], settle)
         return pose, twist, theta, 0.0, 0.05 + 0.8 * w * (1 - w) - 0.6 * w * w, w
     # entry: straight line dropping into the water (not drawn once under)
     w = min(1.0, (t - t2) / ENTRY_S)
-    theta = 360.0 * float(labels["somersaults"])
-    twist = 2 * math.pi * float(labels["twists"])
+    theta = routine.rotation_phase + 360.0 * float(labels["somersaults"])
+    twist = routine.twist_phase + 2 * math.pi * float(labels["twists"])
     return _POSES["straight"], twist, theta, 0.0, -0.55 - 1.6 * w, 1.0
 
 
@@ -231,7 +272,7 @@ class _Scene:
                  max(2, round(self.unit / 40)), cv2.LINE_AA)
 
     def _figure(self, img: np.ndarray, t: float, lw: int) -> None:
-        if t >= phase_times(self.routine)[3]:
+        if t >= phase_times(self.routine)[3] or self.routine.kind == "background":
             return
         pose, twist, theta, lean, lift, travel = _body_state(self.routine, t)
         joints, facing = _skeleton(pose, twist)
@@ -239,7 +280,8 @@ class _Scene:
         centre = np.array([0.0, 0.22])
         a = math.radians(-(theta + lean))
         rot = np.array([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]])
-        origin = np.array([self.board_x + self.travel * travel,
+        walked = self.routine.walk_speed * t * self.scale  # "walk_off" only
+        origin = np.array([self.board_x + self.travel * travel - walked,
                            self.board_y - self.scale * (0.5 + lift)])
 
         def px(p: np.ndarray) -> tuple[int, int]:
@@ -251,7 +293,8 @@ class _Scene:
             for a_, b_ in (("hip", f"knee_{name}"), (f"knee_{name}", f"foot_{name}"),
                            ("neck", f"elbow_{name}"), (f"elbow_{name}", f"hand_{name}")):
                 cv2.line(img, px(joints[a_]), px(joints[b_]), LIMB_COLOUR, thick, cv2.LINE_AA)
-        torso = FRONT_COLOUR if facing >= 0 else BACK_COLOUR
+        front = (1 + facing) / 2  # continuous in the twist angle: no two-state colour
+        torso = tuple(f * front + b * (1 - front) for f, b in zip(FRONT_COLOUR, BACK_COLOUR))
         cv2.line(img, px(joints["hip"]), px(joints["neck"]), torso, int(thick * (1.2 + abs(facing))),
                  cv2.LINE_AA)
         cv2.circle(img, px(joints["head"]), max(2, int(0.075 * self.scale)), SKIN_COLOUR, -1,
@@ -295,11 +338,13 @@ def labels_for(routine: Routine, fps: float) -> dict:
         "num_frames": n,
         "duration_s": round(n / fps, 6),
         **routine.labels,
-        "class": vocab.class_name(routine.labels),
+        "class": vocab.class_name(routine.labels) if routine.kind == ROUTINE else vocab.NULL,
+        "kind": routine.kind,
         "boundaries_s": [round(s, 4) for s in starts],
         "boundaries": [int(math.ceil(s * fps)) for s in starts],
         "phases": phases.tolist(),
         "seed": routine.seed,
+        "generator_version": GENERATOR_VERSION,
     }
 
 
@@ -322,35 +367,43 @@ def encode(frames, path: Path, width: int, height: int, fps: float, codec: str) 
 
 def render_video(path: Path | str, *, seed: int, seconds: float | None = None, width: int = 112,
                  height: int = 112, fps: float = 15, codec: str = "h264",
-                 min_seconds: float = 2.0, max_seconds: float = 20.0) -> dict:
+                 min_seconds: float = 2.0, max_seconds: float = 20.0, kind: str = ROUTINE) -> dict:
     """Render and encode one video; returns its labels (see `labels_for`)."""
     rng = np.random.default_rng([seed, 0])
-    routine = sample_routine(rng, seed, seconds, min_seconds, max_seconds)
+    routine = sample_routine(rng, seed, seconds, min_seconds, max_seconds, kind)
     encode(render_frames(routine, width, height, fps), Path(path), width, height, fps, codec)
     return labels_for(routine, fps)
 
 
 def _dataset_item(args: tuple) -> dict:
-    out_dir, index, seed, width, height, fps, codec, min_s, max_s = args
+    out_dir, index, seed, width, height, fps, codec, min_s, max_s, null_every = args
     video_seed = int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
     codec = MIXED_CODECS[index % len(MIXED_CODECS)] if codec == "mix" else codec
     name = f"video_{index:05d}{CODECS[codec][0]}"
+    kind = ROUTINE
+    if null_every and index % null_every == null_every - 1:
+        kind = NULL_KINDS[(index // null_every) % len(NULL_KINDS)]
     labels = render_video(Path(out_dir) / name, seed=video_seed, width=width, height=height, fps=fps,
-                          codec=codec, min_seconds=min_s, max_seconds=max_s)
+                          codec=codec, min_seconds=min_s, max_seconds=max_s, kind=kind)
     return {"file": name, "codec": codec, "width": width, "height": height, **labels}
 
 
 def write_dataset(out_dir: Path | str, *, count: int, seed: int, width: int = 112, height: int = 112,
                   fps: float = 15, codec: str = "mix", min_seconds: float = 2.0,
-                  max_seconds: float = 20.0, workers: int | None = None) -> Path:
-    """Write `count` videos and `labels.jsonl` into out_dir; deterministic for a seed."""
+                  max_seconds: float = 20.0, workers: int | None = None, null_every: int = 0) -> Path:
+    """Write `count` videos and `labels.jsonl` into out_dir; deterministic for a seed. With
+    `null_every` = k > 0, every k-th video has no routine (kinds cycling through NULL_KINDS); the
+    other videos are the same as without."""
     if count < 1:
         raise ValueError("count must be at least 1")
+    if null_every < 0 or null_every == 1:
+        raise ValueError(f"null_every must be 0 (no null videos) or at least 2, got {null_every}")
     if not (ACTION_S + 0.2 <= max_seconds and min_seconds <= max_seconds):
         raise ValueError(f"need min_seconds <= max_seconds and max_seconds >= {ACTION_S + 0.2}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    jobs = [(str(out), i, seed, width, height, fps, codec, min_seconds, max_seconds) for i in range(count)]
+    jobs = [(str(out), i, seed, width, height, fps, codec, min_seconds, max_seconds, null_every)
+            for i in range(count)]
     workers = workers or min(2, multiprocessing.cpu_count())
     records = []
     with multiprocessing.get_context("spawn").Pool(workers) as pool:

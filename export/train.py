@@ -8,7 +8,14 @@ Curriculum (TQN paper §3.2 and appendix D):
    recomputed with gradients and written back, the others come from the bank;
 3. the short-term baseline goes on from the warm-up encoder on single clips labelled with their
    video's answers (probabilities averaged over clips at test).
-All three start from the same warm-up, so no model gets a head start over the others.
+All three start from the same warm-up, so no model gets a head start over the others, and after
+it each gets the same number of clip gradients (`Budget.clip_gradients`) and the same key/value
+MLP in front of its classifiers.
+
+Controls (`train_controls`), same harness and budget: a single-frame model (a per-frame 2D encoder,
+max over frames, TQN decoder) and TQN trained and tested on frame-shuffled videos. Neither can
+see motion, so on somersaults and twists they must stay near chance if the data has no static
+shortcut.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from export import vocab
-from export.data import ClipDataset
+from export.data import CLIP_FRAMES, ClipDataset, shuffle_frames
 from export.models.baselines import AveragePooling, ShortTerm
 from export.models.s3d import S3D
 from export.models.tqn import TQNDecoder
@@ -36,17 +43,26 @@ HEAD_SIZES = {q: len(a) for q, a in HEADS.items()}
 
 @dataclass(frozen=True)
 class Budget:
-    warmup_steps: int = 800
-    bank_steps: int = 2400
-    short_term_steps: int = 700
+    warmup_steps: int = 500
+    bank_steps: int = 450
     videos_per_step: int = 8
-    # Feature-bank steps see more videos, each with fewer clips recomputed online: the decoder
-    # needs many videos to learn where brief events are, the encoder only a few fresh clips.
-    bank_videos_per_step: int = 16
-    n_online: int = 2
+    # 8 videos x 4 online clips: the encoder cost per step of generator v1's 16 x 2, with each
+    # video's brief take-off clip recomputed twice as often (4 of ~21 clips per visit).
+    bank_videos_per_step: int = 8
+    n_online: int = 4
     clips_per_step: int = 48
-    lr: float = 1e-3
+    lr: float = 1e-3  # encoder
+    head_lr: float = 1e-3  # decoder / baseline heads
     weight_decay: float = 1e-4
+
+    @property
+    def clip_gradients(self) -> int:
+        """Clips backpropagated through the encoder after the warm-up, the same for every model."""
+        return self.bank_steps * self.bank_videos_per_step * self.n_online
+
+    @property
+    def short_term_steps(self) -> int:
+        return -(-self.clip_gradients // self.clips_per_step)
 
 
 def seed_everything(seed: int) -> np.random.Generator:
@@ -55,13 +71,17 @@ def seed_everything(seed: int) -> np.random.Generator:
 
 
 # Constructor configs, saved beside every exported artifact.
-ENCODER_CONFIG = dict(channels=[24, 32, 64, 128], feature_dim=256, clip_frames=8, frame_size=112, stem_patch=8)
+ENCODER_CONFIG = dict(channels=[24, 32, 64, 128], feature_dim=256, clip_frames=8, frame_size=112, stem_patch=8,
+                      stem_temporal_kernel=1)
 TQN_CONFIG = dict(head_sizes=HEAD_SIZES, feature_dim=256, d_model=128, num_layers=2, num_heads=8, ffn_dim=256,
                   dropout=0.1, feature_dropout=0.1, memory_mlp=True)
 
 
-def build_encoder() -> S3D:
-    return S3D(**{**ENCODER_CONFIG, "channels": tuple(ENCODER_CONFIG["channels"])})
+def build_encoder(**overrides) -> S3D:
+    config = {**ENCODER_CONFIG, "channels": tuple(ENCODER_CONFIG["channels"]), **overrides}
+    if config.get("temporal_kernel_size") == 1:  # per-frame: the stem must not span frames either
+        config["stem_temporal_kernel"] = 1
+    return S3D(**config)
 
 
 def build_tqn() -> TQNDecoder:
@@ -69,11 +89,11 @@ def build_tqn() -> TQNDecoder:
 
 
 def build_average_pooling() -> AveragePooling:
-    return AveragePooling(head_sizes=HEAD_SIZES, feature_dim=256, dropout=0.3)
+    return AveragePooling(head_sizes=HEAD_SIZES, feature_dim=256, hidden_dim=TQN_CONFIG["d_model"], dropout=0.3)
 
 
 def build_short_term() -> ShortTerm:
-    return ShortTerm(head_sizes=HEAD_SIZES, feature_dim=256, dropout=0.3)
+    return ShortTerm(head_sizes=HEAD_SIZES, feature_dim=256, hidden_dim=TQN_CONFIG["d_model"], dropout=0.3)
 
 
 def query_loss(logits: tuple[torch.Tensor, ...], targets: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -82,6 +102,30 @@ def query_loss(logits: tuple[torch.Tensor, ...], targets: dict[str, torch.Tensor
 
 def _targets(ds: ClipDataset, videos: np.ndarray) -> dict[str, torch.Tensor]:
     return {q: torch.as_tensor(ds.targets[q][videos]) for q in HEADS}
+
+
+# Which phase (synth.PHASES index) shows each query's answer; the class needs two and has none.
+_EVENT_PHASE = {"take_off": 1, "somersaults": 2, "twists": 2, "flight_pose": 2}
+EVENT_MIN_FRAMES = 3  # of a clip's 8 frames, for the clip to show the event
+
+
+def clip_targets(ds: ClipDataset, video: int) -> dict[str, np.ndarray]:
+    """Per clip of a video, the answer that clip shows: the video's answer to a query if at least
+    EVENT_MIN_FRAMES of its frames are in that query's phase, else "null" (the class: the video's
+    answer on every clip). From the generator's per-frame phases; videos without them (hand-made
+    test data) get the video's answers on every clip."""
+    n = int(ds.num_clips[video])
+    targets = {q: np.full(n, ds.targets[q][video]) for q in HEADS}
+    phases = ds.records[video].get("phases")
+    if phases is None:
+        return targets
+    padded = np.full(n * CLIP_FRAMES, -1)
+    padded[: len(phases)] = phases
+    per_clip = padded.reshape(n, CLIP_FRAMES)
+    for q, phase in _EVENT_PHASE.items():
+        shows = (per_clip == phase).sum(1) >= EVENT_MIN_FRAMES
+        targets[q][~shows] = HEAD_SIZES[q] - 1  # null is every head's last attribute
+    return targets
 
 
 class _Progress:
@@ -106,9 +150,11 @@ class _Progress:
             self.loss, self.hits, self.seen = 0.0, {q: 0 for q in HEADS}, 0
 
 
-def _optimizer(modules: list[nn.Module], budget: Budget, steps: int):
-    params = [p for m in modules for p in m.parameters()]
-    opt = torch.optim.AdamW(params, lr=budget.lr, weight_decay=budget.weight_decay)
+def _optimizer(encoder: nn.Module, heads: list[nn.Module], budget: Budget, steps: int):
+    """AdamW, encoder at `lr` and heads at `head_lr`; linear warm-up then cosine to 5%."""
+    groups = [{"params": list(encoder.parameters()), "lr": budget.lr},
+              {"params": [p for m in heads for p in m.parameters()], "lr": budget.head_lr}]
+    opt = torch.optim.AdamW(groups, weight_decay=budget.weight_decay)
     warm = max(1, min(50, steps // 10))
 
     def factor(step: int) -> float:
@@ -138,16 +184,17 @@ def _pad(per_video: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def warmup(encoder: S3D, heads: list[nn.Module], clip_head: ShortTerm, ds: ClipDataset, budget: Budget,
-           rng: np.random.Generator) -> None:
+           rng: np.random.Generator, name: str = "warm-up") -> None:
     """Stage 1 on short videos, all clips online. Video-level heads (TQN, pooling) learn together
-    with a per-clip head: every clip is labelled with its video's answers, which gives the brief
-    take-off clip as much encoder gradient as the long flight (the per-clip pre-training the
-    design calls for); attention alone spreads it thin over all clips at first."""
+    with a per-clip head (the per-clip pre-training the design calls for) whose targets are what
+    each clip shows (`clip_targets`): the take-off clip its take-off, flight clips the flight,
+    other clips null. This gives the brief take-off clip as much encoder gradient as the flight
+    and no clip a label it cannot show; attention alone spreads the gradient thin at first."""
     encoder.train()
     for h in (*heads, clip_head):
         h.train()
-    opt, sched = _optimizer([encoder, *heads, clip_head], budget, budget.warmup_steps)
-    progress = _Progress("warm-up", budget.warmup_steps)
+    opt, sched = _optimizer(encoder, [*heads, clip_head], budget, budget.warmup_steps)
+    progress = _Progress(name, budget.warmup_steps)
     n_videos = len(ds.records)
     for step in range(budget.warmup_steps):
         videos = rng.choice(n_videos, budget.videos_per_step, replace=False)
@@ -158,7 +205,8 @@ def warmup(encoder: S3D, heads: list[nn.Module], clip_head: ShortTerm, ds: ClipD
         targets = _targets(ds, videos)
         outputs = [h(feats, mask) for h in heads]
         loss = sum(query_loss(out[: len(HEADS)], targets) for out in outputs)
-        per_clip = {q: t.repeat_interleave(torch.as_tensor(counts)) for q, t in targets.items()}
+        shown = [clip_targets(ds, int(v)) for v in videos]
+        per_clip = {q: torch.as_tensor(np.concatenate([t[q] for t in shown])) for q in HEADS}
         loss = loss + query_loss(clip_head.heads(flat), per_clip)
         _step(opt, sched, loss)
         progress.update(step, loss.item(), outputs[0][: len(HEADS)], targets)
@@ -186,7 +234,7 @@ def train_with_bank(name: str, encoder: S3D, head: nn.Module, ds: ClipDataset, b
     """Stage 2: stochastically updated feature bank over full-length videos."""
     encoder.train()
     head.train()
-    opt, sched = _optimizer([encoder, head], budget, budget.bank_steps)
+    opt, sched = _optimizer(encoder, [head], budget, budget.bank_steps)
     progress = _Progress(name, budget.bank_steps)
     for step in range(budget.bank_steps):
         videos = rng.choice(len(ds.records), budget.bank_videos_per_step, replace=False)
@@ -218,7 +266,7 @@ def train_short_term(encoder: S3D, head: ShortTerm, datasets: list[ClipDataset],
     """Single clips, each labelled with its video's answers."""
     encoder.train()
     head.train()
-    opt, sched = _optimizer([encoder, head], budget, budget.short_term_steps)
+    opt, sched = _optimizer(encoder, [head], budget, budget.short_term_steps)
     progress = _Progress("short-term", budget.short_term_steps)
     sizes = np.asarray([d.total_clips for d in datasets], np.float64)
     for step in range(budget.short_term_steps):
@@ -239,29 +287,41 @@ def train_short_term(encoder: S3D, head: ShortTerm, datasets: list[ClipDataset],
 
 
 @torch.inference_mode()
-def predict(encoder: S3D, head: nn.Module, ds: ClipDataset) -> dict[str, np.ndarray]:
-    """Per-video predicted index for every head, using all clips of each video (no bank)."""
+def video_logits(encoder: S3D, head: nn.Module, ds: ClipDataset) -> dict[str, np.ndarray]:
+    """Per-video logits (n_videos, n_attributes) for every head, from all clips of each video
+    (no bank); for a TQN decoder also its "in_domain_score" (n_videos,)."""
     encoder.eval()
     head.eval()
-    preds = {q: np.empty(len(ds.records), np.int64) for q in HEADS}
+    out: dict[str, list] = {q: [] for q in HEADS}
     for v in range(len(ds.records)):
         feats = clip_features(encoder, ds, v).unsqueeze(0)
         mask = torch.ones(feats.shape[:2], dtype=torch.bool)
-        for q, lg in zip(HEADS, head(feats, mask)):
-            preds[q][v] = int(lg.argmax(-1))
-    return preds
+        outputs = head(feats, mask)
+        for q, lg in zip(HEADS, outputs):
+            out[q].append(lg[0].numpy())
+        if isinstance(head, TQNDecoder):
+            out.setdefault("in_domain_score", []).append(float(outputs[-1][0]))
+    return {k: np.asarray(v) for k, v in out.items()}
+
+
+def predict(encoder: S3D, head: nn.Module, ds: ClipDataset) -> dict[str, np.ndarray]:
+    """Per-video predicted index for every head, using all clips of each video (no bank)."""
+    logits = video_logits(encoder, head, ds)
+    return {q: logits[q].argmax(-1) for q in HEADS}
 
 
 def accuracy(preds: dict[str, np.ndarray], ds: ClipDataset) -> dict[str, float]:
     return {q: float((preds[q] == ds.targets[q]).mean()) for q in HEADS}
 
 
-def train_all(short: ClipDataset, full: ClipDataset, budget: Budget, seed: int) -> dict[str, tuple]:
-    """Returns {model name: (encoder, head)} for tqn, average_pooling and short_term."""
+def train_all(short: ClipDataset, full: ClipDataset, budget: Budget, seed: int) -> tuple[dict[str, tuple], tuple]:
+    """Returns ({model name: (encoder, head)} for tqn, average_pooling and short_term, and the
+    warm-up's (encoder, tqn) for the controls)."""
     torch.set_num_threads(2)
     rng = seed_everything(seed)
     encoder, tqn, avg, short_term = build_encoder(), build_tqn(), build_average_pooling(), build_short_term()
     warmup(encoder, [tqn, avg], short_term, short, budget, rng)
+    warm = (copy.deepcopy(encoder), copy.deepcopy(tqn))
 
     bank = build_bank(encoder, full)
     models = {}
@@ -273,4 +333,61 @@ def train_all(short: ClipDataset, full: ClipDataset, budget: Budget, seed: int) 
     st_encoder = copy.deepcopy(encoder)
     train_short_term(st_encoder, short_term, [full, short], budget, rng)
     models["short_term"] = (st_encoder, short_term)
+    return models, warm
+
+
+def load_models(states: dict[str, tuple[dict, dict]]) -> dict[str, tuple]:
+    """{name: (encoder, head)} from `train_all`'s models' state dicts."""
+    builders = {"tqn": build_tqn, "average_pooling": build_average_pooling, "short_term": build_short_term}
+    models = {}
+    for name, (encoder_state, head_state) in states.items():
+        encoder, head = build_encoder(), builders[name]()
+        encoder.load_state_dict(encoder_state)
+        head.load_state_dict(head_state)
+        models[name] = (encoder, head)
+    return models
+
+
+class MiddleFrame(nn.Module):
+    """Single-frame control encoder: a per-frame 2D CNN that sees only the middle frame of a clip."""
+
+    def __init__(self, encoder: S3D):
+        super().__init__()
+        if not encoder.per_frame:
+            raise ValueError("MiddleFrame needs a per-frame encoder (temporal_kernel_size=1)")
+        self.encoder, self.feature_dim = encoder, encoder.feature_dim
+
+    def forward(self, clips: torch.Tensor) -> torch.Tensor:
+        middle = clips.shape[1] // 2
+        return self.encoder(clips[:, middle : middle + 1])  # B, 1, H, W, C -> B, D
+
+
+def train_tqn_only(name: str, encoder: S3D, short: ClipDataset, full: ClipDataset, budget: Budget,
+                   rng: np.random.Generator) -> tuple[S3D, TQNDecoder]:
+    """Warm-up (with its per-clip head) then the feature-bank stage, for one encoder + TQN."""
+    tqn = build_tqn()
+    warmup(encoder, [tqn], build_short_term(), short, budget, rng, name=f"{name} warm-up")
+    train_with_bank(name, encoder, tqn, full, build_bank(encoder, full), budget, rng)
+    return encoder, tqn
+
+
+def train_controls(short: ClipDataset, full: ClipDataset, warm: tuple | None, budget: Budget, seed: int,
+                   shuffle_seed: int) -> dict[str, tuple]:
+    """{"single_frame": ..., "shuffled": ...}: TQN models that cannot use motion, with the TQN's
+    budget. "single_frame" reads one frame per clip with a 2D CNN (its own warm-up); "shuffled"
+    is trained on frame-shuffled videos, going on from the shared warm-up `warm` (encoder, tqn)
+    when given (whatever motion features it learnt are useless there), else with its own warm-up
+    on shuffled short videos; it must be tested on shuffled videos too."""
+    torch.set_num_threads(2)
+    rng = seed_everything(seed + 1)
+    models = {"single_frame": train_tqn_only("single-frame", MiddleFrame(build_encoder(temporal_kernel_size=1)),
+                                             short, full, budget, rng)}
+    shuffled = shuffle_frames(full, shuffle_seed)
+    if warm is None:
+        models["shuffled"] = train_tqn_only("shuffled", build_encoder(), shuffle_frames(short, shuffle_seed),
+                                            shuffled, budget, rng)
+        return models
+    encoder, tqn = copy.deepcopy(warm[0]), copy.deepcopy(warm[1])
+    train_with_bank("shuffled", encoder, tqn, shuffled, build_bank(encoder, shuffled), budget, rng)
+    models["shuffled"] = (encoder, tqn)
     return models

@@ -1,4 +1,9 @@
-"""The TQN paper's two baselines, as heads over the same clip encoder's features."""
+"""The TQN paper's two baselines, as heads over the same clip encoder's features.
+
+For a fair comparison both get the TQN decoder's key/value capacity: every clip feature goes
+through the same two-layer MLP (feature_dim -> hidden_dim -> hidden_dim) as the TQN's memory
+projection before it is pooled (average pooling) or classified (short-term).
+"""
 
 from __future__ import annotations
 
@@ -7,39 +12,50 @@ from torch import nn
 
 
 class QueryHeads(nn.Module):
-    """One linear classifier per query over a single feature vector."""
+    """Per-clip MLP (`project`) and one linear classifier per query (`classify`)."""
 
-    def __init__(self, *, head_sizes: dict[str, int], feature_dim: int = 256, dropout: float = 0.3):
+    def __init__(self, *, head_sizes: dict[str, int], feature_dim: int = 256, hidden_dim: int = 128,
+                 dropout: float = 0.3):
         super().__init__()
         self.query_names = tuple(head_sizes)
+        self.project = nn.Sequential(nn.Linear(feature_dim, hidden_dim), nn.ReLU(inplace=True),
+                                     nn.Linear(hidden_dim, hidden_dim))
         self.dropout = nn.Dropout(dropout)
-        self.classifiers = nn.ModuleList(nn.Linear(feature_dim, n) for n in head_sizes.values())
+        self.classifiers = nn.ModuleList(nn.Linear(hidden_dim, n) for n in head_sizes.values())
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def classify(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         x = self.dropout(x)
         return tuple(head(x) for head in self.classifiers)
 
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Per-clip logits for (..., feature_dim) features."""
+        return self.classify(self.project(x))
+
 
 class AveragePooling(nn.Module):
-    """Long-term baseline: average the features of all clips, then classify per query."""
+    """Long-term baseline: project every clip, average over the video's clips, classify per query."""
 
-    def __init__(self, *, head_sizes: dict[str, int], feature_dim: int = 256, dropout: float = 0.3):
+    def __init__(self, *, head_sizes: dict[str, int], feature_dim: int = 256, hidden_dim: int = 128,
+                 dropout: float = 0.3):
         super().__init__()
-        self.heads = QueryHeads(head_sizes=head_sizes, feature_dim=feature_dim, dropout=dropout)
+        self.heads = QueryHeads(head_sizes=head_sizes, feature_dim=feature_dim, hidden_dim=hidden_dim,
+                                dropout=dropout)
         self.query_names = self.heads.query_names
 
     def forward(self, features: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
         weights = mask.float() / mask.float().sum(dim=1, keepdim=True)  # B, N
-        pooled = torch.einsum("bn,bnd->bd", weights, features)
-        return self.heads(pooled)
+        pooled = torch.einsum("bn,bnd->bd", weights, self.heads.project(features))  # B, hidden
+        return self.heads.classify(pooled)
 
 
 class ShortTerm(nn.Module):
     """Short-term baseline: classify each clip alone; average clip probabilities at test."""
 
-    def __init__(self, *, head_sizes: dict[str, int], feature_dim: int = 256, dropout: float = 0.3):
+    def __init__(self, *, head_sizes: dict[str, int], feature_dim: int = 256, hidden_dim: int = 128,
+                 dropout: float = 0.3):
         super().__init__()
-        self.heads = QueryHeads(head_sizes=head_sizes, feature_dim=feature_dim, dropout=dropout)
+        self.heads = QueryHeads(head_sizes=head_sizes, feature_dim=feature_dim, hidden_dim=hidden_dim,
+                                dropout=dropout)
         self.query_names = self.heads.query_names
 
     def forward(self, features: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, ...]:

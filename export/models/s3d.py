@@ -48,9 +48,22 @@ class S3D(nn.Module):
         clip_frames: int = 8,
         frame_size: int = 112,
         stem_patch: int = 8,
+        temporal_kernel_size: int = 3,
+        stem_temporal_kernel: int = 1,
         norm_layer: type[nn.Module] = nn.BatchNorm3d,
     ):
+        """`temporal_kernel_size=1` makes every layer per-frame (a 2D CNN whose frame features
+        are max- and mean-pooled over time): the single-frame control, which cannot see motion.
+        `stem_temporal_kernel=3` lets the patchifying stem itself span 3 frames, so motion inside
+        a patch (a limb turning by a few pixels) is seen at pixel level, before patchify
+        compresses each patch."""
         super().__init__()
+        if temporal_kernel_size not in (1, 3):
+            raise ValueError(f"temporal_kernel_size must be 1 or 3, got {temporal_kernel_size}")
+        if stem_temporal_kernel not in (1, 3) or (temporal_kernel_size == 1 and stem_temporal_kernel != 1):
+            raise ValueError(f"stem_temporal_kernel must be 1 or 3 (1 for a per-frame encoder), got {stem_temporal_kernel}")
+        tk, stk = temporal_kernel_size, stem_temporal_kernel
+        self.per_frame = tk == 1
         if len(channels) != 4:
             raise ValueError(f"channels needs 4 stages, got {channels}")
         self.clip_frames, self.frame_size, self.feature_dim = clip_frames, frame_size, feature_dim
@@ -58,18 +71,19 @@ class S3D(nn.Module):
         self.register_buffer("std", torch.tensor(PIXEL_STD).view(1, 3, 1, 1, 1) * 255)
         c1, c2, c3, c4 = channels
         self.stem = nn.Sequential(  # patchify: stride stem_patch, keeps all frames
-            nn.Conv3d(3, c1, (1, stem_patch, stem_patch), stride=(1, stem_patch, stem_patch), bias=False),
+            nn.Conv3d(3, c1, (stk, stem_patch, stem_patch), stride=(1, stem_patch, stem_patch),
+                      padding=(stk // 2, 0, 0), bias=False),
             norm_layer(c1),
             nn.ReLU(inplace=True),
-            nn.Conv3d(c1, c1, (3, 1, 1), padding=(1, 0, 0), bias=False),
+            nn.Conv3d(c1, c1, (tk, 1, 1), padding=(tk // 2, 0, 0), bias=False),
             norm_layer(c1),
             nn.ReLU(inplace=True),
         )
-        self.stage2 = SepConv3d(c1, c2, norm_layer=norm_layer)
+        self.stage2 = SepConv3d(c1, c2, temporal_kernel_size=tk, norm_layer=norm_layer)
         self.pool2 = nn.MaxPool3d((1, 2, 2))
-        self.stage3 = SepConv3d(c2, c3, norm_layer=norm_layer)
-        self.pool3 = nn.MaxPool3d((2, 2, 2))
-        self.stage4 = SepConv3d(c3, c4, norm_layer=norm_layer)
+        self.stage3 = SepConv3d(c2, c3, temporal_kernel_size=tk, norm_layer=norm_layer)
+        self.pool3 = nn.MaxPool3d((2 if tk > 1 else 1, 2, 2))
+        self.stage4 = SepConv3d(c3, c4, temporal_kernel_size=tk, norm_layer=norm_layer)
         self.proj = nn.Linear(c4, feature_dim)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -77,6 +91,8 @@ class S3D(nn.Module):
         x = self.pool2(self.stage2(x))  # B, C2, T, H/2p, W/2p
         x = self.pool3(self.stage3(x))  # B, C3, T/2, H/4p, W/4p
         x = self.stage4(x)
+        if self.per_frame:  # max over frames of per-frame features: no motion can get through
+            return x.mean(dim=(3, 4)).amax(dim=2)  # B, C4
         return x.mean(dim=(2, 3, 4))  # B, C4
 
     def forward_head(self, x: torch.Tensor) -> torch.Tensor:

@@ -28,10 +28,16 @@ class QueryDecoderLayer(nn.Module):
 
 
 class TQNDecoder(nn.Module):
-    """Queries x clip features -> per-query logits and last-layer attention (B, Q, N).
+    """Queries x clip features -> per-query logits, last-layer attention (B, Q, N) and an
+    in-domain score (B,).
 
     No positional encoding (as in the paper): answers must not depend on where in the video
-    the action happens.
+    the action happens. Two things are set after training and travel with the weights (buffers):
+    each head's calibration temperature (its logits are divided by it, so served probabilities
+    are calibrated and the argmax is unchanged) and a Gaussian fit of training clip features
+    (`set_domain`), from which `in_domain_score` = minus the mean over the video's clips of the
+    clip's Mahalanobis distance / sqrt(D): near -1 for clips like the training data, far lower
+    for anything else.
     """
 
     def __init__(
@@ -64,6 +70,39 @@ class TQNDecoder(nn.Module):
         self.layers = nn.ModuleList(QueryDecoderLayer(d_model, num_heads, ffn_dim, dropout)
                                     for _ in range(num_layers))
         self.classifiers = nn.ModuleList(nn.Linear(d_model, n) for n in head_sizes.values())
+        self.register_buffer("temperature", torch.ones(len(head_sizes)))
+        self.register_buffer("domain_mean", torch.zeros(feature_dim))
+        self.register_buffer("domain_whiten", torch.eye(feature_dim))
+
+    @staticmethod
+    def fit_gaussian(features: torch.Tensor, shrinkage: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Mean, eigenvalues and eigenvectors of (n, D) features' covariance, shrunk towards its
+        mean variance by `shrinkage` (0-1), in float64."""
+        if features.ndim != 2 or len(features) <= features.shape[1]:
+            raise ValueError(f"need (n, D) features with n > D, got {tuple(features.shape)}")
+        if not 0 < shrinkage <= 1:
+            raise ValueError(f"shrinkage must be in (0, 1], got {shrinkage}")
+        features = features.double()
+        mean = features.mean(0)
+        cov = torch.cov((features - mean).T)
+        cov = (1 - shrinkage) * cov + shrinkage * cov.diagonal().mean() * torch.eye(len(cov), dtype=cov.dtype)
+        values, vectors = torch.linalg.eigh(cov)
+        return mean, values, vectors
+
+    @torch.no_grad()
+    def set_domain(self, features: torch.Tensor, shrinkage: float = 0.1) -> None:
+        """Fit the in-domain Gaussian to (n, D) training clip features (`fit_gaussian`)."""
+        if features.ndim != 2 or features.shape[1] != self.feature_dim:
+            raise ValueError(f"need (n, {self.feature_dim}) features, got {tuple(features.shape)}")
+        mean, values, vectors = self.fit_gaussian(features, shrinkage)
+        self.domain_mean.copy_(mean.float())
+        self.domain_whiten.copy_((vectors / values.sqrt()).float())  # z = (x - mean) @ whiten
+
+    def in_domain_score(self, features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        z = (features - self.domain_mean) @ self.domain_whiten  # B, N, D
+        distance = z.pow(2).mean(-1).sqrt()  # per clip, ~1 in domain
+        valid = mask.to(distance.dtype)
+        return -(distance * valid).sum(1) / valid.sum(1).clamp(min=1.0)
 
     def forward_features(self, features: torch.Tensor, mask: torch.Tensor):
         memory = self.input_proj(self.feature_dropout(features))  # B, N, D
@@ -75,9 +114,10 @@ class TQNDecoder(nn.Module):
         return q, weights
 
     def forward_head(self, responses: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return tuple(head(responses[:, i]) for i, head in enumerate(self.classifiers))
+        return tuple(head(responses[:, i]) / self.temperature[i] for i, head in enumerate(self.classifiers))
 
     def forward(self, features: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Returns one logits tensor per query (in `query_names` order), then the attention."""
+        """Returns one logits tensor per query (in `query_names` order), the attention, then
+        the in-domain score."""
         responses, attention = self.forward_features(features, mask)
-        return (*self.forward_head(responses), attention)
+        return (*self.forward_head(responses), attention, self.in_domain_score(features, mask))

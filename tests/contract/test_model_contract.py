@@ -68,7 +68,8 @@ def test_query_decoder_config_holds_the_vocabulary_in_output_order():
     spec = triton.query_decoder_spec(config_dict(triton.QUERY_DECODER_MODEL))
     queries = [q.query for q in spec.queries]
     outputs = [t.name for t in load_config(triton.QUERY_DECODER_MODEL).output]
-    assert outputs == [triton.logits_name(q) for q in queries] + [triton.ATTENTION]
+    scored = [triton.IN_DOMAIN_SCORE] if spec.in_domain_threshold is not None else []
+    assert outputs == [triton.logits_name(q) for q in queries] + [triton.ATTENTION] + scored
     assert all(q.attributes for q in spec.queries)
 
 
@@ -173,6 +174,9 @@ def test_export_code_uses_the_same_names():
     assert export.CLIP_FPS_PARAMETER == triton.CLIP_FPS
     assert export.QUERIES_PARAMETER == triton.QUERIES_PARAMETER
     assert export.ATTRIBUTES_PARAMETER_PREFIX == triton.ATTRIBUTES_PARAMETER_PREFIX
+    assert export.decoder_graph_outputs() == (*export.decoder_outputs(), triton.IN_DOMAIN_SCORE)
+    assert export.IN_DOMAIN_OUTPUT == triton.IN_DOMAIN_SCORE
+    assert export.IN_DOMAIN_THRESHOLD_PARAMETER == triton.IN_DOMAIN_THRESHOLD
 
 
 def test_the_exporter_writes_the_vocabulary_the_gateway_reads(tmp_path):

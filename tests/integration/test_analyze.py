@@ -139,9 +139,11 @@ def high_frame_rate(tmp_path_factory):
 # Clips of consecutive 30 fps frames show the encoder half the motion it learnt (counts of
 # somersaults and twists fell to ~40% correct). Sampled at 15 fps, the 30 fps render's clips hold
 # the frames of the 15 fps render (or the next one, where non-reference frames are skipped), so the
-# answers about motion are the same distributions; measured differences are <= 0.04.
+# answers about motion are the same distributions: measured differences <= 0.04 with generator v1's
+# models; with v3's (less certain, so more sensitive to a one-frame shift) <= 0.09, and 0.13 on a
+# flight pose the model was torn between (pike 0.4 / free 0.4).
 MOTION_QUERIES = ("somersaults", "twists", "flight_pose")
-SAME_CLIPS_TOLERANCE = 0.1
+SAME_CLIPS_TOLERANCE = 0.15
 
 
 async def test_a_30_fps_video_is_sampled_at_the_encoders_rate(stub, high_frame_rate):

@@ -1,8 +1,11 @@
 import json
 
+import cv2
 import decord
 import numpy as np
 import pytest
+import torch
+from torch import nn
 
 from export import synth, vocab
 
@@ -45,7 +48,7 @@ def test_files_decode_to_the_labelled_length(dataset):
 def test_generation_is_deterministic(tmp_path):
     a = synth.render_video(tmp_path / "a.mp4", seed=9, seconds=3.0)
     b = synth.render_video(tmp_path / "b.mp4", seed=9, seconds=3.0)
-    assert a == b
+    assert a == b and a["generator_version"] == synth.GENERATOR_VERSION
     assert (tmp_path / "a.mp4").read_bytes() == (tmp_path / "b.mp4").read_bytes()
 
 
@@ -76,6 +79,34 @@ def test_somersaults_set_the_rotation_speed_inside_flight():
     assert speed(fast) == pytest.approx(3 * speed(slow))
 
 
+def test_null_videos_answer_null_and_show_no_routine():
+    frames, records = {}, {}
+    for kind in synth.NULL_KINDS:
+        routine = synth.sample_routine(np.random.default_rng([4, 0]), 4, 3.0, kind=kind)
+        frames[kind] = list(synth.render_frames(routine, 112, 112, 15))
+        records[kind] = synth.labels_for(routine, 15)
+    for kind, r in records.items():
+        assert all(r[q] == vocab.NULL for q in vocab.QUERIES) and r["class"] == vocab.NULL, kind
+        assert r["kind"] == kind and set(r["phases"]) == {0} and r["boundaries"] == [r["num_frames"]] * 4
+    # The same draws as a routine: only the figure differs. The walker has left by the end; the
+    # idle diver is still there; "background" never shows one.
+    assert np.array_equal(frames["walk_off"][-1], frames["background"][-1])
+    assert not np.array_equal(frames["idle"][-1], frames["background"][-1])
+    assert not np.array_equal(frames["walk_off"][0], frames["background"][0])
+
+
+def test_null_every_makes_every_kth_video_a_null_one_and_leaves_the_others(tmp_path):
+    synth.write_dataset(tmp_path / "a", count=4, seed=8, max_seconds=3.0, workers=1, null_every=2)
+    synth.write_dataset(tmp_path / "b", count=4, seed=8, max_seconds=3.0, workers=1)
+    a, b = ([json.loads(line) for line in (tmp_path / d / "labels.jsonl").read_text().splitlines()] for d in "ab")
+    assert [r["kind"] for r in a] == [synth.ROUTINE, synth.NULL_KINDS[0], synth.ROUTINE, synth.NULL_KINDS[1]]
+    assert [r["kind"] for r in b] == [synth.ROUTINE] * 4
+    assert a[0] == b[0] and a[2] == b[2]
+    assert (tmp_path / "a" / a[0]["file"]).read_bytes() == (tmp_path / "b" / b[0]["file"]).read_bytes()
+    with pytest.raises(ValueError):
+        synth.write_dataset(tmp_path / "c", count=2, seed=8, null_every=1)
+
+
 @pytest.mark.parametrize("codec", ["vp9", "mpeg4"])
 def test_other_codecs_encode(tmp_path, codec):
     path = tmp_path / f"v{synth.CODECS[codec][0]}"
@@ -88,3 +119,65 @@ def test_bad_arguments_raise_value_error(tmp_path):
         synth.write_dataset(tmp_path, count=0, seed=1)
     with pytest.raises(ValueError):
         synth.render_video(tmp_path / "x.mp4", seed=1, seconds=3, codec="nope")
+
+
+# ---------------------------------------------------------------- no single-frame shortcut
+def _figure_crops(count: int, seed: int, *, phase_free: bool = True, size: int = 32):
+    """One random flight or entry frame per routine, cropped around the figure (a strong probe:
+    it never has to find the diver), plus the labels of every query."""
+    rng = np.random.default_rng(seed)
+    crops, labels = [], {q: [] for q in vocab.QUERIES}
+    for i in range(count):
+        routine = synth.sample_routine(np.random.default_rng([seed, i]), 1000 * seed + i, 4.0)
+        if not phase_free:  # generator v1's leak: rotation and twist start from the same phase
+            routine = synth.Routine(**{**routine.__dict__, "rotation_phase": 0.0, "twist_phase": 0.0})
+        t1, _, t3 = synth.phase_times(routine)[1:]
+        index = int(rng.uniform(t1, t3 - 0.05) * 15)
+        scene = synth._Scene(routine, 112, 112, 15)
+        *_, lift, travel = synth._body_state(routine, index / 15)
+        x = int(scene.board_x + scene.travel * travel) + 32
+        y = int(scene.board_y - scene.scale * (0.5 + lift)) + 32
+        image = np.pad(scene.frame(index), ((32, 32), (32, 32), (0, 0)))[y - 32 : y + 32, x - 32 : x + 32]
+        crops.append(cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA))
+        for q in vocab.QUERIES:
+            labels[q].append(vocab.ATTRIBUTES[q].index(routine.labels[q]))
+    x = torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).float() / 255  # B, C, H, W
+    return x, {q: torch.tensor(v) for q, v in labels.items()}
+
+
+def _single_frame_accuracy(phase_free: bool) -> dict[str, tuple[float, float]]:
+    """Held-out accuracy and majority rate per query of a tiny CNN trained for a few seconds."""
+    torch.manual_seed(0)
+    queries = ("somersaults", "twists", "flight_pose")
+    x_train, y_train = _figure_crops(900, 1, phase_free=phase_free)
+    x_test, y_test = _figure_crops(250, 2, phase_free=phase_free)
+    trunk = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                          nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                          nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten())
+    heads = nn.ModuleList(nn.Linear(128, len(vocab.ATTRIBUTES[q])) for q in queries)
+    opt = torch.optim.Adam([*trunk.parameters(), *heads.parameters()], 3e-3)
+    for _ in range(400):
+        batch = torch.randint(0, len(x_train), (64,))
+        features = trunk(x_train[batch])
+        loss = sum(nn.functional.cross_entropy(h(features), y_train[q][batch]) for q, h in zip(queries, heads))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        features = trunk(x_test)
+        return {q: (float((h(features).argmax(1) == y_test[q]).float().mean()),
+                    float(np.bincount(y_test[q].numpy()).max() / len(y_test[q])))
+                for q, h in zip(queries, heads)}
+
+
+def test_no_count_can_be_read_from_a_single_frame():
+    """A per-frame classifier stays near chance on somersaults and twists, while the same probe
+    reads flight pose (a single-frame attribute) and catches v1's fixed-phase leak."""
+    fair = _single_frame_accuracy(phase_free=True)
+    for q in ("somersaults", "twists"):
+        accuracy, chance = fair[q]
+        assert accuracy <= chance + 0.1, (q, fair)
+    accuracy, chance = fair["flight_pose"]
+    assert accuracy >= chance + 0.2, fair  # the probe is able to learn what a frame does show
+    leaky = _single_frame_accuracy(phase_free=False)
+    assert max(leaky[q][0] - leaky[q][1] for q in ("somersaults", "twists")) >= 0.12, leaky

@@ -1,6 +1,7 @@
 """The training harness's pieces that decide what a model learns from."""
 
 import numpy as np
+import pytest
 import torch
 
 from export import train, vocab
@@ -66,3 +67,126 @@ def test_feature_bank_recomputes_and_writes_back_only_online_clips():
     assert int(changed.sum()) == len(ds.records)
     per_video = [int(changed[o : o + n].sum()) for o, n in zip(ds.clip_offset, ds.num_clips)]
     assert per_video == [1, 1, 1]
+
+
+def test_every_model_gets_the_same_clip_gradients_after_the_warm_up():
+    budget = train.Budget()
+    bank = budget.bank_steps * budget.bank_videos_per_step * budget.n_online
+    assert budget.clip_gradients == bank
+    assert abs(budget.short_term_steps * budget.clips_per_step - bank) < budget.clips_per_step
+
+
+def test_baselines_have_the_tqn_key_value_mlp():
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    memory = count(train.build_tqn().input_proj)
+    assert count(train.build_average_pooling().heads.project) == memory
+    assert count(train.build_short_term().heads.project) == memory
+
+
+def test_single_frame_encoder_cannot_see_frame_order():
+    torch.manual_seed(0)
+    encoder = train.build_encoder(temporal_kernel_size=1).eval()
+    clips = torch.randint(0, 256, (2, 8, 112, 112, 3), dtype=torch.uint8)
+    shuffled = clips[:, torch.randperm(8)]
+    with torch.inference_mode():
+        torch.testing.assert_close(encoder(clips), encoder(shuffled), atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(train.build_encoder().eval()(clips), train.build_encoder().eval()(shuffled))
+
+
+def test_frame_shuffle_keeps_each_videos_frames_and_moves_them():
+    from export.data import shuffle_frames
+
+    ds = _tiny_dataset()
+    shuffled = shuffle_frames(ds, seed=1)
+    for v, n in enumerate(ds.num_frames):
+        order = shuffled.frame_order[ds.frame_offset[v] : ds.frame_offset[v] + n]
+        assert sorted(order.tolist()) == list(range(n)) and order.tolist() != list(range(n))
+    # All clips of a video show the same frames as before, in another order.
+    n = int(ds.num_frames[2])
+    a = ds.clips(2, 0, int(ds.num_clips[2])).reshape(-1, 112, 112, 3)[:n]
+    b = shuffled.clips(2, 0, int(ds.num_clips[2])).reshape(-1, 112, 112, 3)[:n]
+    assert not np.array_equal(a, b)
+    assert {x.tobytes() for x in a} == {x.tobytes() for x in b}
+
+
+def test_a_split_from_another_generator_version_is_rebuilt_not_reused(tmp_path, monkeypatch):
+    import json
+
+    from export import build, synth
+
+    monkeypatch.setitem(build.SPLITS, "tiny", ("tiny", 2, 5, 2.2, 3.0))
+    folder = build.make_split(tmp_path, "tiny")
+    first = build.fingerprint(folder)
+    assert json.loads((folder / "split.json").read_text())["generator_version"] == synth.GENERATOR_VERSION
+    assert build.make_split(tmp_path, "tiny") == folder and not (folder / "stale").exists()  # reused as is
+    spec = json.loads((folder / "split.json").read_text())
+    (folder / "split.json").write_text(json.dumps({**spec, "generator_version": spec["generator_version"] - 1}))
+    (folder / "stale").write_text("left over from the old generator")
+    build.make_split(tmp_path, "tiny")
+    assert not (folder / "stale").exists()
+    assert json.loads((folder / "split.json").read_text()) == spec
+    assert build.fingerprint(folder) == first  # same seed and version: the same labels again
+
+
+def test_per_clip_targets_name_only_what_each_clip_shows():
+    from export import synth
+
+    routine = synth.sample_routine(np.random.default_rng([3, 0]), 3, 4.0)
+    record = synth.labels_for(routine, 15)
+    ds = _tiny_dataset(frames_per_video=(record["num_frames"],))
+    ds.records = [record]
+    ds.targets = {q: np.asarray([i]) for q, i in vocab.label_indices(record).items()}
+    shown = train.clip_targets(ds, 0)
+    phases = np.asarray(record["phases"] + [-1] * (8 * int(ds.num_clips[0]) - record["num_frames"])).reshape(-1, 8)
+    null = {q: len(a) - 1 for q, a in train.HEADS.items()}
+    in_flight = (phases == 2).sum(1) >= train.EVENT_MIN_FRAMES
+    in_take_off = (phases == 1).sum(1) >= train.EVENT_MIN_FRAMES
+    assert in_flight.any() and in_take_off.any() and not (in_flight | in_take_off).all()
+    for q in ("somersaults", "twists", "flight_pose"):
+        assert (shown[q] == np.where(in_flight, ds.targets[q][0], null[q])).all()
+    assert (shown["take_off"] == np.where(in_take_off, ds.targets["take_off"][0], null["take_off"])).all()
+    assert (shown["class"] == ds.targets["class"][0]).all()
+
+
+def test_temperature_keeps_the_answer_and_softens_the_probabilities():
+    torch.manual_seed(0)
+    decoder = train.build_tqn().eval()
+    feats, mask = torch.randn(2, 6, 256), torch.ones(2, 6, dtype=torch.bool)
+    with torch.inference_mode():
+        before = decoder(feats, mask)
+        decoder.temperature.fill_(2.0)
+        after = decoder(feats, mask)
+    for a, b in zip(before[: len(train.HEADS)], after):
+        torch.testing.assert_close(b, a / 2)
+
+
+def test_in_domain_score_is_high_on_training_like_clips_and_low_elsewhere():
+    torch.manual_seed(0)
+    decoder = train.build_tqn().eval()
+    basis = torch.randn(64, 256) / 8
+    fit = torch.randn(4000, 64) @ basis + 3.0  # "training" features: a shifted 64-d subspace
+    decoder.set_domain(fit)
+    like = torch.randn(1, 20, 64) @ basis + 3.0
+    unlike = like + torch.randn(256)  # the same, moved off the subspace by about its own scale
+    mask = torch.ones(1, 20, dtype=torch.bool)
+    with torch.inference_mode():
+        score_like = float(decoder(like, mask)[-1])
+        score_unlike = float(decoder(unlike, mask)[-1])
+        padded = torch.cat([like, 1e3 * torch.ones(1, 5, 256)], 1)
+        score_padded = float(decoder(padded, torch.cat([mask, torch.zeros(1, 5, dtype=torch.bool)], 1))[-1])
+    assert -1.5 < score_like < -0.5  # about one standard deviation per dimension
+    assert score_unlike < 3 * score_like
+    assert score_padded == pytest.approx(score_like, rel=1e-5)  # padded clips do not count
+
+
+def test_temperature_fit_recovers_the_scale_and_lowers_calibration_error():
+    from export import build
+
+    rng = np.random.default_rng(0)
+    true = rng.standard_normal((4000, 5)) * 2
+    targets = np.asarray([rng.choice(5, p=np.exp(t) / np.exp(t).sum()) for t in true])
+    overconfident = true * 3
+    t = build.fit_temperature(overconfident, targets)
+    assert t == pytest.approx(3.0, rel=0.1)
+    assert build.expected_calibration_error(overconfident / t, targets) < build.expected_calibration_error(
+        overconfident, targets) / 2
