@@ -296,7 +296,7 @@ class ClipRegions:
             self._free.remove(region)
         else:
             size = math.ceil(nbytes / 2**20) * 2**20
-            if self.allocated_bytes + size > self.budget_bytes:
+            if self.allocated_bytes + size > self.budget_bytes or not _shm_has_room(size):
                 return None
             name = f"{self._prefix}_{len(self._all)}"
             region = _Region(name, size, shm.create_shared_memory_region(name, "/" + name, size, create_only=True))
@@ -341,6 +341,17 @@ class ClipRegions:
                 shm.destroy_shared_memory_region(region.handle)
         self._all, self._free = [], []
         self.enabled = False
+
+
+def _shm_has_room(size: int) -> bool:
+    """Whether half of /dev/shm stays free after a region of `size`, for Triton's own shared memory
+    (its python-backend stubs'): a full tmpfs turns a write into a region into SIGBUS, and
+    containers often get a small /dev/shm (Docker: 64 MB)."""
+    try:
+        fs = os.statvfs("/dev/shm")
+    except OSError:
+        return False
+    return (fs.f_bavail * fs.f_frsize - size) * 2 >= fs.f_blocks * fs.f_frsize
 
 
 def _lost_region(error: VqsError) -> bool:

@@ -77,3 +77,23 @@ async def test_registrations_lost_by_triton_are_made_again(triton):
         await client.close()
     np.testing.assert_array_equal(before, after)
     np.testing.assert_array_equal(before, again)
+
+
+async def test_a_small_dev_shm_keeps_clips_inside_requests(triton, monkeypatch):
+    # A container's 64 MB /dev/shm, 40 MB of it used (Triton's stubs): no region would leave half
+    # of it free, so none is made (a full tmpfs would turn a write into SIGBUS).
+    import server.triton as module
+
+    class SmallShm:
+        f_frsize, f_blocks, f_bavail = 4096, 64 * 2**20 // 4096, 24 * 2**20 // 4096
+
+    monkeypatch.setattr(module.os, "statvfs", lambda path: SmallShm())
+    client = TritonClient(triton.grpc_url)
+    inline = TritonClient(triton.grpc_url, shared_memory_bytes=0)
+    try:
+        features = await client.encode_clips(clips(16))
+        assert client.clip_regions._all == []
+        np.testing.assert_array_equal(features, await inline.encode_clips(clips(16)))
+    finally:
+        await client.close()
+        await inline.close()
