@@ -86,8 +86,9 @@ class LimitsSettings(_Group):
     # Clip batches being encoded at once per request (decoding continues meanwhile).
     encode_inflight: int = Field(4, ge=1)
     # `AnalyzeStream`s open at once (admitted separately from unary requests); one more is refused.
-    # Each holds a decode worker while it lasts: below decode.workers (see Settings.capacity_problem).
-    max_concurrent_streams: int = Field(1, ge=1)
+    # Each holds a decode worker while it lasts: below decode.workers (see Settings.capacity_problem);
+    # 0 turns streaming off (a gateway with one decode worker).
+    max_concurrent_streams: int = Field(1, ge=0)
     # A stream whose client sends nothing for this long is ended with DEADLINE_EXCEEDED.
     stream_idle_s: float = Field(30.0, gt=0)
     # The documented largest chunk of a stream (a larger one is INVALID_ARGUMENT) ...
@@ -162,7 +163,7 @@ class Settings(BaseSettings):
         return (
             f"limits.max_concurrent_streams ({streams}) must be below decode.workers ({workers}): "
             "each stream holds a decode worker while it lasts and Analyze needs one too; raise "
-            "VQS_DECODE__WORKERS or lower VQS_LIMITS__MAX_CONCURRENT_STREAMS"
+            "VQS_DECODE__WORKERS or lower VQS_LIMITS__MAX_CONCURRENT_STREAMS (0 turns streaming off)"
         )
 
     @model_validator(mode="after")

@@ -16,11 +16,11 @@ from server.settings import LimitsSettings
 
 
 class Slots:
-    """At most `limit` holders at once; one more is refused, not queued."""
+    """At most `limit` holders at once; one more is refused, not queued (0: every one is)."""
 
     def __init__(self, limit: int, *, what: str, setting: str):
-        if limit < 1:
-            raise ValueError(f"{setting} must be at least 1, got {limit}")
+        if limit < 0:
+            raise ValueError(f"{setting} must be at least 0, got {limit}")
         self.limit = limit
         self.what = what
         self.setting = setting
@@ -29,6 +29,8 @@ class Slots:
     @contextlib.asynccontextmanager
     async def claim(self) -> AsyncIterator[None]:
         # No await between the check and the increment: on one event loop this is atomic.
+        if self.limit == 0:
+            raise Overloaded(f"{self.what} are turned off on this server ({self.setting} = 0)")
         if self.used >= self.limit:
             raise Overloaded(
                 f"server busy: {self.limit} {self.what} already running ({self.setting}); retry later"

@@ -86,7 +86,8 @@ def test_image_holds_the_installed_package_and_its_models(container, tmp_path):
 def test_vqs_serve_in_the_image_answers_over_loopback(container, image, videos, served_gateway):
     port = free_port()
     settings = {"VQS_HOST": "127.0.0.1", "VQS_GRPC_PORT": str(port), "VQS_METRICS_PORT": "0",
-                "VQS_DECODE__WORKERS": "1"}
+                "VQS_DECODE__WORKERS": "1",
+                "VQS_LIMITS__MAX_CONCURRENT_STREAMS": "0"}
     command = [*BUILDAH, "run", "--isolation", "chroot", "--network", "host",
                *(f"--env={key}={value}" for key, value in settings.items()), container,
                "--", "vqs", "serve"]

@@ -125,7 +125,7 @@ def test_installed_package_serves_from_outside_the_checkout(
         venv / "bin",
         VQS_TRITON__MODEL_REPOSITORY=str(trained_models),
         VQS_HOST="127.0.0.1", VQS_GRPC_PORT=str(port), VQS_METRICS_PORT="0",
-        VQS_DECODE__WORKERS="1",
+        VQS_DECODE__WORKERS="1", VQS_LIMITS__MAX_CONCURRENT_STREAMS="0",
     )
     gateway = served_gateway([venv / "bin" / "vqs", "serve"], env=env, port=port, cwd=tmp_path)
     gateway.wait_serving()

@@ -90,10 +90,21 @@ async def test_slots_come_back_after_errors_and_cancellation():
 
 
 def test_limits_are_validated():
-    with pytest.raises(ValueError, match="at least 1"):
-        Slots(0, what="requests", setting="limits.max_concurrent_requests")
+    with pytest.raises(ValueError, match="at least 0"):
+        Slots(-1, what="requests", setting="limits.max_concurrent_requests")
     with pytest.raises(ValueError):
-        LimitsSettings(max_concurrent_streams=0)
+        LimitsSettings(max_concurrent_streams=-1)
+    with pytest.raises(ValueError):
+        LimitsSettings(max_concurrent_requests=0)
+
+
+async def test_zero_streams_turns_streaming_off():
+    gate = Admission(LimitsSettings(max_concurrent_streams=0))
+    with pytest.raises(Overloaded, match="turned off.*max_concurrent_streams = 0"):
+        async with gate.stream():
+            pass
+    async with gate.unary():
+        assert gate.requests.used == 1
 
 
 def test_streams_must_leave_a_decode_worker_for_analyze(monkeypatch):
