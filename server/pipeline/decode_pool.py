@@ -96,8 +96,11 @@ class WorkerProcess:
             self.conn.send(m)
 
     async def recv(self, timeout: float) -> Inbox:
+        # Not asyncio.wait_for: on Python 3.11 it returns the message and swallows a cancellation
+        # that arrives as the message does, so a cancelled request kept decoding (and encoding).
         try:
-            return await asyncio.wait_for(self.inbox.get(), timeout)
+            async with asyncio.timeout(timeout):
+                return await self.inbox.get()
         except TimeoutError:
             raise Timeout(f"video decoder produced nothing for {timeout:g} s") from None
 
