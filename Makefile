@@ -34,6 +34,11 @@ golden: venv
 models: venv
 	$(BIN)/vqs models
 
+# The seeds study (3 seeds x TQN and both baselines on the splits of `make models`, not part of
+# it): export/seeds.json and export/seeds.md.
+seeds: venv
+	$(BIN)/python -m export.seeds
+
 # The served models scored on a labelled split, against a running gateway (`make serve` elsewhere):
 # every video of SPLIT is sent to SERVER and the answers scored against its labels.jsonl (per-query
 # and per-class accuracy, by length, ECE, null and in-domain rates); EVALUATE_ARGS e.g. --resume.
