@@ -120,6 +120,14 @@ class Tally:
     def done(self) -> int:
         return self.ok + sum(self.failed.values())
 
+    def add(self, row: dict[str, Any]) -> None:
+        """Count one written JSONL row: a result (and its video's seconds) or an error's code."""
+        if "result" in row:
+            self.ok += 1
+            self.video_s += row["result"]["video"]["duration_s"]
+        else:
+            self.failed[row["error"]["code"]] += 1
+
 
 def uri_for(item: Item, uri_root: Path | None) -> str | None:
     """The path to send instead of the bytes, relative to the gateway's allowed root, when the
@@ -304,11 +312,7 @@ async def run_batch(
                         max_upload_bytes=max_upload, retries=retries,
                     )
                     writer.write(row)
-                    if "result" in row:
-                        tally.ok += 1
-                        tally.video_s += row["result"]["video"]["duration_s"]
-                    else:
-                        tally.failed[row["error"]["code"]] += 1
+                    tally.add(row)
                     progress.update(task, advance=1, rates=rates(tally))
 
             producer = threading.Thread(target=produce, name="vqs-score-reader", daemon=True)

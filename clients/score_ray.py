@@ -110,11 +110,7 @@ def run_ray(
                 if UNREACHABLE in row:
                     raise GatewayUnreachable(row[UNREACHABLE])
                 writer.write(row)
-                if "result" in row:
-                    tally.ok += 1
-                    tally.video_s += row["result"]["video"]["duration_s"]
-                else:
-                    tally.failed[row["error"]["code"]] += 1
+                tally.add(row)
                 progress.update(task, advance=1, rates=rates(tally))
     finally:
         ray.shutdown()
