@@ -320,10 +320,10 @@ async def test_resumed_stream_repeats_no_window_and_misses_none(stub, gateway, s
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def slow_gateway(start_gateway):
-    """An encoder kept far behind the decoder: one request of at most 2 clips in flight, and at
-    most 2 clips waiting for it."""
+    """An encoder kept far behind the decoder: one request of one clip in flight (a Triton round
+    trip per clip), and at most one clip waiting for it."""
     limits = Settings().limits.model_copy(update={
-        "encode_inflight": 1, "clips_per_batch": 2, "stream_pending_clips": 2,
+        "encode_inflight": 1, "clips_per_batch": 1, "stream_pending_clips": 1,
     })
     gateway = await start_gateway(limits=limits)
     yield gateway
