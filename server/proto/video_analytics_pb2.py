@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"server/proto/video_analytics.proto\x12\x06vqs.v1\"K\n\x0e\x41nalyzeRequest\x12\x0f\n\x05video\x18\x01 \x01(\x0cH\x00\x12\r\n\x03uri\x18\x02 \x01(\tH\x00\x12\x0f\n\x07\x65ncoder\x18\x03 \x01(\tB\x08\n\x06source\"j\n\tVideoInfo\x12\x12\n\nduration_s\x18\x01 \x01(\x01\x12\x0b\n\x03\x66ps\x18\x02 \x01(\x01\x12\r\n\x05\x63lips\x18\x03 \x01(\x05\x12\x0e\n\x06\x66rames\x18\x04 \x01(\x05\x12\r\n\x05width\x18\x05 \x01(\x05\x12\x0e\n\x06height\x18\x06 \x01(\x05\"\xac\x01\n\x06\x41nswer\x12\r\n\x05query\x18\x01 \x01(\t\x12\x11\n\tattribute\x18\x02 \x01(\t\x12\x13\n\x0bprobability\x18\x03 \x01(\x02\x12\x36\n\x0c\x64istribution\x18\x04 \x03(\x0b\x32 .vqs.v1.Answer.DistributionEntry\x1a\x33\n\x11\x44istributionEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\"*\n\x08\x43lipSpan\x12\x0f\n\x07start_s\x18\x01 \x01(\x01\x12\r\n\x05\x65nd_s\x18\x02 \x01(\x01\"Q\n\tAttention\x12\r\n\x05query\x18\x01 \x01(\t\x12\x0f\n\x07weights\x18\x02 \x03(\x02\x12$\n\nclip_spans\x18\x03 \x03(\x0b\x32\x10.vqs.v1.ClipSpan\"\xaa\x02\n\x0f\x41nalyzeResponse\x12 \n\x05video\x18\x01 \x01(\x0b\x32\x11.vqs.v1.VideoInfo\x12\x1f\n\x07\x61nswers\x18\x02 \x03(\x0b\x32\x0e.vqs.v1.Answer\x12$\n\tattention\x18\x03 \x03(\x0b\x32\x11.vqs.v1.Attention\x12\x38\n\ttiming_ms\x18\x04 \x03(\x0b\x32%.vqs.v1.AnalyzeResponse.TimingMsEntry\x12\x0f\n\x07\x65ncoder\x18\x05 \x01(\t\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\x1e\n\x06\x64omain\x18\x07 \x01(\x0b\x32\x0e.vqs.v1.Domain\x1a/\n\rTimingMsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"=\n\x06\x44omain\x12\r\n\x05score\x18\x01 \x01(\x02\x12\x11\n\tthreshold\x18\x02 \x01(\x02\x12\x11\n\tin_domain\x18\x03 \x01(\x08\"\x17\n\x15\x44\x65scribeModelsRequest\".\n\tQuerySpec\x12\r\n\x05query\x18\x01 \x01(\t\x12\x12\n\nattributes\x18\x02 \x03(\t\"\xd4\x01\n\x16\x44\x65scribeModelsResponse\x12\"\n\x07queries\x18\x01 \x03(\x0b\x32\x11.vqs.v1.QuerySpec\x12\x10\n\x08\x65ncoders\x18\x02 \x03(\t\x12\x17\n\x0f\x64\x65\x66\x61ult_encoder\x18\x03 \x01(\t\x12\x13\n\x0b\x63lip_frames\x18\x04 \x01(\x05\x12\x12\n\nframe_size\x18\x05 \x01(\x05\x12\x18\n\x10max_upload_bytes\x18\x06 \x01(\x03\x12\x16\n\x0emax_duration_s\x18\x07 \x01(\x01\x12\x10\n\x08\x63lip_fps\x18\x08 \x01(\x01\"\xbf\x01\n\rStreamOptions\x12\x0f\n\x07\x65ncoder\x18\x01 \x01(\t\x12\x14\n\x0cwindow_clips\x18\x02 \x01(\x05\x12\x11\n\thop_clips\x18\x03 \x01(\x05\x12 \n\x04mode\x18\x04 \x01(\x0e\x32\x12.vqs.v1.StreamMode\x12\x1d\n\x15omit_window_attention\x18\x05 \x01(\x08\x12\x1d\n\x15producer_start_unix_s\x18\x06 \x01(\x01\x12\x14\n\x0cresume_token\x18\x07 \x01(\t\"U\n\rStreamRequest\x12(\n\x07options\x18\x01 \x01(\x0b\x32\x15.vqs.v1.StreamOptionsH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\t\n\x07message\"\xea\x03\n\x0bStreamEvent\x12&\n\x04kind\x18\x01 \x01(\x0e\x32\x18.vqs.v1.StreamEvent.Kind\x12\x0f\n\x07start_s\x18\x02 \x01(\x01\x12\r\n\x05\x65nd_s\x18\x03 \x01(\x01\x12\x0e\n\x06window\x18\x04 \x01(\x05\x12\x12\n\nfirst_clip\x18\x05 \x01(\x05\x12\x11\n\tlast_clip\x18\x06 \x01(\x05\x12\'\n\x06result\x18\x07 \x01(\x0b\x32\x17.vqs.v1.AnalyzeResponse\x12\x15\n\rmodel_version\x18\x08 \x01(\t\x12\x14\n\x0cresume_token\x18\t \x01(\t\x12\x15\n\rdropped_clips\x18\n \x01(\x05\x12\x1b\n\x13\x64ropped_clips_total\x18\x0b \x01(\x05\x12\r\n\x05lag_s\x18\x0c \x01(\x01\x12\x1c\n\x14producer_time_unix_s\x18\r \x01(\x01\x12\r\n\x05\x65rror\x18\x0e \x01(\t\x12\x0c\n\x04note\x18\x0f \x01(\t\x12\x16\n\x0ereceived_bytes\x18\x10 \x01(\x03\x12\x15\n\rclips_decoded\x18\x11 \x01(\x05\x12\x16\n\x0e\x63lips_analysed\x18\x12 \x01(\x05\"A\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x0c\n\x08PROGRESS\x10\x01\x12\n\n\x06WINDOW\x10\x02\x12\t\n\x05\x46INAL\x10\x03*\\\n\nStreamMode\x12\x1b\n\x17STREAM_MODE_UNSPECIFIED\x10\x00\x12\x18\n\x14STREAM_MODE_REALTIME\x10\x01\x12\x17\n\x13STREAM_MODE_ARCHIVE\x10\x02\x32\xde\x01\n\x0eVideoAnalytics\x12:\n\x07\x41nalyze\x12\x16.vqs.v1.AnalyzeRequest\x1a\x17.vqs.v1.AnalyzeResponse\x12O\n\x0e\x44\x65scribeModels\x12\x1d.vqs.v1.DescribeModelsRequest\x1a\x1e.vqs.v1.DescribeModelsResponse\x12?\n\rAnalyzeStream\x12\x15.vqs.v1.StreamRequest\x1a\x13.vqs.v1.StreamEvent(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"server/proto/video_analytics.proto\x12\x06vqs.v1\"v\n\x0e\x41nalyzeRequest\x12\x0f\n\x05video\x18\x01 \x01(\x0cH\x00\x12\r\n\x03uri\x18\x02 \x01(\tH\x00\x12\x0f\n\x07\x65ncoder\x18\x03 \x01(\t\x12\x12\n\nembeddings\x18\x04 \x01(\x08\x12\x15\n\romit_segments\x18\x05 \x01(\x08\x42\x08\n\x06source\"j\n\tVideoInfo\x12\x12\n\nduration_s\x18\x01 \x01(\x01\x12\x0b\n\x03\x66ps\x18\x02 \x01(\x01\x12\r\n\x05\x63lips\x18\x03 \x01(\x05\x12\x0e\n\x06\x66rames\x18\x04 \x01(\x05\x12\r\n\x05width\x18\x05 \x01(\x05\x12\x0e\n\x06height\x18\x06 \x01(\x05\"\xac\x01\n\x06\x41nswer\x12\r\n\x05query\x18\x01 \x01(\t\x12\x11\n\tattribute\x18\x02 \x01(\t\x12\x13\n\x0bprobability\x18\x03 \x01(\x02\x12\x36\n\x0c\x64istribution\x18\x04 \x03(\x0b\x32 .vqs.v1.Answer.DistributionEntry\x1a\x33\n\x11\x44istributionEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\"*\n\x08\x43lipSpan\x12\x0f\n\x07start_s\x18\x01 \x01(\x01\x12\r\n\x05\x65nd_s\x18\x02 \x01(\x01\"Q\n\tAttention\x12\r\n\x05query\x18\x01 \x01(\t\x12\x0f\n\x07weights\x18\x02 \x03(\x02\x12$\n\nclip_spans\x18\x03 \x03(\x0b\x32\x10.vqs.v1.ClipSpan\"\x90\x03\n\x0f\x41nalyzeResponse\x12 \n\x05video\x18\x01 \x01(\x0b\x32\x11.vqs.v1.VideoInfo\x12\x1f\n\x07\x61nswers\x18\x02 \x03(\x0b\x32\x0e.vqs.v1.Answer\x12$\n\tattention\x18\x03 \x03(\x0b\x32\x11.vqs.v1.Attention\x12\x38\n\ttiming_ms\x18\x04 \x03(\x0b\x32%.vqs.v1.AnalyzeResponse.TimingMsEntry\x12\x0f\n\x07\x65ncoder\x18\x05 \x01(\t\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\x1e\n\x06\x64omain\x18\x07 \x01(\x0b\x32\x0e.vqs.v1.Domain\x12!\n\x08segments\x18\x08 \x03(\x0b\x32\x0f.vqs.v1.Segment\x12\x14\n\x0c\x62oundaries_s\x18\t \x03(\x01\x12+\n\nembeddings\x18\n \x01(\x0b\x32\x17.vqs.v1.FrameEmbeddings\x1a/\n\rTimingMsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"N\n\x07Segment\x12\x0f\n\x07start_s\x18\x01 \x01(\x01\x12\r\n\x05\x65nd_s\x18\x02 \x01(\x01\x12\x0f\n\x07pattern\x18\x03 \x01(\x05\x12\x12\n\nconfidence\x18\x04 \x01(\x02\"4\n\x06Tensor\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\r\n\x05\x64type\x18\x03 \x01(\t\"O\n\x0f\x46rameEmbeddings\x12\x1e\n\x06values\x18\x01 \x01(\x0b\x32\x0e.vqs.v1.Tensor\x12\x0f\n\x07times_s\x18\x02 \x03(\x01\x12\x0b\n\x03\x66ps\x18\x03 \x01(\x01\"=\n\x06\x44omain\x12\r\n\x05score\x18\x01 \x01(\x02\x12\x11\n\tthreshold\x18\x02 \x01(\x02\x12\x11\n\tin_domain\x18\x03 \x01(\x08\"\x17\n\x15\x44\x65scribeModelsRequest\".\n\tQuerySpec\x12\r\n\x05query\x18\x01 \x01(\t\x12\x12\n\nattributes\x18\x02 \x03(\t\"\xd4\x01\n\x16\x44\x65scribeModelsResponse\x12\"\n\x07queries\x18\x01 \x03(\x0b\x32\x11.vqs.v1.QuerySpec\x12\x10\n\x08\x65ncoders\x18\x02 \x03(\t\x12\x17\n\x0f\x64\x65\x66\x61ult_encoder\x18\x03 \x01(\t\x12\x13\n\x0b\x63lip_frames\x18\x04 \x01(\x05\x12\x12\n\nframe_size\x18\x05 \x01(\x05\x12\x18\n\x10max_upload_bytes\x18\x06 \x01(\x03\x12\x16\n\x0emax_duration_s\x18\x07 \x01(\x01\x12\x10\n\x08\x63lip_fps\x18\x08 \x01(\x01\"\xbf\x01\n\rStreamOptions\x12\x0f\n\x07\x65ncoder\x18\x01 \x01(\t\x12\x14\n\x0cwindow_clips\x18\x02 \x01(\x05\x12\x11\n\thop_clips\x18\x03 \x01(\x05\x12 \n\x04mode\x18\x04 \x01(\x0e\x32\x12.vqs.v1.StreamMode\x12\x1d\n\x15omit_window_attention\x18\x05 \x01(\x08\x12\x1d\n\x15producer_start_unix_s\x18\x06 \x01(\x01\x12\x14\n\x0cresume_token\x18\x07 \x01(\t\"U\n\rStreamRequest\x12(\n\x07options\x18\x01 \x01(\x0b\x32\x15.vqs.v1.StreamOptionsH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\t\n\x07message\"\xea\x03\n\x0bStreamEvent\x12&\n\x04kind\x18\x01 \x01(\x0e\x32\x18.vqs.v1.StreamEvent.Kind\x12\x0f\n\x07start_s\x18\x02 \x01(\x01\x12\r\n\x05\x65nd_s\x18\x03 \x01(\x01\x12\x0e\n\x06window\x18\x04 \x01(\x05\x12\x12\n\nfirst_clip\x18\x05 \x01(\x05\x12\x11\n\tlast_clip\x18\x06 \x01(\x05\x12\'\n\x06result\x18\x07 \x01(\x0b\x32\x17.vqs.v1.AnalyzeResponse\x12\x15\n\rmodel_version\x18\x08 \x01(\t\x12\x14\n\x0cresume_token\x18\t \x01(\t\x12\x15\n\rdropped_clips\x18\n \x01(\x05\x12\x1b\n\x13\x64ropped_clips_total\x18\x0b \x01(\x05\x12\r\n\x05lag_s\x18\x0c \x01(\x01\x12\x1c\n\x14producer_time_unix_s\x18\r \x01(\x01\x12\r\n\x05\x65rror\x18\x0e \x01(\t\x12\x0c\n\x04note\x18\x0f \x01(\t\x12\x16\n\x0ereceived_bytes\x18\x10 \x01(\x03\x12\x15\n\rclips_decoded\x18\x11 \x01(\x05\x12\x16\n\x0e\x63lips_analysed\x18\x12 \x01(\x05\"A\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x0c\n\x08PROGRESS\x10\x01\x12\n\n\x06WINDOW\x10\x02\x12\t\n\x05\x46INAL\x10\x03*\\\n\nStreamMode\x12\x1b\n\x17STREAM_MODE_UNSPECIFIED\x10\x00\x12\x18\n\x14STREAM_MODE_REALTIME\x10\x01\x12\x17\n\x13STREAM_MODE_ARCHIVE\x10\x02\x32\xde\x01\n\x0eVideoAnalytics\x12:\n\x07\x41nalyze\x12\x16.vqs.v1.AnalyzeRequest\x1a\x17.vqs.v1.AnalyzeResponse\x12O\n\x0e\x44\x65scribeModels\x12\x1d.vqs.v1.DescribeModelsRequest\x1a\x1e.vqs.v1.DescribeModelsResponse\x12?\n\rAnalyzeStream\x12\x15.vqs.v1.StreamRequest\x1a\x13.vqs.v1.StreamEvent(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,40 +35,46 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ANSWER_DISTRIBUTIONENTRY']._serialized_options = b'8\001'
   _globals['_ANALYZERESPONSE_TIMINGMSENTRY']._loaded_options = None
   _globals['_ANALYZERESPONSE_TIMINGMSENTRY']._serialized_options = b'8\001'
-  _globals['_STREAMMODE']._serialized_start=1959
-  _globals['_STREAMMODE']._serialized_end=2051
+  _globals['_STREAMMODE']._serialized_start=2319
+  _globals['_STREAMMODE']._serialized_end=2411
   _globals['_ANALYZEREQUEST']._serialized_start=46
-  _globals['_ANALYZEREQUEST']._serialized_end=121
-  _globals['_VIDEOINFO']._serialized_start=123
-  _globals['_VIDEOINFO']._serialized_end=229
-  _globals['_ANSWER']._serialized_start=232
-  _globals['_ANSWER']._serialized_end=404
-  _globals['_ANSWER_DISTRIBUTIONENTRY']._serialized_start=353
-  _globals['_ANSWER_DISTRIBUTIONENTRY']._serialized_end=404
-  _globals['_CLIPSPAN']._serialized_start=406
-  _globals['_CLIPSPAN']._serialized_end=448
-  _globals['_ATTENTION']._serialized_start=450
-  _globals['_ATTENTION']._serialized_end=531
-  _globals['_ANALYZERESPONSE']._serialized_start=534
-  _globals['_ANALYZERESPONSE']._serialized_end=832
-  _globals['_ANALYZERESPONSE_TIMINGMSENTRY']._serialized_start=785
-  _globals['_ANALYZERESPONSE_TIMINGMSENTRY']._serialized_end=832
-  _globals['_DOMAIN']._serialized_start=834
-  _globals['_DOMAIN']._serialized_end=895
-  _globals['_DESCRIBEMODELSREQUEST']._serialized_start=897
-  _globals['_DESCRIBEMODELSREQUEST']._serialized_end=920
-  _globals['_QUERYSPEC']._serialized_start=922
-  _globals['_QUERYSPEC']._serialized_end=968
-  _globals['_DESCRIBEMODELSRESPONSE']._serialized_start=971
-  _globals['_DESCRIBEMODELSRESPONSE']._serialized_end=1183
-  _globals['_STREAMOPTIONS']._serialized_start=1186
-  _globals['_STREAMOPTIONS']._serialized_end=1377
-  _globals['_STREAMREQUEST']._serialized_start=1379
-  _globals['_STREAMREQUEST']._serialized_end=1464
-  _globals['_STREAMEVENT']._serialized_start=1467
-  _globals['_STREAMEVENT']._serialized_end=1957
-  _globals['_STREAMEVENT_KIND']._serialized_start=1892
-  _globals['_STREAMEVENT_KIND']._serialized_end=1957
-  _globals['_VIDEOANALYTICS']._serialized_start=2054
-  _globals['_VIDEOANALYTICS']._serialized_end=2276
+  _globals['_ANALYZEREQUEST']._serialized_end=164
+  _globals['_VIDEOINFO']._serialized_start=166
+  _globals['_VIDEOINFO']._serialized_end=272
+  _globals['_ANSWER']._serialized_start=275
+  _globals['_ANSWER']._serialized_end=447
+  _globals['_ANSWER_DISTRIBUTIONENTRY']._serialized_start=396
+  _globals['_ANSWER_DISTRIBUTIONENTRY']._serialized_end=447
+  _globals['_CLIPSPAN']._serialized_start=449
+  _globals['_CLIPSPAN']._serialized_end=491
+  _globals['_ATTENTION']._serialized_start=493
+  _globals['_ATTENTION']._serialized_end=574
+  _globals['_ANALYZERESPONSE']._serialized_start=577
+  _globals['_ANALYZERESPONSE']._serialized_end=977
+  _globals['_ANALYZERESPONSE_TIMINGMSENTRY']._serialized_start=930
+  _globals['_ANALYZERESPONSE_TIMINGMSENTRY']._serialized_end=977
+  _globals['_SEGMENT']._serialized_start=979
+  _globals['_SEGMENT']._serialized_end=1057
+  _globals['_TENSOR']._serialized_start=1059
+  _globals['_TENSOR']._serialized_end=1111
+  _globals['_FRAMEEMBEDDINGS']._serialized_start=1113
+  _globals['_FRAMEEMBEDDINGS']._serialized_end=1192
+  _globals['_DOMAIN']._serialized_start=1194
+  _globals['_DOMAIN']._serialized_end=1255
+  _globals['_DESCRIBEMODELSREQUEST']._serialized_start=1257
+  _globals['_DESCRIBEMODELSREQUEST']._serialized_end=1280
+  _globals['_QUERYSPEC']._serialized_start=1282
+  _globals['_QUERYSPEC']._serialized_end=1328
+  _globals['_DESCRIBEMODELSRESPONSE']._serialized_start=1331
+  _globals['_DESCRIBEMODELSRESPONSE']._serialized_end=1543
+  _globals['_STREAMOPTIONS']._serialized_start=1546
+  _globals['_STREAMOPTIONS']._serialized_end=1737
+  _globals['_STREAMREQUEST']._serialized_start=1739
+  _globals['_STREAMREQUEST']._serialized_end=1824
+  _globals['_STREAMEVENT']._serialized_start=1827
+  _globals['_STREAMEVENT']._serialized_end=2317
+  _globals['_STREAMEVENT_KIND']._serialized_start=2252
+  _globals['_STREAMEVENT_KIND']._serialized_end=2317
+  _globals['_VIDEOANALYTICS']._serialized_start=2414
+  _globals['_VIDEOANALYTICS']._serialized_end=2636
 # @@protoc_insertion_point(module_scope)

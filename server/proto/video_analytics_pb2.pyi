@@ -17,14 +17,18 @@ STREAM_MODE_REALTIME: StreamMode
 STREAM_MODE_ARCHIVE: StreamMode
 
 class AnalyzeRequest(_message.Message):
-    __slots__ = ("video", "uri", "encoder")
+    __slots__ = ("video", "uri", "encoder", "embeddings", "omit_segments")
     VIDEO_FIELD_NUMBER: _ClassVar[int]
     URI_FIELD_NUMBER: _ClassVar[int]
     ENCODER_FIELD_NUMBER: _ClassVar[int]
+    EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
+    OMIT_SEGMENTS_FIELD_NUMBER: _ClassVar[int]
     video: bytes
     uri: str
     encoder: str
-    def __init__(self, video: _Optional[bytes] = ..., uri: _Optional[str] = ..., encoder: _Optional[str] = ...) -> None: ...
+    embeddings: bool
+    omit_segments: bool
+    def __init__(self, video: _Optional[bytes] = ..., uri: _Optional[str] = ..., encoder: _Optional[str] = ..., embeddings: _Optional[bool] = ..., omit_segments: _Optional[bool] = ...) -> None: ...
 
 class VideoInfo(_message.Message):
     __slots__ = ("duration_s", "fps", "clips", "frames", "width", "height")
@@ -80,7 +84,7 @@ class Attention(_message.Message):
     def __init__(self, query: _Optional[str] = ..., weights: _Optional[_Iterable[float]] = ..., clip_spans: _Optional[_Iterable[_Union[ClipSpan, _Mapping]]] = ...) -> None: ...
 
 class AnalyzeResponse(_message.Message):
-    __slots__ = ("video", "answers", "attention", "timing_ms", "encoder", "request_id", "domain")
+    __slots__ = ("video", "answers", "attention", "timing_ms", "encoder", "request_id", "domain", "segments", "boundaries_s", "embeddings")
     class TimingMsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -95,6 +99,9 @@ class AnalyzeResponse(_message.Message):
     ENCODER_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     DOMAIN_FIELD_NUMBER: _ClassVar[int]
+    SEGMENTS_FIELD_NUMBER: _ClassVar[int]
+    BOUNDARIES_S_FIELD_NUMBER: _ClassVar[int]
+    EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
     video: VideoInfo
     answers: _containers.RepeatedCompositeFieldContainer[Answer]
     attention: _containers.RepeatedCompositeFieldContainer[Attention]
@@ -102,7 +109,42 @@ class AnalyzeResponse(_message.Message):
     encoder: str
     request_id: str
     domain: Domain
-    def __init__(self, video: _Optional[_Union[VideoInfo, _Mapping]] = ..., answers: _Optional[_Iterable[_Union[Answer, _Mapping]]] = ..., attention: _Optional[_Iterable[_Union[Attention, _Mapping]]] = ..., timing_ms: _Optional[_Mapping[str, float]] = ..., encoder: _Optional[str] = ..., request_id: _Optional[str] = ..., domain: _Optional[_Union[Domain, _Mapping]] = ...) -> None: ...
+    segments: _containers.RepeatedCompositeFieldContainer[Segment]
+    boundaries_s: _containers.RepeatedScalarFieldContainer[float]
+    embeddings: FrameEmbeddings
+    def __init__(self, video: _Optional[_Union[VideoInfo, _Mapping]] = ..., answers: _Optional[_Iterable[_Union[Answer, _Mapping]]] = ..., attention: _Optional[_Iterable[_Union[Attention, _Mapping]]] = ..., timing_ms: _Optional[_Mapping[str, float]] = ..., encoder: _Optional[str] = ..., request_id: _Optional[str] = ..., domain: _Optional[_Union[Domain, _Mapping]] = ..., segments: _Optional[_Iterable[_Union[Segment, _Mapping]]] = ..., boundaries_s: _Optional[_Iterable[float]] = ..., embeddings: _Optional[_Union[FrameEmbeddings, _Mapping]] = ...) -> None: ...
+
+class Segment(_message.Message):
+    __slots__ = ("start_s", "end_s", "pattern", "confidence")
+    START_S_FIELD_NUMBER: _ClassVar[int]
+    END_S_FIELD_NUMBER: _ClassVar[int]
+    PATTERN_FIELD_NUMBER: _ClassVar[int]
+    CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
+    start_s: float
+    end_s: float
+    pattern: int
+    confidence: float
+    def __init__(self, start_s: _Optional[float] = ..., end_s: _Optional[float] = ..., pattern: _Optional[int] = ..., confidence: _Optional[float] = ...) -> None: ...
+
+class Tensor(_message.Message):
+    __slots__ = ("data", "shape", "dtype")
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    dtype: str
+    def __init__(self, data: _Optional[bytes] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ...) -> None: ...
+
+class FrameEmbeddings(_message.Message):
+    __slots__ = ("values", "times_s", "fps")
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    TIMES_S_FIELD_NUMBER: _ClassVar[int]
+    FPS_FIELD_NUMBER: _ClassVar[int]
+    values: Tensor
+    times_s: _containers.RepeatedScalarFieldContainer[float]
+    fps: float
+    def __init__(self, values: _Optional[_Union[Tensor, _Mapping]] = ..., times_s: _Optional[_Iterable[float]] = ..., fps: _Optional[float] = ...) -> None: ...
 
 class Domain(_message.Message):
     __slots__ = ("score", "threshold", "in_domain")
