@@ -41,6 +41,12 @@ QUERY_DECODER_MODEL = "tqn_decoder"
 
 CLIPS = "clips"
 FEATURES = "features"
+# Adaptive encoders only: the compute budget of each clip (in (0, 1]; the model maps it to its
+# B or K), and per clip what it kept (B', or K' per ATS block) and the GMACs it spent, counted in
+# the graph from the shapes it processed.
+BUDGET = "budget"
+KEPT = "kept"
+GMACS = "gmacs"
 MASK = "mask"
 ATTENTION = "attention"
 # Optional last output of the query decoder: how alike a video's clip features are to its training
@@ -50,6 +56,14 @@ FEATURE_DIM = 256
 
 # Config parameters (string values) written by export/onnx_export.py:
 CLIP_FPS = "clip_fps"  # encoder: the frame rate its clips are sampled at (see pipeline/chunk.py)
+# encoder: GMACs of one clip without any adaptive module (the plain encoder's constant cost; the
+# denominator of an adaptive encoder's kept ratio)
+GMACS_PER_CLIP = "gmacs_per_clip"
+ADAPTIVE = "adaptive"  # adaptive encoder: its module, "sgs" or "ats"
+# adaptive encoder: its budget knob (B for SGS, K for ATS) at budget 1, and its smallest value:
+# knob = max(ceil(budget * budget_units), budget_floor)
+BUDGET_UNITS = "budget_units"
+BUDGET_FLOOR = "budget_floor"
 QUERIES_PARAMETER = "queries"  # query decoder: query names, comma-separated, in output order
 ATTRIBUTES_PARAMETER_PREFIX = "attributes."  # + query: its attributes, comma-separated, by logit
 IN_DOMAIN_THRESHOLD = "in_domain_threshold"  # query decoder: in domain = score >= this (float)
@@ -78,6 +92,15 @@ ENCODER_CONTRACT = ModelContract(
     inputs=(TensorSpec(CLIPS, "UINT8", (8, 112, 112, 3)),),  # T, H, W, C (RGB)
     outputs=(TensorSpec(FEATURES, "FP32", (FEATURE_DIM,)),),
 )
+ADAPTIVE_ENCODER_CONTRACT = ModelContract(
+    max_batch_size=ENCODER_CONTRACT.max_batch_size,
+    inputs=ENCODER_CONTRACT.inputs + (TensorSpec(BUDGET, "FP32", (1,)),),
+    outputs=ENCODER_CONTRACT.outputs + (
+        TensorSpec(KEPT, "INT64", (-1,)),  # SGS: [B'], ATS: [K' per ATS block] (cls not counted)
+        TensorSpec(GMACS, "FP32", (1,)),
+    ),
+)
+ADAPTIVE_KINDS = {"sgs": "B (similarity bins per clip)", "ats": "K (tokens per ATS block)"}
 
 
 def query_decoder_contract(queries: Sequence[str], *, in_domain: bool = False) -> ModelContract:
@@ -104,8 +127,26 @@ def contract_for(model: str, config: dict) -> ModelContract:
             [q.query for q in spec.queries], in_domain=spec.in_domain_threshold is not None
         )
     if model.startswith(ENCODER_PREFIX):
-        return ENCODER_CONTRACT
+        return ADAPTIVE_ENCODER_CONTRACT if _parameter(config, ADAPTIVE) else ENCODER_CONTRACT
     raise KeyError(f"no contract for model {model!r}")
+
+
+@dataclass(frozen=True)
+class AdaptiveSpec:
+    """How an adaptive encoder turns a compute budget into its knob: B similarity bins per clip
+    (SGS) or K tokens per ATS block, max(ceil(budget * units), floor)."""
+
+    kind: str  # "sgs" | "ats"
+    units: int  # the knob at budget 1 (nothing dropped for lack of room)
+    floor: int  # the smallest knob
+
+    @property
+    def knob(self) -> str:
+        return ADAPTIVE_KINDS[self.kind]
+
+    def knob_for(self, budget: float) -> int:
+        # float32, as the model computes it from its FP32 `budget` input
+        return max(math.ceil(np.float32(budget) * np.float32(self.units)), self.floor)
 
 
 @dataclass(frozen=True)
@@ -119,6 +160,40 @@ class EncoderSpec:
     feature_dim: int
     max_batch_size: int
     clip_fps: float | None = None  # the frame rate it learnt motion at; None: every frame
+    # GMACs of one clip without an adaptive module; None: the config does not say (old export)
+    gmacs_per_clip: float | None = None
+    adaptive: AdaptiveSpec | None = None  # None: a fixed-compute encoder
+
+    def check_budget(self, budget: float) -> float:
+        """`budget` if this encoder can run at it; `InvalidInput` naming the range otherwise."""
+        if not (0.0 < budget <= 1.0):  # NaN fails too
+            raise InvalidInput(
+                f"budget {budget!r} is outside (0, 1]: the share of {self.encoder}'s full compute "
+                "to spend (1 or unset = full)"
+            )
+        if budget < 1.0 and self.adaptive is None:
+            raise InvalidInput(
+                f"encoder {self.encoder} has no adaptive module (its compute is fixed): leave budget "
+                f"unset or 1, or choose an adaptive encoder (DescribeModels lists them)"
+            )
+        return budget
+
+
+@dataclass(frozen=True)
+class EncodedClips:
+    """An encoder's outputs for a batch of clips."""
+
+    features: np.ndarray  # float32 [n, D]
+    kept: np.ndarray | None  # int64 [n, k]: B' (k = 1) or K' per ATS block; None: not adaptive
+    gmacs: np.ndarray | None  # float64 [n]: GMACs each clip cost; None: the model does not say
+
+    @staticmethod
+    def concatenate(parts: Sequence[EncodedClips]) -> EncodedClips:
+        def joined(name: str):
+            arrays = [getattr(p, name) for p in parts]
+            return None if any(a is None for a in arrays) else np.concatenate(arrays)
+
+        return EncodedClips(joined("features"), joined("kept"), joined("gmacs"))
 
 
 @dataclass(frozen=True)
@@ -152,6 +227,7 @@ def _encoder_spec(model: str, config: dict) -> EncoderSpec:
     frames, height, width, channels = (int(d) for d in clips["dims"])
     if height != width or channels != 3:
         raise ValueError(f"clips dims {clips['dims']} are not [T, S, S, 3]")
+    gmacs = _parameter(config, GMACS_PER_CLIP)
     return EncoderSpec(
         encoder=model[len(ENCODER_PREFIX):],
         model=model,
@@ -160,7 +236,25 @@ def _encoder_spec(model: str, config: dict) -> EncoderSpec:
         feature_dim=int(features["dims"][0]),
         max_batch_size=int(config.get("max_batch_size", 0)),
         clip_fps=float(fps) if (fps := _parameter(config, CLIP_FPS)) else None,
+        gmacs_per_clip=float(gmacs) if gmacs else None,
+        adaptive=_adaptive_spec(config),
     )
+
+
+def _adaptive_spec(config: dict) -> AdaptiveSpec | None:
+    kind = _parameter(config, ADAPTIVE)
+    if not kind:
+        return None
+    if kind not in ADAPTIVE_KINDS:
+        raise ValueError(f"{ADAPTIVE} {kind!r} is none of {sorted(ADAPTIVE_KINDS)}")
+    inputs = {t["name"] for t in config["input"]}
+    outputs = {t["name"] for t in config["output"]}
+    if BUDGET not in inputs or not {KEPT, GMACS} <= outputs:
+        raise ValueError(f"an adaptive encoder needs input {BUDGET} and outputs {KEPT}, {GMACS}")
+    units, floor = int(_parameter(config, BUDGET_UNITS)), int(_parameter(config, BUDGET_FLOOR))
+    if not 1 <= floor <= units:
+        raise ValueError(f"{BUDGET_FLOOR} {floor} is outside 1..{BUDGET_UNITS} ({units})")
+    return AdaptiveSpec(kind=kind, units=units, floor=floor)
 
 
 def _names(value: str) -> tuple[str, ...]:
@@ -501,7 +595,13 @@ class TritonClient:
         return {name: result.as_numpy(name) for name in outputs}
 
     async def encode_clips(self, clips: np.ndarray, *, encoder: str = "s3d") -> np.ndarray:
-        """uint8 [n, T, H, W, 3] -> float32 [n, D]; splits above the model's max batch size."""
+        """uint8 [n, T, H, W, 3] -> float32 [n, D] at full compute."""
+        return (await self.encode(clips, encoder=encoder)).features
+
+    async def encode(self, clips: np.ndarray, *, encoder: str = "s3d", budget: float = 1.0) -> EncodedClips:
+        """uint8 [n, T, H, W, 3] -> the encoder's features and, for an adaptive encoder, what each
+        clip kept and cost at `budget` (checked by the caller: `EncoderSpec.check_budget`); splits
+        above the model's max batch size."""
         spec = await self.encoder_spec(encoder)
         expected = (spec.clip_frames, spec.frame_size, spec.frame_size, 3)
         if clips.dtype != np.uint8 or clips.ndim != 5 or clips.shape[1:] != expected:
@@ -511,25 +611,49 @@ class TritonClient:
             )
         step = spec.max_batch_size or len(clips)
         parts = [
-            await self._encode(spec.model, np.ascontiguousarray(clips[start:start + step]))
+            await self._encode(spec, np.ascontiguousarray(clips[start:start + step]), budget)
             for start in range(0, len(clips), step)
         ]
-        return np.concatenate(parts).astype(np.float32, copy=False)
+        return EncodedClips.concatenate(parts)
 
-    async def _encode(self, model: str, clips: np.ndarray) -> np.ndarray:
+    async def _encode(self, spec: EncoderSpec, clips: np.ndarray, budget: float) -> EncodedClips:
         """One batch of clips, in a shared-memory region if one is free, else inside the request."""
+        extra: list = []
+        outputs = [FEATURES]
+        if spec.adaptive is not None:
+            budgets = np.full((len(clips), 1), budget, dtype=np.float32)  # n, 1
+            tensor = grpcclient.InferInput(BUDGET, list(budgets.shape), "FP32")
+            tensor.set_data_from_numpy(budgets)
+            extra, outputs = [tensor], [FEATURES, KEPT, GMACS]
         async with self.clip_regions.holding(clips) as region:
             if region is not None:
                 tensor = grpcclient.InferInput(CLIPS, list(clips.shape), "UINT8")
                 tensor.set_shared_memory(region.name, clips.nbytes)
                 try:
-                    return (await self._request(model, [tensor], [FEATURES]))[FEATURES]
+                    return self._encoded(spec, await self._request(spec.model, [tensor, *extra], outputs))
                 except VqsError as exc:
                     if not _lost_region(exc):
                         raise
                     logger.info("Triton lost the clip regions (restarted?): registering them again")
                     self.clip_regions.forget()
-        return (await self._infer(model, {CLIPS: (clips, "UINT8")}, [FEATURES]))[FEATURES]
+        tensor = grpcclient.InferInput(CLIPS, list(clips.shape), "UINT8")
+        tensor.set_data_from_numpy(clips)
+        return self._encoded(spec, await self._request(spec.model, [tensor, *extra], outputs))
+
+    @staticmethod
+    def _encoded(spec: EncoderSpec, out: dict[str, np.ndarray]) -> EncodedClips:
+        features = out[FEATURES].astype(np.float32, copy=False)
+        n = len(features)
+        if spec.adaptive is None:
+            gmacs = None if spec.gmacs_per_clip is None else np.full(n, spec.gmacs_per_clip)
+            return EncodedClips(features, None, gmacs)
+        kept, gmacs = out[KEPT], out[GMACS]
+        if kept.ndim != 2 or len(kept) != n or gmacs.shape != (n, 1):
+            raise InferenceFailed(
+                f"{spec.model} returned kept {list(kept.shape)} and gmacs {list(gmacs.shape)} "
+                f"for {n} clips; expected [{n}, k] and [{n}, 1]"
+            )
+        return EncodedClips(features, kept.astype(np.int64, copy=False), gmacs[:, 0].astype(np.float64))
 
     async def run_query_decoder(self, features: np.ndarray) -> DecoderOutputs:
         """float32 [N, D] -> the decoder's logits per query, attention [queries, N] and in-domain
