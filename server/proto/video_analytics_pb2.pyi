@@ -17,18 +17,20 @@ STREAM_MODE_REALTIME: StreamMode
 STREAM_MODE_ARCHIVE: StreamMode
 
 class AnalyzeRequest(_message.Message):
-    __slots__ = ("video", "uri", "encoder", "embeddings", "omit_segments")
+    __slots__ = ("video", "uri", "encoder", "budget", "embeddings", "omit_segments")
     VIDEO_FIELD_NUMBER: _ClassVar[int]
     URI_FIELD_NUMBER: _ClassVar[int]
     ENCODER_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_FIELD_NUMBER: _ClassVar[int]
     EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
     OMIT_SEGMENTS_FIELD_NUMBER: _ClassVar[int]
     video: bytes
     uri: str
     encoder: str
+    budget: float
     embeddings: bool
     omit_segments: bool
-    def __init__(self, video: _Optional[bytes] = ..., uri: _Optional[str] = ..., encoder: _Optional[str] = ..., embeddings: _Optional[bool] = ..., omit_segments: _Optional[bool] = ...) -> None: ...
+    def __init__(self, video: _Optional[bytes] = ..., uri: _Optional[str] = ..., encoder: _Optional[str] = ..., budget: _Optional[float] = ..., embeddings: _Optional[bool] = ..., omit_segments: _Optional[bool] = ...) -> None: ...
 
 class VideoInfo(_message.Message):
     __slots__ = ("duration_s", "fps", "clips", "frames", "width", "height")
@@ -84,7 +86,7 @@ class Attention(_message.Message):
     def __init__(self, query: _Optional[str] = ..., weights: _Optional[_Iterable[float]] = ..., clip_spans: _Optional[_Iterable[_Union[ClipSpan, _Mapping]]] = ...) -> None: ...
 
 class AnalyzeResponse(_message.Message):
-    __slots__ = ("video", "answers", "attention", "timing_ms", "encoder", "request_id", "domain", "segments", "boundaries_s", "embeddings")
+    __slots__ = ("video", "answers", "attention", "timing_ms", "encoder", "request_id", "domain", "segments", "boundaries_s", "embeddings", "compute")
     class TimingMsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -102,6 +104,7 @@ class AnalyzeResponse(_message.Message):
     SEGMENTS_FIELD_NUMBER: _ClassVar[int]
     BOUNDARIES_S_FIELD_NUMBER: _ClassVar[int]
     EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_FIELD_NUMBER: _ClassVar[int]
     video: VideoInfo
     answers: _containers.RepeatedCompositeFieldContainer[Answer]
     attention: _containers.RepeatedCompositeFieldContainer[Attention]
@@ -112,7 +115,34 @@ class AnalyzeResponse(_message.Message):
     segments: _containers.RepeatedCompositeFieldContainer[Segment]
     boundaries_s: _containers.RepeatedScalarFieldContainer[float]
     embeddings: FrameEmbeddings
-    def __init__(self, video: _Optional[_Union[VideoInfo, _Mapping]] = ..., answers: _Optional[_Iterable[_Union[Answer, _Mapping]]] = ..., attention: _Optional[_Iterable[_Union[Attention, _Mapping]]] = ..., timing_ms: _Optional[_Mapping[str, float]] = ..., encoder: _Optional[str] = ..., request_id: _Optional[str] = ..., domain: _Optional[_Union[Domain, _Mapping]] = ..., segments: _Optional[_Iterable[_Union[Segment, _Mapping]]] = ..., boundaries_s: _Optional[_Iterable[float]] = ..., embeddings: _Optional[_Union[FrameEmbeddings, _Mapping]] = ...) -> None: ...
+    compute: Compute
+    def __init__(self, video: _Optional[_Union[VideoInfo, _Mapping]] = ..., answers: _Optional[_Iterable[_Union[Answer, _Mapping]]] = ..., attention: _Optional[_Iterable[_Union[Attention, _Mapping]]] = ..., timing_ms: _Optional[_Mapping[str, float]] = ..., encoder: _Optional[str] = ..., request_id: _Optional[str] = ..., domain: _Optional[_Union[Domain, _Mapping]] = ..., segments: _Optional[_Iterable[_Union[Segment, _Mapping]]] = ..., boundaries_s: _Optional[_Iterable[float]] = ..., embeddings: _Optional[_Union[FrameEmbeddings, _Mapping]] = ..., compute: _Optional[_Union[Compute, _Mapping]] = ...) -> None: ...
+
+class Compute(_message.Message):
+    __slots__ = ("encoder", "budget", "knob", "adaptive", "kept_ratio", "gmacs_per_clip", "clips")
+    ENCODER_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_FIELD_NUMBER: _ClassVar[int]
+    KNOB_FIELD_NUMBER: _ClassVar[int]
+    ADAPTIVE_FIELD_NUMBER: _ClassVar[int]
+    KEPT_RATIO_FIELD_NUMBER: _ClassVar[int]
+    GMACS_PER_CLIP_FIELD_NUMBER: _ClassVar[int]
+    CLIPS_FIELD_NUMBER: _ClassVar[int]
+    encoder: str
+    budget: float
+    knob: int
+    adaptive: str
+    kept_ratio: float
+    gmacs_per_clip: float
+    clips: _containers.RepeatedCompositeFieldContainer[ClipCompute]
+    def __init__(self, encoder: _Optional[str] = ..., budget: _Optional[float] = ..., knob: _Optional[int] = ..., adaptive: _Optional[str] = ..., kept_ratio: _Optional[float] = ..., gmacs_per_clip: _Optional[float] = ..., clips: _Optional[_Iterable[_Union[ClipCompute, _Mapping]]] = ...) -> None: ...
+
+class ClipCompute(_message.Message):
+    __slots__ = ("kept", "gmacs")
+    KEPT_FIELD_NUMBER: _ClassVar[int]
+    GMACS_FIELD_NUMBER: _ClassVar[int]
+    kept: _containers.RepeatedScalarFieldContainer[int]
+    gmacs: float
+    def __init__(self, kept: _Optional[_Iterable[int]] = ..., gmacs: _Optional[float] = ...) -> None: ...
 
 class Segment(_message.Message):
     __slots__ = ("start_s", "end_s", "pattern", "confidence")
@@ -169,7 +199,7 @@ class QuerySpec(_message.Message):
     def __init__(self, query: _Optional[str] = ..., attributes: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class DescribeModelsResponse(_message.Message):
-    __slots__ = ("queries", "encoders", "default_encoder", "clip_frames", "frame_size", "max_upload_bytes", "max_duration_s", "clip_fps")
+    __slots__ = ("queries", "encoders", "default_encoder", "clip_frames", "frame_size", "max_upload_bytes", "max_duration_s", "clip_fps", "encoder_details")
     QUERIES_FIELD_NUMBER: _ClassVar[int]
     ENCODERS_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_ENCODER_FIELD_NUMBER: _ClassVar[int]
@@ -178,6 +208,7 @@ class DescribeModelsResponse(_message.Message):
     MAX_UPLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_DURATION_S_FIELD_NUMBER: _ClassVar[int]
     CLIP_FPS_FIELD_NUMBER: _ClassVar[int]
+    ENCODER_DETAILS_FIELD_NUMBER: _ClassVar[int]
     queries: _containers.RepeatedCompositeFieldContainer[QuerySpec]
     encoders: _containers.RepeatedScalarFieldContainer[str]
     default_encoder: str
@@ -186,7 +217,30 @@ class DescribeModelsResponse(_message.Message):
     max_upload_bytes: int
     max_duration_s: float
     clip_fps: float
-    def __init__(self, queries: _Optional[_Iterable[_Union[QuerySpec, _Mapping]]] = ..., encoders: _Optional[_Iterable[str]] = ..., default_encoder: _Optional[str] = ..., clip_frames: _Optional[int] = ..., frame_size: _Optional[int] = ..., max_upload_bytes: _Optional[int] = ..., max_duration_s: _Optional[float] = ..., clip_fps: _Optional[float] = ...) -> None: ...
+    encoder_details: _containers.RepeatedCompositeFieldContainer[EncoderDetails]
+    def __init__(self, queries: _Optional[_Iterable[_Union[QuerySpec, _Mapping]]] = ..., encoders: _Optional[_Iterable[str]] = ..., default_encoder: _Optional[str] = ..., clip_frames: _Optional[int] = ..., frame_size: _Optional[int] = ..., max_upload_bytes: _Optional[int] = ..., max_duration_s: _Optional[float] = ..., clip_fps: _Optional[float] = ..., encoder_details: _Optional[_Iterable[_Union[EncoderDetails, _Mapping]]] = ...) -> None: ...
+
+class EncoderDetails(_message.Message):
+    __slots__ = ("name", "adaptive", "knob", "knob_full", "knob_min", "gmacs_per_clip", "clip_frames", "frame_size", "clip_fps")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ADAPTIVE_FIELD_NUMBER: _ClassVar[int]
+    KNOB_FIELD_NUMBER: _ClassVar[int]
+    KNOB_FULL_FIELD_NUMBER: _ClassVar[int]
+    KNOB_MIN_FIELD_NUMBER: _ClassVar[int]
+    GMACS_PER_CLIP_FIELD_NUMBER: _ClassVar[int]
+    CLIP_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    FRAME_SIZE_FIELD_NUMBER: _ClassVar[int]
+    CLIP_FPS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    adaptive: str
+    knob: str
+    knob_full: int
+    knob_min: int
+    gmacs_per_clip: float
+    clip_frames: int
+    frame_size: int
+    clip_fps: float
+    def __init__(self, name: _Optional[str] = ..., adaptive: _Optional[str] = ..., knob: _Optional[str] = ..., knob_full: _Optional[int] = ..., knob_min: _Optional[int] = ..., gmacs_per_clip: _Optional[float] = ..., clip_frames: _Optional[int] = ..., frame_size: _Optional[int] = ..., clip_fps: _Optional[float] = ...) -> None: ...
 
 class StreamOptions(_message.Message):
     __slots__ = ("encoder", "window_clips", "hop_clips", "mode", "omit_window_attention", "producer_start_unix_s", "resume_token")
