@@ -69,6 +69,23 @@ ATTRIBUTES_PARAMETER_PREFIX = "attributes."  # + query: its attributes, comma-se
 IN_DOMAIN_THRESHOLD = "in_domain_threshold"  # query decoder: in domain = score >= this (float)
 
 
+# Per-frame models (issue 11): frames of one video (sampled at their `fps`, at 28 px) -> per frame
+# the parser's pattern responses and boundary score, or the embedder's embeddings.
+PARSER_MODEL = "action_parser"
+EMBEDDER_MODEL = "frame_embedder"
+FRAMES = "frames"
+RESPONSES = "responses"
+BOUNDARY_SCORES = "boundary_scores"
+EMBEDDINGS = "embeddings"
+FRAME_SIZE = 28
+EMBEDDING_DIM = 128
+FPS_PARAMETER = "fps"  # both: the frame rate their frames are sampled at
+CONTEXT_FRAMES = "context_frames"  # both: receptive radius in frames (windows need this much context)
+PATTERNS = "patterns"  # parser: m, the width of `responses`
+BOUNDARY_THRESHOLD = "boundary_threshold"  # parser: a boundary's score passes this (float)
+MAX_BOUNDARIES = "max_boundaries"  # parser: keep at most this many, the highest (0 = all)
+
+
 def logits_name(query: str) -> str:
     return f"logits_{query}"
 
@@ -118,6 +135,18 @@ def query_decoder_contract(queries: Sequence[str], *, in_domain: bool = False) -
     )
 
 
+def frame_model_contract(model: str, patterns: int = 0) -> ModelContract:
+    """The contract of the action parser (`patterns` = m) or the frame embedder."""
+    inputs = (TensorSpec(FRAMES, "UINT8", (1, -1, FRAME_SIZE, FRAME_SIZE, 3)),)  # B, T, H, W, C
+    if model == PARSER_MODEL:
+        outputs = (TensorSpec(RESPONSES, "FP32", (1, -1, patterns)), TensorSpec(BOUNDARY_SCORES, "FP32", (1, -1)))
+    elif model == EMBEDDER_MODEL:
+        outputs = (TensorSpec(EMBEDDINGS, "FP32", (1, -1, EMBEDDING_DIM)),)
+    else:
+        raise KeyError(f"{model!r} is not a per-frame model")
+    return ModelContract(max_batch_size=0, inputs=inputs, outputs=outputs)
+
+
 def contract_for(model: str, config: dict) -> ModelContract:
     """The gateway's contract for a model of the repository, given its Triton config as a dict
     (every encoder shares one; the query decoder's outputs follow its `queries` parameter)."""
@@ -128,7 +157,44 @@ def contract_for(model: str, config: dict) -> ModelContract:
         )
     if model.startswith(ENCODER_PREFIX):
         return ADAPTIVE_ENCODER_CONTRACT if _parameter(config, ADAPTIVE) else ENCODER_CONTRACT
+    if model in (PARSER_MODEL, EMBEDDER_MODEL):
+        return frame_model_contract(model, int(_parameter(config, PATTERNS) or 0))
     raise KeyError(f"no contract for model {model!r}")
+
+
+@dataclass(frozen=True)
+class FrameModelSpec:
+    """A per-frame model as its Triton config describes it."""
+
+    model: str
+    frame_size: int
+    fps: float
+    context_frames: int
+    outputs: tuple[str, ...]
+    boundary_threshold: float = 0.5  # parser only
+    max_boundaries: int = 0  # parser only; 0 = no limit
+
+
+def frame_model_spec(config: dict) -> FrameModelSpec:
+    """A per-frame model's spec from its config (a dict of Triton's JSON form); `ValueError` names
+    what is missing or malformed."""
+    model = config.get("name", "")
+    try:
+        frames = next(t for t in config.get("input", []) if t["name"] == FRAMES)
+        size = int(frames["dims"][2])
+        fps = float(_parameter(config, FPS_PARAMETER))
+        context = int(_parameter(config, CONTEXT_FRAMES))
+        extra = {}
+        if model == PARSER_MODEL:
+            extra = dict(boundary_threshold=float(_parameter(config, BOUNDARY_THRESHOLD)),
+                         max_boundaries=int(_parameter(config, MAX_BOUNDARIES) or 0))
+    except (StopIteration, KeyError, IndexError, ValueError) as exc:
+        raise ValueError(f"{model}: its config lacks the frames input or the parameters "
+                         f"{FPS_PARAMETER}/{CONTEXT_FRAMES}/{BOUNDARY_THRESHOLD} ({exc}); re-export it") from None
+    if not fps > 0 or context < 0:
+        raise ValueError(f"{model}: fps {fps} and context_frames {context} must be > 0 and >= 0")
+    outputs = tuple(t["name"] for t in config.get("output", []))
+    return FrameModelSpec(model=model, frame_size=size, fps=fps, context_frames=context, outputs=outputs, **extra)
 
 
 @dataclass(frozen=True)
@@ -465,6 +531,7 @@ class TritonClient:
         self.clip_regions = ClipRegions(self._client, shared_memory_bytes)
         self._encoders: dict[str, EncoderSpec] | None = None
         self._query_decoder: QueryDecoderSpec | None = None
+        self._frame_models: dict[str, FrameModelSpec] = {}
 
     async def close(self) -> None:
         await self.clip_regions.close()
@@ -475,6 +542,7 @@ class TritonClient:
         back, its models may have been re-exported, and it lost the shared-memory registrations)."""
         self._encoders = None
         self._query_decoder = None
+        self._frame_models = {}
         self.clip_regions.forget()
 
     async def _call(self, what: str, coro):
@@ -575,6 +643,30 @@ class TritonClient:
         except ValueError as exc:
             raise InternalError(str(exc)) from None
         return self._query_decoder
+
+    async def frame_model(self, model: str) -> FrameModelSpec | None:
+        """The spec of a per-frame model (PARSER_MODEL, EMBEDDER_MODEL), or None when Triton does
+        not serve it."""
+        if model not in self._frame_models:
+            index = {m.get("name"): m.get("state") for m in await self.model_index()}
+            if index.get(model) != "READY":
+                return None
+            try:
+                self._frame_models[model] = frame_model_spec(await self.model_config(model))
+            except ValueError as exc:
+                raise InternalError(str(exc)) from None
+        return self._frame_models[model]
+
+    async def run_frame_model(self, spec: FrameModelSpec, frames: np.ndarray) -> dict[str, np.ndarray]:
+        """uint8 [T, S, S, 3] frames of one video (or window) -> each output without its batch
+        dimension ([T, ...])."""
+        expected = (spec.frame_size, spec.frame_size, 3)
+        if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[1:] != expected or not len(frames):
+            raise InternalError(f"frames must be uint8 [T>0, {', '.join(map(str, expected))}], "
+                                f"got {frames.dtype} {list(frames.shape)}")
+        out = await self._infer(spec.model, {FRAMES: (np.ascontiguousarray(frames)[None], "UINT8")},
+                                list(spec.outputs))
+        return {name: value[0] for name, value in out.items()}
 
     async def _infer(self, model: str, inputs: dict[str, tuple[np.ndarray, str]], outputs: list[str]):
         infer_inputs = []

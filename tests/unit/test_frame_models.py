@@ -1,0 +1,95 @@
+"""The gateway's side of the per-frame models (issue 11): their Triton contract and config, frames
+pooled and windowed, the parser's outputs decoded into segments (pure functions, no server)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from server import triton
+from server.pipeline import segments as seg
+
+
+def parser_config(**parameters) -> dict:
+    params = {"fps": "15", "context_frames": "16", "boundary_threshold": "0.5", "max_boundaries": "0",
+              "patterns": "8"} | parameters
+    return {
+        "name": triton.PARSER_MODEL,
+        "input": [{"name": "frames", "data_type": "TYPE_UINT8", "dims": ["1", "-1", "28", "28", "3"]}],
+        "output": [{"name": "responses"}, {"name": "boundary_scores"}],
+        "parameters": {k: {"string_value": v} for k, v in params.items()},
+    }
+
+
+def test_frame_model_spec_reads_the_config():
+    spec = triton.frame_model_spec(parser_config(max_boundaries="6"))
+    assert spec == triton.FrameModelSpec(
+        model="action_parser", frame_size=28, fps=15.0, context_frames=16,
+        outputs=("responses", "boundary_scores"), boundary_threshold=0.5, max_boundaries=6)
+    assert triton.contract_for("action_parser", parser_config()).outputs[0].dims == (1, -1, 8)
+
+
+@pytest.mark.parametrize("missing", ["fps", "context_frames", "boundary_threshold"])
+def test_frame_model_spec_names_a_missing_parameter(missing):
+    config = parser_config()
+    del config["parameters"][missing]
+    with pytest.raises(ValueError, match="re-export"):
+        triton.frame_model_spec(config)
+
+
+def test_pool_frames_is_the_rounded_block_mean_of_the_contract():
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 256, (5, 112, 112, 3), dtype=np.uint8)
+    expected = ((frames.reshape(5, 28, 4, 28, 4, 3).astype(np.uint16).sum((2, 4)) + 8) // 16).astype(np.uint8)
+    np.testing.assert_array_equal(seg.pool_frames(frames, 28), expected)
+    with pytest.raises(ValueError):
+        seg.pool_frames(frames[:, :100, :100], 28)
+
+
+def test_frame_times_drop_the_final_clips_padding():
+    fps = 15.0
+    # Two full clips and a final one holding 3 real frames (its span ends with the third).
+    spans = np.array([[0.0, 8 / fps], [8 / fps, 16 / fps], [16 / fps, 19 / fps]])
+    starts, real = seg.frame_times(spans, 8, fps)
+    assert real.sum() == 19 and real[2].tolist() == [True] * 3 + [False] * 5
+    np.testing.assert_allclose(starts[real], np.arange(19) / fps)
+
+
+@pytest.mark.parametrize("total,window,context,push", [(1, 4, 2, 1), (50, 8, 3, 7), (64, 16, 0, 64), (37, 5, 9, 3)])
+def test_windows_give_what_the_whole_video_gives(total, window, context, push):
+    """A model whose output at t depends on frames t-context..t+context: the kept centres of the
+    windows, concatenated, equal the model on the whole video."""
+    video = np.arange(total, dtype=np.int64)
+
+    def local_sum(x):  # the receptive field is exactly +-context
+        padded = np.pad(x.astype(np.float64), context, constant_values=np.nan)
+        return np.array([np.nansum(padded[i:i + 2 * context + 1]) for i in range(len(x))])
+
+    windows = seg.FrameWindows(window, context)
+    kept = []
+    for start in range(0, total, push):
+        kept += [local_sum(w.frames)[w.keep] for w in windows.push(video[start:start + push])]
+        assert all(len(w.frames) <= window + 2 * context for w in windows.push(video[:0]))
+    kept += [local_sum(w.frames)[w.keep] for w in windows.flush()]
+    np.testing.assert_array_equal(np.concatenate(kept), local_sum(video))
+    assert len(windows._buffer) <= window + 2 * context + push
+
+
+def test_decode_segments_cuts_at_the_scored_frames():
+    t = 10
+    scores = np.zeros(t)
+    scores[[3, 7]] = [0.9, 0.6]
+    responses = np.zeros((t, 3))
+    responses[:3, 0], responses[3:7, 2], responses[7:, 1] = 0.8, 0.7, 0.6
+    times = np.arange(t) / 10
+    segments, boundaries = seg.decode_segments(scores, responses, times, 1.0, threshold=0.5)
+    assert boundaries == pytest.approx([0.3, 0.7])
+    assert [s.pattern for s in segments] == [0, 2, 1]
+    np.testing.assert_allclose([(s.start_s, s.end_s) for s in segments], [(0.0, 0.3), (0.3, 0.7), (0.7, 1.0)])
+    assert [s.confidence for s in segments] == pytest.approx([0.8, 0.7, 0.6])
+    # At most one boundary: the higher score stays.
+    _, top = seg.decode_segments(scores, responses, times, 1.0, threshold=0.5, max_boundaries=1)
+    assert top == pytest.approx([0.3])
+    # A frame 0 score never makes an empty first segment; nothing above threshold: one segment.
+    scores[0] = 1.0
+    assert len(seg.decode_segments(scores, responses, times, 1.0, threshold=0.95)[0]) == 1
