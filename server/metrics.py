@@ -39,6 +39,7 @@ class Metrics:
             "vqs_triton_restarts", "Times the gateway started the Triton it launched again.",
             registry=self.registry,
         )
+        self._init_compute_metrics()
         self._init_stream_metrics()
         self._server = None
 
@@ -63,6 +64,35 @@ class Metrics:
     def video(self, clips: int, seconds: float) -> None:
         self.clips.inc(clips)
         self.video_seconds.inc(max(seconds, 0.0))
+
+    # -- What the encoders spent (issue 9)
+
+    def _init_compute_metrics(self) -> None:
+        # A histogram over clips, not a gauge: requests run concurrently at different budgets, so
+        # a gauge would show whichever finished last; the buckets show how much adaptivity there
+        # is (clips of a flight keep more than idle ones), and _sum / _count is the mean ratio.
+        self.kept_ratio = Histogram(
+            "vqs_adaptive_kept_ratio",
+            "Per clip of an adaptive encoder: GMACs spent / GMACs of the encoder without its "
+            "adaptive module.",
+            ["encoder"], buckets=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1),
+            registry=self.registry,
+        )
+        self.encoder_gmacs = Counter(
+            "vqs_encoder_gmacs",
+            "GMACs (1e9 multiply-adds) the clip encoders spent, as the models counted them.",
+            ["encoder"], registry=self.registry,
+        )
+
+    def compute(self, compute) -> None:
+        """An `assemble.Compute`: its clips' kept ratios and GMACs."""
+        ratios = compute.kept_ratios
+        if ratios is not None:
+            histogram = self.kept_ratio.labels(encoder=compute.encoder)
+            for ratio in ratios:
+                histogram.observe(float(ratio))
+        if compute.gmacs is not None:
+            self.encoder_gmacs.labels(encoder=compute.encoder).inc(float(compute.gmacs.sum()))
 
     # -- AnalyzeStream (StreamObserver)
 

@@ -28,7 +28,7 @@ from server.errors import InferenceFailed, UnsupportedMedia
 from server.pipeline import assemble
 from server.pipeline.decode import ClipBatch, VideoInfo
 from server.settings import LimitsSettings
-from server.triton import EncoderSpec, QuerySpec, TritonClient
+from server.triton import EncodedClips, EncoderSpec, QuerySpec, TritonClient
 
 
 class ClipSource(Protocol):
@@ -43,12 +43,14 @@ class ClipSource(Protocol):
 class StageObserver(Protocol):
     def stage(self, stage: str, seconds: float) -> None: ...
     def video(self, clips: int, seconds: float) -> None: ...
+    def compute(self, compute: assemble.Compute) -> None: ...
 
 
 @dataclass(frozen=True)
 class AnalyzeJob:
     source: bytes | Path
     encoder: str
+    budget: float = 1.0  # share of the encoder's full compute, (0, 1]
 
 
 @dataclass(frozen=True)
@@ -101,8 +103,9 @@ class Analyzer:
         started = time.perf_counter()
         clock = _Clock()
         spec = await self.triton.encoder_spec(job.encoder)
+        spec.check_budget(job.budget)
 
-        features: list[np.ndarray] = []
+        encoded: list[EncodedClips] = []
         spans: list[np.ndarray] = []
         pending: deque[asyncio.Task] = deque()
         info = None
@@ -124,48 +127,52 @@ class Analyzer:
                     if len(batch.clips) == 0:
                         continue
                     pending.append(asyncio.create_task(
-                        self.triton.encode_clips(batch.clips, encoder=spec.encoder)
+                        self.triton.encode(batch.clips, encoder=spec.encoder, budget=job.budget)
                     ))
                     spans.append(np.asarray(batch.spans_s, dtype=np.float64))
                     del batch
                     while len(pending) >= self.limits.encode_inflight:
                         with clock.waiting("encode"):
-                            features.append(await pending.popleft())
+                            encoded.append(await pending.popleft())
             with clock.waiting("encode"):
                 while pending:
-                    features.append(await pending.popleft())
+                    encoded.append(await pending.popleft())
         finally:
             for task in pending:
                 task.cancel()
             if pending:
                 await asyncio.gather(*pending, return_exceptions=True)
 
-        if not features:
+        if not encoded:
             raise UnsupportedMedia("the video has no decodable frames")
-        clip_features = np.concatenate(features)  # N, D
+        clips = EncodedClips.concatenate(encoded)
+        clip_features = clips.features  # N, D
         spans_s = np.concatenate(spans)  # N, 2
         if len(spans_s) != len(clip_features):
             raise InferenceFailed(
                 f"{len(clip_features)} clip features for {len(spans_s)} clip spans"
             )
+        compute = assemble.compute(spec, job.budget, clips.kept, clips.gmacs)
 
         timing_ms = {k: v * 1000.0 for k, v in clock.spent.items()}
-        result = await self.answer(spec, clip_features, spans_s, info, timing_ms)
+        result = await self.answer(spec, clip_features, spans_s, info, timing_ms, compute=compute)
         total_s = time.perf_counter() - started
         if self.observer is not None:
             for stage, seconds in clock.spent.items():
                 self.observer.stage(stage, seconds)
             self.observer.stage("query_decoder", result.timing_ms["query_decoder"] / 1000.0)
             self.observer.video(len(clip_features), info.duration_s)
+            self.observer.compute(compute)
         return dataclasses.replace(result, timing_ms={**result.timing_ms, "total": total_s * 1000.0})
 
     async def answer(
         self, spec: EncoderSpec, clip_features: np.ndarray, spans_s: np.ndarray, video: VideoInfo,
-        timing_ms: dict[str, float],
+        timing_ms: dict[str, float], *, compute: assemble.Compute | None = None,
     ) -> assemble.AnalysisResult:
         """The query decoder's answers about these clips (a whole video, or a window of a stream):
         answers, attention maps and, when the decoder scores it, whether they look like its
-        training data. `timing_ms` gains the decoder's own time as "query_decoder"."""
+        training data; `compute` is what encoding them cost. `timing_ms` gains the decoder's own
+        time as "query_decoder"."""
         decoder = await self.triton.query_decoder()
         started = time.perf_counter()
         outputs = await self.triton.run_query_decoder(clip_features)
@@ -181,6 +188,7 @@ class Analyzer:
                 timing_ms={**timing_ms, "query_decoder": took_ms},
                 in_domain_score=outputs.in_domain_score,
                 in_domain_threshold=decoder.in_domain_threshold,
+                compute=compute,
             )
         except ValueError as exc:
             raise InferenceFailed(

@@ -8,10 +8,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from server.pipeline.decode import VideoInfo
-from server.triton import QuerySpec
+from server.triton import EncoderSpec, QuerySpec
 
 __all__ = [
-    "AnalysisResult", "Answer", "AttentionMap", "Domain", "QuerySpec", "VideoInfo", "build_result",
+    "AnalysisResult", "Answer", "AttentionMap", "Compute", "Domain", "QuerySpec", "VideoInfo",
+    "build_result", "compute",
 ]
 
 
@@ -42,6 +43,39 @@ class Domain:
 
 
 @dataclass(frozen=True)
+class Compute:
+    """What the encoder spent on a result's clips. `kept_ratio` is the mean over clips of a clip's
+    GMACs / `gmacs_full`, the same encoder's GMACs without its adaptive module."""
+
+    encoder: str
+    budget: float
+    adaptive: str | None  # "sgs" | "ats"; None: fixed compute
+    knob: int | None  # B or K the budget set; None: fixed compute
+    kept: np.ndarray | None  # int [N, k]: B' (k = 1) or K' per ATS block; None: fixed compute
+    gmacs: np.ndarray | None  # float [N] per clip; None: the model does not say
+    gmacs_full: float | None  # None: the model does not say
+
+    @property
+    def gmacs_per_clip(self) -> float | None:
+        return None if self.gmacs is None or not len(self.gmacs) else float(np.mean(self.gmacs))
+
+    @property
+    def kept_ratios(self) -> np.ndarray | None:
+        """Per clip of an adaptive encoder: its GMACs / gmacs_full; None: fixed compute or not known."""
+        if self.adaptive is None or self.gmacs is None or not self.gmacs_full:
+            return None
+        return self.gmacs / self.gmacs_full
+
+    @property
+    def kept_ratio(self) -> float | None:
+        """1 for a fixed-compute encoder; None: not known."""
+        if self.adaptive is None:
+            return 1.0
+        ratios = self.kept_ratios
+        return None if ratios is None or not len(ratios) else float(np.mean(ratios))
+
+
+@dataclass(frozen=True)
 class AnalysisResult:
     encoder: str
     video: VideoInfo
@@ -50,6 +84,7 @@ class AnalysisResult:
     attention: list[AttentionMap]
     timing_ms: dict[str, float]
     domain: Domain | None = None  # None: the served decoder does not score its domain
+    compute: Compute | None = None  # None: not accounted (a path that does not report it)
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -110,6 +145,25 @@ def domain(score: float | None, threshold: float | None) -> Domain | None:
     return Domain(score=float(score), threshold=float(threshold), in_domain=bool(score >= threshold))
 
 
+def compute(
+    spec: EncoderSpec, budget: float, kept: np.ndarray | None, gmacs: np.ndarray | None
+) -> Compute:
+    """The compute record of clips `spec` encoded at `budget`, from the model's own per-clip
+    `kept` counts and `gmacs` (a fixed-compute encoder's are its constant)."""
+    if kept is not None and gmacs is not None and len(kept) != len(gmacs):
+        raise ValueError(f"kept counts for {len(kept)} clips but GMACs for {len(gmacs)}")
+    adaptive = spec.adaptive
+    return Compute(
+        encoder=spec.encoder,
+        budget=float(budget),
+        adaptive=adaptive.kind if adaptive else None,
+        knob=adaptive.knob_for(budget) if adaptive else None,
+        kept=kept if adaptive else None,
+        gmacs=None if gmacs is None else np.asarray(gmacs, dtype=np.float64),
+        gmacs_full=spec.gmacs_per_clip,
+    )
+
+
 def build_result(
     *,
     encoder: str,
@@ -121,6 +175,7 @@ def build_result(
     timing_ms: Mapping[str, float],
     in_domain_score: float | None = None,
     in_domain_threshold: float | None = None,
+    compute: Compute | None = None,
 ) -> AnalysisResult:
     """The answers and attention maps in the order of `specs`, which is also the order of the
     rows of `attention` (the query decoder's output order)."""
@@ -132,4 +187,5 @@ def build_result(
         attention=attention_maps([s.query for s in specs], attention, spans_s),
         timing_ms=dict(timing_ms),
         domain=domain(in_domain_score, in_domain_threshold),
+        compute=compute,
     )

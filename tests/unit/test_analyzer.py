@@ -11,7 +11,7 @@ from server.errors import InferenceFailed, InternalError, InvalidInput, Unsuppor
 from server.pipeline.analyze import AnalyzeJob, Analyzer
 from server.pipeline.decode import ClipBatch, VideoInfo
 from server.settings import LimitsSettings
-from server.triton import DecoderOutputs, EncoderSpec, QueryDecoderSpec, QuerySpec
+from server.triton import DecoderOutputs, EncodedClips, EncoderSpec, QueryDecoderSpec, QuerySpec
 
 FRAMES, SIZE, DIM = 2, 4, 3
 QUERIES = (QuerySpec("take_off", ("forward", "back")), QuerySpec("class", ("a", "b", "c")))
@@ -50,6 +50,10 @@ class FakeTriton:
             self.inflight -= 1
         self.encoded += len(clips)
         return np.repeat(clips.reshape(len(clips), -1).mean(axis=1, keepdims=True), DIM, axis=1)
+
+    async def encode(self, clips: np.ndarray, *, encoder: str, budget: float) -> EncodedClips:
+        features = await self.encode_clips(clips, encoder=encoder)
+        return EncodedClips(features, None, np.full(len(features), 2.5))
 
     async def run_query_decoder(self, features: np.ndarray):
         logits = {q.query: np.arange(self.logits_width or len(q.attributes), dtype=np.float32)
@@ -94,12 +98,16 @@ class Observer:
     def __init__(self):
         self.stages: dict[str, float] = {}
         self.videos: list[tuple[int, float]] = []
+        self.computes: list = []
 
     def stage(self, stage: str, seconds: float) -> None:
         self.stages[stage] = seconds
 
     def video(self, clips: int, seconds: float) -> None:
         self.videos.append((clips, seconds))
+
+    def compute(self, compute) -> None:
+        self.computes.append(compute)
 
 
 def analyzer(triton, clips, **limits) -> Analyzer:
@@ -171,3 +179,27 @@ async def test_unknown_encoders_and_the_model_catalog():
     models = await a.models()
     assert models.queries == QUERIES and list(models.encoders) == ["s3d"]
     assert triton.refreshed == 1  # DescribeModels reads Triton afresh
+
+
+async def test_the_result_carries_what_the_encoder_spent():
+    a = analyzer(FakeTriton(), FakeClips(batches=2))
+    result = await a.analyze(AnalyzeJob(source=b"video", encoder="s3d"))
+    assert result.compute.encoder == "s3d" and result.compute.budget == 1.0
+    assert result.compute.kept_ratio == 1.0 and result.compute.adaptive is None
+    assert result.compute.gmacs_per_clip == pytest.approx(2.5)
+    assert a.observer.computes == [result.compute]
+
+
+@pytest.mark.parametrize("budget", [0.0, -0.5, 1.5, float("nan"), float("inf")])
+async def test_a_budget_outside_its_range_is_refused_before_decoding(budget):
+    clips = FakeClips(batches=1)
+    with pytest.raises(InvalidInput, match=r"outside \(0, 1\]"):
+        await analyzer(FakeTriton(), clips).analyze(AnalyzeJob(source=b"video", encoder="s3d", budget=budget))
+    assert clips.requested == {}
+
+
+async def test_a_fixed_compute_encoder_refuses_a_partial_budget():
+    clips = FakeClips(batches=1)
+    with pytest.raises(InvalidInput, match="no adaptive module"):
+        await analyzer(FakeTriton(), clips).analyze(AnalyzeJob(source=b"video", encoder="s3d", budget=0.5))
+    assert clips.requested == {}

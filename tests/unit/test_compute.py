@@ -1,0 +1,100 @@
+"""Compute accounting of adaptive encoders: the config parameters the gateway reads, the budget ->
+knob rule, the per-result record and its Prometheus metrics (pure functions; the served path is
+tests/integration/test_adaptive_serving.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from prometheus_client import generate_latest
+
+from server import triton
+from server.errors import InvalidInput
+from server.metrics import Metrics
+from server.pipeline import assemble
+
+
+def _config(**parameters: str) -> dict:
+    adaptive = "adaptive" in parameters
+    return {
+        "name": "clip_encoder_x",
+        "max_batch_size": 64,
+        "input": [{"name": "clips", "dims": ["8", "112", "112", "3"]}]
+        + ([{"name": "budget", "dims": ["1"]}] if adaptive else []),
+        "output": [{"name": "features", "dims": ["256"]}]
+        + ([{"name": "kept", "dims": ["-1"]}, {"name": "gmacs", "dims": ["1"]}] if adaptive else []),
+        "parameters": {k: {"string_value": v} for k, v in parameters.items()},
+    }
+
+
+ATS = _config(clip_fps="15", gmacs_per_clip="0.331", adaptive="ats", budget_units="196", budget_floor="8")
+
+
+def test_an_adaptive_config_gives_its_kind_knob_and_cost():
+    spec = triton._encoder_spec("clip_encoder_vit_ats", ATS)
+    assert spec.encoder == "vit_ats" and spec.gmacs_per_clip == pytest.approx(0.331)
+    assert spec.adaptive == triton.AdaptiveSpec("ats", 196, 8)
+    assert triton.contract_for("clip_encoder_vit_ats", ATS) == triton.ADAPTIVE_ENCODER_CONTRACT
+    plain = _config(clip_fps="15", gmacs_per_clip="1.2")
+    assert triton._encoder_spec("clip_encoder_s3d", plain).adaptive is None
+    assert triton.contract_for("clip_encoder_s3d", plain) == triton.ENCODER_CONTRACT
+
+
+@pytest.mark.parametrize(
+    "change",
+    [dict(adaptive="token_merging"), dict(budget_floor="300"), dict(budget_units="")],
+)
+def test_a_broken_adaptive_config_is_refused(change):
+    config = _config(**{**{k: v["string_value"] for k, v in ATS["parameters"].items()}, **change})
+    with pytest.raises(ValueError):
+        triton._encoder_spec("clip_encoder_vit_ats", config)
+
+
+def test_budget_to_knob_follows_the_floor_and_the_full_count():
+    ats = triton.AdaptiveSpec("ats", 196, 8)
+    assert [ats.knob_for(b) for b in (1.0, 0.5, 0.25, 0.01)] == [196, 98, 49, 8]
+    sgs = triton.AdaptiveSpec("sgs", 8, 1)
+    assert [sgs.knob_for(b) for b in (1.0, 0.5, 0.3, 0.01)] == [8, 4, 3, 1]
+
+
+def test_budget_checks_name_the_range():
+    spec = triton._encoder_spec("clip_encoder_vit_ats", ATS)
+    assert spec.check_budget(0.05) == 0.05
+    for bad in (0.0, 1.01, float("nan")):
+        with pytest.raises(InvalidInput, match=r"outside \(0, 1\]"):
+            spec.check_budget(bad)
+
+
+def test_compute_of_an_adaptive_encoder_averages_its_clips():
+    spec = triton._encoder_spec("clip_encoder_vit_ats", ATS)
+    kept = np.array([[40, 30, 30, 20], [90, 80, 70, 60]])
+    compute = assemble.compute(spec, 0.5, kept, np.array([0.2, 0.3]))
+    assert compute.knob == 98 and compute.adaptive == "ats"
+    assert compute.gmacs_per_clip == pytest.approx(0.25)
+    np.testing.assert_allclose(compute.kept_ratios, [0.2 / 0.331, 0.3 / 0.331])
+    assert compute.kept_ratio == pytest.approx(0.25 / 0.331)
+
+
+def test_compute_of_a_fixed_encoder_is_its_constant():
+    spec = triton._encoder_spec("clip_encoder_s3d", _config(clip_fps="15", gmacs_per_clip="1.2"))
+    compute = assemble.compute(spec, 1.0, None, np.full(3, 1.2))
+    assert compute.kept_ratio == 1.0 and compute.knob is None and compute.kept_ratios is None
+    assert compute.gmacs_per_clip == pytest.approx(1.2)
+
+
+def _sample(metrics: Metrics, name: str, **labels) -> float:
+    value = metrics.registry.get_sample_value(name, labels)
+    return 0.0 if value is None else value
+
+
+def test_metrics_count_gmacs_and_observe_each_clips_ratio():
+    metrics = Metrics()
+    spec = triton._encoder_spec("clip_encoder_vit_ats", ATS)
+    metrics.compute(assemble.compute(spec, 0.5, np.array([[40] * 4, [90] * 4]), np.array([0.2, 0.3])))
+    assert _sample(metrics, "vqs_encoder_gmacs_total", encoder="vit_ats") == pytest.approx(0.5)
+    assert _sample(metrics, "vqs_adaptive_kept_ratio_count", encoder="vit_ats") == 2
+    assert _sample(metrics, "vqs_adaptive_kept_ratio_bucket", encoder="vit_ats", le="0.7") == 1
+    plain = triton._encoder_spec("clip_encoder_s3d", _config(clip_fps="15", gmacs_per_clip="1.2"))
+    metrics.compute(assemble.compute(plain, 1.0, None, np.full(3, 1.2)))
+    assert _sample(metrics, "vqs_encoder_gmacs_total", encoder="s3d") == pytest.approx(3.6)
+    assert b'vqs_adaptive_kept_ratio_count{encoder="s3d"}' not in generate_latest(metrics.registry)
