@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from server.errors import InvalidInput
 from server.pipeline.analyze import ModelCatalog
-from server.pipeline.assemble import AnalysisResult
+from server.pipeline.assemble import AnalysisResult, Compute
 from server.pipeline.stream import EventKind, ResumeToken, StreamEvent, StreamLimits, StreamOptions
 from server.proto import video_analytics_pb2 as pb
+from server.triton import EncoderSpec
 
 
 def analyze_response(result: AnalysisResult, request_id: str) -> pb.AnalyzeResponse:
@@ -38,7 +39,32 @@ def analyze_response(result: AnalysisResult, request_id: str) -> pb.AnalyzeRespo
         response.domain.CopyFrom(
             pb.Domain(score=domain.score, threshold=domain.threshold, in_domain=domain.in_domain)
         )
+    compute = getattr(result, "compute", None)
+    if compute is not None:
+        response.compute.CopyFrom(compute_message(compute))
     return response
+
+
+def budget(value: float) -> float:
+    """A request's compute budget: proto3's 0 (unset) is full compute."""
+    return 1.0 if value == 0 else value
+
+
+def compute_message(compute: Compute) -> pb.Compute:
+    message = pb.Compute(
+        encoder=compute.encoder,
+        budget=compute.budget,
+        knob=compute.knob or 0,
+        adaptive=compute.adaptive or "",
+        kept_ratio=compute.kept_ratio if compute.kept_ratio is not None else 0.0,
+        gmacs_per_clip=compute.gmacs_per_clip or 0.0,
+    )
+    if compute.kept is not None:
+        gmacs = compute.gmacs if compute.gmacs is not None else [0.0] * len(compute.kept)
+        message.clips.extend(
+            pb.ClipCompute(kept=row.tolist(), gmacs=float(g)) for row, g in zip(compute.kept, gmacs)
+        )
+    return message
 
 
 def describe_response(
@@ -59,6 +85,22 @@ def describe_response(
         clip_fps=(default.clip_fps or 0.0) if default else 0.0,
         max_upload_bytes=max_upload_bytes,
         max_duration_s=max_duration_s,
+        encoder_details=[encoder_details(models.encoders[name]) for name in sorted(models.encoders)],
+    )
+
+
+def encoder_details(spec: EncoderSpec) -> pb.EncoderDetails:
+    adaptive = spec.adaptive
+    return pb.EncoderDetails(
+        name=spec.encoder,
+        adaptive=adaptive.kind if adaptive else "",
+        knob=adaptive.knob if adaptive else "",
+        knob_full=adaptive.units if adaptive else 0,
+        knob_min=adaptive.floor if adaptive else 0,
+        gmacs_per_clip=spec.gmacs_per_clip or 0.0,
+        clip_frames=spec.clip_frames,
+        frame_size=spec.frame_size,
+        clip_fps=spec.clip_fps or 0.0,
     )
 
 

@@ -81,7 +81,9 @@ class VideoAnalyticsServicer(pb_grpc.VideoAnalyticsServicer):
     async def Analyze(self, request: pb.AnalyzeRequest, context: grpc.aio.ServicerContext):
         self._require_backend()
         encoder = validate_encoder_name(request.encoder, self.settings.default_encoder)
-        await self.analyzer.encoder(encoder)  # unknown names never become metric labels
+        budget = mapping.budget(request.budget)
+        # unknown names never become metric labels; a bad budget fails before any upload is read
+        (await self.analyzer.encoder(encoder)).check_budget(budget)
         ctx = current_request.get()
         if ctx is not None:
             ctx.labels["encoder"] = encoder
@@ -93,7 +95,9 @@ class VideoAnalyticsServicer(pb_grpc.VideoAnalyticsServicer):
         async with self.admission.unary():
             try:
                 async with asyncio.timeout(deadline) as timer:
-                    result = await self.analyzer.analyze(AnalyzeJob(source=source, encoder=encoder))
+                    result = await self.analyzer.analyze(
+                        AnalyzeJob(source=source, encoder=encoder, budget=budget)
+                    )
             except TimeoutError:
                 if timer.expired():
                     raise Timeout(f"analysis did not finish within its {deadline:.0f} s deadline") from None

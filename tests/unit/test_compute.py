@@ -98,3 +98,26 @@ def test_metrics_count_gmacs_and_observe_each_clips_ratio():
     metrics.compute(assemble.compute(plain, 1.0, None, np.full(3, 1.2)))
     assert _sample(metrics, "vqs_encoder_gmacs_total", encoder="s3d") == pytest.approx(3.6)
     assert b'vqs_adaptive_kept_ratio_count{encoder="s3d"}' not in generate_latest(metrics.registry)
+
+
+def test_the_proto_carries_compute_and_encoder_details():
+    from server.api import mapping
+    from server.pipeline.analyze import ModelCatalog
+
+    assert mapping.budget(0.0) == 1.0 and mapping.budget(0.4) == 0.4
+    spec = triton._encoder_spec("clip_encoder_vit_ats", ATS)
+    message = mapping.compute_message(
+        assemble.compute(spec, 0.5, np.array([[40, 30, 30, 20], [90, 80, 70, 60]]), np.array([0.2, 0.3]))
+    )
+    assert (message.encoder, message.adaptive, message.knob) == ("vit_ats", "ats", 98)
+    assert message.kept_ratio == pytest.approx(0.25 / 0.331) and message.gmacs_per_clip == pytest.approx(0.25)
+    assert [list(c.kept) for c in message.clips] == [[40, 30, 30, 20], [90, 80, 70, 60]]
+    assert [c.gmacs for c in message.clips] == pytest.approx([0.2, 0.3])
+    plain = triton._encoder_spec("clip_encoder_s3d", _config(clip_fps="15", gmacs_per_clip="1.2"))
+    described = mapping.describe_response(
+        ModelCatalog(queries=(), encoders={"vit_ats": spec, "s3d": plain}),
+        default_encoder="s3d", max_upload_bytes=1, max_duration_s=1.0,
+    )
+    details = {d.name: d for d in described.encoder_details}
+    assert (details["vit_ats"].adaptive, details["vit_ats"].knob_full, details["vit_ats"].knob_min) == ("ats", 196, 8)
+    assert details["s3d"].adaptive == "" and details["s3d"].gmacs_per_clip == pytest.approx(1.2)
