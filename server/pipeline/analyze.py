@@ -25,7 +25,7 @@ from typing import Protocol
 import numpy as np
 
 from server.errors import InferenceFailed, UnsupportedMedia
-from server.pipeline import assemble
+from server.pipeline import assemble, segments
 from server.pipeline.decode import ClipBatch, VideoInfo
 from server.settings import LimitsSettings
 from server.triton import EncodedClips, EncoderSpec, QuerySpec, TritonClient
@@ -51,6 +51,8 @@ class AnalyzeJob:
     source: bytes | Path
     encoder: str
     budget: float = 1.0  # share of the encoder's full compute, (0, 1]
+    segments: bool = True  # the action parser's segments, when it is served
+    embeddings: bool = False  # the frame embedder's per-frame embeddings
 
 
 @dataclass(frozen=True)
@@ -104,6 +106,8 @@ class Analyzer:
         clock = _Clock()
         spec = await self.triton.encoder_spec(job.encoder)
         spec.check_budget(job.budget)
+        frames = await segments.frame_run_for(
+            self.triton, spec, segments=job.segments, embeddings=job.embeddings)
 
         encoded: list[EncodedClips] = []
         spans: list[np.ndarray] = []
@@ -130,6 +134,9 @@ class Analyzer:
                         self.triton.encode(batch.clips, encoder=spec.encoder, budget=job.budget)
                     ))
                     spans.append(np.asarray(batch.spans_s, dtype=np.float64))
+                    if frames.active:
+                        with clock.waiting("frame_models"):
+                            await frames.add(batch.clips, spans[-1])
                     del batch
                     while len(pending) >= self.limits.encode_inflight:
                         with clock.waiting("encode"):
@@ -137,7 +144,12 @@ class Analyzer:
             with clock.waiting("encode"):
                 while pending:
                     encoded.append(await pending.popleft())
+            frame_results = None
+            if frames.active:
+                with clock.waiting("frame_models"):
+                    frame_results = await frames.finish()
         finally:
+            await frames.cancel()
             for task in pending:
                 task.cancel()
             if pending:
@@ -163,7 +175,8 @@ class Analyzer:
             self.observer.stage("query_decoder", result.timing_ms["query_decoder"] / 1000.0)
             self.observer.video(len(clip_features), info.duration_s)
             self.observer.compute(compute)
-        return dataclasses.replace(result, timing_ms={**result.timing_ms, "total": total_s * 1000.0})
+        return dataclasses.replace(
+            result, timing_ms={**result.timing_ms, "total": total_s * 1000.0}, frames=frame_results)
 
     async def answer(
         self, spec: EncoderSpec, clip_features: np.ndarray, spans_s: np.ndarray, video: VideoInfo,

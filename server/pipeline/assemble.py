@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from server.pipeline.decode import VideoInfo
+from server.pipeline.segments import FrameResults
 from server.triton import EncoderSpec, QuerySpec
 
 __all__ = [
@@ -85,6 +86,7 @@ class AnalysisResult:
     timing_ms: dict[str, float]
     domain: Domain | None = None  # None: the served decoder does not score its domain
     compute: Compute | None = None  # None: not accounted (a path that does not report it)
+    frames: FrameResults | None = None  # segments and embeddings; None: no per-frame model ran
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

@@ -18,17 +18,20 @@ between boundaries is a segment whose pattern is the arg-max of its mean pattern
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
 
-from server.errors import InferenceFailed, InternalError
-from server.triton import FrameModelSpec, TritonClient
+from server.errors import InferenceFailed, InternalError, InvalidInput
+from server.triton import EMBEDDER_MODEL, PARSER_MODEL, EncoderSpec, FrameModelSpec, TritonClient
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
-    "FrameResults", "FrameRun", "FrameWindows", "Segment", "Window", "decode_segments", "frame_times",
-    "pool_frames",
+    "FrameResults", "FrameRun", "FrameWindows", "Segment", "Window", "decode_segments", "frame_run_for",
+    "frame_times", "pool_frames",
 ]
 
 EMBEDDING_DTYPE = np.float16  # what travels: 128 values per frame, cosine similarities to ~1e-3
@@ -226,6 +229,11 @@ class FrameRun:
         self.times: list[np.ndarray] = []
         self.end_s = 0.0
 
+    @property
+    def active(self) -> bool:
+        """Whether any model runs (else nothing needs to be fed or awaited)."""
+        return bool(self.runs)
+
     async def add(self, clips: np.ndarray, spans_s: np.ndarray) -> None:
         """One batch of clips (uint8 [n, T, H, W, 3]) and their spans [n, 2]."""
         if not self.runs or len(clips) == 0:
@@ -267,3 +275,35 @@ class FrameRun:
     async def cancel(self) -> None:
         for run in self.runs:
             await run.cancel()
+
+
+def _unfit(model: FrameModelSpec, encoder: EncoderSpec) -> str | None:
+    """Why `model` cannot take `encoder`'s frames (None: it can)."""
+    if encoder.clip_fps is None or abs(encoder.clip_fps - model.fps) > 1e-6:
+        return (f"{model.model} takes frames at {model.fps:g} fps but encoder {encoder.encoder} samples "
+                f"them at {encoder.clip_fps or 'the video rate'}")
+    if encoder.frame_size % model.frame_size:
+        return (f"{model.model} takes {model.frame_size} px frames, which {encoder.encoder}'s "
+                f"{encoder.frame_size} px frames do not pool to")
+    return None
+
+
+async def frame_run_for(
+    triton: TritonClient, encoder: EncoderSpec, *, segments: bool, embeddings: bool,
+) -> FrameRun:
+    """The per-frame models one request runs on `encoder`'s frames. Segments come by default, so
+    without a parser that can take these frames there are none (logged); embeddings are asked for,
+    so without an embedder that can, `InvalidInput` says why."""
+    parser = await triton.frame_model(PARSER_MODEL) if segments else None
+    if parser is not None and (why := _unfit(parser, encoder)):
+        logger.warning("no segments: %s", why)
+        parser = None
+    embedder = None
+    if embeddings:
+        embedder = await triton.frame_model(EMBEDDER_MODEL)
+        if embedder is None:
+            raise InvalidInput(f"embeddings were asked for but this server does not serve {EMBEDDER_MODEL}")
+        if why := _unfit(embedder, encoder):
+            raise InvalidInput(f"no embeddings with this encoder: {why}")
+    return FrameRun(triton, parser=parser, embedder=embedder, clip_frames=encoder.clip_frames,
+                    fps=encoder.clip_fps or 0.0)

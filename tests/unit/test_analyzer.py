@@ -55,6 +55,9 @@ class FakeTriton:
         features = await self.encode_clips(clips, encoder=encoder)
         return EncodedClips(features, None, np.full(len(features), 2.5))
 
+    async def frame_model(self, model: str):
+        return None  # no per-frame models served
+
     async def run_query_decoder(self, features: np.ndarray):
         logits = {q.query: np.arange(self.logits_width or len(q.attributes), dtype=np.float32)
                   for q in QUERIES}
