@@ -5,6 +5,7 @@ from __future__ import annotations
 from server.errors import InvalidInput
 from server.pipeline.analyze import ModelCatalog
 from server.pipeline.assemble import AnalysisResult, Compute
+from server.pipeline.segments import FrameResults
 from server.pipeline.stream import EventKind, ResumeToken, StreamEvent, StreamLimits, StreamOptions
 from server.proto import video_analytics_pb2 as pb
 from server.triton import EncoderSpec
@@ -42,7 +43,23 @@ def analyze_response(result: AnalysisResult, request_id: str) -> pb.AnalyzeRespo
     compute = getattr(result, "compute", None)
     if compute is not None:
         response.compute.CopyFrom(compute_message(compute))
+    frames = getattr(result, "frames", None)
+    if frames is not None:
+        add_frame_results(response, frames)
     return response
+
+
+def add_frame_results(response: pb.AnalyzeResponse, frames: FrameResults) -> None:
+    """Segments, boundaries and (when computed) embeddings as a packed little-endian tensor."""
+    response.segments.extend(
+        pb.Segment(start_s=s.start_s, end_s=s.end_s, pattern=s.pattern, confidence=s.confidence)
+        for s in frames.segments)
+    response.boundaries_s.extend(frames.boundaries_s)
+    if frames.embeddings is not None:
+        values = frames.embeddings.astype(frames.embeddings.dtype.newbyteorder("<"), copy=False)
+        response.embeddings.CopyFrom(pb.FrameEmbeddings(
+            values=pb.Tensor(data=values.tobytes(), shape=list(values.shape), dtype=values.dtype.name),
+            times_s=frames.times_s.tolist(), fps=frames.fps))
 
 
 def budget(value: float) -> float:

@@ -96,7 +96,8 @@ class VideoAnalyticsServicer(pb_grpc.VideoAnalyticsServicer):
             try:
                 async with asyncio.timeout(deadline) as timer:
                     result = await self.analyzer.analyze(
-                        AnalyzeJob(source=source, encoder=encoder, budget=budget)
+                        AnalyzeJob(source=source, encoder=encoder, budget=budget,
+                                   segments=not request.omit_segments, embeddings=request.embeddings)
                     )
             except TimeoutError:
                 if timer.expired():

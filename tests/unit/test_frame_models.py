@@ -93,3 +93,28 @@ def test_decode_segments_cuts_at_the_scored_frames():
     # A frame 0 score never makes an empty first segment; nothing above threshold: one segment.
     scores[0] = 1.0
     assert len(seg.decode_segments(scores, responses, times, 1.0, threshold=0.95)[0]) == 1
+
+
+def test_frame_results_travel_as_a_packed_tensor_and_come_back_in_the_json():
+    from clients import timeline
+    from server.api import mapping
+    from server.proto import video_analytics_pb2 as pb
+
+    rng = np.random.default_rng(1)
+    values = rng.normal(size=(30, 128)).astype(np.float16)
+    frames = seg.FrameResults(
+        segments=[seg.Segment(0.0, 1.2, 3, 0.8), seg.Segment(1.2, 2.0, 1, 0.6)], boundaries_s=[1.2],
+        embeddings=values, times_s=np.arange(30) / 15.0, fps=15.0)
+    response = pb.AnalyzeResponse()
+    mapping.add_frame_results(response, frames)
+    response = pb.AnalyzeResponse.FromString(response.SerializeToString())
+    assert response.embeddings.values.dtype == "float16" and len(response.embeddings.values.data) == 30 * 128 * 2
+    np.testing.assert_array_equal(timeline.tensor_array(response.embeddings.values), values)
+
+    as_json = timeline.frames_dict(response)
+    assert as_json["segments"] == [{"start_s": 0.0, "end_s": 1.2, "pattern": 3, "confidence": 0.8},
+                                   {"start_s": 1.2, "end_s": 2.0, "pattern": 1, "confidence": 0.6}]
+    assert as_json["boundaries_s"] == [1.2]
+    np.testing.assert_array_equal(timeline.tensor_array(as_json["embeddings"]["values"]), values)
+    np.testing.assert_allclose(timeline.tensor_array(as_json["embeddings"]["times_s"]), np.arange(30) / 15.0)
+    assert isinstance(as_json["embeddings"]["values"]["data"], str)  # base64, not a list of numbers
