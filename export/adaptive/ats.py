@@ -14,7 +14,8 @@ Two rules beyond the thesis:
   samples even at K = N.)
 - A batch is padded to its largest K' + 1 (zero rows, `mask` False), kept tokens first in token
   order, as the thesis does for mini-batches. The next attention must ignore padded keys (`mask`),
-  which makes each sample's result independent of its batch.
+  which makes each sample's result independent of its batch. K is one value for the batch or one
+per sample (a served batch mixes requests with different budgets).
 
 The sampling is the custom op `vqs::adaptive_token_sampler` (one ONNX node of type
 `AdaptiveTokenSampler`, domain `vqs`, see `export.adaptive.onnx_functions`).
@@ -36,18 +37,26 @@ def significance(attn: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> tor
     return scores / scores.sum(dim=1, keepdim=True).clamp(min=_TINY)
 
 
-def select(attn: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token indices (N, K'max+1), cls first, kept tokens in token order, then padding; and their mask."""
+def select(
+    attn: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, k: torch.Tensor | int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token indices (N, K'max+1), cls first, kept tokens in token order, then padding; and their
+    mask. K is one value for the batch or one per sample (N,)."""
     n_tokens = attn.shape[-1] - 1
     valid = mask[:, 1:]  # N, n
-    k = min(k, n_tokens)  # K >= n keeps every valid token of every sample anyway
+    # K >= n keeps every valid token of every sample anyway
+    per_sample = torch.as_tensor(k, device=attn.device).reshape(-1, 1).clamp(max=n_tokens)  # N or 1, 1
+    k_max = int(per_sample.max())
     cdf = significance(attn, v, mask).cumsum(dim=1)  # N, n
-    points = (torch.arange(1, k + 1, device=attn.device, dtype=cdf.dtype) * 2 - 1) / (2 * k)  # K
-    distance = (cdf.unsqueeze(1) - points[:, None]).abs()  # N, K, n
+    i = torch.arange(1, k_max + 1, device=attn.device)  # K_max
+    points = (i.to(cdf.dtype) * 2 - 1) / (2 * per_sample.to(cdf.dtype))  # N, K_max: (2i − 1) / 2K
+    distance = (cdf.unsqueeze(1) - points.unsqueeze(2)).abs()  # N, K_max, n
     distance = distance.masked_fill(~valid.unsqueeze(1), float("inf"))
-    picked = distance.argmin(dim=2)  # N, K (first of equals, as ONNX ArgMin)
-    chosen = torch.zeros_like(valid).scatter(1, picked, True)
-    keep_all = (k >= valid.sum(dim=1)).unsqueeze(1)
+    picked = distance.argmin(dim=2)  # N, K_max (first of equals, as ONNX ArgMin)
+    picked = torch.where(i <= per_sample, picked, n_tokens)  # a sample's points beyond its K: none
+    chosen = torch.zeros(valid.shape[0], n_tokens + 1, dtype=torch.bool, device=attn.device)
+    chosen = chosen.scatter(1, picked, True)[:, :n_tokens]
+    keep_all = per_sample >= valid.sum(dim=1, keepdim=True)
     return _compact(torch.where(keep_all, valid, chosen & valid))
 
 
@@ -92,8 +101,8 @@ def _check(x, attn, v, mask, k) -> None:
         raise ValueError(f"x must be (N, n+1, d) matching attn, got {tuple(x.shape)}")
     if mask.shape != (n, tokens) or mask.dtype != torch.bool:
         raise ValueError(f"mask must be bool (N, n+1), got {mask.dtype} {tuple(mask.shape)}")
-    if k.numel() != 1 or k.dtype != torch.int64:
-        raise ValueError(f"k must be one int64 value, got {k.dtype} of shape {tuple(k.shape)}")
+    if k.dtype != torch.int64 or k.dim() > 1 or k.numel() not in (1, n):
+        raise ValueError(f"k must be int64, one value or one per sample, got {k.dtype} of shape {tuple(k.shape)}")
     if tokens < 2:
         raise ValueError("ATS needs a cls token and at least one other token")
 
@@ -103,13 +112,13 @@ def adaptive_token_sampler(
     x: torch.Tensor, attn: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, k: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """x (N, n+1, d) the block's input tokens, attn (N, h, n+1, n+1) softmax attention, v
-    (N, h, n+1, dh), mask (N, n+1) valid tokens, k the budget K -> attended (N, m, h·dh),
+    (N, h, n+1, dh), mask (N, n+1) valid tokens, k the budget K (one, or one per sample) -> attended (N, m, h·dh),
     residual (N, m, d), kept mask (N, m), token index (N, m); m = K'max + 1."""
     _check(x, attn, v, mask, k)
-    if int(k) < 1:
-        raise ValueError(f"k must be >= 1, got {int(k)}")
+    if int(k.min()) < 1:
+        raise ValueError(f"k must be >= 1, got {k.tolist()}")
     with torch.no_grad():
-        index, kept_mask = select(attn, v, mask, int(k))
+        index, kept_mask = select(attn, v, mask, k)
         attended, residual = gather_rows(x, attn, v, index, kept_mask)
     return attended, residual, kept_mask, index
 

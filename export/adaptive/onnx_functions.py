@@ -64,33 +64,39 @@ def register_schemas() -> None:
 
 @onnxscript.script(vqs, default_opset=op)
 def SimilarityGuidedSampling(features: FLOAT, z: FLOAT, bins: INT64):
-    # Same arithmetic and bin order as export.adaptive.sgs.sample (see there for the why).
+    # Same arithmetic and bin order as export.adaptive.sgs.sample (see there for the why); bins is
+    # one value or one per clip.
+    per_clip = op.Reshape(bins, op.Constant(value_ints=[-1, 1]))  # N or 1, 1
+    b_max = op.ReduceMax(bins, keepdims=0)
     delta = op.ReduceL2(z, op.Constant(value_ints=[-1]), keepdims=0)  # N, T
     delta_max = op.ReduceMax(delta, op.Constant(value_ints=[1]), keepdims=1)  # N, 1
     flat = op.LessOrEqual(delta_max, op.Constant(value_float=1e-12))
-    two_b = op.Cast(bins, to=1) * op.Constant(value_float=2.0)
+    two_b = op.Cast(per_clip, to=1) * op.Constant(value_float=2.0)  # N or 1, 1
     x = op.Where(flat, two_b, two_b * delta / op.Where(flat, op.Constant(value_float=1.0), delta_max))
-    bin_number = op.Range(op.Constant(value_int=1), bins + op.Constant(value_int=1), op.Constant(value_int=1))
-    centres = op.Cast(bin_number, to=1) * op.Constant(value_float=2.0) - op.Constant(value_float=1.0)  # B
+    bin_number = op.Range(op.Constant(value_int=1), b_max + op.Constant(value_int=1), op.Constant(value_int=1))
+    centres = op.Cast(bin_number, to=1) * op.Constant(value_float=2.0) - op.Constant(value_float=1.0)  # B_max
     right_limit = op.Where(
-        op.Equal(bin_number, bins), op.Constant(value_float=0.0), op.Constant(value_float=float("inf"))
-    )
-    offset = op.Min(op.Unsqueeze(x, op.Constant(value_ints=[-1])) - centres, right_limit)  # N, T, B
-    weights = op.Relu(op.Constant(value_float=1.0) - op.Abs(offset))
+        op.Equal(bin_number, per_clip), op.Constant(value_float=0.0), op.Constant(value_float=float("inf"))
+    )  # N or 1, B_max
+    axis_1 = op.Constant(value_ints=[1])
+    offset = op.Min(op.Unsqueeze(x, op.Constant(value_ints=[-1])) - centres, op.Unsqueeze(right_limit, axis_1))
+    in_clip = op.Cast(op.LessOrEqual(bin_number, per_clip), to=1)  # a clip's bins beyond its own B weigh 0
+    weights = op.Relu(op.Constant(value_float=1.0) - op.Abs(offset)) * op.Unsqueeze(in_clip, axis_1)  # N, T, B_max
     occupied = op.Cast(
-        op.Greater(op.ReduceSum(weights, op.Constant(value_ints=[1]), keepdims=0), op.Constant(value_float=0.0)),
+        op.Greater(op.ReduceSum(weights, axis_1, keepdims=0), op.Constant(value_float=0.0)),
         to=1,
-    )  # N, B as 0/1
-    kept = op.Cast(op.ReduceMax(op.ReduceSum(occupied, op.Constant(value_ints=[1]), keepdims=0), keepdims=1), to=7)
-    # Kept bins first, each group in bin order: descending key occupied·2B + (B − b).
-    key = occupied * two_b + (op.Cast(bins - bin_number, to=1))
+    )  # N, B_max as 0/1
+    kept = op.Cast(op.ReduceMax(op.ReduceSum(occupied, axis_1, keepdims=0), keepdims=1), to=7)
+    # Kept bins first, each group in bin order: descending key occupied·2B_max + (B_max − b).
+    b_max_float = op.Cast(b_max, to=1)
+    key = occupied * (b_max_float * op.Constant(value_float=2.0)) + (b_max_float - op.Cast(bin_number, to=1))
     _, order = op.TopK(key, kept, axis=1, largest=1, sorted=1)  # N, B'
     chosen = op.GatherND(op.Transpose(weights, perm=[0, 2, 1]), op.Unsqueeze(order, op.Constant(value_ints=[2])),
                          batch_dims=1)  # N, B', T: weights of the kept bins
     shape = op.Shape(features)
     n_c_t = op.Slice(shape, op.Constant(value_ints=[0]), op.Constant(value_ints=[3]))
     flat_features = op.Reshape(features, op.Concat(n_c_t, op.Constant(value_ints=[-1]), axis=0))  # N, C, T, S
-    sampled = op.MatMul(op.Unsqueeze(chosen, op.Constant(value_ints=[1])), flat_features)  # N, C, B', S
+    sampled = op.MatMul(op.Unsqueeze(chosen, axis_1), flat_features)  # N, C, B', S
     out_shape = op.Concat(
         op.Slice(shape, op.Constant(value_ints=[0]), op.Constant(value_ints=[2])),
         kept,
@@ -120,22 +126,23 @@ def AdaptiveTokenSampler(x: FLOAT, attn: FLOAT, v: FLOAT, mask: BOOL, k: INT64):
     scores = op.ReduceSum(cls_row * v_norm, one, keepdims=0) * eligible  # N, n+1
     total = op.Max(op.ReduceSum(scores, one, keepdims=1), op.Constant(value_float=1e-12))
     cdf = op.CumSum(scores / total, op.Constant(value_int=1))
-    valid_count = op.ReduceSum(eligible, one, keepdims=0)  # N
-    k_eff = op.Min(op.Reshape(k, op.Constant(value_ints=[])), n_tokens)
+    valid_count = op.ReduceSum(eligible, one, keepdims=1)  # N, 1
+    k_eff = op.Min(op.Reshape(k, op.Constant(value_ints=[-1, 1])), n_tokens)  # N or 1, 1: one K or one per sample
     k_float = op.Cast(k_eff, to=1)
     # When K covers every sample's tokens nothing is sampled: one point keeps that part cheap.
-    covers_all = op.GreaterOrEqual(k_float, op.ReduceMax(valid_count, keepdims=0))
-    k_points = op.Where(covers_all, op.Constant(value_int=1), k_eff)
+    covers_all = op.GreaterOrEqual(op.ReduceMin(k_float - valid_count, keepdims=0), op.Constant(value_float=0.0))
+    k_points = op.Where(covers_all, op.Constant(value_int=1), op.ReduceMax(k_eff, keepdims=0))
     i = op.Cast(op.Range(op.Constant(value_int=1), k_points + op.Constant(value_int=1), op.Constant(value_int=1)), to=1)
     two = op.Constant(value_float=2.0)
-    points = (i * two - op.Constant(value_float=1.0)) / (op.Cast(k_points, to=1) * two)  # (2i − 1) / 2K
-    distance = op.Abs(op.Unsqueeze(cdf, one) - op.Unsqueeze(points, one))  # N, K, n+1
+    points = (i * two - op.Constant(value_float=1.0)) / (k_float * two)  # N, K_max: (2i − 1) / 2K
+    distance = op.Abs(op.Unsqueeze(cdf, one) - op.Unsqueeze(points, op.Constant(value_ints=[2])))  # N, K, n+1
     distance = op.Where(op.Unsqueeze(op.Greater(eligible, op.Constant(value_float=0.5)), one), distance,
                         op.Constant(value_float=float("inf")))
-    picked = op.ArgMin(distance, axis=2, keepdims=0)  # N, K (first of equals)
+    # A sample's points beyond its own K pick the cls token, which is kept anyway.
+    picked = op.Where(op.LessOrEqual(i, k_float), op.ArgMin(distance, axis=2, keepdims=0), op.Constant(value_int=0))
     sampled = op.ScatterElements(op.Mul(valid, op.Constant(value_float=0.0)), picked,
                                  op.Expand(op.Constant(value_float=1.0), op.Shape(picked)), axis=1, reduction="max")
-    keep_all = op.Unsqueeze(op.GreaterOrEqual(k_float, valid_count), one)
+    keep_all = op.GreaterOrEqual(k_float, valid_count)  # N, 1
     chosen = op.Where(keep_all, valid, op.Max(sampled * eligible, is_cls))  # N, n+1 as 0/1, cls always
     kept = op.Cast(op.ReduceMax(op.ReduceSum(chosen, one, keepdims=0), keepdims=1), to=7)
     # Kept tokens first, each group in token order: descending key chosen·2(n+1) + (n+1 − j).

@@ -14,7 +14,8 @@ Two choices the thesis leaves open, made here:
 
 The output is indexed by bin, i.e. ordered by Δ, not by time (O_b in the thesis). The sampling is
 the custom op `vqs::similarity_guided_sampling` (one ONNX node of type `SimilarityGuidedSampling`,
-domain `vqs`, see `export.adaptive.onnx_functions`). A batch is padded to its largest B' (zero
+domain `vqs`, see `export.adaptive.onnx_functions`). B is one value for the batch or one per clip
+(a served batch mixes requests with different budgets). A batch is padded to its largest B' (zero
 feature maps, `mask` False), kept bins first in bin order.
 """
 
@@ -30,23 +31,29 @@ from torch.utils.flop_counter import register_flop_formula
 _FLAT = 1e-12
 
 
-def bin_weights(z: torch.Tensor, bins: int) -> torch.Tensor:
-    """Linear-kernel weight of frame t in bin b: (N, T, L) similarity vectors -> (N, T, B)."""
+def bin_weights(z: torch.Tensor, bins: torch.Tensor | int) -> torch.Tensor:
+    """Linear-kernel weight of frame t in bin b: (N, T, L) similarity vectors and B (one for the
+    batch, or one per clip (N,)) -> (N, T, B_max); a clip's bins beyond its own B weigh 0."""
+    per_clip = torch.as_tensor(bins, device=z.device).reshape(-1, 1)  # N or 1, 1
+    b_max = int(per_clip.max())
+    b = per_clip.to(z.dtype)
     delta = torch.linalg.vector_norm(z, dim=-1)  # N, T
     delta_max = delta.amax(dim=1, keepdim=True)  # N, 1
     flat = delta_max <= _FLAT
     # Δ in units of the half-width γ: x = Δ / γ = 2B Δ / Δ_max ∈ [0, 2B]; centres at 2b − 1.
-    x = torch.where(flat, 2.0 * bins, 2.0 * bins * delta / torch.where(flat, 1.0, delta_max))
-    centres = torch.arange(1, bins + 1, device=z.device, dtype=z.dtype) * 2 - 1  # B
-    offset = x.unsqueeze(-1) - centres  # N, T, B
-    right_limit = torch.full_like(centres, float("inf"))
-    right_limit[-1] = 0.0  # the last bin is flat right of its centre (see module docstring)
-    offset = torch.minimum(offset, right_limit)
-    return (1.0 - offset.abs()).clamp(min=0.0)
+    x = torch.where(flat, 2.0 * b, 2.0 * b * delta / torch.where(flat, 1.0, delta_max))
+    number = torch.arange(1, b_max + 1, device=z.device)  # B_max
+    centres = number.to(z.dtype) * 2 - 1
+    offset = x.unsqueeze(-1) - centres  # N, T, B_max
+    # Each clip's last bin is flat right of its centre (see module docstring).
+    right_limit = torch.where(number == per_clip, 0.0, float("inf")).to(z.dtype)  # N, B_max
+    offset = torch.minimum(offset, right_limit.unsqueeze(1))
+    weights = (1.0 - offset.abs()).clamp(min=0.0)
+    return weights * (number <= per_clip).to(z.dtype).unsqueeze(1)
 
 
-def sample(features: torch.Tensor, z: torch.Tensor, bins: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Differentiable reference of the op: features (N, C, T, *S), z (N, T, L) ->
+def sample(features: torch.Tensor, z: torch.Tensor, bins: torch.Tensor | int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Differentiable reference of the op: features (N, C, T, *S), z (N, T, L), B (or B per clip) ->
     (sampled (N, C, B'max, *S), mask (N, B'max))."""
     n, c, t = features.shape[:3]
     weights = bin_weights(z, bins)  # N, T, B
@@ -65,22 +72,21 @@ def _check(features: torch.Tensor, z: torch.Tensor, bins: torch.Tensor) -> None:
         raise ValueError(f"features must be (N, C, T, ...), got shape {tuple(features.shape)}")
     if z.dim() != 3 or z.shape[:2] != (features.shape[0], features.shape[2]):
         raise ValueError(f"z must be (N, T, L) matching features {tuple(features.shape)}, got {tuple(z.shape)}")
-    if bins.numel() != 1 or bins.dtype != torch.int64:
-        raise ValueError(f"bins must be one int64 value, got {bins.dtype} of shape {tuple(bins.shape)}")
+    if bins.dtype != torch.int64 or bins.dim() > 1 or bins.numel() not in (1, features.shape[0]):
+        raise ValueError(f"bins must be int64, one value or one per clip, got {bins.dtype} of shape {tuple(bins.shape)}")
 
 
 @torch.library.custom_op("vqs::similarity_guided_sampling", mutates_args=())
 def similarity_guided_sampling(
     features: torch.Tensor, z: torch.Tensor, bins: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    _check(features, z, bins)
-    b = int(bins)
-    if b < 1:
-        raise ValueError(f"bins must be >= 1, got {b}")
     if features.shape[0] == 0:
         raise ValueError("SGS needs at least one clip")
+    _check(features, z, bins)
+    if int(bins.min()) < 1:
+        raise ValueError(f"bins must be >= 1, got {bins.tolist()}")
     with torch.no_grad():
-        return sample(features, z, b)
+        return sample(features, z, bins)
 
 
 @similarity_guided_sampling.register_fake
@@ -107,7 +113,7 @@ def _backward(ctx, grad_sampled, _grad_mask):
     with torch.enable_grad():
         f = features.detach().requires_grad_()
         zz = z.detach().requires_grad_()
-        sampled, _ = sample(f, zz, int(bins))
+        sampled, _ = sample(f, zz, bins)
         grad_features, grad_z = torch.autograd.grad(sampled, (f, zz), grad_sampled)
     needs = ctx.needs_input_grad
     return (grad_features if needs[0] else None, grad_z if needs[1] else None, None)

@@ -130,7 +130,7 @@ class VideoViT(nn.Module):
         mask = None
         kept = []
         for i, block in enumerate(self.blocks):
-            block_k = None if k is None or i not in self.ats_blocks else k[self.ats_blocks.index(i)]
+            block_k = None if k is None or i not in self.ats_blocks else k[..., self.ats_blocks.index(i)]
             x, mask = block(x, mask, block_k)
             if block_k is not None:
                 kept.append(mask.sum(dim=1))
@@ -140,7 +140,8 @@ class VideoViT(nn.Module):
         return self.proj(x)  # N, D
 
     def forward(self, clips: torch.Tensor, k: torch.Tensor | None = None):
-        """uint8 clips -> features (N, D); with k (one K per ATS block, int64), also the tokens kept."""
+        """uint8 clips -> features (N, D); with k (int64, one K per ATS block: (blocks,) for the
+        batch or (N, blocks) per sample), also the tokens kept."""
         x = clips.permute(0, 4, 1, 2, 3).float()  # N, C, T, H, W
         x = (x - self.mean) / self.std
         features, kept = self.forward_features(x, k)

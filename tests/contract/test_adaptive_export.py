@@ -70,6 +70,8 @@ def exported(tmp_path_factory):
         "sgs": _SgsOnly(),
         "sgs_stage": _SgsStage(),
         "ats": _AtsBlock(),
+        "sgs_per_clip": _SgsOnly(),
+        "ats_per_sample": _AtsBlock(),
     }
     specs = {
         "sgs": ((torch.randn(2, 8, 8, 3, 3), torch.randn(2, 8, 4), torch.tensor(8)), ["features", "z", "bins"],
@@ -78,6 +80,13 @@ def exported(tmp_path_factory):
                       {"features": {0: batch}, "bins": None}),
         "ats": ((torch.randn(2, 17, 32), torch.ones(2, 17, dtype=torch.bool), torch.tensor(8)), ["x", "mask", "k"],
                 ["y", "kept", "index"], {"x": {0: batch}, "mask": {0: batch}, "k": None}),
+        # One B / K per sample: how a served batch mixes requests with different budgets.
+        "sgs_per_clip": ((torch.randn(2, 8, 8, 3, 3), torch.randn(2, 8, 4), torch.tensor([8, 3])),
+                         ["features", "z", "bins"], ["sampled", "mask"],
+                         {"features": {0: batch}, "z": {0: batch}, "bins": {0: batch}}),
+        "ats_per_sample": ((torch.randn(2, 17, 32), torch.ones(2, 17, dtype=torch.bool), torch.tensor([8, 3])),
+                           ["x", "mask", "k"], ["y", "kept", "index"],
+                           {"x": {0: batch}, "mask": {0: batch}, "k": {0: batch}}),
     }
     result = {}
     for name, model in models.items():
@@ -167,6 +176,42 @@ def test_ats_matches_torch(exported, k, batch):
         assert kept.shape[1] <= k + 1
     else:
         assert kept.shape[1] == 17
+
+
+@pytest.mark.parametrize("bins", [(8, 1, 3, 5), (2, 2, 16, 4), (1, 1, 1, 1)])
+def test_sgs_with_one_b_per_clip_matches_torch_and_each_clip_alone(exported, bins):
+    model, _, session = exported["sgs_per_clip"]
+    rng = np.random.default_rng(sum(bins))
+    features = rng.standard_normal((4, 8, 8, 3, 3)).astype(np.float32)
+    z = _similarity(4, 8, rng)
+    sampled, mask = model(torch.from_numpy(features), torch.from_numpy(z), torch.tensor(bins))
+    got_sampled, got_mask = session.run(None, {"features": features, "z": z, "bins": np.array(bins)})
+    np.testing.assert_array_equal(got_mask, mask.numpy())
+    np.testing.assert_allclose(got_sampled, sampled.numpy(), atol=TOLERANCE, rtol=0)
+    for i, b in enumerate(bins):
+        alone, alone_mask = model(torch.from_numpy(features[i : i + 1]), torch.from_numpy(z[i : i + 1]),
+                                  torch.tensor(b))
+        assert int(mask[i].sum()) == int(alone_mask.sum()) <= b
+        torch.testing.assert_close(sampled[i : i + 1, :, : alone.shape[2]], alone)
+
+
+@pytest.mark.parametrize("k", [(8, 1, 3, 40), (16, 16, 2, 5), (2, 2, 2, 2)])
+def test_ats_with_one_k_per_sample_matches_torch_and_each_sample_alone(exported, k):
+    model, _, session = exported["ats_per_sample"]
+    x = 3 * torch.randn(4, 17, 32, generator=torch.Generator().manual_seed(sum(k)))
+    mask = torch.ones(4, 17, dtype=torch.bool)
+    mask[1, 9:] = False
+    with torch.no_grad():
+        y, kept, index = model(x, mask, torch.tensor(k))
+        got_y, got_kept, got_index = session.run(None, {"x": x.numpy(), "mask": mask.numpy(), "k": np.array(k)})
+        np.testing.assert_array_equal(got_kept, kept.numpy())
+        np.testing.assert_array_equal(got_index, index.numpy())
+        np.testing.assert_allclose(got_y, y.numpy(), atol=TOLERANCE, rtol=0)
+        for i, ki in enumerate(k):
+            alone_y, alone_kept, _ = model(x[i : i + 1], mask[i : i + 1], torch.tensor(ki))
+            m = alone_kept.shape[1]
+            assert int(kept[i].sum()) == int(alone_kept.sum()) <= ki + 1
+            torch.testing.assert_close(y[i : i + 1, :m][alone_kept], alone_y[alone_kept], atol=1e-5, rtol=0)
 
 
 def test_ats_keeps_fewer_tokens_than_asked(exported):
