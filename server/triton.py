@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import math
 import os
@@ -113,7 +114,7 @@ ADAPTIVE_ENCODER_CONTRACT = ModelContract(
     max_batch_size=ENCODER_CONTRACT.max_batch_size,
     inputs=ENCODER_CONTRACT.inputs + (TensorSpec(BUDGET, "FP32", (1,)),),
     outputs=ENCODER_CONTRACT.outputs + (
-        TensorSpec(KEPT, "INT64", (-1,)),  # SGS: [B'], ATS: [K' per ATS block] (cls not counted)
+        TensorSpec(KEPT, "INT64", (-1,)),  # SGS: [B'], ATS: [K' per ATS block] (cls not counted); see contract_for
         TensorSpec(GMACS, "FP32", (1,)),
     ),
 )
@@ -156,7 +157,17 @@ def contract_for(model: str, config: dict) -> ModelContract:
             [q.query for q in spec.queries], in_domain=spec.in_domain_threshold is not None
         )
     if model.startswith(ENCODER_PREFIX):
-        return ADAPTIVE_ENCODER_CONTRACT if _parameter(config, ADAPTIVE) else ENCODER_CONTRACT
+        if not _parameter(config, ADAPTIVE):
+            return ENCODER_CONTRACT
+        # How many counts `kept` holds per clip is the model's (SGS: 1; ATS: one per ATS block).
+        kept = next((t for t in config.get("output", []) if t["name"] == KEPT), None)
+        dims = tuple(int(d) for d in kept["dims"]) if kept else ()
+        if len(dims) != 1:
+            return ADAPTIVE_ENCODER_CONTRACT
+        return dataclasses.replace(ADAPTIVE_ENCODER_CONTRACT, outputs=tuple(
+            dataclasses.replace(t, dims=dims) if t.name == KEPT else t
+            for t in ADAPTIVE_ENCODER_CONTRACT.outputs
+        ))
     if model in (PARSER_MODEL, EMBEDDER_MODEL):
         return frame_model_contract(model, int(_parameter(config, PATTERNS) or 0))
     raise KeyError(f"no contract for model {model!r}")

@@ -17,7 +17,7 @@ from server.settings import Settings
 REPOSITORY = Path(Settings().triton.model_repository)
 MODELS = sorted(p.parent.name for p in REPOSITORY.glob("*/config.pbtxt"))
 # ONNX TensorProto element types of the Triton dtypes in the contract.
-ONNX_TYPES = {"UINT8": 2, "FP32": 1, "BOOL": 9}
+ONNX_TYPES = {"UINT8": 2, "FP32": 1, "BOOL": 9, "INT64": 7}
 
 
 def load_config(model: str) -> model_config_pb2.ModelConfig:
@@ -213,7 +213,7 @@ def test_the_exporter_writes_the_clip_fps_the_gateway_reads(model, tmp_path):
     assert path.read_text() == committed
 
 
-_JSON_DTYPES = {"uint8": "UINT8", "float32": "FP32", "bool": "BOOL"}
+_JSON_DTYPES = {"uint8": "UINT8", "float32": "FP32", "bool": "BOOL", "int64": "INT64"}
 
 
 @pytest.mark.parametrize("model", MODELS)

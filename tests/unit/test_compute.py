@@ -121,3 +121,10 @@ def test_the_proto_carries_compute_and_encoder_details():
     details = {d.name: d for d in described.encoder_details}
     assert (details["vit_ats"].adaptive, details["vit_ats"].knob_full, details["vit_ats"].knob_min) == ("ats", 196, 8)
     assert details["s3d"].adaptive == "" and details["s3d"].gmacs_per_clip == pytest.approx(1.2)
+
+
+def test_the_contract_takes_the_kept_counts_per_clip_from_the_config():
+    config = _config(**{k: v["string_value"] for k, v in ATS["parameters"].items()})
+    config["output"][1]["dims"] = ["4"]
+    kept = {t.name: t for t in triton.contract_for("clip_encoder_vit_ats", config).outputs}["kept"]
+    assert (kept.dtype, kept.dims) == ("INT64", (4,))
