@@ -11,7 +11,7 @@ import grpc
 import typer
 from rich.console import Console
 
-from clients import render
+from clients import render, timeline
 from clients.channel import (
     ChannelConfig, TlsCaOption, TlsCertOption, TlsKeyOption, TokenOption, config_from_options,
     open_channel, plaintext_token_warning,
@@ -81,11 +81,13 @@ def unreachable_hint(config: ChannelConfig) -> str:
 
 
 def call_analyze(
-    config: ChannelConfig, data: bytes, *, encoder: str, timeout: float | None, max_upload_mb: float
+    config: ChannelConfig, data: bytes, *, encoder: str, timeout: float | None, max_upload_mb: float,
+    embeddings: bool = False, omit_segments: bool = False,
 ) -> pb.AnalyzeResponse:
     with open_channel(config, options=channel_options(max_upload_mb)) as channel:
         stub = pb_grpc.VideoAnalyticsStub(channel)
-        return stub.Analyze(pb.AnalyzeRequest(video=data, encoder=encoder), timeout=timeout)
+        request = pb.AnalyzeRequest(video=data, encoder=encoder, embeddings=embeddings, omit_segments=omit_segments)
+        return stub.Analyze(request, timeout=timeout)
 
 
 def analyze(
@@ -112,12 +114,15 @@ def analyze(
         Path | None, typer.Option(
             dir_okay=False, help="Also draw the report picture (as `vqs render`) into this PNG.")
     ] = None,
+    embeddings: Annotated[
+        bool, typer.Option("--embeddings", help="Also fetch per-frame embeddings (in --json, packed base64).")
+    ] = False,
     tls_ca: TlsCaOption = None,
     tls_cert: TlsCertOption = None,
     tls_key: TlsKeyOption = None,
     token: TokenOption = None,
 ) -> None:
-    """Upload a video to the gateway; print the answers and attention over time."""
+    """Upload a video to the gateway; print the answers, attention and sub-actions over time."""
     config = config_from_options(server, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key, token=token)
     warning = plaintext_token_warning(config)
     if warning:
@@ -131,7 +136,8 @@ def analyze(
     data = path.read_bytes()
     try:
         with stderr.status(f"analyzing {path.name} ({size / 2**20:.1f} MB) on {server}"):
-            resp = call_analyze(config, data, encoder=encoder, timeout=timeout, max_upload_mb=max_upload_mb)
+            resp = call_analyze(config, data, encoder=encoder, timeout=timeout, max_upload_mb=max_upload_mb,
+                                embeddings=embeddings)
     except grpc.RpcError as exc:
         code = exc.code()
         stderr.print(f"[red]error[/red] {error_message(code, exc.details())}", highlight=False, soft_wrap=True)
@@ -151,3 +157,5 @@ def analyze(
         stdout.print(domain, soft_wrap=True)
     stdout.print(render.answers_table(result))
     stdout.print(render.attention_table(result))
+    if (segments := timeline.timeline_table(result)) is not None:
+        stdout.print(segments)

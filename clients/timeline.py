@@ -1,44 +1,27 @@
 """The action parser's segments and the frame embeddings of an `AnalyzeResponse`: as JSON-ready
-dicts (embeddings as a packed tensor: base64 bytes + shape + dtype), back as arrays, and drawn
-as a timeline in the terminal (pure functions)."""
+dicts (embeddings as a packed tensor: base64 bytes + shape + dtype; `clients.similarity` reads
+them back) and drawn as a timeline in the terminal (pure functions, no numpy: `vqs analyze` stays
+light)."""
 
 from __future__ import annotations
 
 import base64
+import struct
 from typing import Any
 
-import numpy as np
 from rich.table import Table
 from rich.text import Text
 
 from server.proto import video_analytics_pb2 as pb
 
-DTYPES = {"float16": "<f2", "float32": "<f4", "float64": "<f8"}
 PATTERN_COLOURS = ("cyan", "magenta", "green", "yellow", "blue", "red", "bright_white", "bright_black")
 
 
-def tensor_dict(values: np.ndarray) -> dict[str, Any]:
-    """A packed tensor: {"dtype", "shape", "data": base64 of the little-endian values}."""
-    name = values.dtype.name
-    if name not in DTYPES:
-        raise ValueError(f"cannot pack {values.dtype}; use one of {sorted(DTYPES)}")
-    data = np.ascontiguousarray(values, dtype=DTYPES[name]).tobytes()
-    return {"dtype": name, "shape": list(values.shape), "data": base64.b64encode(data).decode("ascii")}
-
-
-def tensor_array(packed: dict[str, Any] | pb.Tensor) -> np.ndarray:
-    """The array of a packed tensor (a `tensor_dict` or a `pb.Tensor`); `ValueError` when the
-    bytes do not fill the shape."""
-    if isinstance(packed, pb.Tensor):
-        dtype, shape, data = packed.dtype, list(packed.shape), packed.data
-    else:
-        dtype, shape, data = packed["dtype"], packed["shape"], base64.b64decode(packed["data"])
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown tensor dtype {dtype!r}; expected one of {sorted(DTYPES)}")
-    values = np.frombuffer(data, DTYPES[dtype])
-    if values.size != int(np.prod(shape)):
-        raise ValueError(f"{len(data)} bytes of {dtype} do not fill the shape {shape}")
-    return values.reshape(shape)
+def packed_doubles(values) -> dict[str, Any]:
+    """Floats as a packed float64 tensor ({"dtype", "shape", "data": base64 little-endian})."""
+    values = list(values)
+    data = struct.pack(f"<{len(values)}d", *values)
+    return {"dtype": "float64", "shape": [len(values)], "data": base64.b64encode(data).decode("ascii")}
 
 
 def frames_dict(resp: pb.AnalyzeResponse) -> dict[str, Any]:
@@ -57,7 +40,7 @@ def frames_dict(resp: pb.AnalyzeResponse) -> dict[str, Any]:
         out["embeddings"] = {
             "values": {"dtype": e.values.dtype, "shape": list(e.values.shape),
                        "data": base64.b64encode(e.values.data).decode("ascii")},
-            "times_s": tensor_dict(np.asarray(e.times_s, np.float64)),
+            "times_s": packed_doubles(e.times_s),
             "fps": e.fps,
         }
     return out

@@ -97,6 +97,7 @@ def test_decode_segments_cuts_at_the_scored_frames():
 
 def test_frame_results_travel_as_a_packed_tensor_and_come_back_in_the_json():
     from clients import timeline
+    from clients.embeddings import tensor_array
     from server.api import mapping
     from server.proto import video_analytics_pb2 as pb
 
@@ -109,12 +110,37 @@ def test_frame_results_travel_as_a_packed_tensor_and_come_back_in_the_json():
     mapping.add_frame_results(response, frames)
     response = pb.AnalyzeResponse.FromString(response.SerializeToString())
     assert response.embeddings.values.dtype == "float16" and len(response.embeddings.values.data) == 30 * 128 * 2
-    np.testing.assert_array_equal(timeline.tensor_array(response.embeddings.values), values)
+    np.testing.assert_array_equal(tensor_array(response.embeddings.values), values)
 
     as_json = timeline.frames_dict(response)
     assert as_json["segments"] == [{"start_s": 0.0, "end_s": 1.2, "pattern": 3, "confidence": 0.8},
                                    {"start_s": 1.2, "end_s": 2.0, "pattern": 1, "confidence": 0.6}]
     assert as_json["boundaries_s"] == [1.2]
-    np.testing.assert_array_equal(timeline.tensor_array(as_json["embeddings"]["values"]), values)
-    np.testing.assert_allclose(timeline.tensor_array(as_json["embeddings"]["times_s"]), np.arange(30) / 15.0)
+    np.testing.assert_array_equal(tensor_array(as_json["embeddings"]["values"]), values)
+    np.testing.assert_allclose(tensor_array(as_json["embeddings"]["times_s"]), np.arange(30) / 15.0)
     assert isinstance(as_json["embeddings"]["values"]["data"], str)  # base64, not a list of numbers
+
+
+def test_dtw_follows_a_time_warp():
+    from clients import embeddings
+
+    rng = np.random.default_rng(2)
+    a = rng.normal(size=(40, 16))
+    warp = np.sort(rng.integers(0, 40, 70))  # b repeats and skips a's frames, in order
+    warp[0], warp[-1] = 0, 39
+    b = a[warp] + rng.normal(scale=0.05, size=(70, 16))
+    path = embeddings.dtw(1 - embeddings.similarity(a, b))
+    assert path[0] == (0, 0) and path[-1] == (39, 69)
+    assert all(0 <= i2 - i1 <= 1 and 0 <= j2 - j1 <= 1 for (i1, j1), (i2, j2) in zip(path, path[1:]))
+    assert np.mean([warp[j] == i for i, j in path]) > 0.9
+    with pytest.raises(ValueError):
+        embeddings.dtw(np.zeros((0, 3)))
+
+
+def test_nearest_frames_keep_one_per_neighbourhood():
+    from clients import embeddings
+
+    frames = np.eye(4)[[0, 1, 1, 1, 2, 3, 1]]  # frames 1-3 and 6 equal the query
+    found = embeddings.nearest_frames(np.eye(4)[1], frames.astype(float), top=3, min_gap=3)
+    assert [i for i, _ in found] == [1, 6] and [s for _, s in found] == pytest.approx([1.0, 1.0])
+    assert [i for i, _ in embeddings.nearest_frames(np.eye(4)[1], frames.astype(float), top=2, min_gap=1)] == [1, 2]
