@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from clients import analyze, evaluate, metrics, report, score, stream
+from clients import align, analyze, evaluate, metrics, report, score, search, stream
 
 app = typer.Typer(
     name="vqs",
@@ -27,6 +27,8 @@ app.command("render")(report.render)
 app.command("metrics")(metrics.metrics)
 app.command("stream")(stream.stream)
 app.command("evaluate")(evaluate.evaluate)
+app.command("align")(align.align)
+app.command("search")(search.search)
 
 
 @app.command("serve")

@@ -70,23 +70,28 @@ def from_response(name: str, resp: pb.AnalyzeResponse) -> VideoFrames:
                        boundaries_s=parts["boundaries_s"], duration_s=resp.video.duration_s)
 
 
-def fetch(config: ChannelConfig, path: Path, *, segments: bool, timeout: float | None,
-          max_upload_mb: float) -> VideoFrames:
-    """Analyze `path` with embeddings (and segments); a gRPC failure exits as `vqs analyze` does."""
+def read_video(path: Path, max_upload_mb: float) -> bytes:
     analyze.check_upload_size(path.stat().st_size, max_upload_mb)
+    return path.read_bytes()
+
+
+def fetch(config: ChannelConfig, name: str, data: bytes, *, segments: bool, timeout: float | None,
+          max_upload_mb: float) -> VideoFrames:
+    """Analyze the video `data` with embeddings (and segments); a gRPC failure exits as
+    `vqs analyze` does."""
     try:
-        resp = analyze.call_analyze(config, path.read_bytes(), encoder="", timeout=timeout,
+        resp = analyze.call_analyze(config, data, encoder="", timeout=timeout,
                                     max_upload_mb=max_upload_mb, embeddings=True, omit_segments=not segments)
     except grpc.RpcError as exc:
         code = exc.code()
-        stderr.print(f"[red]error[/red] {path}: {analyze.error_message(code, exc.details())}",
+        stderr.print(f"[red]error[/red] {name}: {analyze.error_message(code, exc.details())}",
                      highlight=False, soft_wrap=True)
         answered = analyze.answered_by_gateway(exc)
         if code == grpc.StatusCode.UNAVAILABLE and not answered:
             stderr.print(analyze.unreachable_hint(config), highlight=False)
         raise typer.Exit(analyze.exit_code_for(code, answered=answered)) from None
     try:
-        return from_response(str(path), resp)
+        return from_response(name, resp)
     except ValueError as exc:
         stderr.print(f"[red]error[/red] {exc}", highlight=False)
         raise typer.Exit(analyze.EXIT_ERROR) from None
