@@ -11,7 +11,7 @@ import grpc
 import typer
 from rich.console import Console
 
-from clients import render, timeline
+from clients import compute, render, timeline
 from clients.channel import (
     ChannelConfig, TlsCaOption, TlsCertOption, TlsKeyOption, TokenOption, config_from_options,
     open_channel, plaintext_token_warning,
@@ -64,6 +64,13 @@ def check_upload_size(size: int, max_upload_mb: float) -> None:
         raise typer.BadParameter("the file is empty", param_hint="PATH")
 
 
+def check_budget(value: float | None) -> float | None:
+    """Raise `typer.BadParameter` (exit 2) for a budget outside (0, 1]."""
+    if value is not None and not 0.0 < value <= 1.0:
+        raise typer.BadParameter(f"{value:g} is outside (0, 1]: the share of the encoder's full compute to spend")
+    return value
+
+
 def channel_options(max_upload_mb: float) -> list[tuple[str, int]]:
     limit = int(max_upload_mb * 2**20) + MESSAGE_HEADROOM_BYTES
     return [
@@ -82,11 +89,12 @@ def unreachable_hint(config: ChannelConfig) -> str:
 
 def call_analyze(
     config: ChannelConfig, data: bytes, *, encoder: str, timeout: float | None, max_upload_mb: float,
-    embeddings: bool = False, omit_segments: bool = False,
+    embeddings: bool = False, omit_segments: bool = False, budget: float = 0.0,
 ) -> pb.AnalyzeResponse:
     with open_channel(config, options=channel_options(max_upload_mb)) as channel:
         stub = pb_grpc.VideoAnalyticsStub(channel)
-        request = pb.AnalyzeRequest(video=data, encoder=encoder, embeddings=embeddings, omit_segments=omit_segments)
+        request = pb.AnalyzeRequest(video=data, encoder=encoder, embeddings=embeddings, omit_segments=omit_segments,
+                                    budget=budget)
         return stub.Analyze(request, timeout=timeout)
 
 
@@ -102,8 +110,14 @@ def analyze(
         bool, typer.Option("--json", help="Print one JSON object instead of tables.")
     ] = False,
     encoder: Annotated[
-        str, typer.Option(help="Clip encoder, e.g. s3d; empty = the server's default.")
+        str, typer.Option(help="Clip encoder, e.g. s3d or vit_ats; empty = the server's default.")
     ] = "",
+    budget: Annotated[
+        float | None, typer.Option(
+            callback=check_budget,
+            help="Share of an adaptive encoder's full compute to spend, in (0, 1] (default 1 = full; "
+                 "the Compute table says what was spent).")
+    ] = None,
     timeout: Annotated[
         float | None, typer.Option(min=0.1, help="Deadline for the whole call, in seconds.")
     ] = None,
@@ -137,7 +151,7 @@ def analyze(
     try:
         with stderr.status(f"analyzing {path.name} ({size / 2**20:.1f} MB) on {server}"):
             resp = call_analyze(config, data, encoder=encoder, timeout=timeout, max_upload_mb=max_upload_mb,
-                                embeddings=embeddings)
+                                embeddings=embeddings, budget=budget or 0.0)
     except grpc.RpcError as exc:
         code = exc.code()
         stderr.print(f"[red]error[/red] {error_message(code, exc.details())}", highlight=False, soft_wrap=True)
@@ -159,3 +173,5 @@ def analyze(
     stdout.print(render.attention_table(result))
     if (segments := timeline.timeline_table(result)) is not None:
         stdout.print(segments)
+    if (spent := compute.compute_table(result)) is not None:
+        stdout.print(spent)

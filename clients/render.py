@@ -8,7 +8,7 @@ from typing import Any
 from rich.table import Table
 from rich.text import Text
 
-from clients import timeline
+from clients import compute, timeline
 from server.proto import video_analytics_pb2 as pb
 
 HEAT_LEVELS = " ▁▂▃▄▅▆▇█"
@@ -55,7 +55,7 @@ def response_to_dict(resp: pb.AnalyzeResponse) -> dict[str, Any]:
         "score": _r(resp.domain.score),
         "threshold": _r(resp.domain.threshold),
         "in_domain": resp.domain.in_domain,
-    }} if resp.HasField("domain") else {}) | timeline.frames_dict(resp)
+    }} if resp.HasField("domain") else {}) | timeline.frames_dict(resp) | compute.compute_dict(resp)
 
 
 def heatmap(weights: Sequence[float], width: int = 48) -> str:

@@ -128,3 +128,29 @@ def test_the_contract_takes_the_kept_counts_per_clip_from_the_config():
     config["output"][1]["dims"] = ["4"]
     kept = {t.name: t for t in triton.contract_for("clip_encoder_vit_ats", config).outputs}["kept"]
     assert (kept.dtype, kept.dims) == ("INT64", (4,))
+
+
+def test_vqs_analyze_shows_compute_in_json_and_as_a_table():
+    from rich.console import Console
+
+    from clients import compute as client_compute
+    from clients import render
+    from server.proto import video_analytics_pb2 as pb
+
+    response = pb.AnalyzeResponse(encoder="vit_ats", compute=pb.Compute(
+        encoder="vit_ats", budget=0.5, knob=98, adaptive="ats", kept_ratio=0.7, gmacs_per_clip=0.23,
+        clips=[pb.ClipCompute(kept=[90, 80, 70, 60], gmacs=0.24), pb.ClipCompute(kept=[80, 70, 60, 50], gmacs=0.22)]))
+    result = render.response_to_dict(response)
+    assert result["compute"] == {
+        "encoder": "vit_ats", "budget": 0.5, "adaptive": "ats", "knob": 98, "kept_ratio": pytest.approx(0.7),
+        "gmacs_per_clip": pytest.approx(0.23),
+        "clips": [{"kept": [90, 80, 70, 60], "gmacs": pytest.approx(0.24)},
+                  {"kept": [80, 70, 60, 50], "gmacs": pytest.approx(0.22)}],
+    }
+    console = Console(width=120, record=True)
+    console.print(client_compute.compute_table(result))
+    text = console.export_text()
+    assert "0.5 -> K = 98" in text and "K' ATS block 1" in text and "85.0 (80-90)" in text
+    plain = render.response_to_dict(pb.AnalyzeResponse(compute=pb.Compute(encoder="s3d", budget=1, kept_ratio=1)))
+    assert plain["compute"]["adaptive"] is None and plain["compute"]["knob"] is None
+    assert "compute" not in render.response_to_dict(pb.AnalyzeResponse())
