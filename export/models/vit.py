@@ -154,8 +154,10 @@ class VideoViT(nn.Module):
             raise ValueError(f"budget must be in (0, 1], got {budget}")
         return [max(math.ceil(budget * self.tokens), 8)] * len(self.ats_blocks)
 
-    def macs(self, kept: Sequence[int] | None = None) -> int:
-        """Multiply-adds of one clip whose ATS blocks kept `kept` tokens (cls included; None: no ATS).
+    def macs(self, kept: Sequence[int] | torch.Tensor | None = None):
+        """Multiply-adds of one clip whose ATS blocks kept `kept` tokens (cls included; None: no ATS):
+        an int for a list of counts, or per clip (N,) for a (N, blocks) tensor of counts (the
+        served graph counts each clip's own work this way).
 
         Counted from the shapes each layer processes: a block receiving n tokens and keeping m
         computes q, k, v and the attention scores for all n, and A·V, the projection and the FFN
@@ -165,13 +167,13 @@ class VideoViT(nn.Module):
         kernel = self.embed.weight[0].numel()
         total = self.tokens * dim * kernel  # tubelet embedding
         n = self.tokens + 1
-        kept = list(kept) if kept is not None else []
-        if kept and len(kept) != len(self.ats_blocks):
-            raise ValueError(f"kept needs one count per ATS block ({len(self.ats_blocks)}), got {len(kept)}")
+        per_block = [] if kept is None else (list(kept.unbind(-1)) if torch.is_tensor(kept) else list(kept))
+        if per_block and len(per_block) != len(self.ats_blocks):
+            raise ValueError(f"kept needs one count per ATS block ({len(self.ats_blocks)}), got {len(per_block)}")
         for i in range(len(self.blocks)):
-            m = kept[self.ats_blocks.index(i)] if kept and i in self.ats_blocks else n
-            total += n * dim * 3 * dim + n * n * dim  # qkv, QKᵀ
-            total += m * n * dim + m * dim * dim + 2 * m * dim * hidden  # A·V, proj, FFN
+            m = per_block[self.ats_blocks.index(i)] if per_block and i in self.ats_blocks else n
+            total = total + n * dim * 3 * dim + n * n * dim  # qkv, QKᵀ
+            total = total + m * n * dim + m * dim * dim + 2 * m * dim * hidden  # A·V, proj, FFN
             n = m
         return total + dim * self.feature_dim
 

@@ -145,3 +145,18 @@ def test_budget_maps_to_k_and_bins():
     for bad in (0.0, 1.5):
         with pytest.raises(ValueError, match="budget"):
             vit.k_for_budget(bad)
+
+
+def test_served_budget_mapping_is_the_models_own():
+    from export.adaptive_export import ATS_K_FLOOR, budget_to_units
+
+    vit, sgs = create_vit("vit_tiny_112"), create_s3d_sgs("s3d_sgs_stem_112")
+    budgets = [1.0, 0.75, 0.5, 0.3, 0.2, 0.1, 0.04, 0.01]
+    column = torch.tensor(budgets).unsqueeze(1)
+    assert budget_to_units(column, vit.tokens, ATS_K_FLOOR)[:, 0].tolist() == [vit.k_for_budget(b)[0] for b in budgets]
+    assert budget_to_units(column, sgs.clip_frames, 1)[:, 0].tolist() == [sgs.bins_for_budget(b) for b in budgets]
+
+
+def test_vit_macs_per_clip_from_a_tensor_of_kept_counts(vit):
+    kept = torch.tensor([[33, 20, 9], [5, 5, 5]])
+    assert vit.macs(kept).tolist() == [vit.macs([33, 20, 9]), vit.macs([5, 5, 5])]

@@ -1,0 +1,240 @@
+"""The adaptive encoders as served: graphs that take a compute budget per clip, and their Triton
+model directories (`clip_encoder_vit`, `clip_encoder_vit_ats`, `clip_encoder_s3d_sgs`).
+
+Contract (agreed with the gateway, issue 9), batched with dynamic batching:
+- input `clips` UINT8 [8, 112, 112, 3] (as every clip encoder); adaptive encoders also `budget`
+  FP32 [1] per clip, so one batch may mix requests with different budgets: the graph maps each
+  clip's budget to its own B (SGS) or K (ATS) as units = max(⌈budget·budget_units⌉, budget_floor),
+  budget clamped to [0, 1];
+- output `features` FP32 [256]; adaptive encoders also `kept` INT64 (SGS [1]: the bins B' the clip
+  kept; ATS [blocks]: K' non-cls tokens per ATS block) and `gmacs` FP32 [1]: the clip's
+  multiply-adds counted in the graph from the shapes it processed (its own B' / K'; the padding
+  of a mixed batch is not counted).
+- config parameters the gateway reads from Triton: `clip_fps`, `gmacs_per_clip` (the same encoder
+  without its adaptive module: the constant cost of a plain encoder, the denominator of an
+  adaptive one's kept ratio), and for adaptive ones `adaptive` ("sgs" | "ats"), `budget_units`,
+  `budget_floor` and `budget_default` (the budget chosen on validation).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from export.adaptive import onnx_functions
+from export.models.s3d_sgs import S3DSGS, s3d_macs
+from export.models.vit import VideoViT
+
+ENCODER_INPUT = "clips"
+BUDGET_INPUT = "budget"
+FEATURES_OUTPUT = "features"
+KEPT_OUTPUT = "kept"
+GMACS_OUTPUT = "gmacs"
+
+CLIP_FPS_PARAMETER = "clip_fps"
+GMACS_PER_CLIP_PARAMETER = "gmacs_per_clip"
+ADAPTIVE_PARAMETER = "adaptive"
+BUDGET_UNITS_PARAMETER = "budget_units"
+BUDGET_FLOOR_PARAMETER = "budget_floor"
+BUDGET_DEFAULT_PARAMETER = "budget_default"
+
+ATS_K_FLOOR = 8  # the thesis's K_n = max(ρ·#tokens, 8)
+MAX_BATCH = 64
+
+
+def budget_to_units(budget: torch.Tensor, full: int, floor: int) -> torch.Tensor:
+    """(N, 1) budgets -> (N, 1) int64 units max(⌈budget·full⌉, floor), at most `full`."""
+    return torch.ceil(budget.clamp(0.0, 1.0) * full).clamp(min=floor, max=full).to(torch.int64)
+
+
+class ServedViT(nn.Module):
+    """The plain ViT: clips -> features."""
+
+    def __init__(self, vit: VideoViT):
+        super().__init__()
+        self.vit = vit
+
+    def forward(self, clips: torch.Tensor) -> torch.Tensor:
+        return self.vit(clips)
+
+
+class ServedViTATS(nn.Module):
+    """The same ViT with ATS in its ATS blocks, K from each clip's budget."""
+
+    def __init__(self, vit: VideoViT):
+        super().__init__()
+        self.vit = vit
+
+    def forward(self, clips: torch.Tensor, budget: torch.Tensor):
+        k = budget_to_units(budget, self.vit.tokens, ATS_K_FLOOR).expand(-1, len(self.vit.ats_blocks))
+        features, kept = self.vit(clips, k)  # kept: tokens per ATS block, cls included
+        gmacs = (self.vit.macs(kept).to(torch.float32) / 1e9).unsqueeze(1)
+        return features, kept - 1, gmacs
+
+
+class ServedS3DSGS(nn.Module):
+    """The s3d with SGS, B from each clip's budget; GMACs looked up by the B' the clip kept from a
+    table counted on the shapes each B' processes (`S3DSGS.macs`)."""
+
+    def __init__(self, model: S3DSGS):
+        super().__init__()
+        self.model = model
+        table = [model.macs(b) / 1e9 for b in range(1, model.clip_frames + 1)]
+        self.register_buffer("gmacs_by_bins", torch.tensor(table, dtype=torch.float32))
+
+    def forward(self, clips: torch.Tensor, budget: torch.Tensor):
+        bins = budget_to_units(budget, self.model.clip_frames, 1).reshape(-1)
+        features, kept = self.model(clips, bins)
+        return features, kept.unsqueeze(1), self.gmacs_by_bins[kept - 1].unsqueeze(1)
+
+
+def vit_parameters(vit: VideoViT, *, ats: bool, clip_fps: float, budget_default: float | None) -> dict[str, str]:
+    parameters = {CLIP_FPS_PARAMETER: f"{clip_fps:g}", GMACS_PER_CLIP_PARAMETER: f"{vit.macs() / 1e9:.6g}"}
+    if ats:
+        parameters |= {ADAPTIVE_PARAMETER: "ats", BUDGET_UNITS_PARAMETER: str(vit.tokens),
+                       BUDGET_FLOOR_PARAMETER: str(ATS_K_FLOOR)}
+        if budget_default is not None:
+            parameters[BUDGET_DEFAULT_PARAMETER] = f"{budget_default:g}"
+    return parameters
+
+
+def sgs_parameters(model: S3DSGS, plain_macs: int, *, clip_fps: float, budget_default: float | None) -> dict[str, str]:
+    parameters = {CLIP_FPS_PARAMETER: f"{clip_fps:g}", GMACS_PER_CLIP_PARAMETER: f"{plain_macs / 1e9:.6g}",
+                  ADAPTIVE_PARAMETER: "sgs", BUDGET_UNITS_PARAMETER: str(model.clip_frames),
+                  BUDGET_FLOOR_PARAMETER: "1"}
+    if budget_default is not None:
+        parameters[BUDGET_DEFAULT_PARAMETER] = f"{budget_default:g}"
+    return parameters
+
+
+def _dims(shape) -> str:
+    return "[ " + ", ".join(str(d) for d in shape) + " ]"
+
+
+def config_text(name: str, *, kept_dims: int | None, parameters: Mapping[str, str], frames: int, size: int) -> str:
+    """config.pbtxt of a served clip encoder (kept_dims None: a plain encoder without budget)."""
+    clip_dims = _dims([frames, size, size, 3])
+    inputs = [f'  {{\n    name: "{ENCODER_INPUT}"\n    data_type: TYPE_UINT8\n    dims: {clip_dims}\n  }}']
+    outputs = [f'  {{\n    name: "{FEATURES_OUTPUT}"\n    data_type: TYPE_FP32\n    dims: [ 256 ]\n  }}']
+    warmup_inputs = [f'      key: "{ENCODER_INPUT}"\n      value {{ data_type: TYPE_UINT8 dims: {clip_dims} zero_data: true }}']
+    if kept_dims is not None:
+        inputs.append(f'  {{\n    name: "{BUDGET_INPUT}"\n    data_type: TYPE_FP32\n    dims: [ 1 ]\n  }}')
+        outputs.append(f'  {{\n    name: "{KEPT_OUTPUT}"\n    data_type: TYPE_INT64\n    dims: [ {kept_dims} ]\n  }}')
+        outputs.append(f'  {{\n    name: "{GMACS_OUTPUT}"\n    data_type: TYPE_FP32\n    dims: [ 1 ]\n  }}')
+        warmup_inputs.append(f'      key: "{BUDGET_INPUT}"\n      value {{ data_type: TYPE_FP32 dims: [ 1 ] zero_data: true }}')
+    lines = [
+        "# Written by export/adaptive_export.py; re-export to change (see its docstring for the contract).",
+        "# Runs model.onnx with ONNX Runtime inside the python backend (see onnx_runner.py); the vqs ops'",
+        "# function bodies are inlined by ONNX Runtime.",
+        f'name: "{name}"',
+        'backend: "python"',
+        f"max_batch_size: {MAX_BATCH}",
+        "",
+        "input [\n" + ",\n".join(inputs) + "\n]",
+        "output [\n" + ",\n".join(outputs) + "\n]",
+        "",
+        "dynamic_batching {\n  preferred_batch_size: [ 16, 32, 64 ]\n  max_queue_delay_microseconds: 2000\n}",
+        "",
+        "instance_group [\n  {\n    count: 1\n    kind: KIND_CPU\n  }\n]",
+        "",
+        'parameters: { key: "intra_op_threads" value: { string_value: "2" } }',
+        *[f'parameters: {{ key: "{k}" value: {{ string_value: "{v}" }} }}' for k, v in parameters.items()],
+        "",
+        "# Pay ONNX Runtime's first-run cost at load time, not on the first request.",
+        "model_warmup [\n  {\n    name: \"zeros_16\"\n    batch_size: 16\n"
+        + "".join(f"    inputs {{\n{w}\n    }}\n" for w in warmup_inputs)
+        + "  }\n]",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def export_served(
+    served: nn.Module,
+    encoder: nn.Module,
+    model_dir: Path,
+    *,
+    adaptive: bool,
+    kept_dims: int | None,
+    parameters: Mapping[str, str],
+    meta: Mapping,
+    weights: Path | None = None,
+) -> Path:
+    """Write `model_dir`/{config.pbtxt, 1/model.onnx, 1/model.json, 1/model.py -> onnx_runner.py};
+    the torch weights go to `1/model.pt` unless `weights` names the file that already holds them."""
+    version = model_dir / "1"
+    version.mkdir(parents=True, exist_ok=True)
+    served.eval()
+    frames, size = encoder.clip_frames, encoder.frame_size
+    clips = torch.randint(0, 256, (2, frames, size, size, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    path = version / "model.onnx"
+    if adaptive:
+        args = (clips, torch.tensor([[1.0], [0.5]]))
+        names_in, names_out = [ENCODER_INPUT, BUDGET_INPUT], [FEATURES_OUTPUT, KEPT_OUTPUT, GMACS_OUTPUT]
+        dynamic = {"clips": {0: batch}, "budget": {0: batch}}
+    else:
+        args = (clips,)
+        names_in, names_out = [ENCODER_INPUT], [FEATURES_OUTPUT]
+        dynamic = {"clips": {0: batch}}
+    proto = onnx_functions.export(served, args, path, input_names=names_in, output_names=names_out,
+                                  dynamic_shapes=dynamic)
+    onnx.checker.check_model(proto, full_check=True)
+    if weights is None:
+        weights = version / "model.pt"
+        torch.save(encoder.state_dict(), weights)
+    (model_dir / "config.pbtxt").write_text(
+        config_text(model_dir.name, kept_dims=kept_dims, parameters=parameters, frames=frames, size=size))
+    runner = version / "model.py"
+    if not runner.is_symlink():
+        runner.unlink(missing_ok=True)
+        os.symlink("../../onnx_runner.py", runner)
+    info = {
+        "name": model_dir.name,
+        **meta,
+        "inputs": names_in,
+        "outputs": names_out,
+        "parameters": dict(parameters),
+        "weights": os.path.relpath(weights, model_dir.parent),
+        "weights_sha256": _sha256(weights),
+        "onnx_sha256": _sha256(path),
+    }
+    (version / "model.json").write_text(json.dumps(info, indent=2) + "\n")
+    return path
+
+
+def parity(served: nn.Module, path: Path, budgets: list[float], *, seed: int = 0, batch: int = 4) -> float:
+    """Largest |torch − ONNX Runtime| over features (and equal kept counts) at `budgets`, each
+    batch mixing the budgets' neighbours; raises if the kept counts differ."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    rng = np.random.default_rng(seed)
+    worst = 0.0
+    for b in budgets:
+        clips = rng.integers(0, 256, (batch, 8, 112, 112, 3), dtype=np.uint8)
+        feed = {ENCODER_INPUT: clips}
+        if BUDGET_INPUT in names:
+            feed[BUDGET_INPUT] = np.asarray([[b]] + [[rng.uniform(0.05, 1.0)] for _ in range(batch - 1)], np.float32)
+        got = session.run(None, feed)
+        with torch.inference_mode():
+            want = served.eval()(*(torch.from_numpy(v) for v in feed.values()))
+        want = want if isinstance(want, tuple) else (want,)
+        worst = max(worst, float(np.abs(got[0] - want[0].numpy()).max()))
+        for g, w in zip(got[1:], want[1:]):
+            if g.dtype == np.int64 and not np.array_equal(g, w.numpy()):
+                raise AssertionError(f"{path}: kept counts differ from torch at budget {b}")
+            np.testing.assert_allclose(g, w.numpy(), rtol=1e-5)
+    return worst
