@@ -98,9 +98,9 @@ def rank(query, videos: list[VideoFrames], *, top: int, gap_s: float,
 
 
 def search(
-    items: Annotated[list[Path], typer.Argument(
+    items: Annotated[list[Path] | None, typer.Argument(
         metavar="[QUERY] VIDEOS...", show_default=False,
-        help="The query picture (unless --at is given), then the videos to search.")],
+        help="The query picture (unless --at is given), then the videos to search.")] = None,
     at: Annotated[str | None, typer.Option(
         "--at", metavar="VIDEO:SECONDS", help="Query with the frame of VIDEO at SECONDS instead of a picture.")] = None,
     top: Annotated[int, typer.Option(min=1, help="How many frames to list.")] = 5,
@@ -117,6 +117,7 @@ def search(
     """Find the frames of VIDEOS most like a query picture or a video's frame."""
     from clients import embeddings
 
+    items = items or []
     query_at = parse_at(at) if at is not None else None
     if query_at is None and not items:
         raise typer.BadParameter("give a query picture and videos, or --at VIDEO:SECONDS and videos",
