@@ -3,7 +3,8 @@
 Top to bottom, on one time axis in seconds: a strip of frames (each drawn over the stretch of
 time it stands for), one attention heatmap row per query (each clip's weight over its span,
 scaled to the row's peak: bright = where the model looked for that query), and on the right of
-each row the answer with its probability and the runners-up.
+each row the answer with its probability and the runners-up; last, when the result has them, the
+action parser's segments (one colour per pattern, its id written in) and boundaries.
 
 Needs the `render` extra (matplotlib); frames are read with PyAV, which the package installs.
 Both are imported when a picture is made, so the other commands never load them.
@@ -42,6 +43,7 @@ class Layout:
     strip: Box
     rows: dict[str, Box]  # query -> its heatmap row
     duration_s: float
+    segments: Box | None = None  # the sub-action row, when the result has segments
 
 
 def require_matplotlib():
@@ -114,7 +116,8 @@ def render_report(result: dict[str, Any], video: Path | None, out: Path, *, titl
     duration = max(float(info["duration_s"]), 1e-3)
     attention = result["attention"]
     answers = {a["query"]: a for a in result["answers"]}
-    n_rows = len(attention)
+    segments = result.get("segments") or []
+    n_rows = len(attention) + (1 if segments else 0)
     height_in = 0.9 + STRIP_HEIGHT_IN + ROW_HEIGHT_IN * n_rows + 0.55
     fig = plt.figure(figsize=(FIG_WIDTH_IN, height_in), dpi=DPI)
     left, right = 0.11, 0.70
@@ -173,7 +176,7 @@ def render_report(result: dict[str, Any], video: Path | None, out: Path, *, titl
         ax.set_ylim(0, 1)
         ax.set_yticks([])
         ax.set_ylabel(att["query"], rotation=0, ha="right", va="center", fontsize=10)
-        last = r == n_rows - 1
+        last = r == len(attention) - 1 and not segments
         ax.tick_params(labelbottom=last)
         if last:
             ax.set_xlabel("time (s)")
@@ -185,6 +188,25 @@ def render_report(result: dict[str, Any], video: Path | None, out: Path, *, titl
             ax.text(1.015, 0.24, "then " + ", ".join(rest) if rest else "", transform=ax.transAxes,
                     fontsize=8, va="center", color="0.4")
         row_axes[att["query"]] = ax
+    segments_ax = None
+    if segments:
+        segments_ax = axes_at(top_in + strip_in + len(attention) * row_in, row_in)
+        palette = colormaps["tab10"]
+        for s in segments:
+            start, end = float(s["start_s"]), float(s["end_s"])
+            segments_ax.add_patch(Rectangle((start, 0), max(end - start, 1e-6), 1,
+                                            color=palette(s["pattern"] % 10), linewidth=0))
+            segments_ax.text((start + end) / 2, 0.5, str(s["pattern"]), ha="center", va="center",
+                             fontsize=8, color="white", clip_on=True)
+        for b in result.get("boundaries_s") or []:
+            segments_ax.axvline(float(b), color="black", linewidth=1.2)
+        segments_ax.set_xlim(0, duration)
+        segments_ax.set_ylim(0, 1)
+        segments_ax.set_yticks([])
+        segments_ax.set_ylabel("sub-actions", rotation=0, ha="right", va="center", fontsize=10)
+        segments_ax.set_xlabel("time (s)")
+        segments_ax.text(1.015, 0.5, f"{len(segments)} segments (parser patterns)", transform=segments_ax.transAxes,
+                         fontsize=9, va="center", color="0.4")
 
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=DPI, facecolor="white")
@@ -194,7 +216,8 @@ def render_report(result: dict[str, Any], video: Path | None, out: Path, *, titl
         b = ax.get_window_extent()
         return Box(round(b.x0), round(height - b.y1), round(b.x1), round(height - b.y0))
 
-    layout = Layout(width, height, box(strip), {q: box(ax) for q, ax in row_axes.items()}, duration)
+    layout = Layout(width, height, box(strip), {q: box(ax) for q, ax in row_axes.items()}, duration,
+                    box(segments_ax) if segments_ax is not None else None)
     plt.close(fig)
     return layout
 
