@@ -144,3 +144,46 @@ def test_nearest_frames_keep_one_per_neighbourhood():
     found = embeddings.nearest_frames(np.eye(4)[1], frames.astype(float), top=3, min_gap=3)
     assert [i for i, _ in found] == [1, 6] and [s for _, s in found] == pytest.approx([1.0, 1.0])
     assert [i for i, _ in embeddings.nearest_frames(np.eye(4)[1], frames.astype(float), top=2, min_gap=1)] == [1, 2]
+
+
+class FakeFrameTriton:
+    """Per-frame 'models' whose output at t is a function of frames t-2..t+2 (context 2)."""
+
+    def __init__(self):
+        self.calls: list[int] = []
+
+    async def run_frame_model(self, spec, frames):
+        self.calls.append(len(frames))
+        level = frames.reshape(len(frames), -1).mean(axis=1) / 255.0  # T
+        smooth = np.convolve(np.pad(level, 2, mode="edge"), np.ones(5) / 5, mode="valid")
+        if spec.model == triton.PARSER_MODEL:
+            responses = np.stack([smooth, 1 - smooth], axis=1).astype(np.float32)
+            return {"responses": responses, "boundary_scores": (np.abs(np.gradient(smooth)) > 0.05).astype(np.float32)}
+        return {"embeddings": np.repeat(smooth[:, None], 128, axis=1).astype(np.float32)}
+
+
+async def test_frame_run_feeds_windows_and_drops_the_final_clips_padding():
+    fps, clip_frames = 15.0, 8
+    n_frames = 8 * 9 + 3  # nine full clips and three frames of a last one
+    level = np.where(np.arange(n_frames) < 40, 30, 220).astype(np.uint8)  # one change at frame 40
+    frames = np.broadcast_to(level[:, None, None, None], (n_frames, 112, 112, 3)).copy()
+    padded = np.concatenate([frames, np.repeat(frames[-1:], 5, axis=0)])
+    clips = padded.reshape(10, clip_frames, 112, 112, 3)
+    starts = np.arange(10) * clip_frames / fps
+    spans = np.stack([starts, np.minimum(starts + clip_frames / fps, n_frames / fps)], axis=1)
+    parser = triton.FrameModelSpec("action_parser", 28, fps, 2, ("responses", "boundary_scores"), 0.5, 0)
+    embedder = triton.FrameModelSpec("frame_embedder", 28, fps, 2, ("embeddings",))
+    fake = FakeFrameTriton()
+    run = seg.FrameRun(fake, parser=parser, embedder=embedder, clip_frames=clip_frames, fps=fps,
+                       window_frames=16, inflight=2)
+    for batch in (slice(0, 4), slice(4, 8), slice(8, 10)):
+        await run.add(clips[batch], spans[batch])
+    result = await run.finish()
+
+    assert len(result.times_s) == n_frames and result.embeddings.shape == (n_frames, 128)
+    np.testing.assert_allclose(result.times_s, np.arange(n_frames) / fps)
+    whole = await FakeFrameTriton().run_frame_model(embedder, seg.pool_frames(frames, 28))
+    np.testing.assert_allclose(result.embeddings, whole["embeddings"], atol=1e-3)
+    assert result.segments[-1].end_s == pytest.approx(n_frames / fps)
+    assert len(result.boundaries_s) >= 1 and all(37 / fps <= b <= 42 / fps for b in result.boundaries_s)
+    assert max(fake.calls) <= 16 + 2 * 2  # windows, never the whole video
