@@ -243,7 +243,7 @@ class EncoderDetails(_message.Message):
     def __init__(self, name: _Optional[str] = ..., adaptive: _Optional[str] = ..., knob: _Optional[str] = ..., knob_full: _Optional[int] = ..., knob_min: _Optional[int] = ..., gmacs_per_clip: _Optional[float] = ..., clip_frames: _Optional[int] = ..., frame_size: _Optional[int] = ..., clip_fps: _Optional[float] = ...) -> None: ...
 
 class StreamOptions(_message.Message):
-    __slots__ = ("encoder", "window_clips", "hop_clips", "mode", "omit_window_attention", "producer_start_unix_s", "resume_token")
+    __slots__ = ("encoder", "window_clips", "hop_clips", "mode", "omit_window_attention", "producer_start_unix_s", "resume_token", "budget")
     ENCODER_FIELD_NUMBER: _ClassVar[int]
     WINDOW_CLIPS_FIELD_NUMBER: _ClassVar[int]
     HOP_CLIPS_FIELD_NUMBER: _ClassVar[int]
@@ -251,6 +251,7 @@ class StreamOptions(_message.Message):
     OMIT_WINDOW_ATTENTION_FIELD_NUMBER: _ClassVar[int]
     PRODUCER_START_UNIX_S_FIELD_NUMBER: _ClassVar[int]
     RESUME_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_FIELD_NUMBER: _ClassVar[int]
     encoder: str
     window_clips: int
     hop_clips: int
@@ -258,7 +259,8 @@ class StreamOptions(_message.Message):
     omit_window_attention: bool
     producer_start_unix_s: float
     resume_token: str
-    def __init__(self, encoder: _Optional[str] = ..., window_clips: _Optional[int] = ..., hop_clips: _Optional[int] = ..., mode: _Optional[_Union[StreamMode, str]] = ..., omit_window_attention: _Optional[bool] = ..., producer_start_unix_s: _Optional[float] = ..., resume_token: _Optional[str] = ...) -> None: ...
+    budget: float
+    def __init__(self, encoder: _Optional[str] = ..., window_clips: _Optional[int] = ..., hop_clips: _Optional[int] = ..., mode: _Optional[_Union[StreamMode, str]] = ..., omit_window_attention: _Optional[bool] = ..., producer_start_unix_s: _Optional[float] = ..., resume_token: _Optional[str] = ..., budget: _Optional[float] = ...) -> None: ...
 
 class StreamRequest(_message.Message):
     __slots__ = ("options", "chunk")
