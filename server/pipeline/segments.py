@@ -253,6 +253,8 @@ class FrameRun:
     async def finish(self) -> FrameResults | None:
         if not self.runs:
             return None
+        if not self.times:  # no frames: the caller reports the video as undecodable
+            return FrameResults(segments=[], boundaries_s=[], embeddings=None, times_s=np.zeros(0), fps=self.fps)
         outputs = [await run.finish() for run in self.runs]
         by_model = dict(zip((spec.model for spec in (self.parser, self.embedder) if spec), outputs))
         times = np.concatenate(self.times) if self.times else np.zeros(0)
