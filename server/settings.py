@@ -7,6 +7,7 @@ Nested groups use `__`, e.g. `VQS_DECODE__WORKERS=2`, `VQS_LIMITS__MAX_UPLOAD_BY
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -63,7 +64,10 @@ class DecodeSettings(_Group):
     ahead_bytes: int = Field(24 * 2**20, ge=1)
     # Target length of the keyframe segments a video is split into across workers.
     segment_frames: int = Field(240, ge=1)
-    # Inputs larger than this, or whose header claims more frames, are decoded with PyAV:
+    # The library that decodes videos: PyAV (less CPU per frame, flat memory) or decord, which
+    # PyAV then replaces for the inputs below (and continues where decord stops early).
+    backend: Literal["pyav", "decord"] = "pyav"
+    # With decord: inputs larger than this, or whose header claims more frames, go to PyAV:
     # decord's memory grows with the file, and it sizes a table by the claimed frame count.
     decord_max_bytes: int = Field(96 * 2**20, ge=0)
     decord_max_frames: int = Field(1_000_000, ge=0)
@@ -100,6 +104,9 @@ class LimitsSettings(_Group):
     stream_max_window_clips: int = Field(64, ge=1)
     # `realtime` mode: decoded clips waiting for the encoder beyond this drop the oldest.
     stream_pending_clips: int = Field(8, ge=1)
+    # `realtime` mode: video more than this far behind both the feed and real time is not decoded
+    # (skipped up to a keyframe; its clips are dropped).
+    stream_max_lag_s: float = Field(0.5, gt=0)
 
 
 class SecuritySettings(_Group):

@@ -72,13 +72,18 @@ class Channel:
     def send(self, m: msg.FromWorker) -> None:
         self.conn.send(m)
 
-    def send_frames(self, segment: int, frames: np.ndarray, starts: list, durations: list) -> None:
+    def send_frames(
+        self, segment: int, frames: np.ndarray, starts: list, durations: list, skipped: list[bool]
+    ) -> None:
         self.check()
         while self.credits <= 0:
             self.wait()
         self.credits -= 1
-        self.conn.send(msg.Frames(segment, np.asarray(starts, np.float64), np.asarray(durations, np.float64)))
-        self.conn.send_bytes(memoryview(np.ascontiguousarray(frames)).cast("B"))
+        mask = np.asarray(skipped, bool) if any(skipped) else None
+        data = memoryview(np.ascontiguousarray(frames)).cast("B")
+        starts, durations = np.asarray(starts, np.float64), np.asarray(durations, np.float64)
+        self.conn.send(msg.Frames(segment, starts, durations, nbytes=len(data), skipped=mask))
+        msg.send_raw(self.conn, data)
 
 
 class Chunker:
@@ -91,14 +96,20 @@ class Chunker:
         self.buf = np.empty((job.chunk_frames, size, size, 3), np.uint8)
         self.starts: list[float] = []
         self.durations: list[float] = []
+        self.skipped: list[bool] = []
         self.sent = 0
         self.last_start: float | None = None  # the last frame's start that was known
 
-    def add(self, frame: np.ndarray, start: float, duration: float) -> None:
+    def add(self, frame: np.ndarray | None, start: float, duration: float) -> None:
+        """Add a frame; None: one not decoded (a realtime stream behind its feed), sent as zeros."""
         n = len(self.starts)
-        self.buf[n] = np.rot90(frame, self.quarter_turns) if self.quarter_turns else frame
+        if frame is None:
+            self.buf[n] = 0
+        else:
+            self.buf[n] = np.rot90(frame, self.quarter_turns) if self.quarter_turns else frame
         self.starts.append(start)
         self.durations.append(duration)
+        self.skipped.append(frame is None)
         if not math.isnan(start):
             self.last_start = start
         self.sent += 1
@@ -109,8 +120,9 @@ class Chunker:
 
     def flush(self) -> None:
         if self.starts:
-            self.ch.send_frames(self.segment, self.buf[: len(self.starts)], self.starts, self.durations)
-            self.starts, self.durations = [], []
+            n = len(self.starts)
+            self.ch.send_frames(self.segment, self.buf[:n], self.starts, self.durations, self.skipped)
+            self.starts, self.durations, self.skipped = [], [], []
 
 
 class Videos:
@@ -168,7 +180,7 @@ def _open_pyav(job: msg.DecodeJob, threads: int, skip_nonref: bool) -> PyAVBacke
 def open_video(job: msg.DecodeJob) -> tuple[Backend | None, msg.Opened]:
     """Probe the video (PyAV reads the header and its first frame), check the limits on what it
     claims, pick and open the backend, and plan the segments."""
-    pyav = PyAVBackend(job.frame_size, job.threads, low_delay=job.live)
+    pyav = PyAVBackend(job.frame_size, job.threads, low_delay=job.live, max_lag_s=job.live_max_lag_s)
     pyav.open(job.path)
     try:
         return _open_video(job, pyav)

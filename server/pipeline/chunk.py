@@ -20,6 +20,8 @@ positive time:
 - a missing or absurd (beyond 1e8 s) start becomes the previous frame's end; a duration that is
   missing, not positive or longer than `max_gap_s` becomes the last good one (else an estimate
   from the chunk's timestamps, else 1/30 s);
+- stamps out of order among a few neighbours are the frames' in sorted order (decoders output
+  display order: a muxer swapped them), as decord's index assigns them;
 - a start not after the previous one (repeated, out of order) becomes the previous frame's end;
   a jump back by more than `max_gap_s` means the clock was reset (streams spliced together): the
   times after it are shifted to continue from the previous frame;
@@ -63,6 +65,22 @@ def _check_frames(frames: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> N
         )
 
 
+def _unswapped(starts: np.ndarray) -> np.ndarray:
+    """Decoders output frames in display order, so stamps out of that order (a muxer's swapped
+    pairs, packed B-frames) belong to the frames in sorted order, as decord assigns its index's:
+    sorted, where that moves no stamp by more than `LOOKAHEAD` frames (a farther one is a jump)."""
+    with np.errstate(invalid="ignore"):
+        if not (np.diff(starts) < 0).any():  # NaN compares False
+            return starts
+    known = np.flatnonzero(np.abs(starts) < ABSURD_S)
+    order = np.argsort(starts[known], kind="stable")
+    if np.abs(order - np.arange(len(order))).max(initial=0) > LOOKAHEAD:
+        return starts
+    starts = starts.copy()
+    starts[known] = starts[known][order]
+    return starts
+
+
 class FrameTimes:
     """Repairs decoder timestamps into increasing frame times; one per video, fed chunk by chunk
     in display order. See the module docstring for the rules."""
@@ -96,6 +114,7 @@ class FrameTimes:
             raise ValueError(f"need one duration per start: {starts.shape} vs {durations.shape}")
         if len(starts) == 0:
             return starts, starts.copy()
+        starts = _unswapped(starts)
         durations = self._durations_from_steps(starts, durations)
         if not self._sane(starts, durations):
             return self._repair(starts, durations)

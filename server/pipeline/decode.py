@@ -54,6 +54,9 @@ class ClipBatch:
     clips: np.ndarray  # uint8 [n, clip_frames, frame_size, frame_size, 3] (RGB)
     spans_s: np.ndarray  # float64 [n, 2] start/end seconds of each clip
     info: VideoInfo
+    # bool [n]: clips with a frame not decoded (a realtime stream behind its feed, see
+    # `DecodeJob.live_max_lag_s`): placeholders in their place in time, not to be analysed.
+    dropped: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,7 @@ class FrameChunk:
     frames: np.ndarray  # uint8 [n, size, size, 3]
     starts: np.ndarray  # float64 [n], NaN where the decoder had no time
     durations: np.ndarray  # float64 [n], NaN where unknown
+    skipped: np.ndarray  # bool [n]: not decoded (zeros)
 
 
 class VideoDecoder:
@@ -110,6 +114,7 @@ class VideoDecoder:
         sample_fps: float | None = None,
         live: bool = False,
         chunk_frames: int | None = None,
+        max_lag_s: float | None = None,
     ) -> AsyncIterator[ClipBatch]:
         """Decode `source` and yield batches of clips in time order, of frames sampled at
         `sample_fps` (the encoder's frame rate; see `chunk.TimeGrid`) or of every frame (None).
@@ -117,6 +122,8 @@ class VideoDecoder:
         `live`: `source` is a stream that can be read once (a named pipe), decoded by one worker
         with PyAV from start to end. `chunk_frames` overrides `decode.chunk_frames` for this
         request (a stream sends small chunks, so no frame waits for a chunk to fill).
+        `max_lag_s` (live only): keep up with the feed, skipping what is further behind it; the
+        clips with skipped frames come marked in `ClipBatch.dropped`.
 
         Close the iterator (`contextlib.aclosing`) or cancel its consumer to stop decoding early.
         """
@@ -131,6 +138,10 @@ class VideoDecoder:
         else:
             path = pathlib.Path(source)
         job = self._job(path, frame_size, sample_fps, live=live, chunk_frames=chunk_frames)
+        if max_lag_s is not None:
+            if not live:
+                raise ValueError("max_lag_s is for live streams")
+            job = dataclasses.replace(job, live_max_lag_s=max_lag_s)
         scheduler = SegmentScheduler(self.pool, job, self.settings)
         try:
             async for batch in self._clips(scheduler, clip_frames, clips_per_batch, sample_fps):
@@ -159,6 +170,7 @@ class VideoDecoder:
             segment_frames=0 if s.workers < 2 or live else min(s.segment_frames, (credits - 1) * chunk),
             sample_fps=sample_fps,
             live=live,
+            preferred_backend=s.backend,
             limits=msg.Limits(
                 max_frame_pixels=self.max_frame_pixels,
                 max_duration_s=self.max_duration_s,
@@ -176,6 +188,7 @@ class VideoDecoder:
         times = FrameTimes(max_gap_s=self.settings.max_gap_s)
         grid = TimeGrid(sample_fps, max_gap_s=self.settings.max_gap_s) if sample_fps else None
         assembler = ClipAssembler(clip_frames)
+        marks = _ClipMarks(clip_frames)  # in step with the assembler
         batches = _Batcher(per_batch)
         frames = 0
 
@@ -192,26 +205,27 @@ class VideoDecoder:
                     f"the video is longer than the limit of {self.max_duration_s:g} s (limits.max_duration_s)"
                 )
             if grid is None:
-                for batch in batches.add(*assembler.push(chunk.frames, starts, ends)):
-                    yield ClipBatch(*batch, info())
+                clips = assembler.push(chunk.frames, starts, ends)
+                for batch in batches.add(*clips, marks.push(chunk.skipped)):
+                    yield ClipBatch(*batch[:2], info(), batch[2])
                 continue
             picked, starts, ends = grid.sample(starts, ends)
             # A frame may be sampled many times (a still stretch): push a chunk's worth at a time.
             step = self.settings.chunk_frames
             for i in range(0, len(picked), step):
                 part = slice(i, i + step)
-                clips = assembler.push(chunk.frames[picked[part]], starts[part], ends[part])
-                for batch in batches.add(*clips):
-                    yield ClipBatch(*batch, info())
+                clips = assembler.push(_take(chunk.frames, picked[part]), starts[part], ends[part])
+                for batch in batches.add(*clips, marks.push(chunk.skipped[picked[part]])):
+                    yield ClipBatch(*batch[:2], info(), batch[2])
 
         if frames == 0:
             reason = scheduler.note or "the decoders returned no frames"
             raise UnsupportedMedia(f"no decodable video frames in the input ({reason})")
-        for batch in batches.add(*assembler.flush()):
-            yield ClipBatch(*batch, info())
+        for batch in batches.add(*assembler.flush(), marks.flush()):
+            yield ClipBatch(*batch[:2], info(), batch[2])
         last = batches.rest()
         if last is not None:
-            yield ClipBatch(*last, info())
+            yield ClipBatch(*last[:2], info(), last[2])
 
     def _write_temp(self, data: bytes | bytearray | memoryview) -> pathlib.Path:
         if self._tmpdir is None:
@@ -222,36 +236,61 @@ class VideoDecoder:
         return pathlib.Path(name)
 
 
+class _ClipMarks:
+    """Per clip, whether any of its frames was skipped: fed the frames' flags as a `ClipAssembler`
+    is fed the frames, it cuts the same clips."""
+
+    def __init__(self, clip_frames: int) -> None:
+        self.clip_frames = clip_frames
+        self.pending = np.zeros(0, bool)
+
+    def push(self, skipped: np.ndarray) -> np.ndarray:
+        flags = np.concatenate([self.pending, skipped])
+        cut = len(flags) // self.clip_frames * self.clip_frames
+        self.pending = flags[cut:]
+        return flags[:cut].reshape(-1, self.clip_frames).any(axis=1)
+
+    def flush(self) -> np.ndarray:
+        last, self.pending = self.pending, self.pending[:0]
+        return last.any(keepdims=True) if len(last) else np.zeros(0, bool)
+
+
+def _take(frames: np.ndarray, picked: np.ndarray) -> np.ndarray:
+    """frames[picked], as a view (no copy) where the picks are consecutive (the video's own rate)."""
+    if len(picked) and picked[-1] - picked[0] == len(picked) - 1 and (np.diff(picked) == 1).all():
+        return frames[picked[0] : picked[-1] + 1]
+    return frames[picked]
+
+
 class _Batcher:
-    """Fills fixed batches of `size` clips; a full batch is handed out and a new one started."""
+    """Fills fixed batches of `size` rows of parallel arrays (clips, their spans, their flags); a
+    full batch is handed out and a new one started."""
 
     def __init__(self, size: int) -> None:
         self.size = size
-        self.clips: np.ndarray | None = None
-        self.spans = np.empty((size, 2), np.float64)
+        self.rows: list[np.ndarray] | None = None
         self.filled = 0
 
-    def add(self, clips: np.ndarray, spans: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+    def add(self, *arrays: np.ndarray) -> list[tuple[np.ndarray, ...]]:
         full = []
         i = 0
-        while i < len(clips):
-            if self.clips is None:
-                self.clips = np.empty((self.size, *clips.shape[1:]), np.uint8)
-                self.spans = np.empty((self.size, 2), np.float64)
-            take = min(len(clips) - i, self.size - self.filled)
-            self.clips[self.filled : self.filled + take] = clips[i : i + take]
-            self.spans[self.filled : self.filled + take] = spans[i : i + take]
+        while i < len(arrays[0]):
+            if self.rows is None:
+                self.rows = [np.empty((self.size, *a.shape[1:]), a.dtype) for a in arrays]
+            take = min(len(arrays[0]) - i, self.size - self.filled)
+            for rows, a in zip(self.rows, arrays):
+                rows[self.filled : self.filled + take] = a[i : i + take]
             self.filled += take
             i += take
             if self.filled == self.size:
-                full.append((self.clips, self.spans))
-                self.clips, self.filled = None, 0
+                full.append(tuple(self.rows))
+                self.rows, self.filled = None, 0
         return full
 
-    def rest(self) -> tuple[np.ndarray, np.ndarray] | None:
-        if not self.filled or self.clips is None:
+    def rest(self) -> tuple[np.ndarray, ...] | None:
+        if not self.filled or self.rows is None:
             return None
-        return self.clips[: self.filled], self.spans[: self.filled]
+        return tuple(rows[: self.filled] for rows in self.rows)
 
 
 @dataclass
@@ -285,6 +324,10 @@ class SegmentScheduler:
     async def open(self) -> None:
         """Have a worker open the video and plan it; it then decodes the first segment."""
         first = await self.pool.acquire()
+        # Split among the workers idle now (and with their threads if it stays one segment):
+        # with every worker busy, splitting adds an open and a seek, threads add CPU.
+        idle = min(self.pool.idle_count(), self.max_workers - 1)
+        self.job = dataclasses.replace(self.job, workers=1 + idle)
         self._add_worker(first)
         first.send(self.job)
         opened, _ = await self._next(first)
@@ -312,20 +355,22 @@ class SegmentScheduler:
             if not isinstance(m, msg.Frames) or payload is None:
                 raise InternalError(f"unexpected decoder message {type(m).__name__}")
             current.worker.send(msg.Credit(1))
-            frames = np.frombuffer(payload, np.uint8).reshape(len(m.starts), size, size, 3)
+            frames = payload.reshape(len(m.starts), size, size, 3)
             starts, durations = m.starts, m.durations
+            skipped = np.zeros(len(starts), bool) if m.skipped is None else m.skipped
             if m.segment != self.trimmed:
                 # A segment may begin with frames the previous one ended with (decord's seek or
                 # PyAV's keyframe snapping): drop its leading frames up to the previous end.
                 repeated = np.cumprod(starts <= self.segment_end).sum()  # NaN never repeats
                 frames, starts, durations = frames[repeated:], starts[repeated:], durations[repeated:]
+                skipped = skipped[repeated:]
                 if len(starts):
                     self.trimmed = m.segment
             if np.isfinite(starts).any():
                 self.segment_end = max(self.segment_end, float(np.nanmax(starts)))
             if len(starts) == 0:
                 continue
-            yield FrameChunk(frames, starts, durations)
+            yield FrameChunk(frames, starts, durations, skipped)
 
     def _next_job(self, segment: int) -> msg.DecodeJob:
         return dataclasses.replace(self.job, segment=segment, plan=self.plan)

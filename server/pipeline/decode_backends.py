@@ -19,7 +19,10 @@ from __future__ import annotations
 import math
 import os
 import re
-from collections.abc import Iterator
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any, Protocol
@@ -44,7 +47,8 @@ DECORD_BATCH = 32
 # decord reports a missing timestamp as INT64_MIN ticks; no real timestamp is this far out.
 _ABSURD_S = 1e12
 
-Frame = tuple[np.ndarray, float, float]  # RGB [size, size, 3], start s, duration s (NaN: unknown)
+# RGB [size, size, 3] (None: a frame not decoded, see `LiveReadahead`), start s, duration s (NaN: unknown)
+Frame = tuple[np.ndarray | None, float, float]
 
 
 class DecodeFailure(Exception):
@@ -127,8 +131,11 @@ def skips_frames(fps: float | None, sample_fps: float | None) -> bool:
 
 
 def choose_backend(probe: Probe, quarter_turns: int, job: DecodeJob) -> tuple[BackendName, str]:
-    """The backend for this video, and why not decord (empty if decord). decord is faster;
-    PyAV streams with flat memory, skips frames, and resizes rotated frames correctly."""
+    """The backend for this video, and why not decord (empty if decord or PyAV is preferred).
+    PyAV costs less CPU per frame, streams with flat memory, skips frames, and resizes rotated
+    frames correctly; decord indexes every frame before decoding."""
+    if job.preferred_backend == "pyav":
+        return "pyav", ""
     limits = job.limits
     if quarter_turns:
         return "pyav", "rotated video (decord resizes rotated frames wrongly)"
@@ -187,7 +194,11 @@ class PyAVBackend:
 
     name: BackendName = "pyav"
 
-    def __init__(self, frame_size: int, threads: int, *, low_delay: bool = False) -> None:
+    def __init__(
+        self, frame_size: int, threads: int, *, low_delay: bool = False, max_lag_s: float | None = None
+    ) -> None:
+        """`low_delay`: a live stream (slice threads). `max_lag_s`: a live stream that must keep up
+        with its feed (`LiveReadahead`)."""
         import av.video.reformatter
 
         self.frame_size = frame_size
@@ -195,6 +206,8 @@ class PyAVBackend:
         # Frame threads hold threads - 1 frames back before the first comes out; slice threads
         # hold none (a live stream's latency).
         self.thread_type = "SLICE" if low_delay else "AUTO"
+        self.max_lag_s = max_lag_s
+        self._readahead: LiveReadahead | None = None
         self.path = ""
         self.container: Any = None
         self.stream: Any = None
@@ -270,11 +283,18 @@ class PyAVBackend:
         return [round(float((t - first) * self._time_base) * self.probe.fps) for t in stamps]
 
     def split(self, segment_frames: int, workers: int) -> list[Segment]:
-        """Cut points every `length / fps` seconds of the claimed duration. Each worker snaps them
-        to the first keyframe at or after the cut, in the same way, so segments meet exactly."""
+        """Cut points at the keyframes of the container's index, or without an index every
+        `length / fps` seconds of the claimed duration. Each worker snaps a cut to the first
+        keyframe at or after it, in the same way, so segments meet exactly; that holds only if
+        timestamps grow in file order, so a video whose index says otherwise is one segment."""
         p = self.probe
         if not (segment_frames and workers > 1 and p and p.fps and p.duration_s):
             return [Segment(0)]
+        keys = self._indexed_keyframes()
+        if any(b.pos < a.pos for a, b in zip(keys, keys[1:])):  # the index is sorted by time
+            return [Segment(0)]
+        if keys:
+            return self._split_at_keyframes([e.timestamp for e in keys], segment_frames, workers)
         step = segment_length(p.duration_s * p.fps, segment_frames, workers) / p.fps
         n = round(p.duration_s / step)
         if n < 2:
@@ -283,6 +303,29 @@ class PyAVBackend:
         starts, stops = [None, *cuts], [*cuts, None]
         return [
             Segment(i, start_s=i * step, stop_s=None if b is None else (i + 1) * step, start_pts=a, stop_pts=b)
+            for i, (a, b) in enumerate(zip(starts, stops))
+        ]
+
+    def _indexed_keyframes(self) -> list[Any]:
+        """The keyframe entries of the container's index, all of them: Matroska reads its index
+        (cues) on the first seek, so one is done (and the file reopened before decoding)."""
+        if len(self.stream.index_entries) and "matroska" in self.container.format.name:
+            self.container.seek(self._origin, stream=self.stream, backward=True)
+            self._touched = True
+        return [e for e in self.stream.index_entries if e.is_keyframe]
+
+    def _split_at_keyframes(self, stamps: list[int], segment_frames: int, workers: int) -> list[Segment]:
+        fps, tb = self.probe.fps, self._time_base
+        frame_of = {round(float((t - stamps[0]) * tb) * fps): t for t in stamps}
+        frames = max(self.probe.frames or 0, *frame_of)
+        cuts = [frame_of[k] for k in keyframe_cuts(frames, sorted(frame_of), segment_length(frames, segment_frames, workers))]
+        if len(cuts) < 2:
+            return [Segment(0)]
+        seconds = [float((t - self._origin) * tb) for t in cuts]
+        starts, stops = [None, *cuts[1:]], [*cuts[1:], None]
+        return [
+            Segment(i, start_s=0.0 if i == 0 else seconds[i], stop_s=None if b is None else seconds[i + 1],
+                    start_pts=a, stop_pts=b)
             for i, (a, b) in enumerate(zip(starts, stops))
         ]
 
@@ -302,7 +345,10 @@ class PyAVBackend:
     def close(self) -> None:
         self._pending = None
         self._touched = False
-        if self.container is not None:
+        if self._readahead is not None:  # its thread may be reading: it closes the container
+            self._readahead.stop(then=self.container.close)
+            self._readahead = None
+        elif self.container is not None:
             self.container.close()
         self.container = self.stream = None
 
@@ -313,6 +359,10 @@ class PyAVBackend:
         stops being readable (so its readable prefix is kept)."""
         packets = self.container.demux(self.stream)
         self._touched = True
+        if self.max_lag_s is not None:
+            self._readahead = LiveReadahead(packets, self._time_base, self.max_lag_s)
+            yield from self._readahead
+            return
         while True:
             try:
                 packet = next(packets)
@@ -363,6 +413,8 @@ class PyAVBackend:
         return start, duration
 
     def _picture(self, frame: Any) -> Frame:
+        if isinstance(frame, Skipped):
+            return (None, *self._times(frame))
         size = self.frame_size
         picture = self._scaler.reformat(frame, size, size, "rgb24", threads=1).to_ndarray()
         return (picture, *self._times(frame))
@@ -419,6 +471,153 @@ class PyAVBackend:
                 inside = True
             if inside:
                 yield frame
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A packet `LiveReadahead` did not decode, standing in for its frame: its times in stream
+    ticks. It goes through the decoding steps as a frame would (`decode` gives itself)."""
+
+    pts: int | None
+    dts: int | None
+    duration: int
+    rotation = 0  # as a frame's (class attributes, not fields)
+    is_keyframe = False
+
+    def decode(self) -> tuple[Skipped]:
+        return (self,)
+
+
+class LiveReadahead:
+    """The packets of a live stream that must keep up with real time (a realtime `AnalyzeStream`),
+    demuxed in a thread ahead of the decoder, so the decoder knows how far behind the feed it is.
+
+    A packet is late when it is more than `max_lag_s` of media behind the newest packet demuxed
+    AND behind real time by as much: more wall time than media time has passed since the first
+    packet. A late packet is not decoded, nor is the rest of its group of pictures: decoding
+    resumes at a keyframe that is not late (the first keyframe is always decoded). A packet not
+    decoded comes out as a `Skipped`, so clips keep their place in time. A keyframe arriving
+    while the oldest packet waiting is late turns everything before it into `Skipped` at once.
+
+    So a decoder slower than real time, or one that receives a burst after the sender stalled,
+    skips ahead to live; a feed sent faster than real time (a file sent whole) is decoded whole
+    and slowed down: the thread stops reading once 4 x `max_lag_s` (at least 2 s) of media, or
+    `READAHEAD_PACKETS`, wait, which fills the pipe and holds the sender back. A feed slower than
+    real time is never behind itself. Without timestamps (raw H.264) nothing is judged late.
+
+    PyAV demuxes and decodes without the GIL; the thread only touches the demuxer, the caller
+    only the decoder. `stop` lets the thread close the container once its read returns (the
+    gateway ends the pipe when the stream ends).
+    """
+
+    READAHEAD_PACKETS = 1024
+
+    def __init__(
+        self, packets: Iterator[Any], time_base: Fraction, max_lag_s: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.time_base = float(time_base)
+        self.max_lag_s = max_lag_s
+        self.readahead_s = max(4 * max_lag_s, 2.0)
+        self.clock = clock
+        self.newest_s = -math.inf
+        self.anchor: float | None = None  # wall time - media time of the first packet
+        self._queue: deque[Any] = deque()
+        self._ended = False
+        self._stopped = False
+        self._then: Callable[[], None] | None = None
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._demux, args=(packets,), name="live-demux", daemon=True)
+        self._thread.start()
+
+    def _seconds(self, packet: Any) -> float | None:
+        stamp = packet.pts if packet.pts is not None else packet.dts
+        return None if stamp is None else stamp * self.time_base
+
+    def _late(self, at: float | None) -> bool:
+        if at is None or self.anchor is None:
+            return False
+        return self.newest_s - at > self.max_lag_s and self.clock() - self.anchor - at > self.max_lag_s
+
+    def _oldest_waiting(self) -> float | None:
+        """Media time of the oldest packet waiting to be decoded (`Skipped` ones lead the queue)."""
+        oldest = next((p for p in self._queue if not isinstance(p, Skipped)), None)
+        return None if oldest is None else self._seconds(oldest)
+
+    def _full(self) -> bool:
+        if len(self._queue) >= self.READAHEAD_PACKETS:
+            return True
+        oldest = self._oldest_waiting()
+        return oldest is not None and self.newest_s - oldest > self.readahead_s
+
+    def _demux(self, packets: Iterator[Any]) -> None:
+        try:
+            while True:
+                with self._cond:
+                    self._cond.wait_for(lambda: self._stopped or not self._full())
+                    if self._stopped:
+                        break
+                try:
+                    packet = next(packets)
+                except Exception:  # StopIteration at the end, a demuxer error past a truncation
+                    break
+                with self._cond:
+                    self._put(packet)
+                    self._cond.notify_all()
+        finally:
+            with self._cond:
+                self._ended = True
+                then = self._then if self._stopped else None
+                self._cond.notify_all()
+            if then is not None:
+                then()
+
+    def _put(self, packet: Any) -> None:
+        at = self._seconds(packet)
+        if at is not None:
+            self.newest_s = max(self.newest_s, at)
+            if packet.is_keyframe and self._late(self._oldest_waiting()):
+                self._queue = deque(map(_skipped, self._queue))
+        self._queue.append(packet)
+
+    def __iter__(self) -> Iterator[Any]:
+        skipping, decoded = False, False
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._queue or self._ended)
+                if not self._queue:
+                    return
+                packet = self._queue.popleft()
+                at = self._seconds(packet)
+                if at is not None and self.anchor is None:
+                    self.anchor = self.clock() - at
+                late = self._late(at)
+                self._cond.notify_all()
+            if isinstance(packet, Skipped):
+                skipping = True
+            elif not decoded or packet.size == 0:  # the first frame; the flush at the end
+                skipping, decoded = False, True
+            elif skipping or late:
+                skipping = not packet.is_keyframe or late
+                if skipping:
+                    packet = _skipped(packet)
+            yield packet
+
+    def stop(self, then: Callable[[], None]) -> None:
+        """Stop demuxing; `then()` runs once the thread is out of the demuxer (now if it is)."""
+        with self._cond:
+            self._stopped = True
+            self._cond.notify_all()
+            if not self._ended:
+                self._then = then
+                return
+        then()
+
+
+def _skipped(packet: Any) -> Any:
+    if isinstance(packet, Skipped) or packet.size == 0:
+        return packet
+    return Skipped(packet.pts, packet.dts, packet.duration or 0)
 
 
 def _chain(first: Any, rest: Iterator[Any]) -> Iterator[Any]:

@@ -21,6 +21,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
+import numpy as np
+
 from server.errors import Timeout, VqsError
 from server.pipeline import _decode_worker as worker_module
 from server.pipeline import decode_protocol as msg
@@ -35,7 +37,7 @@ class Died:
     """Put in a worker's inbox (by the parent) when its pipe closes."""
 
 
-Inbox = tuple[msg.FromWorker | Died, bytes | None]  # a message and, for `Frames`, its bytes
+Inbox = tuple[msg.FromWorker | Died, np.ndarray | None]  # a message and, for `Frames`, its frames
 
 
 class WorkerDied(Exception):
@@ -74,19 +76,19 @@ class WorkerProcess:
         while True:
             try:
                 m = self.conn.recv()
-                payload = self.conn.recv_bytes() if isinstance(m, msg.Frames) else None
+                payload = msg.recv_raw(self.conn, m.nbytes) if isinstance(m, msg.Frames) else None
             except (EOFError, OSError):
                 self._deliver(Died(), None)
                 return
             self._deliver(m, payload)
 
-    def _deliver(self, m: msg.FromWorker | Died, payload: bytes | None) -> None:
+    def _deliver(self, m: msg.FromWorker | Died, payload: np.ndarray | None) -> None:
         try:
             self.loop.call_soon_threadsafe(self._on_message, m, payload)
         except RuntimeError:  # loop closed
             pass
 
-    def _on_message(self, m: msg.FromWorker | Died, payload: bytes | None) -> None:
+    def _on_message(self, m: msg.FromWorker | Died, payload: np.ndarray | None) -> None:
         if isinstance(m, msg.SegmentDone) and self.on_segment_done is not None:
             self.on_segment_done(self)
         self.inbox.put_nowait((m, payload))

@@ -2,7 +2,8 @@
 
 Both sides import this module (the worker imports nothing else of the server, so keep it to the
 standard library and numpy). Messages are pickled over a socket pair; a `Frames` message is
-followed on the wire by its frames' raw bytes (uint8 [n, size, size, 3], RGB).
+followed on the wire by its frames' raw bytes, `nbytes` of them without framing (uint8
+[n, size, size, 3], RGB), which the parent reads straight into an array.
 
 parent -> worker: `DecodeJob`, `Credit`, `Release`, `Exit`
 worker -> parent: `Ready`, `Opened`, `Frames` (+ bytes), `SegmentDone`, `Failed`, `Released`
@@ -15,12 +16,33 @@ abandons the current job at the worker's next check and closes its files.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
 from typing import Literal
 
 import numpy as np
 
 BackendName = Literal["decord", "pyav"]
+
+
+def send_raw(conn: Connection, data: memoryview) -> None:
+    """Write all of `data` to the connection's socket, unframed (its message gave the size)."""
+    fd = conn.fileno()
+    while data:
+        data = data[os.write(fd, data):]
+
+
+def recv_raw(conn: Connection, nbytes: int) -> np.ndarray:
+    """Read `nbytes` unframed bytes from the connection's socket into a new uint8 array."""
+    out = np.empty(nbytes, np.uint8)
+    view, fd = memoryview(out), conn.fileno()
+    while view:
+        n = os.readv(fd, [view])
+        if n == 0:
+            raise EOFError("the decode worker closed its pipe mid-message")
+        view = view[n:]
+    return out
 
 
 @dataclass(frozen=True)
@@ -81,6 +103,10 @@ class DecodeJob:
     segment: int | None = None  # None: open the video and plan it first
     plan: Plan | None = None  # given with a segment index
     live: bool = False  # a stream read once (a pipe): PyAV, one segment, never reopened or seeked
+    # A live stream that keeps up with its feed: packets more than this many seconds of media
+    # behind the newest one received are not decoded (`decode_backends.LiveReadahead`).
+    live_max_lag_s: float | None = None
+    preferred_backend: BackendName = "pyav"  # decode.backend
 
 
 @dataclass(frozen=True)
@@ -118,6 +144,8 @@ class Frames:
     segment: int
     starts: np.ndarray  # float64 [n]
     durations: np.ndarray  # float64 [n]
+    nbytes: int = 0  # of the frames that follow
+    skipped: np.ndarray | None = None  # bool [n]: not decoded (zeros), see `DecodeJob.live_max_lag_s`
 
 
 @dataclass(frozen=True)

@@ -230,6 +230,15 @@ def test_out_of_order_timestamps_become_increasing():
     assert starts[-1] == pytest.approx(49 * 0.04, abs=0.05)
 
 
+def test_stamps_swapped_within_a_chunk_go_to_the_frames_in_sorted_order():
+    # Frames come out of a decoder in display order; PyAV reports their stamps as stored (decord
+    # sorts its index): swapped pairs without durations must not stretch the video.
+    order = [n + 1 if n % 2 == 0 else n - 1 for n in range(50)]
+    starts, ends, times = _repaired(np.array(order) * 0.04, np.full(50, np.nan), chunk=50)
+    np.testing.assert_allclose(starts, np.arange(50) * 0.04, atol=1e-9)
+    assert times.end == pytest.approx(2.0)
+
+
 def test_a_few_wildly_wrong_timestamps_are_treated_as_missing():
     raw = np.arange(50) * 0.04
     raw[20:22] = 1e6  # 11.5 days ahead, then back

@@ -13,11 +13,12 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
+import pytest_asyncio
 
 from export.synth import render_video
 from server.errors import InternalError, TooLarge, UnsupportedMedia
 from server.pipeline.decode import ClipBatch, VideoDecoder
-from server.pipeline.decode_backends import reason
+from server.pipeline.decode_backends import PyAVBackend, reason
 from server.settings import DecodeSettings
 from test_decode import CLIP, SIZE, _collect, _remux, decoder, write_h264  # noqa: F401 (decoder: a fixture)
 
@@ -72,6 +73,15 @@ def media(tmp_path_factory) -> dict[str, Path]:
     return paths
 
 
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def decord_decoder():
+    """A decoder that prefers decord (decode.backend), so its hand-overs to PyAV are exercised."""
+    dec = VideoDecoder(DecodeSettings(workers=2, chunk_frames=16, stall_timeout_s=20, backend="decord"))
+    await dec.start()
+    yield dec
+    await dec.close()
+
+
 def _spans(batches: list[ClipBatch]) -> np.ndarray:
     return np.concatenate([b.spans_s for b in batches])
 
@@ -95,8 +105,8 @@ async def test_a_raw_h264_stream_decodes_though_its_frames_have_no_timestamps(de
     assert spans[-1, 1] == pytest.approx(4.0, abs=0.01)
 
 
-async def test_frames_decord_gives_no_timestamps_get_pyavs(decoder, media):
-    batches = await _collect(decoder, media["bframes"], sample_fps=15.0)
+async def test_frames_decord_gives_no_timestamps_get_pyavs(decord_decoder, media):
+    batches = await _collect(decord_decoder, media["bframes"], sample_fps=15.0)
     spans = _spans(batches)
     info = batches[-1].info
     assert info.decoder == "pyav" and info.frames == 30
@@ -116,8 +126,8 @@ async def test_an_absurd_frame_count_in_the_header_is_too_large_before_decord_op
         await dec.close()
 
 
-async def test_an_absurd_frame_count_without_a_duration_limit_is_decoded_by_pyav(decoder, media):
-    batches = await _collect(decoder, media["absurd"])
+async def test_an_absurd_frame_count_without_a_duration_limit_is_decoded_by_pyav(decord_decoder, media):
+    batches = await _collect(decord_decoder, media["absurd"])
     assert batches[-1].info.decoder == "pyav"
     assert batches[-1].info.frames == 45
 
@@ -189,8 +199,9 @@ def test_decoder_messages_carry_no_build_path_or_log_timestamp(media):
     assert "broken metadata" in text
 
 
+@pytest.mark.parametrize("backend", ["pyav", "decord"])
 @pytest.mark.parametrize("name", ["non_monotonic_pts.mkv", "repeated_pts.mkv", "xvid_packed.avi", "jumping_pts.mkv"])
-async def test_every_frame_reaches_the_time_repair_whatever_its_stamps(decoder, tmp_path_factory, name):
+async def test_every_frame_reaches_the_time_repair_whatever_its_stamps(decoder, decord_decoder, tmp_path_factory, name, backend):
     # 50 frames stamped out of order, three to a stamp, (packed B-frames) with pts out of decode
     # order, or two stamped 1000 s ahead (so the container claims 1000 s): none is dropped as a
     # repeat (that is only for the frames a segment begins with) or lost between segments cut by
@@ -198,8 +209,26 @@ async def test_every_frame_reaches_the_time_repair_whatever_its_stamps(decoder, 
     from media import Media
 
     path = Media(tmp_path_factory.mktemp("stamps"))[name]
-    batches = await _collect(decoder, path, sample_fps=15.0)
+    batches = await _collect(decoder if backend == "pyav" else decord_decoder, path, sample_fps=15.0)
     spans = _spans(batches)
     assert batches[-1].info.frames == 50
     assert np.isfinite(spans).all() and np.all(np.diff(spans[:, 0]) > 0)
     assert spans[-1, 1] - spans[0, 0] == pytest.approx(2.0, abs=0.2)
+
+
+async def test_pyav_does_not_cut_by_pts_where_timestamps_do_not_grow_in_file_order(decoder, tmp_path):
+    # 300 intra-only frames at 25 fps, frames 100-139 stamped 8 s late. Cut by pts at the keyframe
+    # nearest the middle (6.76 s), the first segment stopped at frame 100 (stamped 12 s) and the
+    # second started at frame 169: 69 frames lost. The index (read in full) shows it: one segment.
+    from media import _with_pts
+
+    path = tmp_path / "late_block.mkv"
+    _with_pts(path, [40 * n + (8000 if 100 <= n < 140 else 0) for n in range(300)])
+    pyav = PyAVBackend(SIZE, 1)
+    pyav.open(str(path))
+    try:
+        assert len(pyav.split(240, 2)) == 1
+    finally:
+        pyav.close()
+    batches = await _collect(decoder, path)
+    assert batches[-1].info.decoder == "pyav" and batches[-1].info.frames == 300

@@ -62,10 +62,12 @@ def test_frames_message_carries_nan_for_missing_times():
 
 
 def test_backend_choice():
-    job = _job(limits=msg.Limits(decord_max_bytes=10_000, decord_max_frames=1000))
+    assert choose_backend(_probe(), 0, _job()) == ("pyav", "")  # decode.backend's default
+    job = _job(limits=msg.Limits(decord_max_bytes=10_000, decord_max_frames=1000), preferred_backend="decord")
     assert choose_backend(_probe(), 0, job) == ("decord", "")
     assert choose_backend(_probe(), 1, job)[0] == "pyav"  # rotated
-    assert choose_backend(_probe(fps=30.0), 0, _job(sample_fps=15.0))[0] == "pyav"  # skips frames
+    skipping = _job(sample_fps=15.0, preferred_backend="decord")
+    assert choose_backend(_probe(fps=30.0), 0, skipping)[0] == "pyav"  # skips frames
     assert choose_backend(_probe(size_bytes=20_000), 0, job)[0] == "pyav"
     assert choose_backend(_probe(frames=None), 0, job)[0] == "pyav"
     assert choose_backend(_probe(frames=2**31), 0, job)[0] == "pyav"
