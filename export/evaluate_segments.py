@@ -1,9 +1,9 @@
 """Issue 11's tables: the action parser against its baselines, the frame embedder against its
 controls, on the validation split (where every knob is chosen) and the test split (once).
 
-    python -m export.evaluate_segments --data runs/r11 --parser runs/r11/parser \\
-        --ablation runs/r11/sps1 --embedder runs/r11/embedder --cnn-only runs/r11/cnn_only \\
-        --out runs/r11/evaluation.json
+    python -m export.evaluate_segments --data runs/r11 --parser runs/r11/parser_s2 \
+        --ablation runs/r11/sps1_s2 --detector runs/r11/detector --embedder runs/r11/embedder_rope \
+        --cnn-only runs/r11/cnn_only --out runs/r11/evaluation.json
 
 Parser protocol. Every method yields sub-action starts (frame indices) for a whole untrimmed
 video; the truth is the four starts of take-off, flight, entry and the idle after.
@@ -12,9 +12,13 @@ video; the truth is the four starts of take-off, flight, entry and the idle afte
   (take-off start to entry end, ~35 frames), all predictions of the video counted;
 - MoF and segmental F1@{10,25,50}: the k-th predicted segment is phase k (clipped to the last),
   so a spurious boundary costs what it costs a user reading the timeline.
-Knobs chosen on validation by the mean absolute F1: minimum segment length (parser, ablation,
-k-means), response smoothing (parser, ablation), k (k-means, fitted on training-split features of the parser's frame CNN), the number
-of evenly spaced boundaries, the detector's threshold.
+Every method parses the same input: the stage-1 parser's frozen per-frame features (the parser's
+and the ablation's heads, k-means, the detector). Knobs chosen on validation by the mean absolute
+F1: the decoding of the parser and the ablation (pattern-change score: change window, minimum
+segment length, threshold, at most 4 boundaries or no limit; or TransParser's arg-max pattern
+change: minimum length, smoothing), k and minimum length (k-means, fitted on training-split
+features), the number of evenly spaced boundaries, the detector's threshold, minimum distance and
+limit (decoded like the parser's score). The parser row's choice is what model_repository serves.
 
 Embedder protocol: linear probe (softmax regression, class-balanced, fitted on training-split
 embeddings, L2 chosen on validation) -> balanced accuracy over the five phases; Kendall's tau
@@ -29,6 +33,7 @@ check the sine-cosine position vectors themselves (a clock the probe must find).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -39,9 +44,9 @@ import torch
 from export import frames as framedata
 from export import segments_eval as se
 from export.models.embedder import FrameEmbedder, sine_cosine_positions
-from export.models.parser import BoundaryDetector, parse_responses, pick_peaks
+from export.models.parser import change_scores, decode_segments, parse_responses, suppress_non_maxima
 from export.train_embedder import load_embedder
-from export.train_parser import TEST_VIDEOS, TRAIN_VIDEOS, VAL_VIDEOS, frame_features, load_parser
+from export.train_parser import frame_features, load_detector, load_parser, parse_features
 
 FPS = framedata.FPS
 PHASES = 5
@@ -49,7 +54,10 @@ MIN_LENGTHS = (1, 2, 3, 4, 6)
 SMOOTHING = (1, 3, 5)
 KMEANS_K = (3, 4, 5, 6, 8)
 EVEN_COUNTS = (2, 3, 4, 5, 6)
-THRESHOLDS = (0.3, 0.5, 0.7, 0.8, 0.9)
+CHANGE_WINDOWS = (1, 2, 3)
+MIN_SEGMENTS = (2, 3, 4, 6)
+THRESHOLDS = tuple(round(0.1 * k, 1) for k in range(1, 10))
+MAX_BOUNDARIES = (0, 4)  # 0: no limit; 4: the sub-action changes of one routine
 PROBE_VIDEOS = 60  # training-split videos for the probe and k-means
 
 
@@ -77,11 +85,21 @@ def parse_scores(predicted: list[np.ndarray], videos: list[framedata.Video]) -> 
     return out
 
 
+def absolute_f1(predicted: list[np.ndarray], videos: list[framedata.Video]) -> float:
+    truth = [v.boundaries for v in videos]
+    counts = {**{("f", k): c for k, c in se.boundary_scores(zip(predicted, truth, [1.0] * len(videos)),
+                                                             se.ABSOLUTE_FRAMES).items()},
+              **{("s", k): c for k, c in se.boundary_scores(zip(predicted, truth, [FPS] * len(videos)),
+                                                             se.ABSOLUTE_SECONDS).items()}}
+    return se.average(counts)["f1"]
+
+
 def choose(knobs, predict, val: list[framedata.Video]) -> tuple[object, dict[str, float]]:
-    """The knob with the best mean absolute F1 on validation, and its validation scores."""
-    results = {k: parse_scores([predict(i, k) for i in range(len(val))], val) for k in knobs}
-    best = max(results, key=lambda k: results[k]["abs_f1"])
-    return best, results[best]
+    """The knob with the best mean absolute F1 on validation (the first on ties), and its
+    validation scores."""
+    f1 = {k: absolute_f1([predict(i, k) for i in range(len(val))], val) for k in knobs}
+    best = max(f1, key=lambda k: f1[k])
+    return best, parse_scores([predict(i, best) for i in range(len(val))], val)
 
 
 def kmeans(x: np.ndarray, k: int, rng: np.random.Generator, iters: int = 30) -> np.ndarray:
@@ -97,38 +115,66 @@ def kmeans(x: np.ndarray, k: int, rng: np.random.Generator, iters: int = 30) -> 
     return c
 
 
+def peak_scores(scores: np.ndarray, min_segment: int) -> np.ndarray:
+    """Per-frame scores (T,) -> non-max-suppressed as the served parser does in its graph."""
+    return suppress_non_maxima(torch.from_numpy(scores)[None], min_segment - 1)[0].numpy()
+
+
+def change_decoding(responses: dict[str, list[np.ndarray]], val: list[framedata.Video]):
+    """The served decoding of responses, knobs chosen on validation -> (knob, val scores, predict)."""
+    peaks = {(w, m): [peak_scores(change_scores(torch.from_numpy(r)[None], w)[0].numpy(), m)
+                      for r in responses["val"]] for w in CHANGE_WINDOWS for m in MIN_SEGMENTS}
+    grid = [(w, m, th, mb) for w in CHANGE_WINDOWS for m in MIN_SEGMENTS for th in THRESHOLDS for mb in MAX_BOUNDARIES]
+    knob, scores = choose(grid, lambda i, k: decode_segments(peaks[k[:2]][i], responses["val"][i], k[2], k[3])[1], val)
+
+    def predict(i: int, split: str, k=knob) -> np.ndarray:
+        r = responses[split][i]
+        return decode_segments(peak_scores(change_scores(torch.from_numpy(r)[None], k[0])[0].numpy(), k[1]),
+                               r, k[2], k[3])[1]
+    return dict(change_window=knob[0], min_segment_frames=knob[1], threshold=knob[2], max_boundaries=knob[3]), \
+        scores, predict
+
+
+def argmax_decoding(responses: dict[str, list[np.ndarray]], val: list[framedata.Video]):
+    """TransParser's decoding (a boundary where the arg-max pattern changes) -> (knob, scores, predict)."""
+    def boundaries(r: np.ndarray, knob: tuple[int, int]) -> np.ndarray:
+        return np.asarray([s.start for s in parse_responses(r, *knob)[1:]], int)
+    grid = [(m, w) for m in MIN_LENGTHS for w in SMOOTHING]
+    knob, scores = choose(grid, lambda i, k: boundaries(responses["val"][i], k), val)
+    return dict(min_length=knob[0], smooth=knob[1]), scores, \
+        lambda i, split, k=knob: boundaries(responses[split][i], k)
+
+
+def _knob_text(knob: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in knob.items())
+
+
 def evaluate_parsers(args, splits: dict[str, list[framedata.Video]], train: list[framedata.Video]) -> dict:
     val = splits["val"]
     parser = load_parser(args.parser)
-    cache = {name: [frame_features(parser, v.frames) for v in vids] for name, vids in splits.items()}
+    feats = {name: [frame_features(parser, v.frames) for v in vids] for name, vids in splits.items()}
     methods: dict[str, dict] = {}
 
-    def boundaries_from(responses: np.ndarray, knob: tuple[int, int]) -> np.ndarray:
-        segments = parse_responses(responses, *knob)
-        return np.asarray([s.start for s in segments[1:]], int)
+    def add(name: str, knob: dict, scores: dict, predict) -> None:
+        methods[name] = dict(knob=knob, val=scores, predict=predict)
 
-    # the parser and its ablation
-    models = {"parser (2 SPS + local loss)": cache}
+    responses = {split: [parse_features(parser, f) for f in fs] for split, fs in feats.items()}
+    add("parser (2 SPS + local loss)", *change_decoding(responses, val))
+    add("parser, arg-max pattern decoding", *argmax_decoding(responses, val))
     if args.ablation:
         ablation = load_parser(args.ablation)
-        models["1 SPS, no local loss"] = {name: [frame_features(ablation, v.frames) for v in vids]
-                                         for name, vids in splits.items()}
-    for name, feats in models.items():
-        grid = [(m, w) for m in MIN_LENGTHS for w in SMOOTHING]
-        knob, scores = choose(grid, lambda i, mw, f=feats: boundaries_from(f["val"][i][0], mw), val)
-        methods[name] = dict(knob=f"min_length={knob[0]}, smooth={knob[1]}", val=scores,
-                             predict=lambda i, split, f=feats, mw=knob: boundaries_from(f[split][i][0], mw))
+        ab = {split: [parse_features(ablation, f) for f in fs] for split, fs in feats.items()}
+        options = [change_decoding(ab, val), argmax_decoding(ab, val)]
+        add("1 SPS, no local loss (ablation)", *max(options, key=lambda o: o[1]["abs_f1"]))
 
-    # evenly spaced boundaries
     def even(n: int, count: int) -> np.ndarray:
         return np.round(np.arange(1, count + 1) * n / (count + 1)).astype(int)
     knob, scores = choose(EVEN_COUNTS, lambda i, c: even(len(val[i]), c), val)
-    methods["evenly spaced"] = dict(knob=f"count={knob}", val=scores,
-                                    predict=lambda i, split, c=knob: even(len(splits[split][i]), c))
+    add("evenly spaced", dict(count=knob), scores, lambda i, split, c=knob: even(len(splits[split][i]), c))
 
-    # k-means over the parser's per-frame input features (fitted on training-split frames)
+    # k-means over the same per-frame features (fitted on training-split frames)
     rng = np.random.default_rng(0)
-    train_feats = np.concatenate([frame_features(parser, v.frames)[1] for v in train[:PROBE_VIDEOS]])
+    train_feats = np.concatenate([frame_features(parser, v.frames) for v in train[:PROBE_VIDEOS]])
     train_feats = train_feats[rng.choice(len(train_feats), min(8000, len(train_feats)), replace=False)]
     centres = {k: kmeans(train_feats, k, rng) for k in KMEANS_K}
 
@@ -136,28 +182,27 @@ def evaluate_parsers(args, splits: dict[str, list[framedata.Video]], train: list
         labels = np.argmin(((feat[:, None] - centres[k][None]) ** 2).sum(-1), axis=1)
         return se.boundaries_of(se.drop_short_segments(labels, min_length))
     grid = [(k, m) for k in KMEANS_K for m in MIN_LENGTHS]
-    knob, scores = choose(grid, lambda i, km: kmeans_boundaries(cache["val"][i][1], *km), val)
-    methods["k-means (same features)"] = dict(
-        knob=f"k={knob[0]}, min_length={knob[1]}", val=scores,
-        predict=lambda i, split, km=knob: kmeans_boundaries(cache[split][i][1], *km))
+    knob, scores = choose(grid, lambda i, km: kmeans_boundaries(feats["val"][i], *km), val)
+    add("k-means (same features)", dict(k=knob[0], min_length=knob[1]), scores,
+        lambda i, split, km=knob: kmeans_boundaries(feats[split][i], *km))
 
-    # temporal-conv boundary detector on the same features
-    detector_path = Path(args.parser) / "detector.pt"
-    if detector_path.exists():
-        detector = BoundaryDetector(cache["val"][0][1].shape[1])
-        detector.load_state_dict(torch.load(detector_path, weights_only=True))
-        detector.eval()
+    # the temporal-conv boundary detector on the same features, decoded like the parser's score
+    if args.detector:
+        detector = load_detector(args.detector)
         with torch.no_grad():
-            scores_of = {split: [torch.sigmoid(detector(torch.from_numpy(f)[None]))[0].numpy()
-                                 for _, f in cache[split]] for split in splits}
-        knob, scores = choose(THRESHOLDS, lambda i, th: pick_peaks(scores_of["val"][i], th, 3), val)
-        methods["temporal-conv detector"] = dict(
-            knob=f"threshold={knob}", val=scores,
-            predict=lambda i, split, th=knob: pick_peaks(scores_of[split][i], th, 3))
+            prob = {split: [torch.sigmoid(detector(torch.from_numpy(f)[None]))[0].numpy() for f in fs]
+                    for split, fs in feats.items()}
+        peaks = {m: [peak_scores(p, m) for p in prob["val"]] for m in MIN_SEGMENTS}
+        grid = [(m, th, mb) for m in MIN_SEGMENTS for th in THRESHOLDS for mb in MAX_BOUNDARIES]
+        knob, scores = choose(grid, lambda i, k: decode_segments(peaks[k[0]][i], np.zeros((len(val[i]), 1)),
+                                                                 k[1], k[2])[1], val)
+        add("temporal-conv detector", dict(min_segment_frames=knob[0], threshold=knob[1], max_boundaries=knob[2]),
+            scores, lambda i, split, k=knob: decode_segments(peak_scores(prob[split][i], k[0]),
+                                                             np.zeros((len(prob[split][i]), 1)), k[1], k[2])[1])
 
     out = {}
     for name, m in methods.items():
-        out[name] = dict(knob=m["knob"], val=m["val"])
+        out[name] = dict(knob=_knob_text(m["knob"]), knobs=m["knob"], val=m["val"])
         if "test" in splits:
             out[name]["test"] = parse_scores([m["predict"](i, "test") for i in range(len(splits["test"]))],
                                              splits["test"])
@@ -167,7 +212,7 @@ def evaluate_parsers(args, splits: dict[str, list[framedata.Video]], train: list
 # ---------------------------------------------------------------- embedder scoring
 @torch.no_grad()
 def embed(model: FrameEmbedder, video: framedata.Video) -> np.ndarray:
-    return model.embed(torch.from_numpy(video.frames)[None])[0].numpy()
+    return model(torch.from_numpy(video.frames)[None])[0].numpy()
 
 
 def fit_probe(x: np.ndarray, y: np.ndarray, l2: float, steps: int = 200) -> torch.nn.Linear:
@@ -286,11 +331,20 @@ def table(title: str, rows: dict, columns, split: str) -> str:
     return "\n".join(lines)
 
 
+def fingerprint(videos: list[framedata.Video]) -> str:
+    """Which videos a split held: their seeds, lengths and boundaries."""
+    h = hashlib.sha256()
+    for v in videos:
+        h.update(np.asarray([v.seed, len(v), *v.boundaries], np.int64).tobytes())
+    return h.hexdigest()[:16]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, required=True)
     p.add_argument("--parser", type=Path)
     p.add_argument("--ablation", type=Path)
+    p.add_argument("--detector", type=Path)
     p.add_argument("--embedder", type=Path)
     p.add_argument("--cnn-only", type=Path)
     p.add_argument("--no-test", dest="test", action="store_false", help="validation only")
@@ -300,15 +354,20 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     start = time.monotonic()
-    splits = {"val": framedata.load_split("val", VAL_VIDEOS, cache=args.data)}
+    splits = {"val": framedata.load_split("val", framedata.VAL_VIDEOS, cache=args.data)}
     if args.test:
-        splits["test"] = framedata.load_split("test", TEST_VIDEOS, cache=args.data)
-    train = framedata.load_split("train", TRAIN_VIDEOS, backgrounds=2, cache=args.data)[:PROBE_VIDEOS]
+        splits["test"] = framedata.load_split("test", framedata.TEST_VIDEOS, cache=args.data)
+    train = framedata.load_split("train", framedata.TRAIN_VIDEOS, backgrounds=2, cache=args.data)[:PROBE_VIDEOS]
     if args.limit:
         splits = {k: v[:args.limit] for k, v in splits.items()}
-    result = {}
+    result: dict = dict(splits={name: dict(videos=len(vids), fingerprint=fingerprint(vids))
+                                for name, vids in splits.items()})
+    print("splits: " + ", ".join(f"{k} {v['videos']} videos ({v['fingerprint']})" for k, v in result["splits"].items()))
     if args.parser:
         result["parser"] = evaluate_parsers(args, splits, train)
+        served = result["parser"]["parser (2 SPS + local loss)"]
+        result["served_knobs"] = served["knobs"]
+        result["served_scores"] = {split: {k: round(v, 4) for k, v in served[split].items()} for split in splits}
         for split in splits:
             print(table("Action parser: sub-action boundaries", result["parser"], PARSER_COLUMNS, split), "\n")
     if args.embedder:

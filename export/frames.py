@@ -33,6 +33,7 @@ CACHE_SIZE = 56
 MODEL_SIZE = 28
 FPS = 15.0
 SPLIT_SEEDS = {"train": 1101, "val": 1202, "test": 1303}  # distinct seed streams per split
+TRAIN_VIDEOS, VAL_VIDEOS, TEST_VIDEOS = 320, 100, 100  # the split sizes every run uses
 
 
 @dataclass

@@ -1,16 +1,16 @@
 """Train the frame embedder self-supervised with CARL's sequence contrastive loss.
 
-    python -m export.train_embedder --data runs/r11 --out runs/r11/embedder --minutes 14
-    python -m export.train_embedder --data runs/r11 --out runs/r11/cnn_only --no-context --minutes 14
+    python -m export.train_embedder --data runs/r11 --out runs/r11/embedder --steps 1200
+    python -m export.train_embedder --data runs/r11 --out runs/r11/cnn_only --no-context --steps 1000
 
 Views: two temporal crops of one training video ([T, 1.5T] frames, at least 20% overlap), T
 frames sampled at random inside each and kept in order, each view rendered over a DIFFERENT
 background of the same routine (export/frames.py), then per-view spatial augmentation (resized
 crop, flip, brightness/contrast, noise). The background pan, clutter and spinner move linearly in
 time, so with one shared background the loss could match timestamps by the background alone;
-over different backgrounds only the diver ties the two views together. Positions fed to the
-Transformer start at a random offset (per view and step), so absolute position cannot serve as a clock
-either. No labels are used.
+over different backgrounds (each with its own pan, clutter and spinner) only the diver ties the
+two views together. Positions are rotary (relative), so no absolute position reaches the
+embedding either. No labels are used.
 """
 
 from __future__ import annotations
@@ -26,12 +26,7 @@ from torch.nn import functional as F
 
 from export import frames as framedata
 from export.models.embedder import FrameEmbedder, sequence_contrastive_loss
-from export.train_parser import (TRAIN_VIDEOS, VAL_VIDEOS, cosine_lr, export_onnx, onnx_max_difference,
-                                 served_frames)
-
-EMBEDDER_OUTPUTS = ("embeddings",)
-
-MAX_POSITION_OFFSET = 256
+from export.train_loop import train_steps
 
 
 def view_crops(n: int, length: int, rng: np.random.Generator, *, stretch: float = 1.5,
@@ -72,15 +67,14 @@ def augment(frames: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
 def train(args) -> None:
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
-    videos = framedata.load_split("train", TRAIN_VIDEOS, backgrounds=2, cache=args.data)
+    videos = framedata.load_split("train", framedata.TRAIN_VIDEOS, backgrounds=2, cache=args.data)
     config = dict(dim=128, layers=2, heads=4, out_dim=128, contextual=args.context, radius=16)
     model = FrameEmbedder(**config)
-    if args.resume:
-        model.load_state_dict(torch.load(args.out / "embedder.pt", weights_only=True))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
-    start, step, budget, log = time.monotonic(), 0, args.minutes * 60, []
-    while (progress := (time.monotonic() - start) / budget) < 1:
-        cosine_lr(optimizer, args.lr, progress)
+    if args.init:
+        model.load_state_dict(torch.load(args.init / "embedder.pt", weights_only=True))
+    model.train()
+
+    def step_losses(step: int) -> dict[str, torch.Tensor]:
         views, stamps = [[], []], [[], []]
         for i in rng.integers(0, len(videos), args.batch):
             v = videos[i]
@@ -89,24 +83,19 @@ def train(args) -> None:
             for k in range(2):
                 views[k].append(augment(torch.from_numpy(v.backgrounds[first[k]][idx[k]]), rng))
                 stamps[k].append(torch.from_numpy(idx[k]))
-        z1, z2 = (model.embed(torch.stack(views[k]), int(rng.integers(0, MAX_POSITION_OFFSET)))
-                  for k in range(2))
-        loss = sequence_contrastive_loss(z1, z2, torch.stack(stamps[0]), torch.stack(stamps[1]),
-                                         sigma2=args.sigma2, temperature=args.temperature)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        step += 1
-        if step % 20 == 0:
-            log.append(dict(step=step, seconds=round(time.monotonic() - start), loss=float(loss)))
-            print(f"step {step} {time.monotonic() - start:.0f}s scl {float(loss):.3f}", flush=True)
+        z1, z2 = (model(torch.stack(views[k])) for k in range(2))
+        return dict(scl=sequence_contrastive_loss(z1, z2, torch.stack(stamps[0]), torch.stack(stamps[1]),
+                                                  sigma2=args.sigma2, temperature=args.temperature))
+
+    record = train_steps(model.parameters(), step_losses, steps=args.steps, lr=args.lr, name="embedder",
+                         log_every=50)
     args.out.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), args.out / "embedder.pt")
+    previous = json.loads((args.init / "embedder.json").read_text()) if args.init else None
     (args.out / "embedder.json").write_text(json.dumps(dict(
-        config=config, resumed=args.resume, steps=step, seconds=round(time.monotonic() - start), length=args.length,
-        batch=args.batch, lr=args.lr, sigma2=args.sigma2, temperature=args.temperature,
-        break_clocks=args.break_clocks, seed=args.seed, log=log), indent=1))
-    print(f"embedder: {step} steps in {time.monotonic() - start:.0f}s -> {args.out}", flush=True)
+        config=config, init=previous, length=args.length, batch=args.batch, sigma2=args.sigma2,
+        temperature=args.temperature, break_clocks=args.break_clocks, seed=args.seed, **record), indent=1))
+    print(f"embedder: {record['steps']} steps in {record['seconds']}s -> {args.out}", flush=True)
 
 
 def load_embedder(folder: Path) -> FrameEmbedder:
@@ -120,7 +109,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, required=True, help="cache folder of export.frames")
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--minutes", type=float, default=14.0)
+    p.add_argument("--steps", type=int, default=1200)
     p.add_argument("--no-context", dest="context", action="store_false",
                    help="CNN only, no positions or Transformer (CARL's ablation)")
     p.add_argument("--same-background", dest="break_clocks", action="store_false",
@@ -132,18 +121,10 @@ def main() -> None:
     p.add_argument("--temperature", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--resume", action="store_true", help="start from the weights in --out")
-    p.add_argument("--export-onnx", type=Path, help="export the trained embedder in --out to this file")
+    p.add_argument("--init", type=Path, help="start from the weights of this run folder")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    if args.export_onnx:
-        model = load_embedder(args.out)
-        path = export_onnx(model, args.export_onnx, EMBEDDER_OUTPUTS)
-        video = framedata.load_split("val", VAL_VIDEOS, cache=args.data)[0]
-        print(f"{path}: max |torch - onnxruntime| on a validation video "
-              f"{onnx_max_difference(model, path, served_frames(video)):.2e}")
-    else:
-        train(args)
+    train(args)
 
 
 if __name__ == "__main__":

@@ -1,20 +1,24 @@
-"""Train the action parser (or its ablation), then the boundary-detector baseline on its features.
+"""Train the action parser (two stages), its ablation, and the boundary-detector baseline.
 
-    python -m export.train_parser --data runs/r11 --out runs/r11/parser --minutes 14
-    python -m export.train_parser --data runs/r11 --out runs/r11/sps1 --units 1 --no-local --minutes 14
-    python -m export.train_parser --data runs/r11 --out runs/r11/parser --detector --minutes 4
+    python -m export.train_parser --stage 1 --data runs/r11 --out runs/r11/parser --steps 1150
+    python -m export.train_parser --stage 2 --data runs/r11 --init runs/r11/parser --out runs/r11/parser_s2
+    python -m export.train_parser --stage 2 --data runs/r11 --init runs/r11/parser --out runs/r11/sps1_s2 \\
+        --units 1 --no-local
+    python -m export.train_parser --stage detector --data runs/r11 --init runs/r11/parser --out runs/r11/detector
 
-Training is time-boxed: the learning rate follows a cosine over the wall-clock budget, so a
-budget always ends annealed. Knobs that only post-process (minimum segment length, detector
-threshold, k of k-means) are chosen on the validation split by export/evaluate_segments.py.
+Stage 1 trains everything end to end (frame CNN, SPS units, classifier) on windows of frames.
+Stage 2 freezes stage 1's per-frame features and trains a temporal-conv front end, the SPS units
+and the classifier on them: without the CNN in the loop a step costs ~1/50, so the local loss
+gets thousands of steps in minutes. The ablation (1 SPS unit, global loss only) and the
+boundary detector train on the same frozen features, so every method parses the same input.
+Knobs that only post-process (change window, minimum segment length, threshold, k of k-means)
+are chosen on the validation split by export/evaluate_segments.py.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
-import time
 from pathlib import Path
 
 import numpy as np
@@ -24,10 +28,7 @@ from torch.nn import functional as F
 from export import frames as framedata
 from export import vocab
 from export.models.parser import ActionParser, BoundaryDetector, local_loss
-
-TRAIN_VIDEOS = 320
-VAL_VIDEOS = 100
-TEST_VIDEOS = 100
+from export.train_loop import train_steps
 
 
 def window_indices(video: framedata.Video, length: int, rng: np.random.Generator,
@@ -47,105 +48,6 @@ def window_indices(video: framedata.Video, length: int, rng: np.random.Generator
     return np.arange(start, start + length)
 
 
-def sample_window(video: framedata.Video, length: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """A window (frames, phases) from a random background of the video, flipped half the time."""
-    idx = window_indices(video, length, rng)
-    window = video.backgrounds[rng.integers(len(video.backgrounds))][idx]
-    if rng.random() < 0.5:
-        window = window[:, :, ::-1]
-    return window, video.phases[idx]
-
-
-def batches(videos, length: int, batch: int, rng: np.random.Generator):
-    while True:
-        picks = rng.integers(0, len(videos), batch)
-        items = [sample_window(videos[i], length, rng) for i in picks]
-        yield (torch.from_numpy(np.stack([w for w, _ in items]).copy()),
-               torch.from_numpy(np.stack([p for _, p in items])),
-               torch.tensor([videos[i].label for i in picks]))
-
-
-def cosine_lr(optimizer, base: float, progress: float) -> None:
-    for group in optimizer.param_groups:
-        group["lr"] = base * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-def train_parser(args) -> None:
-    torch.manual_seed(args.seed)
-    rng = np.random.default_rng(args.seed)
-    videos = framedata.load_split("train", TRAIN_VIDEOS, backgrounds=2, cache=args.data)
-    config = dict(classes=len(vocab.CLASS_NAMES), dim=128, patterns=args.patterns, units=args.units)
-    model = ActionParser(**config)
-    if args.resume:
-        model.load_state_dict(torch.load(args.out / "parser.pt", weights_only=True))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
-    start, step = time.monotonic(), 0
-    budget = args.minutes * 60
-    log = []
-    for frames, phases, labels in batches(videos, args.window, args.batch, rng):
-        progress = (time.monotonic() - start) / budget
-        if progress >= 1:
-            break
-        cosine_lr(optimizer, args.lr, progress)
-        responses, logits, _ = model.parse_small(frames)
-        glob = F.cross_entropy(logits, labels)
-        loc = local_loss(responses, phases, margin=args.margin) if args.local else glob * 0
-        loss = loc + args.global_weight * glob
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        step += 1
-        if step % 20 == 0:
-            log.append(dict(step=step, seconds=round(time.monotonic() - start), local=float(loc),
-                            global_=float(glob)))
-            print(f"step {step} {time.monotonic() - start:.0f}s local {float(loc):.3f} "
-                  f"global {float(glob):.3f}", flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    torch.save(model.state_dict(), args.out / "parser.pt")
-    (args.out / "parser.json").write_text(json.dumps(dict(
-        config=config, resumed=args.resume, steps=step, seconds=round(time.monotonic() - start), window=args.window,
-        batch=args.batch, lr=args.lr, margin=args.margin, local=args.local,
-        global_weight=args.global_weight, seed=args.seed, log=log), indent=1))
-    print(f"parser: {step} steps in {time.monotonic() - start:.0f}s -> {args.out}", flush=True)
-
-
-FRAMES_INPUT = "frames"  # (B, T, 112, 112, 3) uint8, as the server decodes
-
-
-def export_onnx(model: torch.nn.Module, path: Path, output_names: tuple[str, ...], frames: int = 20) -> Path:
-    """torch -> ONNX with dynamic batch and time axes; the input is served uint8 frames."""
-    model.eval()
-    example = torch.randint(0, 256, (1, frames, framedata.SERVED_SIZE, framedata.SERVED_SIZE, 3),
-                            dtype=torch.uint8)
-    dims = {0: torch.export.Dim("batch", max=64), 1: torch.export.Dim("time", min=2, max=4096)}
-    program = torch.onnx.export(model, (example,), dynamo=True, opset_version=18,
-                                input_names=[FRAMES_INPUT], output_names=list(output_names),
-                                dynamic_shapes={"frames": dims}, optimize=True, verbose=False)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    program.save(str(path))
-    return path
-
-
-def onnx_max_difference(model: torch.nn.Module, path: Path, frames: np.ndarray) -> float:
-    """Largest |torch - ONNX Runtime| over all outputs for one input (B, T, 112, 112, 3) uint8."""
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    with torch.no_grad():
-        expected = model(torch.from_numpy(frames))
-    expected = expected if isinstance(expected, tuple) else (expected,)
-    got = session.run(None, {FRAMES_INPUT: frames})
-    return max(float(np.abs(g - e.numpy()).max()) for g, e in zip(got, expected))
-
-
-def served_frames(video: framedata.Video) -> np.ndarray:
-    """A cached 28 px video blown up to the served 112 px (each pixel a 4x4 block), for checks."""
-    return np.repeat(np.repeat(video.frames, 4, axis=1), 4, axis=2)[None]
-
-
-PARSER_OUTPUTS = ("responses", "class_logits")
-
-
 def load_parser(folder: Path) -> ActionParser:
     meta = json.loads((Path(folder) / "parser.json").read_text())
     model = ActionParser(**meta["config"])
@@ -154,10 +56,93 @@ def load_parser(folder: Path) -> ActionParser:
 
 
 @torch.no_grad()
-def frame_features(model: ActionParser, video_frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(responses (T, m), input features (T, D)) of one whole video at model size."""
-    responses, _, features = model.parse_small(torch.from_numpy(video_frames)[None])
-    return responses[0].numpy(), features[0].numpy()
+def frame_features(model: ActionParser, frames: np.ndarray) -> np.ndarray:
+    """Stage-1 per-frame features (T, D) of one whole video at model size."""
+    return model.features(torch.from_numpy(frames)[None])[0].numpy()
+
+
+@torch.no_grad()
+def parse_features(model: ActionParser, features: np.ndarray) -> np.ndarray:
+    """Responses (T, m) of the parser's heads on one video's stage-1 features."""
+    return model.heads(torch.from_numpy(features)[None])[0][0].numpy()
+
+
+def _save(model: torch.nn.Module, out: Path, name: str, meta: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), out / f"{name}.pt")
+    (out / f"{name}.json").write_text(json.dumps(meta, indent=1))
+    print(f"{name}: {meta['steps']} steps in {meta['seconds']}s -> {out}", flush=True)
+
+
+def train_stage1(args) -> None:
+    torch.manual_seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+    videos = framedata.load_split("train", framedata.TRAIN_VIDEOS, backgrounds=2, cache=args.data)
+    config = dict(classes=len(vocab.CLASS_NAMES), dim=128, patterns=args.patterns, units=args.units)
+    model = ActionParser(**config).train()
+
+    def step_losses(step: int) -> dict[str, torch.Tensor]:
+        picks = rng.integers(0, len(videos), args.batch)
+        windows, phases = [], []
+        for i in picks:
+            idx = window_indices(videos[i], args.window, rng)
+            window = videos[i].backgrounds[rng.integers(len(videos[i].backgrounds))][idx]
+            windows.append(window[:, :, ::-1] if rng.random() < 0.5 else window)
+            phases.append(videos[i].phases[idx])
+        responses, logits = model(torch.from_numpy(np.stack(windows).copy()))
+        losses = dict(global_=args.global_weight * F.cross_entropy(logits, torch.tensor([videos[i].label for i in picks])))
+        if args.local:
+            losses["local"] = local_loss(responses, torch.from_numpy(np.stack(phases)), margin=args.margin)
+        return losses
+
+    record = train_steps(model.parameters(), step_losses, steps=args.steps, lr=args.lr, name="parser stage 1",
+                         log_every=20)
+    _save(model, args.out, "parser", dict(config=config, stage=1, window=args.window, batch=args.batch,
+                                          margin=args.margin, local=args.local, global_weight=args.global_weight,
+                                          seed=args.seed, **record))
+
+
+def train_features(init: Path, data: Path) -> tuple[ActionParser, list[torch.Tensor], list[framedata.Video]]:
+    """The stage-1 parser and its frozen features of every training video over each background
+    (one sequence per video and background)."""
+    stage1 = load_parser(init)
+    videos = framedata.load_split("train", framedata.TRAIN_VIDEOS, backgrounds=2, cache=data)
+    feats, owners = [], []
+    for v in videos:
+        for bg in v.backgrounds:
+            feats.append(torch.from_numpy(frame_features(stage1, bg)))
+            owners.append(v)
+    return stage1, feats, owners
+
+
+def train_stage2(args) -> None:
+    torch.manual_seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+    stage1, feats, videos = train_features(args.init, args.data)
+    meta1 = json.loads((args.init / "parser.json").read_text())
+    config = dict(meta1["config"], units=args.units, front=args.front)
+    model = ActionParser(**config)
+    model.features.load_state_dict(stage1.features.state_dict())
+    if args.units == meta1["config"]["units"]:  # the SPS units carry on from stage 1
+        model.units.load_state_dict(stage1.units.state_dict())
+        model.classifier.load_state_dict(stage1.classifier.state_dict())
+    heads = [p for name, p in model.named_parameters() if not name.startswith("features.")]
+    model.train()
+
+    def step_losses(step: int) -> dict[str, torch.Tensor]:
+        picks = rng.integers(0, len(videos), args.batch)
+        idx = [window_indices(videos[i], args.window, rng) for i in picks]
+        responses, logits = model.heads(torch.stack([feats[i][j] for i, j in zip(picks, idx)]))
+        losses = dict(global_=args.global_weight * F.cross_entropy(logits, torch.tensor([videos[i].label for i in picks])))
+        if args.local:
+            phases = torch.from_numpy(np.stack([videos[i].phases[j] for i, j in zip(picks, idx)]))
+            losses["local"] = local_loss(responses, phases, margin=args.margin)
+        return losses
+
+    record = train_steps(heads, step_losses, steps=args.steps, lr=args.lr, name="parser stage 2", log_every=200)
+    _save(model, args.out, "parser", dict(config=config, stage=2, stage1=meta1, window=args.window,
+                                          batch=args.batch, margin=args.margin, local=args.local,
+                                          global_weight=args.global_weight, seed=args.seed, **record))
 
 
 def boundary_targets(phases: np.ndarray, spread: int) -> np.ndarray:
@@ -169,119 +154,60 @@ def boundary_targets(phases: np.ndarray, spread: int) -> np.ndarray:
 
 
 def train_detector(args) -> None:
-    """The temporal-conv boundary detector on the parser's frozen per-frame features."""
+    """The temporal-conv boundary detector on the stage-1 parser's frozen per-frame features."""
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
-    parser = load_parser(args.out)
-    videos = framedata.load_split("train", TRAIN_VIDEOS, backgrounds=2, cache=args.data)[:args.detector_videos]
-    start = time.monotonic()
-    feats = [frame_features(parser, v.frames)[1] for v in videos]
-    targets = [boundary_targets(v.phases, 1) for v in videos]
-    print(f"detector: features of {len(feats)} sequences in {time.monotonic() - start:.0f}s", flush=True)
-    positives = sum(t.sum() for t in targets) / sum(len(t) for t in targets)
-    detector = BoundaryDetector(feats[0].shape[1])
-    optimizer = torch.optim.AdamW(detector.parameters(), lr=1e-3, weight_decay=1e-4)
+    _, feats, videos = train_features(args.init, args.data)
+    targets = [torch.from_numpy(boundary_targets(v.phases, 1)) for v in videos]
+    positives = float(sum(t.sum() for t in targets) / sum(len(t) for t in targets))
+    detector = BoundaryDetector(feats[0].shape[1]).train()
     pos_weight = torch.tensor((1 - positives) / positives)
-    budget, t0, step = args.minutes * 60, time.monotonic(), 0
-    while (progress := (time.monotonic() - t0) / budget) < 1:
-        cosine_lr(optimizer, 1e-3, progress)
-        loss = 0
-        for i in rng.integers(0, len(feats), 16):
-            logits = detector(torch.from_numpy(feats[i])[None])[0]
-            loss = loss + F.binary_cross_entropy_with_logits(logits, torch.from_numpy(targets[i]),
-                                                             pos_weight=pos_weight)
-        optimizer.zero_grad()
-        (loss / 16).backward()
-        optimizer.step()
-        step += 1
-        if step % 100 == 0:
-            print(f"detector step {step} loss {float(loss) / 16:.3f}", flush=True)
-    torch.save(detector.state_dict(), args.out / "detector.pt")
-    print(f"detector: {step} steps in {time.monotonic() - t0:.0f}s", flush=True)
+
+    def step_losses(step: int) -> dict[str, torch.Tensor]:
+        picks = rng.integers(0, len(feats), args.batch)
+        loss = sum(F.binary_cross_entropy_with_logits(detector(feats[i][None])[0], targets[i], pos_weight=pos_weight)
+                   for i in picks)
+        return dict(bce=loss / len(picks))
+
+    record = train_steps(detector.parameters(), step_losses, steps=args.steps, lr=1e-3, name="detector",
+                         log_every=100)
+    _save(detector, args.out, "detector", dict(config=dict(dim=feats[0].shape[1]), stage1=str(args.init),
+                                               batch=args.batch, seed=args.seed, **record))
 
 
-def train_heads(args) -> None:
-    """Stage 2: the SPS units and classifier alone, on the frozen per-frame features of the
-    stage-1 parser in --init. Without the CNN in the loop a step costs ~1/50, so the local loss
-    gets thousands of steps in minutes."""
-    torch.manual_seed(args.seed)
-    rng = np.random.default_rng(args.seed)
-    model = load_parser(args.init)
-    meta = json.loads((args.init / "parser.json").read_text())
-    videos = framedata.load_split("train", TRAIN_VIDEOS, backgrounds=2, cache=args.data)
-    start = time.monotonic()
-    feats = [torch.from_numpy(frame_features(model, v.frames)[1]) for v in videos]
-    print(f"heads: features of {len(feats)} videos in {time.monotonic() - start:.0f}s", flush=True)
-    heads = [*model.units.parameters(), *model.classifier.parameters()]
-    optimizer = torch.optim.AdamW(heads, lr=args.lr, weight_decay=1e-4)
-    model.units.train()
-    start, step, budget, log = time.monotonic(), 0, args.minutes * 60, []
-    while (progress := (time.monotonic() - start) / budget) < 1:
-        cosine_lr(optimizer, args.lr, progress)
-        picks = rng.integers(0, len(videos), args.batch)
-        idx = [window_indices(videos[i], args.window, rng) for i in picks]
-        x = torch.stack([feats[i][j] for i, j in zip(picks, idx)])
-        phases = torch.from_numpy(np.stack([videos[i].phases[j] for i, j in zip(picks, idx)]))
-        labels = torch.tensor([videos[i].label for i in picks])
-        responses = None
-        for unit in model.units:
-            x, responses = unit(x)
-        glob = F.cross_entropy(model.classifier(x.mean(dim=1)), labels)
-        loc = local_loss(responses, phases, margin=args.margin) if args.local else glob * 0
-        loss = loc + args.global_weight * glob
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        step += 1
-        if step % 200 == 0:
-            log.append(dict(step=step, seconds=round(time.monotonic() - start), local=loc.item(),
-                            global_=glob.item()))
-            print(f"heads step {step} {time.monotonic() - start:.0f}s local {loc.item():.3f} "
-                  f"global {glob.item():.3f}", flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    torch.save(model.state_dict(), args.out / "parser.pt")
-    (args.out / "parser.json").write_text(json.dumps(dict(
-        config=meta["config"], stage1=meta, stage2=dict(steps=step, seconds=round(time.monotonic() - start),
-                                                        window=args.window, batch=args.batch, lr=args.lr,
-                                                        local=args.local, log=log)), indent=1))
-    print(f"heads: {step} steps in {time.monotonic() - start:.0f}s -> {args.out}", flush=True)
+def load_detector(folder: Path) -> BoundaryDetector:
+    meta = json.loads((Path(folder) / "detector.json").read_text())
+    detector = BoundaryDetector(**meta["config"])
+    detector.load_state_dict(torch.load(Path(folder) / "detector.pt", weights_only=True))
+    return detector.eval()
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--stage", choices=("1", "2", "detector"), required=True)
     p.add_argument("--data", type=Path, required=True, help="cache folder of export.frames")
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--minutes", type=float, default=14.0)
+    p.add_argument("--init", type=Path, help="stage 2 and detector: the stage-1 run folder")
+    p.add_argument("--steps", type=int, help="default: 1150 (stage 1), 3000 (stage 2), 1250 (detector)")
     p.add_argument("--units", type=int, default=2)
     p.add_argument("--patterns", type=int, default=8)
+    p.add_argument("--no-front", dest="front", action="store_false", help="stage 2 without the temporal-conv front end")
     p.add_argument("--no-local", dest="local", action="store_false", help="global loss only (ablation)")
     p.add_argument("--margin", type=float, default=0.1)
     p.add_argument("--global-weight", type=float, default=0.2)
     p.add_argument("--window", type=int, default=64)
-    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--batch", type=int, help="default: 8 (stages), 16 (detector)")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1,
                    help="1: on a crowded machine, threads of one op wait for the slowest")
-    p.add_argument("--resume", action="store_true", help="start from the weights in --out")
-    p.add_argument("--detector-videos", type=int, default=120)
-    p.add_argument("--detector", action="store_true", help="train the boundary-detector baseline")
-    p.add_argument("--export-onnx", type=Path, help="export the trained parser in --out to this file")
-    p.add_argument("--init", type=Path, help="stage 2: train the heads on the frozen features of this run")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    if args.export_onnx:
-        model = load_parser(args.out)
-        path = export_onnx(model, args.export_onnx, PARSER_OUTPUTS)
-        video = framedata.load_split("val", VAL_VIDEOS, cache=args.data)[0]
-        print(f"{path}: max |torch - onnxruntime| on a validation video "
-              f"{onnx_max_difference(model, path, served_frames(video)):.2e}")
-    elif args.detector:
-        train_detector(args)
-    elif args.init:
-        train_heads(args)
-    else:
-        train_parser(args)
+    if args.stage != "1" and args.init is None:
+        p.error("--init (the stage-1 run) is required for stage 2 and the detector")
+    args.steps = args.steps or {"1": 1150, "2": 3000, "detector": 1250}[args.stage]
+    args.batch = args.batch or (16 if args.stage == "detector" else 8)
+    {"1": train_stage1, "2": train_stage2, "detector": train_detector}[args.stage](args)
 
 
 if __name__ == "__main__":

@@ -1,13 +1,20 @@
 """Temporal action parser (TransParser-style, issue 11) and its trained boundary-detector baseline.
 
-frames (B, T, 112, 112, 3) -> 28 px -> per-frame CNN over each frame and its difference to the
-previous frame -> a +-2-frame temporal conv -> two SPS units -> per-frame responses over m learnt
-patterns. A sub-action starts where the arg-max pattern changes (after dropping runs shorter than
-a minimum length). Why per-frame features: a clip of the served encoder spans 8 frames = 0.53 s,
-as long as a whole take-off or entry (0.3-0.6 s), so clip features cannot place a boundary to
-the 1-5 frame tolerances the issue measures; a frame CNN trained jointly with the parser sees
-every frame, and the frame difference shows motion (crouch, spring, rotation, splash) at frame
-rate without the cost of a 3D stem at stride 1.
+frames (B, T, 28, 28, 3) uint8 (the served 112 px frames as 4x4 means) -> per-frame CNN over each
+frame and its difference to the previous frame, with a +-2-frame temporal conv (`FrameFeatures`)
+-> a temporal-conv front end (+-4 frames more) -> two SPS units -> per-frame responses over m
+learnt patterns. Why per-frame features: a clip of the served encoder spans 8 frames = 0.53 s, as
+long as a whole take-off or entry (0.3-0.6 s), so clip features cannot place a boundary to the
+1-5 frame tolerances the issue measures; a frame CNN sees every frame, and the frame difference
+shows motion (crouch, spring, rotation, splash) at frame rate without a 3D stem at stride 1.
+
+Decoding. TransParser starts a sub-action where the arg-max pattern changes; here the change is
+measured softly: the pattern-change score of frame t is the total-variation distance between the
+mean responses of the `change_window` frames before t and from t on (1 when the pattern
+distribution switches completely, 0 inside a steady sub-action). Scores that are not the maximum
+within +-(min_segment_frames - 1) are zeroed in the graph, so no two boundaries come closer
+than the minimum segment length; `decode_segments` keeps those above a threshold (at most
+`max_boundaries`). The arg-max decoding stays available (`parse_responses`) for comparison.
 """
 
 from __future__ import annotations
@@ -20,7 +27,8 @@ import torch
 from torch import nn
 
 from export import segments_eval
-from export.models.embedder import FrameCNN, pool_served_frames
+from export.models.embedder import FrameCNN
+from torch.nn import functional as F
 
 
 class SPSUnit(nn.Module):
@@ -66,26 +74,91 @@ class FrameFeatures(nn.Module):
         return self.norm(f + torch.relu(self.temporal(f.transpose(1, 2))).transpose(1, 2))
 
 
-class ActionParser(nn.Module):
-    """`forward(served frames)` -> (responses (B, T, m), class logits (B, classes));
-    `parse_small(28 px frames)` is the same on training-size frames and also returns features."""
+class TemporalFrontEnd(nn.Module):
+    """Two +-2-frame temporal convs with a residual: each frame's feature sees what happens 4
+    frames either side before the SPS units, which look at one frame at a time. The last conv
+    starts at zero, so the front end starts as the identity on stage-1 features."""
 
-    def __init__(self, *, classes: int, dim: int = 128, patterns: int = 8, units: int = 2):
+    def __init__(self, dim: int):
         super().__init__()
+        self.conv1, self.conv2 = nn.Conv1d(dim, dim, 5, padding=2), nn.Conv1d(dim, dim, 5, padding=2)
+        nn.init.zeros_(self.conv2.weight)
+        nn.init.zeros_(self.conv2.bias)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        x = self.conv2(torch.relu(self.conv1(f.transpose(1, 2)))).transpose(1, 2)
+        return self.norm(f + x)
+
+
+class ActionParser(nn.Module):
+    """`forward(frames)` -> (responses (B, T, m), class logits (B, classes)); `heads(features)` is
+    the same from `FrameFeatures` output (stage 2 trains the heads on frozen features)."""
+
+    def __init__(self, *, classes: int, dim: int = 128, patterns: int = 8, units: int = 2, front: bool = False,
+                 change_window: int = 2, min_segment_frames: int = 3):
+        super().__init__()
+        if change_window < 1 or min_segment_frames < 1:
+            raise ValueError("change_window and min_segment_frames must be at least 1")
+        self.change_window, self.min_segment_frames = change_window, min_segment_frames
         self.features = FrameFeatures(dim)
+        self.front = TemporalFrontEnd(dim) if front else nn.Identity()
         self.units = nn.ModuleList(SPSUnit(dim, patterns) for _ in range(units))
         self.classifier = nn.Linear(dim, classes)
 
-    def parse_small(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        f = self.features(frames)
-        x, responses = f, None
+    @property
+    def context_frames(self) -> int:
+        """How far (in frames) an output looks either side: motion 1, stage-1 conv 2, front end 4,
+        the change window and the non-maximum suppression."""
+        front = 4 if isinstance(self.front, TemporalFrontEnd) else 0
+        return 1 + 2 + front + self.change_window + self.min_segment_frames - 1
+
+    def heads(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x, responses = self.front(features), None
         for unit in self.units:
             x, responses = unit(x)
-        return responses, self.classifier(x.mean(dim=1)), f
+        return responses, self.classifier(x.mean(dim=1))
 
     def forward(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        responses, logits, _ = self.parse_small(pool_served_frames(frames))
-        return responses, logits
+        return self.heads(self.features(frames))
+
+    def boundary_scores(self, responses: torch.Tensor) -> torch.Tensor:
+        return suppress_non_maxima(change_scores(responses, self.change_window), self.min_segment_frames - 1)
+
+
+class ServedParser(nn.Module):
+    """What Triton serves: frames -> (responses, boundary_scores), see the module docstring."""
+
+    def __init__(self, parser: ActionParser):
+        super().__init__()
+        self.parser = parser
+
+    def forward(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        responses, _ = self.parser(frames)
+        return responses, self.parser.boundary_scores(responses)
+
+
+def change_scores(responses: torch.Tensor, window: int) -> torch.Tensor:
+    """(B, T, m) responses -> (B, T): total-variation distance between the mean responses of
+    frames [t - window, t) and [t, t + window) (edges repeat the first and last frame); frame 0
+    has nothing before it and scores 0. Written with cumulative sums and slices, which export to
+    ONNX with a dynamic T (padding and pooling ops pinned T to the example's)."""
+    x = torch.cat([responses[:, :1].repeat(1, window, 1), responses, responses[:, -1:].repeat(1, window, 1)], 1)
+    sums = torch.cat([torch.zeros_like(x[:, :1]), torch.cumsum(x, dim=1)], 1)  # sums[s] = x[0] + .. + x[s-1]
+    before = sums[:, window:-window - 1] - sums[:, :-2 * window - 1]
+    after = sums[:, 2 * window:-1] - sums[:, window:-window - 1]
+    score = 0.5 * (after - before).abs().sum(dim=-1) / window
+    return torch.cat([torch.zeros_like(score[:, :1]), score[:, 1:]], dim=1)
+
+
+def suppress_non_maxima(scores: torch.Tensor, radius: int) -> torch.Tensor:
+    """Zero every score that is below the maximum within +-radius frames (scores are >= 0)."""
+    pad = torch.zeros_like(scores[:, :1]).repeat(1, radius)
+    padded = torch.cat([pad, scores, pad], 1)
+    peaks = scores
+    for shift in range(2 * radius + 1):
+        peaks = torch.maximum(peaks, padded[:, shift:padded.shape[1] - 2 * radius + shift])
+    return torch.where(scores >= peaks, scores, torch.zeros_like(scores))
 
 
 def local_loss(responses: torch.Tensor, segments: torch.Tensor, margin: float = 0.1) -> torch.Tensor:
@@ -121,6 +194,33 @@ class Segment:
     end: int  # exclusive
     pattern: int
     confidence: float  # mean arg-max response over the segment
+
+
+def decode_segments(boundary_scores: np.ndarray, responses: np.ndarray, threshold: float,
+                    max_boundaries: int = 0) -> tuple[list[Segment], np.ndarray]:
+    """One video's served outputs -> (segments, boundary frames), the gateway's decoding.
+
+    Boundaries: frames whose (already non-max-suppressed) score exceeds `threshold`, the
+    `max_boundaries` highest if that is > 0 (ties: the earlier frame), sorted. Segments run
+    between them; each takes the pattern with the highest mean response over it, that mean its
+    confidence."""
+    if max_boundaries < 0:
+        raise ValueError(f"max_boundaries must be >= 0, got {max_boundaries}")
+    if len(boundary_scores) != len(responses):
+        raise ValueError(f"{len(boundary_scores)} scores for {len(responses)} frames of responses")
+    candidates = np.flatnonzero(boundary_scores > threshold)
+    if max_boundaries and len(candidates) > max_boundaries:
+        order = np.lexsort((candidates, -boundary_scores[candidates]))
+        candidates = candidates[order[:max_boundaries]]
+    boundaries = np.sort(candidates)
+    edges = [0, *boundaries.tolist(), len(responses)]
+    segments = []
+    for start, end in zip(edges[:-1], edges[1:]):
+        if end > start:
+            mean = responses[start:end].mean(axis=0)
+            pattern = int(np.argmax(mean))
+            segments.append(Segment(start, end, pattern, float(mean[pattern])))
+    return segments, boundaries
 
 
 def parse_responses(responses: np.ndarray, min_length: int, smooth: int = 1) -> list[Segment]:

@@ -1,26 +1,28 @@
-"""Frame embedder pieces: served-frame pooling, output contract, the sequence contrastive loss."""
+"""Frame embedder pieces: the served input size, output contract, rotary positions, windows, the
+sequence contrastive loss."""
 
 import numpy as np
 import torch
 
 from export import frames as frames_module
-from export.models.embedder import (FrameEmbedder, pool_served_frames, sequence_contrastive_loss,
-                                    sine_cosine_positions)
+from export.models.embedder import FrameEmbedder, rotate, sequence_contrastive_loss, sine_cosine_positions
 
 
-def test_pooling_matches_the_training_downsample():
+def test_the_gateways_4x4_mean_matches_the_training_downsample():
+    """The served models take 28 px frames; the gateway makes them from its 112 px frames as the
+    rounded mean of each 4x4 block (the contract), training from the 56 px cache."""
     rng = np.random.default_rng(0)
     frames = rng.integers(0, 256, (3, 112, 112, 3), dtype=np.uint8)
-    expected = frames_module.to_model_size(frames_module.downsample(frames))
-    pooled = pool_served_frames(torch.from_numpy(frames)[None])[0].numpy()
-    assert pooled.shape == expected.shape == (3, 28, 28, 3)
-    assert np.abs(pooled - expected).max() <= 1.0  # two roundings to uint8 on the training side
+    expected = frames_module.to_model_size(frames_module.downsample(frames)).astype(int)
+    gateway = (frames.reshape(3, 28, 4, 28, 4, 3).astype(np.uint16).sum((2, 4)) + 8) // 16
+    assert gateway.shape == expected.shape == (3, 28, 28, 3)
+    assert np.abs(gateway - expected).max() <= 1  # two roundings to uint8 on the training side
 
 
 def test_embeddings_are_unit_length_per_frame():
     torch.manual_seed(0)
     model = FrameEmbedder(dim=32, heads=2, out_dim=16).eval()
-    z = model(torch.randint(0, 256, (2, 5, 112, 112, 3), dtype=torch.uint8))
+    z = model(torch.randint(0, 256, (2, 5, 28, 28, 3), dtype=torch.uint8))
     assert z.shape == (2, 5, 16)
     assert torch.allclose(z.norm(dim=-1), torch.ones(2, 5), atol=1e-5)
 
@@ -29,6 +31,41 @@ def test_positions_are_distinct_and_bounded():
     pe = sine_cosine_positions(50, 16)
     assert pe.shape == (50, 16) and pe.abs().max() <= 1
     assert torch.cdist(pe, pe).add(torch.eye(50)).min() > 0
+
+
+def test_rotary_attention_scores_depend_on_frame_distance_only():
+    torch.manual_seed(0)
+    q, k = torch.randn(8), torch.randn(8)
+    pe = sine_cosine_positions(40, 8)
+    score = lambda i, j: float(rotate(q.expand(40, 8), pe)[i] @ rotate(k.expand(40, 8), pe)[j])  # noqa: E731
+    assert abs(score(3, 7) - score(23, 27)) < 1e-4
+    assert abs(score(3, 7) - score(3, 9)) > 1e-3
+
+
+def test_a_window_with_context_computes_what_the_whole_video_computes():
+    """The gateway runs long videos in windows with `context_frames` either side; with relative
+    positions a window's centre equals the whole video's (absolute positions would shift it)."""
+    torch.manual_seed(0)
+    model = FrameEmbedder(dim=32, heads=2, out_dim=16, radius=4).eval()
+    c = model.context_frames
+    frames = torch.randint(0, 256, (1, 60, 28, 28, 3), dtype=torch.uint8)
+    with torch.no_grad():
+        whole = model(frames)
+        window = model(frames[:, 20 - c:40 + c])
+    torch.testing.assert_close(window[:, c:c + 20], whole[:, 20:40], atol=1e-5, rtol=0)
+
+
+def test_idle_content_gives_the_same_embedding_wherever_it_sits():
+    """No clock: the same frames placed early or late in a video embed identically (away from
+    the video's edges), so time cannot be read from the embeddings of unchanging content."""
+    torch.manual_seed(0)
+    model = FrameEmbedder(dim=32, heads=2, out_dim=16, radius=4).eval()
+    clip = torch.randint(0, 256, (1, 30, 28, 28, 3), dtype=torch.uint8)
+    filler = torch.randint(0, 256, (1, 50, 28, 28, 3), dtype=torch.uint8)
+    with torch.no_grad():
+        early = model(torch.cat([clip, filler], 1))[:, 10:20]
+        late = model(torch.cat([filler, clip], 1))[:, 60:70]
+    torch.testing.assert_close(early, late, atol=1e-5, rtol=0)
 
 
 def test_scl_is_lower_when_similarity_follows_time():

@@ -1,11 +1,12 @@
-"""Action parser pieces: SPS shapes, the local loss, parsing responses into segments, peaks."""
+"""Action parser pieces: SPS shapes, the local loss, the pattern-change score and its decoding
+(the gateway's reference), arg-max parsing, peaks."""
 
 import numpy as np
 import pytest
 import torch
 
-from export.models.parser import (ActionParser, BoundaryDetector, SPSUnit, local_loss, parse_responses,
-                                  pick_peaks)
+from export.models.parser import (ActionParser, BoundaryDetector, ServedParser, SPSUnit, change_scores,
+                                  decode_segments, local_loss, parse_responses, pick_peaks, suppress_non_maxima)
 
 
 def test_sps_unit_returns_features_and_pattern_responses():
@@ -16,12 +17,70 @@ def test_sps_unit_returns_features_and_pattern_responses():
     assert torch.allclose(alpha.sum(-1), torch.ones(2, 7), atol=1e-5)
 
 
-def test_parser_takes_served_frames():
+def test_parser_takes_28_px_frames():
     torch.manual_seed(0)
-    model = ActionParser(classes=3, dim=32, patterns=4).eval()
-    frames = torch.randint(0, 256, (1, 6, 112, 112, 3), dtype=torch.uint8)
+    model = ActionParser(classes=3, dim=32, patterns=4, front=True).eval()
+    frames = torch.randint(0, 256, (1, 6, 28, 28, 3), dtype=torch.uint8)
     responses, logits = model(frames)
     assert responses.shape == (1, 6, 4) and logits.shape == (1, 3)
+    responses, scores = ServedParser(model)(frames)
+    assert responses.shape == (1, 6, 4) and scores.shape == (1, 6)
+
+
+def test_the_front_end_starts_as_the_identity_on_stage_1_features():
+    torch.manual_seed(0)
+    with_front, without = ActionParser(classes=3, dim=32, front=True), ActionParser(classes=3, dim=32)
+    without.load_state_dict(with_front.state_dict(), strict=False)
+    f = torch.randn(1, 9, 32)
+    # the front end adds nothing at first, then normalises: the SPS units see layer-normed stage-1 features
+    torch.testing.assert_close(with_front.front(f), torch.nn.functional.layer_norm(f, (32,)), atol=1e-5, rtol=0)
+
+
+def _one_hot_runs(lengths, patterns):
+    labels = np.repeat(np.arange(len(lengths)) % patterns, lengths)
+    return torch.nn.functional.one_hot(torch.from_numpy(labels), patterns).float()[None]
+
+
+def test_change_score_is_one_where_the_pattern_switches_and_zero_inside():
+    responses = _one_hot_runs([5, 4, 3], 3)
+    scores = change_scores(responses, 2)[0].numpy()
+    assert scores[5] == pytest.approx(1) and scores[9] == pytest.approx(1)
+    assert scores[4] == pytest.approx(0.5) and scores[6] == pytest.approx(0.5)  # half the window switched
+    assert scores[[0, 1, 2, 7, 11]].tolist() == pytest.approx([0, 0, 0, 0, 0])
+
+
+def test_non_maximum_suppression_keeps_one_peak_per_radius():
+    scores = torch.tensor([[0.0, 0.2, 0.9, 0.3, 0.0, 0.5, 0.0, 0.0, 0.6, 0.1]])
+    assert suppress_non_maxima(scores, 3)[0].tolist() == pytest.approx([0, 0, 0.9, 0, 0, 0, 0, 0, 0.6, 0])
+    assert suppress_non_maxima(scores, 1)[0].tolist() == pytest.approx([0, 0, 0.9, 0, 0, 0.5, 0, 0, 0.6, 0])
+
+
+def test_served_boundary_scores_of_a_window_equal_the_whole_videos():
+    """The gateway runs long videos in windows with `context_frames` either side."""
+    torch.manual_seed(0)
+    model = ServedParser(ActionParser(classes=3, dim=32, patterns=4, front=True, min_segment_frames=4)).eval()
+    c = model.parser.context_frames
+    frames = torch.randint(0, 256, (1, 70, 28, 28, 3), dtype=torch.uint8)
+    with torch.no_grad():
+        whole = model(frames)
+        window = model(frames[:, 30 - c:50 + c])
+    for w, v in zip(window, whole):
+        torch.testing.assert_close(w[:, c:c + 20], v[:, 30:50], atol=1e-5, rtol=0)
+
+
+def test_decode_segments_thresholds_limits_and_labels_the_runs():
+    responses = _one_hot_runs([5, 4, 3], 3)[0].numpy() * 0.8 + 0.2 / 3
+    scores = np.zeros(12)
+    scores[[5, 9, 2]] = [0.9, 0.7, 0.4]
+    segments, boundaries = decode_segments(scores, responses, threshold=0.5)
+    assert boundaries.tolist() == [5, 9]
+    assert [(s.start, s.end, s.pattern) for s in segments] == [(0, 5, 0), (5, 9, 1), (9, 12, 2)]
+    assert segments[0].confidence == pytest.approx(0.8 + 0.2 / 3)
+    assert decode_segments(scores, responses, threshold=0.3)[1].tolist() == [2, 5, 9]
+    assert decode_segments(scores, responses, threshold=0.3, max_boundaries=2)[1].tolist() == [5, 9]
+    assert decode_segments(scores, responses, threshold=0.95)[1].tolist() == []
+    with pytest.raises(ValueError):
+        decode_segments(scores[:5], responses, threshold=0.5)
 
 
 def test_local_loss_prefers_one_pattern_per_sub_action():

@@ -1,4 +1,5 @@
-"""The parser and the embedder exported to ONNX compute what torch computes (<= 1e-4)."""
+"""The served parser and embedder exported to ONNX compute what torch computes (<= 1e-4), at
+other lengths than the export example's."""
 
 import numpy as np
 import onnxruntime as ort
@@ -6,17 +7,16 @@ import pytest
 import torch
 
 from export.models.embedder import FrameEmbedder
-from export.models.parser import ActionParser
-from export.train_embedder import EMBEDDER_OUTPUTS
-from export.train_parser import FRAMES_INPUT, PARSER_OUTPUTS, export_onnx
+from export.models.parser import ActionParser, ServedParser
+from export.segments_export import EMBEDDER_OUTPUTS, FRAMES_INPUT, MIN_FRAMES, PARSER_OUTPUTS, export_onnx
 
 
-def _parity(model, outputs, tmp_path, lengths=(7, 31)):
+def _parity(model, outputs, tmp_path):
     path = export_onnx(model, tmp_path / "model.onnx", outputs)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(0)
-    for batch, length in ((1, lengths[0]), (2, lengths[1])):  # other lengths than the example's
-        frames = rng.integers(0, 256, (batch, length, 112, 112, 3), dtype=np.uint8)
+    for length in (MIN_FRAMES, 31, 97):
+        frames = rng.integers(0, 256, (1, length, 28, 28, 3), dtype=np.uint8)
         with torch.no_grad():
             expected = model(torch.from_numpy(frames))
         expected = expected if isinstance(expected, tuple) else (expected,)
@@ -29,10 +29,10 @@ def _parity(model, outputs, tmp_path, lengths=(7, 31)):
 @pytest.mark.filterwarnings("ignore")
 def test_parser_onnx_parity(tmp_path):
     torch.manual_seed(0)
-    _parity(ActionParser(classes=48).eval(), PARSER_OUTPUTS, tmp_path)
+    _parity(ServedParser(ActionParser(classes=48, front=True)).eval(), PARSER_OUTPUTS, tmp_path)
 
 
 @pytest.mark.filterwarnings("ignore")
 def test_embedder_onnx_parity(tmp_path):
     torch.manual_seed(0)
-    _parity(FrameEmbedder().eval(), EMBEDDER_OUTPUTS, tmp_path, lengths=(7, 40))
+    _parity(FrameEmbedder().eval(), EMBEDDER_OUTPUTS, tmp_path)

@@ -1,0 +1,196 @@
+"""Issue 11's served artifacts: the action parser and the frame embedder as ONNX graphs in
+`model_repository/action_parser` and `model_repository/frame_embedder`, and `build_segments`,
+the whole pipeline (data, training, evaluation, export) in one call.
+
+    python -m export.segments_export --parser runs/r11/parser_s2 --embedder runs/r11/embedder_rope \\
+        --evaluation runs/r11/evaluation.json --data runs/r11
+
+The Triton contract (agreed with the gateway, see the README "Segments and frame embeddings"):
+both models take `frames` UINT8 [1, T, 28, 28, 3] (the served 112 px frames at `fps` as 4x4
+means, RGB, not normalised) and are unbatched (max_batch_size 0, one video or window per
+request). The parser returns `responses` FP32 [1, T, m] and `boundary_scores` FP32 [1, T] (the
+non-max-suppressed pattern-change score, decoded by `export.models.parser.decode_segments` with
+the `boundary_threshold` and `max_boundaries` parameters); the embedder `embeddings` FP32
+[1, T, 128], L2-normalised. `context_frames` says how many frames either side an output depends
+on, so a window with that much context computes what the whole video computes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from export import frames as framedata
+from export.models.embedder import FrameEmbedder
+from export.models.parser import ActionParser, ServedParser
+
+FRAMES_INPUT = "frames"
+PARSER_OUTPUTS = ("responses", "boundary_scores")
+EMBEDDER_OUTPUTS = ("embeddings",)
+REPO = Path(__file__).resolve().parent.parent
+MODEL_REPOSITORY = REPO / "model_repository"
+RUNNER = "../../onnx_runner.py"
+MIN_FRAMES = 8  # per request; the gateway repeats a shorter video's last frame (and drops those outputs)
+
+
+def export_onnx(model: torch.nn.Module, path: Path, output_names: tuple[str, ...], frames: int = 20) -> Path:
+    """torch -> ONNX with a dynamic time axis; the input is (1, T, 28, 28, 3) uint8 frames."""
+    model.eval()
+    size = framedata.MODEL_SIZE
+    example = torch.randint(0, 256, (1, frames, size, size, 3), dtype=torch.uint8)
+    dims = {1: torch.export.Dim("time", min=2, max=100_000)}  # B = 1: one video or window per request
+    program = torch.onnx.export(model, (example,), dynamo=True, opset_version=18,
+                                input_names=[FRAMES_INPUT], output_names=list(output_names),
+                                dynamic_shapes={"frames": dims}, optimize=True, verbose=False)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    program.save(str(path))
+    return path
+
+
+def onnx_max_difference(model: torch.nn.Module, path: Path, frames: np.ndarray) -> float:
+    """Largest |torch - ONNX Runtime| over all outputs for one input (B, T, 28, 28, 3) uint8."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        expected = model(torch.from_numpy(frames))
+    expected = expected if isinstance(expected, tuple) else (expected,)
+    got = session.run(None, {FRAMES_INPUT: frames})
+    return max(float(np.abs(g - e.numpy()).max()) for g, e in zip(got, expected))
+
+
+def _config(name: str, comment: str, outputs: dict[str, list[int]], parameters: dict[str, str]) -> str:
+    size = framedata.MODEL_SIZE
+    lines = [*(f"# {line}" for line in comment.splitlines()), f'name: "{name}"', 'backend: "python"',
+             "max_batch_size: 0", "", "input [", "  {", f'    name: "{FRAMES_INPUT}"', "    data_type: TYPE_UINT8",
+             f"    dims: [ 1, -1, {size}, {size}, 3 ]", "  }", "]", "output ["]
+    lines.append(",\n".join(f'  {{\n    name: "{n}"\n    data_type: TYPE_FP32\n    dims: [ {", ".join(map(str, d))} ]\n  }}'
+                            for n, d in outputs.items()))
+    lines += ["]", "", "instance_group [", "  {", "    count: 1", "    kind: KIND_CPU", "  }", "]", ""]
+    lines += [f'parameters: {{ key: "{k}" value: {{ string_value: "{v}" }} }}' for k, v in parameters.items()]
+    lines += ["", "# Pay ONNX Runtime's first-run cost at load time, not on the first request.", "model_warmup [",
+              "  {", '    name: "one_window_64_frames"', "    batch_size: 0", "    inputs {",
+              f'      key: "{FRAMES_INPUT}"',
+              f"      value {{ data_type: TYPE_UINT8 dims: [ 1, 64, {size}, {size}, 3 ] zero_data: true }}",
+              "    }", "  }", "]", ""]
+    return "\n".join(lines)
+
+
+def _fingerprint(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+def _write_model(folder: Path, model: torch.nn.Module, outputs: tuple[str, ...], config: str, meta: dict,
+                 check_frames: np.ndarray) -> dict:
+    version = folder / "1"
+    version.mkdir(parents=True, exist_ok=True)
+    onnx_path = export_onnx(model, version / "model.onnx", outputs)
+    meta = dict(meta, onnx_sha256=_fingerprint(onnx_path),
+                parity_max_abs_difference=onnx_max_difference(model, onnx_path, check_frames))
+    (folder / "config.pbtxt").write_text(config)
+    (version / "model.json").write_text(json.dumps(meta, indent=1, default=str) + "\n")
+    link = version / "model.py"
+    if not link.is_symlink():
+        link.unlink(missing_ok=True)
+        os.symlink(RUNNER, link)
+    return meta
+
+
+def write_action_parser(parser: ActionParser, meta: dict, *, threshold: float, max_boundaries: int,
+                        repository: Path = MODEL_REPOSITORY, check_frames: np.ndarray) -> dict:
+    """model_repository/action_parser from a trained parser whose change window and minimum
+    segment length are set; threshold and max_boundaries go into config.pbtxt."""
+    patterns = parser.units[-1].miner.shape[0]
+    config = _config("action_parser", (
+        "Action parser (issue 11): 28 px frames of one video or window -> per-frame pattern responses and\n"
+        "the non-max-suppressed pattern-change score. The gateway decodes boundaries and segments from them\n"
+        "with boundary_threshold and max_boundaries (export.models.parser.decode_segments).\n"
+        "Written by export/segments_export.py; re-export to change."),
+        {"responses": [1, -1, patterns], "boundary_scores": [1, -1]},
+        {"intra_op_threads": "1", "fps": f"{framedata.FPS:g}", "context_frames": str(parser.context_frames),
+         "min_frames": str(MIN_FRAMES),
+         "boundary_threshold": f"{threshold:g}", "max_boundaries": str(max_boundaries),
+         "min_segment_frames": str(parser.min_segment_frames), "change_window": str(parser.change_window),
+         "patterns": str(patterns)})
+    meta = dict(meta, name="action_parser", boundary_threshold=threshold, max_boundaries=max_boundaries,
+                change_window=parser.change_window, min_segment_frames=parser.min_segment_frames)
+    return _write_model(repository / "action_parser", ServedParser(parser).eval(), PARSER_OUTPUTS, config, meta,
+                        check_frames)
+
+
+def write_frame_embedder(embedder: FrameEmbedder, meta: dict, *, repository: Path = MODEL_REPOSITORY,
+                         check_frames: np.ndarray) -> dict:
+    config = _config("frame_embedder", (
+        "Frame embedder (issue 11): 28 px frames of one video or window -> one L2-normalised 128-d\n"
+        "embedding per frame (CARL-style, rotary positions: a window with context_frames either side\n"
+        "equals the whole video). Written by export/segments_export.py; re-export to change."),
+        {"embeddings": [1, -1, embedder.head.out_features]},
+        {"intra_op_threads": "1", "fps": f"{framedata.FPS:g}", "context_frames": str(embedder.context_frames),
+         "min_frames": str(MIN_FRAMES)})
+    return _write_model(repository / "frame_embedder", embedder.eval(), EMBEDDER_OUTPUTS, config,
+                        dict(meta, name="frame_embedder"), check_frames)
+
+
+def _drop_logs(meta: dict) -> None:
+    """Training records nest (stage 2 in stage 1, a run in the one it started from); their loss
+    logs stay in the run folders."""
+    meta.pop("log", None)
+    for value in meta.values():
+        if isinstance(value, dict):
+            _drop_logs(value)
+
+
+def export_runs(parser_dir: Path, embedder_dir: Path, evaluation: Path | None, data: Path,
+                repository: Path = MODEL_REPOSITORY) -> dict:
+    """Both trained runs -> model_repository, with the decoding knobs the evaluation chose on
+    validation (without an evaluation: the parser's defaults, threshold 0.5, no limit)."""
+    from export.train_embedder import load_embedder
+    from export.train_parser import load_parser
+
+    knobs = dict(change_window=2, min_segment_frames=3, threshold=0.5, max_boundaries=0)
+    scores = {}
+    if evaluation is not None:
+        result = json.loads(Path(evaluation).read_text())
+        knobs = result["served_knobs"]
+        scores = result.get("served_scores", {})
+    parser = load_parser(parser_dir)
+    parser.change_window, parser.min_segment_frames = knobs["change_window"], knobs["min_segment_frames"]
+    video = framedata.load_split("val", framedata.VAL_VIDEOS, cache=data)[0]
+    frames = video.frames[None, :120]
+    parser_meta = json.loads((parser_dir / "parser.json").read_text())
+    embedder_meta = json.loads((embedder_dir / "embedder.json").read_text())
+    for meta in (parser_meta, embedder_meta):
+        _drop_logs(meta)
+    provenance = dict(exported_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), evaluation=scores)
+    return dict(
+        action_parser=write_action_parser(parser, dict(provenance, training=parser_meta, run=parser_dir.name),
+                                          threshold=knobs["threshold"], max_boundaries=knobs["max_boundaries"],
+                                          repository=repository, check_frames=frames),
+        frame_embedder=write_frame_embedder(load_embedder(embedder_dir),
+                                            dict(provenance, training=embedder_meta, run=embedder_dir.name),
+                                            repository=repository, check_frames=frames))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--parser", type=Path, required=True)
+    p.add_argument("--embedder", type=Path, required=True)
+    p.add_argument("--evaluation", type=Path, help="evaluate_segments json (the knobs chosen on validation)")
+    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--repository", type=Path, default=MODEL_REPOSITORY)
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    out = export_runs(args.parser, args.embedder, args.evaluation, args.data, args.repository)
+    for name, meta in out.items():
+        print(f"{name}: max |torch - onnxruntime| {meta['parity_max_abs_difference']:.2e}")
+
+
+if __name__ == "__main__":
+    main()
