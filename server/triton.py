@@ -82,6 +82,7 @@ FRAME_SIZE = 28
 EMBEDDING_DIM = 128
 FPS_PARAMETER = "fps"  # both: the frame rate their frames are sampled at
 CONTEXT_FRAMES = "context_frames"  # both: receptive radius in frames (windows need this much context)
+MIN_FRAMES = "min_frames"  # both, optional: the fewest frames a request may hold (default 1)
 PATTERNS = "patterns"  # parser: m, the width of `responses`
 BOUNDARY_THRESHOLD = "boundary_threshold"  # parser: a boundary's score passes this (float)
 MAX_BOUNDARIES = "max_boundaries"  # parser: keep at most this many, the highest (0 = all)
@@ -182,6 +183,7 @@ class FrameModelSpec:
     fps: float
     context_frames: int
     outputs: tuple[str, ...]
+    min_frames: int = 1  # the fewest frames one request may hold
     boundary_threshold: float = 0.5  # parser only
     max_boundaries: int = 0  # parser only; 0 = no limit
 
@@ -195,10 +197,10 @@ def frame_model_spec(config: dict) -> FrameModelSpec:
         size = int(frames["dims"][2])
         fps = float(_parameter(config, FPS_PARAMETER))
         context = int(_parameter(config, CONTEXT_FRAMES))
-        extra = {}
+        extra = {"min_frames": int(_parameter(config, MIN_FRAMES) or 1)}
         if model == PARSER_MODEL:
-            extra = dict(boundary_threshold=float(_parameter(config, BOUNDARY_THRESHOLD)),
-                         max_boundaries=int(_parameter(config, MAX_BOUNDARIES) or 0))
+            extra |= dict(boundary_threshold=float(_parameter(config, BOUNDARY_THRESHOLD)),
+                          max_boundaries=int(_parameter(config, MAX_BOUNDARIES) or 0))
     except (StopIteration, KeyError, IndexError, ValueError) as exc:
         raise ValueError(f"{model}: its config lacks the frames input or the parameters "
                          f"{FPS_PARAMETER}/{CONTEXT_FRAMES}/{BOUNDARY_THRESHOLD} ({exc}); re-export it") from None

@@ -196,7 +196,10 @@ class _ModelRun:
             await self._collect()
 
     async def _run(self, window: Window) -> dict[str, np.ndarray]:
-        outputs = await self.triton.run_frame_model(self.spec, window.frames)
+        frames = window.frames
+        if len(frames) < self.spec.min_frames:  # a video shorter than the model takes: repeat its last frame
+            frames = np.concatenate([frames, np.repeat(frames[-1:], self.spec.min_frames - len(frames), axis=0)])
+        outputs = await self.triton.run_frame_model(self.spec, frames)
         return {name: value[window.keep] for name, value in outputs.items()}
 
     async def _collect(self) -> None:

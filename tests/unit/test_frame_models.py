@@ -22,10 +22,11 @@ def parser_config(**parameters) -> dict:
 
 
 def test_frame_model_spec_reads_the_config():
-    spec = triton.frame_model_spec(parser_config(max_boundaries="6"))
+    spec = triton.frame_model_spec(parser_config(max_boundaries="6", min_frames="8"))
     assert spec == triton.FrameModelSpec(
         model="action_parser", frame_size=28, fps=15.0, context_frames=16,
-        outputs=("responses", "boundary_scores"), boundary_threshold=0.5, max_boundaries=6)
+        outputs=("responses", "boundary_scores"), min_frames=8, boundary_threshold=0.5, max_boundaries=6)
+    assert triton.frame_model_spec(parser_config()).min_frames == 1
     assert triton.contract_for("action_parser", parser_config()).outputs[0].dims == (1, -1, 8)
 
 
@@ -187,3 +188,40 @@ async def test_frame_run_feeds_windows_and_drops_the_final_clips_padding():
     assert result.segments[-1].end_s == pytest.approx(n_frames / fps)
     assert len(result.boundaries_s) >= 1 and all(37 / fps <= b <= 42 / fps for b in result.boundaries_s)
     assert max(fake.calls) <= 16 + 2 * 2  # windows, never the whole video
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_the_gateways_decoding_is_the_exports(seed):
+    """server/ may not import export/: the gateway's decoding is its own copy, held to the
+    reference the parser was evaluated with."""
+    from export.models.parser import decode_segments as reference
+
+    rng = np.random.default_rng(seed)
+    t, m = 120, 8
+    scores = np.where(rng.random(t) < 0.1, rng.random(t), 0.0)
+    responses = rng.random((t, m))
+    for threshold, most in ((0.3, 0), (0.5, 3), (0.0, 1)):
+        segments, boundaries = seg.decode_segments(scores, responses, np.arange(t) / 15.0, t / 15.0,
+                                                   threshold=threshold, max_boundaries=most)
+        expected, frames = reference(scores, responses, threshold, most)
+        assert boundaries == pytest.approx((np.asarray(frames) / 15.0).tolist())
+        assert [(s.pattern, round(s.start_s * 15), round(s.end_s * 15)) for s in segments] == \
+            [(s.pattern, s.start, s.end) for s in expected]
+        assert [s.confidence for s in segments] == pytest.approx([s.confidence for s in expected])
+
+
+async def test_a_window_shorter_than_the_models_minimum_is_padded_and_cut_back():
+    fake = FakeFrameTriton()
+    spec = triton.FrameModelSpec("frame_embedder", 28, 15.0, 2, ("embeddings",), min_frames=8)
+    run = seg.FrameRun(fake, parser=None, embedder=spec, clip_frames=8, fps=15.0)
+    clip = np.zeros((1, 8, 112, 112, 3), np.uint8)
+    await run.add(clip, np.array([[0.0, 3 / 15.0]]))  # three real frames
+    result = await run.finish()
+    assert fake.calls == [8] and result.embeddings.shape == (3, 128)
+
+
+async def test_frame_run_without_frames_finishes_empty():
+    parser = triton.FrameModelSpec("action_parser", 28, 15.0, 2, ("responses", "boundary_scores"), 0.5, 0)
+    run = seg.FrameRun(FakeFrameTriton(), parser=parser, embedder=None, clip_frames=8, fps=15.0)
+    result = await run.finish()
+    assert result.segments == [] and len(result.times_s) == 0
