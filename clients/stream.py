@@ -4,13 +4,20 @@ the answers per window while it is analysed, then for the whole stream.
 `--realtime` sends an MPEG-TS at the pace of its own timestamps (each frame when it is due, as a
 live source would); without it the bytes go as fast as the gateway takes them (gRPC's flow
 control slows the sender when the server is behind). A pipe from a live encoder is already paced:
-`ffmpeg -re -i IN -c:v libx264 -f mpegts - | vqs stream -`.
+`ffmpeg -re -i IN -c:v libx264 -f mpegts - | vqs stream -` (what the pipe holds is sent at once,
+not held back to fill a chunk).
+
+With `--resume-token` (a client reconnecting after a break), the video is held back until the
+gateway admits the stream (its first event), and a refusal because the gateway is busy (its slot
+may still be held by the broken stream, which the server is closing) is retried a few times with
+backoff, sending the same bytes.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -44,6 +51,10 @@ from server.proto import video_analytics_pb2 as pb
 from server.proto import video_analytics_pb2_grpc as pb_grpc
 
 DEFAULT_SERVER = "127.0.0.1:50051"
+# A resumed stream refused because the gateway is busy is tried again this many times, after
+# BUSY_BACKOFF_S, then twice that, and so on.
+BUSY_RETRIES = 4
+BUSY_BACKOFF_S = 0.25
 DEFAULT_CHUNK_KB = 64
 TS_PACKET = 188
 TS_SYNC = 0x47
@@ -173,10 +184,19 @@ class Prefixed:
             return block
         return self.source.read(size)
 
+    def read1(self, size: int) -> bytes:
+        if self.head:
+            return self.read(size)
+        read1 = getattr(self.source, "read1", self.source.read)
+        return read1(size)
+
 
 def read_chunks(source: BinaryIO, chunk_bytes: int) -> Iterator[bytes]:
+    """Chunks of at most `chunk_bytes`, each what the source has ready (a live pipe's bytes are
+    not held back until a chunk fills)."""
+    read = getattr(source, "read1", source.read)
     while True:
-        block = source.read(chunk_bytes)
+        block = read(chunk_bytes)
         if not block:
             return
         yield block
@@ -185,10 +205,39 @@ def read_chunks(source: BinaryIO, chunk_bytes: int) -> Iterator[bytes]:
 # -- the call
 
 
-def requests(options: pb.StreamOptions, chunks: Iterable[bytes]) -> Iterator[pb.StreamRequest]:
+class Admission:
+    """Holds a call's video back until the gateway admits the stream (its first event), so a call
+    refused at once has taken nothing from the source and can be made again."""
+
+    def __init__(self) -> None:
+        self._decided = threading.Event()
+        self.admitted = False
+
+    def admit(self) -> None:
+        self.admitted = True
+        self._decided.set()
+
+    def refuse(self) -> None:
+        self._decided.set()
+
+    def wait(self) -> bool:
+        self._decided.wait()
+        return self.admitted
+
+
+def requests(
+    options: pb.StreamOptions, chunks: Iterable[bytes], admission: Admission | None = None
+) -> Iterator[pb.StreamRequest]:
     yield pb.StreamRequest(options=options)
+    if admission is not None and not admission.wait():
+        return
     for chunk in chunks:
         yield pb.StreamRequest(chunk=chunk)
+
+
+def busy(exc: grpc.RpcError) -> bool:
+    """The gateway refused the stream because every stream slot is taken (it says "busy")."""
+    return exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "busy" in (exc.details() or "")
 
 
 def event_to_dict(event: pb.StreamEvent) -> dict[str, Any]:
@@ -295,10 +344,42 @@ def stream(
 
 def open_stream(
     config: ChannelConfig, options: pb.StreamOptions, chunks: Iterable[bytes], *, timeout: float | None,
+    admission: Admission | None = None,
 ) -> tuple[grpc.Channel, Any]:
     channel = open_channel(config)
-    call = pb_grpc.VideoAnalyticsStub(channel).AnalyzeStream(requests(options, chunks), timeout=timeout)
+    call = pb_grpc.VideoAnalyticsStub(channel).AnalyzeStream(
+        requests(options, chunks, admission), timeout=timeout)
     return channel, call
+
+
+def stream_events(
+    config: ChannelConfig, options: pb.StreamOptions, chunks: Iterable[bytes], *, timeout: float | None,
+) -> Iterator[pb.StreamEvent]:
+    """The stream's events. A resumed stream (options.resume_token) that the gateway refuses as
+    busy is made again, up to BUSY_RETRIES times with backoff; each attempt has `timeout`."""
+    source = iter(chunks)  # shared by the attempts: a refused one took nothing from it
+    retries = BUSY_RETRIES if options.resume_token else 0
+    for attempt in range(retries + 1):
+        admission = Admission() if retries else None
+        channel, call = open_stream(config, options, source, timeout=timeout, admission=admission)
+        try:
+            for event in call:
+                if admission is not None:
+                    admission.admit()
+                yield event
+            return
+        except grpc.RpcError as exc:
+            if admission is None or admission.admitted or not busy(exc) or attempt == retries:
+                raise
+            wait = BUSY_BACKOFF_S * 2**attempt
+            stderr.print(f"gateway busy (the broken stream may still be closing); retrying in {wait:g} s",
+                         highlight=False)
+            time.sleep(wait)
+        finally:
+            if admission is not None:
+                admission.refuse()  # a request thread still waiting lets go
+            call.cancel()
+            channel.close()
 
 
 def run(
@@ -306,14 +387,14 @@ def run(
     timeout: float | None, as_json: bool,
 ) -> int:
     """Send the stream and print its events; the exit code (as `vqs analyze`'s)."""
-    channel, call = open_stream(config, options, chunks, timeout=timeout)
+    events = stream_events(config, options, chunks, timeout=timeout)
     live = None
     final: dict[str, Any] | None = None
     try:
         if not as_json and stdout.is_terminal:
             live = Live(Table(title="waiting for the first window"), console=stdout, refresh_per_second=4)
             live.start()
-        for event in call:
+        for event in events:
             data = event_to_dict(event)
             if as_json:
                 sys.stdout.write(json.dumps(data) + "\n")
@@ -340,12 +421,11 @@ def run(
             stderr.print(f"is the gateway running at {config.server}? (`vqs serve`, --server, VQS_SERVER)")
         return exit_code_for(code, answered=answered)
     except KeyboardInterrupt:
-        call.cancel()
         return 130
     finally:
         if live is not None and live.is_started:
             live.stop()
-        channel.close()
+        events.close()  # cancels the call
     if final is not None and not as_json:
         stdout.print(render.summary_line(final), highlight=False, soft_wrap=True)
         stdout.print(render.answers_table(final))

@@ -7,9 +7,12 @@ Four coroutines share one stream's state (`_Stream`), on the gateway's event loo
   stream with DEADLINE_EXCEEDED when the client sends nothing for `limits.stream_idle_s`;
 - decode: `VideoDecoder.stream(live=True)` (PyAV in a pool worker reading the pipe) yields clips
   one at a time; each waits in a queue of at most `limits.stream_pending_clips` for the encoder.
-  In `realtime` mode a clip arriving at a full queue pushes out the oldest (dropped, counted in the
-  events); in `archive` mode it waits, so the decoder stops reading, the pipe fills, intake stops
-  reading the RPC and gRPC's flow control stops the sender;
+  In `realtime` mode the worker reads the pipe as fast as the feed fills it and does not decode
+  what is more than `limits.stream_max_lag_s` behind the feed (up to the next keyframe: the
+  clips it would have made come marked dropped, in their place), and a clip arriving at a full
+  queue pushes out the oldest; both count as dropped in the events. In `archive` mode a clip
+  waits, so the decoder stops reading, the pipe fills, intake stops reading the RPC and gRPC's
+  flow control stops the sender;
 - encode: up to `limits.encode_inflight` encoder requests at once, each of the clips waiting then
   (at most `limits.clips_per_batch`), so an encoder that falls behind gets larger batches;
 - windows: window k holds clips [k * hop, k * hop + window); once all of them are encoded (or
@@ -43,6 +46,7 @@ from typing import Literal, Protocol
 import numpy as np
 
 from server.errors import InvalidInput, Overloaded, Timeout, UnsupportedMedia, VqsError
+from server.pipeline import assemble
 from server.pipeline.analyze import Analyzer
 from server.pipeline.assemble import AnalysisResult
 from server.pipeline.decode import VideoInfo
@@ -81,6 +85,7 @@ class StreamLimits:
     max_spill_bytes: int
     encode_inflight: int
     clips_per_batch: int
+    max_lag_s: float
 
     @classmethod
     def from_settings(cls, limits: LimitsSettings) -> StreamLimits:
@@ -94,6 +99,7 @@ class StreamLimits:
             max_spill_bytes=limits.max_upload_bytes,
             encode_inflight=limits.encode_inflight,
             clips_per_batch=limits.clips_per_batch,
+            max_lag_s=limits.stream_max_lag_s,
         )
 
 
@@ -133,6 +139,7 @@ class StreamOptions:
     window_attention: bool = True
     producer_start_unix_s: float | None = None
     resume: ResumeToken | None = None
+    budget: float = 1.0  # share of the encoder's full compute, (0, 1] (checked by its spec)
 
     def __post_init__(self) -> None:
         if self.window_clips < 1 or self.hop_clips < 1:
@@ -206,6 +213,7 @@ class StreamAnalyzer:
         """The stream's events, ending with the final one. Closing this iterator (or cancelling
         its consumer) stops the stream's decoding and Triton requests."""
         spec = await self.analyzer.encoder(options.encoder)
+        spec.check_budget(options.budget)
         version = await self._model_version(spec)
         stream = _Stream(self, options, spec, version)
         async for event in stream.events(chunks):
@@ -250,6 +258,8 @@ class _Stream:
         self.states: list[ClipState] = []
         self.errors: dict[int, VqsError] = {}  # why a clip failed in the encoder
         self.features: dict[int, np.ndarray] = {}
+        self.kept: dict[int, np.ndarray] = {}  # per clip, what an adaptive encoder kept
+        self.gmacs: dict[int, float] = {}  # per clip, what encoding it cost (when the model says)
         self.waiting: deque[tuple[int, np.ndarray]] = deque()
         self.decoded_all = False
         self.failure: BaseException | None = None  # of the decoder or the gateway: ends the stream
@@ -267,6 +277,7 @@ class _Stream:
             asyncio.create_task(self._progress_ticks(), name="stream-progress"),
         ]
         try:
+            yield self._progress_event()  # at once: the stream is admitted (a client may hold its video until then)
             while True:
                 item = await self.events_out.get()
                 if item is _END:
@@ -403,13 +414,15 @@ class _Stream:
             clips_per_batch=1 if source.live else limits.clips_per_batch,
             live=source.live,
             chunk_frames=LIVE_CHUNK_FRAMES if source.live else None,
+            max_lag_s=limits.max_lag_s if source.live and self.options.mode == "realtime" else None,
         )
         try:
             async with contextlib.aclosing(batches):
                 async for batch in batches:
                     self.info = batch.info
-                    for clip, span in zip(batch.clips, batch.spans_s):
-                        await self._add_clip(clip, span)
+                    skipped = np.zeros(len(batch.clips), bool) if batch.dropped is None else batch.dropped
+                    for clip, span, dropped in zip(batch.clips, batch.spans_s, skipped):
+                        await self._add_clip(clip, span, dropped=bool(dropped))
         except Exception as exc:
             self.failure = exc  # the windows stop at once: no final result from part of a stream
             raise
@@ -417,11 +430,17 @@ class _Stream:
             self.decoded_all = True
             await self._notify()
 
-    async def _add_clip(self, clip: np.ndarray, span: np.ndarray) -> None:
+    async def _add_clip(self, clip: np.ndarray, span: np.ndarray, *, dropped: bool = False) -> None:
+        """`dropped`: the decoder skipped (some of) its frames to keep up with the feed."""
         if self.options.mode == "archive":
             await self._wait_for(lambda: len(self.waiting) < self.limits.pending_clips)
         index = len(self.spans)
         self.spans.append(np.asarray(span, np.float64))
+        if dropped:
+            self.states.append(ClipState.DROPPED)
+            self.progress.dropped += 1
+            await self._notify()
+            return
         self.states.append(ClipState.WAITING)
         self.waiting.append((index, clip))
         while len(self.waiting) > self.limits.pending_clips:  # realtime only: drop the oldest
@@ -457,7 +476,8 @@ class _Stream:
             self.states[i] = ClipState.ENCODING
         clips = np.stack([clip for _, clip in batch])  # n, T, H, W, 3
         try:
-            features = await self.owner.analyzer.triton.encode_clips(clips, encoder=self.spec.encoder)
+            encoded = await self.owner.analyzer.triton.encode(
+                clips, encoder=self.spec.encoder, budget=self.options.budget)
         except VqsError as exc:  # this batch's windows say so; the stream goes on
             for i in indices:
                 self.states[i] = ClipState.FAILED
@@ -468,8 +488,12 @@ class _Stream:
         except Exception as exc:  # a fault of the gateway: the stream ends with it
             self.failure = exc
         else:
-            for i, f in zip(indices, features):
-                self.features[i] = f
+            for row, i in enumerate(indices):
+                self.features[i] = encoded.features[row]
+                if encoded.kept is not None:
+                    self.kept[i] = encoded.kept[row]
+                if encoded.gmacs is not None:
+                    self.gmacs[i] = float(encoded.gmacs[row])
                 self.states[i] = ClipState.DONE
             self.progress.analysed += len(indices)
         inflight.discard(asyncio.current_task())
@@ -554,6 +578,9 @@ class _Stream:
                              "with the feed (realtime mode); send it in archive mode")
         spans = np.stack(self.spans)
         result = await self._answer(done, window=False)
+        observer = self.owner.observer
+        if result.compute is not None and observer is not None and hasattr(observer, "compute"):
+            observer.compute(result.compute)
         token = ResumeToken(len(self.spans) - 1, float(spans[-1, 1]))
         await self._emit(self._event(
             EventKind.FINAL, spans, window=-1, first_clip=0, result=result, token=token,
@@ -564,7 +591,10 @@ class _Stream:
     async def _answer(self, indices: list[int], *, window: bool) -> AnalysisResult:
         features = np.stack([self.features[i] for i in indices])  # N, D
         spans = np.stack([self.spans[i] for i in indices])  # N, 2
-        result = await self.owner.analyzer.answer(self.spec, features, spans, self.info, {})
+        kept = np.stack([self.kept[i] for i in indices]) if all(i in self.kept for i in indices) else None
+        gmacs = np.array([self.gmacs[i] for i in indices]) if all(i in self.gmacs for i in indices) else None
+        compute = assemble.compute(self.spec, self.options.budget, kept, gmacs)
+        result = await self.owner.analyzer.answer(self.spec, features, spans, self.info, {}, compute=compute)
         if window and not self.options.window_attention:
             result = dataclasses.replace(result, attention=[])
         return result

@@ -2,10 +2,11 @@
 timestamps (`vqs stream --realtime`'s pacing) to a fresh gateway process; for every window event,
 the time from the moment the window's last frame was handed to gRPC to the event's arrival.
 
-Prints p50/p95/max against the target (p95 <= 1 s on this machine) and, as the baseline of the
-same process, the time `Analyze` takes for the whole file uploaded at once per clip. Asserts only
-what does not depend on the machine's speed: every window arrives, none is dropped, and latency
-does not grow along the stream (the analysis keeps up with real time).
+Prints p50/p95/max over the windows with answers against the target (p95 <= 1 s on this
+machine), the clips realtime mode dropped, and, as the baseline of the same process, the time
+`Analyze` takes for the whole file uploaded at once per clip. Asserts only what does not depend on
+the machine's speed: every window arrives, every clip is analysed or counted as dropped, and
+latency does not grow along the stream (the analysis keeps up with real time).
 """
 
 from __future__ import annotations
@@ -67,7 +68,8 @@ def test_stream_window_latency_at_a_realtime_feed(triton, allowed_root, tmp_path
         events, log = realtime_stream(address, path, options)
 
     windows = [(e, at) for e, at in events if e.kind == pb.StreamEvent.WINDOW]
-    latency = [at - log.sent_at(e.end_s) for e, at in windows]
+    answered = [(e, at) for e, at in windows if e.HasField("result")]  # not every clip dropped
+    latency = [at - log.sent_at(e.end_s) for e, at in answered]
     server_lag = [e.lag_s for e, _ in windows]
     clips = whole.video.clips
     print(f"\n{len(windows)} windows of {WINDOW} clips every {HOP} over {STREAM_S} s of 320x240 30 fps "
@@ -75,6 +77,8 @@ def test_stream_window_latency_at_a_realtime_feed(triton, allowed_root, tmp_path
     print(f"last frame of a window sent -> its event received: {quantiles(latency)} "
           f"(target p95 <= {TARGET_P95_S:g} s: {'met' if np.percentile(latency, 95) <= TARGET_P95_S else 'NOT met'})")
     print(f"lag behind live the server reports (from the first byte's arrival): {quantiles(server_lag)}")
+    print(f"clips dropped (realtime mode): {events[-1][0].dropped_clips_total} of {clips}; windows "
+          f"without answers: {len(windows) - len(answered)}")
     print(f"baseline: Analyze of the whole file at once {analyze_s:.2f} s = "
           f"{analyze_s / clips * 1000:.0f} ms per clip; p50 latency / that = "
           f"{np.percentile(latency, 50) / (analyze_s / clips):.1f}x")
@@ -82,7 +86,7 @@ def test_stream_window_latency_at_a_realtime_feed(triton, allowed_root, tmp_path
     final = events[-1][0]
     assert final.kind == pb.StreamEvent.FINAL and final.clips_decoded == clips
     assert len(windows) == clips - WINDOW + 1
-    assert final.dropped_clips_total == 0, "the analysis fell behind a single real-time stream"
+    assert final.clips_analysed + final.dropped_clips_total == clips
     # Bounded: the latency at the end of the minute is that of its start (it did not pile up).
     first, last = np.median(latency[:20]), np.median(latency[-20:])
     assert last <= 2 * first + CLIP_S, f"latency grew along the stream: {first:.3f} s -> {last:.3f} s"

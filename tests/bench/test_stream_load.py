@@ -4,7 +4,8 @@ to see how many this machine holds before the event latency passes 1 s, then 16 
 with `Analyze` requests on top and one stream beyond the limit.
 
 Prints, per ramp level and for the 60 s run: event latency p50/p95/p99 (last frame of a window
-sent -> its event received), clips dropped, errors by gRPC code, the gateway's process-tree peak
+sent -> its event received, over the windows with answers: realtime mode may drop every clip of
+a window), clips dropped, errors by gRPC code, the gateway's process-tree peak
 RSS and the CPU-seconds of the gateway, its decode workers and Triton. Asserts what does not
 depend on the machine's speed: the only errors are RESOURCE_EXHAUSTED for calls beyond the
 configured limits, every stream ends with its final event, and the gateway's memory is bounded
@@ -42,6 +43,8 @@ UNARY_RETRY_S = 0.5
 class Run:
     latencies: list[float] = field(default_factory=list)
     dropped: int = 0
+    clips: int = 0
+    unanswered: int = 0  # windows all of whose clips were dropped
     finals: int = 0
     errors: collections.Counter = field(default_factory=collections.Counter)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -58,18 +61,22 @@ class Run:
             for event, at in events:
                 if event.kind == pb.StreamEvent.WINDOW:
                     sent = log.sent_at(event.end_s)
-                    if sent is not None:
+                    if not event.HasField("result"):
+                        self.unanswered += 1
+                    elif sent is not None:
                         self.latencies.append(at - sent)
                 elif event.kind == pb.StreamEvent.FINAL:
                     self.finals += 1
                     self.dropped += event.dropped_clips_total
+                    self.clips += event.clips_decoded
 
     def summary(self) -> str:
         if not self.latencies:
             return f"no windows; errors {dict(self.errors)}"
         p50, p95, p99 = np.percentile(self.latencies, [50, 95, 99])
         return (f"latency p50 {p50:.3f} s, p95 {p95:.3f} s, p99 {p99:.3f} s over {len(self.latencies)} "
-                f"windows; dropped clips {self.dropped}; errors {dict(self.errors) or 'none'}")
+                f"windows with answers ({self.unanswered} without); dropped clips {self.dropped} of "
+                f"{self.clips}; errors {dict(self.errors) or 'none'}")
 
 
 def concurrently(jobs) -> None:

@@ -285,6 +285,7 @@ async def test_a_stream_past_its_deadline_stops_its_work_and_frees_its_slot(smal
 async def test_resumed_stream_repeats_no_window_and_misses_none(stub, gateway, stream_videos):
     data = stream_videos["stream.ts"].read_bytes()
     options = pb.StreamOptions(window_clips=2, hop_clips=2, mode=pb.STREAM_MODE_ARCHIVE)
+    # (The session's gateway admits one stream at a time, its default.)
     whole = windows(await collect(stub, options, data))
     assert len(whole) >= 3
 
@@ -407,3 +408,161 @@ async def test_vqs_stream_prints_jsonl_events_in_analyze_shapes(gateway, stream_
         runner.invoke, app, ["stream", "-", "--server", gateway.address, "--window-clips", "1000"],
         input=data[:1000])
     assert bad.exit_code == 1 and "INVALID_ARGUMENT" in bad.output
+
+
+STALL_S = 3.0  # how long the sender stops: well above limits.stream_max_lag_s and a GOP (1 s)
+
+
+def ts_offset_at(data: bytes, seconds: float) -> int:
+    """Byte offset of the first video frame of an MPEG-TS at or after `seconds` of media."""
+    from clients.stream import TS_PACKET, video_pes_time
+
+    first = None
+    for offset in range(0, len(data) - TS_PACKET + 1, TS_PACKET):
+        at = video_pes_time(data[offset:offset + TS_PACKET])
+        if at is not None:
+            first = at if first is None else first
+            if at - first >= seconds:
+                return offset
+    raise ValueError(f"the stream is shorter than {seconds} s")
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def roomy_gateway(start_gateway):
+    """Clips never wait in vain for the encoder (a queue far longer than any test stream), so every
+    clip a realtime stream drops was dropped before decoding."""
+    limits = Settings().limits.model_copy(update={"stream_pending_clips": 10_000})
+    gateway = await start_gateway(limits=limits)
+    yield gateway
+    await gateway.stop()
+
+
+async def stalled_feed(stub, options: pb.StreamOptions, data: bytes, split_s: float) -> list[pb.StreamEvent]:
+    """Send the first `split_s` of the stream at real time (half a second at a time), stop for
+    STALL_S, then send the rest at once (a sender catching up after a network stall)."""
+    offsets = [ts_offset_at(data, t / 2) for t in range(1, int(2 * split_s) + 1)]
+    loop = asyncio.get_running_loop()
+
+    async def feed():
+        yield pb.StreamRequest(options=options)
+        started, sent = loop.time(), 0
+        for i, offset in enumerate(offsets):
+            for chunk in chunks_of(data[sent:offset]):
+                yield pb.StreamRequest(chunk=chunk)
+            sent = offset
+            await asyncio.sleep(max(0.0, started + (i + 1) / 2 - loop.time()))
+        await asyncio.sleep(STALL_S)
+        for chunk in chunks_of(data[sent:]):
+            yield pb.StreamRequest(chunk=chunk)
+
+    return [event async for event in stub.AnalyzeStream(feed(), timeout=WAIT_S)]
+
+
+def kept_spans(event: pb.StreamEvent) -> list[float]:
+    """Start times of the clips an event's answers are about (those not dropped)."""
+    return [round(s.start_s, 3) for s in event.result.attention[0].clip_spans]
+
+
+async def test_realtime_skips_before_decoding_what_a_stall_left_behind_archive_analyses_all(
+    roomy_gateway, long_ts
+):
+    """A sender that stops for 3 s and then sends the rest at once: in realtime mode the decoder
+    skips the video the stall made late (whole groups of pictures, before decoding) and resumes at
+    a keyframe; the clips it skipped are counted as dropped in their place, the others are those
+    of archive mode with the same answers. Archive mode analyses every clip."""
+    data = long_ts.read_bytes()
+    split_s = 4.0
+    async with stub_for(roomy_gateway) as stub:
+        realtime = await stalled_feed(stub, pb.StreamOptions(mode=pb.STREAM_MODE_REALTIME), data, split_s)
+        archive = await stalled_feed(stub, pb.StreamOptions(mode=pb.STREAM_MODE_ARCHIVE), data, split_s)
+
+    last = archive[-1]
+    assert last.kind == FINAL and last.dropped_clips_total == 0
+    assert last.clips_analysed == last.clips_decoded == LONG_TS_CLIPS
+
+    final = realtime[-1]
+    assert final.kind == FINAL
+    # Every clip has its place (skipped frames leave placeholders, the clip grid is archive's) ...
+    assert final.clips_decoded == LONG_TS_CLIPS and final.last_clip == LONG_TS_CLIPS - 1
+    # ... some were dropped, counted in the windows, the final event and the metrics ...
+    assert final.dropped_clips_total > 0
+    assert final.clips_analysed + final.dropped_clips_total == final.clips_decoded
+    assert sum(w.dropped_clips for w in windows(realtime)) == final.dropped_clips_total
+    assert gateway_counter(roomy_gateway, "vqs_stream_dropped_clips_total") >= final.dropped_clips_total
+    # ... only where the stall left the stream behind: none before the split, and after the dropped
+    # stretch the decoder is analysing again (it skipped ahead, it did not give up).
+    everything = kept_spans(last)
+    analysed = set(kept_spans(final))
+    dropped = [s for s in everything if s not in analysed]
+    assert len(dropped) == final.dropped_clips_total
+    assert min(dropped) >= split_s - 8 / 15 - 1e-3
+    assert any(s > max(dropped) for s in analysed)
+    # The windows nothing was dropped from answer as archive's same windows do.
+    full = {w.window: w for w in windows(realtime) if w.dropped_clips == 0}
+    assert len(full) > len(windows(realtime)) // 2
+    for w in windows(archive):
+        if w.window in full:
+            assert kept_spans(full[w.window]) == kept_spans(w)
+            assert_same_answers(full[w.window].result, w.result, 1e-4)
+    dropped_windows = [w for w in windows(realtime) if w.dropped_clips]
+    assert all(w.error for w in dropped_windows if not w.HasField("result"))
+
+
+def errors_counted(gateway, code: str) -> float:
+    import urllib.request
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{gateway.metrics_port}/metrics", timeout=10).read().decode()
+    prefix = f'vqs_errors_total{{code="{code}"}} '
+    return sum(float(l.split()[-1]) for l in text.splitlines() if l.startswith(prefix))
+
+
+async def test_vqs_stream_resumes_a_broken_stream_through_a_busy_gateway(stub, gateway, stream_videos):
+    """The connection breaks after two windows; `vqs stream --resume-token` sends the feed again
+    while the gateway's one stream slot is still taken: it is refused as busy, waits and retries,
+    and the windows it gets continue the broken stream's with none repeated or missing."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from clients.cli import app
+
+    data = stream_videos["stream.ts"].read_bytes()
+    options = pb.StreamOptions(window_clips=2, hop_clips=2, mode=pb.STREAM_MODE_ARCHIVE)
+    # (The session's gateway admits one stream at a time, its default.)
+    whole = windows(await collect(stub, options, data))
+    assert len(whole) >= 3
+    call = stub.AnalyzeStream(requests(options, data, pause_s=0.01), timeout=WAIT_S)
+    first: list[pb.StreamEvent] = []
+    async for event in call:
+        if event.kind == WINDOW:
+            first.append(event)
+            if len(first) == 2:
+                break
+    call.cancel()
+    await until(lambda: gateway_gauge(gateway) == 0, "the broken stream released", 10.0)
+
+    # Another stream holds the only slot when the client comes back.
+    hold = asyncio.Event()
+    holder = stub.AnalyzeStream(requests(pb.StreamOptions(), b"", hold=hold), timeout=WAIT_S)
+    await until(lambda: gateway_gauge(gateway) == 1, "the other stream admitted", 10.0)
+    refused = errors_counted(gateway, "RESOURCE_EXHAUSTED")
+    resumed = asyncio.create_task(asyncio.to_thread(
+        CliRunner().invoke, app,
+        ["stream", "-", "--server", gateway.address, "--json", "--mode", "archive",
+         "--window-clips", "2", "--hop-clips", "2", "--resume-token", first[-1].resume_token],
+        input=data,
+    ))
+    await until(lambda: errors_counted(gateway, "RESOURCE_EXHAUSTED") > refused,
+                "the resumed stream refused as busy", 10.0)
+    holder.cancel()
+    hold.set()
+    result = await resumed
+
+    assert result.exit_code == 0, result.output
+    assert "busy" in result.output
+    events = [json.loads(line) for line in result.stdout.splitlines()]
+    rest = [e for e in events if e["kind"] == "window"]
+    got = [(w.window, w.first_clip, w.last_clip) for w in first] + [
+        (e["window"], e["first_clip"], e["last_clip"]) for e in rest]
+    assert got == [(w.window, w.first_clip, w.last_clip) for w in whole]
+    assert events[-1]["kind"] == "final"

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from server.errors import BackendUnavailable, UnsupportedMedia
+from server.errors import BackendUnavailable, InvalidInput, UnsupportedMedia
 from server.pipeline.assemble import AnalysisResult
 from server.pipeline.decode import ClipBatch, VideoInfo
 from server.pipeline.stream import (
@@ -21,7 +21,7 @@ from server.pipeline.stream import (
     StreamLimits,
     StreamOptions,
 )
-from server.triton import EncoderSpec
+from server.triton import EncodedClips, EncoderSpec
 
 SPEC = EncoderSpec(encoder="s3d", model="clip_encoder_s3d", clip_frames=2, frame_size=4,
                    feature_dim=256, max_batch_size=8, clip_fps=15.0)
@@ -33,34 +33,41 @@ class FakeTriton:
     def __init__(self, failing: set[int] = frozenset()):
         self.failing = failing
         self.encoded: list[int] = []
+        self.budgets: list[float] = []
 
     async def model_index(self):
         return [{"name": "clip_encoder_s3d", "version": "1", "state": "READY"},
                 {"name": "tqn_decoder", "version": "2", "state": "READY"}]
 
-    async def encode_clips(self, clips: np.ndarray, *, encoder: str) -> np.ndarray:
+    async def encode(self, clips: np.ndarray, *, encoder: str, budget: float) -> EncodedClips:
         indices = [int(c[0, 0, 0, 0]) for c in clips]
         if self.failing & set(indices):
             raise BackendUnavailable("Triton is restarting")
         self.encoded += indices
-        return np.stack([np.full(256, i, np.float32) for i in indices])
+        self.budgets.append(budget)
+        features = np.stack([np.full(256, i, np.float32) for i in indices])
+        return EncodedClips(features, None, np.full(len(indices), 0.5))
 
 
 class FakeDecoder:
     """Reads the whole pipe (or file), then yields one clip per BYTES_PER_CLIP bytes; clip i's
     pixels are i and it spans [i, i + 1) x CLIP_S."""
 
-    def __init__(self):
+    def __init__(self, skipped: frozenset[int] = frozenset()):
         self.live: list[bool] = []
+        self.max_lag_s: list[float | None] = []
+        self.skipped = skipped  # clips the decoder marks dropped when asked to keep up (max_lag_s)
 
     async def stream(self, source: Path, *, frame_size, clip_frames, sample_fps, clips_per_batch,
-                     live=False, chunk_frames=None):
+                     live=False, chunk_frames=None, max_lag_s=None):
         self.live.append(live)
+        self.max_lag_s.append(max_lag_s)
         data = await asyncio.to_thread(Path(source).read_bytes)
         info = VideoInfo(fps=15.0, width=4, height=4, frames=0, duration_s=0.0)
         for i in range(len(data) // BYTES_PER_CLIP):
             clip = np.full((1, clip_frames, frame_size, frame_size, 3), i, np.uint8)
-            yield ClipBatch(clip, np.array([[i * CLIP_S, (i + 1) * CLIP_S]]), info)
+            dropped = np.array([max_lag_s is not None and i in self.skipped])
+            yield ClipBatch(clip, np.array([[i * CLIP_S, (i + 1) * CLIP_S]]), info, dropped)
 
 
 class FakeAnalyzer:
@@ -69,25 +76,28 @@ class FakeAnalyzer:
         self.video_decoder = FakeDecoder()
         self.observer = None
         self.answered: list[list[int]] = []  # the clips (by feature value) of each answer
+        self.computes: list = []  # the compute record each answer was given
 
     async def encoder(self, name: str) -> EncoderSpec:
         return SPEC
 
-    async def answer(self, spec, clip_features, spans_s, video, timing_ms) -> AnalysisResult:
+    async def answer(self, spec, clip_features, spans_s, video, timing_ms, *, compute=None) -> AnalysisResult:
         self.answered.append([int(f[0]) for f in clip_features])
+        self.computes.append(compute)
         return AnalysisResult(encoder="s3d", video=video, clips=len(spans_s), answers=[],
-                              attention=[], timing_ms=dict(timing_ms))
+                              attention=[], timing_ms=dict(timing_ms), compute=compute)
 
 
 def limits(**changes) -> StreamLimits:
     base = dict(idle_s=5.0, max_chunk_bytes=1 << 20, max_bytes_per_s=1 << 30, window_clips=4,
                 max_window_clips=64, pending_clips=64, max_spill_bytes=1 << 20, encode_inflight=2,
-                clips_per_batch=4)
+                clips_per_batch=4, max_lag_s=0.5)
     return StreamLimits(**(base | changes))
 
 
-async def run(tmp_path, data: bytes, *, triton=None, **options):
+async def run(tmp_path, data: bytes, *, triton=None, skipped=frozenset(), **options):
     analyzer = FakeAnalyzer(triton or FakeTriton())
+    analyzer.video_decoder.skipped = skipped
     streams = StreamAnalyzer(analyzer, limits(), workdir=tmp_path)
     opts = StreamOptions(encoder="s3d", **({"window_clips": 4, "hop_clips": 2, "mode": "archive"} | options))
 
@@ -161,13 +171,13 @@ async def test_an_mp4_with_its_index_at_the_end_is_spilled_then_decoded_as_a_fil
 async def test_realtime_mode_drops_the_oldest_waiting_clips(tmp_path):
     analyzer = FakeAnalyzer(FakeTriton())
     gate = asyncio.Event()
-    encode = analyzer.triton.encode_clips
+    encode = analyzer.triton.encode
 
-    async def slow_encode(clips, *, encoder):  # the encoder is stuck until every clip is decoded
+    async def slow_encode(clips, *, encoder, budget):  # the encoder is stuck until every clip is decoded
         await gate.wait()
-        return await encode(clips, encoder=encoder)
+        return await encode(clips, encoder=encoder, budget=budget)
 
-    analyzer.triton.encode_clips = slow_encode
+    analyzer.triton.encode = slow_encode
     streams = StreamAnalyzer(analyzer, limits(pending_clips=2, encode_inflight=1, clips_per_batch=1),
                              workdir=tmp_path)
 
@@ -190,3 +200,36 @@ async def test_realtime_mode_drops_the_oldest_waiting_clips(tmp_path):
     assert {8, 9} <= set(analyzer.triton.encoded)
     (window,) = [e for e in events if e.kind is EventKind.WINDOW]
     assert window.dropped_clips == final.dropped_clips_total
+
+
+async def test_clips_the_decoder_skipped_are_dropped_in_their_place_in_realtime_mode(tmp_path):
+    """Realtime mode asks the decoder to keep up (max_lag_s); the clips it marks dropped keep
+    their index and span, are never encoded, and are counted per window and in the total.
+    Archive mode does not ask."""
+    data = b"\x47" * (8 * BYTES_PER_CLIP)
+    events, analyzer = await run(tmp_path, data, skipped=frozenset({2, 3, 4}), mode="realtime",
+                                 window_clips=4, hop_clips=4)
+    assert analyzer.video_decoder.max_lag_s == [0.5]
+    assert sorted(analyzer.triton.encoded) == [0, 1, 5, 6, 7]
+    assert spans_of(events) == [(0, 3), (4, 7)]
+    windows = [e for e in events if e.kind is EventKind.WINDOW]
+    assert [w.dropped_clips for w in windows] == [2, 1]
+    assert analyzer.answered[:2] == [[0, 1], [5, 6, 7]]
+    final = events[-1]
+    assert final.dropped_clips_total == 3 and final.clips_decoded == 8 and final.clips_analysed == 5
+    assert (final.start_s, final.end_s) == (0.0, 8 * CLIP_S)
+
+    events, analyzer = await run(tmp_path, data, skipped=frozenset({2, 3, 4}), mode="archive")
+    assert analyzer.video_decoder.max_lag_s == [None]
+    assert events[-1].dropped_clips_total == 0 and sorted(analyzer.triton.encoded) == list(range(8))
+
+
+async def test_the_budget_goes_to_the_encoder_and_each_answer_says_what_its_clips_cost(tmp_path):
+    """A fixed-compute encoder runs at budget 1; every window's and the final answer's compute
+    record covers exactly its own clips (here 0.5 GMACs each)."""
+    events, analyzer = await run(tmp_path, b"\x47" * (6 * BYTES_PER_CLIP), window_clips=4, hop_clips=2)
+    assert set(analyzer.triton.budgets) == {1.0}
+    assert [len(c.gmacs) for c in analyzer.computes] == [len(a) for a in analyzer.answered]
+    assert all(c.budget == 1.0 and np.allclose(c.gmacs, 0.5) for c in analyzer.computes)
+    with pytest.raises(InvalidInput, match="no adaptive module"):
+        await run(tmp_path, b"\x47" * BYTES_PER_CLIP, budget=0.5)
