@@ -21,6 +21,7 @@ import argparse
 import hashlib
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -89,17 +90,24 @@ def _fingerprint(path: Path) -> str:
 
 def _write_model(folder: Path, model: torch.nn.Module, outputs: tuple[str, ...], config: str, meta: dict,
                  check_frames: np.ndarray) -> dict:
-    version = folder / "1"
-    version.mkdir(parents=True, exist_ok=True)
+    """Write the model directory next to the repository and move it into place with renames, so
+    a Triton started meanwhile on the repository never sees a half-written model."""
+    staging = folder.parent.parent / f".{folder.name}.staging"
+    shutil.rmtree(staging, ignore_errors=True)
+    version = staging / "1"
+    version.mkdir(parents=True)
     onnx_path = export_onnx(model, version / "model.onnx", outputs)
     meta = dict(meta, onnx_sha256=_fingerprint(onnx_path),
                 parity_max_abs_difference=onnx_max_difference(model, onnx_path, check_frames))
-    (folder / "config.pbtxt").write_text(config)
+    (staging / "config.pbtxt").write_text(config)
     (version / "model.json").write_text(json.dumps(meta, indent=1, default=str) + "\n")
-    link = version / "model.py"
-    if not link.is_symlink():
-        link.unlink(missing_ok=True)
-        os.symlink(RUNNER, link)
+    os.symlink(RUNNER, version / "model.py")
+    old = folder.parent.parent / f".{folder.name}.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if folder.exists():
+        os.replace(folder, old)
+    os.replace(staging, folder)
+    shutil.rmtree(old, ignore_errors=True)
     return meta
 
 

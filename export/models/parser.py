@@ -200,7 +200,7 @@ def decode_segments(boundary_scores: np.ndarray, responses: np.ndarray, threshol
                     max_boundaries: int = 0) -> tuple[list[Segment], np.ndarray]:
     """One video's served outputs -> (segments, boundary frames), the gateway's decoding.
 
-    Boundaries: frames whose (already non-max-suppressed) score exceeds `threshold`, the
+    Boundaries: frames after the first whose (already non-max-suppressed) score exceeds `threshold`, the
     `max_boundaries` highest if that is > 0 (ties: the earlier frame), sorted. Segments run
     between them; each takes the pattern with the highest mean response over it, that mean its
     confidence."""
@@ -209,6 +209,7 @@ def decode_segments(boundary_scores: np.ndarray, responses: np.ndarray, threshol
     if len(boundary_scores) != len(responses):
         raise ValueError(f"{len(boundary_scores)} scores for {len(responses)} frames of responses")
     candidates = np.flatnonzero(boundary_scores > threshold)
+    candidates = candidates[candidates > 0]  # nothing ends at frame 0
     if max_boundaries and len(candidates) > max_boundaries:
         order = np.lexsort((candidates, -boundary_scores[candidates]))
         candidates = candidates[order[:max_boundaries]]
