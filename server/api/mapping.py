@@ -158,6 +158,7 @@ def stream_options(message: pb.StreamOptions, encoder: str, limits: StreamLimits
         window_attention=not message.omit_window_attention,
         producer_start_unix_s=producer or None,
         resume=ResumeToken.parse(message.resume_token) if message.resume_token else None,
+        budget=budget(message.budget),
     )
 
 

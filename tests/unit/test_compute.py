@@ -154,3 +154,14 @@ def test_vqs_analyze_shows_compute_in_json_and_as_a_table():
     plain = render.response_to_dict(pb.AnalyzeResponse(compute=pb.Compute(encoder="s3d", budget=1, kept_ratio=1)))
     assert plain["compute"]["adaptive"] is None and plain["compute"]["knob"] is None
     assert "compute" not in render.response_to_dict(pb.AnalyzeResponse())
+
+
+def test_a_streams_budget_reaches_its_options():
+    from server.api import mapping
+    from server.pipeline.stream import StreamLimits
+    from server.proto import video_analytics_pb2 as pb
+    from server.settings import LimitsSettings
+
+    limits = StreamLimits.from_settings(LimitsSettings())
+    assert mapping.stream_options(pb.StreamOptions(), "vit_ats", limits).budget == 1.0
+    assert mapping.stream_options(pb.StreamOptions(budget=0.25), "vit_ats", limits).budget == 0.25
