@@ -309,3 +309,25 @@ async def test_mixed_budgets_in_one_dynamic_batch_each_get_their_own_compute(ser
     concurrent = await asyncio.gather(*(analyze(stub, videos["short"], ATS, b) for b in (1.0, 0.2, 1.0, 0.2)))
     assert [_kept(r) for r in concurrent] == [solo[1.0], solo[0.2], solo[1.0], solo[0.2]]
     assert math.isclose(concurrent[1].compute.budget, 0.2, rel_tol=1e-6)
+
+
+async def test_a_stream_runs_at_its_budget_and_every_window_says_what_it_spent(served, videos):
+    from tests.integration.test_stream import collect
+
+    _, stub = served
+    data = videos["normal"].read_bytes()
+    options = pb.StreamOptions(encoder=ATS, budget=0.25, mode=pb.STREAM_MODE_ARCHIVE, window_clips=2)
+    events = await collect(stub, options, data)
+    windows = [e for e in events if e.kind == pb.StreamEvent.WINDOW]
+    final = events[-1]
+    assert final.kind == pb.StreamEvent.FINAL and windows
+    for window in windows:
+        compute = window.result.compute
+        assert (compute.budget, compute.knob) == (pytest.approx(0.25), 49)
+        assert len(compute.clips) == window.last_clip - window.first_clip + 1
+    analyzed = await analyze(stub, videos["normal"], ATS, 0.25)
+    assert _kept(final.result) == _kept(analyzed)  # the whole stream's clips, as Analyze kept them
+    assert final.result.compute.gmacs_per_clip == pytest.approx(analyzed.compute.gmacs_per_clip, rel=1e-5)
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await collect(stub, pb.StreamOptions(encoder=ATS, budget=2.0), b"")  # refused before any chunk
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "(0, 1]" in error.value.details()
