@@ -65,6 +65,7 @@ ADAPTIVE = "adaptive"  # adaptive encoder: its module, "sgs" or "ats"
 # knob = max(ceil(budget * budget_units), budget_floor)
 BUDGET_UNITS = "budget_units"
 BUDGET_FLOOR = "budget_floor"
+BUDGET_DEFAULT = "budget_default"  # adaptive encoder, optional: the budget chosen on validation
 QUERIES_PARAMETER = "queries"  # query decoder: query names, comma-separated, in output order
 ATTRIBUTES_PARAMETER_PREFIX = "attributes."  # + query: its attributes, comma-separated, by logit
 IN_DOMAIN_THRESHOLD = "in_domain_threshold"  # query decoder: in domain = score >= this (float)
@@ -218,6 +219,7 @@ class AdaptiveSpec:
     kind: str  # "sgs" | "ats"
     units: int  # the knob at budget 1 (nothing dropped for lack of room)
     floor: int  # the smallest knob
+    default: float | None = None  # the budget chosen on validation; None: none chosen
 
     @property
     def knob(self) -> str:
@@ -333,7 +335,10 @@ def _adaptive_spec(config: dict) -> AdaptiveSpec | None:
     units, floor = int(_parameter(config, BUDGET_UNITS)), int(_parameter(config, BUDGET_FLOOR))
     if not 1 <= floor <= units:
         raise ValueError(f"{BUDGET_FLOOR} {floor} is outside 1..{BUDGET_UNITS} ({units})")
-    return AdaptiveSpec(kind=kind, units=units, floor=floor)
+    default = float(raw) if (raw := _parameter(config, BUDGET_DEFAULT)) else None
+    if default is not None and not 0 < default <= 1:
+        raise ValueError(f"{BUDGET_DEFAULT} {default} is outside (0, 1]")
+    return AdaptiveSpec(kind=kind, units=units, floor=floor, default=default)
 
 
 def _names(value: str) -> tuple[str, ...]:

@@ -118,6 +118,7 @@ def encoder_details(spec: EncoderSpec) -> pb.EncoderDetails:
         clip_frames=spec.clip_frames,
         frame_size=spec.frame_size,
         clip_fps=spec.clip_fps or 0.0,
+        budget_default=(adaptive.default or 0.0) if adaptive else 0.0,
     )
 
 

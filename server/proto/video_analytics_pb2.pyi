@@ -221,7 +221,7 @@ class DescribeModelsResponse(_message.Message):
     def __init__(self, queries: _Optional[_Iterable[_Union[QuerySpec, _Mapping]]] = ..., encoders: _Optional[_Iterable[str]] = ..., default_encoder: _Optional[str] = ..., clip_frames: _Optional[int] = ..., frame_size: _Optional[int] = ..., max_upload_bytes: _Optional[int] = ..., max_duration_s: _Optional[float] = ..., clip_fps: _Optional[float] = ..., encoder_details: _Optional[_Iterable[_Union[EncoderDetails, _Mapping]]] = ...) -> None: ...
 
 class EncoderDetails(_message.Message):
-    __slots__ = ("name", "adaptive", "knob", "knob_full", "knob_min", "gmacs_per_clip", "clip_frames", "frame_size", "clip_fps")
+    __slots__ = ("name", "adaptive", "knob", "knob_full", "knob_min", "gmacs_per_clip", "clip_frames", "frame_size", "clip_fps", "budget_default")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ADAPTIVE_FIELD_NUMBER: _ClassVar[int]
     KNOB_FIELD_NUMBER: _ClassVar[int]
@@ -231,6 +231,7 @@ class EncoderDetails(_message.Message):
     CLIP_FRAMES_FIELD_NUMBER: _ClassVar[int]
     FRAME_SIZE_FIELD_NUMBER: _ClassVar[int]
     CLIP_FPS_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_DEFAULT_FIELD_NUMBER: _ClassVar[int]
     name: str
     adaptive: str
     knob: str
@@ -240,7 +241,8 @@ class EncoderDetails(_message.Message):
     clip_frames: int
     frame_size: int
     clip_fps: float
-    def __init__(self, name: _Optional[str] = ..., adaptive: _Optional[str] = ..., knob: _Optional[str] = ..., knob_full: _Optional[int] = ..., knob_min: _Optional[int] = ..., gmacs_per_clip: _Optional[float] = ..., clip_frames: _Optional[int] = ..., frame_size: _Optional[int] = ..., clip_fps: _Optional[float] = ...) -> None: ...
+    budget_default: float
+    def __init__(self, name: _Optional[str] = ..., adaptive: _Optional[str] = ..., knob: _Optional[str] = ..., knob_full: _Optional[int] = ..., knob_min: _Optional[int] = ..., gmacs_per_clip: _Optional[float] = ..., clip_frames: _Optional[int] = ..., frame_size: _Optional[int] = ..., clip_fps: _Optional[float] = ..., budget_default: _Optional[float] = ...) -> None: ...
 
 class StreamOptions(_message.Message):
     __slots__ = ("encoder", "window_clips", "hop_clips", "mode", "omit_window_attention", "producer_start_unix_s", "resume_token", "budget")

@@ -42,7 +42,7 @@ def test_an_adaptive_config_gives_its_kind_knob_and_cost():
 
 @pytest.mark.parametrize(
     "change",
-    [dict(adaptive="token_merging"), dict(budget_floor="300"), dict(budget_units="")],
+    [dict(adaptive="token_merging"), dict(budget_floor="300"), dict(budget_units=""), dict(budget_default="1.5")],
 )
 def test_a_broken_adaptive_config_is_refused(change):
     config = _config(**{**{k: v["string_value"] for k, v in ATS["parameters"].items()}, **change})
@@ -121,6 +121,9 @@ def test_the_proto_carries_compute_and_encoder_details():
     details = {d.name: d for d in described.encoder_details}
     assert (details["vit_ats"].adaptive, details["vit_ats"].knob_full, details["vit_ats"].knob_min) == ("ats", 196, 8)
     assert details["s3d"].adaptive == "" and details["s3d"].gmacs_per_clip == pytest.approx(1.2)
+    assert details["vit_ats"].budget_default == 0.0  # none chosen
+    chosen = _config(**{**{k: v["string_value"] for k, v in ATS["parameters"].items()}, "budget_default": "0.4"})
+    assert mapping.encoder_details(triton._encoder_spec("clip_encoder_vit_ats", chosen)).budget_default == pytest.approx(0.4)
 
 
 def test_the_contract_takes_the_kept_counts_per_clip_from_the_config():
