@@ -282,12 +282,11 @@ def run_job(ch: Channel, videos: Videos, job: msg.DecodeJob) -> None:
 
 def main(conn: Connection) -> None:
     import av
-    import decord
 
     # No log callback: PyAV's own takes the GIL for every error, from decoder threads too, which
-    # deadlocks a container closed mid-decode (the closing thread holds the GIL).
+    # deadlocks a container closed mid-decode (the closing thread holds the GIL). decord is
+    # imported (and quietened) by its backend, only where a video is decoded with it.
     av.logging.set_level(None)
-    decord.logging.set_level(decord.logging.QUIET)
     ch = Channel(conn)
     videos = Videos()
     ch.send(msg.Ready(os.getpid()))

@@ -644,6 +644,7 @@ class DecordBackend:
     def open(self, path: str) -> None:
         import decord
 
+        decord.logging.set_level(decord.logging.QUIET)
         self.close()
         try:
             reader = decord.VideoReader(
