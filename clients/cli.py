@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from clients import align, analyze, evaluate, metrics, report, score, search, stream
+from clients import align, analyze, describe, evaluate, metrics, report, score, search, stream
 
 app = typer.Typer(
     name="vqs",
@@ -29,6 +29,7 @@ app.command("stream")(stream.stream)
 app.command("evaluate")(evaluate.evaluate)
 app.command("align")(align.align)
 app.command("search")(search.search)
+app.command("describe")(describe.describe)
 
 
 @app.command("serve")

@@ -331,3 +331,35 @@ async def test_a_stream_runs_at_its_budget_and_every_window_says_what_it_spent(s
     with pytest.raises(grpc.aio.AioRpcError) as error:
         await collect(stub, pb.StreamOptions(encoder=ATS, budget=2.0), b"")  # refused before any chunk
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "(0, 1]" in error.value.details()
+
+
+async def test_vqs_describe_and_vqs_analyze_show_the_compute(served, videos):
+    import json
+
+    from typer.testing import CliRunner
+
+    from clients.cli import app
+
+    gateway, _ = served
+    runner = CliRunner()
+    described = await asyncio.to_thread(runner.invoke, app, ["describe", "--server", gateway.address, "--json"])
+    assert described.exit_code == 0, described.output
+    encoders = {e["name"]: e for e in json.loads(described.stdout)["encoders"]}
+    assert (encoders[ATS]["adaptive"], encoders[ATS]["knob_full"]) == ("ats", 196) and encoders["s3d"]["adaptive"] is None
+    table = await asyncio.to_thread(runner.invoke, app, ["describe", "--server", gateway.address])
+    assert table.exit_code == 0 and "fixed" in table.stdout and "ATS" in table.stdout
+
+    args = ["analyze", str(videos["short"]), "--server", gateway.address, "--encoder", ATS, "--budget", "0.5"]
+    as_json = await asyncio.to_thread(runner.invoke, app, [*args, "--json"])
+    assert as_json.exit_code == 0, as_json.output
+    compute = json.loads(as_json.stdout)["compute"]
+    assert (compute["encoder"], compute["knob"], compute["budget"]) == (ATS, 98, 0.5)
+    assert compute["kept_ratio"] < 1 and all(len(c["kept"]) == 4 for c in compute["clips"])
+    shown = await asyncio.to_thread(runner.invoke, app, args)
+    assert shown.exit_code == 0 and "0.5 -> K = 98" in shown.stdout and "K' ATS block 4" in shown.stdout
+    refused = await asyncio.to_thread(runner.invoke, app, [*args[:-1], "1.5"])
+    assert refused.exit_code == 2  # a usage error, caught before any upload
+    fixed = await asyncio.to_thread(
+        runner.invoke, app, ["analyze", str(videos["short"]), "--server", gateway.address, "--encoder", "s3d",
+                             "--budget", "0.5"])
+    assert fixed.exit_code == 1 and "INVALID_ARGUMENT" in fixed.output and "no adaptive module" in fixed.output

@@ -296,7 +296,7 @@ def test_client_options_are_checked_before_connecting(pki, tmp_path):
 
 
 # Every command that calls the gateway over gRPC takes the TLS and token options.
-GRPC_COMMANDS = ("analyze", "score", "evaluate", "stream", "align", "search")
+GRPC_COMMANDS = ("analyze", "score", "evaluate", "stream", "align", "search", "describe")
 CHANNEL_OPTIONS = {"tls_ca", "tls_cert", "tls_key", "token"}
 
 
