@@ -47,6 +47,8 @@ __all__ = ["ClipBatch", "VideoDecoder", "VideoInfo"]
 logger = logging.getLogger(__name__)
 
 _FAILURES: dict[str, type[VqsError]] = {"too_large": TooLarge, "unsupported": UnsupportedMedia}
+# Chunks a realtime live stream's worker may send ahead of the gateway (`DecodeJob.live_max_lag_s`).
+LIVE_CREDITS = 4
 
 
 @dataclass(frozen=True)
@@ -310,6 +312,11 @@ class SegmentScheduler:
         self.max_workers = settings.workers
         chunk_bytes = job.chunk_frames * job.frame_size * job.frame_size * 3
         self.credits = max(2, settings.ahead_bytes // chunk_bytes)
+        if job.live_max_lag_s is not None:
+            # A stream keeping up with real time: its frames wait in the worker's readahead, which
+            # sees how late they are, not in the gateway's inbox (decode.ahead_bytes is ~20 s of a
+            # stream's 112 px frames).
+            self.credits = min(self.credits, LIVE_CREDITS)
         self.workers: list[WorkerProcess] = []
         self.pending: deque[int] = deque()  # segments not given to a worker yet
         self.assigned: deque[_Assigned] = deque()  # in order; the first is being consumed

@@ -9,8 +9,9 @@ Four coroutines share one stream's state (`_Stream`), on the gateway's event loo
   one at a time; each waits in a queue of at most `limits.stream_pending_clips` for the encoder.
   In `realtime` mode the worker reads the pipe as fast as the feed fills it and does not decode
   what is more than `limits.stream_max_lag_s` behind the feed (up to the next keyframe: the
-  clips it would have made come marked dropped, in their place), and a clip arriving at a full
-  queue pushes out the oldest; both count as dropped in the events. In `archive` mode a clip
+  clips it would have made come marked dropped, in their place), and a clip arriving pushes out
+  the waiting clips that end more than that before it or beyond the queue's length; both count
+  as dropped in the events. In `archive` mode a clip
   waits, so the decoder stops reading, the pipe fills, intake stops reading the RPC and gRPC's
   flow control stops the sender;
 - encode: up to `limits.encode_inflight` encoder requests at once, each of the clips waiting then
@@ -443,7 +444,12 @@ class _Stream:
             return
         self.states.append(ClipState.WAITING)
         self.waiting.append((index, clip))
-        while len(self.waiting) > self.limits.pending_clips:  # realtime only: drop the oldest
+        # Realtime only (archive waited above): drop the oldest clips waiting beyond the queue's
+        # length or ending more than max_lag_s before this one (the encoder is behind).
+        stale_before = float(span[1]) - self.limits.max_lag_s
+        while len(self.waiting) > self.limits.pending_clips or (
+            self.options.mode == "realtime" and self.spans[self.waiting[0][0]][1] < stale_before
+        ):
             dropped, _ = self.waiting.popleft()
             self.states[dropped] = ClipState.DROPPED
             self.progress.dropped += 1

@@ -95,10 +95,10 @@ def limits(**changes) -> StreamLimits:
     return StreamLimits(**(base | changes))
 
 
-async def run(tmp_path, data: bytes, *, triton=None, skipped=frozenset(), **options):
+async def run(tmp_path, data: bytes, *, triton=None, skipped=frozenset(), stream_limits=None, **options):
     analyzer = FakeAnalyzer(triton or FakeTriton())
     analyzer.video_decoder.skipped = skipped
-    streams = StreamAnalyzer(analyzer, limits(), workdir=tmp_path)
+    streams = StreamAnalyzer(analyzer, stream_limits or limits(), workdir=tmp_path)
     opts = StreamOptions(encoder="s3d", **({"window_clips": 4, "hop_clips": 2, "mode": "archive"} | options))
 
     async def chunks():
@@ -207,9 +207,10 @@ async def test_clips_the_decoder_skipped_are_dropped_in_their_place_in_realtime_
     their index and span, are never encoded, and are counted per window and in the total.
     Archive mode does not ask."""
     data = b"\x47" * (8 * BYTES_PER_CLIP)
+    # (A bound long enough that the clips the fake decoder yields at once all wait for the encoder.)
     events, analyzer = await run(tmp_path, data, skipped=frozenset({2, 3, 4}), mode="realtime",
-                                 window_clips=4, hop_clips=4)
-    assert analyzer.video_decoder.max_lag_s == [0.5]
+                                 window_clips=4, hop_clips=4, stream_limits=limits(max_lag_s=100.0))
+    assert analyzer.video_decoder.max_lag_s == [100.0]
     assert sorted(analyzer.triton.encoded) == [0, 1, 5, 6, 7]
     assert spans_of(events) == [(0, 3), (4, 7)]
     windows = [e for e in events if e.kind is EventKind.WINDOW]
@@ -233,3 +234,30 @@ async def test_the_budget_goes_to_the_encoder_and_each_answer_says_what_its_clip
     assert all(c.budget == 1.0 and np.allclose(c.gmacs, 0.5) for c in analyzer.computes)
     with pytest.raises(InvalidInput, match="no adaptive module"):
         await run(tmp_path, b"\x47" * BYTES_PER_CLIP, budget=0.5)
+
+
+async def test_realtime_mode_drops_waiting_clips_the_newest_is_more_than_the_bound_ahead_of(tmp_path):
+    """An encoder stuck while ten clips of 0.5 s arrive: with a 1.2 s bound only the clips ending
+    within 1.2 s of the newest still wait (the queue's length alone would keep 8)."""
+    analyzer = FakeAnalyzer(FakeTriton())
+    gate = asyncio.Event()
+    encode = analyzer.triton.encode
+
+    async def stuck_encode(clips, *, encoder, budget):
+        await gate.wait()
+        return await encode(clips, encoder=encoder, budget=budget)
+
+    analyzer.triton.encode = stuck_encode
+    streams = StreamAnalyzer(analyzer, limits(pending_clips=8, encode_inflight=1, clips_per_batch=1,
+                                              max_lag_s=1.2), workdir=tmp_path)
+
+    async def chunks():
+        yield b"\x47" * (10 * BYTES_PER_CLIP)
+        gate.set()
+
+    options = StreamOptions(encoder="s3d", window_clips=10, hop_clips=10, mode="realtime")
+    events = [e async for e in streams.run(options, chunks())]
+    # Besides a clip the encoder may have taken at once, those ending 1.2 s or less before clip 9.
+    encoded = set(analyzer.triton.encoded)
+    assert {7, 8, 9} <= encoded <= {0, 7, 8, 9}
+    assert events[-1].dropped_clips_total == 10 - len(encoded)
