@@ -44,7 +44,8 @@ def tensor_array(packed: dict[str, Any] | pb.Tensor) -> np.ndarray:
 @dataclass(frozen=True)
 class VideoFrames:
     """One video as the gateway saw it: embeddings [frames, dim] (float32, unit rows), the start
-    time of each frame, and the parser's segments (JSON form; empty when it is not served)."""
+    time of each frame, the parser's segments (JSON form; empty when it is not served) and the
+    embedder's context-free features (None when it has none)."""
 
     name: str
     embeddings: np.ndarray
@@ -52,6 +53,7 @@ class VideoFrames:
     segments: list[dict[str, Any]]
     boundaries_s: list[float]
     duration_s: float
+    features: np.ndarray | None = None
 
     def frame_at(self, t: float) -> int:
         """The frame showing at time t (the last one starting at or before it)."""
@@ -65,9 +67,14 @@ def from_response(name: str, resp: pb.AnalyzeResponse) -> VideoFrames:
     times = np.asarray(resp.embeddings.times_s, np.float64)
     if values.ndim != 2 or len(values) != len(times) or len(values) == 0:
         raise ValueError(f"{name}: embeddings of shape {list(values.shape)} for {len(times)} frame times")
+    features = None
+    if resp.embeddings.HasField("features"):
+        features = tensor_array(resp.embeddings.features).astype(np.float32)
+        if features.shape[0] != len(times):
+            raise ValueError(f"{name}: features of shape {list(features.shape)} for {len(times)} frame times")
     parts = timeline.frames_dict(resp)
     return VideoFrames(name=name, embeddings=values, times_s=times, segments=parts["segments"],
-                       boundaries_s=parts["boundaries_s"], duration_s=resp.video.duration_s)
+                       boundaries_s=parts["boundaries_s"], duration_s=resp.video.duration_s, features=features)
 
 
 def read_video(path: Path, max_upload_mb: float) -> bytes:

@@ -1,9 +1,11 @@
 """`vqs search QUERY.png VIDEOS...` or `vqs search --at VIDEO:SECONDS VIDEOS...`: the frames of
 the videos most like a query frame, by cosine similarity of the frame embeddings.
 
-A picture has no neighbouring frames, while the embedder looks at a few around each frame; the
-picture is sent as a one-second still video and its middle frame's embedding is the query. A frame
-of a video (`--at`) is embedded in its own video, as the frames it is compared with are."""
+A picture has no neighbouring frames, while the embedder reads motion from a few around each
+frame: the picture is sent as a one-second still video, and its middle frame is compared by the
+embedder's context-free features when the server returns them (a still's contextual embedding
+looks like the idle run-up), else by its embedding. A frame of a video (`--at`) is embedded in its
+own video, as the frames it is compared with are."""
 
 from __future__ import annotations
 
@@ -76,17 +78,19 @@ def still_video(image: Path) -> bytes:
     return out.getvalue()
 
 
-def rank(query, videos: list[VideoFrames], *, top: int, gap_s: float,
+def rank(query, videos: list[VideoFrames], *, top: int, gap_s: float, by_features: bool = False,
          exclude: tuple[str, float] | None = None) -> list[dict[str, Any]]:
     """The `top` frames most like `query` across `videos` (at most one per `gap_s` of a video),
-    best first; `exclude` = (video name, time): skip that frame's own neighbourhood."""
+    best first, by their embeddings or (`by_features`) their context-free features; `exclude` =
+    (video name, time): skip that frame's own neighbourhood."""
     from clients import embeddings
 
     found = []
     for video in videos:
         fps = 1.0 / max(float(video.times_s[1] - video.times_s[0]), 1e-6) if len(video.times_s) > 1 else 1.0
         gap = max(1, round(gap_s * fps))
-        for index, score in embeddings.nearest_frames(query, video.embeddings, top + 1, gap):
+        frames = video.features if by_features else video.embeddings
+        for index, score in embeddings.nearest_frames(query, frames, top + 1, gap):
             t = float(video.times_s[index])
             if exclude and exclude[0] == video.name and abs(t - exclude[1]) < gap_s:
                 continue
@@ -143,7 +147,7 @@ def search(
                                                            timeout=timeout, max_upload_mb=max_upload_mb)
         return fetched[path.resolve()]
 
-    exclude = None
+    exclude, by_features = None, False
     if query_at is not None:
         source, t = query_at
         video = frames_of(source)
@@ -157,9 +161,14 @@ def search(
         with stderr.status(f"embedding {picture.name} on {server}"):
             still_frames = embeddings.fetch(config, str(picture), still, segments=False, timeout=timeout,
                                             max_upload_mb=max_upload_mb)
-        query = still_frames.embeddings[len(still_frames.embeddings) // 2]
-        described = {"picture": str(picture)}
-    hits = rank(query, [frames_of(p) for p in videos], top=top, gap_s=gap_s, exclude=exclude)
+        searched = [frames_of(p) for p in videos]
+        # A still's embeddings look idle (no motion); compare context-free features when served.
+        by_features = still_frames.features is not None and all(v.features is not None for v in searched)
+        middle = len(still_frames.times_s) // 2
+        query = still_frames.features[middle] if by_features else still_frames.embeddings[middle]
+        described = {"picture": str(picture), "by": "features" if by_features else "embeddings"}
+    hits = rank(query, [frames_of(p) for p in videos], top=top, gap_s=gap_s, exclude=exclude,
+                by_features=by_features)
     if as_json:
         sys.stdout.write(json.dumps({"query": described, "results": hits}) + "\n")
         return

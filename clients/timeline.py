@@ -26,7 +26,8 @@ def packed_doubles(values) -> dict[str, Any]:
 
 def frames_dict(resp: pb.AnalyzeResponse) -> dict[str, Any]:
     """The `segments` and `boundaries_s` keys of `vqs analyze --json`, and `embeddings` when the
-    response has them ({"values": packed [frames, dim], "times_s": packed [frames], "fps"})."""
+    response has them ({"values": packed [frames, dim], "times_s": packed [frames], "fps", and
+    "features" packed [frames, dim] when the embedder gives context-free features too})."""
     out: dict[str, Any] = {
         "segments": [
             {"start_s": round(s.start_s, 6), "end_s": round(s.end_s, 6), "pattern": s.pattern,
@@ -43,6 +44,9 @@ def frames_dict(resp: pb.AnalyzeResponse) -> dict[str, Any]:
             "times_s": packed_doubles(e.times_s),
             "fps": e.fps,
         }
+        if e.HasField("features"):
+            out["embeddings"]["features"] = {"dtype": e.features.dtype, "shape": list(e.features.shape),
+                                             "data": base64.b64encode(e.features.data).decode("ascii")}
     return out
 
 

@@ -79,6 +79,7 @@ FRAMES = "frames"
 RESPONSES = "responses"
 BOUNDARY_SCORES = "boundary_scores"
 EMBEDDINGS = "embeddings"
+FRAME_FEATURES = "frame_features"  # embedder, optional: context-free per-frame features
 FRAME_SIZE = 28
 EMBEDDING_DIM = 128
 FPS_PARAMETER = "fps"  # both: the frame rate their frames are sampled at
@@ -138,13 +139,15 @@ def query_decoder_contract(queries: Sequence[str], *, in_domain: bool = False) -
     )
 
 
-def frame_model_contract(model: str, patterns: int = 0) -> ModelContract:
-    """The contract of the action parser (`patterns` = m) or the frame embedder."""
+def frame_model_contract(model: str, patterns: int = 0, *, features: bool = False) -> ModelContract:
+    """The contract of the action parser (`patterns` = m) or the frame embedder (with its optional
+    context-free `frame_features` when `features`)."""
     inputs = (TensorSpec(FRAMES, "UINT8", (1, -1, FRAME_SIZE, FRAME_SIZE, 3)),)  # B, T, H, W, C
     if model == PARSER_MODEL:
         outputs = (TensorSpec(RESPONSES, "FP32", (1, -1, patterns)), TensorSpec(BOUNDARY_SCORES, "FP32", (1, -1)))
     elif model == EMBEDDER_MODEL:
-        outputs = (TensorSpec(EMBEDDINGS, "FP32", (1, -1, EMBEDDING_DIM)),)
+        outputs = (TensorSpec(EMBEDDINGS, "FP32", (1, -1, EMBEDDING_DIM)),) + (
+            (TensorSpec(FRAME_FEATURES, "FP32", (1, -1, EMBEDDING_DIM)),) if features else ())
     else:
         raise KeyError(f"{model!r} is not a per-frame model")
     return ModelContract(max_batch_size=0, inputs=inputs, outputs=outputs)
@@ -171,7 +174,8 @@ def contract_for(model: str, config: dict) -> ModelContract:
             for t in ADAPTIVE_ENCODER_CONTRACT.outputs
         ))
     if model in (PARSER_MODEL, EMBEDDER_MODEL):
-        return frame_model_contract(model, int(_parameter(config, PATTERNS) or 0))
+        features = any(t.get("name") == FRAME_FEATURES for t in config.get("output", []))
+        return frame_model_contract(model, int(_parameter(config, PATTERNS) or 0), features=features)
     raise KeyError(f"no contract for model {model!r}")
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 from server.errors import InvalidInput
 from server.pipeline.analyze import ModelCatalog
 from server.pipeline.assemble import AnalysisResult, Compute
@@ -56,10 +58,16 @@ def add_frame_results(response: pb.AnalyzeResponse, frames: FrameResults) -> Non
         for s in frames.segments)
     response.boundaries_s.extend(frames.boundaries_s)
     if frames.embeddings is not None:
-        values = frames.embeddings.astype(frames.embeddings.dtype.newbyteorder("<"), copy=False)
         response.embeddings.CopyFrom(pb.FrameEmbeddings(
-            values=pb.Tensor(data=values.tobytes(), shape=list(values.shape), dtype=values.dtype.name),
-            times_s=frames.times_s.tolist(), fps=frames.fps))
+            values=tensor(frames.embeddings), times_s=frames.times_s.tolist(), fps=frames.fps))
+        if frames.features is not None:
+            response.embeddings.features.CopyFrom(tensor(frames.features))
+
+
+def tensor(values: np.ndarray) -> pb.Tensor:
+    """A packed little-endian tensor."""
+    values = values.astype(values.dtype.newbyteorder("<"), copy=False)
+    return pb.Tensor(data=values.tobytes(), shape=list(values.shape), dtype=values.dtype.name)
 
 
 def budget(value: float) -> float:

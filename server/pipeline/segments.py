@@ -25,7 +25,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from server.errors import InferenceFailed, InternalError, InvalidInput
-from server.triton import EMBEDDER_MODEL, PARSER_MODEL, EncoderSpec, FrameModelSpec, TritonClient
+from server.triton import (
+    EMBEDDER_MODEL, EMBEDDINGS, FRAME_FEATURES, PARSER_MODEL, EncoderSpec, FrameModelSpec, TritonClient,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +54,7 @@ class FrameResults:
     embeddings: np.ndarray | None  # [frames, dim] EMBEDDING_DTYPE; None: not asked for
     times_s: np.ndarray  # float64 [frames], start of each sampled frame
     fps: float
+    features: np.ndarray | None = None  # [frames, dim] context-free, when the embedder has them
 
 
 def pool_frames(frames: np.ndarray, size: int) -> np.ndarray:
@@ -271,11 +274,14 @@ class FrameRun:
             segments, boundaries = decode_segments(
                 out["boundary_scores"], out["responses"], times, self.end_s,
                 threshold=self.parser.boundary_threshold, max_boundaries=self.parser.max_boundaries)
-        embeddings = None
+        embeddings = features = None
         if self.embedder is not None:
-            embeddings = by_model[self.embedder.model]["embeddings"].astype(EMBEDDING_DTYPE)
+            out = by_model[self.embedder.model]
+            embeddings = out[EMBEDDINGS].astype(EMBEDDING_DTYPE)
+            if FRAME_FEATURES in out:
+                features = out[FRAME_FEATURES].astype(EMBEDDING_DTYPE)
         return FrameResults(segments=segments, boundaries_s=boundaries, embeddings=embeddings,
-                            times_s=times, fps=self.fps)
+                            times_s=times, fps=self.fps, features=features)
 
     async def cancel(self) -> None:
         for run in self.runs:

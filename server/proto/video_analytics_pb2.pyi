@@ -167,14 +167,16 @@ class Tensor(_message.Message):
     def __init__(self, data: _Optional[bytes] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ...) -> None: ...
 
 class FrameEmbeddings(_message.Message):
-    __slots__ = ("values", "times_s", "fps")
+    __slots__ = ("values", "times_s", "fps", "features")
     VALUES_FIELD_NUMBER: _ClassVar[int]
     TIMES_S_FIELD_NUMBER: _ClassVar[int]
     FPS_FIELD_NUMBER: _ClassVar[int]
+    FEATURES_FIELD_NUMBER: _ClassVar[int]
     values: Tensor
     times_s: _containers.RepeatedScalarFieldContainer[float]
     fps: float
-    def __init__(self, values: _Optional[_Union[Tensor, _Mapping]] = ..., times_s: _Optional[_Iterable[float]] = ..., fps: _Optional[float] = ...) -> None: ...
+    features: Tensor
+    def __init__(self, values: _Optional[_Union[Tensor, _Mapping]] = ..., times_s: _Optional[_Iterable[float]] = ..., fps: _Optional[float] = ..., features: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class Domain(_message.Message):
     __slots__ = ("score", "threshold", "in_domain")

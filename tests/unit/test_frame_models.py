@@ -28,6 +28,9 @@ def test_frame_model_spec_reads_the_config():
         outputs=("responses", "boundary_scores"), min_frames=8, boundary_threshold=0.5, max_boundaries=6)
     assert triton.frame_model_spec(parser_config()).min_frames == 1
     assert triton.contract_for("action_parser", parser_config()).outputs[0].dims == (1, -1, 8)
+    embedder = {"name": "frame_embedder", "output": [{"name": "embeddings"}, {"name": "frame_features"}]}
+    assert [t.name for t in triton.contract_for("frame_embedder", embedder).outputs] == ["embeddings", "frame_features"]
+    assert [t.name for t in triton.contract_for("frame_embedder", embedder | {"output": []}).outputs] == ["embeddings"]
 
 
 @pytest.mark.parametrize("missing", ["fps", "context_frames", "boundary_threshold"])
@@ -106,7 +109,7 @@ def test_frame_results_travel_as_a_packed_tensor_and_come_back_in_the_json():
     values = rng.normal(size=(30, 128)).astype(np.float16)
     frames = seg.FrameResults(
         segments=[seg.Segment(0.0, 1.2, 3, 0.8), seg.Segment(1.2, 2.0, 1, 0.6)], boundaries_s=[1.2],
-        embeddings=values, times_s=np.arange(30) / 15.0, fps=15.0)
+        embeddings=values, times_s=np.arange(30) / 15.0, fps=15.0, features=values[::-1].copy())
     response = pb.AnalyzeResponse()
     mapping.add_frame_results(response, frames)
     response = pb.AnalyzeResponse.FromString(response.SerializeToString())
@@ -120,6 +123,8 @@ def test_frame_results_travel_as_a_packed_tensor_and_come_back_in_the_json():
     np.testing.assert_array_equal(tensor_array(as_json["embeddings"]["values"]), values)
     np.testing.assert_allclose(tensor_array(as_json["embeddings"]["times_s"]), np.arange(30) / 15.0)
     assert isinstance(as_json["embeddings"]["values"]["data"], str)  # base64, not a list of numbers
+    np.testing.assert_array_equal(tensor_array(response.embeddings.features), values[::-1])
+    np.testing.assert_array_equal(tensor_array(as_json["embeddings"]["features"]), values[::-1])
 
 
 def test_dtw_follows_a_time_warp():
@@ -160,7 +165,10 @@ class FakeFrameTriton:
         if spec.model == triton.PARSER_MODEL:
             responses = np.stack([smooth, 1 - smooth], axis=1).astype(np.float32)
             return {"responses": responses, "boundary_scores": (np.abs(np.gradient(smooth)) > 0.05).astype(np.float32)}
-        return {"embeddings": np.repeat(smooth[:, None], 128, axis=1).astype(np.float32)}
+        out = {"embeddings": np.repeat(smooth[:, None], 128, axis=1).astype(np.float32)}
+        if "frame_features" in spec.outputs:
+            out["frame_features"] = np.repeat(level[:, None], 128, axis=1).astype(np.float32)
+        return out
 
 
 async def test_frame_run_feeds_windows_and_drops_the_final_clips_padding():
@@ -173,7 +181,7 @@ async def test_frame_run_feeds_windows_and_drops_the_final_clips_padding():
     starts = np.arange(10) * clip_frames / fps
     spans = np.stack([starts, np.minimum(starts + clip_frames / fps, n_frames / fps)], axis=1)
     parser = triton.FrameModelSpec("action_parser", 28, fps, 2, ("responses", "boundary_scores"), 0.5, 0)
-    embedder = triton.FrameModelSpec("frame_embedder", 28, fps, 2, ("embeddings",))
+    embedder = triton.FrameModelSpec("frame_embedder", 28, fps, 2, ("embeddings", "frame_features"))
     fake = FakeFrameTriton()
     run = seg.FrameRun(fake, parser=parser, embedder=embedder, clip_frames=clip_frames, fps=fps,
                        window_frames=16, inflight=2)
@@ -185,6 +193,7 @@ async def test_frame_run_feeds_windows_and_drops_the_final_clips_padding():
     np.testing.assert_allclose(result.times_s, np.arange(n_frames) / fps)
     whole = await FakeFrameTriton().run_frame_model(embedder, seg.pool_frames(frames, 28))
     np.testing.assert_allclose(result.embeddings, whole["embeddings"], atol=1e-3)
+    np.testing.assert_allclose(result.features, whole["frame_features"], atol=1e-3)
     assert result.segments[-1].end_s == pytest.approx(n_frames / fps)
     assert len(result.boundaries_s) >= 1 and all(37 / fps <= b <= 42 / fps for b in result.boundaries_s)
     assert max(fake.calls) <= 16 + 2 * 2  # windows, never the whole video
