@@ -81,7 +81,7 @@ def boundary_strip(boundaries_s: list[float], start_s: float, end_s: float, widt
 
 
 def timeline_table(result: dict[str, Any], width: int = 48) -> Table | None:
-    """Segments over the video's time (same axis as the attention table), boundaries under them,
+    """Segments over the video's time (one character per 48th of it), boundaries under them,
     and each segment's span; None when the result has no segments."""
     segments = result.get("segments") or []
     if not segments:
