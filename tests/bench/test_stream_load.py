@@ -42,6 +42,7 @@ UNARY_RETRY_S = 0.5
 @dataclass
 class Run:
     latencies: list[float] = field(default_factory=list)
+    server_lags: list[float] = field(default_factory=list)  # lag_s the gateway put in the event
     dropped: int = 0
     clips: int = 0
     unanswered: int = 0  # windows all of whose clips were dropped
@@ -65,6 +66,7 @@ class Run:
                         self.unanswered += 1
                     elif sent is not None:
                         self.latencies.append(at - sent)
+                        self.server_lags.append(event.lag_s)
                 elif event.kind == pb.StreamEvent.FINAL:
                     self.finals += 1
                     self.dropped += event.dropped_clips_total
@@ -74,7 +76,11 @@ class Run:
         if not self.latencies:
             return f"no windows; errors {dict(self.errors)}"
         p50, p95, p99 = np.percentile(self.latencies, [50, 95, 99])
-        return (f"latency p50 {p50:.3f} s, p95 {p95:.3f} s, p99 {p99:.3f} s over {len(self.latencies)} "
+        # The gateway's own lag_s (event sent - first byte's arrival - window end): the part of
+        # the latency before the event left the gateway.
+        lag50, lag95 = np.percentile(self.server_lags, [50, 95])
+        return (f"latency p50 {p50:.3f} s, p95 {p95:.3f} s, p99 {p99:.3f} s (gateway lag_s p50 "
+                f"{lag50:.3f}, p95 {lag95:.3f}) over {len(self.latencies)} "
                 f"windows with answers ({self.unanswered} without); dropped clips {self.dropped} of "
                 f"{self.clips}; errors {dict(self.errors) or 'none'}")
 
