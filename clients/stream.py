@@ -34,6 +34,7 @@ from clients import render
 from clients.analyze import (
     EXIT_USAGE,
     answered_by_gateway,
+    check_budget,
     error_message,
     exit_code_for,
 )
@@ -300,6 +301,9 @@ def stream(
     window_clips: Annotated[int, typer.Option(min=0, help="Clips per window; 0 = the server's default.")] = 0,
     hop_clips: Annotated[int, typer.Option(min=0, help="Clips between window starts; 0 = window.")] = 0,
     encoder: Annotated[str, typer.Option(help="Clip encoder; empty = the server's default.")] = "",
+    budget: Annotated[float | None, typer.Option(
+        callback=check_budget,
+        help="Share of an adaptive encoder's full compute to spend, in (0, 1] (default 1 = full).")] = None,
     resume_token: Annotated[str, typer.Option(
         help="The last resume_token of a broken stream of this feed (sent again from its start).")] = "",
     chunk_kb: Annotated[int, typer.Option(min=1, max=1024, help="Bytes per message, in KiB.")] = DEFAULT_CHUNK_KB,
@@ -336,7 +340,7 @@ def stream(
     chunks = paced_ts(source, chunk_bytes=chunk_bytes) if realtime else read_chunks(source, chunk_bytes)
     options = pb.StreamOptions(
         encoder=encoder, window_clips=window_clips, hop_clips=hop_clips, mode=MODES[mode],
-        resume_token=resume_token,
+        resume_token=resume_token, budget=budget or 0.0,
     )
     code = run(config, options, chunks, timeout=timeout, as_json=as_json)
     raise typer.Exit(code)

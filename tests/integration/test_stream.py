@@ -408,6 +408,11 @@ async def test_vqs_stream_prints_jsonl_events_in_analyze_shapes(gateway, stream_
         runner.invoke, app, ["stream", "-", "--server", gateway.address, "--window-clips", "1000"],
         input=data[:1000])
     assert bad.exit_code == 1 and "INVALID_ARGUMENT" in bad.output
+    # A budget the fixed-compute encoder cannot take: the server says so; outside (0, 1]: usage.
+    partial = await asyncio.to_thread(
+        runner.invoke, app, ["stream", "-", "--server", gateway.address, "--budget", "0.5"], input=data[:1000])
+    assert partial.exit_code == 1 and "no adaptive module" in partial.output
+    assert runner.invoke(app, ["stream", "-", "--budget", "2"], input=b"").exit_code == 2
 
 
 STALL_S = 3.0  # how long the sender stops: well above limits.stream_max_lag_s and a GOP (1 s)
