@@ -191,7 +191,27 @@ def gateway_view(now: Scrape, before: Scrape | None) -> dict[str, Any]:
         "clips_per_s": counter("vqs_clips") / span if span else None,
         "errors_by_code": {k: v for k, v in errors.items() if v},
         "inflight": sum(now.series("vqs_inflight_requests").values()),
+        "encoders": encoder_rows(now, before, span),
         "interval_s": span,
+    }
+
+
+def encoder_rows(now: Scrape, before: Scrape | None, span: float | None) -> dict[str, dict[str, Any]]:
+    """Per clip encoder: the GMACs it spent (and per second), and for adaptive ones the clips
+    observed and their mean kept ratio (GMACs spent / without the adaptive module)."""
+    def delta(name: str) -> dict[str, float]:
+        return _delta(grouped_sum(now, name, "encoder"), grouped_sum(before, name, "encoder") if before else None)
+
+    gmacs = delta("vqs_encoder_gmacs_total")
+    clips, ratio_sum = delta("vqs_adaptive_kept_ratio_count"), delta("vqs_adaptive_kept_ratio_sum")
+    return {
+        encoder: {
+            "gmacs": gmacs.get(encoder, 0.0),
+            "gmacs_per_s": gmacs.get(encoder, 0.0) / span if span else None,
+            "adaptive_clips": clips.get(encoder, 0.0),
+            "mean_kept_ratio": ratio_sum[encoder] / clips[encoder] if clips.get(encoder) else None,
+        }
+        for encoder in sorted(set(gmacs) | set(clips))
     }
 
 
@@ -266,6 +286,14 @@ def tables(view: dict[str, Any]) -> Group:
         for stage, r in g["stages"].items():
             s.add_row(stage, f"{r['count']:.0f}", _ms(r["p50_s"]), _ms(r["p95_s"]), _ms(r["p99_s"]))
         parts.append(s)
+        if g["encoders"]:
+            e = Table(title="encoder compute", title_justify="left")
+            for col in ("encoder", "GMACs", "GMACs/s", "adaptive clips", "mean kept ratio"):
+                e.add_column(col, justify="left" if col == "encoder" else "right")
+            for encoder, r in g["encoders"].items():
+                e.add_row(encoder, _num(r["gmacs"], "{:,.1f}"), _num(r["gmacs_per_s"]),
+                          f"{r['adaptive_clips']:.0f}", _num(r["mean_kept_ratio"], "{:.3f}"))
+            parts.append(e)
         errs = ", ".join(f"{k} {v:.0f}" for k, v in sorted(g["errors_by_code"].items())) or "none"
         parts.append(f"throughput: {_num(g['video_seconds_per_s'])} video-s/s, "
                      f"{_num(g['clips_per_s'])} clips/s; in flight {g['inflight']:.0f}; errors: {errs}")

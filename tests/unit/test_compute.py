@@ -168,3 +168,24 @@ def test_a_streams_budget_reaches_its_options():
     limits = StreamLimits.from_settings(LimitsSettings())
     assert mapping.stream_options(pb.StreamOptions(), "vit_ats", limits).budget == 1.0
     assert mapping.stream_options(pb.StreamOptions(budget=0.25), "vit_ats", limits).budget == 0.25
+
+
+def test_vqs_metrics_shows_each_encoders_compute():
+    from rich.console import Console
+
+    from clients import metrics as client_metrics
+
+    metrics = Metrics()
+    spec = triton._encoder_spec("clip_encoder_vit_ats", ATS)
+    metrics.compute(assemble.compute(spec, 0.5, np.array([[40] * 4, [90] * 4]), np.array([0.2, 0.3])))
+    plain = triton._encoder_spec("clip_encoder_s3d", _config(clip_fps="15", gmacs_per_clip="1.2"))
+    metrics.compute(assemble.compute(plain, 1.0, None, np.full(3, 1.2)))
+    now = client_metrics.parse(generate_latest(metrics.registry).decode(), at=100.0)
+    view = client_metrics.gateway_view(now, None)
+    assert view["encoders"]["vit_ats"]["gmacs"] == pytest.approx(0.5)
+    assert view["encoders"]["vit_ats"]["mean_kept_ratio"] == pytest.approx(0.25 / 0.331)
+    assert view["encoders"]["s3d"]["gmacs"] == pytest.approx(3.6) and view["encoders"]["s3d"]["mean_kept_ratio"] is None
+    console = Console(width=120, record=True)
+    console.print(client_metrics.tables({"gateway": view, "one_shot": True}))
+    text = console.export_text()
+    assert "encoder compute" in text and "0.755" in text
