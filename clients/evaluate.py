@@ -35,7 +35,7 @@ import json
 import math
 import random
 from collections import Counter, defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -383,15 +383,39 @@ def provenance(split_dir: Path, records: Sequence[Mapping[str, Any]], labels_sha
 
 # --- output ---------------------------------------------------------------------------------
 
+def served_compute(results: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+    """What the encoder spent over the answered videos (from each answer's `compute`): the
+    budgets asked for, GMACs per clip and kept ratio, both averaged over all their clips."""
+    clips = gmacs = ratio = 0.0
+    budgets = set()
+    for result in results:
+        compute, n = result.get("compute"), result["video"]["clips"]
+        if compute is None:
+            return {}
+        budgets.add(compute["budget"])
+        clips, gmacs, ratio = clips + n, gmacs + n * compute["gmacs_per_clip"], ratio + n * compute["kept_ratio"]
+    if not clips:
+        return {}
+    return {"budget": sorted(budgets), "gmacs_per_clip": gmacs / clips, "kept_ratio": ratio / clips}
+
+
 def _pct(x: float | None) -> str:
     return "–" if x is None else f"{100 * x:.1f}"
+
+
+def _compute_note(served: Mapping[str, Any]) -> str:
+    if "gmacs_per_clip" not in served:
+        return ""
+    budgets = ",".join(f"{b:g}" for b in served["budget"])
+    return f" at budget {budgets}: {served['gmacs_per_clip']:.4g} GMACs/clip, kept ratio {served['kept_ratio']:.3f}"
 
 
 def results_table(results: Mapping[str, Any]) -> Table:
     m = results["metrics"]
     comparison = results.get("comparison")
     table = Table(title=f"vqs evaluate: {results['split']['dir']} ({m['videos']} videos, "
-                        f"{m['answered']} answered; encoder {results['served'].get('encoder') or '?'}); "
+                        f"{m['answered']} answered; encoder {results['served'].get('encoder') or '?'}"
+                        f"{_compute_note(results['served'])}); "
                         f"per query over the {m['routine_videos']} with a routine",
                   title_justify="left")
     table.add_column("query", style="bold")
@@ -482,6 +506,9 @@ def evaluate(
         envvar="VQS_URI_ROOT", file_okay=False,
         help="The gateway's allowed root as seen from here: videos under it are sent as paths.")] = None,
     encoder: Annotated[str, typer.Option(help="Clip encoder; empty = the server's default.")] = "",
+    budget: Annotated[float | None, typer.Option(
+        callback=analyze.check_budget,
+        help="Share of an adaptive encoder's full compute to spend, in (0, 1] (default 1 = full).")] = None,
     length_bins: Annotated[str, typer.Option(
         help="Video length cut points in seconds, comma-separated.")] = ",".join(f"{c:g}" for c in DEFAULT_LENGTH_BINS),
     ece_bins: Annotated[int, typer.Option(min=1, help="Equal-width confidence bins of the ECE.")] = DEFAULT_ECE_BINS,
@@ -535,8 +562,8 @@ def evaluate(
         try:
             asyncio.run(score.run_batch(
                 listing, todo, writer, tally, server=config, workers=workers,
-                uri_root=uri_root.resolve() if uri_root else None, encoder=encoder, timeout=timeout,
-                retries=retries))
+                uri_root=uri_root.resolve() if uri_root else None, encoder=encoder, budget=budget or 0.0,
+                timeout=timeout, retries=retries))
         except score.GatewayRefused as exc:
             stderr.print(f"[red]error[/red] the gateway at {server} refused the call ({exc}); "
                          "check --token / VQS_TOKEN and the TLS options", highlight=False)
@@ -562,7 +589,8 @@ def evaluate(
     results: dict[str, Any] = {
         "format": RESULTS_FORMAT,
         "split": provenance(split_dir, records, sha),
-        "served": {"server": server, "encoder": ",".join(encoders), "answers_file": str(answers_path)},
+        "served": {"server": server, "encoder": ",".join(encoders), "answers_file": str(answers_path),
+                   **served_compute(rows[o.id]["result"] for o in outcomes if o.answers is not None)},
         "settings": {"length_cuts_s": cuts, "ece_bins": ece_bins, "bootstrap_rounds": rounds, "seed": seed},
         "metrics": summarise(outcomes, queries, length_cuts=cuts, ece_bins=ece_bins, rounds=rounds, seed=seed),
         "videos": [o.to_json() for o in outcomes],

@@ -161,12 +161,13 @@ def retryable(exc: grpc.aio.AioRpcError) -> bool:
 
 def prepare(
     item: Item, payload: bytes | OSError | None, uri: str | None, *, encoder: str, max_upload_bytes: int,
+    budget: float = 0.0,
 ) -> tuple[dict[str, Any], pb.AnalyzeRequest | None]:
     """The output row so far and the request to send, or the finished row (request None) when
     the video cannot be sent."""
     row: dict[str, Any] = {"id": item.id, "source": item.source, "via": "uri" if uri else "bytes"}
     if uri:
-        return row, pb.AnalyzeRequest(uri=uri, encoder=encoder)
+        return row, pb.AnalyzeRequest(uri=uri, encoder=encoder, budget=budget)
     if isinstance(payload, OSError):
         return row | {"error": local_read_error(payload)}, None
     if len(payload) > max_upload_bytes:
@@ -175,7 +176,7 @@ def prepare(
             f"file is {len(payload)} bytes, above the server's upload limit of {max_upload_bytes}")}, None
     if not payload:
         return row | {"error": client_error("INVALID_ARGUMENT", "the file is empty")}, None
-    return row, pb.AnalyzeRequest(video=payload, encoder=encoder)
+    return row, pb.AnalyzeRequest(video=payload, encoder=encoder, budget=budget)
 
 
 def outcome(exc: grpc.RpcError, attempt: int, retries: int) -> dict[str, Any] | None:
@@ -194,9 +195,9 @@ def outcome(exc: grpc.RpcError, attempt: int, retries: int) -> dict[str, Any] | 
 
 async def score_one(
     stub: pb_grpc.VideoAnalyticsStub, item: Item, payload: bytes | OSError | None, uri: str | None,
-    *, encoder: str, timeout: float | None, max_upload_bytes: int, retries: int,
+    *, encoder: str, timeout: float | None, max_upload_bytes: int, retries: int, budget: float = 0.0,
 ) -> dict[str, Any]:
-    row, request = prepare(item, payload, uri, encoder=encoder, max_upload_bytes=max_upload_bytes)
+    row, request = prepare(item, payload, uri, encoder=encoder, max_upload_bytes=max_upload_bytes, budget=budget)
     if request is None:
         return row
     for attempt in range(retries + 1):
@@ -213,10 +214,10 @@ async def score_one(
 
 def score_one_sync(
     stub: pb_grpc.VideoAnalyticsStub, item: Item, payload: bytes | OSError | None, uri: str | None,
-    *, encoder: str, timeout: float | None, max_upload_bytes: int, retries: int,
+    *, encoder: str, timeout: float | None, max_upload_bytes: int, retries: int, budget: float = 0.0,
 ) -> dict[str, Any]:
     """`score_one` on a blocking channel (for Ray actors)."""
-    row, request = prepare(item, payload, uri, encoder=encoder, max_upload_bytes=max_upload_bytes)
+    row, request = prepare(item, payload, uri, encoder=encoder, max_upload_bytes=max_upload_bytes, budget=budget)
     if request is None:
         return row
     for attempt in range(retries + 1):
@@ -252,7 +253,7 @@ def rates(tally: Tally) -> str:
 
 async def run_batch(
     listing: Listing, todo: list[Item], writer: LineWriter, tally: Tally, *, server: str | ChannelConfig,
-    workers: int, uri_root: Path | None, encoder: str, timeout: float | None, retries: int,
+    workers: int, uri_root: Path | None, encoder: str, timeout: float | None, retries: int, budget: float = 0.0,
 ) -> None:
     """`server`: HOST:PORT of a plaintext gateway without a token, or how to reach any gateway."""
     config = server if isinstance(server, ChannelConfig) else ChannelConfig(server)
@@ -308,7 +309,7 @@ async def run_batch(
                     ahead.release()
                     item, payload = entry
                     row = await score_one(
-                        stub, item, payload, uri_for(item, uri_root), encoder=encoder, timeout=timeout,
+                        stub, item, payload, uri_for(item, uri_root), encoder=encoder, budget=budget, timeout=timeout,
                         max_upload_bytes=max_upload, retries=retries,
                     )
                     writer.write(row)
@@ -371,6 +372,9 @@ def score(
         help="The gateway's allowed root (security.allowed_root) as seen from here: files under it "
              "are sent as paths for the server to read, the rest as bytes.")] = None,
     encoder: Annotated[str, typer.Option(help="Clip encoder; empty = the server's default.")] = "",
+    budget: Annotated[float | None, typer.Option(
+        callback=analyze.check_budget,
+        help="Share of an adaptive encoder's full compute to spend, in (0, 1] (default 1 = full).")] = None,
     timeout: Annotated[float | None, typer.Option(
         min=0.1, help="Deadline per video, in seconds.")] = 600.0,
     retries: Annotated[int, typer.Option(
@@ -424,11 +428,11 @@ def score(
             from clients.score_ray import run_ray
 
             run_ray(listing, todo, writer, tally, address=ray_address, actors=workers, server=config,
-                    uri_root=root, encoder=encoder, timeout=timeout, retries=retries)
+                    uri_root=root, encoder=encoder, budget=budget or 0.0, timeout=timeout, retries=retries)
         else:
             asyncio.run(run_batch(
                 listing, todo, writer, tally, server=config, workers=workers, uri_root=root,
-                encoder=encoder, timeout=timeout, retries=retries,
+                encoder=encoder, budget=budget or 0.0, timeout=timeout, retries=retries,
             ))
     except GatewayRefused as exc:
         stderr.print(f"[red]error[/red] the gateway at {server} refused the call ({exc}); "

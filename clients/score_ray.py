@@ -36,12 +36,12 @@ class RayScorer:
     """One Ray Data actor: a blocking channel to the gateway, the archive open for reading."""
 
     def __init__(self, *, server: ChannelConfig, archive: str, encoder: str, timeout: float | None,
-                 retries: int, max_upload_bytes: int):
+                 retries: int, max_upload_bytes: int, budget: float = 0.0):
         # The config carries the PEM bytes and the token: nodes need no certificate files.
         self.channel = open_channel(server, options=analyze.channel_options(max_upload_bytes / 2**20))
         self.stub = pb_grpc.VideoAnalyticsStub(self.channel)
         self.listing = open_listing(Path(archive))
-        self.options = {"encoder": encoder, "timeout": timeout, "retries": retries,
+        self.options = {"encoder": encoder, "budget": budget, "timeout": timeout, "retries": retries,
                         "max_upload_bytes": max_upload_bytes}
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list[str]]:
@@ -67,6 +67,7 @@ class RayScorer:
 def run_ray(
     listing: Listing, todo: list[Item], writer: LineWriter, tally: Tally, *, address: str,
     actors: int, server: ChannelConfig, uri_root: Path | None, encoder: str, timeout: float | None, retries: int,
+    budget: float = 0.0,
 ) -> None:
     from clients.score import uri_for
 
@@ -98,7 +99,7 @@ def run_ray(
         ds = ds.map_batches(
             RayScorer, batch_size=1, compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=0.25,
             fn_constructor_kwargs={
-                "server": server, "archive": str(listing.path.resolve()), "encoder": encoder,
+                "server": server, "archive": str(listing.path.resolve()), "encoder": encoder, "budget": budget,
                 "timeout": timeout, "retries": retries, "max_upload_bytes": max_upload,
             },
         )

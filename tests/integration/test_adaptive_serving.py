@@ -363,3 +363,27 @@ async def test_vqs_describe_and_vqs_analyze_show_the_compute(served, videos):
         runner.invoke, app, ["analyze", str(videos["short"]), "--server", gateway.address, "--encoder", "s3d",
                              "--budget", "0.5"])
     assert fixed.exit_code == 1 and "INVALID_ARGUMENT" in fixed.output and "no adaptive module" in fixed.output
+
+
+async def test_vqs_evaluate_reports_the_compute_at_a_budget(served, tmp_path):
+    import json
+
+    from export.synth import render_video
+    from tests.integration.test_evaluate import run_cli
+
+    gateway, _ = served
+    split = tmp_path / "split"
+    split.mkdir()
+    records = [{"file": f"v{i}.mp4", **render_video(split / f"v{i}.mp4", seed=90 + i, seconds=2.0)} for i in range(2)]
+    (split / "labels.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    served_at = {}
+    for budget in ("1", "0.1"):
+        out = tmp_path / f"results_{budget}.json"
+        code, stdout, stderr = await run_cli(str(split), "--out", str(out), "--server", gateway.address,
+                                             "--encoder", ATS, "--budget", budget, "--rounds", "100")
+        assert code == 0, stderr
+        served_at[budget] = json.loads(out.read_text())["served"]
+        assert f"at budget {budget}" in stdout
+    assert served_at["1"]["budget"] == [1.0] and served_at["0.1"]["budget"] == [pytest.approx(0.1)]
+    assert served_at["0.1"]["gmacs_per_clip"] < served_at["1"]["gmacs_per_clip"]
+    assert served_at["0.1"]["kept_ratio"] < served_at["1"]["kept_ratio"] == pytest.approx(1.0, rel=1e-5)

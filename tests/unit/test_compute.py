@@ -189,3 +189,21 @@ def test_vqs_metrics_shows_each_encoders_compute():
     console.print(client_metrics.tables({"gateway": view, "one_shot": True}))
     text = console.export_text()
     assert "encoder compute" in text and "0.755" in text
+
+
+def test_vqs_evaluate_summarises_what_the_encoder_spent():
+    from clients.evaluate import served_compute
+
+    rows = [{"video": {"clips": 3}, "compute": {"budget": 0.5, "gmacs_per_clip": 0.2, "kept_ratio": 0.6}},
+            {"video": {"clips": 1}, "compute": {"budget": 0.5, "gmacs_per_clip": 0.4, "kept_ratio": 1.0}}]
+    assert served_compute(rows) == {"budget": [0.5], "gmacs_per_clip": pytest.approx(0.25),
+                                    "kept_ratio": pytest.approx(0.7)}
+    assert served_compute([{"video": {"clips": 2}}]) == {}  # a gateway that does not report compute
+
+
+def test_vqs_score_sends_the_budget():
+    from clients.score import Item, prepare
+
+    _, request = prepare(Item("a", "a.mp4", None, None), b"video", None, encoder="vit_ats",
+                         max_upload_bytes=100, budget=0.3)
+    assert (request.encoder, request.budget) == ("vit_ats", pytest.approx(0.3))
