@@ -234,3 +234,39 @@ async def test_frame_run_without_frames_finishes_empty():
     run = seg.FrameRun(FakeFrameTriton(), parser=parser, embedder=None, clip_frames=8, fps=15.0)
     result = await run.finish()
     assert result.segments == [] and len(result.times_s) == 0
+
+
+class ServedFrameModels:
+    def __init__(self, **specs):
+        self.specs = specs
+
+    async def frame_model(self, model):
+        return self.specs.get(model)
+
+
+ENCODER = triton.EncoderSpec(encoder="s3d", model="clip_encoder_s3d", clip_frames=8, frame_size=112,
+                             feature_dim=256, max_batch_size=64, clip_fps=15.0)
+PARSER = triton.FrameModelSpec("action_parser", 28, 15.0, 11, ("responses", "boundary_scores"))
+EMBEDDER = triton.FrameModelSpec("frame_embedder", 28, 15.0, 32, ("embeddings",))
+
+
+async def test_frame_run_for_runs_what_is_asked_and_served():
+    served = ServedFrameModels(action_parser=PARSER, frame_embedder=EMBEDDER)
+    run = await seg.frame_run_for(served, ENCODER, segments=True, embeddings=False)
+    assert run.parser is PARSER and run.embedder is None
+    run = await seg.frame_run_for(served, ENCODER, segments=False, embeddings=True)
+    assert run.parser is None and run.embedder is EMBEDDER
+    assert not (await seg.frame_run_for(ServedFrameModels(), ENCODER, segments=True, embeddings=False)).active
+
+
+async def test_embeddings_asked_of_a_server_that_cannot_give_them_are_invalid_input():
+    from server.errors import InvalidInput
+
+    with pytest.raises(InvalidInput, match="does not serve frame_embedder"):
+        await seg.frame_run_for(ServedFrameModels(action_parser=PARSER), ENCODER, segments=True, embeddings=True)
+    at_30 = ServedFrameModels(action_parser=PARSER, frame_embedder=EMBEDDER)
+    encoder_30 = triton.EncoderSpec(**{**ENCODER.__dict__, "clip_fps": 30.0})
+    with pytest.raises(InvalidInput, match="15 fps"):
+        await seg.frame_run_for(at_30, encoder_30, segments=True, embeddings=True)
+    # Segments are on by default: an encoder whose frames the parser cannot take just gets none.
+    assert (await seg.frame_run_for(at_30, encoder_30, segments=True, embeddings=False)).parser is None
