@@ -51,17 +51,19 @@ def describe_dict(resp: pb.DescribeModelsResponse) -> dict[str, Any]:
 def encoders_table(described: dict[str, Any]) -> Table:
     """GMACs per clip are without the adaptive module (the full budget's upper bound)."""
     table = Table(title="Clip encoders (vqs analyze --encoder NAME --budget X)", title_justify="left")
-    for column in ("encoder", "adaptive", "budget sets", "at 1 / min", "chosen budget", "GMACs/clip"):
+    for column in ("encoder", "adaptive", "budget sets", "at 1 / min", "chosen", "GMACs/clip"):
         table.add_column(column)
     for e in described["encoders"]:
         name = e["name"] + (" (default)" if e["name"] == described["default_encoder"] else "")
         if e["adaptive"]:
-            row = [e["adaptive"].upper(), e["knob"], f"{e['knob_full']} / {e['knob_min']}",
+            row = [e["adaptive"].upper(), e["knob"].split(" ")[0], f"{e['knob_full']} / {e['knob_min']}",
                    f"{e['budget_default']:g}" if e["budget_default"] else "-"]
         else:
             row = ["-", "fixed", "-", "-"]
         cost = f"{e['gmacs_per_clip']:.4g}" if e["gmacs_per_clip"] else "?"
         table.add_row(name, *row, cost)
+    knobs = sorted({e["knob"] for e in described["encoders"] if e["adaptive"]})
+    table.caption = "; ".join(knobs + ["GMACs/clip: without the adaptive module"])
     return table
 
 
