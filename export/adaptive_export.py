@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -30,7 +31,7 @@ import torch
 from torch import nn
 
 from export.adaptive import onnx_functions
-from export.models.s3d_sgs import S3DSGS, s3d_macs
+from export.models.s3d_sgs import S3DSGS
 from export.models.vit import VideoViT
 
 ENCODER_INPUT = "clips"
@@ -205,6 +206,9 @@ def export_served(
         **meta,
         "inputs": names_in,
         "outputs": names_out,
+        "kept_dims": kept_dims,
+        "clip_frames": frames,
+        "frame_size": size,
         "parameters": dict(parameters),
         "weights": os.path.relpath(weights, model_dir.parent),
         "weights_sha256": _sha256(weights),
@@ -212,6 +216,48 @@ def export_served(
     }
     (version / "model.json").write_text(json.dumps(info, indent=2) + "\n")
     return path
+
+
+def set_parameters(model_dir: Path, parameters: Mapping[str, str]) -> None:
+    """Add or change config parameters of an exported model directory (config.pbtxt and model.json)."""
+    info_path = model_dir / "1" / "model.json"
+    info = json.loads(info_path.read_text())
+    info["parameters"] = {**info["parameters"], **parameters}
+    (model_dir / "config.pbtxt").write_text(
+        config_text(model_dir.name, kept_dims=info["kept_dims"], parameters=info["parameters"],
+                    frames=info["clip_frames"], size=info["frame_size"]))
+    info_path.write_text(json.dumps(info, indent=2) + "\n")
+
+
+def install(staged: Path, repository: Path) -> list[str]:
+    """Move every model directory of `staged` into `repository`, each replacing its namesake whole
+    (a running Triton or test never sees a half-written model directory)."""
+    moved = []
+    for model_dir in sorted(p for p in staged.iterdir() if p.is_dir() and (p / "config.pbtxt").is_file()):
+        target = repository / model_dir.name
+        old = staged / f".old-{model_dir.name}"
+        if target.exists():
+            os.replace(target, old)
+        os.replace(model_dir, target)
+        shutil.rmtree(old, ignore_errors=True)
+        moved.append(model_dir.name)
+    return moved
+
+
+def load_served(model_dir: Path) -> nn.Module:
+    """The torch module a model directory was exported from (its model.json's `encoder`, `config`
+    and `weights`), in eval mode."""
+    meta = json.loads((model_dir / "1" / "model.json").read_text())
+    state = torch.load(model_dir.parent / meta["weights"], weights_only=True)
+    if meta["encoder"] in ("vit", "vit_ats"):
+        vit = VideoViT(**meta["config"])
+        vit.load_state_dict(state)
+        return (ServedViT(vit) if meta["encoder"] == "vit" else ServedViTATS(vit)).eval()
+    if meta["encoder"] == "s3d_sgs":
+        model = S3DSGS(**meta["config"])
+        model.load_state_dict(state)
+        return ServedS3DSGS(model.eval()).eval()
+    raise ValueError(f"{model_dir}: unknown encoder {meta['encoder']!r}")
 
 
 def parity(served: nn.Module, path: Path, budgets: list[float], *, seed: int = 0, batch: int = 4) -> float:

@@ -71,9 +71,11 @@ def test_vit_macs_are_the_counted_shapes(vit):
     assert vit.macs(kept[0].tolist()) == _counted_macs(vit, clip, torch.tensor([20, 10, 5])) < vit.macs()
 
 
-def test_vit_variant_is_the_issue_size():
-    model = create_vit("vit_tiny_112")
+@pytest.mark.parametrize(("variant", "dim"), [("vit_tiny_112", 128), ("vit_mini_112", 64)])
+def test_vit_variants_are_the_issue_shape(variant, dim):
+    model = create_vit(variant)
     assert model.tokens == 196 and model.ats_blocks == (2, 3, 4, 5) and model.feature_dim == 256
+    assert model.cls.shape[-1] == dim and len(model.blocks) == 6
     with pytest.raises(ValueError, match="unknown"):
         create_vit("vit_huge")
 

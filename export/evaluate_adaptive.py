@@ -1,0 +1,342 @@
+"""Issue 9's measurement, in one run on the test split through the served models.
+
+    python -m export.evaluate_adaptive [--data-dir data] [--videos N]
+
+Starts a real tritonserver on the model repository and sends every test video's clips (decoded by
+decord at 112 px, as the gateway decodes them; the split's frame cache) to each clip encoder, then
+the clip features to the served `tqn_decoder`; the gateway is not in the loop (its budget knob is
+issue 9's serving side), so the budget travels as the encoder's `budget` input. For every
+configuration (encoder, budget): per-query accuracy, GMACs per clip (the graph's own count for
+adaptive encoders, `gmacs_per_clip` for plain ones), encoder wall-clock per clip at the serving
+batch size (Triton's own compute time of the encoder, 64 clips per request; the client's round
+trip, which adds the gRPC transfer of the clips, is reported beside it; configurations are
+interleaved video by video so machine load hits them alike), and kept counts by clip phase. The top-K token baseline is not served (it is not an
+export target): it runs in torch on the same clips at ATS's mean K' per block.
+
+Writes export/adaptive_evaluation.json and PNGs under docs/ (budget curve, B' and K' histograms).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from export import adaptive_export, data
+from export.train_adaptive import HEADS, accuracy
+
+REPO = Path(__file__).resolve().parent.parent
+OUT = REPO / "export" / "adaptive_evaluation.json"
+DOCS = REPO / "docs"
+BATCH = 64  # the encoders' max_batch_size: the serving batch
+CURVE = (1.0, 0.5, 0.35, 0.25)
+# The budget curve runs on every sixth test video (50 of 300): the 2 cores are shared by seven
+# sessions; the four encoders' table uses every video.
+CURVE_EVERY = 6
+PHASE_NAMES = ("before", "take_off", "flight", "entry", "after")
+
+
+def _log(message: str) -> None:
+    print(f"evaluate_adaptive: {message}", file=sys.stderr, flush=True)
+
+
+def clip_phases(ds: data.ClipDataset, video: int) -> np.ndarray:
+    """Per clip, its majority phase (index into PHASE_NAMES); -1 when the video has no phases
+    (null videos)."""
+    n = int(ds.num_clips[video])
+    phases = ds.records[video].get("phases")
+    if not phases:
+        return np.full(n, -1)
+    padded = np.full(n * data.CLIP_FRAMES, -1)
+    padded[: len(phases)] = phases
+    per_clip = padded.reshape(n, data.CLIP_FRAMES)
+    return np.asarray([np.bincount(row[row >= 0], minlength=len(PHASE_NAMES)).argmax() if (row >= 0).any() else -1
+                       for row in per_clip])
+
+
+def _parameters(client, model: str) -> dict[str, str]:
+    config = client.get_model_config(model, as_json=True)["config"]
+    return {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+
+
+def _infer(client, model: str, inputs: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
+    import tritonclient.grpc as grpcclient
+
+    tensors = []
+    for name, value in inputs.items():
+        tensor = grpcclient.InferInput(name, list(value.shape), grpcclient.np_to_triton_dtype(value.dtype))
+        tensor.set_data_from_numpy(value)
+        tensors.append(tensor)
+    result = client.infer(model, tensors, outputs=[grpcclient.InferRequestedOutput(n) for n in outputs])
+    return {n: result.as_numpy(n) for n in outputs}
+
+
+def _compute_ns(client, model: str) -> int:
+    """Triton's cumulative compute time of `model` (the python backend's execute: ONNX Runtime
+    plus the stub's tensor handling), in ns."""
+    stats = client.get_inference_statistics(model, as_json=True)["model_stats"][0]["inference_stats"]
+    return int(stats.get("compute_infer", {}).get("ns", 0))
+
+
+def _configurations(budget_defaults: dict[str, float]) -> list[tuple[str, str, float | None]]:
+    """(label, model, budget): the four encoders at their defaults, then each adaptive encoder's curve."""
+    configs = [("s3d", "clip_encoder_s3d", None), ("vit", "clip_encoder_vit", None),
+               ("s3d_sgs", "clip_encoder_s3d_sgs", budget_defaults["clip_encoder_s3d_sgs"]),
+               ("vit_ats", "clip_encoder_vit_ats", budget_defaults["clip_encoder_vit_ats"])]
+    for encoder in ("s3d_sgs", "vit_ats"):
+        for b in CURVE:
+            if b != budget_defaults[f"clip_encoder_{encoder}"]:
+                configs.append((f"{encoder}@{b:g}", f"clip_encoder_{encoder}", b))
+    return configs
+
+
+def run_served(ds: data.ClipDataset, videos: np.ndarray, curve_videos: set[int], repository: Path) -> dict:
+    import tritonclient.grpc as grpcclient
+
+    from server.launcher import TritonProcess
+    from server.settings import Settings
+
+    settings = Settings().triton.model_copy(update={"model_repository": repository})
+    log = Path(os.environ.get("TMPDIR", "/tmp")) / f"evaluate_adaptive_triton_{os.getpid()}.log"
+    process = TritonProcess(settings, log_path=log)
+    process.start()
+    try:
+        process.wait_ready()
+        client = grpcclient.InferenceServerClient(process.grpc_url)
+        params = {m: _parameters(client, m) for m in ("clip_encoder_s3d", "clip_encoder_vit",
+                                                       "clip_encoder_s3d_sgs", "clip_encoder_vit_ats")}
+        defaults = {m: float(params[m].get(adaptive_export.BUDGET_DEFAULT_PARAMETER, "1"))
+                    for m in ("clip_encoder_s3d_sgs", "clip_encoder_vit_ats")}
+        configs = _configurations(defaults)
+        decoder_outputs = [f"logits_{q}" for q in HEADS]
+        results = {label: {"model": model, "budget": budget, "seconds": 0.0, "compute_ns": 0, "clips": 0, "videos": [],
+                           "preds": defaultdict(list), "kept": [], "gmacs": []} for label, model, budget in configs}
+        for i, v in enumerate(videos):
+            n = int(ds.num_clips[v])
+            clips = [np.ascontiguousarray(ds.clips(int(v), s, min(BATCH, n - s))) for s in range(0, n, BATCH)]
+            for label, model, budget in configs:
+                if "@" in label and int(v) not in curve_videos:
+                    continue
+                r = results[label]
+                r["videos"].append(int(v))
+                features = []
+                before = _compute_ns(client, model)
+                for batch in clips:
+                    inputs = {"clips": batch}
+                    outputs = ["features"]
+                    if budget is not None:
+                        inputs["budget"] = np.full((len(batch), 1), budget, np.float32)
+                        outputs += ["kept", "gmacs"]
+                    start = time.perf_counter()
+                    out = _infer(client, model, inputs, outputs)
+                    r["seconds"] += time.perf_counter() - start
+                    r["clips"] += len(batch)
+                    features.append(out["features"])
+                    if budget is not None:
+                        r["kept"].append(out["kept"])
+                        r["gmacs"].append(out["gmacs"][:, 0])
+                r["compute_ns"] += _compute_ns(client, model) - before
+                feats = np.concatenate(features)[None]
+                logits = _infer(client, "tqn_decoder", {"features": feats, "mask": np.ones(feats.shape[:2], bool)},
+                                decoder_outputs)
+                for q in HEADS:
+                    r["preds"][q].append(int(logits[f"logits_{q}"][0].argmax()))
+            if (i + 1) % 25 == 0 or i + 1 == len(videos):
+                _log(f"{i + 1}/{len(videos)} videos")
+        stats = client.get_inference_statistics(as_json=True)
+        return {"results": results, "parameters": params, "defaults": defaults, "triton_statistics": stats}
+    finally:
+        process.stop()
+
+
+@torch.inference_mode()
+def top_k_accuracy(ds: data.ClipDataset, videos: np.ndarray, repository: Path, k_per_block: list[int]) -> dict:
+    """The ViT with the K highest-scoring tokens per ATS block (the thesis's Table 7.1 baseline),
+    in torch, decoded by the served decoder's weights."""
+    from export.models.vit import create as create_vit
+    from export.train_adaptive import VIT_VARIANT, load_served
+
+    vit = create_vit(VIT_VARIANT, top_k=True)
+    vit.load_state_dict(torch.load(repository / "clip_encoder_vit" / "1" / "model.pt", weights_only=True))
+    vit.eval()
+    _, decoder, _ = load_served(repository)
+    k = torch.tensor(k_per_block)
+    preds = {q: [] for q in HEADS}
+    kept_all, macs = [], []
+    for v in videos:
+        n = int(ds.num_clips[v])
+        feats = []
+        for s in range(0, n, BATCH):
+            features, kept = vit(torch.from_numpy(ds.clips(int(v), s, min(BATCH, n - s))), k)
+            feats.append(features)
+            kept_all.append(kept - 1)
+            macs.append(vit.macs(kept))
+        feats = torch.cat(feats)[None]
+        logits = decoder(feats, torch.ones(feats.shape[:2], dtype=torch.bool))
+        for q, lg in zip(HEADS, logits):
+            preds[q].append(int(lg[0].argmax()))
+    preds = {q: np.asarray(p) for q, p in preds.items()}
+    return {"k_per_block": k_per_block, "accuracy": accuracy(preds, ds, videos),
+            "kept_mean": torch.cat(kept_all).float().mean(0).tolist(),
+            "gmacs_per_clip": float(torch.cat(macs).double().mean() / 1e9)}
+
+
+def _plain_gmacs(parameters: dict[str, str], model: str, repository: Path) -> float:
+    """A plain encoder's GMACs per clip: its `gmacs_per_clip` parameter, else (an s3d exported before
+    the parameter existed) counted from the served weights' architecture."""
+    if adaptive_export.GMACS_PER_CLIP_PARAMETER in parameters:
+        return float(parameters[adaptive_export.GMACS_PER_CLIP_PARAMETER])
+    if model != "clip_encoder_s3d":
+        raise ValueError(f"{model} has no {adaptive_export.GMACS_PER_CLIP_PARAMETER} parameter")
+    from export.models.s3d_sgs import s3d_macs
+    from export.train_adaptive import load_served
+
+    return s3d_macs(load_served(repository)[0]) / 1e9
+
+
+def _plots(summary: dict, curve: dict, kept: dict[str, np.ndarray], phases: np.ndarray, out_dir: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ax, encoder, plain in ((axes[0], "s3d_sgs", "s3d"), (axes[1], "vit_ats", "vit")):
+        points = sorted(((r["budget"], r) for label, r in curve.items() if label.split("@")[0] == encoder),
+                        key=lambda p: p[0])
+        budgets = [b for b, _ in points]
+        mean_acc = [100 * np.mean(list(r["accuracy"].values())) for _, r in points]
+        ms = [r["ms_per_clip"] for _, r in points]
+        ax.plot(budgets, mean_acc, "o-", label=f"{encoder} mean accuracy (%)")
+        ax.axhline(100 * np.mean(list(curve[plain]["accuracy"].values())), ls="--", c="gray", label=f"{plain}")
+        ax.set_xlabel("budget")
+        ax.set_ylabel("mean accuracy over queries (%)")
+        twin = ax.twinx()
+        twin.plot(budgets, ms, "s:", c="tab:red", label="ms / clip (Triton)")
+        twin.set_ylabel("encoder ms per clip", color="tab:red")
+        ax.set_title(encoder)
+        ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    path = out_dir / "adaptive_budget_curve.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    written.append(str(path.relative_to(REPO)))
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    sgs = kept["s3d_sgs"][:, 0]
+    axes[0].hist([sgs[phases == 2], sgs[np.isin(phases, (0, 4))]], bins=np.arange(0.5, 9.5), density=True,
+                 label=["flight clips", "idle clips (before/after)"])
+    axes[0].set_xlabel("B' (bins kept of 8)")
+    axes[0].set_title(f"s3d_sgs at budget {summary['s3d_sgs']['budget']:g}")
+    axes[0].legend(fontsize=8)
+    ats = kept["vit_ats"]
+    for j in range(ats.shape[1]):
+        axes[1].hist(ats[:, j], bins=30, histtype="step", label=f"block {j + 3}")
+    axes[1].set_xlabel("K' (tokens kept of 196)")
+    axes[1].set_title(f"vit_ats at budget {summary['vit_ats']['budget']:g}")
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    path = out_dir / "adaptive_kept_histograms.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    written.append(str(path.relative_to(REPO)))
+    return written
+
+
+def evaluate(data_dir: Path, repository: Path, *, videos: int | None = None, out: Path = OUT) -> dict:
+    start = time.monotonic()
+    load_start = os.getloadavg()
+    ds = data.load(Path(data_dir) / "test")
+    chosen = np.arange(len(ds.records)) if videos is None else np.linspace(0, len(ds.records) - 1, videos).astype(int)
+    curve_videos = chosen[::CURVE_EVERY]
+    served = run_served(ds, chosen, set(curve_videos.tolist()), repository)
+    phases = np.concatenate([clip_phases(ds, int(v)) for v in chosen])
+    summary, kept, curve = {}, {}, {}
+    for label, r in served["results"].items():
+        preds = {q: np.asarray(p) for q, p in r["preds"].items()}
+        model = r["model"]
+        evaluated = np.asarray(r["videos"])
+        entry = {"model": model, "budget": r["budget"], "videos": len(evaluated),
+                 "accuracy": accuracy(preds, ds, evaluated),
+                 "ms_per_clip": 1e-6 * r["compute_ns"] / r["clips"],
+                 "client_ms_per_clip": 1000 * r["seconds"] / r["clips"], "clips": r["clips"]}
+        on_curve = np.isin(evaluated, curve_videos)
+        curve[label] = {"budget": r["budget"], "ms_per_clip": entry["ms_per_clip"],
+                        "accuracy": accuracy({q: p[on_curve] for q, p in preds.items()}, ds, evaluated[on_curve])}
+        if r["budget"] is None:
+            entry["gmacs_per_clip"] = _plain_gmacs(served["parameters"][model], model, repository)
+        else:
+            k = np.concatenate(r["kept"])
+            entry["gmacs_per_clip"] = float(np.concatenate(r["gmacs"]).mean())
+            curve[label]["gmacs_per_clip"] = entry["gmacs_per_clip"]
+            entry["kept_ratio"] = entry["gmacs_per_clip"] / _plain_gmacs(served["parameters"][model], model, repository)
+            entry["kept_mean"] = k.mean(0).tolist()
+            if label not in ("s3d_sgs", "vit_ats"):
+                entry["kept_by_phase"] = None  # phases of the curve subset only: see the defaults
+            else:
+                kept[label] = k
+                entry["kept_by_phase"] = {PHASE_NAMES[p]: k[phases == p].mean(0).tolist()
+                                          for p in range(len(PHASE_NAMES)) if (phases == p).any()}
+                entry["kept_null_videos"] = k[phases == -1].mean(0).tolist() if (phases == -1).any() else None
+                entry["kept_histogram"] = {str(int(u)): int(c) for u, c in zip(*np.unique(k, return_counts=True))} \
+                    if label == "s3d_sgs" else None
+        summary[label] = entry
+    _log("top-K baseline (torch)")
+    top_k = {}
+    for label in [lb for lb, r in curve.items() if lb.split("@")[0] == "vit_ats" and r["budget"] in (0.5, 0.25)]:
+        # Same K' per block as ATS kept on average, on the curve's videos.
+        k = [max(1, int(round(x))) for x in summary[label]["kept_mean"]]
+        top_k[label] = top_k_accuracy(ds, curve_videos, repository, k) | {"ats_accuracy": curve[label]["accuracy"],
+                                                                           "ats_gmacs_per_clip": curve[label]["gmacs_per_clip"]}
+    pngs = _plots(summary, curve, kept, phases, DOCS)
+    s3d, sgs, vit, ats = (summary[k] for k in ("s3d", "s3d_sgs", "vit", "vit_ats"))
+
+    def _vs(fast: dict, base: dict) -> dict:
+        return {"gmacs_reduction": 1 - fast["gmacs_per_clip"] / base["gmacs_per_clip"],
+                "speedup": base["ms_per_clip"] / fast["ms_per_clip"],
+                "accuracy_points": {q: 100 * (fast["accuracy"][q] - base["accuracy"][q]) for q in HEADS}}
+
+    report = {
+        "split": "test", "videos": len(chosen), "clips": int(ds.num_clips[chosen].sum()),
+        "path": "tritonserver (python backend, ONNX Runtime) for every encoder and the tqn_decoder; gateway not in the loop",
+        "serving_batch": BATCH,
+        "load_average_start": load_start, "load_average_end": os.getloadavg(),
+        "seconds": time.monotonic() - start,
+        "configurations": summary,
+        "s3d_sgs_vs_s3d": _vs(sgs, s3d), "vit_ats_vs_vit": _vs(ats, vit),
+        "budget_curve": {"videos": len(curve_videos), "points": curve},
+        "top_k_baseline": top_k,
+        "budget_defaults": served["defaults"],
+        "pngs": pngs,
+    }
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    _log(f"wrote {out} in {report['seconds']:.0f}s")
+    return report
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data-dir", type=Path, default=REPO / "data")
+    parser.add_argument("--repository", type=Path, default=REPO / "model_repository")
+    parser.add_argument("--videos", type=int, default=None, help="evenly spaced test videos (default: all)")
+    parser.add_argument("--out", type=Path, default=OUT)
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    report = evaluate(args.data_dir, args.repository, videos=args.videos, out=args.out)
+    for label, r in report["configurations"].items():
+        acc = " ".join(f"{q}={100 * a:.1f}" for q, a in r["accuracy"].items())
+        print(f"{label:14s} budget={r['budget']!s:5s} gmacs={r['gmacs_per_clip']:.4f} "
+              f"ms/clip={r['ms_per_clip']:.2f} {acc}")
+
+
+if __name__ == "__main__":
+    main()
