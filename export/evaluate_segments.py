@@ -145,6 +145,9 @@ def argmax_decoding(responses: dict[str, list[np.ndarray]], val: list[framedata.
         lambda i, split, k=knob: boundaries(responses[split][i], k)
 
 
+SERVED_ROW = "parser (2 SPS, local + global + boundary loss)"
+
+
 def _knob_text(knob: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in knob.items())
 
@@ -159,13 +162,22 @@ def evaluate_parsers(args, splits: dict[str, list[framedata.Video]], train: list
         methods[name] = dict(knob=knob, val=scores, predict=predict)
 
     responses = {split: [parse_features(parser, f) for f in fs] for split, fs in feats.items()}
-    add("parser (2 SPS + local loss)", *change_decoding(responses, val))
+    add(SERVED_ROW, *change_decoding(responses, val))
     add("parser, arg-max pattern decoding", *argmax_decoding(responses, val))
-    if args.ablation:
-        ablation = load_parser(args.ablation)
+    if args.paper_losses:
+        paper = load_parser(args.paper_losses)
+        pr = {split: [parse_features(paper, f) for f in fs] for split, fs in feats.items()}
+        add("2 SPS, local + global losses only", *change_decoding(pr, val))
+    for folder in args.ablation:
+        ablation = load_parser(folder)
+        meta = json.loads((Path(folder) / "parser.json").read_text())
+        name = "1 SPS, no local loss" + (" (+ boundary loss)" if meta.get("boundary_weight") else " (paper's ablation)")
         ab = {split: [parse_features(ablation, f) for f in fs] for split, fs in feats.items()}
         options = [change_decoding(ab, val), argmax_decoding(ab, val)]
-        add("1 SPS, no local loss (ablation)", *max(options, key=lambda o: o[1]["abs_f1"]))
+        add(name, *max(options, key=lambda o: o[1]["abs_f1"]))
+
+    if args.parser_only:
+        return _scored(methods, splits)
 
     def even(n: int, count: int) -> np.ndarray:
         return np.round(np.arange(1, count + 1) * n / (count + 1)).astype(int)
@@ -200,12 +212,22 @@ def evaluate_parsers(args, splits: dict[str, list[framedata.Video]], train: list
             scores, lambda i, split, k=knob: decode_segments(peak_scores(prob[split][i], k[0]),
                                                              np.zeros((len(prob[split][i]), 1)), k[1], k[2])[1])
 
+    return _scored(methods, splits)
+
+
+def _scored(methods: dict[str, dict], splits: dict[str, list[framedata.Video]]) -> dict:
+    """Each method's knob and validation scores, plus its test scores (and false boundaries on
+    videos without a routine) with the knob chosen on validation."""
     out = {}
     for name, m in methods.items():
         out[name] = dict(knob=_knob_text(m["knob"]), knobs=m["knob"], val=m["val"])
         if "test" in splits:
             out[name]["test"] = parse_scores([m["predict"](i, "test") for i in range(len(splits["test"]))],
                                              splits["test"])
+        if "null" in splits:
+            counts = [len(m["predict"](i, "null")) for i in range(len(splits["null"]))]
+            out[name]["null"] = dict(boundaries_per_video=float(np.mean(counts)),
+                                     videos_with_a_boundary=float(np.mean(np.asarray(counts) > 0)))
     return out
 
 
@@ -316,6 +338,7 @@ PARSER_COLUMNS = (("abs_f1", "abs F1"), ("frames_f1", "F1 1-5f"), ("seconds_f1",
                   ("rel_precision", "rel P"), ("rel_recall", "rel R"), ("mof", "MoF"),
                   ("seg_f1@10", "F1@10"), ("seg_f1@25", "F1@25"), ("seg_f1@50", "F1@50"),
                   ("boundaries_per_video", "#b/video"))
+NULL_COLUMNS = (("boundaries_per_video", "#b/video"), ("videos_with_a_boundary", "share w/ b"))
 EMBEDDER_COLUMNS = (("balanced_accuracy", "probe bal.acc"), ("kendall_tau", "Kendall tau"),
                     ("ap@5", "AP@5"), ("ap@10", "AP@10"), ("ap@15", "AP@15"), ("clock_r2", "clock R2"))
 
@@ -339,37 +362,51 @@ def fingerprint(videos: list[framedata.Video]) -> str:
     return h.hexdigest()[:16]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, required=True)
     p.add_argument("--parser", type=Path)
-    p.add_argument("--ablation", type=Path)
+    p.add_argument("--ablation", type=Path, nargs="*", default=[],
+                   help="parsers with 1 SPS unit and no local loss (the paper's ablation), one row each")
+    p.add_argument("--paper-losses", type=Path, help="a parser trained with the paper's losses only, for a row")
     p.add_argument("--detector", type=Path)
     p.add_argument("--embedder", type=Path)
     p.add_argument("--cnn-only", type=Path)
     p.add_argument("--no-test", dest="test", action="store_false", help="validation only")
+    p.add_argument("--parser-only", action="store_true", help="the parser's rows only, no baselines")
+    p.add_argument("--null-videos", type=Path,
+                   help="a generator-v3 split folder (labels.jsonl + frames.u8): its videos without a routine")
     p.add_argument("--out", type=Path)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--limit", type=int, help="first N videos of each split")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     start = time.monotonic()
     splits = {"val": framedata.load_split("val", framedata.VAL_VIDEOS, cache=args.data)}
     if args.test:
         splits["test"] = framedata.load_split("test", framedata.TEST_VIDEOS, cache=args.data)
-    train = framedata.load_split("train", framedata.TRAIN_VIDEOS, backgrounds=2, cache=args.data)[:PROBE_VIDEOS]
+    needs_train = args.embedder or (args.parser and not args.parser_only)
+    train = framedata.load_split("train", framedata.TRAIN_VIDEOS, backgrounds=2,
+                                 cache=args.data)[:PROBE_VIDEOS] if needs_train else []
     if args.limit:
         splits = {k: v[:args.limit] for k, v in splits.items()}
     result: dict = dict(splits={name: dict(videos=len(vids), fingerprint=fingerprint(vids))
                                 for name, vids in splits.items()})
     print("splits: " + ", ".join(f"{k} {v['videos']} videos ({v['fingerprint']})" for k, v in result["splits"].items()))
     if args.parser:
-        result["parser"] = evaluate_parsers(args, splits, train)
-        served = result["parser"]["parser (2 SPS + local loss)"]
+        parse_splits = dict(splits)
+        if args.null_videos:
+            parse_splits["null"] = framedata.load_null_videos(args.null_videos)
+            result["splits"]["null"] = dict(videos=len(parse_splits["null"]), folder=args.null_videos.name,
+                                            fingerprint=fingerprint(parse_splits["null"]))
+        result["parser"] = evaluate_parsers(args, parse_splits, train)
+        served = result["parser"][SERVED_ROW]
         result["served_knobs"] = served["knobs"]
         result["served_scores"] = {split: {k: round(v, 4) for k, v in served[split].items()} for split in splits}
         for split in splits:
             print(table("Action parser: sub-action boundaries", result["parser"], PARSER_COLUMNS, split), "\n")
+        if args.null_videos:
+            print(table("Action parser on videos without a routine", result["parser"], NULL_COLUMNS, "null"), "\n")
     if args.embedder:
         result["embedder"] = evaluate_embedders(args, splits, train)
         for split in splits:

@@ -52,6 +52,29 @@ class Video:
         return len(self.phases)
 
 
+def served_to_model_size(frames: np.ndarray) -> np.ndarray:
+    """Served 112 px frames -> 28 px the way the gateway makes them: each 4x4 block's rounded mean."""
+    n = len(frames)
+    blocks = frames.reshape(n, MODEL_SIZE, 4, MODEL_SIZE, 4, 3).astype(np.uint16).sum(axis=(2, 4))
+    return ((blocks + 8) // 16).astype(np.uint8)
+
+
+def load_null_videos(folder: Path) -> list[Video]:
+    """The videos without a routine (idle, walk-off, background only, cut before take-off) of a
+    `vqs synth` split folder whose frames `export.data.load` has cached (frames.u8), at model size.
+    They have no boundaries: every boundary a parser finds there is a false one."""
+    import json
+
+    folder = Path(folder)
+    records = [json.loads(line) for line in (folder / "labels.jsonl").read_text().splitlines()]
+    lengths = np.load(folder / "frames.lengths.npy")
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    frames = np.memmap(folder / "frames.u8", np.uint8, "r", shape=(int(offsets[-1]), SERVED_SIZE, SERVED_SIZE, 3))
+    return [Video(backgrounds=[served_to_model_size(np.asarray(frames[offsets[i]:offsets[i + 1]]))],
+                  phases=np.zeros(int(lengths[i]), int), boundaries=np.zeros(0, int), label=-1, seed=int(r["seed"]))
+            for i, r in enumerate(records) if r.get("kind", "routine") != "routine"]
+
+
 def video_seed(split: str, index: int) -> int:
     return int(np.random.SeedSequence([SPLIT_SEEDS[split], index]).generate_state(1)[0])
 

@@ -186,6 +186,56 @@ def export_runs(parser_dir: Path, embedder_dir: Path, evaluation: Path | None, d
                                             repository=repository, check_frames=frames))
 
 
+RUNS = REPO / "runs" / "segments"
+# Step budgets and recipes of the served models (the README's table comes from runs with these).
+BUDGETS = dict(stage1=1150, stage2=3000, detector=1250, embedder=2000, cnn_only=1000)
+SERVED_STAGE2 = ("--fresh", "--scale", 4, "--near-weight", 1, "--boundary-weight", 1, "--lr", 1e-3)
+PAPER_STAGE2 = ("--fresh", "--scale", 4, "--near-weight", 1, "--lr", 1e-3)  # the same without the boundary loss
+
+
+def build_segments(data: Path = RUNS, repository: Path = MODEL_REPOSITORY, budgets: dict[str, int] = BUDGETS,
+                   null_videos: Path | None = None) -> dict:
+    """Everything of issue 11 in one call, for `vqs models`: render the per-frame splits (cached
+    in `data`), train the parser (stage 1, stage 2 as served and with the paper's losses only),
+    the two ablations, the detector baseline, the embedder and its CNN-only ablation, evaluate
+    (choices on validation, test once; `null_videos`: a generator-v3 split folder whose videos
+    without a routine count false boundaries) and export both served models. Returns the
+    seconds each part took."""
+    from export import evaluate_segments, train_embedder, train_parser
+
+    data = Path(data)
+    times, start = {}, time.monotonic()
+
+    def timed(name: str, call, *argv) -> None:
+        t0 = time.monotonic()
+        call([str(a) for a in argv])
+        times[name] = round(time.monotonic() - t0)
+
+    timed("frames", lambda argv: [framedata.load_split(split, count, backgrounds=bgs, cache=data) for split, count, bgs in
+                                  (("val", framedata.VAL_VIDEOS, 1), ("test", framedata.TEST_VIDEOS, 1),
+                                   ("train", framedata.TRAIN_VIDEOS, 2))])
+    d, s1 = ["--data", data], ["--init", data / "parser"]
+    timed("parser stage 1", train_parser.main, "--stage", "1", *d, "--out", data / "parser", "--steps", budgets["stage1"])
+    for name, extra in (("parser_served", SERVED_STAGE2), ("parser_paper", PAPER_STAGE2),
+                        ("sps1_paper", ("--units", 1, "--no-local")),
+                        ("sps1_boundary", ("--units", 1, "--no-local", "--fresh", "--scale", 4, "--boundary-weight", 1,
+                                           "--lr", 1e-3))):
+        timed(name, train_parser.main, "--stage", "2", *d, *s1, "--out", data / name, "--steps", budgets["stage2"], *extra)
+    timed("detector", train_parser.main, "--stage", "detector", *d, *s1, "--out", data / "detector", "--steps",
+          budgets["detector"])
+    timed("embedder", train_embedder.main, *d, "--out", data / "embedder", "--steps", budgets["embedder"])
+    timed("cnn only", train_embedder.main, *d, "--out", data / "cnn_only", "--no-context", "--steps",
+          budgets["cnn_only"])
+    timed("evaluation", evaluate_segments.main, *d, "--parser", data / "parser_served", "--paper-losses",
+          data / "parser_paper", "--ablation", data / "sps1_paper", data / "sps1_boundary", "--detector",
+          data / "detector", "--embedder", data / "embedder", "--cnn-only", data / "cnn_only", "--out",
+          data / "evaluation.json", *(["--null-videos", null_videos] if null_videos else []))
+    timed("export", lambda argv: export_runs(data / "parser_served", data / "embedder", data / "evaluation.json",
+                                             data, repository))
+    times["total"] = round(time.monotonic() - start)
+    return times
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--parser", type=Path, required=True)

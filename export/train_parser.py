@@ -27,7 +27,7 @@ from torch.nn import functional as F
 
 from export import frames as framedata
 from export import vocab
-from export.models.parser import ActionParser, BoundaryDetector, local_loss
+from export.models.parser import ActionParser, BoundaryDetector, boundary_loss, change_scores, local_loss
 from export.train_loop import train_steps
 
 
@@ -104,15 +104,18 @@ def train_stage1(args) -> None:
 
 def train_features(init: Path, data: Path) -> tuple[ActionParser, list[torch.Tensor], list[framedata.Video]]:
     """The stage-1 parser and its frozen features of every training video over each background
-    (one sequence per video and background)."""
+    (one sequence per video and background), cached in the stage-1 folder."""
     stage1 = load_parser(init)
     videos = framedata.load_split("train", framedata.TRAIN_VIDEOS, backgrounds=2, cache=data)
-    feats, owners = [], []
-    for v in videos:
-        for bg in v.backgrounds:
-            feats.append(torch.from_numpy(frame_features(stage1, bg)))
-            owners.append(v)
-    return stage1, feats, owners
+    owners = [v for v in videos for _ in v.backgrounds]
+    cache = Path(init) / "train_features.npy"
+    if cache.exists() and cache.stat().st_mtime > (Path(init) / "parser.pt").stat().st_mtime:
+        flat = np.load(cache)
+    else:
+        flat = np.concatenate([frame_features(stage1, bg) for v in videos for bg in v.backgrounds])
+        np.save(cache, flat)
+    bounds = np.cumsum([len(v) for v in owners])[:-1]
+    return stage1, [torch.from_numpy(f) for f in np.split(flat, bounds)], owners
 
 
 def train_stage2(args) -> None:
@@ -120,10 +123,10 @@ def train_stage2(args) -> None:
     rng = np.random.default_rng(args.seed)
     stage1, feats, videos = train_features(args.init, args.data)
     meta1 = json.loads((args.init / "parser.json").read_text())
-    config = dict(meta1["config"], units=args.units, front=args.front)
+    config = dict(meta1["config"], units=args.units, front=args.front, scale=args.scale)
     model = ActionParser(**config)
     model.features.load_state_dict(stage1.features.state_dict())
-    if args.units == meta1["config"]["units"]:  # the SPS units carry on from stage 1
+    if args.units == meta1["config"]["units"] and not args.fresh:  # the SPS units carry on from stage 1
         model.units.load_state_dict(stage1.units.state_dict())
         model.classifier.load_state_dict(stage1.classifier.state_dict())
     heads = [p for name, p in model.named_parameters() if not name.startswith("features.")]
@@ -137,11 +140,19 @@ def train_stage2(args) -> None:
         if args.local:
             phases = torch.from_numpy(np.stack([videos[i].phases[j] for i, j in zip(picks, idx)]))
             losses["local"] = local_loss(responses, phases, margin=args.margin)
+            if args.near_weight:
+                losses["local_near"] = args.near_weight * local_loss(responses, phases, margin=args.margin,
+                                                                     radius=args.near_radius)
+        if args.boundary_weight:
+            starts = torch.from_numpy(np.stack([boundary_targets(videos[i].phases[j], 0) for i, j in zip(picks, idx)]))
+            losses["boundary"] = args.boundary_weight * boundary_loss(change_scores(responses, 1), starts)
         return losses
 
     record = train_steps(heads, step_losses, steps=args.steps, lr=args.lr, name="parser stage 2", log_every=200)
     _save(model, args.out, "parser", dict(config=config, stage=2, stage1=meta1, window=args.window,
                                           batch=args.batch, margin=args.margin, local=args.local,
+                                          near_weight=args.near_weight, near_radius=args.near_radius,
+                                          boundary_weight=args.boundary_weight,
                                           global_weight=args.global_weight, seed=args.seed, **record))
 
 
@@ -182,7 +193,7 @@ def load_detector(folder: Path) -> BoundaryDetector:
     return detector.eval()
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stage", choices=("1", "2", "detector"), required=True)
     p.add_argument("--data", type=Path, required=True, help="cache folder of export.frames")
@@ -192,8 +203,15 @@ def main() -> None:
     p.add_argument("--units", type=int, default=2)
     p.add_argument("--patterns", type=int, default=8)
     p.add_argument("--no-front", dest="front", action="store_false", help="stage 2 without the temporal-conv front end")
+    p.add_argument("--fresh", action="store_true", help="stage 2: new SPS units and classifier, not stage 1's")
+    p.add_argument("--scale", type=float, help="SPS attention as scale * cosine (bounded responses)")
     p.add_argument("--no-local", dest="local", action="store_false", help="global loss only (ablation)")
     p.add_argument("--margin", type=float, default=0.1)
+    p.add_argument("--near-weight", type=float, default=0.0,
+                   help="stage 2: weight of the local loss on frames at most --near-radius apart")
+    p.add_argument("--near-radius", type=int, default=2)
+    p.add_argument("--boundary-weight", type=float, default=0.0,
+                   help="stage 2: weight of a boundary loss on the pattern-change score (beyond the paper)")
     p.add_argument("--global-weight", type=float, default=0.2)
     p.add_argument("--window", type=int, default=64)
     p.add_argument("--batch", type=int, help="default: 8 (stages), 16 (detector)")
@@ -201,7 +219,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1,
                    help="1: on a crowded machine, threads of one op wait for the slowest")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.stage != "1" and args.init is None:
         p.error("--init (the stage-1 run) is required for stage 2 and the detector")

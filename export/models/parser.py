@@ -15,6 +15,13 @@ distribution switches completely, 0 inside a steady sub-action). Scores that are
 within +-(min_segment_frames - 1) are zeroed in the graph, so no two boundaries come closer
 than the minimum segment length; `decode_segments` keeps those above a threshold (at most
 `max_boundaries`). The arg-max decoding stays available (`parse_responses`) for comparison.
+
+Losses: the paper's local loss (all pairs of a window, and again on pairs at most a few frames
+apart) and global classification loss, plus a boundary loss on the pattern-change score
+(`boundary_loss`, beyond the paper). Measured on validation (README): the paper's losses alone
+leave the responses on two or three patterns for five sub-actions, so take-off and flight rarely
+get a pattern of their own; the boundary loss teaches the patterns to switch where a sub-action
+starts and nowhere else.
 """
 
 from __future__ import annotations
@@ -34,13 +41,17 @@ from torch.nn import functional as F
 class SPSUnit(nn.Module):
     """Soft-Pattern-Strengthen: each step's feature attends (2 heads) to a learnt pattern miner
     of m patterns; the heads' results go through one linear layer, are added to the feature
-    (amplification) and refined by an FFN."""
+    (amplification) and refined by an FFN.
 
-    def __init__(self, dim: int, patterns: int, heads: int = 2):
+    With `scale`, a query meets a key by `scale` times their cosine instead of their scaled dot
+    product: the responses cannot saturate to one-hot, where the local loss stops teaching
+    (measured: unbounded responses collapsed the five sub-actions onto two patterns)."""
+
+    def __init__(self, dim: int, patterns: int, heads: int = 2, scale: float | None = None):
         super().__init__()
         if dim % heads:
             raise ValueError(f"dim {dim} must divide into {heads} heads")
-        self.heads = heads
+        self.heads, self.scale = heads, scale
         self.miner = nn.Parameter(torch.randn(patterns, dim) / math.sqrt(dim))
         self.query, self.key, self.value = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
         self.merge = nn.Linear(dim, dim)
@@ -54,7 +65,11 @@ class SPSUnit(nn.Module):
         q = self.query(f).view(b, t, h, d // h).transpose(1, 2)  # B, H, T, d/h
         k = self.key(self.miner).view(m, h, d // h).transpose(0, 1)  # H, m, d/h
         v = self.value(self.miner).view(m, h, d // h).transpose(0, 1)
-        alpha = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(d // h), dim=-1)  # B, H, T, m
+        if self.scale is None:
+            logits = q @ k.transpose(-1, -2) / math.sqrt(d // h)
+        else:
+            logits = self.scale * F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-1, -2)
+        alpha = torch.softmax(logits, dim=-1)  # B, H, T, m
         r = self.merge((alpha @ v).transpose(1, 2).reshape(b, t, d))
         x = self.norm1(f + r)
         return self.norm2(x + self.ffn(x)), alpha.mean(dim=1)
@@ -96,14 +111,14 @@ class ActionParser(nn.Module):
     the same from `FrameFeatures` output (stage 2 trains the heads on frozen features)."""
 
     def __init__(self, *, classes: int, dim: int = 128, patterns: int = 8, units: int = 2, front: bool = False,
-                 change_window: int = 2, min_segment_frames: int = 3):
+                 change_window: int = 2, min_segment_frames: int = 3, scale: float | None = None):
         super().__init__()
         if change_window < 1 or min_segment_frames < 1:
             raise ValueError("change_window and min_segment_frames must be at least 1")
         self.change_window, self.min_segment_frames = change_window, min_segment_frames
         self.features = FrameFeatures(dim)
         self.front = TemporalFrontEnd(dim) if front else nn.Identity()
-        self.units = nn.ModuleList(SPSUnit(dim, patterns) for _ in range(units))
+        self.units = nn.ModuleList(SPSUnit(dim, patterns, scale=scale) for _ in range(units))
         self.classifier = nn.Linear(dim, classes)
 
     @property
@@ -161,22 +176,26 @@ def suppress_non_maxima(scores: torch.Tensor, radius: int) -> torch.Tensor:
     return torch.where(scores >= peaks, scores, torch.zeros_like(scores))
 
 
-def local_loss(responses: torch.Tensor, segments: torch.Tensor, margin: float = 0.1) -> torch.Tensor:
+def local_loss(responses: torch.Tensor, segments: torch.Tensor, margin: float = 0.1,
+               radius: int | None = None) -> torch.Tensor:
     """TransParser's local loss (L_sim + margin) / L_dissim on responses (B, T, m).
 
     L_sim is the mean L2 distance between responses of frames in the same sub-action, L_dissim
     between frames of different sub-actions; the margin keeps the loss from being solved by
     collapsing every response. Means are taken per pair of sub-actions and then over pairs, so a
-    4-frame entry weighs as much as a 150-frame idle stretch. `segments` (B, T) are sub-action
-    indices; a window with one sub-action has no dissimilar pairs and is skipped.
+    4-frame entry weighs as much as a 150-frame idle stretch. With `radius`, only pairs of frames
+    at most that far apart count: the same pull and push where a boundary is decided. `segments`
+    (B, T) are sub-action indices; a window with one sub-action has no dissimilar pairs and is
+    skipped.
     """
     b, t, _ = responses.shape
     diff = responses[:, :, None, :] - responses[:, None, :, :]
     dist = torch.sqrt((diff ** 2).sum(-1) + 1e-8)  # B, T, T (eps: sqrt has no gradient at 0)
+    position = torch.arange(t, device=responses.device)
+    near = ((position[:, None] - position[None, :]).abs() <= (radius if radius is not None else t)).float()
     onehot = nn.functional.one_hot(segments.long()).float()  # B, T, K
-    sums = onehot.transpose(1, 2) @ dist @ onehot  # B, K, K
-    sizes = onehot.sum(1)  # B, K
-    pairs = sizes[:, :, None] * sizes[:, None, :]
+    sums = onehot.transpose(1, 2) @ (dist * near) @ onehot  # B, K, K
+    pairs = onehot.transpose(1, 2) @ near @ onehot
     present = pairs > 0
     block = sums / pairs.clamp_min(1)
     eye = torch.eye(block.shape[-1], dtype=torch.bool, device=block.device)
@@ -186,6 +205,17 @@ def local_loss(responses: torch.Tensor, segments: torch.Tensor, margin: float = 
         if other.any():
             losses.append((block[i][same].mean() + margin) / block[i][other].mean())
     return torch.stack(losses).mean() if losses else responses.sum() * 0
+
+
+def boundary_loss(scores: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
+    """Balanced binary cross-entropy of pattern-change scores (B, T) in [0, 1] against the frames
+    where a sub-action starts: the mean over starts plus the mean over the other frames, so the
+    patterns switch exactly there and hold still elsewhere."""
+    p = scores.clamp(1e-4, 1 - 1e-4)
+    positive = starts > 0.5
+    terms = -torch.where(positive, torch.log(p), torch.log(1 - p))
+    rest = terms[~positive].mean()
+    return rest + terms[positive].mean() if positive.any() else rest
 
 
 @dataclass(frozen=True)

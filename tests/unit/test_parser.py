@@ -131,3 +131,25 @@ def test_smoothing_removes_flicker_before_the_arg_max():
     assert len(parse_responses(responses, min_length=1)) == 4
     segments = parse_responses(responses, min_length=1, smooth=3)
     assert [(s.start, s.pattern) for s in segments] == [(0, 0), (13, 2)]
+
+
+def test_local_loss_on_near_pairs_sees_only_the_frames_around_a_boundary():
+    segments = torch.tensor([[0] * 6 + [1] * 6])
+    sharp = torch.nn.functional.one_hot(segments, 2).float()
+    blurred = sharp.clone()
+    blurred[0, 4:8] = 0.5  # the change smeared over four frames; far pairs are as before
+    # all pairs: the smear moves few of the 36 cross pairs; near pairs: most of them
+    gap_all = float(local_loss(blurred, segments) - local_loss(sharp, segments))
+    gap_near = float(local_loss(blurred, segments, radius=2) - local_loss(sharp, segments, radius=2))
+    assert gap_near > 2 * gap_all > 0
+
+
+def test_boundary_loss_rewards_a_switch_exactly_at_the_start_and_stillness_elsewhere():
+    from export.models.parser import boundary_loss
+
+    starts = torch.tensor([[0, 0, 0, 1, 0, 0, 0, 0]])
+    sharp = change_scores(_one_hot_runs([3, 5], 2), 1)
+    smeared = change_scores(_one_hot_runs([3, 5], 2) * 0.5 + _one_hot_runs([2, 6], 2) * 0.5, 1)
+    late = change_scores(_one_hot_runs([5, 3], 2), 1)
+    assert boundary_loss(sharp, starts) < boundary_loss(smeared, starts) < boundary_loss(late, starts)
+    assert torch.isfinite(boundary_loss(sharp, torch.zeros(1, 8))).all()  # a window without a start
