@@ -6,9 +6,11 @@ weights as `model.pt`, so an artifact always says how it was made.
 
 What the gateway must know about a model is written into the model's `config.pbtxt` as config
 parameters, which the gateway reads from Triton (so a gateway never needs the repository on its
-disk): an encoder's `clip_fps`; the query decoder's `queries` (in output order),
-`attributes.<query>` (in logit order) and `in_domain_threshold` (the lowest `in_domain_score`
-still called in domain, chosen on validation). The rest of `config.pbtxt` is kept as it is.
+disk): an encoder's `clip_fps` and `gmacs_per_clip` (multiply-adds of one clip / 1e9, counted
+as for the adaptive encoders, so the gateway reports every encoder's compute); the query
+decoder's `queries` (in output order), `attributes.<query>` (in logit order) and
+`in_domain_threshold` (the lowest `in_domain_score` still called in domain, chosen on
+validation). The rest of `config.pbtxt` is kept as it is.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import torch
 
 from export import vocab
 from export.models.s3d import S3D
+from export.models.s3d_sgs import s3d_macs
 from export.models.tqn import TQNDecoder
 
 OPSET = 18
@@ -38,6 +41,7 @@ IN_DOMAIN_OUTPUT = "in_domain_score"  # after the served outputs: a gateway that
 
 # Config parameter names; server/triton.py reads them (the contract test holds the two together).
 CLIP_FPS_PARAMETER = "clip_fps"
+GMACS_PER_CLIP_PARAMETER = "gmacs_per_clip"
 QUERIES_PARAMETER = "queries"
 ATTRIBUTES_PARAMETER_PREFIX = "attributes."
 IN_DOMAIN_THRESHOLD_PARAMETER = "in_domain_threshold"
@@ -50,8 +54,11 @@ def logits_name(query: str) -> str:
     return f"logits_{query}"
 
 
-def encoder_parameters(clip_fps: float) -> dict[str, str]:
-    return {CLIP_FPS_PARAMETER: f"{clip_fps:g}"}
+def encoder_parameters(clip_fps: float, gmacs_per_clip: float | None = None) -> dict[str, str]:
+    parameters = {CLIP_FPS_PARAMETER: f"{clip_fps:g}"}
+    if gmacs_per_clip is not None:
+        parameters[GMACS_PER_CLIP_PARAMETER] = f"{gmacs_per_clip:.6g}"
+    return parameters
 
 
 def query_decoder_parameters(heads: Mapping[str, tuple[str, ...]]) -> dict[str, str]:
@@ -139,7 +146,7 @@ def export_encoder(encoder: S3D, config: dict, out_dir: Path, name: str, *, clip
         "outputs": {ENCODER_OUTPUT: {"dtype": "float32", "shape": ["batch", encoder.feature_dim]}},
     }
     (out_dir / "model.json").write_text(json.dumps(meta, indent=2) + "\n")
-    _write_parameters_beside(out_dir, encoder_parameters(clip_fps))
+    _write_parameters_beside(out_dir, encoder_parameters(clip_fps, s3d_macs(encoder) / 1e9))
     return path
 
 

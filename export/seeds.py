@@ -3,7 +3,10 @@ SEEDS on the same splits as `vqs models`, scored on test (routine videos), writt
 export/seeds.json and export/seeds.md: mean ± std over seeds per query, per-class accuracy, accuracy
 by video length, and the paired bootstrap 95% interval of TQN − baseline over test videos (each
 video's hits averaged over seeds). Torch-side; the served table is `vqs models`' and
-`vqs evaluate`'s. About 25-30 min per seed on 2 idle cores."""
+`vqs evaluate`'s. Training is seeded and deterministic, so a seed's models are kept beside the
+data and taken from there when their provenance matches, not trained again (the seed `vqs models`
+trains with, build.TRAIN_SEED, from the models it saved). The files are rewritten after every seed, so a study cut short keeps
+the seeds that finished (listed in the JSON). `python -m export.seeds 8 9` runs only those seeds."""
 
 from __future__ import annotations
 
@@ -68,7 +71,32 @@ def markdown(study: dict, seeds: tuple[int, ...], videos: int) -> str:
         cells = [f"{100 * d['difference']:+.1f} [{100 * d['interval95'][0]:+.1f}, {100 * d['interval95'][1]:+.1f}]"
                  for d in diffs.values()]
         lines.append(f"| {build.MODEL_NAMES[base]} | " + " | ".join(cells) + " |")
+    lengths = list(next(iter(study["models"].values()))["by_length"])
+    lines += ["", "By video length (somersaults / twists / class, %, mean ± std):", "",
+              "| model | " + " | ".join(lengths) + " |", "|---|" + "---|" * len(lengths)]
+    for name, m in study["models"].items():
+        cells = [" / ".join(f"{100 * m['by_length'][b][q]['mean']:.1f} ± {100 * m['by_length'][b][q]['std']:.1f}"
+                            for q in ("somersaults", "twists", "class")) for b in lengths]
+        lines.append(f"| {build.MODEL_NAMES[name]} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _provenance(data_dir: Path, budget: train.Budget, seed: int) -> dict:
+    return {**build.data_fingerprint(data_dir), "train_seed": seed, "budget": asdict(budget), "torch": torch.__version__}
+
+
+def _models_path(data_dir: Path, seed: int) -> Path:
+    """Where a seed's trained models are kept beside the data (`vqs models` keeps its seed's)."""
+    return data_dir / ("trained_models.pt" if seed == build.TRAIN_SEED else f"trained_models_seed{seed}.pt")
+
+
+def _saved_models(data_dir: Path, budget: train.Budget, seed: int) -> dict | None:
+    """The models trained before for this seed, budget and data, if there are any."""
+    path = _models_path(data_dir, seed)
+    if not path.is_file():
+        return None
+    saved = torch.load(path, weights_only=False)
+    return train.load_models(saved["models"]) if saved["provenance"] == _provenance(data_dir, budget, seed) else None
 
 
 def main(data_dir: Path | None = None, budget: train.Budget | None = None, seeds: tuple[int, ...] = SEEDS) -> dict:
@@ -78,22 +106,36 @@ def main(data_dir: Path | None = None, budget: train.Budget | None = None, seeds
     datasets = build.make_splits(data_dir)
     test = datasets["test"]
     routine = build.is_routine(test)
-    per_seed, hits = {}, {}
+    per_seed, hits, seconds, reused = {}, {}, {}, []
+    study: dict = {}
     for seed in seeds:
-        models, _ = train.train_all(datasets["short"], datasets["train"], budget, seed)
+        seed_start = time.monotonic()
+        models = _saved_models(data_dir, budget, seed)
+        if models is None:
+            models, _ = train.train_all(datasets["short"], datasets["train"], budget, seed)
+            torch.save({"provenance": _provenance(data_dir, budget, seed),
+                        "models": {name: (enc.state_dict(), head.state_dict()) for name, (enc, head) in models.items()}},
+                       _models_path(data_dir, seed))
+        else:
+            reused.append(seed)
         preds = {name: train.predict(enc, head, test) for name, (enc, head) in models.items()}
         per_seed[seed] = {name: build.summarise(p, test) for name, p in preds.items()}
         hits[seed] = {name: {q: (p[q] == test.targets[q])[routine] for q in train.HEADS} for name, p in preds.items()}
-        print(f"seeds: seed {seed} done ({time.monotonic() - start:.0f}s)", file=sys.stderr, flush=True)
-    study = {"provenance": {**build.data_fingerprint(data_dir), "train_seeds": list(seeds), "budget": asdict(budget),
-                            "torch": torch.__version__},
-             "per_seed": {str(s): v for s, v in per_seed.items()}, **aggregate(per_seed, hits),
-             "wall_seconds": round(time.monotonic() - start)}
-    OUT_JSON.write_text(json.dumps(study, indent=2) + "\n")
-    OUT_MD.write_text(markdown(study, seeds, int(routine.sum())))
+        seconds[seed] = round(time.monotonic() - seed_start)
+        print(f"seeds: seed {seed} done in {seconds[seed]}s ({time.monotonic() - start:.0f}s)", file=sys.stderr,
+              flush=True)
+        done = tuple(per_seed)
+        study = {"provenance": {**build.data_fingerprint(data_dir), "train_seeds": list(done), "budget": asdict(budget),
+                                "torch": torch.__version__},
+                 "seeds_asked": list(seeds), "seeds_done": list(done),
+                 "reused_saved_models": reused, "seconds_per_seed": {str(s): t for s, t in seconds.items()},
+                 "per_seed": {str(s): v for s, v in per_seed.items()}, **aggregate(per_seed, hits),
+                 "wall_seconds": round(time.monotonic() - start)}
+        OUT_JSON.write_text(json.dumps(study, indent=2) + "\n")
+        OUT_MD.write_text(markdown(study, done, int(routine.sum())))
     print(OUT_MD.read_text(), flush=True)
     return study
 
 
 if __name__ == "__main__":
-    main()
+    main(seeds=tuple(int(a) for a in sys.argv[1:]) or SEEDS)

@@ -83,6 +83,15 @@ def test_fresh_encoder_export_has_a_dynamic_batch_and_the_served_metadata(tmp_pa
     assert {k: fresh[k] for k in served} == {k: committed[k] for k in served}
 
 
+def test_committed_encoder_config_carries_its_multiply_adds_per_clip():
+    from export.models.s3d_sgs import s3d_macs
+
+    encoder = _load(S3D, REPO / "model_repository/clip_encoder_s3d/1")
+    config = (REPO / "model_repository/clip_encoder_s3d/config.pbtxt").read_text()
+    want = onnx_export.encoder_parameters(15, s3d_macs(encoder) / 1e9)[onnx_export.GMACS_PER_CLIP_PARAMETER]
+    assert f'key: "{onnx_export.GMACS_PER_CLIP_PARAMETER}" value: {{ string_value: "{want}" }}' in config
+
+
 def test_committed_artifacts_and_evaluation_name_the_data_they_came_from():
     from export import build, synth
 

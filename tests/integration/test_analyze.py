@@ -136,17 +136,20 @@ def high_frame_rate(tmp_path_factory):
     return sets
 
 
-# Clips of consecutive 30 fps frames show the encoder half the motion it learnt (counts of
-# somersaults and twists fell to ~40% correct). Sampled at 15 fps, the 30 fps render's clips hold
-# the frames of the 15 fps render (or the next one, where non-reference frames are skipped), so the
-# answers about motion are the same distributions: measured differences <= 0.04 with generator v1's
-# models; with v3's (less certain, so more sensitive to a one-frame shift) <= 0.09, and 0.13 on a
-# flight pose the model was torn between (pike 0.4 / free 0.4).
+# Sampled at 15 fps, the 30 fps render's clips hold the frames of the 15 fps render (its even
+# frames), or the next frame where a non-reference frame is skipped: a 1/30 s phase shift, which
+# legitimately moves the answers of a model torn between two. Measured with the served models on
+# 24 such pairs (`python -m export.frame_phase`): even frames move an answer by 0.01 on average;
+# every sample one frame late (the most skipping can do) by 0.05-0.07 averaged over any 4 videos
+# and the three queries, but up to 0.35 on a single answer (so no per-answer bound is honest);
+# consecutive 30 fps frames (half the motion: broken sampling) by 0.25-0.57. One frame late never
+# changed a flight pose's arg-max (24 of 24); broken sampling changed 21% of them.
 MOTION_QUERIES = ("somersaults", "twists", "flight_pose")
-SAME_CLIPS_TOLERANCE = 0.15
+MEAN_MOVE_TOLERANCE = 0.2
 
 
 async def test_a_30_fps_video_is_sampled_at_the_encoders_rate(stub, high_frame_rate):
+    moves = []
     for path15, path30 in zip(high_frame_rate[15], high_frame_rate[30], strict=True):
         at15, at30 = await analyze(stub, path15), await analyze(stub, path30)
         assert at30.video.fps == pytest.approx(30, abs=0.5)
@@ -154,14 +157,18 @@ async def test_a_30_fps_video_is_sampled_at_the_encoders_rate(stub, high_frame_r
         # 30 fps video are not even decoded.
         assert abs(at30.video.clips - at15.video.clips) <= 1
         assert at15.video.frames <= at30.video.frames < 2 * at15.video.frames
-        spans = [(s.start_s, s.end_s) for s in at30.attention[0].clip_spans]
-        assert spans[0] == pytest.approx((0.0, 8 / 15), abs=1e-3)  # 8 samples 1/15 s apart
-        answers15 = {a.query: a.distribution for a in at15.answers}
-        answers30 = {a.query: a.distribution for a in at30.answers}
+        spans = at30.attention[0].clip_spans
+        # Clip i starts at sample 8i, samples 1/15 s apart. (A clip that ends where the decode
+        # work was split between workers reports an end one 30 fps frame early: not checked.)
+        assert [s.start_s for s in spans] == pytest.approx([8 * i / 15 for i in range(len(spans))], abs=1e-3)
+        assert (spans[0].start_s, spans[0].end_s) == pytest.approx((0.0, 8 / 15), abs=1e-3)
+        answers15 = {a.query: a for a in at15.answers}
+        answers30 = {a.query: a for a in at30.answers}
+        assert answers30["flight_pose"].attribute == answers15["flight_pose"].attribute, path30.name
         for query in MOTION_QUERIES:
-            a, b = answers15[query], answers30[query]
-            moved = max(abs(a[k] - b[k]) for k in a)
-            assert moved <= SAME_CLIPS_TOLERANCE, (path30.name, query, moved)
+            a, b = answers15[query].distribution, answers30[query].distribution
+            moves.append(max(abs(a[k] - b[k]) for k in a))
+    assert np.mean(moves) <= MEAN_MOVE_TOLERANCE, moves
 
 
 # -- golden snapshot of served outputs (tests/golden; regenerate with `make golden`) ---------------
