@@ -70,11 +70,20 @@ def synth(
 
 
 @app.command("models")
-def models() -> None:
-    """Regenerate data, train, export to the model repository and print the evaluation."""
-    from export.build import main
+def models(
+    parts: Annotated[list[str] | None, typer.Option(
+        "--part", help="Build only this part (repeatable), in the order tqn, adaptive, segments; "
+                       "adaptive trains against the served s3d and TQN decoder.")] = None,
+) -> None:
+    """Regenerate data, train every served model, export it to the model repository and print
+    the evaluations."""
+    from export import make_models
 
-    main()
+    try:
+        chosen = make_models.chosen_parts(parts)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--part") from None
+    make_models.main(chosen)
 
 
 if __name__ == "__main__":

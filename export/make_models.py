@@ -1,0 +1,64 @@
+"""`vqs models` / `make models`: every served model, rebuilt from nothing, part by part.
+
+Parts, in the order they run (a later part reads what an earlier one served):
+- `tqn`: data splits, the s3d clip encoder + TQN decoder and both baselines, calibration,
+  in-domain fit, test once, the controls (`export/build.py`; export/evaluation.json);
+- `adaptive`: s3d_sgs, vit and vit_ats, trained against the served s3d and TQN decoder
+  (`export/train_adaptive.py`; export/adaptive_training.json);
+- `segments`: the action parser and the frame embedder (`export/segments_export.py`).
+Each part's wall time is printed and written to export/models_timing.json.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from export.build import REPO
+
+PARTS = ("tqn", "adaptive", "segments")
+TIMING = REPO / "export" / "models_timing.json"
+
+
+def _tqn(data_dir: Path) -> None:
+    from export import build
+
+    build.main(data_dir)
+
+
+def _adaptive(data_dir: Path) -> None:
+    from export import train_adaptive
+
+    train_adaptive.build_adaptive(data_dir)
+
+
+def _segments(data_dir: Path) -> None:
+    from export import segments_export
+
+    # Videos without a routine (generator v3's test split) count the parser's false boundaries.
+    segments_export.build_segments(null_videos=data_dir / "test")
+
+
+BUILDERS = {"tqn": _tqn, "adaptive": _adaptive, "segments": _segments}
+
+
+def chosen_parts(parts: list[str] | None) -> list[str]:
+    """The parts to build, in build order (all when none are named)."""
+    unknown = sorted(set(parts or []) - set(PARTS))
+    if unknown:
+        raise ValueError(f"unknown model parts {unknown}; choose from {list(PARTS)}")
+    return [p for p in PARTS if not parts or p in parts]
+
+
+def main(parts: list[str] | None = None, data_dir: Path | None = None) -> dict[str, float]:
+    data_dir = Path(data_dir or REPO / "data")
+    seconds: dict[str, float] = {}
+    for part in chosen_parts(parts):
+        start = time.monotonic()
+        BUILDERS[part](data_dir)
+        seconds[part] = round(time.monotonic() - start)
+        print(f"models: {part} built in {seconds[part]:.0f} s", flush=True)
+    previous = json.loads(TIMING.read_text()) if TIMING.exists() else {}
+    TIMING.write_text(json.dumps({**previous, **seconds}, indent=2) + "\n")
+    return seconds
