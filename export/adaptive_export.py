@@ -30,6 +30,7 @@ import onnx
 import torch
 from torch import nn
 
+from export import onnx_export
 from export.adaptive import onnx_functions
 from export.models.s3d_sgs import S3DSGS
 from export.models.vit import VideoViT
@@ -121,7 +122,8 @@ def _dims(shape) -> str:
 
 
 def config_text(name: str, *, kept_dims: int | None, parameters: Mapping[str, str], frames: int, size: int) -> str:
-    """config.pbtxt of a served clip encoder (kept_dims None: a plain encoder without budget)."""
+    """config.pbtxt of a served clip encoder (kept_dims None: a plain encoder without budget),
+    without the `clip_fps` / `gmacs_per_clip` parameters (`write_metadata` adds them)."""
     clip_dims = _dims([frames, size, size, 3])
     inputs = [f'  {{\n    name: "{ENCODER_INPUT}"\n    data_type: TYPE_UINT8\n    dims: {clip_dims}\n  }}']
     outputs = [f'  {{\n    name: "{FEATURES_OUTPUT}"\n    data_type: TYPE_FP32\n    dims: [ 256 ]\n  }}']
@@ -147,7 +149,9 @@ def config_text(name: str, *, kept_dims: int | None, parameters: Mapping[str, st
         "instance_group [\n  {\n    count: 1\n    kind: KIND_CPU\n  }\n]",
         "",
         'parameters: { key: "intra_op_threads" value: { string_value: "2" } }',
-        *[f'parameters: {{ key: "{k}" value: {{ string_value: "{v}" }} }}' for k, v in parameters.items()],
+        # clip_fps and gmacs_per_clip: written after, by export/onnx_export.py's writer (one format).
+        *[f'parameters: {{ key: "{k}" value: {{ string_value: "{v}" }} }}' for k, v in parameters.items()
+          if k not in (CLIP_FPS_PARAMETER, GMACS_PER_CLIP_PARAMETER)],
         "",
         "# Pay ONNX Runtime's first-run cost at load time, not on the first request.",
         "model_warmup [\n  {\n    name: \"zeros_16\"\n    batch_size: 16\n"
@@ -195,8 +199,6 @@ def export_served(
     if weights is None:
         weights = version / "model.pt"
         torch.save(encoder.state_dict(), weights)
-    (model_dir / "config.pbtxt").write_text(
-        config_text(model_dir.name, kept_dims=kept_dims, parameters=parameters, frames=frames, size=size))
     runner = version / "model.py"
     if not runner.is_symlink():
         runner.unlink(missing_ok=True)
@@ -204,29 +206,51 @@ def export_served(
     info = {
         "name": model_dir.name,
         **meta,
-        "inputs": names_in,
-        "outputs": names_out,
         "kept_dims": kept_dims,
         "clip_frames": frames,
         "frame_size": size,
+        "feature_dim": encoder.feature_dim,
         "parameters": dict(parameters),
         "weights": os.path.relpath(weights, model_dir.parent),
         "weights_sha256": _sha256(weights),
         "onnx_sha256": _sha256(path),
     }
-    (version / "model.json").write_text(json.dumps(info, indent=2) + "\n")
+    write_metadata(model_dir, info)
     return path
+
+
+def _tensor_tables(kept_dims: int | None, frames: int, size: int, feature_dim: int) -> tuple[dict, dict]:
+    inputs = {ENCODER_INPUT: {"dtype": "uint8", "shape": ["batch", frames, size, size, 3]}}
+    outputs = {FEATURES_OUTPUT: {"dtype": "float32", "shape": ["batch", feature_dim]}}
+    if kept_dims is not None:
+        inputs[BUDGET_INPUT] = {"dtype": "float32", "shape": ["batch", 1]}
+        outputs[KEPT_OUTPUT] = {"dtype": "int64", "shape": ["batch", kept_dims]}
+        outputs[GMACS_OUTPUT] = {"dtype": "float32", "shape": ["batch", 1]}
+    return inputs, outputs
+
+
+def write_metadata(model_dir: Path, info: dict) -> None:
+    """config.pbtxt and 1/model.json of an exported model directory from its `info` (model.json's
+    content): the tensor tables as export/onnx_export.py writes them for every encoder, and
+    `clip_fps` / `gmacs_per_clip` written by its writer."""
+    info = dict(info)
+    info["clip_fps"] = float(info["parameters"][CLIP_FPS_PARAMETER])
+    info.setdefault("feature_dim", 256)
+    info["inputs"], info["outputs"] = _tensor_tables(info["kept_dims"], info["clip_frames"], info["frame_size"],
+                                                     info["feature_dim"])
+    config = model_dir / "config.pbtxt"
+    config.write_text(config_text(model_dir.name, kept_dims=info["kept_dims"], parameters=info["parameters"],
+                                  frames=info["clip_frames"], size=info["frame_size"]))
+    onnx_export.write_config_parameters(config, onnx_export.encoder_parameters(
+        info["clip_fps"], float(info["parameters"][GMACS_PER_CLIP_PARAMETER])))
+    (model_dir / "1" / "model.json").write_text(json.dumps(info, indent=2) + "\n")
 
 
 def set_parameters(model_dir: Path, parameters: Mapping[str, str]) -> None:
     """Add or change config parameters of an exported model directory (config.pbtxt and model.json)."""
-    info_path = model_dir / "1" / "model.json"
-    info = json.loads(info_path.read_text())
+    info = json.loads((model_dir / "1" / "model.json").read_text())
     info["parameters"] = {**info["parameters"], **parameters}
-    (model_dir / "config.pbtxt").write_text(
-        config_text(model_dir.name, kept_dims=info["kept_dims"], parameters=info["parameters"],
-                    frames=info["clip_frames"], size=info["frame_size"]))
-    info_path.write_text(json.dumps(info, indent=2) + "\n")
+    write_metadata(model_dir, info)
 
 
 def install(staged: Path, repository: Path) -> list[str]:
