@@ -66,7 +66,9 @@ def parse_scores(predicted: list[np.ndarray], videos: list[framedata.Video]) -> 
     truth = [v.boundaries for v in videos]
     frames = se.boundary_scores(zip(predicted, truth, [1.0] * len(videos)), se.ABSOLUTE_FRAMES)
     seconds = se.boundary_scores(zip(predicted, truth, [FPS] * len(videos)), se.ABSOLUTE_SECONDS)
-    window = [float(v.boundaries[-1] - v.boundaries[0]) for v in videos]
+    # a video without a routine has no boundaries and no action window: any prediction there is
+    # false at every tolerance, whatever the scale
+    window = [float(v.boundaries[-1] - v.boundaries[0]) if len(v.boundaries) else 1.0 for v in videos]
     relative = se.boundary_scores(zip(predicted, truth, window), se.RELATIVE)
     absolute = {**{("f", k): c for k, c in frames.items()}, **{("s", k): c for k, c in seconds.items()}}
     out = {f"abs_{k}": v for k, v in se.average(absolute).items()}
@@ -354,6 +356,29 @@ def table(title: str, rows: dict, columns, split: str) -> str:
     return "\n".join(lines)
 
 
+def served_parser_scores(repository: Path, splits: dict[str, list[framedata.Video]]) -> dict:
+    """The served artifact judged: model_repository/action_parser's ONNX graph on each video, its
+    outputs decoded by `decode_segments` with its config's threshold and limit."""
+    import onnxruntime as ort
+
+    folder = Path(repository) / "action_parser"
+    config = (folder / "config.pbtxt").read_text()
+
+    def parameter(key: str) -> str:
+        return config.split(f'key: "{key}" value: {{ string_value: "')[1].split('"')[0]
+    threshold, most = float(parameter("boundary_threshold")), int(parameter("max_boundaries"))
+    session = ort.InferenceSession(str(folder / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+    out = {}
+    for split, videos in splits.items():
+        predicted = []
+        for v in videos:
+            responses, scores = session.run(["responses", "boundary_scores"], {"frames": v.frames[None]})
+            predicted.append(decode_segments(scores[0], responses[0], threshold, most)[1])
+        out[split] = parse_scores(predicted, videos) if split != "null" else dict(
+            boundaries_per_video=float(np.mean([len(p) for p in predicted])))
+    return out
+
+
 def fingerprint(videos: list[framedata.Video]) -> str:
     """Which videos a split held: their seeds, lengths and boundaries."""
     h = hashlib.sha256()
@@ -374,8 +399,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--cnn-only", type=Path)
     p.add_argument("--no-test", dest="test", action="store_false", help="validation only")
     p.add_argument("--parser-only", action="store_true", help="the parser's rows only, no baselines")
+    p.add_argument("--served", type=Path, help="a model repository: score its action_parser artifact too")
     p.add_argument("--null-videos", type=Path,
-                   help="a generator-v3 split folder (labels.jsonl + frames.u8): its videos without a routine")
+                   help="a generator-v3 test split folder (labels.jsonl + frames.u8): false boundaries on its "
+                        "videos without a routine")
+    p.add_argument("--null-val", type=Path,
+                   help="a generator-v3 validation split folder: its videos without a routine join the "
+                        "parser's validation videos, so the knobs pay for false boundaries there")
     p.add_argument("--out", type=Path)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--limit", type=int, help="first N videos of each split")
@@ -399,14 +429,26 @@ def main(argv: list[str] | None = None) -> None:
             parse_splits["null"] = framedata.load_null_videos(args.null_videos)
             result["splits"]["null"] = dict(videos=len(parse_splits["null"]), folder=args.null_videos.name,
                                             fingerprint=fingerprint(parse_splits["null"]))
+        if args.null_val:  # the choices also pay for false boundaries where there is no routine
+            null_val = framedata.load_null_videos(args.null_val)
+            parse_splits["val"] = splits["val"] + null_val
+            result["splits"]["val_null"] = dict(videos=len(null_val), folder=args.null_val.name,
+                                                fingerprint=fingerprint(null_val))
         result["parser"] = evaluate_parsers(args, parse_splits, train)
         served = result["parser"][SERVED_ROW]
         result["served_knobs"] = served["knobs"]
-        result["served_scores"] = {split: {k: round(v, 4) for k, v in served[split].items()} for split in splits}
+        result["served_scores"] = {split: {k: round(v, 4) for k, v in served[split].items()}
+                                   for split in (*splits, "null") if split in served}
         for split in splits:
             print(table("Action parser: sub-action boundaries", result["parser"], PARSER_COLUMNS, split), "\n")
         if args.null_videos:
             print(table("Action parser on videos without a routine", result["parser"], NULL_COLUMNS, "null"), "\n")
+    if args.served:
+        served_splits = dict(splits, **({"null": framedata.load_null_videos(args.null_videos)} if args.null_videos else {}))
+        result["served"] = served_parser_scores(args.served, served_splits)
+        for split, scores in result["served"].items():
+            print(f"served action_parser [{split}]: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()
+                                                                 if k in ("abs_f1", "rel_f1", "mof", "boundaries_per_video")))
     if args.embedder:
         result["embedder"] = evaluate_embedders(args, splits, train)
         for split in splits:

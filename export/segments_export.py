@@ -2,8 +2,8 @@
 `model_repository/action_parser` and `model_repository/frame_embedder`, and `build_segments`,
 the whole pipeline (data, training, evaluation, export) in one call.
 
-    python -m export.segments_export --parser runs/r11/parser_s2 --embedder runs/r11/embedder_rope \\
-        --evaluation runs/r11/evaluation.json --data runs/r11
+    python -m export.segments_export --parser runs/r11/parser_bnd_cos --embedder runs/r11/embedder_rope \\
+        --evaluation runs/r11/evaluation_parser.json --embedder-evaluation runs/r11/evaluation.json --data runs/r11
 
 The Triton contract (agreed with the gateway, see the README "Segments and frame embeddings"):
 both models take `frames` UINT8 [1, T, 28, 28, 3] (the served 112 px frames at `fps` as 4x4
@@ -155,19 +155,27 @@ def _drop_logs(meta: dict) -> None:
             _drop_logs(value)
 
 
+EMBEDDER_ROW = "embedder (CNN + Transformer, SCL)"
+
+
 def export_runs(parser_dir: Path, embedder_dir: Path, evaluation: Path | None, data: Path,
-                repository: Path = MODEL_REPOSITORY) -> dict:
+                repository: Path = MODEL_REPOSITORY, embedder_evaluation: Path | None = None) -> dict:
     """Both trained runs -> model_repository, with the decoding knobs the evaluation chose on
-    validation (without an evaluation: the parser's defaults, threshold 0.5, no limit)."""
+    validation (without an evaluation: the parser's defaults, threshold 0.5, no limit). The
+    embedder's scores come from `embedder_evaluation` (default: the same evaluation)."""
     from export.train_embedder import load_embedder
     from export.train_parser import load_parser
 
     knobs = dict(change_window=2, min_segment_frames=3, threshold=0.5, max_boundaries=0)
-    scores = {}
+    scores, embedder_scores = {}, {}
     if evaluation is not None:
         result = json.loads(Path(evaluation).read_text())
         knobs = result["served_knobs"]
-        scores = result.get("served_scores", {})
+        scores = dict(result.get("served_scores", {}), splits=result.get("splits"))
+    if embedder_evaluation or evaluation:
+        result = json.loads(Path(embedder_evaluation or evaluation).read_text())
+        row = result.get("embedder", {}).get(EMBEDDER_ROW)
+        embedder_scores = dict(row, splits=result.get("splits")) if row else {}
     parser = load_parser(parser_dir)
     parser.change_window, parser.min_segment_frames = knobs["change_window"], knobs["min_segment_frames"]
     video = framedata.load_split("val", framedata.VAL_VIDEOS, cache=data)[0]
@@ -176,13 +184,15 @@ def export_runs(parser_dir: Path, embedder_dir: Path, evaluation: Path | None, d
     embedder_meta = json.loads((embedder_dir / "embedder.json").read_text())
     for meta in (parser_meta, embedder_meta):
         _drop_logs(meta)
-    provenance = dict(exported_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), evaluation=scores)
+    provenance = dict(exported_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     return dict(
-        action_parser=write_action_parser(parser, dict(provenance, training=parser_meta, run=parser_dir.name),
+        action_parser=write_action_parser(parser, dict(provenance, evaluation=scores, training=parser_meta,
+                                                       run=parser_dir.name),
                                           threshold=knobs["threshold"], max_boundaries=knobs["max_boundaries"],
                                           repository=repository, check_frames=frames),
         frame_embedder=write_frame_embedder(load_embedder(embedder_dir),
-                                            dict(provenance, training=embedder_meta, run=embedder_dir.name),
+                                            dict(provenance, evaluation=embedder_scores, training=embedder_meta,
+                                                 run=embedder_dir.name),
                                             repository=repository, check_frames=frames))
 
 
@@ -241,11 +251,13 @@ def main() -> None:
     p.add_argument("--parser", type=Path, required=True)
     p.add_argument("--embedder", type=Path, required=True)
     p.add_argument("--evaluation", type=Path, help="evaluate_segments json (the knobs chosen on validation)")
+    p.add_argument("--embedder-evaluation", type=Path, help="evaluate_segments json with the embedder's rows")
     p.add_argument("--data", type=Path, required=True)
     p.add_argument("--repository", type=Path, default=MODEL_REPOSITORY)
     args = p.parse_args()
     torch.set_num_threads(1)
-    out = export_runs(args.parser, args.embedder, args.evaluation, args.data, args.repository)
+    out = export_runs(args.parser, args.embedder, args.evaluation, args.data, args.repository,
+                      args.embedder_evaluation)
     for name, meta in out.items():
         print(f"{name}: max |torch - onnxruntime| {meta['parity_max_abs_difference']:.2e}")
 
