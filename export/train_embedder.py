@@ -105,7 +105,7 @@ def load_embedder(folder: Path) -> FrameEmbedder:
     return model.eval()
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, required=True, help="cache folder of export.frames")
     p.add_argument("--out", type=Path, required=True)
@@ -122,7 +122,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--init", type=Path, help="start from the weights of this run folder")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     train(args)
 
