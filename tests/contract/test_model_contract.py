@@ -149,8 +149,9 @@ def test_encoder_model_json_matches_the_config(model):
     if not path.is_file():
         pytest.skip(f"{model}/1/model.json not exported yet")
     meta = json.loads(path.read_text())
-    (clips,) = load_config(model).input
-    (features,) = load_config(model).output
+    # by name: an adaptive encoder also takes `budget` and outputs `kept` and `gmacs`
+    clips = next(t for t in load_config(model).input if t.name == triton.CLIPS)
+    features = next(t for t in load_config(model).output if t.name == triton.FEATURES)
     assert meta["encoder"] == model.removeprefix(triton.ENCODER_PREFIX)
     assert list(clips.dims) == [meta["clip_frames"], meta["frame_size"], meta["frame_size"], 3]
     assert list(features.dims) == [meta["feature_dim"]]
