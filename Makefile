@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv serve test golden models evaluate bench proto clean image image-base image-tools
+.PHONY: venv serve test golden models models-segments evaluate bench proto clean image image-base image-tools
 
 venv: $(STAMP)
 
@@ -33,6 +33,11 @@ golden: venv
 
 models: venv
 	$(BIN)/vqs models
+
+# The action parser and the frame embedder (issue 11), with their baselines and ablations: its
+# own target, as it alone takes longer than `make models`.
+models-segments: venv
+	$(BIN)/vqs models --part segments
 
 # The seeds study (3 seeds x TQN and both baselines on the splits of `make models`, not part of
 # it): export/seeds.json and export/seeds.md.

@@ -72,8 +72,8 @@ def synth(
 @app.command("models")
 def models(
     parts: Annotated[list[str] | None, typer.Option(
-        "--part", help="Build only this part (repeatable), in the order tqn, adaptive, segments; "
-                       "adaptive trains against the served s3d and TQN decoder.")] = None,
+        "--part", help="Build this part (repeatable; default tqn and adaptive), in the order tqn, "
+                       "adaptive, segments; adaptive trains against the served s3d and TQN decoder.")] = None,
 ) -> None:
     """Regenerate data, train every served model, export it to the model repository and print
     the evaluations."""

@@ -1,11 +1,13 @@
-"""`vqs models` / `make models`: every served model, rebuilt from nothing, part by part.
+"""`vqs models` / `make models`: the served models, rebuilt from nothing, part by part.
 
 Parts, in the order they run (a later part reads what an earlier one served):
 - `tqn`: data splits, the s3d clip encoder + TQN decoder and both baselines, calibration,
   in-domain fit, test once, the controls (`export/build.py`; export/evaluation.json);
 - `adaptive`: s3d_sgs, vit and vit_ats, trained against the served s3d and TQN decoder
   (`export/train_adaptive.py`; export/adaptive_training.json);
-- `segments`: the action parser and the frame embedder (`export/segments_export.py`).
+- `segments`: the action parser and the frame embedder with their baselines and ablations
+  (`export/segments_export.py`). It does not depend on the others and alone takes longer than
+  `make models`' time box, so it runs only when asked for (`make models-segments`).
 Each part's wall time is printed and written to export/models_timing.json.
 """
 
@@ -18,6 +20,7 @@ from pathlib import Path
 from export.build import REPO
 
 PARTS = ("tqn", "adaptive", "segments")
+DEFAULT_PARTS = ("tqn", "adaptive")
 TIMING = REPO / "export" / "models_timing.json"
 
 
@@ -44,11 +47,11 @@ BUILDERS = {"tqn": _tqn, "adaptive": _adaptive, "segments": _segments}
 
 
 def chosen_parts(parts: list[str] | None) -> list[str]:
-    """The parts to build, in build order (all when none are named)."""
+    """The parts to build, in build order (DEFAULT_PARTS when none are named)."""
     unknown = sorted(set(parts or []) - set(PARTS))
     if unknown:
         raise ValueError(f"unknown model parts {unknown}; choose from {list(PARTS)}")
-    return [p for p in PARTS if not parts or p in parts]
+    return [p for p in PARTS if p in (parts or DEFAULT_PARTS)]
 
 
 def main(parts: list[str] | None = None, data_dir: Path | None = None) -> dict[str, float]:
