@@ -1,0 +1,123 @@
+"""The served adaptive encoders in model_repository/ (clip_encoder_vit, clip_encoder_vit_ats,
+clip_encoder_s3d_sgs): the agreed Triton contract, one vqs node per use with its body, and ONNX
+Runtime equal to the torch module they were exported from at several budgets, in batches that mix
+budgets."""
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from export import adaptive_export as ae
+
+REPOSITORY = Path(__file__).resolve().parents[2] / "model_repository"
+MODELS = {"clip_encoder_vit": (None, 0), "clip_encoder_vit_ats": ("AdaptiveTokenSampler", 4),
+          "clip_encoder_s3d_sgs": ("SimilarityGuidedSampling", 1)}
+TOLERANCE = 1e-4
+MAX_ARTIFACT_BYTES = 8_000_000
+
+
+def _model_dir(name: str) -> Path:
+    path = REPOSITORY / name
+    if not (path / "1" / "model.onnx").is_file():
+        pytest.fail(f"{path} has no model.onnx: run `python -m export.train_adaptive`", pytrace=False)
+    return path
+
+
+def _parameters(config: str) -> dict[str, str]:
+    found = {}
+    for line in config.splitlines():
+        if line.startswith("parameters: { key: "):
+            key = line.split('"')[1]
+            found[key] = line.split('string_value: "')[1].split('"')[0]
+    return found
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    out = {}
+    for name in MODELS:
+        model_dir = _model_dir(name)
+        path = model_dir / "1" / "model.onnx"
+        out[name] = (ae.load_served(model_dir), onnx.load(str(path)),
+                     ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]),
+                     (model_dir / "config.pbtxt").read_text(), json.loads((model_dir / "1" / "model.json").read_text()))
+    return out
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_graph_config_and_provenance(loaded, name):
+    _, proto, session, config, meta = loaded[name]
+    onnx.checker.check_model(proto, full_check=True)
+    op_type, uses = MODELS[name]
+    assert [n.op_type for n in proto.graph.node if n.domain == "vqs"] == [op_type] * uses
+    if op_type:
+        assert any((f.domain, f.name) == ("vqs", op_type) for f in proto.functions)
+    adaptive = op_type is not None
+    inputs = [i.name for i in session.get_inputs()]
+    outputs = [o.name for o in session.get_outputs()]
+    assert inputs == (["clips", "budget"] if adaptive else ["clips"])
+    assert outputs == (["features", "kept", "gmacs"] if adaptive else ["features"])
+    for tensor in [*inputs, *outputs]:
+        assert f'name: "{tensor}"' in config
+    assert "dynamic_batching" in config and "max_batch_size: 64" in config
+    parameters = _parameters(config)
+    assert float(parameters["gmacs_per_clip"]) > 0 and float(parameters["clip_fps"]) > 0
+    if adaptive:
+        assert parameters["adaptive"] == ("ats" if "vit" in name else "sgs")
+        assert parameters["budget_units"] == ("196" if "vit" in name else "8")
+        assert parameters["budget_floor"] == ("8" if "vit" in name else "1")
+        assert 0 < float(parameters.get("budget_default", "1")) <= 1
+    assert (REPOSITORY / name / "1" / "model.py").resolve() == (REPOSITORY / "onnx_runner.py").resolve()
+    # Trained to the served s3d's features and through the served decoder: a re-exported s3d needs
+    # `python -m export.train_adaptive` again.
+    served_s3d = REPOSITORY / "clip_encoder_s3d" / "1" / "model.onnx"
+    assert meta["provenance"]["teacher_onnx_sha256"] == hashlib.sha256(served_s3d.read_bytes()).hexdigest()
+    for artifact in (REPOSITORY / name / "1").iterdir():
+        assert artifact.stat().st_size < MAX_ARTIFACT_BYTES, artifact
+
+
+def _clips(batch: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return (rng.integers(0, 256, (batch, 8, 112, 112, 3)) * rng.random((batch, 8, 1, 1, 1))).astype(np.uint8)
+
+
+@pytest.mark.parametrize("budgets", [(1.0,), (0.5, 0.5, 0.5), (1.0, 0.25, 0.6, 0.05), (0.15, 0.35)])
+@pytest.mark.parametrize("name", ["clip_encoder_vit_ats", "clip_encoder_s3d_sgs"])
+def test_adaptive_encoders_match_torch_in_mixed_batches(loaded, name, budgets):
+    served, _, session, _, _ = loaded[name]
+    clips = _clips(len(budgets), seed=len(budgets))
+    budget = np.asarray(budgets, np.float32)[:, None]
+    features, kept, gmacs = session.run(None, {"clips": clips, "budget": budget})
+    with torch.inference_mode():
+        want = served(torch.from_numpy(clips), torch.from_numpy(budget))
+    np.testing.assert_array_equal(kept, want[1].numpy())
+    np.testing.assert_allclose(features, want[0].numpy(), atol=TOLERANCE, rtol=0)
+    np.testing.assert_allclose(gmacs, want[2].numpy(), rtol=1e-6)
+    units = 196 if "vit" in name else 8
+    floor = 8 if "vit" in name else 1
+    limit = np.maximum(np.ceil(np.asarray(budgets) * units), floor)
+    assert (kept <= limit[:, None]).all() and (kept >= 1).all()
+    for i in range(len(budgets)):  # each clip as if alone: its batch does not change it
+        alone = session.run(None, {"clips": clips[i : i + 1], "budget": budget[i : i + 1]})
+        np.testing.assert_array_equal(alone[1], kept[i : i + 1])
+        np.testing.assert_allclose(alone[0], features[i : i + 1], atol=TOLERANCE, rtol=0)
+
+
+def test_vit_ats_at_budget_one_is_the_plain_vit_and_costs_less_below(loaded):
+    _, _, plain, _, _ = loaded["clip_encoder_vit"]
+    _, _, ats, config, _ = loaded["clip_encoder_vit_ats"]
+    clips = _clips(3, seed=11)
+    (want,) = plain.run(None, {"clips": clips})
+    features, kept, gmacs = ats.run(None, {"clips": clips, "budget": np.ones((3, 1), np.float32)})
+    np.testing.assert_allclose(features, want, atol=TOLERANCE, rtol=0)
+    assert (kept == 196).all()
+    full = float(_parameters(config)["gmacs_per_clip"])
+    np.testing.assert_allclose(gmacs[:, 0], full, rtol=1e-5)
+    _, _, low = ats.run(None, {"clips": clips, "budget": np.full((3, 1), 0.25, np.float32)})
+    assert (low[:, 0] < 0.8 * full).all()
