@@ -493,6 +493,9 @@ def main() -> None:
                         help="only train --init-vit on through the served decoder (--vit-tune-steps) and save it to OUT")
     parser.add_argument("--vit-tune-steps", type=int, default=None)
     args = parser.parse_args()
+    if args.quick and args.repository.resolve() == MODEL_REPOSITORY.resolve():
+        parser.error("--quick needs --repository (a copy holding clip_encoder_s3d and tqn_decoder): "
+                     "it would replace the served adaptive encoders with barely trained ones")
     budget = QUICK if args.quick else AdaptiveBudget()
     if args.vit_steps is not None:
         budget = replace(budget, vit_steps=args.vit_steps)

@@ -162,3 +162,27 @@ def test_served_budget_mapping_is_the_models_own():
 def test_vit_macs_per_clip_from_a_tensor_of_kept_counts(vit):
     kept = torch.tensor([[33, 20, 9], [5, 5, 5]])
     assert vit.macs(kept).tolist() == [vit.macs([33, 20, 9]), vit.macs([5, 5, 5])]
+
+
+def test_budget_choice_takes_the_smallest_budget_within_a_point_of_the_plain_encoder():
+    from export.train_adaptive import HEADS, _choose_budget
+
+    plain = {q: 0.80 for q in HEADS}
+    curve = {str(b): {"accuracy": {q: a for q in HEADS}} for b, a in ((1.0, 0.80), (0.5, 0.795), (0.25, 0.70))}
+    assert _choose_budget(curve, plain) == 0.5
+    assert _choose_budget({"0.5": {"accuracy": {q: 0.5 for q in HEADS}}}, plain) == 1.0  # none close: full budget
+
+
+def test_install_replaces_model_directories_whole(tmp_path):
+    from export.adaptive_export import install
+
+    repository, staged = tmp_path / "repo", tmp_path / "staged"
+    (repository / "clip_encoder_vit" / "1").mkdir(parents=True)
+    (repository / "clip_encoder_vit" / "1" / "stale.onnx").write_text("old")
+    (repository / "clip_encoder_vit" / "config.pbtxt").write_text("old")
+    (staged / "clip_encoder_vit" / "1").mkdir(parents=True)
+    (staged / "clip_encoder_vit" / "config.pbtxt").write_text("new")
+    assert install(staged, repository) == ["clip_encoder_vit"]
+    assert (repository / "clip_encoder_vit" / "config.pbtxt").read_text() == "new"
+    assert not (repository / "clip_encoder_vit" / "1" / "stale.onnx").exists()
+    assert not any(staged.iterdir())
