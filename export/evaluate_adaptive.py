@@ -85,16 +85,16 @@ def _compute_ns(client, model: str) -> int:
     return int(stats.get("compute_infer", {}).get("ns", 0))
 
 
-def _configurations(budget_defaults: dict[str, float]) -> list[tuple[str, str, float | None]]:
-    """(label, model, budget): the four encoders at their defaults, then each adaptive encoder's curve."""
+def _configurations(budget_defaults: dict[str, float], present: set[str]) -> list[tuple[str, str, float | None]]:
+    """(label, model, budget): the served encoders at their defaults, then each adaptive encoder's curve."""
     configs = [("s3d", "clip_encoder_s3d", None), ("vit", "clip_encoder_vit", None),
-               ("s3d_sgs", "clip_encoder_s3d_sgs", budget_defaults["clip_encoder_s3d_sgs"]),
-               ("vit_ats", "clip_encoder_vit_ats", budget_defaults["clip_encoder_vit_ats"])]
+               ("s3d_sgs", "clip_encoder_s3d_sgs", budget_defaults.get("clip_encoder_s3d_sgs")),
+               ("vit_ats", "clip_encoder_vit_ats", budget_defaults.get("clip_encoder_vit_ats"))]
     for encoder in ("s3d_sgs", "vit_ats"):
         for b in CURVE:
-            if b != budget_defaults[f"clip_encoder_{encoder}"]:
+            if f"clip_encoder_{encoder}" in budget_defaults and b != budget_defaults[f"clip_encoder_{encoder}"]:
                 configs.append((f"{encoder}@{b:g}", f"clip_encoder_{encoder}", b))
-    return configs
+    return [c for c in configs if c[1] in present]
 
 
 def run_served(ds: data.ClipDataset, videos: np.ndarray, curve_videos: set[int], repository: Path) -> dict:
@@ -110,11 +110,13 @@ def run_served(ds: data.ClipDataset, videos: np.ndarray, curve_videos: set[int],
     try:
         process.wait_ready()
         client = grpcclient.InferenceServerClient(process.grpc_url)
-        params = {m: _parameters(client, m) for m in ("clip_encoder_s3d", "clip_encoder_vit",
-                                                       "clip_encoder_s3d_sgs", "clip_encoder_vit_ats")}
+        # clip_encoder_vit(_ats) are evaluated when the repository serves them (not by default).
+        present = {m for m in ("clip_encoder_s3d", "clip_encoder_vit", "clip_encoder_s3d_sgs", "clip_encoder_vit_ats")
+                   if (repository / m / "config.pbtxt").is_file()}
+        params = {m: _parameters(client, m) for m in present}
         defaults = {m: float(params[m].get(adaptive_export.BUDGET_DEFAULT_PARAMETER, "1"))
-                    for m in ("clip_encoder_s3d_sgs", "clip_encoder_vit_ats")}
-        configs = _configurations(defaults)
+                    for m in ("clip_encoder_s3d_sgs", "clip_encoder_vit_ats") if m in present}
+        configs = _configurations(defaults, present)
         decoder_outputs = [f"logits_{q}" for q in HEADS]
         results = {label: {"model": model, "budget": budget, "seconds": 0.0, "compute_ns": 0, "clips": 0, "videos": [],
                            "preds": defaultdict(list), "kept": [], "gmacs": []} for label, model, budget in configs}
@@ -211,6 +213,9 @@ def _plots(summary: dict, curve: dict, kept: dict[str, np.ndarray], phases: np.n
     written = []
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for ax, encoder, plain in ((axes[0], "s3d_sgs", "s3d"), (axes[1], "vit_ats", "vit")):
+        if encoder not in summary:
+            ax.set_visible(False)
+            continue
         points = sorted(((r["budget"], r) for label, r in curve.items() if label.split("@")[0] == encoder),
                         key=lambda p: p[0])
         budgets = [b for b, _ in points]
@@ -229,7 +234,7 @@ def _plots(summary: dict, curve: dict, kept: dict[str, np.ndarray], phases: np.n
     path = out_dir / "adaptive_budget_curve.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    written.append(str(path.relative_to(REPO)))
+    written.append(str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path))
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     sgs = kept["s3d_sgs"][:, 0]
@@ -238,21 +243,25 @@ def _plots(summary: dict, curve: dict, kept: dict[str, np.ndarray], phases: np.n
     axes[0].set_xlabel("B' (bins kept of 8)")
     axes[0].set_title(f"s3d_sgs at budget {summary['s3d_sgs']['budget']:g}")
     axes[0].legend(fontsize=8)
-    ats = kept["vit_ats"]
-    for j in range(ats.shape[1]):
-        axes[1].hist(ats[:, j], bins=30, histtype="step", label=f"block {j + 3}")
-    axes[1].set_xlabel("K' (tokens kept of 196)")
-    axes[1].set_title(f"vit_ats at budget {summary['vit_ats']['budget']:g}")
-    axes[1].legend(fontsize=8)
+    if "vit_ats" in kept:
+        ats = kept["vit_ats"]
+        for j in range(ats.shape[1]):
+            axes[1].hist(ats[:, j], bins=30, histtype="step", label=f"block {j + 3}")
+        axes[1].set_xlabel("K' (tokens kept of 196)")
+        axes[1].set_title(f"vit_ats at budget {summary['vit_ats']['budget']:g}")
+        axes[1].legend(fontsize=8)
+    else:
+        axes[1].set_visible(False)
     fig.tight_layout()
     path = out_dir / "adaptive_kept_histograms.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    written.append(str(path.relative_to(REPO)))
+    written.append(str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path))
     return written
 
 
-def evaluate(data_dir: Path, repository: Path, *, videos: int | None = None, out: Path = OUT) -> dict:
+def evaluate(data_dir: Path, repository: Path, *, videos: int | None = None, out: Path = OUT,
+             docs: Path = DOCS) -> dict:
     start = time.monotonic()
     load_start = os.getloadavg()
     ds = data.load(Path(data_dir) / "test")
@@ -297,8 +306,7 @@ def evaluate(data_dir: Path, repository: Path, *, videos: int | None = None, out
         k = [max(1, int(round(x))) for x in summary[label]["kept_mean"]]
         top_k[label] = top_k_accuracy(ds, curve_videos, repository, k) | {"ats_accuracy": curve[label]["accuracy"],
                                                                            "ats_gmacs_per_clip": curve[label]["gmacs_per_clip"]}
-    pngs = _plots(summary, curve, kept, phases, DOCS)
-    s3d, sgs, vit, ats = (summary[k] for k in ("s3d", "s3d_sgs", "vit", "vit_ats"))
+    pngs = _plots(summary, curve, kept, phases, docs)
 
     def _vs(fast: dict, base: dict) -> dict:
         return {"gmacs_reduction": 1 - fast["gmacs_per_clip"] / base["gmacs_per_clip"],
@@ -312,7 +320,8 @@ def evaluate(data_dir: Path, repository: Path, *, videos: int | None = None, out
         "load_average_start": load_start, "load_average_end": os.getloadavg(),
         "seconds": time.monotonic() - start,
         "configurations": summary,
-        "s3d_sgs_vs_s3d": _vs(sgs, s3d), "vit_ats_vs_vit": _vs(ats, vit),
+        "s3d_sgs_vs_s3d": _vs(summary["s3d_sgs"], summary["s3d"]),
+        "vit_ats_vs_vit": _vs(summary["vit_ats"], summary["vit"]) if "vit_ats" in summary else None,
         "budget_curve": {"videos": len(curve_videos), "points": curve},
         "top_k_baseline": top_k,
         "budget_defaults": served["defaults"],
@@ -329,9 +338,10 @@ def main() -> None:
     parser.add_argument("--repository", type=Path, default=REPO / "model_repository")
     parser.add_argument("--videos", type=int, default=None, help="evenly spaced test videos (default: all)")
     parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--docs", type=Path, default=DOCS, help="where the PNGs go")
     args = parser.parse_args()
     torch.set_num_threads(2)
-    report = evaluate(args.data_dir, args.repository, videos=args.videos, out=args.out)
+    report = evaluate(args.data_dir, args.repository, videos=args.videos, out=args.out, docs=args.docs)
     for label, r in report["configurations"].items():
         acc = " ".join(f"{q}={100 * a:.1f}" for q, a in r["accuracy"].items())
         print(f"{label:14s} budget={r['budget']!s:5s} gmacs={r['gmacs_per_clip']:.4f} "

@@ -1,1 +1,0 @@
-../../onnx_runner.py
