@@ -474,7 +474,8 @@ def build_adaptive(data_dir: Path, repository: Path = MODEL_REPOSITORY, *, budge
     result["seconds"] = time.monotonic() - t0
     if report is not None:
         report.write_text(json.dumps(result, indent=2) + "\n")
-    _log(f"done in {result['seconds']:.0f}s: s3d_sgs placement {best}, vit_ats budget {ats_default}")
+    _log(f"done in {result['seconds']:.0f}s: s3d_sgs placement {result.get('s3d_sgs_placement')}, "
+         f"vit_ats budget {result.get('vit_ats_budget_default')} (installed: {', '.join(result['installed']) or 'none'})")
     return result
 
 
