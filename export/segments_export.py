@@ -88,6 +88,21 @@ def _fingerprint(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
+def tensor_tables(onnx_path: Path) -> dict[str, dict]:
+    """model.json's `inputs` / `outputs`, {name: {dtype, shape}} as every served model's, read from
+    the exported graph (named dims stay names)."""
+    import onnx
+
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+
+    def table(values) -> dict:
+        return {v.name: {"dtype": onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name,
+                         "shape": [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]}
+                for v in values}
+
+    return {"inputs": table(graph.input), "outputs": table(graph.output)}
+
+
 def _write_model(folder: Path, model: torch.nn.Module, outputs: tuple[str, ...], config: str, meta: dict,
                  check_frames: np.ndarray) -> dict:
     """Write the model directory next to the repository and move it into place with renames, so
@@ -98,7 +113,8 @@ def _write_model(folder: Path, model: torch.nn.Module, outputs: tuple[str, ...],
     version.mkdir(parents=True)
     onnx_path = export_onnx(model, version / "model.onnx", outputs)
     meta = dict(meta, onnx_sha256=_fingerprint(onnx_path),
-                parity_max_abs_difference=onnx_max_difference(model, onnx_path, check_frames))
+                parity_max_abs_difference=onnx_max_difference(model, onnx_path, check_frames),
+                **tensor_tables(onnx_path))
     (staging / "config.pbtxt").write_text(config)
     (version / "model.json").write_text(json.dumps(meta, indent=1, default=str) + "\n")
     os.symlink(RUNNER, version / "model.py")
