@@ -134,3 +134,29 @@ def test_served_decoder_carries_the_calibration_and_in_domain_threshold_of_the_e
     config = (REPO / "model_repository/tqn_decoder/config.pbtxt").read_text()
     written = f'key: "{onnx_export.IN_DOMAIN_THRESHOLD_PARAMETER}" value: {{ string_value: "{threshold:.6g}" }}'
     assert written in config
+
+
+def test_committed_seeds_study_names_its_data_and_seeds_and_has_every_table():
+    from export import build, seeds
+
+    study = json.loads((REPO / "export/seeds.json").read_text())
+    evaluation = json.loads((REPO / "export/evaluation.json").read_text())
+    provenance = study["provenance"]
+    # The same splits and budget as the served models' evaluation.
+    assert {k: provenance[k] for k in ("generator_version", "splits", "budget")} == \
+        {k: evaluation["provenance"][k] for k in ("generator_version", "splits", "budget")}
+    assert provenance["train_seeds"] == study["seeds_done"]
+    assert list(study["per_seed"]) == [str(s) for s in study["seeds_done"]]
+    assert set(study["seeds_done"]) <= set(study["seeds_asked"]) and len(study["seeds_done"]) >= 2
+    if build.TRAIN_SEED in study["seeds_done"]:  # the served run, scored again: the same figures
+        assert study["per_seed"][str(build.TRAIN_SEED)]["tqn"]["accuracy"] == \
+            pytest.approx(evaluation["test"]["results"]["tqn"]["accuracy"])
+    for name in seeds.MODELS:
+        model = study["models"][name]
+        assert set(model["accuracy"]) == set(train.HEADS)
+        assert all(0 <= m["mean"] <= 1 and m["std"] >= 0 for m in model["accuracy"].values())
+        assert set(model["by_length"]) == set(evaluation["test"]["results"]["tqn"]["by_length"])
+    for base in ("average_pooling", "short_term"):
+        for gap in study["tqn_minus"][base].values():
+            lo, hi = gap["interval95"]
+            assert lo <= gap["difference"] <= hi
