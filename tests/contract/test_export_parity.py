@@ -147,7 +147,7 @@ def test_committed_seeds_study_names_its_data_and_seeds_and_has_every_table():
         {k: evaluation["provenance"][k] for k in ("generator_version", "splits", "budget")}
     assert provenance["train_seeds"] == study["seeds_done"]
     assert list(study["per_seed"]) == [str(s) for s in study["seeds_done"]]
-    assert set(study["seeds_done"]) <= set(study["seeds_asked"]) and len(study["seeds_done"]) >= 3  # issue 8: at least 3 training seeds
+    assert set(study["seeds_done"]) <= set(study["seeds_asked"]) and len(study["seeds_done"]) >= 3
     if build.TRAIN_SEED in study["seeds_done"]:  # the served run, scored again: the same figures
         assert study["per_seed"][str(build.TRAIN_SEED)]["tqn"]["accuracy"] == \
             pytest.approx(evaluation["test"]["results"]["tqn"]["accuracy"])
