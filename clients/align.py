@@ -14,7 +14,7 @@ from rich.table import Table
 
 from clients import analyze, timeline
 from clients.channel import (
-    TlsCaOption, TlsCertOption, TlsKeyOption, TokenOption, config_from_options, plaintext_token_warning,
+    TlsCaOption, TlsCertOption, TlsKeyOption, TokenOption, config_from_options,
 )
 
 if TYPE_CHECKING:  # numpy loads only when the command runs: `vqs analyze` stays light
@@ -100,8 +100,6 @@ def align(
     from clients import embeddings
 
     config = config_from_options(server, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key, token=token)
-    if warning := plaintext_token_warning(config):
-        stderr.print(warning, highlight=False)
     videos = []
     for path in (video_a, video_b):
         with stderr.status(f"embedding {path.name} on {server}"):

@@ -14,7 +14,7 @@ from rich.console import Console
 from clients import compute, render, timeline
 from clients.channel import (
     ChannelConfig, TlsCaOption, TlsCertOption, TlsKeyOption, TokenOption, config_from_options,
-    open_channel, plaintext_token_warning,
+    open_channel,
 )
 from server.proto import video_analytics_pb2 as pb
 from server.proto import video_analytics_pb2_grpc as pb_grpc
@@ -138,9 +138,6 @@ def analyze(
 ) -> None:
     """Upload a video to the gateway; print the answers, attention and sub-actions over time."""
     config = config_from_options(server, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key, token=token)
-    warning = plaintext_token_warning(config)
-    if warning:
-        stderr.print(warning, highlight=False)
     if png is not None:
         from clients import report
 

@@ -78,7 +78,8 @@ def config_from_options(
     server: str, *, tls_ca: Path | None = None, tls_cert: Path | None = None,
     tls_key: Path | None = None, token: str | None = None,
 ) -> ChannelConfig:
-    """The options checked and their files read; a problem is a `typer.BadParameter` (exit 2)."""
+    """The options checked and their files read; a problem is a `typer.BadParameter` (exit 2).
+    A token about to cross a network unencrypted is warned about on stderr."""
     if (tls_cert is None) != (tls_key is None):
         raise typer.BadParameter("give --tls-cert and --tls-key together", param_hint="--tls-cert")
     if tls_cert is not None and tls_ca is None:
@@ -89,13 +90,16 @@ def config_from_options(
     token = token.strip() if token else None
     if token is not None and not all("!" <= c <= "~" for c in token):
         raise typer.BadParameter("the token must be visible ASCII without spaces", param_hint="--token")
-    return ChannelConfig(
+    config = ChannelConfig(
         server=server,
         root_certificates=_read_pem(tls_ca, "--tls-ca", b"CERTIFICATE") if tls_ca else None,
         certificate_chain=_read_pem(tls_cert, "--tls-cert", b"CERTIFICATE") if tls_cert else None,
         private_key=_read_pem(tls_key, "--tls-key", b"PRIVATE KEY") if tls_key else None,
         token=token or None,
     )
+    if warning := plaintext_token_warning(config):
+        typer.echo(warning, err=True)
+    return config
 
 
 def plaintext_token_warning(config: ChannelConfig) -> str | None:

@@ -17,7 +17,6 @@ from clients.analyze import (
 )
 from clients.channel import (
     TlsCaOption, TlsCertOption, TlsKeyOption, TokenOption, config_from_options, open_channel,
-    plaintext_token_warning,
 )
 from server.proto import video_analytics_pb2 as pb
 from server.proto import video_analytics_pb2_grpc as pb_grpc
@@ -78,9 +77,6 @@ def describe(
 ) -> None:
     """List the served queries and clip encoders, with each encoder's compute budget limits."""
     config = config_from_options(server, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key, token=token)
-    warning = plaintext_token_warning(config)
-    if warning:
-        stderr.print(warning, highlight=False)
     try:
         with open_channel(config) as channel:
             resp = pb_grpc.VideoAnalyticsStub(channel).DescribeModels(pb.DescribeModelsRequest(), timeout=timeout)

@@ -47,7 +47,7 @@ from rich.table import Table
 from clients import analyze, score
 from clients.archive import Item, Listing
 from clients.channel import (
-    TlsCaOption, TlsCertOption, TlsKeyOption, TokenOption, config_from_options, plaintext_token_warning,
+    TlsCaOption, TlsCertOption, TlsKeyOption, TokenOption, config_from_options,
 )
 
 NULL = "null"
@@ -523,8 +523,6 @@ def evaluate(
 ) -> None:
     """Send every video of a labelled split to the gateway and score its answers."""
     config = config_from_options(server, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key, token=token)
-    if (warning := plaintext_token_warning(config)) is not None:
-        stderr.print(warning, highlight=False)
     try:
         cuts = sorted(float(c) for c in length_bins.split(",") if c.strip())
     except ValueError:

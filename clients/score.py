@@ -33,7 +33,7 @@ from clients import analyze, render
 from clients.archive import Item, Listing, open_listing
 from clients.channel import (
     ChannelConfig, TlsCaOption, TlsCertOption, TlsKeyOption, TokenOption, config_from_options,
-    open_aio_channel, plaintext_token_warning,
+    open_aio_channel,
 )
 from server.proto import video_analytics_pb2 as pb
 from server.proto import video_analytics_pb2_grpc as pb_grpc
@@ -414,9 +414,6 @@ def score(
             sys.stdout.write(f"{item.id}\t{item.source}\t{'uri' if uri_for(item, root) else 'bytes'}\n")
         stderr.print(f"{len(todo)} of {len(items)} videos to score ({listing.kind}); {skipped} already in {out}")
         return
-    warning = plaintext_token_warning(config)
-    if warning:
-        stderr.print(warning, highlight=False)
     stderr.print(f"{len(items)} videos in {archive} ({listing.kind}); {skipped} already in {out}; "
                  f"{len(todo)} to score with {workers} {'Ray actors' if ray_address else 'workers'} on {server}", highlight=False)
 

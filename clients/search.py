@@ -22,7 +22,7 @@ from rich.table import Table
 
 from clients import analyze, timeline
 from clients.channel import (
-    TlsCaOption, TlsCertOption, TlsKeyOption, TokenOption, config_from_options, plaintext_token_warning,
+    TlsCaOption, TlsCertOption, TlsKeyOption, TokenOption, config_from_options,
 )
 
 if TYPE_CHECKING:  # numpy loads only when the command runs: `vqs analyze` stays light
@@ -134,8 +134,6 @@ def search(
             raise typer.BadParameter(f"{path} is not a file", param_hint="[QUERY] VIDEOS...")
     still = still_video(picture) if picture is not None else None
     config = config_from_options(server, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key, token=token)
-    if warning := plaintext_token_warning(config):
-        stderr.print(warning, highlight=False)
 
     fetched: dict[Path, VideoFrames] = {}
 

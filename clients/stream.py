@@ -46,7 +46,6 @@ from clients.channel import (
     TokenOption,
     config_from_options,
     open_channel,
-    plaintext_token_warning,
 )
 from server.proto import video_analytics_pb2 as pb
 from server.proto import video_analytics_pb2_grpc as pb_grpc
@@ -317,9 +316,6 @@ def stream(
     if mode not in MODES:
         raise typer.BadParameter("use realtime or archive", param_hint="--mode")
     config = config_from_options(server, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key, token=token)
-    warning = plaintext_token_warning(config)
-    if warning:
-        stderr.print(warning, highlight=False)
     if path == "-":
         source: BinaryIO = sys.stdin.buffer
     else:

@@ -275,7 +275,7 @@ async def test_a_client_that_does_not_trust_the_ca_is_not_connected(pki, probe):
     assert error.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
-def test_client_options_are_checked_before_connecting(pki, tmp_path):
+def test_client_options_are_checked_before_connecting(pki, tmp_path, capsys):
     import typer
 
     with pytest.raises(typer.BadParameter, match="--tls-cert and --tls-key together"):
@@ -288,11 +288,14 @@ def test_client_options_are_checked_before_connecting(pki, tmp_path):
         client_channel.config_from_options("h:1", tls_ca=pki.client_key)
     with pytest.raises(typer.BadParameter, match="visible ASCII"):
         client_channel.config_from_options("h:1", token="two words")
+    capsys.readouterr()
     config = client_channel.config_from_options("10.0.0.2:50051", token=TOKEN)
     assert TOKEN not in repr(config)
     assert "without TLS" in client_channel.plaintext_token_warning(config)
+    assert "without TLS" in capsys.readouterr().err  # every command builds its channel here
     assert client_channel.plaintext_token_warning(
         client_channel.config_from_options("127.0.0.1:50051", token=TOKEN)) is None
+    assert capsys.readouterr().err == ""
 
 
 # Every command that calls the gateway over gRPC takes the TLS and token options.
