@@ -282,14 +282,12 @@ async def test_a_stream_past_its_deadline_stops_its_work_and_frees_its_slot(smal
     await assert_request_released(small_gateway, triton, workers, at_stop, full_clips=LONG_TS_CLIPS)
 
 
-async def test_resumed_stream_repeats_no_window_and_misses_none(stub, gateway, stream_videos):
-    data = stream_videos["stream.ts"].read_bytes()
-    options = pb.StreamOptions(window_clips=2, hop_clips=2, mode=pb.STREAM_MODE_ARCHIVE)
+async def broken_after_two_windows(stub, gateway, data: bytes, options: pb.StreamOptions):
+    """The whole stream's windows, then the first two windows of a second run of it whose
+    connection breaks there; returns once the server has let go of the broken stream."""
     # (The session's gateway admits one stream at a time, its default.)
     whole = windows(await collect(stub, options, data))
     assert len(whole) >= 3
-
-    # The connection breaks after the second window; the client sends the feed again with its token.
     call = stub.AnalyzeStream(requests(options, data, pause_s=0.01), timeout=WAIT_S)
     first: list[pb.StreamEvent] = []
     async for event in call:
@@ -298,8 +296,16 @@ async def test_resumed_stream_repeats_no_window_and_misses_none(stub, gateway, s
             if len(first) == 2:
                 break
     call.cancel()
-    # The client reconnects once the server has let go of the broken stream (one stream at a time).
     await until(lambda: gateway_gauge(gateway) == 0, "the broken stream released", 10.0)
+    return whole, first
+
+
+async def test_resumed_stream_repeats_no_window_and_misses_none(stub, gateway, stream_videos):
+    data = stream_videos["stream.ts"].read_bytes()
+    options = pb.StreamOptions(window_clips=2, hop_clips=2, mode=pb.STREAM_MODE_ARCHIVE)
+    # The connection breaks after the second window; the client reconnects once the server has let
+    # go of it and sends the feed again with its token.
+    whole, first = await broken_after_two_windows(stub, gateway, data, options)
     resumed_options = pb.StreamOptions()
     resumed_options.CopyFrom(options)
     resumed_options.resume_token = first[-1].resume_token
@@ -538,18 +544,7 @@ async def test_vqs_stream_resumes_a_broken_stream_through_a_busy_gateway(stub, g
 
     data = stream_videos["stream.ts"].read_bytes()
     options = pb.StreamOptions(window_clips=2, hop_clips=2, mode=pb.STREAM_MODE_ARCHIVE)
-    # (The session's gateway admits one stream at a time, its default.)
-    whole = windows(await collect(stub, options, data))
-    assert len(whole) >= 3
-    call = stub.AnalyzeStream(requests(options, data, pause_s=0.01), timeout=WAIT_S)
-    first: list[pb.StreamEvent] = []
-    async for event in call:
-        if event.kind == WINDOW:
-            first.append(event)
-            if len(first) == 2:
-                break
-    call.cancel()
-    await until(lambda: gateway_gauge(gateway) == 0, "the broken stream released", 10.0)
+    whole, first = await broken_after_two_windows(stub, gateway, data, options)
 
     # Another stream holds the only slot when the client comes back.
     hold = asyncio.Event()
