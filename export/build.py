@@ -14,10 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from export import data, onnx_export, synth, train
+from export import MODEL_REPOSITORY, REPO, data, onnx_export, synth, train
 
-REPO = Path(__file__).resolve().parent.parent
-MODEL_REPOSITORY = REPO / "model_repository"
 EVALUATION = REPO / "export" / "evaluation.json"
 CONTROLS = REPO / "export" / "controls.json"
 

@@ -29,10 +29,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from export import adaptive_export, data
+from export import REPO, adaptive_export, data
 from export.train_adaptive import HEADS, accuracy
 
-REPO = Path(__file__).resolve().parent.parent
 OUT = REPO / "export" / "adaptive_evaluation.json"
 DOCS = REPO / "docs"
 BATCH = 64  # the encoders' max_batch_size: the serving batch

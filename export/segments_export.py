@@ -28,15 +28,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from export import frames as framedata
+from export import MODEL_REPOSITORY, REPO, frames as framedata
 from export.models.embedder import FrameEmbedder
 from export.models.parser import ActionParser, ServedParser
 
 FRAMES_INPUT = "frames"
 PARSER_OUTPUTS = ("responses", "boundary_scores")
 EMBEDDER_OUTPUTS = ("embeddings",)
-REPO = Path(__file__).resolve().parent.parent
-MODEL_REPOSITORY = REPO / "model_repository"
 RUNNER = "../../onnx_runner.py"
 MIN_FRAMES = 8  # per request; the gateway repeats a shorter video's last frame (and drops those outputs)
 

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from export import adaptive_export, data, train
+from export import MODEL_REPOSITORY, REPO, adaptive_export, data, train
 from export.models.s3d import S3D
 from export.models.s3d_sgs import S3DSGS, s3d_macs
 from export.models.tqn import TQNDecoder
@@ -42,8 +42,6 @@ from export.models.vit import VideoViT
 from export.models.vit import VARIANTS as VIT_VARIANTS
 from export.models.vit import create as create_vit
 
-REPO = Path(__file__).resolve().parent.parent
-MODEL_REPOSITORY = REPO / "model_repository"
 REPORT = REPO / "export" / "adaptive_training.json"
 SEED = 9
 VIT_VARIANT = "vit_mini_112"
