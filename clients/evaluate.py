@@ -44,7 +44,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from clients import analyze, score
+from clients import analyze, scoring
 from clients.archive import Item, Listing
 from clients.channel import (
     TlsCaOption, TlsCertOption, TlsKeyOption, TokenOption, config_from_options,
@@ -548,31 +548,31 @@ def evaluate(
             raise typer.BadParameter(f"{against} is not a `vqs evaluate` results file", param_hint="--against") from None
 
     listing = LabelledListing(split_dir, records)
-    done = score.load_done(answers_path) if answers_path.exists() else {}
+    done = scoring.load_done(answers_path) if answers_path.exists() else {}
     todo = [i for i in listing.items() if not done.get(i.id)]  # a failed video is sent again
     code = analyze.EXIT_OK
     if todo:
         stderr.print(f"{len(records)} labelled videos in {split_dir}; {len(todo)} to send to {server}",
                      highlight=False)
-        tally = score.Tally()
+        tally = scoring.Tally()
         answers_path.parent.mkdir(parents=True, exist_ok=True)
-        writer = score.LineWriter(answers_path)
+        writer = scoring.LineWriter(answers_path)
         try:
-            asyncio.run(score.run_batch(
+            asyncio.run(scoring.run_batch(
                 listing, todo, writer, tally, server=config, workers=workers,
                 uri_root=uri_root.resolve() if uri_root else None, encoder=encoder, budget=budget or 0.0,
                 timeout=timeout, retries=retries))
-        except score.GatewayRefused as exc:
+        except scoring.GatewayRefused as exc:
             stderr.print(f"[red]error[/red] the gateway at {server} refused the call ({exc}); "
                          "check --token / VQS_TOKEN and the TLS options", highlight=False)
             raise typer.Exit(analyze.EXIT_ERROR) from None
-        except score.GatewayUnreachable as exc:
+        except scoring.GatewayUnreachable as exc:
             stderr.print(f"[red]error[/red] the gateway at {server} is unreachable ({exc}); "
                          "start it (`vqs serve`) and rerun with --resume", highlight=False)
             raise typer.Exit(analyze.EXIT_UNAVAILABLE) from None
         except KeyboardInterrupt:
             stderr.print("interrupted; rerun with --resume to finish")
-            raise typer.Exit(score.EXIT_INTERRUPTED) from None
+            raise typer.Exit(scoring.EXIT_INTERRUPTED) from None
         finally:
             writer.close()
 
@@ -606,5 +606,5 @@ def evaluate(
         stdout.print(line, highlight=False)
     stderr.print(f"results: {out}", highlight=False)
     if results["metrics"]["errors"]:
-        code = score.EXIT_SOME_FAILED
+        code = scoring.EXIT_SOME_FAILED
     raise typer.Exit(code)

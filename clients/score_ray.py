@@ -22,9 +22,9 @@ import grpc
 from clients import analyze
 from clients.archive import Item, Listing, open_listing
 from clients.channel import ChannelConfig, open_channel
-from clients.score import (
+from clients.scoring import (
     DESCRIBE_TIMEOUT_S, GatewayUnreachable, LineWriter, Tally, describe_failed, make_progress, rates,
-    score_one_sync,
+    score_one_sync, uri_for,
 )
 from server.proto import video_analytics_pb2 as pb
 from server.proto import video_analytics_pb2_grpc as pb_grpc
@@ -69,8 +69,6 @@ def run_ray(
     actors: int, server: ChannelConfig, uri_root: Path | None, encoder: str, timeout: float | None, retries: int,
     budget: float = 0.0,
 ) -> None:
-    from clients.score import uri_for
-
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
     import ray.data

@@ -197,7 +197,7 @@ async def test_refuses_to_overwrite_and_says_so_when_the_gateway_is_down(video_f
 
 
 def test_a_torn_last_line_is_cut_and_its_video_scored_again(tmp_path):
-    from clients.score import load_done
+    from clients.scoring import load_done
 
     out = tmp_path / "r.jsonl"
     out.write_bytes(b'{"id":"a","result":{}}\n{"id":"b","error":{"code":"X"}}\n{"id":"c","res')

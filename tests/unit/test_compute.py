@@ -202,7 +202,8 @@ def test_vqs_evaluate_summarises_what_the_encoder_spent():
 
 
 def test_vqs_score_sends_the_budget():
-    from clients.score import Item, prepare
+    from clients.archive import Item
+    from clients.scoring import prepare
 
     _, request = prepare(Item("a", "a.mp4", None, None), b"video", None, encoder="vit_ats",
                          max_upload_bytes=100, budget=0.3)
