@@ -11,7 +11,8 @@ means, RGB, not normalised) and are unbatched (max_batch_size 0, one video or wi
 request). The parser returns `responses` FP32 [1, T, m] and `boundary_scores` FP32 [1, T] (the
 non-max-suppressed pattern-change score, decoded by `export.models.parser.decode_segments` with
 the `boundary_threshold` and `max_boundaries` parameters); the embedder `embeddings` FP32
-[1, T, 128], L2-normalised. `context_frames` says how many frames either side an output depends
+[1, T, 128], L2-normalised, and `frame_features` FP32 [1, T, 128], the CNN's per-frame features
+before the Transformer, L2-normalised (a still picture's query). `context_frames` says how many frames either side an output depends
 on, so a window with that much context computes what the whole video computes.
 """
 
@@ -29,12 +30,12 @@ import numpy as np
 import torch
 
 from export import MODEL_REPOSITORY, REPO, frames as framedata
-from export.models.embedder import FrameEmbedder
+from export.models.embedder import FrameEmbedder, ServedEmbedder
 from export.models.parser import ActionParser, ServedParser
 
 FRAMES_INPUT = "frames"
 PARSER_OUTPUTS = ("responses", "boundary_scores")
-EMBEDDER_OUTPUTS = ("embeddings",)
+EMBEDDER_OUTPUTS = ("embeddings", "frame_features")
 RUNNER = "../../onnx_runner.py"
 MIN_FRAMES = 8  # per request; the gateway repeats a shorter video's last frame (and drops those outputs)
 
@@ -152,11 +153,12 @@ def write_frame_embedder(embedder: FrameEmbedder, meta: dict, *, repository: Pat
     config = _config("frame_embedder", (
         "Frame embedder (issue 11): 28 px frames of one video or window -> one L2-normalised 128-d\n"
         "embedding per frame (CARL-style, rotary positions: a window with context_frames either side\n"
-        "equals the whole video). Written by export/segments_export.py; re-export to change."),
-        {"embeddings": [1, -1, embedder.head.out_features]},
+        "equals the whole video), and frame_features: each frame's CNN features on their own, L2-normalised\n"
+        "(what a still picture is compared by). Written by export/segments_export.py; re-export to change."),
+        {"embeddings": [1, -1, embedder.head.out_features], "frame_features": [1, -1, embedder.dim]},
         {"intra_op_threads": "1", "fps": f"{framedata.FPS:g}", "context_frames": str(embedder.context_frames),
          "min_frames": str(MIN_FRAMES)})
-    return _write_model(repository / "frame_embedder", embedder.eval(), EMBEDDER_OUTPUTS, config,
+    return _write_model(repository / "frame_embedder", ServedEmbedder(embedder).eval(), EMBEDDER_OUTPUTS, config,
                         dict(meta, name="frame_embedder"), check_frames)
 
 
@@ -210,6 +212,40 @@ def export_runs(parser_dir: Path, embedder_dir: Path, evaluation: Path | None, d
                                             repository=repository, check_frames=frames))
 
 
+def null_videos(data: Path, split: str) -> Path:
+    """The videos without a routine of `vqs models`' `split` ("val" or "test": every
+    `build.NULL_EVERY`-th video of the generator's split, idle / walk-off / background only / cut
+    before take-off), rendered alone into `data`/null_<split> in the folder layout
+    `frames.load_null_videos` reads: the same videos as in data/<split> (same seeds, codecs,
+    kinds), without rendering the 270 routines around them."""
+    from export import build, data as clipdata, synth
+
+    out = Path(data) / f"null_{split}"
+    if (out / "frames.lengths.npy").exists():  # written last
+        return out
+    _, count, seed, lo, hi = build.SPLITS[split]
+    every = build.NULL_EVERY
+    staging = out.with_name(out.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    records, lengths = [], []
+    with open(staging / "frames.u8", "wb") as frames:
+        for index in range(every - 1, count, every):
+            record = synth._dataset_item((str(staging), index, seed, framedata.SERVED_SIZE, framedata.SERVED_SIZE,
+                                          build.FPS, "mix", lo, hi, every))
+            video = staging / record["file"]
+            decoded = clipdata._decode(str(video))
+            video.unlink()
+            frames.write(decoded.tobytes())
+            records.append(record)
+            lengths.append(len(decoded))
+    (staging / "labels.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    np.save(staging / "frames.lengths.npy", np.asarray(lengths, np.int64))
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(staging, out)
+    return out
+
+
 RUNS = REPO / "runs" / "segments"
 # Step budgets and recipes of the served models (the README's table comes from runs with these).
 BUDGETS = dict(stage1=1150, stage2=3000, detector=1250, embedder=2000, cnn_only=1000)
@@ -217,14 +253,13 @@ SERVED_STAGE2 = ("--fresh", "--scale", 4, "--near-weight", 1, "--boundary-weight
 PAPER_STAGE2 = ("--fresh", "--scale", 4, "--near-weight", 1, "--lr", 1e-3)  # the same without the boundary loss
 
 
-def build_segments(data: Path = RUNS, repository: Path = MODEL_REPOSITORY, budgets: dict[str, int] = BUDGETS,
-                   null_videos: Path | None = None) -> dict:
-    """Everything of issue 11 in one call, for `vqs models`: render the per-frame splits (cached
-    in `data`), train the parser (stage 1, stage 2 as served and with the paper's losses only),
-    the two ablations, the detector baseline, the embedder and its CNN-only ablation, evaluate
-    (choices on validation, test once; `null_videos`: a generator-v3 split folder whose videos
-    without a routine count false boundaries) and export both served models. Returns the
-    seconds each part took."""
+def build_segments(data: Path = RUNS, repository: Path = MODEL_REPOSITORY, budgets: dict[str, int] = BUDGETS) -> dict:
+    """Everything of issue 11 in one call, for `vqs models`: render the per-frame splits and the
+    videos without a routine of the generator's val and test splits (cached in `data`), train the
+    parser (stage 1, stage 2 as served and with the paper's losses only), the two ablations, the
+    detector baseline, the embedder and its CNN-only ablation, evaluate (choices on validation
+    with its videos without a routine, which count false boundaries; test once) and export both
+    served models. Returns the seconds each part took."""
     from export import evaluate_segments, train_embedder, train_parser
 
     data = Path(data)
@@ -238,6 +273,7 @@ def build_segments(data: Path = RUNS, repository: Path = MODEL_REPOSITORY, budge
     timed("frames", lambda argv: [framedata.load_split(split, count, backgrounds=bgs, cache=data) for split, count, bgs in
                                   (("val", framedata.VAL_VIDEOS, 1), ("test", framedata.TEST_VIDEOS, 1),
                                    ("train", framedata.TRAIN_VIDEOS, 2))])
+    timed("videos without a routine", lambda argv: [null_videos(data, split) for split in ("val", "test")])
     d, s1 = ["--data", data], ["--init", data / "parser"]
     timed("parser stage 1", train_parser.main, "--stage", "1", *d, "--out", data / "parser", "--steps", budgets["stage1"])
     for name, extra in (("parser_served", SERVED_STAGE2), ("parser_paper", PAPER_STAGE2),
@@ -253,7 +289,7 @@ def build_segments(data: Path = RUNS, repository: Path = MODEL_REPOSITORY, budge
     timed("evaluation", evaluate_segments.main, *d, "--parser", data / "parser_served", "--paper-losses",
           data / "parser_paper", "--ablation", data / "sps1_paper", data / "sps1_boundary", "--detector",
           data / "detector", "--embedder", data / "embedder", "--cnn-only", data / "cnn_only", "--out",
-          data / "evaluation.json", *(["--null-videos", null_videos] if null_videos else []))
+          data / "evaluation.json", "--null-val", data / "null_val", "--null-videos", data / "null_test")
     timed("export", lambda argv: export_runs(data / "parser_served", data / "embedder", data / "evaluation.json",
                                              data, repository))
     times["total"] = round(time.monotonic() - start)

@@ -125,14 +125,32 @@ class FrameEmbedder(nn.Module):
         return self.radius * len(self.layers)
 
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
+        return self.embed(frames)[0]
+
+    def embed(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (embeddings, frame features): the features are the CNN's output for each frame on its
+        own, L2-normalised, before any frame sees its neighbours. A still picture has no motion, so
+        its contextual embedding looks idle; its features compare with a video's features."""
         x = self.cnn(frames)
+        features = F.normalize(x, dim=-1)
         if self.contextual:
             t = x.shape[1]
             positions = sine_cosine_positions(t, self.dim // self.layers[0].heads).to(x)
             bias = band_bias(t, self.radius).to(x)
             for layer in self.layers:
                 x = layer(x, bias, positions)
-        return F.normalize(self.head(self.norm(x)), dim=-1)
+        return F.normalize(self.head(self.norm(x)), dim=-1), features
+
+
+class ServedEmbedder(nn.Module):
+    """What Triton serves: frames -> (embeddings, frame_features), see `FrameEmbedder.embed`."""
+
+    def __init__(self, embedder: FrameEmbedder):
+        super().__init__()
+        self.embedder = embedder
+
+    def forward(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.embedder.embed(frames)
 
 
 def sequence_contrastive_loss(z1: torch.Tensor, z2: torch.Tensor, t1: torch.Tensor, t2: torch.Tensor,

@@ -169,6 +169,47 @@ async def test_search_with_a_picture_ranks_by_the_stills_frame(gateway, stub, pa
         assert in_b and b.phase_at(in_b[0]["time_s"]) == 2, hits
 
 
+async def test_pictures_of_each_dive_phase_find_that_phase_in_their_video(gateway, stub, tmp_path):
+    """`vqs search PICTURE VIDEO` on 5 dives x a mid-take-off, mid-flight and mid-entry picture:
+    the served context-free `frame_features` put the best hit in the picture's phase for nearly
+    all 15; the control ranks by the contextual embeddings instead (a still looks idle to them,
+    README), recomputed here from Analyze."""
+    import av
+    import cv2
+
+    from clients.embeddings import nearest_frames, tensor_array
+    from clients.search import still_video
+    from server.proto import video_analytics_pb2 as pb
+
+    async def analyzed(data: bytes):
+        response = await stub.Analyze(pb.AnalyzeRequest(video=data, embeddings=True, omit_segments=True), timeout=120)
+        return tensor_array(response.embeddings.values).astype(np.float32), np.asarray(response.embeddings.times_s)
+
+    by_features = by_embeddings = 0
+    for seed in range(5):
+        routine = synth.sample_routine(np.random.default_rng([9_000 + seed, 0]), 9_000 + seed, 5.0)
+        dive = render(tmp_path / f"dive{seed}.mp4", routine, 1.0)
+        with av.open(str(dive.path)) as container:
+            frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+        values, times = await analyzed(dive.path.read_bytes())
+        for phase in ACTION_PHASES:
+            t = (dive.phase_start(phase) + dive.phase_start(phase + 1)) / 2
+            picture = tmp_path / f"dive{seed}_{phase}.png"
+            cv2.imwrite(str(picture), frames[round(t * 15)][:, :, ::-1])  # cv2 writes BGR
+            result = await vqs("search", str(picture), str(dive.path), "--server", gateway.address, "--json",
+                               "--top", "1")
+            assert result.exit_code == 0, result.output
+            found = json.loads(result.stdout)
+            assert found["query"]["by"] == "features"  # the served embedder has them
+            by_features += dive.phase_at(found["results"][0]["time_s"]) == phase
+            still, _ = await analyzed(still_video(picture))
+            [(index, _)] = nearest_frames(still[len(still) // 2], values, 1, 1)
+            by_embeddings += dive.phase_at(times[index]) == phase
+    print(f"pictures whose best hit is in their phase: by frame_features {by_features}/15, "
+          f"by contextual embeddings {by_embeddings}/15")
+    assert by_features >= 13 and by_features > by_embeddings
+
+
 @pytest.mark.parametrize("args,message", [
     (["--at", "no-colon", "{b}"], "VIDEO:SECONDS"),
     (["--at", "{a}:soon", "{b}"], "not a number"),

@@ -5,7 +5,7 @@ import numpy as np
 import torch
 
 from export import frames as frames_module
-from export.models.embedder import FrameEmbedder, rotate, sequence_contrastive_loss, sine_cosine_positions
+from export.models.embedder import FrameEmbedder, ServedEmbedder, rotate, sequence_contrastive_loss, sine_cosine_positions
 
 
 def test_the_gateways_4x4_mean_matches_the_training_downsample():
@@ -26,6 +26,23 @@ def test_embeddings_are_unit_length_per_frame():
     z = model(torch.randint(0, 256, (2, 5, 28, 28, 3), dtype=torch.uint8))
     assert z.shape == (2, 5, 16)
     assert torch.allclose(z.norm(dim=-1), torch.ones(2, 5), atol=1e-5)
+
+
+def test_frame_features_are_unit_length_and_see_no_neighbours():
+    """The served `frame_features` of a frame do not change when the other frames do (a still
+    picture's query must not depend on the frames around it), unlike its embedding."""
+    torch.manual_seed(0)
+    model = ServedEmbedder(FrameEmbedder(dim=32, heads=2, out_dim=16).eval()).eval()
+    frames = torch.randint(0, 256, (1, 9, 28, 28, 3), dtype=torch.uint8)
+    other = frames.clone()
+    other[:, :4] = 255 - other[:, :4]
+    with torch.no_grad():
+        (z, f), (z2, f2) = model(frames), model(other)
+    assert f.shape == (1, 9, 32)
+    assert torch.allclose(f.norm(dim=-1), torch.ones(1, 9), atol=1e-5)
+    assert torch.allclose(f[:, 4:], f2[:, 4:], atol=1e-6)
+    assert not torch.allclose(z[:, 4:], z2[:, 4:], atol=1e-3)
+    assert torch.equal(z, model.embedder(frames))
 
 
 def test_positions_are_distinct_and_bounded():

@@ -6,7 +6,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from export.models.embedder import FrameEmbedder
+from export.models.embedder import FrameEmbedder, ServedEmbedder
 from export.models.parser import ActionParser, ServedParser
 from export.segments_export import EMBEDDER_OUTPUTS, FRAMES_INPUT, MIN_FRAMES, PARSER_OUTPUTS, export_onnx
 
@@ -35,4 +35,4 @@ def test_parser_onnx_parity(tmp_path):
 @pytest.mark.filterwarnings("ignore")
 def test_embedder_onnx_parity(tmp_path):
     torch.manual_seed(0)
-    _parity(FrameEmbedder().eval(), EMBEDDER_OUTPUTS, tmp_path)
+    _parity(ServedEmbedder(FrameEmbedder()).eval(), EMBEDDER_OUTPUTS, tmp_path)
