@@ -119,17 +119,25 @@ def _render_job(args: tuple[int, int]) -> Video:
     return render(*args)
 
 
+_LOADED: dict[Path, list[Video]] = {}  # cached splits read in this process (callers only read them)
+
+
 def load_split(split: str, count: int, *, backgrounds: int = 1, cache: Path | None = None,
                workers: int = 2) -> list[Video]:
     """`count` videos of a split at model size, cached at 56 px as one .npz per (split, count,
-    backgrounds)."""
+    backgrounds). A cached split is read once per process: `build_segments` trains seven models
+    on the training split in one process, and reading its 1 GB took ~40 s each time."""
     if split not in SPLIT_SEEDS:
         raise ValueError(f"split must be one of {sorted(SPLIT_SEEDS)}, got {split!r}")
-    path = Path(cache) / f"{split}_{count}_{backgrounds}.npz" if cache else None
+    path = (Path(cache) / f"{split}_{count}_{backgrounds}.npz").resolve() if cache else None
+    if path is not None and path in _LOADED and path.exists():
+        return _LOADED[path]
     videos = _read(path) if path is not None and path.exists() else _render_split(split, count,
                                                                                  backgrounds, path, workers)
     for v in videos:
         v.backgrounds = [to_model_size(bg) for bg in v.backgrounds]
+    if path is not None:
+        _LOADED[path] = videos
     return videos
 
 

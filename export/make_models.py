@@ -39,8 +39,7 @@ def _adaptive(data_dir: Path) -> None:
 def _segments(data_dir: Path) -> None:
     from export import segments_export
 
-    # Videos without a routine (generator v3's test split) count the parser's false boundaries.
-    segments_export.build_segments(null_videos=data_dir / "test")
+    segments_export.build_segments()
 
 
 BUILDERS = {"tqn": _tqn, "adaptive": _adaptive, "segments": _segments}

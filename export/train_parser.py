@@ -134,7 +134,7 @@ def train_stage2(args) -> None:
 
     def step_losses(step: int) -> dict[str, torch.Tensor]:
         picks = rng.integers(0, len(videos), args.batch)
-        idx = [window_indices(videos[i], args.window, rng) for i in picks]
+        idx = [window_indices(videos[i], args.window, rng, args.action_share) for i in picks]
         responses, logits = model.heads(torch.stack([feats[i][j] for i, j in zip(picks, idx)]))
         losses = dict(global_=args.global_weight * F.cross_entropy(logits, torch.tensor([videos[i].label for i in picks])))
         if args.local:
@@ -151,7 +151,7 @@ def train_stage2(args) -> None:
     record = train_steps(heads, step_losses, steps=args.steps, lr=args.lr, name="parser stage 2", log_every=200)
     _save(model, args.out, "parser", dict(config=config, stage=2, stage1=meta1, window=args.window,
                                           batch=args.batch, margin=args.margin, local=args.local,
-                                          near_weight=args.near_weight, near_radius=args.near_radius,
+                                          near_weight=args.near_weight, near_radius=args.near_radius, action_share=args.action_share,
                                           boundary_weight=args.boundary_weight,
                                           global_weight=args.global_weight, seed=args.seed, **record))
 
@@ -214,6 +214,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="stage 2: weight of a boundary loss on the pattern-change score (beyond the paper)")
     p.add_argument("--global-weight", type=float, default=0.2)
     p.add_argument("--window", type=int, default=64)
+    p.add_argument("--action-share", type=float, default=0.75,
+                   help="stage 2: share of windows that hold the whole action (the rest fall anywhere)")
     p.add_argument("--batch", type=int, help="default: 8 (stages), 16 (detector)")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--seed", type=int, default=0)
