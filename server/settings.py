@@ -55,8 +55,9 @@ class TritonSettings(_Group):
 
 class DecodeSettings(_Group):
     workers: int = Field(2, ge=1)
-    # Frames read from the decoder per step; bounds memory per request.
-    chunk_frames: int = Field(64, ge=8)
+    # Frames per message from a decode worker for a whole video (streams send smaller ones, see
+    # pipeline/stream.py); bounds memory per request. Each message costs the gateway CPU.
+    chunk_frames: int = Field(256, ge=8)
     # A worker that produces nothing for this long is killed and the request fails.
     stall_timeout_s: float = 30.0
     decoder_threads: int = Field(1, ge=0)

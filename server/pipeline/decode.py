@@ -265,34 +265,42 @@ def _take(frames: np.ndarray, picked: np.ndarray) -> np.ndarray:
 
 
 class _Batcher:
-    """Fills fixed batches of `size` rows of parallel arrays (clips, their spans, their flags); a
-    full batch is handed out and a new one started."""
+    """Cuts batches of `size` rows of parallel arrays (clips, their spans, their flags). A batch
+    inside one added part is a view of it; only a batch spanning parts is copied, as each full
+    pass over the clips costs the gateway CPU (README, "Speed")."""
 
     def __init__(self, size: int) -> None:
         self.size = size
-        self.rows: list[np.ndarray] | None = None
+        self.parts: list[tuple[np.ndarray, ...]] = []  # added, not handed out yet
         self.filled = 0
 
     def add(self, *arrays: np.ndarray) -> list[tuple[np.ndarray, ...]]:
+        if len(arrays[0]):
+            self.parts.append(arrays)
+            self.filled += len(arrays[0])
         full = []
-        i = 0
-        while i < len(arrays[0]):
-            if self.rows is None:
-                self.rows = [np.empty((self.size, *a.shape[1:]), a.dtype) for a in arrays]
-            take = min(len(arrays[0]) - i, self.size - self.filled)
-            for rows, a in zip(self.rows, arrays):
-                rows[self.filled : self.filled + take] = a[i : i + take]
-            self.filled += take
-            i += take
-            if self.filled == self.size:
-                full.append(tuple(self.rows))
-                self.rows, self.filled = None, 0
+        while self.filled >= self.size:
+            full.append(self._take(self.size))
         return full
 
     def rest(self) -> tuple[np.ndarray, ...] | None:
-        if not self.filled or self.rows is None:
-            return None
-        return tuple(rows[: self.filled] for rows in self.rows)
+        return self._take(self.filled) if self.filled else None
+
+    def _take(self, n: int) -> tuple[np.ndarray, ...]:
+        taken, rows = [], 0
+        while rows < n:
+            part = self.parts[0]
+            k = min(n - rows, len(part[0]))
+            taken.append(tuple(a[:k] for a in part))
+            if k == len(part[0]):
+                self.parts.pop(0)
+            else:
+                self.parts[0] = tuple(a[k:] for a in part)
+            rows += k
+        self.filled -= n
+        if len(taken) == 1:
+            return taken[0]
+        return tuple(np.concatenate(columns) for columns in zip(*taken))
 
 
 @dataclass

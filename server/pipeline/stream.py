@@ -62,6 +62,9 @@ Mode = Literal["realtime", "archive"]
 # Frames per message from the decode worker for a live stream: a window's last frame is not held
 # back waiting for a fuller chunk.
 LIVE_CHUNK_FRAMES = 2
+# ... and for a stream that is not live: a window's clips do not wait for a whole video's chunk
+# (decode.chunk_frames).
+STREAM_CHUNK_FRAMES = 64
 # Windows in a row whose analysis failed before the stream is ended with the last error.
 MAX_FAILED_WINDOWS = 3
 # A progress event at most this often (seconds of wall time).
@@ -414,7 +417,7 @@ class _Stream:
             sample_fps=spec.clip_fps,
             clips_per_batch=1 if source.live else limits.clips_per_batch,
             live=source.live,
-            chunk_frames=LIVE_CHUNK_FRAMES if source.live else None,
+            chunk_frames=LIVE_CHUNK_FRAMES if source.live else STREAM_CHUNK_FRAMES,
             max_lag_s=limits.max_lag_s if source.live and self.options.mode == "realtime" else None,
         )
         try:

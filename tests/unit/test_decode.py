@@ -293,6 +293,22 @@ def test_long_videos_split_into_near_equal_keyframe_segments():
     assert sparse == [0, 1000]
 
 
+def test_batches_inside_one_part_are_views_and_spanning_batches_keep_the_order():
+    from server.pipeline.decode import _Batcher
+
+    clips = np.arange(10 * 2).reshape(10, 2)  # 10 "clips" of 2 values
+    spans = np.arange(10.0)
+    batcher = _Batcher(4)
+    full = batcher.add(clips[:7], spans[:7])  # one batch inside the part, 3 rows left
+    assert len(full) == 1 and np.shares_memory(full[0][0], clips)  # a view, not a copy
+    full += batcher.add(clips[7:], spans[7:])  # 3 left + 3 new: one batch spans the parts
+    rest = batcher.rest()
+    assert [len(b[0]) for b in full] == [4, 4] and len(rest[0]) == 2
+    assert np.array_equal(np.concatenate([b[0] for b in full] + [rest[0]]), clips)
+    assert np.array_equal(np.concatenate([b[1] for b in full] + [rest[1]]), spans)
+    assert batcher.rest() is None and batcher.add(clips[:0], spans[:0]) == []
+
+
 async def test_parent_memory_stays_bounded(media):
     # 900 frames of 64x64 decode to 11 MB; with a small read-ahead the parent holds far less.
     dec = VideoDecoder(DecodeSettings(workers=2, chunk_frames=8, ahead_bytes=256 * 1024))
