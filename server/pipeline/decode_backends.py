@@ -407,9 +407,12 @@ class PyAVBackend:
         c.seek(0, stream=s, backward=True)
 
     def _times(self, frame: Any) -> tuple[float, float]:
+        # Integer ticks times the time base's numerator, divided by its denominator: the value of
+        # the Fraction product, rounded once as float() of it is, without Fraction's per-frame cost.
+        num, den = self._time_base.numerator, self._time_base.denominator
         stamp = frame.pts if frame.pts is not None else frame.dts
-        start = float((stamp - self._origin) * self._time_base) if stamp is not None else math.nan
-        duration = float(frame.duration * self._time_base) if frame.duration else math.nan
+        start = (stamp - self._origin) * num / den if stamp is not None else math.nan
+        duration = frame.duration * num / den if frame.duration else math.nan
         return start, duration
 
     def _picture(self, frame: Any) -> Frame:

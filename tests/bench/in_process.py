@@ -69,13 +69,13 @@ class InProcess:
             rate = stream.average_rate or stream.guessed_rate
             if skips_frames(float(rate) if rate else None, self.clip_fps) if skip is None else skip:
                 stream.codec_context.skip_frame = "NONREF"
-            base = stream.time_base
+            num, den = stream.time_base.numerator, stream.time_base.denominator  # as the workers do
             origin = stream.start_time or 0
             for frame in container.decode(stream):
                 pictures.append(self.scaler.reformat(frame, size, size, "rgb24", threads=1).to_ndarray())
                 stamp = frame.pts if frame.pts is not None else frame.dts
-                starts.append(float((stamp - origin) * base) if stamp is not None else math.nan)
-                durations.append(float(frame.duration * base) if frame.duration else math.nan)
+                starts.append((stamp - origin) * num / den if stamp is not None else math.nan)
+                durations.append(frame.duration * num / den if frame.duration else math.nan)
         starts, ends = FrameTimes().repair(np.array(starts), np.array(durations))
         picked, starts, ends = TimeGrid(self.clip_fps).sample(starts, ends)
         assembler = ClipAssembler(self.clip_frames)
