@@ -69,10 +69,15 @@ class TritonPythonModel:
             "session.intra_op.allow_spinning", _parameter(config, "allow_spinning", "0")
         )
         self.session = self._create_session(onnx_path, options, config)
+        # On the CPU each request runs alone: a clip costs ONNX Runtime the same at any batch size
+        # there, and joining the requests of a dynamic batch would copy every clip once more
+        # (README, "Speed"). On a GPU, one larger batch is what dynamic batching is for.
+        self.join_requests = self.batched and self.session.get_providers()[0] != _CPU
         self._check_graph()
         self.logger.log_info(
             f"{self.name}: {onnx_path.name} on {self.session.get_providers()[0]} "
-            f"(intra_op_threads={options.intra_op_num_threads}, batched={self.batched})"
+            f"(intra_op_threads={options.intra_op_num_threads}, batched={self.batched}, "
+            f"joins requests={self.join_requests})"
         )
 
     def _create_session(self, path: Path, options: ort.SessionOptions, config: dict):
@@ -154,7 +159,7 @@ class TritonPythonModel:
                     error=_error(f"{self.name}: {exc}", "INVALID_ARG")
                 )
 
-        if self.batched and len(feeds) > 1:
+        if self.join_requests and len(feeds) > 1:
             groups = [feeds]
         else:
             groups = [[item] for item in feeds]
