@@ -45,12 +45,14 @@ def rss_mb() -> float:
 
 
 class Channel:
-    """The worker's end of the pipe, with credit-based flow control."""
+    """The worker's end of the pipe, with credit-based flow control, and its frame arena."""
 
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
         self.credits = 0
         self.jobs: list[msg.DecodeJob] = []
+        self.arena: np.ndarray | None = None
+        self.filled = 0  # chunks written since the last release: the next one's slot
 
     def _handle(self, m: msg.ToWorker) -> None:
         if isinstance(m, msg.Credit):
@@ -72,28 +74,60 @@ class Channel:
     def send(self, m: msg.FromWorker) -> None:
         self.conn.send(m)
 
+    def released(self) -> None:
+        self.credits = 0
+        self.filled = 0
+        self.jobs.clear()
+
+    def slot(self, job: msg.DecodeJob) -> tuple[np.ndarray, int]:
+        """The arena's slot for the next chunk of `job`: (uint8 [chunk_frames, size, size, 3], its
+        offset). One slot more than the credits: the chunks sent and not yet copied out by the
+        parent hold at most `job.credits` of them, this one is filled meanwhile."""
+        size = job.frame_size
+        chunk_bytes = job.chunk_frames * size * size * 3
+        slots = job.credits + 1
+        self._ensure_arena(slots * chunk_bytes)
+        offset = (self.filled % slots) * chunk_bytes
+        self.filled += 1
+        return self.arena[offset : offset + chunk_bytes].reshape(job.chunk_frames, size, size, 3), offset
+
+    def _ensure_arena(self, nbytes: int) -> None:
+        if self.arena is not None and len(self.arena) >= nbytes:
+            return
+        memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        if nbytes > memory:  # a settings fault (decode.chunk_frames): fail here, not on a page fault
+            raise MemoryError(f"a frame arena of {nbytes} bytes is larger than this machine's memory")
+        fd = os.memfd_create("vqs-frames", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(fd, nbytes)
+            self.arena = msg.map_arena(fd, nbytes)
+            self.conn.send(msg.Arena(nbytes))
+            msg.send_fd(self.conn, fd)
+        finally:
+            os.close(fd)
+
     def send_frames(
-        self, segment: int, frames: np.ndarray, starts: list, durations: list, skipped: list[bool]
+        self, segment: int, offset: int, frames: int, starts: list, durations: list, skipped: list[bool],
+        frame_bytes: int,
     ) -> None:
         self.check()
         while self.credits <= 0:
             self.wait()
         self.credits -= 1
         mask = np.asarray(skipped, bool) if any(skipped) else None
-        data = memoryview(np.ascontiguousarray(frames)).cast("B")
         starts, durations = np.asarray(starts, np.float64), np.asarray(durations, np.float64)
-        self.conn.send(msg.Frames(segment, starts, durations, nbytes=len(data), skipped=mask))
-        msg.send_raw(self.conn, data)
+        self.conn.send(msg.Frames(segment, starts, durations, offset=offset, nbytes=frames * frame_bytes, skipped=mask))
 
 
 class Chunker:
-    """Collects frames into a fixed buffer, turned upright, and sends it when full."""
+    """Writes frames, turned upright, into a slot of the arena, and sends it when full."""
 
     def __init__(self, ch: Channel, job: msg.DecodeJob, segment: msg.Segment, quarter_turns: int) -> None:
-        self.ch, self.segment = ch, segment.index
+        self.ch, self.job, self.segment = ch, job, segment.index
         self.quarter_turns = quarter_turns
-        size = job.frame_size
-        self.buf = np.empty((job.chunk_frames, size, size, 3), np.uint8)
+        self.frame_bytes = job.frame_size * job.frame_size * 3
+        self.buf: np.ndarray | None = None  # the slot being filled
+        self.offset = 0
         self.starts: list[float] = []
         self.durations: list[float] = []
         self.skipped: list[bool] = []
@@ -102,6 +136,8 @@ class Chunker:
 
     def add(self, frame: np.ndarray | None, start: float, duration: float) -> None:
         """Add a frame; None: one not decoded (a realtime stream behind its feed), sent as zeros."""
+        if self.buf is None:
+            self.buf, self.offset = self.ch.slot(self.job)
         n = len(self.starts)
         if frame is None:
             self.buf[n] = 0
@@ -120,9 +156,10 @@ class Chunker:
 
     def flush(self) -> None:
         if self.starts:
-            n = len(self.starts)
-            self.ch.send_frames(self.segment, self.buf[:n], self.starts, self.durations, self.skipped)
+            self.ch.send_frames(self.segment, self.offset, len(self.starts), self.starts, self.durations,
+                                self.skipped, self.frame_bytes)
             self.starts, self.durations, self.skipped = [], [], []
+            self.buf = None
 
 
 class Videos:
@@ -309,8 +346,7 @@ def main(conn: Connection) -> None:
                     ch.send(msg.Failed("internal", f"{reason(exc, job.path)}\n{where}"))
                     _wait_for_release(ch)
             except _Released:
-                ch.credits = 0
-                ch.jobs.clear()
+                ch.released()
                 videos.close()
                 ch.send(msg.Released(rss_mb()))
     except (_Exit, EOFError, OSError, KeyboardInterrupt):

@@ -315,7 +315,6 @@ class SegmentScheduler:
 
     def __init__(self, pool: WorkerPool, job: msg.DecodeJob, settings: DecodeSettings) -> None:
         self.pool = pool
-        self.job = job
         self.timeout = settings.stall_timeout_s
         self.max_workers = settings.workers
         chunk_bytes = job.chunk_frames * job.frame_size * job.frame_size * 3
@@ -325,6 +324,7 @@ class SegmentScheduler:
             # sees how late they are, not in the gateway's inbox (decode.ahead_bytes is ~20 s of a
             # stream's 112 px frames).
             self.credits = min(self.credits, LIVE_CREDITS)
+        self.job = dataclasses.replace(job, credits=self.credits)  # sizes each worker's frame arena
         self.workers: list[WorkerProcess] = []
         self.pending: deque[int] = deque()  # segments not given to a worker yet
         self.assigned: deque[_Assigned] = deque()  # in order; the first is being consumed

@@ -68,6 +68,7 @@ class WorkerProcess:
         finally:
             theirs.close()
         self.conn = Connection(ours.detach())
+        self.arena = np.zeros(0, np.uint8)  # the worker's frames (`msg.Arena`); read by the reader thread only
         self._send_lock = threading.Lock()
         self._reader = threading.Thread(target=self._read, name=f"{name}-reader", daemon=True)
         self._reader.start()
@@ -76,8 +77,17 @@ class WorkerProcess:
         while True:
             try:
                 m = self.conn.recv()
-                payload = msg.recv_raw(self.conn, m.nbytes) if isinstance(m, msg.Frames) else None
-            except (EOFError, OSError):
+                if isinstance(m, msg.Arena):
+                    fd = msg.recv_fd(self.conn)
+                    try:
+                        self.arena = msg.map_arena(fd, m.nbytes)
+                    finally:
+                        os.close(fd)
+                    continue
+                payload = None
+                if isinstance(m, msg.Frames):  # copied out, so the worker may fill its slot again
+                    payload = self.arena[m.offset : m.offset + m.nbytes].copy()
+            except (EOFError, OSError, ValueError):
                 self._deliver(Died(), None)
                 return
             self._deliver(m, payload)

@@ -1,22 +1,29 @@
 """What the gateway and its decode worker processes say to each other: one dataclass per message.
 
 Both sides import this module (the worker imports nothing else of the server, so keep it to the
-standard library and numpy). Messages are pickled over a socket pair; a `Frames` message is
-followed on the wire by its frames' raw bytes, `nbytes` of them without framing (uint8
-[n, size, size, 3], RGB), which the parent reads straight into an array.
+standard library and numpy). Messages are pickled over a socket pair. Frames do not travel through
+the socket: each worker writes them into its frame arena, a shared memory file (memfd) it maps and
+hands to the parent once (`Arena`, followed by the file's descriptor), divided into one slot per
+credit; a `Frames` message says where they are (uint8 [n, size, size, 3], RGB). The socket would
+cost both sides a kernel copy of every frame (README, "Speed").
 
 parent -> worker: `DecodeJob`, `Credit`, `Release`, `Exit`
-worker -> parent: `Ready`, `Opened`, `Frames` (+ bytes), `SegmentDone`, `Failed`, `Released`
+worker -> parent: `Ready`, `Arena` (+ a file descriptor), `Opened`, `Frames`, `SegmentDone`, `Failed`,
+`Released`
 
 A job without a segment index probes the video, checks the limits, picks a backend, plans the
 segments and answers `Opened`, then decodes segment 0; a job with one decodes that segment of
-the plan it carries. Each `Frames` costs the worker one credit; with none it waits. `Release`
-abandons the current job at the worker's next check and closes its files.
+the plan it carries. Each `Frames` costs the worker one credit; with none it waits. The arena
+has `DecodeJob.credits` + 1 slots, so the slot it fills next never holds a chunk the parent has
+not copied out yet (the parent returns a credit once it has). `Release` abandons the current job at the worker's next check and
+closes its files.
 """
 
 from __future__ import annotations
 
+import mmap
 import os
+import socket
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Literal
@@ -26,23 +33,24 @@ import numpy as np
 BackendName = Literal["decord", "pyav"]
 
 
-def send_raw(conn: Connection, data: memoryview) -> None:
-    """Write all of `data` to the connection's socket, unframed (its message gave the size)."""
-    fd = conn.fileno()
-    while data:
-        data = data[os.write(fd, data):]
+def send_fd(conn: Connection, fd: int) -> None:
+    """Pass a file descriptor over the connection's Unix socket (after the message naming it)."""
+    with socket.socket(fileno=os.dup(conn.fileno())) as sock:
+        socket.send_fds(sock, [b"\0"], [fd])
 
 
-def recv_raw(conn: Connection, nbytes: int) -> np.ndarray:
-    """Read `nbytes` unframed bytes from the connection's socket into a new uint8 array."""
-    out = np.empty(nbytes, np.uint8)
-    view, fd = memoryview(out), conn.fileno()
-    while view:
-        n = os.readv(fd, [view])
-        if n == 0:
-            raise EOFError("the decode worker closed its pipe mid-message")
-        view = view[n:]
-    return out
+def recv_fd(conn: Connection) -> int:
+    """Receive the file descriptor `send_fd` passed."""
+    with socket.socket(fileno=os.dup(conn.fileno())) as sock:
+        _, fds, _, _ = socket.recv_fds(sock, 1, 1)
+    if len(fds) != 1:
+        raise EOFError("the decode worker's pipe closed before its arena's file descriptor")
+    return fds[0]
+
+
+def map_arena(fd: int, nbytes: int) -> np.ndarray:
+    """The shared memory file `fd` as a uint8 array (the mapping outlives the descriptor)."""
+    return np.frombuffer(mmap.mmap(fd, nbytes), np.uint8)
 
 
 @dataclass(frozen=True)
@@ -107,6 +115,7 @@ class DecodeJob:
     # behind the newest one received are not decoded (`decode_backends.LiveReadahead`).
     live_max_lag_s: float | None = None
     preferred_backend: BackendName = "pyav"  # decode.backend
+    credits: int = 2  # the most chunks the parent lets this worker send ahead (its arena has one more slot)
 
 
 @dataclass(frozen=True)
@@ -130,6 +139,13 @@ class Ready:
 
 
 @dataclass(frozen=True)
+class Arena:
+    """The worker's new frame arena, `nbytes` long; its file descriptor follows (`send_fd`)."""
+
+    nbytes: int
+
+
+@dataclass(frozen=True)
 class Opened:
     video: VideoInfo  # frames and duration_s as claimed by the container (0 if unknown)
     plan: Plan
@@ -138,13 +154,14 @@ class Opened:
 
 @dataclass(frozen=True)
 class Frames:
-    """Frames that follow as raw bytes; per frame its start and duration in seconds, NaN where
-    the decoder has none (the parent repairs times, see `chunk.py`)."""
+    """Frames in the worker's arena, `nbytes` from `offset`; per frame its start and duration in
+    seconds, NaN where the decoder has none (the parent repairs times, see `chunk.py`)."""
 
     segment: int
     starts: np.ndarray  # float64 [n]
     durations: np.ndarray  # float64 [n]
-    nbytes: int = 0  # of the frames that follow
+    offset: int = 0
+    nbytes: int = 0
     skipped: np.ndarray | None = None  # bool [n]: not decoded (zeros), see `DecodeJob.live_max_lag_s`
 
 
@@ -169,4 +186,4 @@ class Released:
 
 
 ToWorker = DecodeJob | Credit | Release | Exit
-FromWorker = Ready | Opened | Frames | SegmentDone | Failed | Released
+FromWorker = Ready | Arena | Opened | Frames | SegmentDone | Failed | Released

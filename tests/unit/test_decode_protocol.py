@@ -43,6 +43,7 @@ def _probe(**kw) -> Probe:
         msg.Release(),
         msg.Exit(),
         msg.Ready(123),
+        msg.Arena(3 * 2**20),
         msg.Opened(msg.VideoInfo(15.0, 112, 112, 0, 0.0, "h264", "decord"), msg.Plan("decord", (msg.Segment(0),)), "why"),
         msg.SegmentDone(2, "decord+pyav"),
         msg.Failed("too_large", "too long"),
@@ -59,6 +60,31 @@ def test_frames_message_carries_nan_for_missing_times():
     back = pickle.loads(pickle.dumps(m))
     np.testing.assert_array_equal(back.starts, m.starts)
     np.testing.assert_array_equal(back.durations, m.durations)
+
+
+def test_an_arena_passed_over_the_pipe_is_the_same_memory_on_both_sides():
+    import os
+    import socket
+    from multiprocessing.connection import Connection
+
+    a, b = socket.socketpair()
+    worker, parent = Connection(a.detach()), Connection(b.detach())
+    fd = os.memfd_create("test-arena")
+    os.ftruncate(fd, 4096)
+    theirs = msg.map_arena(fd, 4096)
+    worker.send(msg.Arena(4096))
+    msg.send_fd(worker, fd)
+    os.close(fd)
+    worker.send(msg.Frames(0, np.zeros(1), np.zeros(1), offset=8, nbytes=4))
+    assert parent.recv() == msg.Arena(4096)
+    received = msg.recv_fd(parent)
+    ours = msg.map_arena(received, 4096)
+    os.close(received)
+    frames = parent.recv()  # the next message is read intact after the descriptor
+    theirs[8:12] = [1, 2, 3, 4]
+    assert ours[frames.offset : frames.offset + frames.nbytes].tolist() == [1, 2, 3, 4]
+    worker.close()
+    parent.close()
 
 
 def test_backend_choice():
