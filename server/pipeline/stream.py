@@ -20,7 +20,10 @@ Four coroutines share one stream's state (`_Stream`), on the gateway's event loo
   dropped), the query decoder answers about them (`Analyzer.answer`, as Analyze does for a whole
   video) and the event goes out; windows go out in order. At the end the clips no window covered
   yet make one last, shorter window, and the final event answers about every clip of the stream
-  (the same clips and answers as Analyze on the same bytes).
+  (the same clips and answers as Analyze on the same bytes). When the action parser is served,
+  it parses every decoded frame as the stream goes (`segments.FrameRun`, in windows as for
+  Analyze), and the final event carries the whole stream's `segments` and `boundaries_s`; a
+  stream whose decoder skipped frames (realtime, behind the feed) has holes and gets none.
 
 Times are the stream's own (frame timestamps repaired by `chunk.FrameTimes`, from its first frame),
 never arrival times. A failure of one window (an encoder or decoder request) is reported in that
@@ -47,7 +50,7 @@ from typing import Literal, Protocol
 import numpy as np
 
 from server.errors import InvalidInput, Overloaded, Timeout, UnsupportedMedia, VqsError
-from server.pipeline import assemble
+from server.pipeline import assemble, segments
 from server.pipeline.analyze import Analyzer
 from server.pipeline.assemble import AnalysisResult
 from server.pipeline.decode import VideoInfo
@@ -219,7 +222,8 @@ class StreamAnalyzer:
         spec = await self.analyzer.encoder(options.encoder)
         spec.check_budget(options.budget)
         version = await self._model_version(spec)
-        stream = _Stream(self, options, spec, version)
+        frames = await segments.frame_run_for(self.analyzer.triton, spec, segments=True, embeddings=False)
+        stream = _Stream(self, options, spec, version, frames)
         async for event in stream.events(chunks):
             yield event
 
@@ -248,8 +252,10 @@ class _Progress:
 
 
 class _Stream:
-    def __init__(self, owner: StreamAnalyzer, options: StreamOptions, spec: EncoderSpec, version: str):
+    def __init__(self, owner: StreamAnalyzer, options: StreamOptions, spec: EncoderSpec, version: str,
+                 frames: segments.FrameRun):
         self.owner = owner
+        self.frames: segments.FrameRun | None = frames if frames.active else None  # the final event's segments
         self.limits = owner.limits
         self.options = options
         self.spec = spec
@@ -297,6 +303,8 @@ class _Stream:
                 # bytes on the pipe checks for nothing else).
                 self.pipe.abort()
             await asyncio.gather(*tasks, return_exceptions=True)
+            if self.frames is not None:
+                await self.frames.cancel()
             for holder in (self.pipe, self.spill):
                 if holder is not None:
                     holder.remove()
@@ -425,6 +433,7 @@ class _Stream:
                 async for batch in batches:
                     self.info = batch.info
                     skipped = np.zeros(len(batch.clips), bool) if batch.dropped is None else batch.dropped
+                    await self._parse(batch.clips, batch.spans_s, holes=bool(np.any(skipped)))
                     for clip, span, dropped in zip(batch.clips, batch.spans_s, skipped):
                         await self._add_clip(clip, span, dropped=bool(dropped))
         except Exception as exc:
@@ -433,6 +442,17 @@ class _Stream:
         finally:
             self.decoded_all = True
             await self._notify()
+
+    async def _parse(self, clips: np.ndarray, spans_s, *, holes: bool) -> None:
+        """The action parser's share of a decoded batch; frames skipped by the decoder leave holes
+        a parse cannot span, so the stream then gets no segments."""
+        if self.frames is None:
+            return
+        if holes:
+            await self.frames.cancel()
+            self.frames = None
+            return
+        await self.frames.add(clips, np.asarray(spans_s, np.float64))
 
     async def _add_clip(self, clip: np.ndarray, span: np.ndarray, *, dropped: bool = False) -> None:
         """`dropped`: the decoder skipped (some of) its frames to keep up with the feed."""
@@ -587,6 +607,8 @@ class _Stream:
                              "with the feed (realtime mode); send it in archive mode")
         spans = np.stack(self.spans)
         result = await self._answer(done, window=False)
+        if self.frames is not None:
+            result = dataclasses.replace(result, frames=await self.frames.finish())
         observer = self.owner.observer
         if result.compute is not None and observer is not None and hasattr(observer, "compute"):
             observer.compute(result.compute)

@@ -149,3 +149,27 @@ async def test_boundaries_land_near_the_truth_on_generated_videos(stub):
     served_f1, even_f1 = f1(served), f1(even)
     print(f"boundary F1 at 0.2 s on 8 videos: served {served_f1:.3f}, evenly spaced {even_f1:.3f}")
     assert served_f1 >= 0.85 and served_f1 > even_f1 + 0.5
+
+
+async def test_a_stream_ends_with_the_segments_analyze_gives_for_the_same_bytes(stub, tmp_path):
+    """AnalyzeStream's final event carries the whole stream's segments: a generated dive sent as
+    MPEG-TS in archive mode ends with the boundaries and patterns Analyze gives for the same bytes
+    (both parse every decoded frame), near the truth; window events carry none."""
+    from tests.integration.test_stream import FINAL, collect, windows
+    from tests.media import ffmpeg
+
+    data, labels = render(seed=900_021, seconds=6.0)
+    (tmp_path / "dive.mp4").write_bytes(data)
+    ffmpeg("-i", str(tmp_path / "dive.mp4"), "-c", "copy", "-f", "mpegts", str(tmp_path / "dive.ts"))
+    ts = (tmp_path / "dive.ts").read_bytes()
+    analyzed = await analyze(stub, ts)
+    events = await collect(stub, pb.StreamOptions(window_clips=4, hop_clips=2, mode=pb.STREAM_MODE_ARCHIVE), ts)
+    final = events[-1]
+    assert final.kind == FINAL and not final.error
+    assert len(analyzed.boundaries_s) >= 3
+    np.testing.assert_allclose(final.result.boundaries_s, analyzed.boundaries_s, atol=1 / FPS + 1e-6)
+    assert [s.pattern for s in final.result.segments] == [s.pattern for s in analyzed.segments]
+    assert final.result.segments[-1].end_s == pytest.approx(analyzed.segments[-1].end_s, abs=1e-3)
+    hits, _, _ = f1_at(list(final.result.boundaries_s), labels["boundaries_s"], 0.2)
+    assert hits >= 3
+    assert windows(events) and not any(w.result.segments or w.result.boundaries_s for w in windows(events))

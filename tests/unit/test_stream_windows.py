@@ -35,6 +35,9 @@ class FakeTriton:
         self.encoded: list[int] = []
         self.budgets: list[float] = []
 
+    async def frame_model(self, name: str):
+        return None  # serves no per-frame models: streams get no segments
+
     async def model_index(self):
         return [{"name": "clip_encoder_s3d", "version": "1", "state": "READY"},
                 {"name": "tqn_decoder", "version": "2", "state": "READY"}]
