@@ -270,3 +270,33 @@ async def test_embeddings_asked_of_a_server_that_cannot_give_them_are_invalid_in
         await seg.frame_run_for(at_30, encoder_30, segments=True, embeddings=True)
     # Segments are on by default: an encoder whose frames the parser cannot take just gets none.
     assert (await seg.frame_run_for(at_30, encoder_30, segments=True, embeddings=False)).parser is None
+
+
+async def test_a_stream_ends_with_segments_unless_its_decoder_skipped_frames(tmp_path):
+    """AnalyzeStream feeds every decoded clip to the parser: the final event carries the parse of
+    all frames, the windows none; once the decoder skips frames (realtime, behind the feed) the
+    parse would have holes, so that stream ends without one."""
+    from tests.unit import test_stream_windows as streams
+
+    class ParsingTriton(streams.FakeTriton):
+        frames = FakeFrameTriton()
+
+        async def frame_model(self, name):
+            if name != triton.PARSER_MODEL:
+                return None
+            return triton.FrameModelSpec(name, streams.SPEC.frame_size, streams.SPEC.clip_fps, 2,
+                                         ("responses", "boundary_scores"), 1, 0.5, 0)
+
+        async def run_frame_model(self, spec, frames):
+            return await self.frames.run_frame_model(spec, frames)
+
+    data = b"\x47" * (6 * streams.BYTES_PER_CLIP)
+    events, _ = await streams.run(tmp_path, data, triton=ParsingTriton(), window_clips=4, hop_clips=2)
+    final = events[-1]
+    assert final.result.frames is not None
+    assert len(final.result.frames.times_s) == 6 * streams.SPEC.clip_frames and final.result.frames.segments
+    assert all(e.result.frames is None for e in events[:-1] if e.result is not None)
+
+    events, _ = await streams.run(tmp_path, data, triton=ParsingTriton(), skipped=frozenset({2}), mode="realtime",
+                                  window_clips=4, hop_clips=2, stream_limits=streams.limits(max_lag_s=100.0))
+    assert events[-1].result is not None and events[-1].result.frames is None
