@@ -2,8 +2,10 @@
 `model_repository/action_parser` and `model_repository/frame_embedder`, and `build_segments`,
 the whole pipeline (data, training, evaluation, export) in one call.
 
-    python -m export.segments_export --parser runs/r11/parser_bnd_cos --embedder runs/r11/embedder_rope \\
-        --evaluation runs/r11/evaluation_parser.json --embedder-evaluation runs/r11/evaluation.json --data runs/r11
+    python -m export.segments_export --parser runs/segments/parser_served --embedder runs/segments/embedder \\
+        --evaluation runs/segments/evaluation.json --data runs/segments
+
+(what `build_segments` does last; `make models-segments` runs all of it).
 
 The Triton contract (agreed with the gateway, see the README "Segments and frame embeddings"):
 both models take `frames` UINT8 [1, T, 28, 28, 3] (the served 112 px frames at `fps` as 4x4
@@ -12,8 +14,9 @@ request). The parser returns `responses` FP32 [1, T, m] and `boundary_scores` FP
 non-max-suppressed pattern-change score, decoded by `export.models.parser.decode_segments` with
 the `boundary_threshold` and `max_boundaries` parameters); the embedder `embeddings` FP32
 [1, T, 128], L2-normalised, and `frame_features` FP32 [1, T, 128], the CNN's per-frame features
-before the Transformer, L2-normalised (a still picture's query). `context_frames` says how many frames either side an output depends
-on, so a window with that much context computes what the whole video computes.
+before the Transformer, L2-normalised (a still picture's query). `context_frames` says how many
+frames either side an output depends on, so a window with that much context computes what the
+whole video computes.
 """
 
 from __future__ import annotations
@@ -254,7 +257,8 @@ BUDGETS = dict(stage1=1150, stage2=3000, detector=1250, embedder=2000, cnn_only=
 # (the same stage 1; the choice also counts false boundaries on the videos without a routine).
 WINDOWS = ("--window", 128, "--action-share", 0.25)
 SERVED_STAGE2 = ("--fresh", "--scale", 4, "--near-weight", 1, "--boundary-weight", 1, "--lr", 1e-3, *WINDOWS)
-PAPER_STAGE2 = ("--fresh", "--scale", 4, "--near-weight", 1, "--lr", 1e-3, *WINDOWS)  # the same without the boundary loss
+# The same without the boundary loss:
+PAPER_STAGE2 = ("--fresh", "--scale", 4, "--near-weight", 1, "--lr", 1e-3, *WINDOWS)
 
 
 def build_segments(data: Path = RUNS, repository: Path = MODEL_REPOSITORY, budgets: dict[str, int] = BUDGETS) -> dict:

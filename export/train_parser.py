@@ -151,7 +151,8 @@ def train_stage2(args) -> None:
     record = train_steps(heads, step_losses, steps=args.steps, lr=args.lr, name="parser stage 2", log_every=200)
     _save(model, args.out, "parser", dict(config=config, stage=2, stage1=meta1, window=args.window,
                                           batch=args.batch, margin=args.margin, local=args.local,
-                                          near_weight=args.near_weight, near_radius=args.near_radius, action_share=args.action_share,
+                                          near_weight=args.near_weight, near_radius=args.near_radius,
+                                          action_share=args.action_share,
                                           boundary_weight=args.boundary_weight,
                                           global_weight=args.global_weight, seed=args.seed, **record))
 

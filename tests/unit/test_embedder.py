@@ -5,7 +5,8 @@ import numpy as np
 import torch
 
 from export import frames as frames_module
-from export.models.embedder import FrameEmbedder, ServedEmbedder, rotate, sequence_contrastive_loss, sine_cosine_positions
+from export.models.embedder import (FrameEmbedder, ServedEmbedder, rotate, sequence_contrastive_loss,
+                                    sine_cosine_positions)
 
 
 def test_the_gateways_4x4_mean_matches_the_training_downsample():
