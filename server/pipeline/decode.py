@@ -357,8 +357,12 @@ class SegmentScheduler:
         """The frames of every segment, in order (after `open`)."""
         size = self.job.frame_size
 
-        while self.assigned:
+        while self.assigned or self.pending:
             self._take_workers()
+            if not self.assigned:
+                # Every segment handed out is done and no idle worker took the rest (a worker's
+                # `SegmentDone` can arrive before `open` has planned them): one of ours goes on.
+                self._assign(self.pending.popleft(), self.workers[0])
             current = self.assigned[0]
             m, payload = await self._next(current.worker)
             if isinstance(m, msg.SegmentDone):

@@ -484,3 +484,59 @@ async def test_a_live_stream_is_read_once_through_a_pipe_by_pyav(decoder, media,
     assert live[-1].info.decoder == "pyav" and live[-1].info.frames == whole[-1].info.frames == 60
     np.testing.assert_array_equal(_joined(live)[0], _joined(whole)[0])
     np.testing.assert_allclose(_joined(live)[1], _joined(whole)[1], atol=1e-6)
+
+
+async def test_every_segment_is_decoded_when_the_first_ends_before_open_planned_the_rest():
+    # Under load the first worker's Opened, its frames and its SegmentDone can all be handled
+    # before `open` resumes: the SegmentDone finds no segment pending, and with no idle worker
+    # the rest of the video must still be decoded (it was silently dropped: 9 of 19 clips).
+    from server.pipeline import decode_protocol as msg
+    from server.pipeline.decode import SegmentScheduler
+
+    plan = msg.Plan("pyav", (msg.Segment(0), msg.Segment(1, start_pts=5)))
+    video = msg.VideoInfo(15.0, SIZE, SIZE, 10, 10 / 15)
+
+    class Worker:
+        def __init__(self) -> None:
+            self.inbox: asyncio.Queue = asyncio.Queue()
+            self.jobs, self.on_segment_done, self.sent = 0, None, []
+
+        def send(self, m) -> None:
+            self.sent.append(m)
+            if not isinstance(m, msg.DecodeJob):
+                return
+            segment = m.segment or 0
+            if m.segment is None:
+                self.inbox.put_nowait((msg.Opened(video, plan), None))
+            starts = np.arange(5.0) / 15 + segment * 5 / 15
+            frames = np.full(5 * SIZE * SIZE * 3, segment, np.uint8)
+            self.inbox.put_nowait((msg.Frames(segment, starts, np.full(5, 1 / 15)), frames))
+            self.inbox.put_nowait((msg.SegmentDone(segment, "pyav"), None))
+            self.on_segment_done(self)  # as the reader delivers it: before `open` resumes
+
+        async def recv(self, timeout: float):
+            return await self.inbox.get()
+
+    class Pool:  # one other worker idle when the video opens, taken by another request at once
+        def __init__(self) -> None:
+            self.worker = Worker()
+
+        async def acquire(self):
+            return self.worker
+
+        def idle_count(self) -> int:
+            return 1
+
+        def try_acquire(self):
+            return None
+
+        async def release(self, w) -> None:
+            pass
+
+    job = msg.DecodeJob(path="x", frame_size=SIZE, chunk_frames=16, threads=1, workers=2,
+                        segment_frames=240, sample_fps=None)
+    scheduler = SegmentScheduler(Pool(), job, DecodeSettings(workers=2))
+    await scheduler.open()
+    chunks = [chunk async for chunk in scheduler.chunks()]
+    assert [int(c.frames[0, 0, 0, 0]) for c in chunks] == [0, 1]  # both segments, in order
+    np.testing.assert_allclose(np.concatenate([c.starts for c in chunks]), np.arange(10) / 15)
