@@ -3,11 +3,14 @@
 - `vit`: the tubelet ViT (`vit_mini_112`: dim 64, 6 blocks, 2×16×16 tubelets) distilled from the served s3d's clip features (no labels),
   so the served TQN decoder reads its features unchanged; `vit_ats` is the same weights with ATS in
   blocks 3..6 (no retraining; ATS has no parameters).
-- `s3d_sgs`: the served s3d with SGS inserted, fine-tuned through the served (frozen) TQN decoder
-  on the short training videos (every clip online): the query loss plus the distillation loss to
-  the s3d's own clip features, so the decoder needs no retraining and both encoders serve with it.
-  Each step draws every clip's B uniformly from 1..8 (one weight set for every budget). Each
-  placement in `PLACEMENTS` is trained the same way; the one exported is chosen on validation.
+- `s3d_sgs`: the served s3d's weights with SGS inserted (a centred similarity net whose bias is
+  calibrated on training clips; bins passed on as time-ordered means, see `S3DSGS`), trained
+  through the served (frozen) TQN decoder on the short training videos (every clip online): the
+  query loss plus the distillation loss to the s3d's own clip features, so the decoder needs no
+  retraining and both encoders serve with it. Each step draws every clip's B uniformly from 1..8
+  (one weight set for every budget); the similarity net is held fixed for the first
+  `sgs_frozen_steps`, then trained. Each placement in `PLACEMENTS` is trained the same way; the
+  one exported is chosen on validation.
 
 Choices are made on the validation split through the exported ONNX graphs (ONNX Runtime, as
 served), on every `VAL_EVERY`-th validation video: each adaptive encoder's `budget_default` is the
@@ -45,10 +48,11 @@ from export.models.vit import create as create_vit
 REPORT = REPO / "export" / "adaptive_training.json"
 SEED = 9
 VIT_VARIANT = "vit_mini_112"
-# After the patchify conv (2 more to 0.29 of s3d's work at B' = 1) the similarity net sees per-frame
-# appearance only: Δ of a clip's frames differ by ~7% at init, every frame lands in the last bin's
-# flat part (no gradient) and B' stayed 1.0 over 20 fine-tuning steps; so it is not trained here.
-PLACEMENTS = ("stem", "stage2")
+# Where SGS can go, earliest first: after the patchify conv (B' = 1 costs 0.29 of s3d's work), after the
+# stem (0.32), after stage 2 (the thesis's place for X3D; 0.67).
+PLACEMENTS = ("patchify", "stem", "stage2")
+CALIBRATION_CLIPS = 64  # random training clips that set the similarity net's bias (calibrate_similarity)
+BIAS_SCALE = 1.0  # the similarity net's output bias, in units of the median ‖Z_t‖ (calibrate_similarity)
 VAL_BUDGETS = (1.0, 0.5, 0.35, 0.25)  # B = 8, 4, 3, 2; K = 196, 98, 69, 49
 SGS_VAL_BUDGETS = (1.0, 0.5, 0.25)
 # Every sixth validation video (50 of 300, ~1,000 clips): every choice needs a curve of passes, and
@@ -65,16 +69,19 @@ class AdaptiveBudget:
     vit_clips_per_step: int = 32
     vit_lr: float = 1e-3
     vit_tune_steps: int = 120  # after the distillation, through the frozen decoder (`tune_vit`)
-    sgs_steps: int = 100
+    sgs_steps: int = 400
     sgs_videos_per_step: int = 4
-    sgs_lr: float = 3e-4
+    sgs_lr: float = 1e-3
+    sgs_frozen_steps: int = 300  # of sgs_steps, with the similarity net fixed (fine_tune_sgs)
+    similarity_lr: float = 1e-4
     distill_weight: float = 1.0
     event_fraction: float = 0.5  # of the ViT's clips, drawn from clips that show an event
     refit_clips: int = 2048  # for the least-squares refit of the ViT's last layer
     val_every: int = VAL_EVERY
 
 
-QUICK = AdaptiveBudget(vit_steps=20, vit_tune_steps=5, sgs_steps=10, refit_clips=256, val_every=15)
+QUICK = AdaptiveBudget(vit_steps=20, vit_tune_steps=5, sgs_steps=10, sgs_frozen_steps=5, refit_clips=256,
+                      val_every=15)
 
 
 def _log(message: str) -> None:
@@ -163,8 +170,9 @@ def distill_vit(teacher: S3D, datasets: list[data.ClipDataset], budget: Adaptive
 
 
 def sgs_config(s3d_config: dict, placement: str) -> dict:
-    """S3DSGS's constructor config: the served s3d's (its model.json `config`) with SGS after `placement`."""
-    return {**s3d_config, "sgs_after": placement}
+    """S3DSGS's constructor config: the served s3d's (its model.json `config`) with SGS after
+    `placement`, its similarity net centred and its bins time-ordered means (see S3DSGS)."""
+    return {**s3d_config, "sgs_after": placement, "similarity_centred": True, "bins": "time_means"}
 
 
 @torch.inference_mode()
@@ -191,16 +199,36 @@ def refit_projection(vit: VideoViT, teacher: S3D, ds: data.ClipDataset, clips: i
     return float(((h1 @ solution - t) ** 2).mean() / t.var(dim=0).mean())
 
 
-def s3d_sgs_from(teacher: S3D, s3d_config: dict, placement: str) -> S3DSGS:
-    """The served s3d's architecture and weights with SGS after `placement` (a fresh similarity net)."""
+def s3d_sgs_from(teacher: S3D, s3d_config: dict, placement: str, calibration: torch.Tensor) -> S3DSGS:
+    """The served s3d's architecture and weights with SGS after `placement` and a fresh, centred
+    similarity net whose output bias is set from `calibration` clips (see `calibrate_similarity`)."""
     model = S3DSGS(**sgs_config(s3d_config, placement))
     missing, unexpected = model.load_state_dict(teacher.state_dict(), strict=False)
     if unexpected or any(not k.startswith("sgs.") for k in missing):
         raise ValueError(f"s3d weights do not fit s3d_sgs: missing {missing}, unexpected {unexpected}")
-    with torch.no_grad():  # at init the biases dominate Δ, so every frame of a clip falls in one bin
-        model.sgs.similarity.conv1.bias.zero_()
-        model.sgs.similarity.conv2.bias.zero_()
+    calibrate_similarity(model, calibration)
     return model
+
+
+@torch.no_grad()
+def calibrate_similarity(model: S3DSGS, clips: torch.Tensor) -> float:
+    """Set the similarity net's output bias to a random direction whose length is the median
+    ‖Z_t‖ of `clips` without it (`BIAS_SCALE` times): Δ_t = ‖bias + u_t‖, so a clip whose frames
+    deviate from their mean less than the typical clip's collapses to fewer bins and one whose
+    frames deviate more spreads over more. Binning is scale-free (γ = Δ_max / 2B), so without a
+    bias a still clip's noise spreads as far as a dive; with a bias 2-4x this one nearly every clip
+    keeps 1-2 bins of 8 (untrained, on validation). Returns the median."""
+    net = model.sgs.similarity
+    net.conv1.bias.zero_()
+    net.conv2.bias.zero_()
+    was_training = model.training
+    model.eval()
+    x = (clips.permute(0, 4, 1, 2, 3).float() - model.mean) / model.std
+    median = float(torch.linalg.vector_norm(net(model.before_sgs(x)), dim=-1).median())
+    model.train(was_training)
+    direction = torch.randn(net.conv2.out_channels)
+    net.conv2.bias.copy_(direction / direction.norm() * median * BIAS_SCALE)
+    return median
 
 
 def tune_through_decoder(name: str, model: torch.nn.Module, encode, groups: list[dict], teacher: S3D,
@@ -243,18 +271,31 @@ def tune_through_decoder(name: str, model: torch.nn.Module, encode, groups: list
 
 def fine_tune_sgs(model: S3DSGS, teacher: S3D, decoder: TQNDecoder, short: data.ClipDataset,
                   budget: AdaptiveBudget, rng: np.random.Generator) -> S3DSGS:
-    """`tune_through_decoder` with each clip's B drawn from 1..T; the similarity net is new, so it
-    learns at 10x the rate of the pretrained layers."""
+    """`tune_through_decoder` with each clip's B drawn from 1..T: first the s3d's layers around a
+    fixed similarity net (`budget.sgs_frozen_steps`), then everything with the similarity net at
+    `budget.similarity_lr`. Why in two phases: the layers after SGS answer badly at first whatever
+    the bins, and a similarity net trained from the start learnt to put every frame of every clip
+    in one bin (B' 1.0-1.1 within 30 steps at the patchify placement)."""
     fresh = list(model.sgs.parameters())
     known = [p for n, p in model.named_parameters() if not n.startswith("sgs.")]
+    name = f"s3d_sgs[{model.sgs_after}]"
 
     def encode(clips, rng):
         return model(clips, torch.from_numpy(rng.integers(1, model.clip_frames + 1, len(clips))))
 
-    tune_through_decoder(f"s3d_sgs[{model.sgs_after}]", model, encode,
-                         [{"params": known}, {"params": fresh, "lr": 10 * budget.sgs_lr}], teacher, decoder, short,
-                         steps=budget.sgs_steps, videos_per_step=budget.sgs_videos_per_step, lr=budget.sgs_lr,
-                         distill_weight=budget.distill_weight, rng=rng)
+    common = dict(videos_per_step=budget.sgs_videos_per_step, lr=budget.sgs_lr, distill_weight=budget.distill_weight,
+                  rng=rng)
+    frozen = min(budget.sgs_frozen_steps, budget.sgs_steps)
+    if frozen:
+        for p in fresh:
+            p.requires_grad_(False)
+        tune_through_decoder(f"{name} (similarity net fixed)", model, encode, [{"params": known}], teacher, decoder,
+                             short, steps=frozen, **common)
+        for p in fresh:
+            p.requires_grad_(True)
+    if budget.sgs_steps > frozen:
+        tune_through_decoder(name, model, encode, [{"params": known}, {"params": fresh, "lr": budget.similarity_lr}],
+                             teacher, decoder, short, steps=budget.sgs_steps - frozen, **common)
     return model
 
 
@@ -353,7 +394,7 @@ def build_adaptive(data_dir: Path, repository: Path = MODEL_REPOSITORY, *, budge
     default only s3d_sgs: the ViT did not learn in this budget (README), so clip_encoder_vit and
     clip_encoder_vit_ats are built only when asked (`--encoders vit s3d_sgs`) and are not served."""
     t0 = time.monotonic()
-    torch.set_num_threads(2)
+    torch.set_num_threads(train.TRAIN_THREADS)
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     teacher, decoder, s3d_meta = load_served(repository)
@@ -431,9 +472,11 @@ def build_adaptive(data_dir: Path, repository: Path = MODEL_REPOSITORY, *, budge
         # s3d_sgs at each placement, chosen on val.
         plain = s3d_macs(teacher)
         placements = {}
+        calibration = _clip_batch(full, rng.integers(0, full.total_clips, CALIBRATION_CLIPS))
         for where in PLACEMENTS:
             t = time.monotonic()
-            model = fine_tune_sgs(s3d_sgs_from(teacher, s3d_meta["config"], where), teacher, decoder, short, budget, rng)
+            model = s3d_sgs_from(teacher, s3d_meta["config"], where, calibration)
+            model = fine_tune_sgs(model, teacher, decoder, short, budget, rng)
             seconds = time.monotonic() - t
             out_dir = work / where / "clip_encoder_s3d_sgs"
             adaptive_export.export_served(

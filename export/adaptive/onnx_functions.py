@@ -75,11 +75,12 @@ def SimilarityGuidedSampling(features: FLOAT, z: FLOAT, bins: INT64):
     x = op.Where(flat, two_b, two_b * delta / op.Where(flat, op.Constant(value_float=1.0), delta_max))
     bin_number = op.Range(op.Constant(value_int=1), b_max + op.Constant(value_int=1), op.Constant(value_int=1))
     centres = op.Cast(bin_number, to=1) * op.Constant(value_float=2.0) - op.Constant(value_float=1.0)  # B_max
-    right_limit = op.Where(
-        op.Equal(bin_number, per_clip), op.Constant(value_float=0.0), op.Constant(value_float=float("inf"))
-    )  # N or 1, B_max
     axis_1 = op.Constant(value_ints=[1])
-    offset = op.Min(op.Unsqueeze(x, op.Constant(value_ints=[-1])) - centres, op.Unsqueeze(right_limit, axis_1))
+    offset = op.Unsqueeze(x, op.Constant(value_ints=[-1])) - centres  # N, T, B_max
+    # The last bin falls at half the slope right of its centre.
+    last = op.Unsqueeze(op.Equal(bin_number, per_clip), axis_1)  # N or 1, 1, B_max
+    offset = op.Where(op.And(last, op.Greater(offset, op.Constant(value_float=0.0))),
+                      offset * op.Constant(value_float=0.5), offset)
     in_clip = op.Cast(op.LessOrEqual(bin_number, per_clip), to=1)  # a clip's bins beyond its own B weigh 0
     weights = op.Relu(op.Constant(value_float=1.0) - op.Abs(offset)) * op.Unsqueeze(in_clip, axis_1)  # N, T, B_max
     occupied = op.Cast(

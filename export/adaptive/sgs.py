@@ -7,8 +7,10 @@ O_b = Σ_t I_t · max(0, 1 − |Δ_t − β_b| / γ); bins no frame reaches are 
 
 Two choices the thesis leaves open, made here:
 - The frame with the largest Δ sits exactly on the last bin's right edge (Δ_max = 2Bγ), where the
-  linear kernel is 0, so it would vanish from every clip. The last bin's kernel is therefore flat
-  to the right of its centre: frames in [β_B, Δ_max] get weight 1 there.
+  linear kernel is 0, so it would vanish from every clip. Right of its centre the last bin's
+  kernel therefore falls at half the slope, 1 − (Δ − β_B) / 2γ: the largest frame keeps weight
+  1/2, and every frame near it still has a gradient through Δ (a flat kernel there had none, so a
+  similarity net whose frames all started near Δ_max never learnt to tell them apart).
 - If every Δ is 0 (Z = 0), the bins have no width; all frames are then treated as equal and
   summed into one bin.
 
@@ -45,9 +47,9 @@ def bin_weights(z: torch.Tensor, bins: torch.Tensor | int) -> torch.Tensor:
     number = torch.arange(1, b_max + 1, device=z.device)  # B_max
     centres = number.to(z.dtype) * 2 - 1
     offset = x.unsqueeze(-1) - centres  # N, T, B_max
-    # Each clip's last bin is flat right of its centre (see module docstring).
-    right_limit = torch.where(number == per_clip, 0.0, float("inf")).to(z.dtype)  # N, B_max
-    offset = torch.minimum(offset, right_limit.unsqueeze(1))
+    # Each clip's last bin falls at half the slope right of its centre (see module docstring).
+    last = (number == per_clip).unsqueeze(1)  # N or 1, 1, B_max
+    offset = torch.where(last & (offset > 0), 0.5 * offset, offset)
     weights = (1.0 - offset.abs()).clamp(min=0.0)
     return weights * (number <= per_clip).to(z.dtype).unsqueeze(1)
 
@@ -132,25 +134,34 @@ def _flops(features_shape, z_shape, bins_shape, *, out_shape, **kwargs) -> int:
 
 class SimilarityNet(nn.Module):
     """f_s: spatial global average pool, then two kernel-1 conv1d layers (C, then L channels).
-    The ReLU between them is ours: without it the two layers are one linear map."""
+    The ReLU between them is ours: without it the two layers are one linear map.
 
-    def __init__(self, in_channels: int, *, similarity_dim: int = 8):
+    `centred` (ours too): the pooled features minus their mean over the clip's frames, so Z_t is
+    conv2's bias plus what frame t has that the clip's other frames lack. Early in the s3d the
+    frames of a clip share most of their (post-ReLU, positive) features, so without it every Δ_t
+    is within a few % of Δ_max and every frame lands in the last bin; with it a clip whose frames
+    differ little against the bias collapses to few bins and one whose frames differ much spreads."""
+
+    def __init__(self, in_channels: int, *, similarity_dim: int = 8, centred: bool = False):
         super().__init__()
+        self.centred = centred
         self.conv1 = nn.Conv1d(in_channels, in_channels, 1)
         self.act = nn.ReLU(inplace=True)
         self.conv2 = nn.Conv1d(in_channels, similarity_dim, 1)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         pooled = features.flatten(3).mean(dim=3)  # N, C, T
+        if self.centred:
+            pooled = pooled - pooled.mean(dim=2, keepdim=True)
         return self.conv2(self.act(self.conv1(pooled))).transpose(1, 2)  # N, T, L
 
 
 class SimilarityGuidedSampling(nn.Module):
     """(N, C, T, H, W) features and a bin count B -> (N, C, B'max, H, W) and a (N, B'max) mask."""
 
-    def __init__(self, in_channels: int, *, similarity_dim: int = 8):
+    def __init__(self, in_channels: int, *, similarity_dim: int = 8, centred: bool = False):
         super().__init__()
-        self.similarity = SimilarityNet(in_channels, similarity_dim=similarity_dim)
+        self.similarity = SimilarityNet(in_channels, similarity_dim=similarity_dim, centred=centred)
 
     def forward(self, features: torch.Tensor, bins: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return similarity_guided_sampling(features, self.similarity(features), bins)

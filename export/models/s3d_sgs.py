@@ -6,6 +6,17 @@ points tried (after the stem's patchifying conv, after the stem, after stage 2 a
 for X3D, after stage 3); `macs`
 counts a clip's multiply-adds for a given B' from the shapes each layer processes.
 
+`bins`: what the layers after SGS get. "sums": the op's output as the thesis has it, O_b, the
+linear kernel's weighted sums (eq. 6.6) in bin (Δ) order. "time_means": each kept bin divided by
+its kernel mass Σ_t ψ(Δ_t, β_b), i.e. the weighted mean of its frames (as the thesis's Kronecker
+kernel, eq. 6.5, averages), and the bins put in the order of their frames' mean time. The op is
+the same; the mass and the mean time are its sums over two channels appended to the features
+(ones, and the frame index). Why: the layers after SGS start from the trained s3d, whose temporal
+convs saw single frames in time order; with sums in Δ order their input changes scale by up to 8x
+from clip to clip (batch norm cannot undo a per-clip scale) and loses its order. With time-ordered
+means a clip that keeps a bin per frame is exactly the s3d. (Measured only together with the
+training schedule that came with it: README "Adaptive computation".)
+
 Across a batch the kept bins are padded to the batch's largest B' (mask False). Padded frames are
 zeroed before every temporal conv and pooled out at the end, so a clip's features do not depend
 on its batch. The temporal max-pool after stage 3 rounds up (B' = 1 and odd B' pool to
@@ -21,10 +32,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from export.adaptive.sgs import SimilarityGuidedSampling
+from export.adaptive.sgs import SimilarityGuidedSampling, similarity_guided_sampling
 from export.models.s3d import S3D, SepConv3d
 
 PLACEMENTS = ("patchify", "stem", "stage2", "stage3")
+BIN_OUTPUTS = ("sums", "time_means")
 
 
 def _masked_stage(stage: SepConv3d, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -40,16 +52,19 @@ def _masked_stage(stage: SepConv3d, x: torch.Tensor, mask: torch.Tensor | None) 
 class S3DSGS(S3D):
     """`forward(clips, bins)` -> features (N, D) and the bins each clip kept, B' (N,)."""
 
-    def __init__(self, *, sgs_after: str = "stem", similarity_dim: int = 8, **s3d_options):
+    def __init__(self, *, sgs_after: str = "stem", similarity_dim: int = 8, similarity_centred: bool = False,
+                 bins: str = "sums", **s3d_options):
         super().__init__(**s3d_options)
         if sgs_after not in PLACEMENTS:
             raise ValueError(f"sgs_after must be one of {PLACEMENTS}, got {sgs_after!r}")
         if getattr(self, "per_frame", False):
             raise ValueError("SGS needs a temporal encoder (temporal_kernel_size=3)")
-        self.sgs_after = sgs_after
+        if bins not in BIN_OUTPUTS:
+            raise ValueError(f"bins must be one of {BIN_OUTPUTS}, got {bins!r}")
+        self.sgs_after, self.bins = sgs_after, bins
         channels = {"patchify": self.stem[0].out_channels, "stem": self.stem[-3].out_channels,
                     "stage2": self.stage2.temporal.out_channels, "stage3": self.stage3.temporal.out_channels}[sgs_after]
-        self.sgs = SimilarityGuidedSampling(channels, similarity_dim=similarity_dim)
+        self.sgs = SimilarityGuidedSampling(channels, similarity_dim=similarity_dim, centred=similarity_centred)
         self.temporal_stride = self.pool3.kernel_size[0] if isinstance(self.pool3.kernel_size, tuple) else 2
 
     def _pool3(self, x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -92,8 +107,27 @@ class S3DSGS(S3D):
         keep = mask[:, None].to(x.dtype)
         return (x * keep).sum(dim=2) / keep.sum(dim=2)  # N, C4
 
+    def sample(self, before: torch.Tensor, bins: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """SGS on the features before it: (N, C, B', h, w) and the (N, B') mask."""
+        if self.bins == "sums":
+            return self.sgs(before, bins)
+        n, c, t = before.shape[:3]
+        ones = before.new_ones((n, 1, *before.shape[2:]))
+        time = torch.arange(t, dtype=before.dtype, device=before.device).view(1, 1, t, *[1] * (before.dim() - 3))
+        extra = torch.cat([ones, ones * time], dim=1)  # N, 2, T, h, w
+        sampled, mask = similarity_guided_sampling(torch.cat([before, extra], dim=1), self.sgs.similarity(before), bins)
+        mass = sampled[:, c : c + 1].clamp(min=1e-6)  # Σ_t ψ per bin (0 on padded bins, whose sums are 0 too)
+        means = sampled[:, :c] / mass
+        mean_time = (sampled[:, c + 1 : c + 2] / mass).flatten(3)[:, 0, :, 0]  # N, B'
+        # Padded bins last; bin position breaks ties (a stable sort does not export, TopK does).
+        position = torch.arange(mask.shape[1], dtype=before.dtype, device=before.device) * 1e-4
+        key = torch.where(mask, mean_time, float(t)) + position
+        order = torch.topk(key, mask.shape[1], dim=1, largest=False).indices
+        index = order.view(n, 1, -1, *[1] * (before.dim() - 3)).expand(n, c, -1, *means.shape[3:])
+        return means.gather(2, index), mask.gather(1, order)
+
     def forward_features(self, x: torch.Tensor, bins: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        sampled, mask = self.sgs(self.before_sgs(x), bins)  # N, C, B', h, w; N, B'
+        sampled, mask = self.sample(self.before_sgs(x), bins)  # N, C, B', h, w; N, B'
         return self.after_sgs(sampled, mask), mask.sum(dim=1)
 
     def forward(self, clips: torch.Tensor, bins: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -123,7 +157,8 @@ class S3DSGS(S3D):
                 self.sgs.similarity(before)
                 _, c, t, *space = before.shape
                 self.forward_head(self.after_sgs(before.new_zeros(1, c, bins_kept, *space), None))
-            sgs_sum = c * bins_kept * t * space[0] * space[1]  # O_b = Σ_t I_t·w_tb
+            channels = c if self.bins == "sums" else c + 2  # + the mass and mean-time channels
+            sgs_sum = channels * bins_kept * t * space[0] * space[1]  # O_b = Σ_t I_t·w_tb
             return counter.get_total_flops() // 2 + sgs_sum
         finally:
             self.train(was_training)

@@ -224,7 +224,8 @@ def test_ats_keeps_fewer_tokens_than_asked(exported):
 
 @pytest.fixture(scope="module")
 def encoders(tmp_path_factory):
-    """Small ViT with ATS in 3 blocks and the s3d with SGS after its stem, exported for serving."""
+    """Small ViT with ATS in 3 blocks and the s3d with SGS after its stem (the thesis's sums, and the
+    served time-ordered means of a centred similarity net), exported for serving."""
     from export.models.s3d_sgs import create as create_s3d_sgs
     from export.models.vit import VideoViT
 
@@ -234,18 +235,21 @@ def encoders(tmp_path_factory):
     clips = torch.randint(0, 255, (2, 8, 64, 64, 3), dtype=torch.uint8)
     vit = VideoViT(dim=32, depth=4, heads=2, frame_size=64, ats_blocks=(1, 2, 3)).eval()
     sgs = create_s3d_sgs("s3d_sgs_stem_112", frame_size=64).eval()
+    means = create_s3d_sgs("s3d_sgs_patchify_112", frame_size=64, bins="time_means", similarity_centred=True).eval()
     with torch.no_grad():  # sharper attention and a similarity net that tells frames apart, as after training
         for block in vit.blocks:
             block.attn.qkv.weight[:32].mul_(8)
-        sgs.sgs.similarity.conv1.bias.zero_()
-        sgs.sgs.similarity.conv2.bias.zero_()
+        for model in (sgs, means):
+            model.sgs.similarity.conv1.bias.zero_()
+            model.sgs.similarity.conv2.bias.zero_()
     _export(vit, (clips, torch.tensor([16, 8, 4])), out / "vit_ats.onnx", ["clips", "k"], ["features", "tokens_kept"],
             {"clips": {0: batch}, "k": None})
-    _export(sgs, (clips, torch.tensor(8)), out / "s3d_sgs.onnx", ["clips", "bins"], ["features", "bins_kept"],
-            {"clips": {0: batch}, "bins": None})
+    for name, model in (("s3d_sgs", sgs), ("s3d_sgs_time_means", means)):
+        _export(model, (clips, torch.tensor(8)), out / f"{name}.onnx", ["clips", "bins"], ["features", "bins_kept"],
+                {"clips": {0: batch}, "bins": None})
     return {name: (model, onnx.load(str(out / f"{name}.onnx")),
                    ort.InferenceSession(str(out / f"{name}.onnx"), providers=["CPUExecutionProvider"]))
-            for name, model in (("vit_ats", vit), ("s3d_sgs", sgs))}
+            for name, model in (("vit_ats", vit), ("s3d_sgs", sgs), ("s3d_sgs_time_means", means))}
 
 
 def _video(batch: int, seed: int) -> np.ndarray:
@@ -255,7 +259,8 @@ def _video(batch: int, seed: int) -> np.ndarray:
 
 
 def test_encoders_keep_one_node_per_use(encoders):
-    for name, op_type, uses in (("vit_ats", "AdaptiveTokenSampler", 3), ("s3d_sgs", "SimilarityGuidedSampling", 1)):
+    for name, op_type, uses in (("vit_ats", "AdaptiveTokenSampler", 3), ("s3d_sgs", "SimilarityGuidedSampling", 1),
+                                ("s3d_sgs_time_means", "SimilarityGuidedSampling", 1)):
         _, proto, _ = encoders[name]
         custom = [n.op_type for n in proto.graph.node if n.domain == "vqs"]
         assert custom == [op_type] * uses
@@ -274,10 +279,11 @@ def test_vit_ats_matches_torch(encoders, k, batch):
     np.testing.assert_allclose(got_features, features.numpy(), atol=TOLERANCE, rtol=0)
 
 
+@pytest.mark.parametrize("name", ["s3d_sgs", "s3d_sgs_time_means"])
 @pytest.mark.parametrize("bins", [8, 4, 2, 1])
 @pytest.mark.parametrize("batch", [1, 4])
-def test_s3d_sgs_matches_torch(encoders, bins, batch):
-    model, _, session = encoders["s3d_sgs"]
+def test_s3d_sgs_matches_torch(encoders, bins, batch, name):
+    model, _, session = encoders[name]
     clips = _video(batch, seed=bins + batch)
     with torch.no_grad():
         features, kept = model(torch.from_numpy(clips), torch.tensor(bins))

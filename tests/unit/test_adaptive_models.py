@@ -5,7 +5,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from export.models.s3d import S3D
-from export.models.s3d_sgs import PLACEMENTS, S3DSGS, s3d_macs
+from export.models.s3d_sgs import BIN_OUTPUTS, PLACEMENTS, S3DSGS, s3d_macs
 from export.models.s3d_sgs import create as create_s3d_sgs
 from export.models.vit import VideoViT
 from export.models.vit import create as create_vit
@@ -87,10 +87,16 @@ def _sharpen(model: S3DSGS) -> S3DSGS:
     return model.eval()
 
 
+def _s3d_sgs(where: str, bins: str) -> S3DSGS:
+    return _sharpen(create_s3d_sgs(f"s3d_sgs_{where}_112", frame_size=64, bins=bins,
+                                   similarity_centred=bins == "time_means"))
+
+
+@pytest.mark.parametrize("bins", BIN_OUTPUTS)
 @pytest.mark.parametrize("where", PLACEMENTS)
-def test_s3d_sgs_clip_features_do_not_depend_on_the_batch(where):
+def test_s3d_sgs_clip_features_do_not_depend_on_the_batch(where, bins):
     torch.manual_seed(0)
-    model = _sharpen(create_s3d_sgs(f"s3d_sgs_{where}_112", frame_size=64))
+    model = _s3d_sgs(where, bins)
     clips = _clips(4, seed=4, size=64)
     with torch.no_grad():
         batched, kept = model(clips, torch.tensor(8))
@@ -110,10 +116,11 @@ def test_s3d_sgs_one_bin_still_pools():
     assert kept.tolist() == [1, 1] and features.shape == (2, 256) and torch.isfinite(features).all()
 
 
+@pytest.mark.parametrize("bins", BIN_OUTPUTS)
 @pytest.mark.parametrize("where", PLACEMENTS)
-def test_s3d_sgs_macs_are_the_counted_shapes(where):
+def test_s3d_sgs_macs_are_the_counted_shapes(where, bins):
     torch.manual_seed(0)
-    model = _sharpen(create_s3d_sgs(f"s3d_sgs_{where}_112", frame_size=64))
+    model = _s3d_sgs(where, bins)
     clip = _clips(1, seed=5, size=64)
     with torch.no_grad():
         _, kept = model(clip, torch.tensor(8))
@@ -125,9 +132,45 @@ def test_s3d_sgs_macs_are_the_counted_shapes(where):
     assert plain < table[-1] < 1.02 * plain
 
 
-def test_s3d_sgs_refuses_unknown_placements():
+class _FixedSimilarity(torch.nn.Module):
+    """Δ_t = `norms[t]` for every clip (the similarity net replaced by a constant)."""
+
+    def __init__(self, norms: list[float]):
+        super().__init__()
+        self.norms = torch.tensor(norms)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.norms.view(1, -1, 1).expand(features.shape[0], -1, 1)
+
+
+@pytest.mark.parametrize("where", PLACEMENTS)
+def test_time_ordered_means_with_a_bin_per_frame_are_the_s3d(where):
+    # B = 8, Δ_max = 16: γ = 1, frames at the centres 1, 3, ..., 13 and at Δ_max (the last bin, weight
+    # 1/2), in scrambled time order: one frame per bin, so each bin's mean is its frame and the
+    # time order puts them back: the s3d exactly. In Δ order (sums) the frames come out scrambled.
+    torch.manual_seed(0)
+    plain = S3D(frame_size=64).eval()
+    clips = _clips(3, seed=6, size=64)
+    scrambled = [5.0, 16.0, 1.0, 9.0, 13.0, 3.0, 11.0, 7.0]
+    got = {}
+    for bins in BIN_OUTPUTS:
+        model = create_s3d_sgs(f"s3d_sgs_{where}_112", frame_size=64, bins=bins).eval()
+        model.load_state_dict(plain.state_dict(), strict=False)
+        model.sgs.similarity = _FixedSimilarity(scrambled)
+        with torch.no_grad():
+            got[bins], kept = model(clips, torch.tensor(8))
+        assert kept.tolist() == [8, 8, 8]
+    with torch.no_grad():
+        expected = plain(clips)
+    torch.testing.assert_close(got["time_means"], expected, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(got["sums"], expected, atol=1e-5, rtol=1e-4)
+
+
+def test_s3d_sgs_refuses_unknown_options():
     with pytest.raises(ValueError, match="sgs_after"):
         S3DSGS(sgs_after="head")
+    with pytest.raises(ValueError, match="bins"):
+        S3DSGS(bins="medians")
 
 
 def test_vit_top_k_baseline_keeps_exactly_k(vit):

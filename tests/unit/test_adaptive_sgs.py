@@ -1,4 +1,4 @@
-"""SGS against hand-computed cases (thesis eqs. 6.1-6.6, with the last bin flat right of its centre)."""
+"""SGS against hand-computed cases (thesis eqs. 6.1-6.6, with the last bin at half the slope right of its centre)."""
 
 import pytest
 import torch
@@ -24,52 +24,70 @@ def _sgs(features, z, bins):
 
 
 def test_all_equal_frames_fall_in_one_bin_and_are_summed():
+    # Every Δ is Δ_max, the last bin's right edge, where its kernel weighs 1/2.
     features = torch.randn(1, 4, 6, 3, 3, dtype=torch.float64)
     z = torch.ones(1, 6, 8, dtype=torch.float64)
     for bins in (1, 2, 6, 12):
         sampled, mask = _sgs(features, z, bins)
         assert sampled.shape == (1, 4, 1, 3, 3) and mask.tolist() == [[True]]
-        torch.testing.assert_close(sampled[:, :, 0], features.sum(dim=2))
+        torch.testing.assert_close(sampled[:, :, 0], 0.5 * features.sum(dim=2))
 
 
 def test_zero_similarity_vectors_count_as_equal():
     features = torch.randn(1, 2, 4, 1, 1, dtype=torch.float64)
     sampled, mask = _sgs(features, torch.zeros(1, 4, 8, dtype=torch.float64), 4)
     assert mask.tolist() == [[True]]
-    torch.testing.assert_close(sampled[:, :, 0], features.sum(dim=2))
+    torch.testing.assert_close(sampled[:, :, 0], 0.5 * features.sum(dim=2))
 
 
 def test_distinct_frames_each_keep_a_bin_ordered_by_magnitude():
-    # B = 4, Δ_max = 8: γ = 1, centres 1, 3, 5, 7; Δ = 5, 1, 8, 3 hit bins 3, 1, 4, 2 at weight 1
-    # (Δ = 8 is the last bin's right edge, which keeps it).
+    # B = 4, Δ_max = 8: γ = 1, centres 1, 3, 5, 7; Δ = 5, 1, 3 hit bins 3, 1, 2 at weight 1, and
+    # Δ = 8, the last bin's right edge, bin 4 at 1 − (8 − 7) / 2.
     sampled, mask = _sgs(_frames(4), _z_with_norms(5, 1, 8, 3), 4)
     assert mask.tolist() == [[True] * 4]
-    assert sampled[0, 0, :, 0, 0].tolist() == pytest.approx([2.0, 4.0, 1.0, 3.0])
+    assert sampled[0, 0, :, 0, 0].tolist() == pytest.approx([2.0, 4.0, 1.0, 0.5 * 3.0])
 
 
 def test_linear_kernel_weights_by_hand():
     # B = 2, Δ_max = 8: γ = 2, centres 2 and 6. Δ = 1 -> bin 1 at 1 − 1/2; Δ = 5 -> bin 2 at
-    # 1 − 1/2; Δ = 8 -> bin 2 at 1 (flat right of the last centre).
-    weights = bin_weights(_z_with_norms(1, 5, 8), 2)
-    torch.testing.assert_close(weights[0], torch.tensor([[0.5, 0.0], [0.0, 0.5], [0.0, 1.0]], dtype=torch.float64))
-    sampled, _ = _sgs(_frames(3), _z_with_norms(1, 5, 8), 2)
-    assert sampled[0, 0, :, 0, 0].tolist() == pytest.approx([0.5 * 1, 0.5 * 2 + 3])
+    # 1 − 1/2; Δ = 7 -> bin 2 at 1 − 1/4 and Δ = 8 at 1 − 2/4 (half the slope right of the last centre).
+    weights = bin_weights(_z_with_norms(1, 5, 7, 8), 2)
+    expected = torch.tensor([[0.5, 0.0], [0.0, 0.5], [0.0, 0.75], [0.0, 0.5]], dtype=torch.float64)
+    torch.testing.assert_close(weights[0], expected)
+    sampled, _ = _sgs(_frames(4), _z_with_norms(1, 5, 7, 8), 2)
+    assert sampled[0, 0, :, 0, 0].tolist() == pytest.approx([0.5 * 1, 0.5 * 2 + 0.75 * 3 + 0.5 * 4])
 
 
 def test_empty_bins_are_dropped():
-    # B = 4, γ = 1: Δ = 1 and 1.2 share bin 1 (weights 1 and 0.8), Δ = 8 is bin 4; bins 2, 3 empty.
+    # B = 4, γ = 1: Δ = 1 and 1.2 share bin 1 (weights 1 and 0.8), Δ = 8 is bin 4 (weight 1/2);
+    # bins 2, 3 empty.
     sampled, mask = _sgs(_frames(3), _z_with_norms(1, 1.2, 8), 4)
     assert mask.tolist() == [[True, True]]
-    assert sampled[0, 0, :, 0, 0].tolist() == pytest.approx([1 + 0.8 * 2, 3.0])
+    assert sampled[0, 0, :, 0, 0].tolist() == pytest.approx([1 + 0.8 * 2, 0.5 * 3.0])
 
 
-def test_the_largest_frame_always_keeps_full_weight():
+def test_the_largest_frame_always_keeps_half_weight_in_the_last_bin():
     torch.manual_seed(0)
     z = torch.randn(5, 8, 8, dtype=torch.float64)
     for bins in (1, 3, 8, 20):
         weights = bin_weights(z, bins)
         top = torch.linalg.vector_norm(z, dim=-1).argmax(dim=1)
-        torch.testing.assert_close(weights[torch.arange(5), top, -1], torch.ones(5, dtype=torch.float64))
+        torch.testing.assert_close(weights[torch.arange(5), top, -1], torch.full((5,), 0.5, dtype=torch.float64))
+
+
+def test_gradients_near_the_largest_delta_match_finite_differences():
+    # B = 4, Δ_max = 8, β_4 = 7: every frame right of the last centre, where a flat kernel gave Δ
+    # no gradient at all; here each has one, and it matches finite differences.
+    features = _frames(4).requires_grad_()
+    z = _z_with_norms(7.2, 7.5, 7.8, 8.0).requires_grad_()
+    assert torch.autograd.gradcheck(lambda f, zz: _sgs(f, zz, 4)[0], (features, z))
+    sampled, mask = _sgs(features, z, 4)
+    assert mask.tolist() == [[True]]
+    sampled.sum().backward()
+    # Raising a non-largest Δ towards Δ_max lowers its weight (slope −1/2γ), so the gradient on its
+    # magnitude is negative; the largest frame's own Δ only sets the scale (x_max = 2B always).
+    radial = (z.grad * z / torch.linalg.vector_norm(z, dim=-1, keepdim=True)).sum(dim=-1)[0]
+    assert (radial[:3] < 0).all()
 
 
 def test_a_batch_is_padded_to_its_largest_b_and_each_clip_matches_its_own_run():
