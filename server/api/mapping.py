@@ -5,12 +5,11 @@ from __future__ import annotations
 import numpy as np
 
 from server.errors import InvalidInput
-from server.pipeline.analyze import ModelCatalog
+from server.pipeline.analyze import EncoderSpec, ModelCatalog  # the catalog's encoders are EncoderSpecs
 from server.pipeline.assemble import AnalysisResult, Compute
 from server.pipeline.segments import FrameResults
 from server.pipeline.stream import EventKind, ResumeToken, StreamEvent, StreamLimits, StreamOptions
 from server.proto import video_analytics_pb2 as pb
-from server.triton import EncoderSpec
 
 
 def analyze_response(result: AnalysisResult, request_id: str) -> pb.AnalyzeResponse:
