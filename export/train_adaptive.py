@@ -69,10 +69,10 @@ class AdaptiveBudget:
     vit_clips_per_step: int = 32
     vit_lr: float = 1e-3
     vit_tune_steps: int = 120  # after the distillation, through the frozen decoder (`tune_vit`)
-    sgs_steps: int = 400
+    sgs_steps: int = 800
     sgs_videos_per_step: int = 4
     sgs_lr: float = 1e-3
-    sgs_frozen_steps: int = 300  # of sgs_steps, with the similarity net fixed (fine_tune_sgs)
+    sgs_frozen_steps: int = 600  # of sgs_steps, with the similarity net fixed (fine_tune_sgs)
     similarity_lr: float = 1e-4
     distill_weight: float = 1.0
     event_fraction: float = 0.5  # of the ViT's clips, drawn from clips that show an event
@@ -549,7 +549,7 @@ def main() -> None:
     if args.sgs_steps is not None:
         budget = replace(budget, sgs_steps=args.sgs_steps)
     if args.tune_vit:
-        torch.set_num_threads(2)
+        torch.set_num_threads(train.TRAIN_THREADS)
         torch.manual_seed(args.seed)
         teacher, decoder, _ = load_served(args.repository)
         vit = create_vit(VIT_VARIANT)
@@ -559,7 +559,7 @@ def main() -> None:
         torch.save(vit.state_dict(), args.tune_vit)
         return
     if args.distill_vit:
-        torch.set_num_threads(2)
+        torch.set_num_threads(train.TRAIN_THREADS)
         torch.manual_seed(args.seed)
         teacher, _, _ = load_served(args.repository)
         datasets = [data.load(args.data_dir / name) for name in ("train", "short")]
