@@ -68,7 +68,7 @@ BUDGET_FLOOR = "budget_floor"
 BUDGET_DEFAULT = "budget_default"  # adaptive encoder, optional: the budget chosen on validation
 QUERIES_PARAMETER = "queries"  # query decoder: query names, comma-separated, in output order
 ATTRIBUTES_PARAMETER_PREFIX = "attributes."  # + query: its attributes, comma-separated, by logit
-IN_DOMAIN_THRESHOLD = "in_domain_threshold"  # query decoder: in domain = score >= this (float)
+IN_DOMAIN_THRESHOLD = "in_domain_threshold"  # query decoder (and an adaptive encoder): in domain = score >= this
 
 
 # Per-frame models (issue 11): frames of one video (sampled at their `fps`, at 28 px) -> per frame
@@ -248,6 +248,10 @@ class EncoderSpec:
     # GMACs of one clip without an adaptive module; None: the config does not say (old export)
     gmacs_per_clip: float | None = None
     adaptive: AdaptiveSpec | None = None  # None: a fixed-compute encoder
+    # The query decoder's in-domain threshold was chosen on the features of the encoder it was
+    # trained with; an adaptive encoder's features score differently, so it brings its own (None:
+    # its videos' domain is unknown rather than wrongly "out of domain").
+    in_domain_threshold: float | None = None
 
     def check_budget(self, budget: float) -> float:
         """`budget` if this encoder can run at it; `InvalidInput` naming the range otherwise."""
@@ -323,6 +327,7 @@ def _encoder_spec(model: str, config: dict) -> EncoderSpec:
         clip_fps=float(fps) if (fps := _parameter(config, CLIP_FPS)) else None,
         gmacs_per_clip=float(gmacs) if gmacs else None,
         adaptive=_adaptive_spec(config),
+        in_domain_threshold=float(raw) if (raw := _parameter(config, IN_DOMAIN_THRESHOLD)) else None,
     )
 
 

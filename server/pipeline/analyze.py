@@ -200,7 +200,7 @@ class Analyzer:
                 video=video,
                 timing_ms={**timing_ms, "query_decoder": took_ms},
                 in_domain_score=outputs.in_domain_score,
-                in_domain_threshold=decoder.in_domain_threshold,
+                in_domain_threshold=spec.in_domain_threshold if spec.adaptive else decoder.in_domain_threshold,
                 compute=compute,
             )
         except ValueError as exc:
