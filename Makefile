@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv serve test golden models models-segments evaluate bench proto clean image image-base image-tools
+.PHONY: venv serve test golden models models-adaptive models-segments evaluate bench proto clean image image-base image-tools
 
 venv: $(STAMP)
 
@@ -34,8 +34,11 @@ golden: venv
 models: venv
 	$(BIN)/vqs models
 
-# The action parser and the frame embedder (issue 11), with their baselines and ablations: its
-# own target, as it alone takes longer than `make models`.
+# The adaptive s3d_sgs (issue 9), trained against what `make models` serves: rebuild it after that.
+models-adaptive: venv
+	$(BIN)/vqs models --part adaptive
+
+# The action parser and the frame embedder (issue 11), with their baselines and ablations.
 models-segments: venv
 	$(BIN)/vqs models --part segments
 

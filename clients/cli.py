@@ -72,7 +72,7 @@ def synth(
 @app.command("models")
 def models(
     parts: Annotated[list[str] | None, typer.Option(
-        "--part", help="Build this part (repeatable; default tqn and adaptive), in the order tqn, "
+        "--part", help="Build this part (repeatable; default tqn), in the order tqn, "
                        "adaptive, segments; adaptive trains against the served s3d and TQN decoder.")] = None,
 ) -> None:
     """Regenerate data, train every served model, export it to the model repository and print

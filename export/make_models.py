@@ -1,14 +1,15 @@
-"""`vqs models` / `make models`: the served models, rebuilt from nothing, part by part.
+"""`vqs models`: the served models, rebuilt from nothing, part by part; each part is its own make
+target, so each keeps its own time box (`make models` = tqn, `make models-adaptive`,
+`make models-segments`).
 
 Parts, in the order they run (a later part reads what an earlier one served):
 - `tqn`: data splits, the s3d clip encoder + TQN decoder and both baselines, calibration,
   in-domain fit, test once, the controls (`export/build.py`; export/evaluation.json);
-- `adaptive`: s3d_sgs, vit and vit_ats, trained against the served s3d and TQN decoder
-  (`export/train_adaptive.py`; export/adaptive_training.json);
+- `adaptive`: s3d_sgs, trained against the served s3d and TQN decoder, so after `tqn` whenever
+  that changes (`export/train_adaptive.py`; export/adaptive_training.json);
 - `segments`: the action parser and the frame embedder with their baselines and ablations
-  (`export/segments_export.py`). It does not depend on the others and alone takes longer than
-  `make models`' time box, so it runs only when asked for (`make models-segments`).
-Each part's wall time is printed and written to export/models_timing.json.
+  (`export/segments_export.py`); it does not depend on the others.
+Each part's wall time is printed and written to export/models_timing.json (a run's output, not committed).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 from export.build import REPO
 
 PARTS = ("tqn", "adaptive", "segments")
-DEFAULT_PARTS = ("tqn", "adaptive")
+DEFAULT_PARTS = ("tqn",)
 TIMING = REPO / "export" / "models_timing.json"
 
 
@@ -31,8 +32,9 @@ def _tqn(data_dir: Path) -> None:
 
 
 def _adaptive(data_dir: Path) -> None:
-    from export import train_adaptive
+    from export import build, train_adaptive
 
+    build.make_splits(data_dir)  # the same splits as `tqn` (reused when current): its own target may run first
     train_adaptive.build_adaptive(data_dir)
 
 
