@@ -1,6 +1,6 @@
 """Recipe study for the counts (issue 8), judged on VALIDATION only.
 
-`python -m export.count_study NAME [--warmup-steps N] [--bank-steps M] [--stem-difference]
+`python -m export.count_study NAME [--warmup-steps N] [--bank-steps M] [--stem-difference] [--fine-stem]
 [--rate-loss W] [--seed S]` trains the warm-up (as `train.train_all` does: encoder, TQN,
 average-pooling and per-clip heads on the short videos) with the given changes, then, with
 `--bank-steps`, TQN's feature-bank stage; it prints the TQN's validation accuracy and the
