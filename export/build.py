@@ -343,8 +343,8 @@ def main(data_dir: Path | None = None, budget: train.Budget | None = None, contr
     data_dir = Path(data_dir or REPO / "data")
     budget = budget or train.Budget()
     datasets = make_splits(data_dir)
-    provenance = {**data_fingerprint(data_dir), "train_seed": TRAIN_SEED, "budget": asdict(budget),
-                  "torch": torch.__version__}
+    provenance = {**data_fingerprint(data_dir), "train_seed": TRAIN_SEED, "train_threads": train.TRAIN_THREADS,
+                  "budget": asdict(budget), "torch": torch.__version__}
     _log(f"data ready ({time.monotonic() - start:.0f}s); training with {budget}, "
          f"{budget.clip_gradients} clip gradients per model after the warm-up")
     trained = data_dir / "trained_models.pt"
@@ -425,8 +425,8 @@ def controls_only(data_dir: Path | None = None, budget: train.Budget | None = No
     data_dir = Path(data_dir or REPO / "data")
     budget = budget or train.Budget()
     datasets = make_splits(data_dir)
-    report = {"provenance": {**data_fingerprint(data_dir), "train_seed": TRAIN_SEED, "budget": asdict(budget),
-                             "torch": torch.__version__},
+    report = {"provenance": {**data_fingerprint(data_dir), "train_seed": TRAIN_SEED,
+                             "train_threads": train.TRAIN_THREADS, "budget": asdict(budget), "torch": torch.__version__},
               **run_controls(datasets, None, budget)}
     report["wall_seconds"] = round(time.monotonic() - start)
     CONTROLS.write_text(json.dumps(report, indent=2) + "\n")

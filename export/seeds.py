@@ -82,7 +82,8 @@ def markdown(study: dict, seeds: tuple[int, ...], videos: int) -> str:
 
 
 def _provenance(data_dir: Path, budget: train.Budget, seed: int) -> dict:
-    return {**build.data_fingerprint(data_dir), "train_seed": seed, "budget": asdict(budget), "torch": torch.__version__}
+    return {**build.data_fingerprint(data_dir), "train_seed": seed, "train_threads": train.TRAIN_THREADS,
+            "budget": asdict(budget), "torch": torch.__version__}
 
 
 def _models_path(data_dir: Path, seed: int) -> Path:
@@ -125,7 +126,8 @@ def main(data_dir: Path | None = None, budget: train.Budget | None = None, seeds
         print(f"seeds: seed {seed} done in {seconds[seed]}s ({time.monotonic() - start:.0f}s)", file=sys.stderr,
               flush=True)
         done = tuple(per_seed)
-        study = {"provenance": {**build.data_fingerprint(data_dir), "train_seeds": list(done), "budget": asdict(budget),
+        study = {"provenance": {**build.data_fingerprint(data_dir), "train_seeds": list(done),
+                                "train_threads": train.TRAIN_THREADS, "budget": asdict(budget),
                                 "torch": torch.__version__},
                  "seeds_asked": list(seeds), "seeds_done": list(done),
                  "reused_saved_models": reused, "seconds_per_seed": {str(s): t for s, t in seconds.items()},

@@ -187,17 +187,44 @@ def _pad(per_video: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     return feats, mask
 
 
+_RATE_QUERIES = ("somersaults", "twists")
+_RATE_CENTRE = torch.tensor([2.0, 1.0])  # middle of 1-3 somersaults and of 0-2 twists
+
+
+def clip_rates(ds: ClipDataset, video: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per clip of a video: does it show the flight (`clip_targets`), and the video's somersault
+    and twist counts as numbers (n_clips, 2), the rotation and twist rates in turns per flight."""
+    shown = clip_targets(ds, video)["somersaults"] != HEAD_SIZES["somersaults"] - 1
+    rec = ds.records[video]
+    counts = [float(rec[q]) if rec[q] != vocab.NULL else 0.0 for q in _RATE_QUERIES]
+    return shown, np.tile(np.asarray(counts, np.float32), (len(shown), 1))
+
+
+def rate_loss(rate_head: nn.Module, flat: torch.Tensor, ds: ClipDataset, videos) -> torch.Tensor:
+    rates = [clip_rates(ds, int(v)) for v in videos]
+    shown = torch.as_tensor(np.concatenate([s for s, _ in rates]))
+    if not shown.any():
+        return flat.sum() * 0
+    target = torch.as_tensor(np.concatenate([r for _, r in rates]))[shown] - _RATE_CENTRE
+    return F.smooth_l1_loss(rate_head(flat[shown]), target)
+
+
 def warmup(encoder: S3D, heads: list[nn.Module], clip_head: ShortTerm, ds: ClipDataset, budget: Budget,
-           rng: np.random.Generator, name: str = "warm-up") -> None:
+           rng: np.random.Generator, name: str = "warm-up", rate_weight: float = 0.0) -> None:
     """Stage 1 on short videos, all clips online. Video-level heads (TQN, pooling) learn together
     with a per-clip head (the per-clip pre-training the design calls for) whose targets are what
     each clip shows (`clip_targets`): the take-off clip its take-off, flight clips the flight,
     other clips null. This gives the brief take-off clip as much encoder gradient as the flight
-    and no clip a label it cannot show; attention alone spreads the gradient thin at first."""
+    and no clip a label it cannot show; attention alone spreads the gradient thin at first.
+    `rate_weight` > 0 adds an auxiliary loss (recipe study, `export.count_study`): a linear head
+    on each clip feature regresses the somersault and twist counts (the rotation and twist rates)
+    of the clips that show the flight."""
     encoder.train()
-    for h in (*heads, clip_head):
+    rate_head = nn.Linear(encoder.feature_dim, len(_RATE_QUERIES)) if rate_weight > 0 else None
+    aux = [rate_head] if rate_head is not None else []
+    for h in (*heads, clip_head, *aux):
         h.train()
-    opt, sched = _optimizer(encoder, [*heads, clip_head], budget, budget.warmup_steps)
+    opt, sched = _optimizer(encoder, [*heads, clip_head, *aux], budget, budget.warmup_steps)
     progress = _Progress(name, budget.warmup_steps)
     n_videos = len(ds.records)
     for step in range(budget.warmup_steps):
@@ -212,6 +239,8 @@ def warmup(encoder: S3D, heads: list[nn.Module], clip_head: ShortTerm, ds: ClipD
         shown = [clip_targets(ds, int(v)) for v in videos]
         per_clip = {q: torch.as_tensor(np.concatenate([t[q] for t in shown])) for q in HEADS}
         loss = loss + query_loss(clip_head.heads(flat), per_clip)
+        if rate_head is not None:
+            loss = loss + rate_weight * rate_loss(rate_head, flat, ds, videos)
         _step(opt, sched, loss)
         progress.update(step, loss.item(), outputs[0][: len(HEADS)], targets)
 

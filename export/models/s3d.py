@@ -50,34 +50,46 @@ class S3D(nn.Module):
         stem_patch: int = 8,
         temporal_kernel_size: int = 3,
         stem_temporal_kernel: int = 1,
+        stem_difference: bool = False,
+        stem_pool: int = 1,
         norm_layer: type[nn.Module] = nn.BatchNorm3d,
     ):
         """`temporal_kernel_size=1` makes every layer per-frame (a 2D CNN whose frame features
         are max- and mean-pooled over time): the single-frame control, which cannot see motion.
         `stem_temporal_kernel=3` lets the patchifying stem itself span 3 frames, so motion inside
         a patch (a limb turning by a few pixels) is seen at pixel level, before patchify
-        compresses each patch."""
+        compresses each patch. `stem_difference` gives the stem each frame's difference from the
+        previous one (zero for the first) beside its pixels, so what moved between two frames is
+        an input, not something the network must learn to compute across patches. `stem_pool` = 2
+        with `stem_patch` = 4 keeps the stem (and its temporal convolution) at twice the spatial
+        resolution and max-pools to the stride-8 grid after it."""
         super().__init__()
         if temporal_kernel_size not in (1, 3):
             raise ValueError(f"temporal_kernel_size must be 1 or 3, got {temporal_kernel_size}")
         if stem_temporal_kernel not in (1, 3) or (temporal_kernel_size == 1 and stem_temporal_kernel != 1):
             raise ValueError(f"stem_temporal_kernel must be 1 or 3 (1 for a per-frame encoder), got {stem_temporal_kernel}")
+        if stem_difference and temporal_kernel_size == 1:
+            raise ValueError("stem_difference shows motion: a per-frame encoder cannot have it")
         tk, stk = temporal_kernel_size, stem_temporal_kernel
         self.per_frame = tk == 1
         if len(channels) != 4:
             raise ValueError(f"channels needs 4 stages, got {channels}")
         self.clip_frames, self.frame_size, self.feature_dim = clip_frames, frame_size, feature_dim
+        self.stem_difference = stem_difference
         self.register_buffer("mean", torch.tensor(PIXEL_MEAN).view(1, 3, 1, 1, 1) * 255)
         self.register_buffer("std", torch.tensor(PIXEL_STD).view(1, 3, 1, 1, 1) * 255)
         c1, c2, c3, c4 = channels
+        if stem_pool not in (1, 2):
+            raise ValueError(f"stem_pool must be 1 or 2, got {stem_pool}")
         self.stem = nn.Sequential(  # patchify: stride stem_patch, keeps all frames
-            nn.Conv3d(3, c1, (stk, stem_patch, stem_patch), stride=(1, stem_patch, stem_patch),
+            nn.Conv3d(6 if stem_difference else 3, c1, (stk, stem_patch, stem_patch), stride=(1, stem_patch, stem_patch),
                       padding=(stk // 2, 0, 0), bias=False),
             norm_layer(c1),
             nn.ReLU(inplace=True),
             nn.Conv3d(c1, c1, (tk, 1, 1), padding=(tk // 2, 0, 0), bias=False),
             norm_layer(c1),
             nn.ReLU(inplace=True),
+            *([nn.MaxPool3d((1, stem_pool, stem_pool))] if stem_pool > 1 else []),
         )
         self.stage2 = SepConv3d(c1, c2, temporal_kernel_size=tk, norm_layer=norm_layer)
         self.pool2 = nn.MaxPool3d((1, 2, 2))
@@ -101,4 +113,6 @@ class S3D(nn.Module):
     def forward(self, clips: torch.Tensor) -> torch.Tensor:
         x = clips.permute(0, 4, 1, 2, 3).float()  # B, C, T, H, W
         x = (x - self.mean) / self.std
+        if self.stem_difference:
+            x = torch.cat([x, torch.cat([torch.zeros_like(x[:, :, :1]), x[:, :, 1:] - x[:, :, :-1]], 2)], 1)
         return self.forward_head(self.forward_features(x))

@@ -102,6 +102,8 @@ def test_committed_artifacts_and_evaluation_name_the_data_they_came_from():
     seeds = [spec["seed"] for spec in provenance["splits"].values()]
     assert len(set(seeds)) == len(seeds)  # train, validation and test come from distinct seeds
     assert all(len(spec["labels_sha256"]) == 64 for spec in provenance["splits"].values())
+    # The thread count splits every reduction, so it is part of what reproduces the run.
+    assert provenance["train_threads"] == train.TRAIN_THREADS
     for model in ("clip_encoder_s3d", "tqn_decoder"):
         meta = json.loads((REPO / f"model_repository/{model}/1/model.json").read_text())
         assert meta["provenance"] == provenance, model  # artifacts and table come from one run
@@ -142,9 +144,9 @@ def test_committed_seeds_study_names_its_data_and_seeds_and_has_every_table():
     study = json.loads((REPO / "export/seeds.json").read_text())
     evaluation = json.loads((REPO / "export/evaluation.json").read_text())
     provenance = study["provenance"]
-    # The same splits and budget as the served models' evaluation.
-    assert {k: provenance[k] for k in ("generator_version", "splits", "budget")} == \
-        {k: evaluation["provenance"][k] for k in ("generator_version", "splits", "budget")}
+    # The same splits, budget and thread count as the served models' evaluation.
+    same = ("generator_version", "splits", "budget", "train_threads")
+    assert {k: provenance[k] for k in same} == {k: evaluation["provenance"][k] for k in same}
     assert provenance["train_seeds"] == study["seeds_done"]
     assert list(study["per_seed"]) == [str(s) for s in study["seeds_done"]]
     assert set(study["seeds_done"]) <= set(study["seeds_asked"]) and len(study["seeds_done"]) >= 3

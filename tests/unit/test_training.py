@@ -190,3 +190,39 @@ def test_temperature_fit_recovers_the_scale_and_lowers_calibration_error():
     assert t == pytest.approx(3.0, rel=0.1)
     assert build.expected_calibration_error(overconfident / t, targets) < build.expected_calibration_error(
         overconfident, targets) / 2
+
+
+def test_rate_targets_are_the_counts_on_flight_clips_only():
+    from export import synth
+
+    routine = synth.sample_routine(np.random.default_rng([3, 0]), 3, 4.0)
+    record = synth.labels_for(routine, 15)
+    ds = _tiny_dataset(frames_per_video=(record["num_frames"],))
+    ds.records = [record]
+    ds.targets = {q: np.asarray([i]) for q, i in vocab.label_indices(record).items()}
+    shown, rates = train.clip_rates(ds, 0)
+    null = train.HEAD_SIZES["somersaults"] - 1
+    assert (shown == (train.clip_targets(ds, 0)["somersaults"] != null)).all() and shown.any() and not shown.all()
+    assert (rates == [float(record["somersaults"]), float(record["twists"])]).all()
+    # The loss reaches the encoder only through flight clips.
+    head = torch.nn.Linear(256, 2)
+    flat = torch.zeros(len(shown), 256, requires_grad=True)
+    train.rate_loss(head, flat, ds, [0]).backward()
+    assert (flat.grad.abs().sum(1) > 0).tolist() == shown.tolist()
+
+
+@pytest.mark.parametrize("options", [dict(stem_patch=4, stem_pool=2), dict(stem_difference=True)])
+def test_stem_variants_keep_the_grid_and_the_feature(options):
+    torch.manual_seed(0)
+    encoder = train.build_encoder(**options).eval()
+    clips = torch.randint(0, 256, (2, 8, 112, 112, 3), dtype=torch.uint8)
+    x = (clips.permute(0, 4, 1, 2, 3).float() - encoder.mean) / encoder.std
+    if encoder.stem_difference:
+        x = torch.cat([x, torch.cat([torch.zeros_like(x[:, :, :1]), x.diff(dim=2)], 2)], 1)
+    with torch.inference_mode():
+        assert encoder.stem(x).shape == (2, 24, 8, 14, 14)
+        assert encoder(clips).shape == (2, 256)
+    with pytest.raises(ValueError):
+        train.build_encoder(temporal_kernel_size=1, stem_difference=True)
+    with pytest.raises(ValueError):
+        train.build_encoder(stem_pool=3)

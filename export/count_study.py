@@ -1,0 +1,63 @@
+"""Recipe study for the counts (issue 8), judged on VALIDATION only.
+
+`python -m export.count_study NAME [--warmup-steps N] [--bank-steps M] [--stem-difference] [--fine-stem]
+[--rate-loss W] [--seed S]` trains the warm-up (as `train.train_all` does: encoder, TQN,
+average-pooling and per-clip heads on the short videos) with the given changes, then, with
+`--bank-steps`, TQN's feature-bank stage; it prints the TQN's validation accuracy and the
+linear probe of the encoder's flight-clip features (`diagnose_counts.probe_report`), appends
+them as one JSON line to runs/count_study.jsonl and saves the encoder and decoder in runs/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import asdict, replace
+
+import torch
+
+from export import REPO, build, data, diagnose_counts, train
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("name")
+    parser.add_argument("--warmup-steps", type=int, default=train.Budget().warmup_steps)
+    parser.add_argument("--bank-steps", type=int, default=0)
+    parser.add_argument("--stem-difference", action="store_true")
+    parser.add_argument("--fine-stem", action="store_true", help="4x4 patches, max-pooled to 8x8 after the stem")
+    parser.add_argument("--rate-loss", type=float, default=0.0)
+    parser.add_argument("--seed", type=int, default=build.TRAIN_SEED)
+    args = parser.parse_args()
+    torch.set_num_threads(train.TRAIN_THREADS)
+    start = time.monotonic()
+    splits = {s: data.load(REPO / "data" / s) for s in ("short", "train", "val")}
+    budget = replace(train.Budget(), warmup_steps=args.warmup_steps, bank_steps=max(1, args.bank_steps))
+    rng = train.seed_everything(args.seed)
+    fine = dict(stem_patch=4, stem_pool=2) if args.fine_stem else {}
+    encoder = train.build_encoder(stem_difference=args.stem_difference, **fine)
+    tqn, avg, clip_head = train.build_tqn(), train.build_average_pooling(), train.build_short_term()
+    train.warmup(encoder, [tqn, avg], clip_head, splits["short"], budget, rng, rate_weight=args.rate_loss)
+    if args.bank_steps:
+        train.train_with_bank("tqn", encoder, tqn, splits["train"], train.build_bank(encoder, splits["train"]),
+                              budget, rng)
+    val = splits["val"]
+    preds = train.predict(encoder, tqn, val)
+    summary = build.summarise(preds, val)
+    record = {"name": args.name, "args": vars(args), "budget": asdict(budget),
+              "threads": train.TRAIN_THREADS, "val_tqn_accuracy": summary["accuracy"],
+              "val_tqn_by_flight": diagnose_counts.by_flight(preds, val),
+              "probe": diagnose_counts.probe_report(encoder, splits["train"], val),
+              "seconds": round(time.monotonic() - start)}
+    print(json.dumps(record), flush=True)
+    out = REPO / "runs"
+    out.mkdir(exist_ok=True)
+    with open(out / "count_study.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+    torch.save({"args": vars(args), "encoder": encoder.state_dict(), "tqn": tqn.state_dict()},
+               out / f"count_study_{args.name}.pt")
+
+
+if __name__ == "__main__":
+    main()
