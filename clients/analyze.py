@@ -164,8 +164,7 @@ def analyze(
         sys.stdout.write(json.dumps(result) + "\n")
         return
     stdout.print(render.summary_line(result), highlight=False, soft_wrap=True)
-    if (domain := render.domain_line(result)) is not None:
-        stdout.print(domain, soft_wrap=True)
+    stdout.print(render.domain_line(result), soft_wrap=True)
     stdout.print(render.answers_table(result))
     stdout.print(render.attention_table(result))
     if (segments := timeline.timeline_table(result)) is not None:

@@ -122,12 +122,14 @@ def summary_line(result: dict[str, Any]) -> str:
     )
 
 
-def domain_line(result: dict[str, Any]) -> Text | None:
-    """Whether the video looks like what the models were trained on (None when the server does
-    not say): out of domain means the answers are not to be trusted, whatever their probability."""
+def domain_line(result: dict[str, Any]) -> Text:
+    """Whether the video looks like what the models were trained on: out of domain means the
+    answers are not to be trusted, whatever their probability. When the server does not say, the
+    line says so, since footage unlike the training data then goes unflagged."""
     d = result.get("domain")
     if d is None:
-        return None
+        return Text(f"domain not judged (no in-domain threshold for encoder {result['encoder']}): "
+                    "answers about footage unlike the training data are not flagged", style="yellow")
     if d["in_domain"]:
         return Text(f"in domain (score {d['score']:.2f} >= threshold {d['threshold']:.2f})", style="green")
     return Text(
