@@ -15,8 +15,8 @@ A job without a segment index probes the video, checks the limits, picks a backe
 segments and answers `Opened`, then decodes segment 0; a job with one decodes that segment of
 the plan it carries. Each `Frames` costs the worker one credit; with none it waits. The arena
 has `DecodeJob.credits` + 1 slots, so the slot it fills next never holds a chunk the parent has
-not copied out yet (the parent returns a credit once it has). `Release` abandons the current job at the worker's next check and
-closes its files.
+not copied out yet (the parent returns a credit once it has). `Release` abandons the current job
+at the worker's next check and closes its files.
 """
 
 from __future__ import annotations
