@@ -68,7 +68,7 @@ BUDGET_FLOOR = "budget_floor"
 BUDGET_DEFAULT = "budget_default"  # adaptive encoder, optional: the budget chosen on validation
 QUERIES_PARAMETER = "queries"  # query decoder: query names, comma-separated, in output order
 ATTRIBUTES_PARAMETER_PREFIX = "attributes."  # + query: its attributes, comma-separated, by logit
-IN_DOMAIN_THRESHOLD = "in_domain_threshold"  # query decoder (and an adaptive encoder): in domain = score >= this
+IN_DOMAIN_THRESHOLD = "in_domain_threshold"  # query decoder (and an encoder of its own): in domain = score >= this
 
 
 # Per-frame models (issue 11): frames of one video (sampled at their `fps`, at 28 px) -> per frame
@@ -249,8 +249,9 @@ class EncoderSpec:
     gmacs_per_clip: float | None = None
     adaptive: AdaptiveSpec | None = None  # None: a fixed-compute encoder
     # The query decoder's in-domain threshold was chosen on the features of the encoder it was
-    # trained with; an adaptive encoder's features score differently, so it brings its own (None:
-    # its videos' domain is unknown rather than wrongly "out of domain").
+    # trained with; another encoder's features (an adaptive one's, the ViT's) score differently,
+    # so it brings its own (None on an adaptive encoder: its videos' domain is unknown rather than
+    # wrongly "out of domain").
     in_domain_threshold: float | None = None
 
     def check_budget(self, budget: float) -> float:

@@ -200,7 +200,11 @@ class Analyzer:
                 video=video,
                 timing_ms={**timing_ms, "query_decoder": took_ms},
                 in_domain_score=outputs.in_domain_score,
-                in_domain_threshold=spec.in_domain_threshold if spec.adaptive else decoder.in_domain_threshold,
+                # The decoder's threshold was chosen on the features of the plain encoder it was
+                # trained with; another encoder is judged by its own, or (adaptive, none) not at all.
+                in_domain_threshold=(spec.in_domain_threshold
+                                     if spec.in_domain_threshold is not None or spec.adaptive
+                                     else decoder.in_domain_threshold),
                 compute=compute,
             )
         except ValueError as exc:

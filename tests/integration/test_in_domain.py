@@ -181,14 +181,15 @@ async def test_real_footage_is_flagged_out_of_domain_when_the_decoder_scores_it(
 async def test_an_adaptive_encoder_is_judged_by_its_own_threshold_or_not_at_all(stub, model_repository, videos):
     """The decoder's threshold was chosen on the plain encoder's features; an adaptive encoder's
     score lower (with the decoder's threshold every test video came back "out of domain" through
-    s3d_sgs), so its videos are judged by its own config threshold, or their domain is unknown."""
+    s3d_sgs), so its videos are judged by its own config threshold, or their domain is unknown.
+    A plain encoder with a threshold of its own (the ViT) is judged by it too."""
     decoder = contract.query_decoder_spec(model_config(model_repository, contract.QUERY_DECODER_MODEL))
     assert decoder.in_domain_threshold is not None, "the served decoder no longer scores its domain"
     adaptive = {}
     for config_path in sorted(model_repository.glob(f"{contract.ENCODER_PREFIX}*/config.pbtxt")):
         parameters = model_config(model_repository, config_path.parent.name).get("parameters", {})
-        if parameters.get(contract.ADAPTIVE, {}).get("string_value"):
-            own = parameters.get(contract.IN_DOMAIN_THRESHOLD, {}).get("string_value")
+        own = parameters.get(contract.IN_DOMAIN_THRESHOLD, {}).get("string_value")
+        if parameters.get(contract.ADAPTIVE, {}).get("string_value") or own:
             adaptive[config_path.parent.name.removeprefix(contract.ENCODER_PREFIX)] = float(own) if own else None
     assert adaptive, "no adaptive encoder is served"
     for encoder, own in adaptive.items():
