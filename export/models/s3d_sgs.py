@@ -21,6 +21,12 @@ Across a batch the kept bins are padded to the batch's largest B' (mask False). 
 zeroed before every temporal conv and pooled out at the end, so a clip's features do not depend
 on its batch. The temporal max-pool after stage 3 rounds up (B' = 1 and odd B' pool to
 ceil(B'/2) frames); on an even T it is the s3d's pool.
+
+Served, the layers after SGS do not run on that padding (`after_sgs_compact`): the kept bins of
+the whole batch become one stack of frames (Σ B' rows), every per-frame layer runs on the stack,
+and each temporal conv reads a frame's neighbours in its own clip by index (a zero row at the
+clip's ends, as the padded convolution sees). A batch then costs the sum of its clips' B', not
+its size times the largest B'; the result is the padded computation's (tested).
 """
 
 from __future__ import annotations
@@ -37,6 +43,60 @@ from export.models.s3d import S3D, SepConv3d
 
 PLACEMENTS = ("patchify", "stem", "stage2", "stage3")
 BIN_OUTPUTS = ("sums", "time_means")
+
+
+class _Stack:
+    """Kept bins of a batch as a stack of frames: row r is bin t of clip `clip[r]`; `before` /
+    `after` the rows of its neighbours in that clip, or `len(clip)` (a zero row) at its ends. The
+    kept bins are the first B' of each clip (SGS keeps them first), so a clip's rows are
+    consecutive and `first[i]` is clip i's first row."""
+
+    def __init__(self, mask: torch.Tensor):
+        n, width = mask.shape
+        flat = mask.reshape(-1).nonzero().squeeze(1)  # data-dependent: Σ B' rows
+        torch._check(flat.shape[0] >= 1)  # every clip keeps a bin (lets the export skip empty-input guards)
+        # clip and position of each row by lookup (a remainder by the symbolic width does not export)
+        clip = torch.arange(n, device=mask.device)[:, None].expand(n, width).reshape(-1)
+        position = torch.arange(width, device=mask.device)[None, :].expand(n, width).reshape(-1)
+        self.mask, self.flat, self.clip, self.t = mask, flat, clip[flat], position[flat]
+        self.kept = mask.sum(dim=1)  # N
+        self.first = torch.cumsum(self.kept, dim=0) - self.kept
+        row = torch.arange(flat.shape[0], device=mask.device)
+        none = torch.full_like(row, flat.shape[0])
+        self.before = torch.where(self.t >= 1, row - 1, none)
+        self.after = torch.where(self.t + 1 < self.kept[self.clip], row + 1, none)
+
+    def pooled(self, rows: torch.Tensor, stride: int) -> tuple[_Stack, torch.Tensor]:
+        """Max over each clip's consecutive `stride` rows (round up: the last group may be short), as
+        `S3DSGS._pool3` pools time; the new stack and its rows."""
+        frames = F.pad(self.mask[:, None, :, None, None].to(rows.dtype), (0, 0, 0, 0, 0, stride - 1))
+        pooled = _Stack(F.max_pool3d(frames, (stride, 1, 1))[:, 0, :, 0, 0] > 0)
+        padded = torch.cat([rows, rows.new_zeros((1, *rows.shape[1:]))])
+        none = rows.shape[0]
+        out = None
+        for j in range(stride):  # post-ReLU rows are >= 0: a missing one (the zero row) changes no max
+            source = pooled.t * stride + j
+            index = torch.where(source < self.kept[pooled.clip], self.first[pooled.clip] + source, none)
+            out = padded[index] if out is None else torch.maximum(out, padded[index])
+        return pooled, out
+
+
+def _temporal(conv: nn.Conv3d, x: torch.Tensor, stack: _Stack) -> torch.Tensor:
+    """A (k, 1, 1) temporal conv (k = 1 or 3, padding k // 2, no bias) on a stack of frames
+    (M, C, 1, h, w): one conv over each frame and its neighbours stacked on the channels."""
+    k = conv.kernel_size[0]
+    if k == 1:
+        return conv(x)
+    if k != 3 or conv.bias is not None:
+        raise ValueError(f"a compact temporal conv needs kernel 3 without bias, got {conv}")
+    padded = torch.cat([x, x.new_zeros((1, *x.shape[1:]))])
+    weight = conv.weight.permute(0, 2, 1, 3, 4).reshape(conv.out_channels, -1, 1, 1, 1)  # O, (t−1, t, t+1)·C
+    return F.conv3d(torch.cat([padded[stack.before], x, padded[stack.after]], dim=1), weight)
+
+
+def _stacked_stage(stage: SepConv3d, x: torch.Tensor, stack: _Stack) -> torch.Tensor:
+    x = stage.act(stage.norm_s(stage.spatial(x)))
+    return stage.act(stage.norm_t(_temporal(stage.temporal, x, stack)))
 
 
 def _masked_stage(stage: SepConv3d, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -62,6 +122,7 @@ class S3DSGS(S3D):
         if bins not in BIN_OUTPUTS:
             raise ValueError(f"bins must be one of {BIN_OUTPUTS}, got {bins!r}")
         self.sgs_after, self.bins = sgs_after, bins
+        self.compact = True  # after_sgs_compact (False: the padded after_sgs, e.g. to compare)
         channels = {"patchify": self.stem[0].out_channels, "stem": self.stem[-3].out_channels,
                     "stage2": self.stage2.temporal.out_channels, "stage3": self.stage3.temporal.out_channels}[sgs_after]
         self.sgs = SimilarityGuidedSampling(channels, similarity_dim=similarity_dim, centred=similarity_centred)
@@ -107,6 +168,24 @@ class S3DSGS(S3D):
         keep = mask[:, None].to(x.dtype)
         return (x * keep).sum(dim=2) / keep.sum(dim=2)  # N, C4
 
+    def after_sgs_compact(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """`after_sgs` on the kept bins only (see the module docstring); patchify falls back to it."""
+        if self.sgs_after == "patchify":
+            return self.after_sgs(x, mask)
+        stack = _Stack(mask)
+        n, c, width, h, w = x.shape
+        rows = x.transpose(1, 2).reshape(n * width, c, 1, h, w)
+        rows = rows[stack.flat]  # M, C, 1, h, w
+        if self.sgs_after == "stem":
+            rows = self.pool2(_stacked_stage(self.stage2, rows, stack))
+        if self.sgs_after in ("stem", "stage2"):
+            rows = _stacked_stage(self.stage3, rows, stack)
+        rows = F.max_pool3d(rows, (1, 2, 2))
+        if self.temporal_stride > 1:
+            stack, rows = stack.pooled(rows, self.temporal_stride)
+        rows = _stacked_stage(self.stage4, rows, stack).mean(dim=(2, 3, 4))  # M', C4
+        return rows.new_zeros((n, rows.shape[1])).index_add(0, stack.clip, rows) / stack.kept[:, None].to(rows.dtype)
+
     def sample(self, before: torch.Tensor, bins: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """SGS on the features before it: (N, C, B', h, w) and the (N, B') mask."""
         if self.bins == "sums":
@@ -128,7 +207,8 @@ class S3DSGS(S3D):
 
     def forward_features(self, x: torch.Tensor, bins: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         sampled, mask = self.sample(self.before_sgs(x), bins)  # N, C, B', h, w; N, B'
-        return self.after_sgs(sampled, mask), mask.sum(dim=1)
+        after = self.after_sgs_compact if self.compact else self.after_sgs
+        return after(sampled, mask), mask.sum(dim=1)
 
     def forward(self, clips: torch.Tensor, bins: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = clips.permute(0, 4, 1, 2, 3).float()  # N, C, T, H, W

@@ -108,6 +108,24 @@ def test_s3d_sgs_clip_features_do_not_depend_on_the_batch(where, bins):
             torch.testing.assert_close(alone[0], batched[i], atol=1e-7, rtol=1e-5)
 
 
+@pytest.mark.parametrize("bins", BIN_OUTPUTS)
+@pytest.mark.parametrize("where", PLACEMENTS)
+def test_s3d_sgs_on_the_kept_bins_only_is_the_padded_computation(where, bins):
+    """after_sgs_compact (the batch's kept bins as one stack of frames) against after_sgs (padded to
+    the batch's largest B'), in a batch whose clips keep different B' at different budgets."""
+    torch.manual_seed(0)
+    model = _s3d_sgs(where, bins)
+    clips = _clips(5, seed=7, size=64)
+    budgets = torch.tensor([8, 3, 1, 8, 5])
+    with torch.no_grad():
+        model.compact = True
+        compact, kept = model(clips, budgets)
+        model.compact = False
+        padded, padded_kept = model(clips, budgets)
+    assert torch.equal(kept, padded_kept) and len(set(kept.tolist())) > 1
+    torch.testing.assert_close(compact, padded, atol=1e-6, rtol=1e-5)
+
+
 def test_s3d_sgs_one_bin_still_pools():
     torch.manual_seed(0)
     model = create_s3d_sgs("s3d_sgs_stem_112", frame_size=64).eval()
