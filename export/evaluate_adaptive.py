@@ -25,11 +25,14 @@ import sys
 import time
 from collections import defaultdict
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 
 from export import REPO, adaptive_export, data
+from export.build import in_domain_report
+from export.onnx_export import IN_DOMAIN_OUTPUT, IN_DOMAIN_THRESHOLD_PARAMETER
 from export.train_adaptive import HEADS, accuracy
 
 OUT = REPO / "export" / "adaptive_evaluation.json"
@@ -112,13 +115,14 @@ def run_served(ds: data.ClipDataset, videos: np.ndarray, curve_videos: set[int],
         # clip_encoder_vit(_ats) are evaluated when the repository serves them (not by default).
         present = {m for m in ("clip_encoder_s3d", "clip_encoder_vit", "clip_encoder_s3d_sgs", "clip_encoder_vit_ats")
                    if (repository / m / "config.pbtxt").is_file()}
-        params = {m: _parameters(client, m) for m in present}
+        params = {m: _parameters(client, m) for m in present | {"tqn_decoder"}}
         defaults = {m: float(params[m].get(adaptive_export.BUDGET_DEFAULT_PARAMETER, "1"))
                     for m in ("clip_encoder_s3d_sgs", "clip_encoder_vit_ats") if m in present}
         configs = _configurations(defaults, present)
-        decoder_outputs = [f"logits_{q}" for q in HEADS]
+        decoder_outputs = [f"logits_{q}" for q in HEADS] + [IN_DOMAIN_OUTPUT]
         results = {label: {"model": model, "budget": budget, "seconds": 0.0, "compute_ns": 0, "clips": 0, "videos": [],
-                           "preds": defaultdict(list), "kept": [], "gmacs": []} for label, model, budget in configs}
+                           "preds": defaultdict(list), "kept": [], "gmacs": [], "in_domain_scores": []}
+                   for label, model, budget in configs}
         for i, v in enumerate(videos):
             n = int(ds.num_clips[v])
             clips = [np.ascontiguousarray(ds.clips(int(v), s, min(BATCH, n - s))) for s in range(0, n, BATCH)]
@@ -149,6 +153,7 @@ def run_served(ds: data.ClipDataset, videos: np.ndarray, curve_videos: set[int],
                                 decoder_outputs)
                 for q in HEADS:
                     r["preds"][q].append(int(logits[f"logits_{q}"][0].argmax()))
+                r["in_domain_scores"].append(float(logits[IN_DOMAIN_OUTPUT][0]))
             if (i + 1) % 25 == 0 or i + 1 == len(videos):
                 _log(f"{i + 1}/{len(videos)} videos")
         stats = client.get_inference_statistics(as_json=True)
@@ -243,10 +248,10 @@ def _plots(summary: dict, curve: dict, kept: dict[str, np.ndarray], phases: np.n
     axes[0].set_title(f"s3d_sgs at budget {summary['s3d_sgs']['budget']:g}")
     axes[0].legend(fontsize=8)
     if "vit_ats" in kept:
-        ats = kept["vit_ats"]
-        for j in range(ats.shape[1]):
-            axes[1].hist(ats[:, j], bins=30, histtype="step", label=f"block {j + 3}")
-        axes[1].set_xlabel("K' (tokens kept of 196)")
+        ats = kept["vit_ats"].mean(axis=1)  # a clip's K' averaged over its ATS blocks
+        axes[1].hist([ats[phases == 2], ats[np.isin(phases, (0, 4))]], bins=24, density=True,
+                     label=["flight clips", "idle clips (before/after)"])
+        axes[1].set_xlabel("K' (tokens kept of 196, mean over the ATS blocks)")
         axes[1].set_title(f"vit_ats at budget {summary['vit_ats']['budget']:g}")
         axes[1].legend(fontsize=8)
     else:
@@ -277,6 +282,15 @@ def evaluate(data_dir: Path, repository: Path, *, videos: int | None = None, out
                  "accuracy": accuracy(preds, ds, evaluated),
                  "ms_per_clip": 1e-6 * r["compute_ns"] / r["clips"],
                  "client_ms_per_clip": 1000 * r["seconds"] / r["clips"], "clips": r["clips"]}
+        # Judged as the gateway judges: by the encoder's own threshold, else (the plain s3d the
+        # decoder was trained with) the decoder's; an adaptive encoder without one is not judged.
+        threshold = served["parameters"][model].get(IN_DOMAIN_THRESHOLD_PARAMETER)
+        if threshold is None and r["budget"] is None:
+            threshold = served["parameters"]["tqn_decoder"].get(IN_DOMAIN_THRESHOLD_PARAMETER)
+        entry["in_domain"] = None if threshold is None else {
+            "threshold": float(threshold),
+            **in_domain_report(np.asarray(r["in_domain_scores"]),  # it reads the videos' records only
+                               SimpleNamespace(records=[ds.records[int(v)] for v in evaluated]), float(threshold))}
         on_curve = np.isin(evaluated, curve_videos)
         curve[label] = {"budget": r["budget"], "ms_per_clip": entry["ms_per_clip"],
                         "accuracy": accuracy({q: p[on_curve] for q, p in preds.items()}, ds, evaluated[on_curve])}
@@ -295,12 +309,13 @@ def evaluate(data_dir: Path, repository: Path, *, videos: int | None = None, out
                 entry["kept_by_phase"] = {PHASE_NAMES[p]: k[phases == p].mean(0).tolist()
                                           for p in range(len(PHASE_NAMES)) if (phases == p).any()}
                 entry["kept_null_videos"] = k[phases == -1].mean(0).tolist() if (phases == -1).any() else None
-                entry["kept_histogram"] = {str(int(u)): int(c) for u, c in zip(*np.unique(k, return_counts=True))} \
-                    if label == "s3d_sgs" else None
+                # B' per clip; for ATS the K' of each block, in blocks of 10 tokens
+                binned = k[:, 0] if label == "s3d_sgs" else (k // 10 * 10).ravel()
+                entry["kept_histogram"] = {str(int(u)): int(c) for u, c in zip(*np.unique(binned, return_counts=True))}
         summary[label] = entry
     _log("top-K baseline (torch)")
     top_k = {}
-    for label in [lb for lb, r in curve.items() if lb.split("@")[0] == "vit_ats" and r["budget"] in (0.5, 0.25)]:
+    for label in [lb for lb, r in curve.items() if lb.split("@")[0] == "vit_ats" and r["budget"] < 1]:
         # Same K' per block as ATS kept on average, on the curve's videos.
         k = [max(1, int(round(x))) for x in summary[label]["kept_mean"]]
         top_k[label] = top_k_accuracy(ds, curve_videos, repository, k) | {"ats_accuracy": curve[label]["accuracy"],

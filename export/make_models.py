@@ -5,8 +5,9 @@ target, so each keeps its own time box (`make models` = tqn, `make models-adapti
 Parts, in the order they run (a later part reads what an earlier one served):
 - `tqn`: data splits, the s3d clip encoder + TQN decoder and both baselines, calibration,
   in-domain fit, test once, the controls (`export/build.py`; export/evaluation.json);
-- `adaptive`: s3d_sgs, trained against the served s3d and TQN decoder, so after `tqn` whenever
-  that changes (`export/train_adaptive.py`; export/adaptive_training.json);
+- `adaptive`: s3d_sgs and the ViT pair (vit, vit_ats), trained against the served s3d and TQN
+  decoder, so after `tqn` whenever that changes (`export/train_adaptive.py`;
+  export/adaptive_training.json);
 - `segments`: the action parser and the frame embedder with their baselines and ablations
   (`export/segments_export.py`); it does not depend on the others.
 Each part's wall time is printed and written to export/models_timing.json (a run's output, not committed).

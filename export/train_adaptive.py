@@ -1,16 +1,18 @@
 """Train and export the adaptive encoders (issue 9) on top of the served s3d + TQN decoder.
 
-- `vit`: the tubelet ViT (`vit_mini_112`: dim 64, 6 blocks, 2×16×16 tubelets) distilled from the served s3d's clip features (no labels),
-  so the served TQN decoder reads its features unchanged; `vit_ats` is the same weights with ATS in
-  blocks 3..6 (no retraining; ATS has no parameters).
+- `vit`: the tubelet ViT (`vit_mini_112`: dim 64, 6 blocks, 2×16×16 tubelets) distilled from the
+  served s3d's clip features (no labels; `vit_student`, cached beside the data), its last layer
+  refit to them by least squares, then trained on through the served (frozen) TQN decoder with ATS
+  in the loop for half the clips (`tune_vit`), so the decoder reads its features unchanged;
+  `vit_ats` is the same weights with ATS in blocks 3..6 (ATS has no parameters).
 - `s3d_sgs`: the served s3d's weights with SGS inserted (a centred similarity net whose bias is
   calibrated on training clips; bins passed on as time-ordered means, see `S3DSGS`), trained
   through the served (frozen) TQN decoder on the short training videos (every clip online): the
   query loss plus the distillation loss to the s3d's own clip features, so the decoder needs no
   retraining and both encoders serve with it. Each step draws every clip's B uniformly from 1..8
   (one weight set for every budget); the similarity net is held fixed for the first
-  `sgs_frozen_steps`, then trained. Each placement in `PLACEMENTS` is trained the same way; the
-  one exported is chosen on validation.
+  `sgs_frozen_steps`, then trained. Each placement tried (`BUILD_PLACEMENTS`, or `PLACEMENTS` for
+  the study) is trained the same way; the one exported is chosen on validation.
 
 Choices are made on the validation split through the exported ONNX graphs (ONNX Runtime, as
 served), on every `VAL_EVERY`-th validation video: each adaptive encoder's `budget_default` is the
@@ -37,7 +39,8 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from export import MODEL_REPOSITORY, REPO, adaptive_export, data, train
+from export import MODEL_REPOSITORY, REPO, adaptive_export, build, data, train
+from export.onnx_export import IN_DOMAIN_THRESHOLD_PARAMETER
 from export.models.s3d import S3D
 from export.models.s3d_sgs import S3DSGS, s3d_macs
 from export.models.tqn import TQNDecoder
@@ -48,12 +51,17 @@ from export.models.vit import create as create_vit
 REPORT = REPO / "export" / "adaptive_training.json"
 SEED = 9
 VIT_VARIANT = "vit_mini_112"
+STUDENT = "vit_student.pt"  # the distilled ViT, kept beside the data (`vit_student`)
 # Where SGS can go, earliest first: after the patchify conv (B' = 1 costs 0.29 of s3d's work), after the
-# stem (0.32), after stage 2 (the thesis's place for X3D; 0.67).
+# stem (0.32), after stage 2 (the thesis's place for X3D; 0.67): the placement study (`--placements`
+# with all three, README "Adaptive computation"). A build trains the one it chose, after the stem:
+# the study costs three trainings and chose it by 10 points of validation accuracy.
 PLACEMENTS = ("patchify", "stem", "stage2")
+BUILD_PLACEMENTS = ("stem",)
 CALIBRATION_CLIPS = 64  # random training clips that set the similarity net's bias (calibrate_similarity)
 BIAS_SCALE = 1.0  # the similarity net's output bias, in units of the median ‖Z_t‖ (calibrate_similarity)
 VAL_BUDGETS = (1.0, 0.5, 0.35, 0.25)  # B = 8, 4, 3, 2; K = 196, 98, 69, 49
+ATS_TUNE_BUDGETS = (0.2, 1.0)  # tune_vit's range for the clips it runs with ATS
 SGS_VAL_BUDGETS = (1.0, 0.5, 0.25)
 # Every sixth validation video (50 of 300, ~1,000 clips): every choice needs a curve of passes, and
 # the 2 cores are shared by seven sessions.
@@ -65,10 +73,17 @@ HEADS = train.HEADS
 
 @dataclass(frozen=True)
 class AdaptiveBudget:
-    vit_steps: int = 100
+    # From scratch (no cached student beside the data): ~1.4-2 s a step at one thread.
+    vit_steps: int = 4000
+    # A cached student distilled from another s3d (e.g. before the TQN part was rebuilt) is
+    # distilled this many more steps against the served one (`vit_student`). 0: the refit and
+    # `tune_vit`'s distillation term align it (each distillation step costs 2-5 s on the shared cores).
+    vit_align_steps: int = 0
     vit_clips_per_step: int = 32
     vit_lr: float = 1e-3
     vit_tune_steps: int = 120  # after the distillation, through the frozen decoder (`tune_vit`)
+    # At the distillation's 1e-3 the query loss rose from 14 to 23 within 60 steps (it undid the student).
+    vit_tune_lr: float = 1e-4
     sgs_steps: int = 800
     sgs_videos_per_step: int = 4
     sgs_lr: float = 1e-3
@@ -76,11 +91,12 @@ class AdaptiveBudget:
     similarity_lr: float = 1e-4
     distill_weight: float = 1.0
     event_fraction: float = 0.5  # of the ViT's clips, drawn from clips that show an event
+    ats_full_share: float = 0.5  # of the clips tune_vit runs without sampling (the rest with ATS)
     refit_clips: int = 2048  # for the least-squares refit of the ViT's last layer
     val_every: int = VAL_EVERY
 
 
-QUICK = AdaptiveBudget(vit_steps=20, vit_tune_steps=5, sgs_steps=10, sgs_frozen_steps=5, refit_clips=256,
+QUICK = AdaptiveBudget(vit_steps=20, vit_align_steps=5, vit_tune_steps=5, sgs_steps=10, sgs_frozen_steps=5, refit_clips=256,
                       val_every=15)
 
 
@@ -129,17 +145,20 @@ def _optimizer(params, lr: float, steps: int):
 
 
 def distill_vit(teacher: S3D, datasets: list[data.ClipDataset], budget: AdaptiveBudget,
-                rng: np.random.Generator, student: VideoViT | None = None) -> VideoViT:
-    """The ViT regressing the teacher's clip features (MSE over the teacher's feature scale), from
-    `student` when given (else a fresh one)."""
+                rng: np.random.Generator, student: VideoViT | None = None,
+                checkpoint: Path | None = None, steps: int | None = None) -> VideoViT:
+    """The ViT regressing the teacher's clip features (MSE over the teacher's feature scale) for
+    `steps` (default `budget.vit_steps`), from `student` when given (else a fresh one); its state
+    dict saved to `checkpoint` every 250 steps (a long run stopped early still leaves a student)."""
     student = student if student is not None else create_vit(VIT_VARIANT)
     student.train()
-    opt, sched = _optimizer(student.parameters(), budget.vit_lr, budget.vit_steps)
+    steps = budget.vit_steps if steps is None else steps
+    opt, sched = _optimizer(student.parameters(), budget.vit_lr, steps)
     events = [_event_clips(ds) for ds in datasets]
     sizes = np.asarray([ds.total_clips for ds in datasets], np.float64)
     start, running = time.monotonic(), 0.0
     scale = None
-    for step in range(budget.vit_steps):
+    for step in range(steps):
         n_event = int(round(budget.vit_clips_per_step * budget.event_fraction))
         which = rng.choice(len(datasets), budget.vit_clips_per_step, p=sizes / sizes.sum())
         clips = []
@@ -161,12 +180,42 @@ def distill_vit(teacher: S3D, datasets: list[data.ClipDataset], budget: Adaptive
         opt.step()
         sched.step()
         running += loss.item()
-        if (step + 1) % 25 == 0 or step + 1 == budget.vit_steps:
+        if (step + 1) % 25 == 0 or step + 1 == steps:
             elapsed = time.monotonic() - start
-            _log(f"vit distill step {step + 1}/{budget.vit_steps} loss {running / 25:.4f} "
-                 f"({elapsed:.0f}s, eta {elapsed / (step + 1) * (budget.vit_steps - step - 1):.0f}s)")
+            _log(f"vit distill step {step + 1}/{steps} loss {running / 25:.4f} "
+                 f"({elapsed:.0f}s, eta {elapsed / (step + 1) * (steps - step - 1):.0f}s)")
             running = 0.0
+        if checkpoint is not None and ((step + 1) % 250 == 0 or step + 1 == steps):
+            torch.save(student.state_dict(), checkpoint)
     return student.eval()
+
+
+def vit_student(teacher: S3D, teacher_sha256: str, datasets: list[data.ClipDataset], data_dir: Path,
+                budget: AdaptiveBudget, rng: np.random.Generator, init: Path | None = None) -> tuple[VideoViT, list]:
+    """The distilled ViT and its history (one entry per distillation run: steps, teacher).
+
+    Starts from `init` (a state dict, or a student file as this writes it) or else the student
+    cached beside the data (`STUDENT`, as build.py keeps its trained models there: the
+    distillation is the long part); a student distilled from another s3d is distilled
+    `budget.vit_align_steps` more against this one. Without either, `budget.vit_steps` from
+    scratch. The student is (re)written to the cache with its history."""
+    cache = Path(data_dir) / STUDENT
+    source = init if init is not None else (cache if cache.exists() else None)
+    vit = create_vit(VIT_VARIANT)
+    history: list = []
+    if source is None:
+        vit = distill_vit(teacher, datasets, budget, rng, student=vit)
+        history.append({"steps": budget.vit_steps, "from": "scratch", "teacher_onnx_sha256": teacher_sha256})
+    else:
+        saved = torch.load(source, weights_only=True)
+        vit.load_state_dict(saved["state"] if "state" in saved else saved)
+        history = list(saved.get("history", [{"from": str(Path(source).name), "teacher_onnx_sha256": None}]))
+        if history[-1].get("teacher_onnx_sha256") != teacher_sha256 and budget.vit_align_steps:
+            vit = distill_vit(teacher, datasets, budget, rng, student=vit, steps=budget.vit_align_steps)
+            history.append({"steps": budget.vit_align_steps, "from": "the student above",
+                            "teacher_onnx_sha256": teacher_sha256})
+    torch.save({"state": vit.state_dict(), "history": history}, cache)
+    return vit.eval(), history
 
 
 def sgs_config(s3d_config: dict, placement: str) -> dict:
@@ -301,10 +350,20 @@ def fine_tune_sgs(model: S3DSGS, teacher: S3D, decoder: TQNDecoder, short: data.
 
 def tune_vit(vit: VideoViT, teacher: S3D, decoder: TQNDecoder, short: data.ClipDataset, budget: AdaptiveBudget,
              rng: np.random.Generator) -> VideoViT:
-    """The distilled ViT trained on through the frozen decoder (`tune_through_decoder`)."""
-    tune_through_decoder("vit", vit, lambda clips, rng: (vit(clips), None), [{"params": list(vit.parameters())}],
+    """The distilled ViT trained on through the frozen decoder (`tune_through_decoder`), with ATS in
+    the loop as the thesis fine-tunes: each clip runs at full compute with probability
+    `budget.ats_full_share`, else at a budget drawn uniformly from `ATS_TUNE_BUDGETS` (K from
+    `k_for_budget`), so the one set of weights serves vit and vit_ats at every budget."""
+    low, high = ATS_TUNE_BUDGETS
+
+    def encode(clips, rng):
+        budgets = np.where(rng.random(len(clips)) < budget.ats_full_share, 1.0, rng.uniform(low, high, len(clips)))
+        features, kept = vit(clips, torch.as_tensor([vit.k_for_budget(float(b)) for b in budgets]))
+        return features, kept[:, 0] - 1  # the first ATS block's K', for the log
+
+    tune_through_decoder("vit", vit, encode, [{"params": list(vit.parameters())}],
                          teacher, decoder, short, steps=budget.vit_tune_steps,
-                         videos_per_step=budget.sgs_videos_per_step, lr=budget.vit_lr,
+                         videos_per_step=budget.sgs_videos_per_step, lr=budget.vit_tune_lr,
                          distill_weight=budget.distill_weight, rng=rng)
     return vit
 
@@ -338,20 +397,22 @@ def onnx_clip_outputs(path: Path, ds: data.ClipDataset, budget: float | None, *,
 
 @torch.inference_mode()
 def decode_videos(decoder: TQNDecoder, features: np.ndarray, ds: data.ClipDataset,
-                  videos: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    """Per-video predicted index per query from per-clip features (video-major, as returned by
-    `onnx_clip_outputs`)."""
+                  videos: np.ndarray | None = None) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Per-video predicted index per query, and the decoder's in_domain_score per video, from
+    per-clip features (video-major, as returned by `onnx_clip_outputs`)."""
     videos = np.arange(len(ds.records)) if videos is None else videos
     preds = {q: [] for q in HEADS}
+    scores = []
     at = 0
     for v in videos:
         n = int(ds.num_clips[v])
         feats = torch.from_numpy(features[at : at + n]).unsqueeze(0)
         at += n
-        logits = decoder(feats, torch.ones(feats.shape[:2], dtype=torch.bool))
-        for q, lg in zip(HEADS, logits):
+        outputs = decoder(feats, torch.ones(feats.shape[:2], dtype=torch.bool))
+        for q, lg in zip(HEADS, outputs):
             preds[q].append(int(lg[0].argmax()))
-    return {q: np.asarray(p) for q, p in preds.items()}
+        scores.append(float(outputs[-1][0]))
+    return {q: np.asarray(p) for q, p in preds.items()}, np.asarray(scores)
 
 
 def accuracy(preds: dict[str, np.ndarray], ds: data.ClipDataset, videos: np.ndarray | None = None) -> dict[str, float]:
@@ -367,12 +428,29 @@ def _score(path: Path, decoder: TQNDecoder, ds: data.ClipDataset, budget: float 
     videos = np.arange(0, len(ds.records), every)
     start = time.monotonic()
     out = onnx_clip_outputs(path, ds, budget, videos=videos)
-    result = {"accuracy": accuracy(decode_videos(decoder, out["features"], ds, videos), ds, videos),
+    result = {"accuracy": accuracy(decode_videos(decoder, out["features"], ds, videos)[0], ds, videos),
               "videos": len(videos), "seconds": time.monotonic() - start}
     if "gmacs" in out:
         result["gmacs_per_clip"] = float(out["gmacs"].mean())
         result["kept_mean"] = out["kept"].mean(axis=0).tolist()
     return result
+
+
+def choose_in_domain_threshold(path: Path, decoder: TQNDecoder, ds: data.ClipDataset, budget: float | None) -> dict:
+    """An encoder's own `in_domain_threshold`, chosen as export/build.py chooses the decoder's (the
+    `IN_DOMAIN_PERCENTILE`th percentile of every validation video's in_domain_score), from the
+    served decoder's score of this encoder's clip features at `budget` (its default). The
+    decoder's own threshold was chosen on s3d's features, which score differently."""
+    out = onnx_clip_outputs(path, ds, budget)
+    _, scores = decode_videos(decoder, out["features"], ds)
+    threshold = float(np.percentile(scores, build.IN_DOMAIN_PERCENTILE))
+    return {"threshold": threshold, "budget": budget,
+            "chosen_as": f"{build.IN_DOMAIN_PERCENTILE:g}th percentile of val scores",
+            "val": build.in_domain_report(scores, ds, threshold)}
+
+
+def _set_in_domain_threshold(model_dir: Path, chosen: dict) -> None:
+    adaptive_export.set_parameters(model_dir, {IN_DOMAIN_THRESHOLD_PARAMETER: f"{chosen['threshold']:.6g}"})
 
 
 def _choose_budget(curve: dict[str, dict], reference: dict[str, float]) -> float:
@@ -382,17 +460,17 @@ def _choose_budget(curve: dict[str, dict], reference: dict[str, float]) -> float
 
 def build_adaptive(data_dir: Path, repository: Path = MODEL_REPOSITORY, *, budget: AdaptiveBudget = AdaptiveBudget(),
                    seed: int = SEED, report: Path | None = REPORT, work_dir: Path | None = None,
-                   init_vit: Path | None = None, encoders: tuple[str, ...] = ("s3d_sgs",)) -> dict:
+                   init_vit: Path | None = None, encoders: tuple[str, ...] = ("vit", "s3d_sgs"),
+                   sgs_placements: tuple[str, ...] = BUILD_PLACEMENTS) -> dict:
     """Train, choose on validation, and export clip_encoder_{vit,vit_ats,s3d_sgs} into `repository`,
     which must hold the served clip_encoder_s3d and tqn_decoder. Returns (and writes) the report.
 
-    `init_vit`: a ViT state dict to start from (e.g. `--distill-vit`'s, distilled from an earlier
-    s3d); the distillation then runs `budget.vit_steps` more steps from it. Either way the ViT's
-    last layer is finally refit by least squares to this s3d's features.
+    The ViT: `vit_student` (from `init_vit`, else the student cached beside the data, else
+    distilled from scratch), trained on through the frozen decoder (`tune_vit`), its last layer
+    finally refit by least squares to this s3d's features. Every exported encoder gets its own
+    `in_domain_threshold` (`choose_in_domain_threshold`).
 
-    `encoders`: which to (re)build; the report keeps the other's entries from the last run. By
-    default only s3d_sgs: the ViT did not learn in this budget (README), so clip_encoder_vit and
-    clip_encoder_vit_ats are built only when asked (`--encoders vit s3d_sgs`) and are not served."""
+    `encoders`: which to (re)build; the report keeps the other's entries from the last run."""
     t0 = time.monotonic()
     torch.set_num_threads(train.TRAIN_THREADS)
     torch.manual_seed(seed)
@@ -403,9 +481,9 @@ def build_adaptive(data_dir: Path, repository: Path = MODEL_REPOSITORY, *, budge
     short, full, val = (data.load(data_dir / name) for name in ("short", "train", "val"))
     work = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="vqs-adaptive-"))
     work.mkdir(parents=True, exist_ok=True)
+    teacher_sha256 = adaptive_export._sha256(repository / "clip_encoder_s3d" / "1" / "model.onnx")
     provenance = {"seed": seed, "budget": asdict(budget), "teacher": s3d_meta.get("provenance"),
-                  "teacher_onnx_sha256": adaptive_export._sha256(repository / "clip_encoder_s3d" / "1" / "model.onnx"),
-                  "torch": torch.__version__}
+                  "teacher_onnx_sha256": teacher_sha256, "torch": torch.__version__}
     result: dict = {"provenance": provenance, "tolerance_points": TOLERANCE_POINTS, "val": {}}
 
     _log("s3d on val (reference)")
@@ -416,8 +494,11 @@ def build_adaptive(data_dir: Path, repository: Path = MODEL_REPOSITORY, *, budge
     stage = Path(tempfile.mkdtemp(prefix=".adaptive-staging-", dir=repository.parent))
 
     previous = json.loads(report.read_text()) if report is not None and report.exists() else {}
+    kept_thresholds = {e: t for e, t in previous.get("in_domain", {}).items()
+                       if ("vit" not in encoders and e in ("vit", "vit_ats")) or ("s3d_sgs" not in encoders and e == "s3d_sgs")}
+    result["in_domain"] = kept_thresholds
     if "vit" not in encoders:
-        for key in ("vit_train_seconds", "vit_refit_residual", "vit_ats_budget_default"):
+        for key in ("vit_train_seconds", "vit_refit_residual", "vit_ats_budget_default", "vit_history"):
             if key in previous:
                 result[key] = previous[key]
         for key in ("vit", "vit_ats"):
@@ -426,17 +507,13 @@ def build_adaptive(data_dir: Path, repository: Path = MODEL_REPOSITORY, *, budge
     else:
         # ViT, distilled, and the same weights with ATS.
         t = time.monotonic()
-        vit = None
-        if init_vit is not None:
-            vit = create_vit(VIT_VARIANT)
-            vit.load_state_dict(torch.load(init_vit, weights_only=True))
-            provenance["vit_init_sha256"] = adaptive_export._sha256(Path(init_vit))
-        if budget.vit_steps or vit is None:
-            vit = distill_vit(teacher, [full, short], budget, rng, student=vit)
-        if budget.vit_tune_steps:
-            vit = tune_vit(vit, teacher, decoder, short, budget, rng)
+        vit, result["vit_history"] = vit_student(teacher, teacher_sha256, [full, short], data_dir, budget, rng,
+                                                 init=init_vit)
+        # Refit first (cheap, aligns a student of another s3d with this one), then train on.
         result["vit_refit_residual"] = refit_projection(vit, teacher, full, budget.refit_clips, rng)
         _log(f"vit last layer refit: residual {result['vit_refit_residual']:.3f} of the teacher's variance")
+        if budget.vit_tune_steps:
+            vit = tune_vit(vit, teacher, decoder, short, budget, rng)
         result["vit_train_seconds"] = time.monotonic() - t
         vit_dir, ats_dir = stage / "clip_encoder_vit", stage / "clip_encoder_vit_ats"
         meta = {"encoder": "vit", "variant": VIT_VARIANT, "config": VIT_VARIANTS[VIT_VARIANT],
@@ -461,6 +538,11 @@ def build_adaptive(data_dir: Path, repository: Path = MODEL_REPOSITORY, *, budge
         ats_default = _choose_budget(ats_curve, result["val"]["vit"]["accuracy"])
         adaptive_export.set_parameters(ats_dir, {adaptive_export.BUDGET_DEFAULT_PARAMETER: f"{ats_default:g}"})
         result["vit_ats_budget_default"] = ats_default
+        in_domain = result["in_domain"]
+        for name, model_dir, b in (("vit", vit_dir, None), ("vit_ats", ats_dir, ats_default)):
+            _log(f"{name}: in-domain threshold on val")
+            in_domain[name] = choose_in_domain_threshold(model_dir / "1" / "model.onnx", decoder, val, b)
+            _set_in_domain_threshold(model_dir, in_domain[name])
 
     if "s3d_sgs" not in encoders:
         for key in ("s3d_sgs_placement",):
@@ -473,7 +555,7 @@ def build_adaptive(data_dir: Path, repository: Path = MODEL_REPOSITORY, *, budge
         plain = s3d_macs(teacher)
         placements = {}
         calibration = _clip_batch(full, rng.integers(0, full.total_clips, CALIBRATION_CLIPS))
-        for where in PLACEMENTS:
+        for where in sgs_placements:
             t = time.monotonic()
             model = s3d_sgs_from(teacher, s3d_meta["config"], where, calibration)
             model = fine_tune_sgs(model, teacher, decoder, short, budget, rng)
@@ -510,6 +592,11 @@ def build_adaptive(data_dir: Path, repository: Path = MODEL_REPOSITORY, *, budge
         shutil.copytree(work / best / "clip_encoder_s3d_sgs", stage / "clip_encoder_s3d_sgs", symlinks=True)
         adaptive_export.set_parameters(stage / "clip_encoder_s3d_sgs", {
             adaptive_export.BUDGET_DEFAULT_PARAMETER: f"{placements[best]['budget_default']:g}"})
+        _log("s3d_sgs: in-domain threshold on val")
+        chosen = choose_in_domain_threshold(stage / "clip_encoder_s3d_sgs" / "1" / "model.onnx", decoder, val,
+                                            placements[best]["budget_default"])
+        result["in_domain"]["s3d_sgs"] = chosen
+        _set_in_domain_threshold(stage / "clip_encoder_s3d_sgs", chosen)
     result["installed"] = adaptive_export.install(stage, repository)
     shutil.rmtree(stage, ignore_errors=True)
     result["seconds"] = time.monotonic() - t0
@@ -527,9 +614,11 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a few steps of each, to check the pipeline")
     parser.add_argument("--report", type=Path, default=REPORT)
     parser.add_argument("--seed", type=int, default=SEED)
-    parser.add_argument("--encoders", nargs="+", default=["s3d_sgs"], choices=["vit", "s3d_sgs"],
-                        help="vit builds and installs clip_encoder_vit(_ats) too (not served: it did not learn)")
+    parser.add_argument("--encoders", nargs="+", default=["vit", "s3d_sgs"], choices=["vit", "s3d_sgs"],
+                        help="which to (re)build: vit = clip_encoder_vit and clip_encoder_vit_ats")
     parser.add_argument("--sgs-steps", type=int, default=None)
+    parser.add_argument("--placements", nargs="+", default=list(BUILD_PLACEMENTS), choices=PLACEMENTS,
+                        help="where to try SGS (all three: the placement study)")
     parser.add_argument("--vit-steps", type=int, default=None, help="distillation steps (default: the budget's)")
     parser.add_argument("--init-vit", type=Path, default=None, help="ViT state dict to start the distillation from")
     parser.add_argument("--distill-vit", type=Path, default=None, metavar="OUT",
@@ -537,6 +626,8 @@ def main() -> None:
     parser.add_argument("--tune-vit", type=Path, default=None, metavar="OUT",
                         help="only train --init-vit on through the served decoder (--vit-tune-steps) and save it to OUT")
     parser.add_argument("--vit-tune-steps", type=int, default=None)
+    parser.add_argument("--vit-align-steps", type=int, default=None,
+                        help="distillation steps for a student of another s3d (default: the budget's)")
     args = parser.parse_args()
     if args.quick and args.repository.resolve() == MODEL_REPOSITORY.resolve():
         parser.error("--quick needs --repository (a copy holding clip_encoder_s3d and tqn_decoder): "
@@ -546,6 +637,8 @@ def main() -> None:
         budget = replace(budget, vit_steps=args.vit_steps)
     if args.vit_tune_steps is not None:
         budget = replace(budget, vit_tune_steps=args.vit_tune_steps)
+    if args.vit_align_steps is not None:
+        budget = replace(budget, vit_align_steps=args.vit_align_steps)
     if args.sgs_steps is not None:
         budget = replace(budget, sgs_steps=args.sgs_steps)
     if args.tune_vit:
@@ -567,11 +660,11 @@ def main() -> None:
         if args.init_vit is not None:
             vit = create_vit(VIT_VARIANT)
             vit.load_state_dict(torch.load(args.init_vit, weights_only=True))
-        vit = distill_vit(teacher, datasets, budget, np.random.default_rng(args.seed), student=vit)
-        torch.save(vit.state_dict(), args.distill_vit)
+        vit = distill_vit(teacher, datasets, budget, np.random.default_rng(args.seed), student=vit,
+                          checkpoint=args.distill_vit)
         return
     build_adaptive(args.data_dir, args.repository, budget=budget, seed=args.seed, report=args.report,
-                   init_vit=args.init_vit, encoders=tuple(args.encoders))
+                   init_vit=args.init_vit, encoders=tuple(args.encoders), sgs_placements=tuple(args.placements))
 
 
 if __name__ == "__main__":
