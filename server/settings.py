@@ -65,6 +65,10 @@ class DecodeSettings(_Group):
     ahead_bytes: int = Field(24 * 2**20, ge=1)
     # Target length of the keyframe segments a video is split into across workers.
     segment_frames: int = Field(240, ge=1)
+    # A video decoded in one segment takes the idle workers' threads only if its frames have at
+    # least this many pixels: handing small frames between decoder threads costs more CPU than
+    # it saves time (README, "Speed").
+    threads_min_pixels: int = Field(640 * 360, ge=0)
     # The library that decodes videos: PyAV (less CPU per frame, flat memory) or decord, which
     # PyAV then replaces for the inputs below (and continues where decord stops early).
     backend: Literal["pyav", "decord"] = "pyav"

@@ -18,6 +18,7 @@ from server.pipeline.decode_backends import (
     Backend,
     DecodeFailure,
     DecordBackend,
+    Probe,
     PyAVBackend,
     StoppedEarly,
     check_limits,
@@ -230,10 +231,8 @@ def _open_video(job: msg.DecodeJob, pyav: PyAVBackend) -> tuple[Backend | None, 
     probe = pyav.probe
     check_limits(probe, job.limits)
     segments = [msg.Segment(0)] if job.live else pyav.split(job.segment_frames, job.workers)
-    # One segment: no other worker can help, so this one decodes with the pool's share of threads
-    # (not a live stream: the other workers serve other streams).
-    all_threads = max(job.threads, job.workers)
-    if len(segments) == 1 and not job.live:
+    all_threads = one_segment_threads(probe, job)
+    if len(segments) == 1 and not job.live:  # not a live stream: the other workers serve others
         pyav.set_threads(all_threads)
     turns = pyav.peek_quarter_turns(segments[0])
     name, note = ("pyav", "a live stream") if job.live else choose_backend(probe, turns, job)
@@ -242,7 +241,7 @@ def _open_video(job: msg.DecodeJob, pyav: PyAVBackend) -> tuple[Backend | None, 
     if skip:
         pyav.skip_nonref()
     if name == "decord":
-        decord = DecordBackend(job.frame_size, _decord_threads(pyav, job))
+        decord = DecordBackend(job.frame_size, _decord_threads(pyav, job, all_threads))
         try:
             decord.open(job.path)
         except DecodeFailure as exc:
@@ -270,8 +269,17 @@ def _open_video(job: msg.DecodeJob, pyav: PyAVBackend) -> tuple[Backend | None, 
     return backend, msg.Opened(video, plan, note)
 
 
-def _decord_threads(pyav: PyAVBackend, job: msg.DecodeJob) -> int:
-    """decord's threads are fixed when it opens: all of the pool's if the video will likely be one
+def one_segment_threads(probe: Probe, job: msg.DecodeJob) -> int:
+    """Decoding threads for a video decoded in one segment: no other worker can help, so it takes
+    the pool's share, if its frames are big enough to pay for handing them between threads
+    (`DecodeJob.threads_min_pixels`); else the job's."""
+    if probe.width * probe.height < job.threads_min_pixels:
+        return job.threads
+    return max(job.threads, job.workers)
+
+
+def _decord_threads(pyav: PyAVBackend, job: msg.DecodeJob, one_segment: int) -> int:
+    """decord's threads are fixed when it opens: `one_segment` if the video will likely be one
     segment (judged from the keyframes in the container's index), else the job's."""
     frames = pyav.probe.frames or 0
     keys = pyav.keyframe_estimate()
@@ -281,7 +289,7 @@ def _decord_threads(pyav: PyAVBackend, job: msg.DecodeJob) -> int:
         parts = len(pyav.split(job.segment_frames, job.workers))
     else:
         parts = len(keyframe_cuts(frames, keys, segment_length(frames, job.segment_frames, job.workers)))
-    return max(job.threads, job.workers) if parts == 1 else job.threads
+    return one_segment if parts == 1 else job.threads
 
 
 def run_job(ch: Channel, videos: Videos, job: msg.DecodeJob) -> None:

@@ -173,6 +173,7 @@ class VideoDecoder:
             sample_fps=sample_fps,
             live=live,
             preferred_backend=s.backend,
+            threads_min_pixels=s.threads_min_pixels,
             limits=msg.Limits(
                 max_frame_pixels=self.max_frame_pixels,
                 max_duration_s=self.max_duration_s,

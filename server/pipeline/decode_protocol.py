@@ -115,6 +115,7 @@ class DecodeJob:
     # behind the newest one received are not decoded (`decode_backends.LiveReadahead`).
     live_max_lag_s: float | None = None
     preferred_backend: BackendName = "pyav"  # decode.backend
+    threads_min_pixels: int = 0  # decode.threads_min_pixels
     credits: int = 2  # the most chunks the parent lets this worker send ahead (its arena has one more slot)
 
 

@@ -231,9 +231,10 @@ async def test_split_across_workers_matches_sequential_decode(decoder, media):
 
 async def test_one_segment_decoded_with_threads_matches_one_thread(media):
     # The 4 s video has a single keyframe: one segment, which the pool then decodes with
-    # frame threads; the frames and their times are those of a single-threaded decode.
+    # frame threads (at any frame size); the frames and their times are those of a
+    # single-threaded decode.
     one = VideoDecoder(DecodeSettings(workers=1, chunk_frames=16))
-    pool = VideoDecoder(DecodeSettings(workers=2, chunk_frames=16))
+    pool = VideoDecoder(DecodeSettings(workers=2, chunk_frames=16, threads_min_pixels=0))
     await asyncio.gather(one.start(), pool.start())
     try:
         a_clips, a_spans = _joined(await _collect(one, media["h264"]))

@@ -55,6 +55,19 @@ def test_messages_cross_a_process_boundary_unchanged(message):
     assert pickle.loads(pickle.dumps(message)) == message
 
 
+def test_one_segment_takes_the_idle_workers_threads_only_for_big_frames():
+    from server.pipeline._decode_worker import one_segment_threads
+    from server.pipeline.decode import VideoDecoder
+    from server.settings import DecodeSettings
+
+    job = VideoDecoder(DecodeSettings(threads_min_pixels=640 * 360))._job(Path("x"), SIZE, None)
+    assert job.threads_min_pixels == 640 * 360
+    job = _job(threads=1, workers=2, threads_min_pixels=job.threads_min_pixels)
+    assert one_segment_threads(_probe(width=112, height=112), job) == 1
+    assert one_segment_threads(_probe(width=1280, height=720), job) == 2
+    assert one_segment_threads(_probe(width=112, height=112), _job(threads=1, workers=2)) == 2
+
+
 def test_frames_message_carries_nan_for_missing_times():
     m = msg.Frames(0, np.array([0.0, math.nan]), np.array([math.nan, 0.1]))
     back = pickle.loads(pickle.dumps(m))
