@@ -34,7 +34,8 @@ golden: venv
 models: venv
 	$(BIN)/vqs models
 
-# The adaptive s3d_sgs (issue 9), trained against what `make models` serves: rebuild it after that.
+# The adaptive encoders s3d_sgs, vit and vit_ats (issue 9), trained against what `make models` serves:
+# rebuild them after that.
 models-adaptive: venv
 	$(BIN)/vqs models --part adaptive
 
