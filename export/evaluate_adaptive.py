@@ -80,11 +80,18 @@ def _infer(client, model: str, inputs: dict[str, np.ndarray], outputs: list[str]
     return {n: result.as_numpy(n) for n in outputs}
 
 
-def _compute_ns(client, model: str) -> int:
+def _compute_ns(client, model: str, inferences: int | None = None) -> tuple[int, int]:
     """Triton's cumulative compute time of `model` (the python backend's execute: ONNX Runtime
-    plus the stub's tensor handling), in ns."""
-    stats = client.get_inference_statistics(model, as_json=True)["model_stats"][0]["inference_stats"]
-    return int(stats.get("compute_infer", {}).get("ns", 0))
+    plus the stub's tensor handling) in ns, and its inference count. Triton updates both after it
+    answers: with `inferences`, waits (up to 2 s) until the count has reached it, so the time of
+    the requests just sent is in (otherwise it leaks into the next configuration of the model)."""
+    deadline = time.monotonic() + 2.0
+    while True:
+        stats = client.get_inference_statistics(model, as_json=True)["model_stats"][0]
+        count = int(stats.get("inference_count", 0))
+        if inferences is None or count >= inferences or time.monotonic() > deadline:
+            return int(stats["inference_stats"].get("compute_infer", {}).get("ns", 0)), count
+        time.sleep(0.002)
 
 
 def _configurations(budget_defaults: dict[str, float], present: set[str]) -> list[tuple[str, str, float | None]]:
@@ -132,7 +139,7 @@ def run_served(ds: data.ClipDataset, videos: np.ndarray, curve_videos: set[int],
                 r = results[label]
                 r["videos"].append(int(v))
                 features = []
-                before = _compute_ns(client, model)
+                before, count = _compute_ns(client, model)
                 for batch in clips:
                     inputs = {"clips": batch}
                     outputs = ["features"]
@@ -147,7 +154,7 @@ def run_served(ds: data.ClipDataset, videos: np.ndarray, curve_videos: set[int],
                     if budget is not None:
                         r["kept"].append(out["kept"])
                         r["gmacs"].append(out["gmacs"][:, 0])
-                r["compute_ns"] += _compute_ns(client, model) - before
+                r["compute_ns"] += _compute_ns(client, model, count + sum(len(b) for b in clips))[0] - before
                 feats = np.concatenate(features)[None]
                 logits = _infer(client, "tqn_decoder", {"features": feats, "mask": np.ones(feats.shape[:2], bool)},
                                 decoder_outputs)

@@ -36,7 +36,7 @@ from tests.vocabulary import model_config
 
 pytestmark = pytest.mark.integration
 
-SGS, ATS = "s3d_sgs", "vit_ats"
+SGS, ATS, VIT = "s3d_sgs", "vit_ats", "vit"
 # Budgets from full to the floor: SGS's B = 8, 4, 1; ATS's K = 196, 98, 25.
 BUDGETS = {SGS: (1.0, 0.5, 0.125), ATS: (1.0, 0.5, 0.125)}
 S3D_GMACS = "0.0421"  # written into the copy's s3d config when the committed one lacks it
@@ -125,7 +125,7 @@ def adaptive_repository(trained_models: Path, tmp_path_factory) -> Path:
     repository = tmp_path_factory.mktemp("adaptive") / "model_repository"
     repository.mkdir()
     (repository / "onnx_runner.py").symlink_to((trained_models / "onnx_runner.py").resolve())
-    served = [contract.QUERY_DECODER_MODEL] + [contract.ENCODER_PREFIX + e for e in (SGS, ATS)]
+    served = [contract.QUERY_DECODER_MODEL] + [contract.ENCODER_PREFIX + e for e in (SGS, ATS, VIT)]
     for name in served:
         if (trained_models / name / "config.pbtxt").is_file():
             (repository / name).symlink_to((trained_models / name).resolve(), target_is_directory=True)
@@ -238,6 +238,24 @@ async def test_a_lower_budget_spends_less_and_says_what_each_clip_kept(served, v
         assert ratios[2] < ratios[1] < ratios[0]
     else:  # one bin: every clip is merged into one feature map
         assert (kept[2] == 1).all()
+
+
+async def test_vit_ats_at_budget_one_answers_as_the_plain_vit_and_both_judge_their_own_domain(
+        served, adaptive_repository, videos):
+    """One set of weights: at budget 1 ATS keeps every token, so vit_ats is the plain vit (answers,
+    cost); each is judged in or out of domain by its own threshold (the decoder's was chosen on s3d's
+    features)."""
+    if not (adaptive_repository / f"{contract.ENCODER_PREFIX}{VIT}" / "config.pbtxt").is_file():
+        pytest.fail("clip_encoder_vit is not served: run `vqs models --part adaptive`", pytrace=False)
+    _, stub = served
+    plain, ats = await analyze(stub, videos["normal"], VIT), await analyze(stub, videos["normal"], ATS, 1.0)
+    assert [(a.query, a.attribute) for a in plain.answers] == [(a.query, a.attribute) for a in ats.answers]
+    assert [a.probability for a in plain.answers] == pytest.approx([a.probability for a in ats.answers], abs=1e-4)
+    assert ats.compute.kept_ratio == pytest.approx(1.0, rel=1e-5)
+    assert plain.compute.gmacs_per_clip == pytest.approx(ats.compute.gmacs_per_clip, rel=1e-5)
+    for encoder, response in ((VIT, plain), (ATS, ats)):
+        own = model_config(adaptive_repository, contract.ENCODER_PREFIX + encoder)["parameters"]
+        assert response.domain.threshold == pytest.approx(float(own[contract.IN_DOMAIN_THRESHOLD]["string_value"]))
 
 
 async def test_no_budget_is_full_compute_and_a_fixed_encoder_reports_its_constant(served, videos):
