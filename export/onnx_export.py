@@ -116,12 +116,32 @@ def decoder_graph_outputs() -> tuple[str, ...]:
     return (*decoder_outputs(), IN_DOMAIN_OUTPUT)
 
 
+STACK_TRACE = "pkg.torch.onnx.stack_trace"
+
+
+def drop_stack_traces(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Remove the exporter's per-node source stack traces: they name the files of the machine that
+    exported the model, absolute paths included. The rest of the node metadata stays."""
+    for nodes in [proto.graph.node, *(f.node for f in proto.functions)]:
+        for node in nodes:
+            kept = [p for p in node.metadata_props if p.key != STACK_TRACE]
+            del node.metadata_props[:]
+            node.metadata_props.extend(kept)
+    return proto
+
+
+def save(program: torch.onnx.ONNXProgram, path: Path) -> None:
+    """Write an exported program as one self-contained .onnx file without stack traces."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(drop_stack_traces(program.model_proto), str(path))
+
+
 def _export(model: torch.nn.Module, args: tuple, path: Path, input_names, output_names, dynamic_shapes):
     model.eval()
     program = torch.onnx.export(model, args, dynamo=True, opset_version=OPSET, input_names=list(input_names),
                                 output_names=list(output_names), dynamic_shapes=dynamic_shapes,
                                 optimize=True, verbose=False)
-    program.save(str(path))
+    save(program, path)
     onnx.checker.check_model(str(path))
 
 

@@ -32,7 +32,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from export import MODEL_REPOSITORY, REPO, frames as framedata
+from export import MODEL_REPOSITORY, REPO, onnx_export
+from export import frames as framedata
 from export.models.embedder import FrameEmbedder, ServedEmbedder
 from export.models.parser import ActionParser, ServedParser
 
@@ -52,8 +53,7 @@ def export_onnx(model: torch.nn.Module, path: Path, output_names: tuple[str, ...
     program = torch.onnx.export(model, (example,), dynamo=True, opset_version=18,
                                 input_names=[FRAMES_INPUT], output_names=list(output_names),
                                 dynamic_shapes={"frames": dims}, optimize=True, verbose=False)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    program.save(str(path))
+    onnx_export.save(program, path)
     return path
 
 

@@ -22,6 +22,7 @@ import torch
 from onnxscript import BOOL, FLOAT, INT64
 from onnxscript import opset18 as op
 
+from export import onnx_export
 from export.adaptive import ats as _ats  # noqa: F401  (registers torch.ops.vqs.*)
 from export.adaptive import sgs as _sgs  # noqa: F401
 
@@ -208,20 +209,6 @@ def _all_nodes(graph: onnx.GraphProto):
                 yield from _all_nodes(attribute.g)
 
 
-STACK_TRACE = "pkg.torch.onnx.stack_trace"
-
-
-def drop_stack_traces(proto: onnx.ModelProto) -> onnx.ModelProto:
-    """Remove the exporter's per-node source stack traces (they name the files of the machine that
-    exported the model, absolute paths included); the rest of the node metadata stays."""
-    for nodes in [proto.graph.node, *(f.node for f in proto.functions)]:
-        for node in nodes:
-            kept = [p for p in node.metadata_props if p.key != STACK_TRACE]
-            del node.metadata_props[:]
-            node.metadata_props.extend(kept)
-    return proto
-
-
 def export(
     model: torch.nn.Module,
     args: tuple,
@@ -243,7 +230,7 @@ def export(
         custom_translation_table=translation_table(),
         external_data=False,
     )
-    proto = drop_stack_traces(attach_functions(program.model_proto))
+    proto = onnx_export.drop_stack_traces(attach_functions(program.model_proto))
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     onnx.save(proto, str(path))
     return proto
