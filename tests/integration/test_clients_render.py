@@ -78,10 +78,12 @@ async def test_report_picture_shows_frames_and_attention_where_it_is_high(gatewa
         top, low = int(weights.argmax()), int(weights.argmin())
         assert brightness[top] > 0.8, att["query"]  # the peak is drawn brightest (inferno's yellow)
         assert brightness[top] == brightness.max() and brightness[low] == brightness.min()
-        # Brightness rises with the weight along the whole row (the colormap is monotonic in
-        # luminance), so the picture ranks clips as the served weights do.
-        ranks = lambda v: np.argsort(np.argsort(v))  # noqa: E731
-        assert np.corrcoef(ranks(weights), ranks(brightness))[0, 1] > 0.9, att["query"]
+        # Brightness never falls as the weight rises along the whole row (the colormap is
+        # monotonic in luminance), so the picture ranks clips as the served weights do. Weights
+        # closer than one colour step draw the same colour: a peaked attention leaves many
+        # near-zero clips equally dark, so ties are allowed, a reversal is not.
+        by_weight = brightness[np.argsort(weights, kind="stable")]
+        assert np.all(np.diff(by_weight) >= -0.01), (att["query"], weights.round(4), brightness.round(3))
 
 
 async def test_analyze_png_and_render_from_a_score_line_draw_the_same_picture(gateway, clip_video, tmp_path):
