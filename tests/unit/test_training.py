@@ -128,7 +128,8 @@ def test_a_split_from_another_generator_version_is_rebuilt_not_reused(tmp_path, 
     assert build.fingerprint(folder) == first  # same seed and version: the same labels again
 
 
-def test_per_clip_targets_name_only_what_each_clip_shows():
+def _one_routine_dataset():
+    """A one-video dataset of a rendered-length routine with its real labels and phases."""
     from export import synth
 
     routine = synth.sample_routine(np.random.default_rng([3, 0]), 3, 4.0)
@@ -136,6 +137,11 @@ def test_per_clip_targets_name_only_what_each_clip_shows():
     ds = _tiny_dataset(frames_per_video=(record["num_frames"],))
     ds.records = [record]
     ds.targets = {q: np.asarray([i]) for q, i in vocab.label_indices(record).items()}
+    return ds, record
+
+
+def test_per_clip_targets_name_only_what_each_clip_shows():
+    ds, record = _one_routine_dataset()
     shown = train.clip_targets(ds, 0)
     phases = np.asarray(record["phases"] + [-1] * (8 * int(ds.num_clips[0]) - record["num_frames"])).reshape(-1, 8)
     null = {q: len(a) - 1 for q, a in train.HEADS.items()}
@@ -193,13 +199,7 @@ def test_temperature_fit_recovers_the_scale_and_lowers_calibration_error():
 
 
 def test_rate_targets_are_the_counts_on_flight_clips_only():
-    from export import synth
-
-    routine = synth.sample_routine(np.random.default_rng([3, 0]), 3, 4.0)
-    record = synth.labels_for(routine, 15)
-    ds = _tiny_dataset(frames_per_video=(record["num_frames"],))
-    ds.records = [record]
-    ds.targets = {q: np.asarray([i]) for q, i in vocab.label_indices(record).items()}
+    ds, record = _one_routine_dataset()
     shown, rates = train.clip_rates(ds, 0)
     null = train.HEAD_SIZES["somersaults"] - 1
     assert (shown == (train.clip_targets(ds, 0)["somersaults"] != null)).all() and shown.any() and not shown.all()
