@@ -52,6 +52,9 @@ REPORT = REPO / "export" / "adaptive_training.json"
 SEED = 9
 VIT_VARIANT = "vit_mini_112"
 STUDENT = "vit_student.pt"  # the distilled ViT, kept beside the data (`vit_student`)
+# A student's teacher, in its history: the sha256 of the s3d weights it regressed (model.pt, what
+# the distillation reads; the ONNX file's hash also moves with metadata that changes no output).
+TEACHER_KEY = "teacher_weights_sha256"
 # Where SGS can go, earliest first: after the patchify conv (B' = 1 costs 0.29 of s3d's work), after the
 # stem (0.32), after stage 2 (the thesis's place for X3D; 0.67): the placement study (`--placements`
 # with all three, README "Adaptive computation"). A build trains the one it chose, after the stem:
@@ -73,8 +76,9 @@ HEADS = train.HEADS
 
 @dataclass(frozen=True)
 class AdaptiveBudget:
-    # From scratch (no cached student beside the data): ~1.4-2 s a step at one thread.
-    vit_steps: int = 4000
+    # From scratch (no cached student beside the data): ~1.4-2 s a step at one thread, so 1,500 is
+    # ~35-50 min: what a fresh clone's build fits in a session beside the other parts.
+    vit_steps: int = 1500
     # A cached student distilled from another s3d (e.g. before the TQN part was rebuilt) is
     # distilled this many more steps against the served one (`vit_student`). 0: the refit and
     # `tune_vit`'s distillation term align it (each distillation step costs 2-5 s on the shared cores).
@@ -192,7 +196,7 @@ def distill_vit(teacher: S3D, datasets: list[data.ClipDataset], budget: Adaptive
     return student.eval()
 
 
-def vit_student(teacher: S3D, teacher_sha256: str, datasets: list[data.ClipDataset], data_dir: Path,
+def vit_student(teacher: S3D, teacher_weights_sha256: str, datasets: list[data.ClipDataset], data_dir: Path,
                 budget: AdaptiveBudget, rng: np.random.Generator, init: Path | None = None) -> tuple[VideoViT, list]:
     """The distilled ViT and its history (one entry per distillation run: steps, teacher).
 
@@ -207,15 +211,15 @@ def vit_student(teacher: S3D, teacher_sha256: str, datasets: list[data.ClipDatas
     history: list = []
     if source is None:
         vit = distill_vit(teacher, datasets, budget, rng, student=vit)
-        history.append({"steps": budget.vit_steps, "from": "scratch", "teacher_onnx_sha256": teacher_sha256})
+        history.append({"steps": budget.vit_steps, "from": "scratch", TEACHER_KEY: teacher_weights_sha256})
     else:
         saved = torch.load(source, weights_only=True)
         vit.load_state_dict(saved["state"] if "state" in saved else saved)
-        history = list(saved.get("history", [{"from": str(Path(source).name), "teacher_onnx_sha256": None}]))
-        if history[-1].get("teacher_onnx_sha256") != teacher_sha256 and budget.vit_align_steps:
+        history = list(saved.get("history", [{"from": str(Path(source).name), TEACHER_KEY: None}]))
+        if history[-1].get(TEACHER_KEY) != teacher_weights_sha256 and budget.vit_align_steps:
             vit = distill_vit(teacher, datasets, budget, rng, student=vit, steps=budget.vit_align_steps)
             history.append({"steps": budget.vit_align_steps, "from": "the student above",
-                            "teacher_onnx_sha256": teacher_sha256})
+                            TEACHER_KEY: teacher_weights_sha256})
     torch.save({"state": vit.state_dict(), "history": history}, cache)
     return vit.eval(), history
 
@@ -476,16 +480,24 @@ def build_adaptive(data_dir: Path, repository: Path = MODEL_REPOSITORY, *, budge
     t0 = time.monotonic()
     torch.set_num_threads(train.TRAIN_THREADS)
     torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
     teacher, decoder, s3d_meta = load_served(repository)
+    # Each encoder starts from the same random state, so building one alone (`encoders`) gives what
+    # building both does.
+    torch_state = torch.get_rng_state()
+
+    def part_rng() -> np.random.Generator:
+        torch.set_rng_state(torch_state)
+        return np.random.default_rng(seed)
+
     clip_fps = float(s3d_meta["clip_fps"])
     data_dir = Path(data_dir)
     short, full, val = (data.load(data_dir / name) for name in ("short", "train", "val"))
     work = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="vqs-adaptive-"))
     work.mkdir(parents=True, exist_ok=True)
     teacher_sha256 = adaptive_export._sha256(repository / "clip_encoder_s3d" / "1" / "model.onnx")
+    teacher_weights = adaptive_export._sha256(repository / "clip_encoder_s3d" / "1" / "model.pt")
     provenance = {"seed": seed, "budget": asdict(budget), "teacher": s3d_meta.get("provenance"),
-                  "teacher_onnx_sha256": teacher_sha256, "torch": torch.__version__}
+                  "teacher_onnx_sha256": teacher_sha256, TEACHER_KEY: teacher_weights, "torch": torch.__version__}
     result: dict = {"provenance": provenance, "tolerance_points": TOLERANCE_POINTS, "val": {}}
 
     _log("s3d on val (reference)")
@@ -509,7 +521,8 @@ def build_adaptive(data_dir: Path, repository: Path = MODEL_REPOSITORY, *, budge
     else:
         # ViT, distilled, and the same weights with ATS.
         t = time.monotonic()
-        vit, result["vit_history"] = vit_student(teacher, teacher_sha256, [full, short], data_dir, budget, rng,
+        rng = part_rng()
+        vit, result["vit_history"] = vit_student(teacher, teacher_weights, [full, short], data_dir, budget, rng,
                                                  init=init_vit)
         # Refit first (cheap, aligns a student of another s3d with this one), then train on.
         result["vit_refit_residual"] = refit_projection(vit, teacher, full, budget.refit_clips, rng)
@@ -559,6 +572,7 @@ def build_adaptive(data_dir: Path, repository: Path = MODEL_REPOSITORY, *, budge
         # s3d_sgs at each placement, chosen on val.
         plain = s3d_macs(teacher)
         placements = {}
+        rng = part_rng()
         calibration = _clip_batch(full, rng.integers(0, full.total_clips, CALIBRATION_CLIPS))
         for where in sgs_placements:
             t = time.monotonic()
