@@ -1,11 +1,17 @@
 """Recipe study for the counts (issue 8), judged on VALIDATION only.
 
 `python -m export.count_study NAME [--warmup-steps N] [--bank-steps M] [--stem-difference] [--fine-stem]
-[--rate-loss W] [--seed S]` trains the warm-up (as `train.train_all` does: encoder, TQN,
-average-pooling and per-clip heads on the short videos) with the given changes, then, with
+[--rate-loss W] [--free-flight-share P] [--seed S]` trains the warm-up (as `train.train_all` does:
+encoder, TQN, average-pooling and per-clip heads on the short videos) with the given changes, then, with
 `--bank-steps`, TQN's feature-bank stage; it prints the TQN's validation accuracy and the
 linear probe of the encoder's flight-clip features (`diagnose_counts.probe_report`), appends
 them as one JSON line to runs/count_study.jsonl and saves the encoder and decoder in runs/.
+
+`--free-flight-share P` warms up on a short split whose routines have, with probability P, a flight
+drawn attribute by attribute instead of from the class table (`synth`'s `free_flight_share`;
+rendered once into data/short_free<P>, same seed and spec as data/short otherwise): with the
+table alone, twists follow from (pose, somersaults) in 10 of the 12 flights, and the model learns
+that instead of reading the twist. Validation and the feature-bank stage keep the table's videos.
 """
 
 from __future__ import annotations
@@ -13,11 +19,22 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 from dataclasses import asdict, replace
 
 import torch
 
-from export import REPO, build, data, diagnose_counts, train
+from export import REPO, build, data, diagnose_counts, synth, train
+
+
+def free_flight_short(share: float) -> Path:
+    """data/short_free<share>: the short split's spec, a share of its flights off the class table."""
+    folder, count, seed, lo, hi = build.SPLITS["short"]
+    out = REPO / "data" / f"{folder}_free{share:g}"
+    if not (out / "labels.jsonl").exists():
+        synth.write_dataset(out, count=count, seed=seed, fps=build.FPS, min_seconds=lo, max_seconds=hi,
+                            null_every=build.NULL_EVERY, free_flight_share=share)
+    return out
 
 
 def main() -> None:
@@ -28,11 +45,14 @@ def main() -> None:
     parser.add_argument("--stem-difference", action="store_true")
     parser.add_argument("--fine-stem", action="store_true", help="4x4 patches, max-pooled to 8x8 after the stem")
     parser.add_argument("--rate-loss", type=float, default=0.0)
+    parser.add_argument("--free-flight-share", type=float, default=0.0)
     parser.add_argument("--seed", type=int, default=build.TRAIN_SEED)
     args = parser.parse_args()
     torch.set_num_threads(train.TRAIN_THREADS)
     start = time.monotonic()
     splits = {s: data.load(REPO / "data" / s) for s in ("short", "train", "val")}
+    if args.free_flight_share > 0:
+        splits["short"] = data.load(free_flight_short(args.free_flight_share))
     budget = replace(train.Budget(), warmup_steps=args.warmup_steps, bank_steps=max(1, args.bank_steps))
     rng = train.seed_everything(args.seed)
     fine = dict(stem_patch=4, stem_pool=2) if args.fine_stem else {}

@@ -66,6 +66,16 @@ class ClipDataset:
         return np.searchsorted(self.clip_offset, flat, side="right") - 1
 
 
+# A video whose flight is off vocab.CLASSES' table (synth's `free_flight_share`) has no class target.
+NO_TARGET = -100  # torch's cross-entropy ignore_index
+
+
+def _target(heads: dict[str, tuple[str, ...]], query: str, record: dict) -> int:
+    if query == vocab.GLOBAL_QUERY and record.get("flight_table", True) is False:
+        return NO_TARGET
+    return heads[query].index(record[query])
+
+
 def load(folder: Path, cache: Path | None = None, workers: int = 2) -> ClipDataset:
     """Decode every video of a `vqs synth` folder into a frame cache (reused when present)."""
     folder = Path(folder)
@@ -87,7 +97,7 @@ def load(folder: Path, cache: Path | None = None, workers: int = 2) -> ClipDatas
     frames = np.memmap(cache, np.uint8, "r", shape=(total, FRAME_SIZE, FRAME_SIZE, 3))
     num_clips = -(-num_frames // CLIP_FRAMES)
     heads = vocab.head_attributes()
-    targets = {q: np.asarray([heads[q].index(r[q]) for r in records]) for q in heads}
+    targets = {q: np.asarray([_target(heads, q, r) for r in records]) for q in heads}
     return ClipDataset(
         records=records,
         frames=frames,

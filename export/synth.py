@@ -18,7 +18,12 @@ What each label depends on (and nothing else does):
   appearance for the whole flight.)
 - flight_pose: the body shape during flight (tuck, pike, straight, free), settled after 12% of it.
 - class: the combination, restricted to vocab.CLASSES (48 valid, every flight with all four
-  take-offs).
+  take-offs). The 12 flights of that table tie the counts to the pose: in 10 of them the twists
+  follow from (pose, somersaults), so a model can answer twists without reading the twist.
+  `free_flight_share` = p > 0 (training data only) draws, for a share p of the routines, the
+  somersaults, twists and pose independently and uniformly instead (a flight off the table:
+  `flight_table` false, its class named but in no head, so no class target); the draw comes from
+  its own random stream, so p = 0 gives exactly the videos of the table alone.
 - null videos (`kind` other than "routine"; `write_dataset(null_every=k)` makes every k-th video
   one, cycling through NULL_KINDS): "idle" (the diver stands on the board, barely moving), "walk_off"
   (the diver walks along the board and out of the picture), "background" (no diver at all), "cut"
@@ -91,12 +96,16 @@ class Routine:
     twist_phase: float = 0.0  # radians, twist angle when flight starts
     kind: str = ROUTINE  # or one of NULL_KINDS: no routine in the video
     walk_speed: float = 0.0  # "walk_off": figure heights per second towards the left edge
+    flight_table: bool = True  # the flight is one of vocab.CLASSES' (False: drawn attribute by attribute)
 
 
 def sample_routine(rng: np.random.Generator, seed: int, seconds: float | None,
-                   min_seconds: float = 2.0, max_seconds: float = 20.0, kind: str = ROUTINE) -> Routine:
+                   min_seconds: float = 2.0, max_seconds: float = 20.0, kind: str = ROUTINE,
+                   free_flight_share: float = 0.0) -> Routine:
     if kind != ROUTINE and kind not in NULL_KINDS:
         raise ValueError(f"unknown video kind {kind!r}; choose {ROUTINE!r} or one of {NULL_KINDS}")
+    if not 0.0 <= free_flight_share <= 1.0:
+        raise ValueError(f"free_flight_share must be in [0, 1], got {free_flight_share}")
     if seconds is None:
         seconds = float(rng.uniform(max(min_seconds, ACTION_S + 0.2), max_seconds))
     combo = vocab.CLASSES[rng.integers(len(vocab.CLASSES))]
@@ -107,12 +116,19 @@ def sample_routine(rng: np.random.Generator, seed: int, seconds: float | None,
     start_s = float(rng.uniform(0.05, 0.95)) * slack
     rotation_phase, twist_phase = float(rng.uniform(0, 360)), float(rng.uniform(0, 2 * math.pi))
     walk_speed = 0.0
+    flight_table = True
+    free = np.random.default_rng([seed, 3])  # its own stream: the table's videos stay as they were
+    if kind == ROUTINE and free.uniform() < free_flight_share:
+        flight = {q: vocab.ATTRIBUTES[q][free.integers(len(vocab.ATTRIBUTES[q]))] for q in vocab.QUERIES[1:]}
+        labels = {**labels, **flight}
+        flight_table = vocab.class_name(labels) in vocab.CLASS_NAMES
     if kind != ROUTINE:  # the same draws as a routine, so only the labels and the figure differ
         labels = {q: vocab.NULL for q in vocab.QUERIES}
         start_s = seconds  # nothing starts inside the video
         walk_speed = float(rng.uniform(2.0, 4.0)) / max(seconds, 1.0) if kind == "walk_off" else 0.0
     return Routine(seed=seed, duration_s=seconds, start_s=start_s, flight_s=flight_s, labels=labels,
-                   rotation_phase=rotation_phase, twist_phase=twist_phase, kind=kind, walk_speed=walk_speed)
+                   rotation_phase=rotation_phase, twist_phase=twist_phase, kind=kind, walk_speed=walk_speed,
+                   flight_table=flight_table)
 
 
 def phase_times(routine: Routine) -> list[float]:
@@ -340,6 +356,8 @@ def labels_for(routine: Routine, fps: float) -> dict:
         **routine.labels,
         "class": vocab.class_name(routine.labels) if routine.kind == ROUTINE else vocab.NULL,
         "kind": routine.kind,
+        # only off the table, so the records (and fingerprints) of table-only data stay as they were
+        **({} if routine.flight_table else {"flight_table": False}),
         "boundaries_s": [round(s, 4) for s in starts],
         "boundaries": [int(math.ceil(s * fps)) for s in starts],
         "phases": phases.tolist(),
@@ -367,16 +385,17 @@ def encode(frames, path: Path, width: int, height: int, fps: float, codec: str) 
 
 def render_video(path: Path | str, *, seed: int, seconds: float | None = None, width: int = 112,
                  height: int = 112, fps: float = 15, codec: str = "h264",
-                 min_seconds: float = 2.0, max_seconds: float = 20.0, kind: str = ROUTINE) -> dict:
+                 min_seconds: float = 2.0, max_seconds: float = 20.0, kind: str = ROUTINE,
+                 free_flight_share: float = 0.0) -> dict:
     """Render and encode one video; returns its labels (see `labels_for`)."""
     rng = np.random.default_rng([seed, 0])
-    routine = sample_routine(rng, seed, seconds, min_seconds, max_seconds, kind)
+    routine = sample_routine(rng, seed, seconds, min_seconds, max_seconds, kind, free_flight_share)
     encode(render_frames(routine, width, height, fps), Path(path), width, height, fps, codec)
     return labels_for(routine, fps)
 
 
 def _dataset_item(args: tuple) -> dict:
-    out_dir, index, seed, width, height, fps, codec, min_s, max_s, null_every = args
+    out_dir, index, seed, width, height, fps, codec, min_s, max_s, null_every, free_flight_share = args
     video_seed = int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
     codec = MIXED_CODECS[index % len(MIXED_CODECS)] if codec == "mix" else codec
     name = f"video_{index:05d}{CODECS[codec][0]}"
@@ -384,16 +403,18 @@ def _dataset_item(args: tuple) -> dict:
     if null_every and index % null_every == null_every - 1:
         kind = NULL_KINDS[(index // null_every) % len(NULL_KINDS)]
     labels = render_video(Path(out_dir) / name, seed=video_seed, width=width, height=height, fps=fps,
-                          codec=codec, min_seconds=min_s, max_seconds=max_s, kind=kind)
+                          codec=codec, min_seconds=min_s, max_seconds=max_s, kind=kind,
+                          free_flight_share=free_flight_share)
     return {"file": name, "codec": codec, "width": width, "height": height, **labels}
 
 
 def write_dataset(out_dir: Path | str, *, count: int, seed: int, width: int = 112, height: int = 112,
                   fps: float = 15, codec: str = "mix", min_seconds: float = 2.0,
-                  max_seconds: float = 20.0, workers: int | None = None, null_every: int = 0) -> Path:
+                  max_seconds: float = 20.0, workers: int | None = None, null_every: int = 0,
+                  free_flight_share: float = 0.0) -> Path:
     """Write `count` videos and `labels.jsonl` into out_dir; deterministic for a seed. With
     `null_every` = k > 0, every k-th video has no routine (kinds cycling through NULL_KINDS); the
-    other videos are the same as without."""
+    other videos are the same as without. `free_flight_share`: see the module docstring."""
     if count < 1:
         raise ValueError("count must be at least 1")
     if null_every < 0 or null_every == 1:
@@ -402,7 +423,7 @@ def write_dataset(out_dir: Path | str, *, count: int, seed: int, width: int = 11
         raise ValueError(f"need min_seconds <= max_seconds and max_seconds >= {ACTION_S + 0.2}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    jobs = [(str(out), i, seed, width, height, fps, codec, min_seconds, max_seconds, null_every)
+    jobs = [(str(out), i, seed, width, height, fps, codec, min_seconds, max_seconds, null_every, free_flight_share)
             for i in range(count)]
     workers = workers or min(2, multiprocessing.cpu_count())
     records = []

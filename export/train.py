@@ -32,7 +32,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from export import vocab
-from export.data import CLIP_FRAMES, ClipDataset, shuffle_frames
+from export.data import CLIP_FRAMES, NO_TARGET, ClipDataset, shuffle_frames
 from export.models.baselines import AveragePooling, ShortTerm
 from export.models.s3d import S3D
 from export.models.tqn import TQNDecoder
@@ -103,7 +103,18 @@ def build_short_term() -> ShortTerm:
 
 
 def query_loss(logits: tuple[torch.Tensor, ...], targets: dict[str, torch.Tensor]) -> torch.Tensor:
-    return sum(F.cross_entropy(lg, targets[q]) for q, lg in zip(HEADS, logits))
+    """Sum over heads of the mean cross-entropy over the items that have a target (a flight off the
+    class table has no class target; a batch of only those adds 0 for the class, not NaN)."""
+    total = 0
+    for q, lg in zip(HEADS, logits):
+        target = targets[q]
+        has = target != NO_TARGET
+        if not has.all():
+            if not has.any():
+                continue
+            lg, target = lg[has], target[has]
+        total = total + F.cross_entropy(lg, target)
+    return total
 
 
 def _targets(ds: ClipDataset, videos: np.ndarray) -> dict[str, torch.Tensor]:

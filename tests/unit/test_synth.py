@@ -107,6 +107,30 @@ def test_null_every_makes_every_kth_video_a_null_one_and_leaves_the_others(tmp_p
         synth.write_dataset(tmp_path / "c", count=2, seed=8, null_every=1)
 
 
+def test_free_flights_leave_the_table_videos_as_they_were_and_draw_the_rest_attribute_by_attribute(tmp_path):
+    synth.write_dataset(tmp_path / "table", count=4, seed=8, max_seconds=3.0, workers=1)
+    synth.write_dataset(tmp_path / "none", count=4, seed=8, max_seconds=3.0, workers=1, free_flight_share=0.0)
+    # share 0 is the table alone, byte for byte (records and files)
+    assert (tmp_path / "table" / "labels.jsonl").read_bytes() == (tmp_path / "none" / "labels.jsonl").read_bytes()
+    assert (tmp_path / "table" / "video_00001.mp4").read_bytes() == (tmp_path / "none" / "video_00001.mp4").read_bytes()
+    routines = [synth.sample_routine(np.random.default_rng([s, 0]), s, 3.0, free_flight_share=1.0) for s in range(200)]
+    flights = {tuple(r.labels[q] for q in vocab.QUERIES[1:]) for r in routines}
+    table = {c[1:] for c in vocab.CLASSES}
+    assert len(flights - table) > 40  # off the table's 12 flights
+    for r in routines:  # the take-off and the nuisances are the table routine's
+        same = synth.sample_routine(np.random.default_rng([r.seed, 0]), r.seed, 3.0)
+        assert r.labels["take_off"] == same.labels["take_off"] and r.rotation_phase == same.rotation_phase
+        assert r.flight_table == (vocab.class_name(r.labels) in vocab.CLASS_NAMES)
+        assert ("flight_table" in synth.labels_for(r, 15)) == (not r.flight_table)
+    # pose and twists no longer fix each other the way the table does
+    twists_of = {}
+    for r in routines:
+        twists_of.setdefault((r.labels["flight_pose"], r.labels["somersaults"]), set()).add(r.labels["twists"])
+    assert all(len(t) > 1 for t in twists_of.values())
+    with pytest.raises(ValueError):
+        synth.sample_routine(np.random.default_rng(0), 1, 3.0, free_flight_share=1.5)
+
+
 @pytest.mark.parametrize("codec", ["vp9", "mpeg4"])
 def test_other_codecs_encode(tmp_path, codec):
     path = tmp_path / f"v{synth.CODECS[codec][0]}"

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from export import train, vocab
+from export import data, train, vocab
 from export.data import ClipDataset
 from export.models.baselines import AveragePooling, ShortTerm
 
@@ -209,6 +209,30 @@ def test_rate_targets_are_the_counts_on_flight_clips_only():
     flat = torch.zeros(len(shown), 256, requires_grad=True)
     train.rate_loss(head, flat, ds, [0]).backward()
     assert (flat.grad.abs().sum(1) > 0).tolist() == shown.tolist()
+
+
+def test_a_flight_off_the_class_table_trains_every_head_but_the_class(tmp_path):
+    record = {**dict(zip(vocab.QUERIES, ("forward", "2", "0.5", "pike"))), "class": "forward/2/0.5/pike",
+              "flight_table": False}
+    assert record["class"] not in vocab.CLASS_NAMES
+    heads = vocab.head_attributes()
+    assert data._target(heads, "class", record) == data.NO_TARGET
+    assert data._target(heads, "twists", record) == heads["twists"].index("0.5")
+    torch.manual_seed(0)
+    logits = tuple(torch.randn(3, n, requires_grad=True) for n in train.HEAD_SIZES.values())
+    targets = {q: torch.tensor([0, 1, 0]) for q in train.HEADS}
+    full = train.query_loss(logits, targets)
+    targets["class"] = torch.tensor([data.NO_TARGET, 1, data.NO_TARGET])
+    part = train.query_loss(logits, targets)
+    class_loss = torch.nn.functional.cross_entropy(logits[-1][1:2], torch.tensor([1]))
+    rest = full - torch.nn.functional.cross_entropy(logits[-1], torch.tensor([0, 1, 0]))
+    assert part.item() == pytest.approx((rest + class_loss).item(), rel=1e-6)
+    targets["class"] = torch.full((3,), data.NO_TARGET)
+    none = train.query_loss(logits, targets)  # a batch without any class target: no NaN
+    assert torch.isfinite(none) and none.item() == pytest.approx(rest.item(), rel=1e-6)
+    none.backward()
+    assert logits[-1].grad is None or not logits[-1].grad.any()
+    assert logits[1].grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize("options", [dict(stem_patch=4, stem_pool=2), dict(stem_difference=True)])
