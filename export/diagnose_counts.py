@@ -10,18 +10,28 @@ data/trained_models.pt) prints, per saved TQN:
   on training-split flight clips and scored on validation flight clips, against the same probe on
   a randomly initialised encoder (what the architecture gives for free);
 - how often flight clips are recomputed with gradient in the feature-bank stage (`n_online`).
+
+`--grid` prints instead, per model, its answers on counterfactual videos (`render_grid`: routines of each
+table flight re-rendered with every somersault x twist value, nothing else changed): does the
+twist answer follow the drawn twist, or the pose and somersaults the class table ties it to?
+`--oracle` prints (instead) how well the validation flight clips determine the counts from the generator's
+own geometry (`oracle_report`): no model, just what the 8 frames of a clip hold.
+Models are `vqs models` saves (data/trained_models.pt) or `export.count_study` saves.
 """
 
 from __future__ import annotations
 
-import sys
+import argparse
+import json
+import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.nn import functional as F
 
-from export import REPO, build, data, train, vocab
+from export import REPO, build, data, synth, train, vocab
 
 FLIGHT = 2  # synth.PHASES index
 PROBE_TRAIN_VIDEOS = 1000
@@ -170,9 +180,161 @@ def online_flight_rate(ds: data.ClipDataset, budget: train.Budget, draws: int = 
             "visits_with_any_flight": float(np.mean(np.asarray(flight_counts) > 0))}
 
 
-def main(paths: list[str]) -> None:
+def load_tqn(path: Path | str) -> tuple:
+    """(encoder, decoder) of a `vqs models` save or an `export.count_study` save."""
+    saved = torch.load(path, weights_only=False)
+    if "models" in saved:
+        return train.load_models(saved["models"])["tqn"]
+    args = saved["args"]
+    fine = dict(stem_patch=4, stem_pool=2) if args.get("fine_stem") else {}
+    encoder = train.build_encoder(stem_difference=args.get("stem_difference", False), **fine)
+    encoder.load_state_dict(saved["encoder"])
+    decoder = train.build_tqn()
+    decoder.load_state_dict(saved["tqn"])
+    return encoder, decoder
+
+
+# ---------------------------------------------------------------- counterfactual grid
+GRID_SEED = 900_000  # far from every split's video seeds
+
+
+def render_grid(out: Path, per_flight: int = 2, seconds: float = 3.2) -> Path:
+    """`per_flight` routines of each of the table's 12 flights (own seeds; take-off, pose,
+    nuisances and rotation phases kept), each rendered with all 5 x 5 somersault and twist values:
+    videos that differ only in the counts. Reused when present."""
+    out = Path(out)
+    if (out / "labels.jsonl").exists():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    records = []
+    for i, flight in enumerate(sorted({c[1:] for c in vocab.CLASSES})):
+        for k in range(per_flight):
+            seed = GRID_SEED + 100 * i + k
+            base = synth.sample_routine(np.random.default_rng([seed, 0]), seed, seconds)
+            base = replace(base, labels={**base.labels, "flight_pose": flight[2]})
+            for s in vocab.ATTRIBUTES["somersaults"]:
+                for t in vocab.ATTRIBUTES["twists"]:
+                    labels = {**base.labels, "somersaults": s, "twists": t}
+                    routine = replace(base, labels=labels, flight_table=vocab.class_name(labels) in vocab.CLASS_NAMES)
+                    name = f"grid_{seed}_{s}_{t}.mp4"
+                    synth.encode(synth.render_frames(routine, data.FRAME_SIZE, data.FRAME_SIZE, build.FPS),
+                                 out / name, data.FRAME_SIZE, data.FRAME_SIZE, build.FPS, "h264")
+                    records.append({"file": name, "codec": "h264", "width": data.FRAME_SIZE,
+                                    "height": data.FRAME_SIZE, **synth.labels_for(routine, build.FPS),
+                                    "grid_base": seed})
+    (out / "labels.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return out
+
+
+def grid_report(encoder, decoder, grid: data.ClipDataset) -> dict:
+    """Accuracy on the grid against the drawn counts (chance 0.2 each), and how often an answer
+    stays the same whatever the count it should read is (1.0: that count is not read at all)."""
+    preds = train.predict(encoder, decoder, grid)
+    heads = vocab.head_attributes()
+    rows = [{q: r[q] for q in ("somersaults", "twists", "flight_pose")} | {"base": r["grid_base"]}
+            | {f"answer_{q}": heads[q][preds[q][i]] for q in ("somersaults", "twists")}
+            for i, r in enumerate(grid.records)]
+
+    def unchanged(answer: str, held: str) -> float:  # answer constant over the 5 values of the other count
+        groups: dict[tuple, set] = {}
+        for r in rows:
+            groups.setdefault((r["base"], r[held]), set()).add(r[f"answer_{answer}"])
+        return round(float(np.mean([len(g) == 1 for g in groups.values()])), 3)
+
+    def acc(q: str, subset) -> float:
+        return round(float(np.mean([r[f"answer_{q}"] == r[q] for r in subset])), 3)
+
+    return {"videos": len(rows), "somersaults": acc("somersaults", rows), "twists": acc("twists", rows),
+            "twist_answer_unchanged_over_drawn_twists": unchanged("twists", "somersaults"),
+            "somersault_answer_unchanged_over_drawn_somersaults": unchanged("somersaults", "twists"),
+            "by_pose": {p: {q: acc(q, [r for r in rows if r["flight_pose"] == p]) for q in ("somersaults", "twists")}
+                        for p in vocab.ATTRIBUTES["flight_pose"]}}
+
+
+# ---------------------------------------------------------------- oracle
+ORACLE_RATE = {"somersaults": [float(s) for s in vocab.ATTRIBUTES["somersaults"]],
+               "twists": [float(t) for t in vocab.ATTRIBUTES["twists"]]}
+
+
+def _nearest(value: float, query: str) -> str:
+    return vocab.ATTRIBUTES[query][int(np.argmin([abs(value - r) for r in ORACLE_RATE[query]]))]
+
+
+def _fit_rate(series: np.ndarray, curve, flight_frames: float) -> str:
+    """The twist count whose curve(phase + rate * frame) fits the series best (least squares, phase on a 5-deg grid)."""
+    k = np.arange(len(series))
+    errors = [min(float(((curve(ph + 2 * math.pi * r / flight_frames * k) - series) ** 2).sum())
+                  for ph in np.radians(np.arange(0, 360, 5)))
+              for r in ORACLE_RATE["twists"]]
+    return vocab.ATTRIBUTES["twists"][int(np.argmin(errors))]
+
+
+def oracle_report(ds: data.ClipDataset, split: str = "val") -> dict:
+    """Per table flight: the share of all-flight clips whose counts a simple reader gets right from
+    the clip's 8 frames, locating the figure with the generator's geometry (`synth._Scene.figure_pixels`).
+    - `somersaults_drawn_angle`: mean per-frame change of the drawn body angle, wrapped to +-180 deg
+      (`..._2fold`: +-90, as if the figure looked the same after half a turn);
+    - `somersaults_decoded_head`: the head found in the DECODED frame (skin-coloured pixels within
+      13 px of the torso's middle) and its angle about that middle, per-frame change averaged;
+    - `twists_decoded_colour`: the DECODED torso colour at its middle, placed between the back and
+      front colours, fitted with (1 + cos)/2 of the twist angle;
+    - `twists_drawn_width`: the drawn width |cos| of the twist angle (period 180 deg), fitted likewise."""
+    _, _, _, lo, hi = build.SPLITS[split]
+    front, back = np.asarray(synth.FRONT_COLOUR, float), np.asarray(synth.BACK_COLOUR, float)
+    skin = np.asarray(synth.SKIN_COLOUR, float)
+    yy, xx = np.mgrid[0:data.FRAME_SIZE, 0:data.FRAME_SIZE]
+    tally: dict[str, dict[str, int]] = {}
+    for v in np.flatnonzero(build.is_routine(ds)):
+        rec = ds.records[v]
+        routine = synth.sample_routine(np.random.default_rng([rec["seed"], 0]), rec["seed"], None, lo, hi)
+        if [round(x, 4) for x in synth.phase_times(routine)] != rec["boundaries_s"]:
+            raise ValueError(f"video {v}: cannot rebuild its routine from the {split} spec")
+        scene = synth._Scene(routine, data.FRAME_SIZE, data.FRAME_SIZE, rec["fps"])
+        flight_frames = routine.flight_s * rec["fps"]
+        row = tally.setdefault("/".join(rec[q] for q in ("somersaults", "twists", "flight_pose")), {})
+        for c in flight_clips(ds, int(v)):
+            idx = np.arange(c * data.CLIP_FRAMES, (c + 1) * data.CLIP_FRAMES)
+            theta = np.asarray([synth._body_state(routine, i / rec["fps"])[2] for i in idx])
+            twist = np.asarray([synth._body_state(routine, i / rec["fps"])[1] for i in idx])
+            frames = ds.frames[ds.frame_offset[v] + idx].astype(float)
+            mids, colour, head = [], [], []
+            for i, frame in zip(idx, frames):
+                at, _ = scene.figure_pixels(i / rec["fps"])
+                x, y = ((np.asarray(at["hip"]) + at["neck"]) / 2).round().astype(int).clip(1, data.FRAME_SIZE - 2)
+                patch = frame[y - 1:y + 2, x - 1:x + 2].reshape(-1, 3).mean(0)
+                colour.append(float(np.clip((patch - back) @ (front - back) / ((front - back) @ (front - back)), 0, 1)))
+                found = (np.abs(frame - skin).max(-1) < 45) & ((xx - x) ** 2 + (yy - y) ** 2 <= 13 ** 2)
+                head.append(math.atan2(y - yy[found].mean(), xx[found].mean() - x) if found.any() else np.nan)
+            hits = {}
+            for name, period in (("somersaults_drawn_angle", 360.0), ("somersaults_drawn_angle_2fold", 180.0)):
+                step = (np.diff(theta) + period / 2) % period - period / 2
+                hits[name] = _nearest(float(step.mean()) * flight_frames / 360, "somersaults") == rec["somersaults"]
+            step = -((np.degrees(np.diff(head)) + 180) % 360 - 180)  # screen angles turn against theta
+            rate = float(np.nanmean(step)) * flight_frames / 360 if np.isfinite(step).any() else -1.0
+            hits["somersaults_decoded_head"] = _nearest(rate, "somersaults") == rec["somersaults"]
+            hits["twists_decoded_colour"] = _fit_rate(np.asarray(colour), lambda a: (1 + np.cos(a)) / 2,
+                                                      flight_frames) == rec["twists"]
+            hits["twists_drawn_width"] = _fit_rate(np.abs(np.cos(twist)), lambda a: np.abs(np.cos(a)),
+                                                   flight_frames) == rec["twists"]
+            row["clips"] = row.get("clips", 0) + 1
+            for name, hit in hits.items():
+                row[name] = row.get(name, 0) + int(hit)
+    total = {k: sum(r.get(k, 0) for r in tally.values()) for k in next(iter(tally.values()))}
+    share = lambda r: {k: (n if k == "clips" else round(n / r["clips"], 3)) for k, n in r.items()}  # noqa: E731
+    return {"all": share(total), "by_flight": {k: share(r) for k, r in sorted(tally.items())}}
+
+
+def main(paths: list[str], grid: bool, oracle: bool) -> None:
     torch.set_num_threads(train.TRAIN_THREADS)
     val = data.load(REPO / "data" / "val")
+    if oracle:
+        print("oracle, validation flight clips:", json.dumps(oracle_report(val)))
+    if grid:
+        grid_ds = data.load(render_grid(REPO / "runs" / "count_grid"))
+        for path in paths:
+            print(f"counterfactual grid, {path}:", json.dumps(grid_report(*load_tqn(path), grid_ds)))
+    if grid or oracle:
+        return
     fit = data.load(REPO / "data" / "train")
     heads = vocab.head_attributes()
     allowed = pose_allowed()
@@ -180,8 +342,7 @@ def main(paths: list[str]) -> None:
     torch.manual_seed(0)
     print("probe, random-init encoder:", probe_report(train.build_encoder(), fit, val))
     for path in paths:
-        saved = torch.load(path, weights_only=False)
-        encoder, decoder = train.load_models(saved["models"])["tqn"]
+        encoder, decoder = load_tqn(path)
         preds = train.predict(encoder, decoder, val)
         routine = build.is_routine(val)
         print(f"== {path}")
@@ -203,4 +364,9 @@ def main(paths: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:] or [str(REPO / "data" / "trained_models.pt")])
+    parser = argparse.ArgumentParser()
+    parser.add_argument("models", nargs="*", default=[str(REPO / "data" / "trained_models.pt")])
+    parser.add_argument("--grid", action="store_true", help="answers on counterfactual count grids")
+    parser.add_argument("--oracle", action="store_true", help="what validation flight clips hold, no model")
+    args = parser.parse_args()
+    main(args.models, args.grid, args.oracle)

@@ -287,9 +287,9 @@ class _Scene:
         cv2.line(img, (int(p[0]), int(p[1])), (int(q[0]), int(q[1])), sp["colour"],
                  max(2, round(self.unit / 40)), cv2.LINE_AA)
 
-    def _figure(self, img: np.ndarray, t: float, lw: int) -> None:
-        if t >= phase_times(self.routine)[3] or self.routine.kind == "background":
-            return
+    def figure_pixels(self, t: float) -> tuple[dict[str, tuple[int, int]], float]:
+        """Where the figure's joints are drawn at t (pixel x, y) and the torso's facing (cos of the
+        twist angle): the generator's own geometry, for oracles that read the frames."""
         pose, twist, theta, lean, lift, travel = _body_state(self.routine, t)
         joints, facing = _skeleton(pose, twist)
         # Rotate about the body's middle (clockwise on screen), then place on the board/trajectory.
@@ -304,16 +304,22 @@ class _Scene:
             q = rot @ (p - centre) + centre
             return int(round(origin[0] + q[0] * self.scale)), int(round(origin[1] - q[1] * self.scale))
 
+        return {name: px(p) for name, p in joints.items()}, facing
+
+    def _figure(self, img: np.ndarray, t: float, lw: int) -> None:
+        if t >= phase_times(self.routine)[3] or self.routine.kind == "background":
+            return
+        at, facing = self.figure_pixels(t)
         thick = max(2, round(self.unit / 28))
         for name in ("l", "r"):
             for a_, b_ in (("hip", f"knee_{name}"), (f"knee_{name}", f"foot_{name}"),
                            ("neck", f"elbow_{name}"), (f"elbow_{name}", f"hand_{name}")):
-                cv2.line(img, px(joints[a_]), px(joints[b_]), LIMB_COLOUR, thick, cv2.LINE_AA)
+                cv2.line(img, at[a_], at[b_], LIMB_COLOUR, thick, cv2.LINE_AA)
         front = (1 + facing) / 2  # continuous in the twist angle: no two-state colour
         torso = tuple(f * front + b * (1 - front) for f, b in zip(FRONT_COLOUR, BACK_COLOUR))
-        cv2.line(img, px(joints["hip"]), px(joints["neck"]), torso, int(thick * (1.2 + abs(facing))),
+        cv2.line(img, at["hip"], at["neck"], torso, int(thick * (1.2 + abs(facing))),
                  cv2.LINE_AA)
-        cv2.circle(img, px(joints["head"]), max(2, int(0.075 * self.scale)), SKIN_COLOUR, -1,
+        cv2.circle(img, at["head"], max(2, int(0.075 * self.scale)), SKIN_COLOUR, -1,
                    cv2.LINE_AA)
 
     def _splash(self, img: np.ndarray, t: float, lw: int) -> None:

@@ -131,6 +131,23 @@ def test_free_flights_leave_the_table_videos_as_they_were_and_draw_the_rest_attr
         synth.sample_routine(np.random.default_rng(0), 1, 3.0, free_flight_share=1.5)
 
 
+def test_figure_pixels_are_where_the_head_and_torso_are_drawn():
+    """The oracle of export.diagnose_counts reads frames where figure_pixels says the figure is."""
+    routine = synth.sample_routine(np.random.default_rng([4, 0]), 4, 4.0)
+    scene = synth._Scene(routine, 112, 112, 15)
+    t1, t2 = synth.phase_times(routine)[1:3]
+    for i in range(int(np.ceil(t1 * 15)), int(t2 * 15)):
+        frame = scene.frame(i).astype(int)
+        at, facing = scene.figure_pixels(i / 15)
+        x, y = at["head"]
+        assert np.abs(frame[y, x] - synth.SKIN_COLOUR).max() <= 12  # sensor noise adds up to 8
+        x, y = ((np.asarray(at["hip"]) + at["neck"]) / 2).round().astype(int)
+        front = (1 + facing) / 2
+        torso = np.asarray(synth.FRONT_COLOUR) * front + np.asarray(synth.BACK_COLOUR) * (1 - front)
+        if (y - at["head"][1]) ** 2 + (x - at["head"][0]) ** 2 > 16:  # the head is drawn over the neck end
+            assert np.abs(frame[y, x] - torso).max() <= 12
+
+
 @pytest.mark.parametrize("codec", ["vp9", "mpeg4"])
 def test_other_codecs_encode(tmp_path, codec):
     path = tmp_path / f"v{synth.CODECS[codec][0]}"

@@ -250,3 +250,14 @@ def test_stem_variants_keep_the_grid_and_the_feature(options):
         train.build_encoder(temporal_kernel_size=1, stem_difference=True)
     with pytest.raises(ValueError):
         train.build_encoder(stem_pool=3)
+
+
+def test_the_twist_oracle_recovers_every_count_from_one_clip_of_colours():
+    from export import diagnose_counts
+
+    flight_frames = 21.0
+    for count in vocab.ATTRIBUTES["twists"]:
+        for phase in (0.3, 2.0, 4.4):
+            angle = phase + 2 * np.pi * float(count) / flight_frames * np.arange(8)
+            colour = (1 + np.cos(angle)) / 2 + np.random.default_rng(0).normal(0, 0.03, 8)
+            assert diagnose_counts._fit_rate(colour, lambda a: (1 + np.cos(a)) / 2, flight_frames) == count
