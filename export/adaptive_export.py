@@ -4,8 +4,9 @@ model directories (`clip_encoder_vit`, `clip_encoder_vit_ats`, `clip_encoder_s3d
 Contract (agreed with the gateway, issue 9), batched with dynamic batching:
 - input `clips` UINT8 [8, 112, 112, 3] (as every clip encoder); adaptive encoders also `budget`
   FP32 [1] per clip, so one batch may mix requests with different budgets: the graph maps each
-  clip's budget to its own B (SGS) or K (ATS) as units = max(⌈budget·budget_units⌉, budget_floor),
-  budget clamped to [0, 1];
+  clip's budget (clamped to [0, 1]) to its own B (SGS) as max(⌈budget·budget_units⌉, budget_floor),
+  or to each ATS block's K as max(⌈budget·the tokens the block receives⌉, budget_floor): the
+  first ATS block receives all `budget_units` tokens, each later one what the one before kept;
 - output `features` FP32 [256]; adaptive encoders also `kept` INT64 (SGS [1]: the bins B' the clip
   kept; ATS [blocks]: K' non-cls tokens per ATS block) and `gmacs` FP32 [1]: the clip's
   multiply-adds counted in the graph from the shapes it processed (its own B' / K'; the padding
@@ -33,7 +34,7 @@ from torch import nn
 from export import onnx_export
 from export.adaptive import onnx_functions
 from export.models.s3d_sgs import S3DSGS
-from export.models.vit import VideoViT
+from export.models.vit import K_FLOOR, VideoViT
 
 ENCODER_INPUT = "clips"
 BUDGET_INPUT = "budget"
@@ -48,7 +49,6 @@ BUDGET_UNITS_PARAMETER = "budget_units"
 BUDGET_FLOOR_PARAMETER = "budget_floor"
 BUDGET_DEFAULT_PARAMETER = "budget_default"
 
-ATS_K_FLOOR = 8  # the thesis's K_n = max(ρ·#tokens, 8)
 MAX_BATCH = 64
 
 
@@ -69,15 +69,14 @@ class ServedViT(nn.Module):
 
 
 class ServedViTATS(nn.Module):
-    """The same ViT with ATS in its ATS blocks, K from each clip's budget."""
+    """The same ViT with ATS in its ATS blocks, each block's K from each clip's budget."""
 
     def __init__(self, vit: VideoViT):
         super().__init__()
         self.vit = vit
 
     def forward(self, clips: torch.Tensor, budget: torch.Tensor):
-        k = budget_to_units(budget, self.vit.tokens, ATS_K_FLOOR).expand(-1, len(self.vit.ats_blocks))
-        features, kept = self.vit(clips, k)  # kept: tokens per ATS block, cls included
+        features, kept = self.vit(clips, budget.clamp(0.0, 1.0))  # kept: tokens per ATS block, cls included
         gmacs = (self.vit.macs(kept).to(torch.float32) / 1e9).unsqueeze(1)
         return features, kept - 1, gmacs
 
@@ -102,7 +101,7 @@ def vit_parameters(vit: VideoViT, *, ats: bool, clip_fps: float, budget_default:
     parameters = {CLIP_FPS_PARAMETER: f"{clip_fps:g}", GMACS_PER_CLIP_PARAMETER: f"{vit.macs() / 1e9:.6g}"}
     if ats:
         parameters |= {ADAPTIVE_PARAMETER: "ats", BUDGET_UNITS_PARAMETER: str(vit.tokens),
-                       BUDGET_FLOOR_PARAMETER: str(ATS_K_FLOOR)}
+                       BUDGET_FLOOR_PARAMETER: str(K_FLOOR)}
         if budget_default is not None:
             parameters[BUDGET_DEFAULT_PARAMETER] = f"{budget_default:g}"
     return parameters

@@ -60,11 +60,16 @@ def select(
     return _compact(torch.where(keep_all, valid, chosen & valid))
 
 
-def select_top_k(attn: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The thesis's baseline (Table 7.1): the K highest-scoring tokens, a fixed K' = min(K, N)."""
+def select_top_k(
+    attn: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, k: torch.Tensor | int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The thesis's baseline (Table 7.1): the K highest-scoring tokens, K' = min(K, N) fixed; K is
+    one value for the batch or one per sample (N,)."""
     scores = significance(attn, v, mask).masked_fill(~mask[:, 1:], -1.0)
-    picked = scores.topk(min(k, scores.shape[1]), dim=1).indices
-    return _compact(torch.zeros_like(mask[:, 1:]).scatter(1, picked, True) & mask[:, 1:])
+    per_sample = torch.as_tensor(k, device=attn.device).reshape(-1, 1)  # N or 1, 1
+    picked = scores.topk(min(int(per_sample.max()), scores.shape[1]), dim=1).indices  # best first
+    within = (torch.arange(picked.shape[1], device=attn.device) < per_sample).expand_as(picked)
+    return _compact(torch.zeros_like(mask[:, 1:]).scatter(1, picked, within) & mask[:, 1:])
 
 
 def _compact(chosen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

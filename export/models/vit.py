@@ -2,14 +2,14 @@
 
 8 RGB frames at 112 px -> 2×16×16 tubelets (4·7·7 = 196 tokens) + a cls token -> pre-norm
 transformer blocks -> the cls token projected to D. One set of weights serves both encoders:
-`forward(clips)` is the plain ViT; `forward(clips, k)` samples tokens with ATS in `ats_blocks`
-(thesis: blocks 3..end), K per ATS block given at run time; K >= the tokens a block receives keeps
-them all, so k = 196 reproduces the plain ViT exactly.
+`forward(clips)` is the plain ViT; `forward(clips, budget)` samples tokens with ATS in `ats_blocks`
+(thesis: blocks 3..end), each ATS block with its own K relative to the tokens it receives, as the
+thesis sets K_n = max(ρ·#InputTokens_n, 8): every ATS block samples, so a clip keeps a share of a
+share. K >= the tokens a block receives keeps them all, so budget 1 reproduces the plain ViT exactly.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -17,6 +17,14 @@ from torch import nn
 
 from export.adaptive.ats import adaptive_token_sampler, gather_rows, select_top_k
 from export.models.s3d import PIXEL_MEAN, PIXEL_STD
+
+K_FLOOR = 8  # the thesis's K_n = max(ρ·#InputTokens_n, 8)
+
+
+def block_k(budget: torch.Tensor, received: torch.Tensor | int) -> torch.Tensor:
+    """An ATS block's K per sample: max(⌈budget·received⌉, K_FLOOR) for the non-cls tokens it
+    receives (a budget of 1 keeps them all, see `adaptive_token_sampler`)."""
+    return torch.ceil(budget * received).clamp(min=K_FLOOR).to(torch.int64)
 
 
 class Attention(nn.Module):
@@ -72,7 +80,7 @@ class Block(nn.Module):
             if mask is None:
                 mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
             if self.top_k:
-                index, mask = select_top_k(attn, v, mask, int(k))
+                index, mask = select_top_k(attn, v, mask, k)
                 attended, residual = gather_rows(x, attn, v, index, mask)
             else:
                 attended, residual, mask, _ = adaptive_token_sampler(x, attn, v, mask, k)
@@ -123,16 +131,22 @@ class VideoViT(nn.Module):
     def forward_features(
         self, x: torch.Tensor, k: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Normalised video (N, 3, T, H, W) -> cls features (N, dim) and, with ATS, the tokens
-        each ATS block kept per sample (N, len(ats_blocks)), cls included."""
+        """Normalised video (N, 3, T, H, W) -> cls features (N, dim) and, with ATS (`k`, see
+        `forward`), the tokens each ATS block kept per sample (N, len(ats_blocks)), cls included."""
         tokens = self.embed(x).flatten(2).transpose(1, 2)  # N, n, dim
         x = torch.cat([self.cls.expand(tokens.shape[0], -1, -1), tokens], dim=1) + self.position
         mask = None
         kept = []
+        budget = None if k is None or not k.is_floating_point() else k.reshape(-1)  # one or one per sample
         for i, block in enumerate(self.blocks):
-            block_k = None if k is None or i not in self.ats_blocks else k[..., self.ats_blocks.index(i)]
-            x, mask = block(x, mask, block_k)
-            if block_k is not None:
+            this_k = None
+            if k is not None and i in self.ats_blocks:
+                if budget is None:
+                    this_k = k[..., self.ats_blocks.index(i)]
+                else:  # the non-cls tokens this block receives: all, or what the last ATS block kept
+                    this_k = block_k(budget, self.tokens if mask is None else mask.sum(dim=1) - 1)
+            x, mask = block(x, mask, this_k)
+            if this_k is not None:
                 kept.append(mask.sum(dim=1))
         return self.norm(x[:, 0]), (torch.stack(kept, dim=1) if kept else None)
 
@@ -140,19 +154,14 @@ class VideoViT(nn.Module):
         return self.proj(x)  # N, D
 
     def forward(self, clips: torch.Tensor, k: torch.Tensor | None = None):
-        """uint8 clips -> features (N, D); with k (int64, one K per ATS block: (blocks,) for the
-        batch or (N, blocks) per sample), also the tokens kept."""
+        """uint8 clips -> features (N, D); with `k`, also the tokens each ATS block kept (N, blocks),
+        cls included. `k` is either a float budget ρ (one, or one per clip (N,) / (N, 1)): each ATS
+        block's K = `block_k`(ρ, the tokens it receives), as served; or int64 K fixed per ATS block
+        ((blocks,) for the batch or (N, blocks) per clip), as the top-K baseline runs at ATS's K'."""
         x = clips.permute(0, 4, 1, 2, 3).float()  # N, C, T, H, W
         x = (x - self.mean) / self.std
         features, kept = self.forward_features(x, k)
         return self.forward_head(features) if k is None else (self.forward_head(features), kept)
-
-    def k_for_budget(self, budget: float) -> list[int]:
-        """K per ATS block for a compute budget in (0, 1]: max(⌈budget·N⌉, 8) of the N = 196
-        tokens, as the thesis sets K_n = max(ρ·#tokens, 8); budget 1 keeps every token."""
-        if not 0 < budget <= 1:
-            raise ValueError(f"budget must be in (0, 1], got {budget}")
-        return [max(math.ceil(budget * self.tokens), 8)] * len(self.ats_blocks)
 
     def macs(self, kept: Sequence[int] | torch.Tensor | None = None):
         """Multiply-adds of one clip whose ATS blocks kept `kept` tokens (cls included; None: no ATS):

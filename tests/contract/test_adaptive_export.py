@@ -10,6 +10,7 @@ import torch
 from export.adaptive import onnx_functions
 from export.adaptive.ats import adaptive_token_sampler
 from export.adaptive.sgs import SimilarityGuidedSampling, similarity_guided_sampling
+from export.models.vit import K_FLOOR
 
 TOLERANCE = 1e-4
 
@@ -242,8 +243,9 @@ def encoders(tmp_path_factory):
         for model in (sgs, means):
             model.sgs.similarity.conv1.bias.zero_()
             model.sgs.similarity.conv2.bias.zero_()
-    _export(vit, (clips, torch.tensor([16, 8, 4])), out / "vit_ats.onnx", ["clips", "k"], ["features", "tokens_kept"],
-            {"clips": {0: batch}, "k": None})
+    # as served: one budget per clip, each ATS block's K relative to the tokens it receives
+    _export(vit, (clips, torch.tensor([[1.0], [0.5]])), out / "vit_ats.onnx", ["clips", "budget"],
+            ["features", "tokens_kept"], {"clips": {0: batch}, "k": {0: batch}})
     for name, model in (("s3d_sgs", sgs), ("s3d_sgs_time_means", means)):
         _export(model, (clips, torch.tensor(8)), out / f"{name}.onnx", ["clips", "bins"], ["features", "bins_kept"],
                 {"clips": {0: batch}, "bins": None})
@@ -267,16 +269,24 @@ def test_encoders_keep_one_node_per_use(encoders):
         onnx.checker.check_model(proto, full_check=True)
 
 
-@pytest.mark.parametrize("k", [(196, 196, 196), (32, 16, 8), (8, 4, 2)])
-@pytest.mark.parametrize("batch", [1, 4])
-def test_vit_ats_matches_torch(encoders, k, batch):
+@pytest.mark.parametrize("budgets", [(1.0,), (0.5,), (0.2,), (1.0, 0.7, 0.35, 0.05)])
+def test_vit_ats_matches_torch(encoders, budgets):
     model, _, session = encoders["vit_ats"]
-    clips = _video(batch, seed=sum(k) + batch)
+    clips = _video(len(budgets), seed=int(100 * sum(budgets)))
+    budget = np.asarray(budgets, np.float32)[:, None]
     with torch.no_grad():
-        features, kept = model(torch.from_numpy(clips), torch.tensor(k))
-    got_features, got_kept = session.run(None, {"clips": clips, "k": np.array(k)})
+        features, kept = model(torch.from_numpy(clips), torch.from_numpy(budget))
+    got_features, got_kept = session.run(None, {"clips": clips, "budget": budget})
     np.testing.assert_array_equal(got_kept, kept.numpy())
     np.testing.assert_allclose(got_features, features.numpy(), atol=TOLERANCE, rtol=0)
+    # below budget 1 every ATS block receiving more than K_FLOOR tokens samples (fewer leave it than
+    # enter it), not only the first; at 1 none does
+    received = np.concatenate([np.full((len(budgets), 1), model.tokens + 1), got_kept[:, :-1]], axis=1)
+    below = np.asarray(budgets) < 1
+    sampling = below[:, None] & (received - 1 > K_FLOOR)
+    assert (got_kept[sampling] < received[sampling]).all() and (got_kept[~below] == model.tokens + 1).all()
+    if (np.asarray(budgets) >= 0.5).any() and below.any():
+        assert sampling[:, 1:].any()
 
 
 @pytest.mark.parametrize("name", ["s3d_sgs", "s3d_sgs_time_means"])

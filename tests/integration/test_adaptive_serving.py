@@ -81,8 +81,8 @@ def _export_random_adaptive(model_dir: Path, encoder: str) -> None:
 
         class Served(nn.Module):
             def forward(self, clips, budget):
-                k = torch.clamp(torch.ceil(budget * units), min=floor).to(torch.int64)  # N, 1
-                features, kept = net(clips, k.expand(-1, len(net.ats_blocks)))  # kept: cls included
+                # each ATS block's K = max(ceil(budget * tokens it receives), floor); kept: cls included
+                features, kept = net(clips, budget.clamp(0.0, 1.0))
                 # net.macs() on each clip's kept counts, as tensor arithmetic
                 total = torch.full_like(kept[:, 0], 0, dtype=torch.float64) + (
                     net.tokens * dim * net.embed.weight[0].numel() + dim * net.feature_dim)

@@ -122,3 +122,13 @@ def test_top_k_keeps_the_highest_scores():
     assert index.tolist() == [[0, 2, 4]] and kept.all()
     mask[0, 2] = False  # an invalid token is never taken
     assert select_top_k(attn, v, mask, 2)[0].tolist() == [[0, 1, 4]]
+
+
+def test_top_k_takes_one_k_per_sample():
+    from export.adaptive.ats import select_top_k
+
+    x, attn, v, mask = _inputs([0.2, 0.1, 0.4, 0.05, 0.25])
+    attn, v, mask = attn.expand(2, -1, -1, -1), v.expand(2, -1, -1, -1), mask.expand(2, -1)
+    index, kept = select_top_k(attn, v, mask, torch.tensor([3, 1]))
+    assert index.tolist() == [[0, 1, 2, 4], [0, 2, 0, 0]]
+    assert kept.tolist() == [[True] * 4, [True, True, False, False]]

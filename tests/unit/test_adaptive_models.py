@@ -1,5 +1,7 @@
 """The encoders with adaptive modules: ViT with ATS, s3d with SGS (untrained weights, small inputs)."""
 
+import math
+
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -7,7 +9,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from export.models.s3d import S3D
 from export.models.s3d_sgs import BIN_OUTPUTS, PLACEMENTS, S3DSGS, s3d_macs
 from export.models.s3d_sgs import create as create_s3d_sgs
-from export.models.vit import VideoViT
+from export.models.vit import K_FLOOR, VideoViT, block_k
 from export.models.vit import create as create_vit
 
 
@@ -69,6 +71,9 @@ def test_vit_macs_are_the_counted_shapes(vit):
     with torch.no_grad():
         _, kept = vit(clip, torch.tensor([20, 10, 5]))
     assert vit.macs(kept[0].tolist()) == _counted_macs(vit, clip, torch.tensor([20, 10, 5])) < vit.macs()
+    with torch.no_grad():
+        _, kept = vit(clip, torch.tensor(0.5))
+    assert vit.macs(kept[0].tolist()) == _counted_macs(vit, clip, torch.tensor(0.5)) < vit.macs()
 
 
 @pytest.mark.parametrize(("variant", "dim"), [("vit_tiny_112", 128), ("vit_mini_112", 64)])
@@ -200,24 +205,49 @@ def test_vit_top_k_baseline_keeps_exactly_k(vit):
 
 
 def test_budget_maps_to_k_and_bins():
-    vit = create_vit("vit_tiny_112")
-    assert vit.k_for_budget(1.0) == [196] * 4 and vit.k_for_budget(0.5) == [98] * 4
-    assert vit.k_for_budget(0.01) == [8] * 4
+    # K = max(ceil(budget * tokens received), 8), per sample
+    assert block_k(torch.tensor([1.0, 0.5, 0.3, 0.01]), 196).tolist() == [196, 98, 59, 8]
+    assert block_k(torch.tensor(0.5), torch.tensor([90, 15, 3])).tolist() == [45, 8, 8]
+    assert block_k(torch.tensor([0.5, 0.25]), torch.tensor([90, 90])).tolist() == [45, 23]
     sgs = create_s3d_sgs("s3d_sgs_stem_112")
     assert [sgs.bins_for_budget(b) for b in (1.0, 0.5, 0.3, 0.01)] == [8, 4, 3, 1]
-    for bad in (0.0, 1.5):
-        with pytest.raises(ValueError, match="budget"):
-            vit.k_for_budget(bad)
 
 
 def test_served_budget_mapping_is_the_models_own():
-    from export.adaptive_export import ATS_K_FLOOR, budget_to_units
+    """The knob the gateway reports, max(ceil(budget * budget_units), budget_floor), is the first
+    ATS block's K (it receives every token) and the SGS bins."""
+    from export.adaptive_export import budget_to_units
 
     vit, sgs = create_vit("vit_tiny_112"), create_s3d_sgs("s3d_sgs_stem_112")
     budgets = [1.0, 0.75, 0.5, 0.3, 0.2, 0.1, 0.04, 0.01]
     column = torch.tensor(budgets).unsqueeze(1)
-    assert budget_to_units(column, vit.tokens, ATS_K_FLOOR)[:, 0].tolist() == [vit.k_for_budget(b)[0] for b in budgets]
+    assert block_k(column[:, 0], vit.tokens).tolist() == [max(math.ceil(b * vit.tokens), K_FLOOR) for b in budgets]
     assert budget_to_units(column, sgs.clip_frames, 1)[:, 0].tolist() == [sgs.bins_for_budget(b) for b in budgets]
+
+
+def test_every_ats_block_samples_a_share_of_what_it_receives(vit):
+    with torch.no_grad():
+        _, kept = vit(_clips(6, seed=7, size=64), torch.tensor(0.5))
+    received = torch.cat([torch.full_like(kept[:, :1], vit.tokens), kept[:, :-1] - 1], dim=1)  # non-cls
+    k = block_k(torch.tensor(0.5), received)
+    assert (kept - 1 <= k).all()
+    sampled = received > K_FLOOR  # K < received: the block drops tokens
+    assert sampled[:, 1:].any() and (kept[sampled] - 1 < received[sampled]).all()
+    assert (kept[~sampled] - 1 == received[~sampled]).all()  # K >= received keeps them all
+
+
+def test_vit_budgets_per_clip_match_each_clip_alone_and_budget_one_is_the_plain_vit(vit):
+    clips = _clips(4, seed=8, size=64)
+    budgets = torch.tensor([1.0, 0.5, 0.3, 0.8])
+    with torch.no_grad():
+        plain = vit(clips)
+        batched, kept = vit(clips, budgets.unsqueeze(1))
+        for i in range(4):
+            alone, alone_kept = vit(clips[i : i + 1], budgets[i])
+            torch.testing.assert_close(alone[0], batched[i], atol=1e-5, rtol=1e-5)
+            assert alone_kept[0].tolist() == kept[i].tolist()
+    torch.testing.assert_close(batched[0], plain[0], atol=1e-5, rtol=1e-5)
+    assert kept[0].tolist() == [vit.tokens + 1] * 3 and (kept[1:] < vit.tokens + 1).all()
 
 
 def test_vit_macs_per_clip_from_a_tensor_of_kept_counts(vit):
