@@ -63,6 +63,9 @@ class DecodeSettings(_Group):
     decoder_threads: int = Field(1, ge=0)
     # Bytes of decoded frames each worker may send ahead of the consumer (at least 2 chunks).
     ahead_bytes: int = Field(24 * 2**20, ge=1)
+    # System shared memory the gateway reads decoded frames into, so the encoder's Triton reads
+    # clip batches in place (`triton.SharedFrames`); 0: ordinary memory.
+    shared_memory_mb: int = Field(96, ge=0)
     # Target length of the keyframe segments a video is split into across workers.
     segment_frames: int = Field(240, ge=1)
     # A video decoded in one segment takes the idle workers' threads only if its frames have at

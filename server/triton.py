@@ -14,8 +14,10 @@ import contextlib
 import dataclasses
 import logging
 import math
+import mmap
 import os
 import uuid
+import weakref
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
@@ -531,6 +533,92 @@ class ClipRegions:
         self.enabled = False
 
 
+class SharedFrames:
+    """System shared memory cut into equal slots, for frames that Triton may read in place: the
+    video decoder reads each chunk of frames into a slot (`take`), and a clip batch that lies in one
+    (a view of a chunk, or a batch joined into a slot) goes to the encoder by this region's name and
+    an offset, without the copy into a `ClipRegions` region (README, "Speed"). A slot is free again
+    once the array `take` gave and every view of it are gone, so consumers hand nothing back; when
+    no slot is free, `take` gives None and the caller uses ordinary memory. `take` is thread-safe
+    (the decoder's reader threads take slots; any thread may drop the last view)."""
+
+    def __init__(self, budget_bytes: int) -> None:
+        if budget_bytes < 0:
+            raise ValueError("budget_bytes must be >= 0")
+        self.budget_bytes = budget_bytes
+        self.name = f"vqs_frames_{os.getpid()}_{uuid.uuid4().hex[:8]}"  # also its shared-memory key
+        self.size = 0
+        self.slot_bytes = 0
+        self.address = 0
+        self._map: _FramesMap | None = None
+        # Free slots; the most recently freed is taken first (its pages are resident already).
+        self._free: list[int] = []
+
+    def prepare(self, slot_bytes: int) -> None:
+        """Make the region, with slots of `slot_bytes` (the first call decides; off when the
+        budget holds no slot or /dev/shm has no room for it)."""
+        if self._map is not None or self.budget_bytes <= 0 or slot_bytes <= 0:
+            return
+        slot_bytes = math.ceil(slot_bytes / mmap.PAGESIZE) * mmap.PAGESIZE
+        slots = self.budget_bytes // slot_bytes
+        if slots < 1 or not _shm_has_room(slots * slot_bytes):
+            self.budget_bytes = 0
+            return
+        path = f"/dev/shm/{self.name}"
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+        try:
+            os.ftruncate(fd, slots * slot_bytes)
+            mapped = _FramesMap(fd, slots * slot_bytes)
+        except BaseException:
+            os.unlink(path)
+            raise
+        finally:
+            os.close(fd)
+        mapped.frames = self
+        self.address = np.frombuffer(mapped, np.uint8, 1).ctypes.data
+        self.size, self.slot_bytes = slots * slot_bytes, slot_bytes
+        self._free = list(range(slots))[::-1]
+        self._map = mapped  # last: `take` in another thread uses the region once this is set
+
+    def take(self, nbytes: int) -> np.ndarray | None:
+        """A uint8 array of `nbytes` in a free slot, or None (no region, none free, too large)."""
+        mapped = self._map
+        if mapped is None or nbytes > self.slot_bytes:
+            return None
+        try:
+            slot = self._free.pop()
+        except IndexError:
+            return None
+        array = np.frombuffer(mapped, np.uint8, nbytes, slot * self.slot_bytes)
+        weakref.finalize(array, self._free.append, slot)
+        return array
+
+    @staticmethod
+    def holding(array: np.ndarray) -> tuple[SharedFrames, int] | None:
+        """(the region, the offset in it) when `array` lies contiguously in a `SharedFrames` slot."""
+        owner = array.base
+        while isinstance(owner, np.ndarray):
+            owner = owner.base
+        if isinstance(owner, memoryview):  # np.frombuffer's
+            owner = owner.obj
+        if not isinstance(owner, _FramesMap) or not array.flags.c_contiguous:
+            return None
+        return owner.frames, array.ctypes.data - owner.frames.address
+
+    def close(self) -> None:
+        """Remove the region's name; the memory goes with the last array in it."""
+        if self._map is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(f"/dev/shm/{self.name}")
+        self._map, self._free, self.budget_bytes = None, [], 0
+
+
+class _FramesMap(mmap.mmap):
+    """The mapping of a `SharedFrames` region: what every array in it has as its base."""
+
+    frames: SharedFrames
+
+
 def _shm_has_room(size: int) -> bool:
     """Whether half of /dev/shm stays free after a region of `size`, for Triton's own shared memory
     (its python-backend stubs'): a full tmpfs turns a write into a region into SIGBUS, and
@@ -557,12 +645,18 @@ class TritonClient:
         self.timeout_s = timeout_s
         self._client = grpcclient.InferenceServerClient(url=url, channel_args=_CHANNEL_ARGS)
         self.clip_regions = ClipRegions(self._client, shared_memory_bytes)
+        # `SharedFrames` regions Triton has mapped (by name); None: it cannot map this host's.
+        self._frames_registered: set[str] | None = set() if shared_memory_bytes > 0 else None
+        self._frames_lock = asyncio.Lock()
         self._encoders: dict[str, EncoderSpec] | None = None
         self._query_decoder: QueryDecoderSpec | None = None
         self._frame_models: dict[str, FrameModelSpec] = {}
 
     async def close(self) -> None:
         await self.clip_regions.close()
+        for name in self._frames_registered or ():
+            with contextlib.suppress(Exception):
+                await self._client.unregister_system_shared_memory(name, client_timeout=5.0)
         await self._client.close()
 
     def forget_models(self) -> None:
@@ -572,6 +666,8 @@ class TritonClient:
         self._query_decoder = None
         self._frame_models = {}
         self.clip_regions.forget()
+        if self._frames_registered is not None:
+            self._frames_registered.clear()
 
     async def _call(self, what: str, coro):
         try:
@@ -745,6 +841,19 @@ class TritonClient:
             tensor = grpcclient.InferInput(BUDGET, list(budgets.shape), "FP32")
             tensor.set_data_from_numpy(budgets)
             extra, outputs = [tensor], [FEATURES, KEPT, GMACS]
+        held = SharedFrames.holding(clips)
+        if held is not None and await self._frames_mapped(held[0]):
+            frames, offset = held
+            tensor = grpcclient.InferInput(CLIPS, list(clips.shape), "UINT8")
+            tensor.set_shared_memory(frames.name, clips.nbytes, offset)
+            try:
+                return self._encoded(spec, await self._request(spec.model, [tensor, *extra], outputs))
+            except VqsError as exc:
+                if not _lost_region(exc):
+                    raise
+                logger.info("Triton lost the frame region (restarted?): registering it again")
+                if self._frames_registered is not None:
+                    self._frames_registered.discard(frames.name)
         async with self.clip_regions.holding(clips) as region:
             if region is not None:
                 tensor = grpcclient.InferInput(CLIPS, list(clips.shape), "UINT8")
@@ -759,6 +868,30 @@ class TritonClient:
         tensor = grpcclient.InferInput(CLIPS, list(clips.shape), "UINT8")
         tensor.set_data_from_numpy(clips)
         return self._encoded(spec, await self._request(spec.model, [tensor, *extra], outputs))
+
+    async def _frames_mapped(self, frames: SharedFrames) -> bool:
+        """Whether Triton has `frames` registered (registering it on first use)."""
+        if self._frames_registered is None:
+            return False
+        if frames.name in self._frames_registered:
+            return True
+        async with self._frames_lock:
+            if self._frames_registered is None or frames.name in self._frames_registered:
+                return self._frames_registered is not None
+            with contextlib.suppress(InferenceServerException):  # a registration Triton still has
+                await self._client.unregister_system_shared_memory(frames.name)
+            try:
+                await self._client.register_system_shared_memory(frames.name, "/" + frames.name, frames.size)
+            except InferenceServerException as exc:
+                error = _translate(exc, "registering shared memory")
+                if isinstance(error, (BackendUnavailable, Timeout)):
+                    raise error from None
+                logger.warning("frames are copied for Triton: it cannot map this gateway's shared "
+                               "memory (%s)", exc.message() or exc)
+                self._frames_registered = None
+                return False
+            self._frames_registered.add(frames.name)
+            return True
 
     @staticmethod
     def _encoded(spec: EncoderSpec, out: dict[str, np.ndarray]) -> EncodedClips:

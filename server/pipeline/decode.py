@@ -41,6 +41,7 @@ from server.pipeline.chunk import ClipAssembler, FrameTimes, TimeGrid
 from server.pipeline.decode_pool import Died, WorkerPool, WorkerProcess
 from server.pipeline.decode_protocol import VideoInfo
 from server.settings import DecodeSettings
+from server.triton import SharedFrames
 
 __all__ = ["ClipBatch", "VideoDecoder", "VideoInfo"]
 
@@ -82,12 +83,14 @@ class VideoDecoder:
         self.settings = settings
         self.max_frame_pixels = max_frame_pixels
         self.max_duration_s = max_duration_s
+        self.frames_memory = SharedFrames(settings.shared_memory_mb * 2**20)
         self.pool = WorkerPool(
             settings.workers,
             start_timeout_s=max(settings.stall_timeout_s, 60.0),
             release_timeout_s=settings.release_timeout_s,
             recycle_after=settings.recycle_after,
             recycle_rss_mb=settings.recycle_rss_mb,
+            frames_memory=self.frames_memory,
         )
         self._tmpdir: pathlib.Path | None = None
 
@@ -100,6 +103,7 @@ class VideoDecoder:
 
     async def close(self) -> None:
         await self.pool.close()
+        self.frames_memory.close()
         if self._tmpdir is not None:
             shutil.rmtree(self._tmpdir, ignore_errors=True)
 
@@ -161,6 +165,7 @@ class VideoDecoder:
         chunk = s.chunk_frames if chunk_frames is None else chunk_frames
         if chunk < 1:
             raise ValueError("chunk_frames must be >= 1")
+        self.frames_memory.prepare(max(chunk, s.chunk_frames) * frame_size * frame_size * 3)
         credits = max(2, s.ahead_bytes // (chunk * frame_size * frame_size * 3))
         return msg.DecodeJob(
             path=str(path),
@@ -192,7 +197,7 @@ class VideoDecoder:
         grid = TimeGrid(sample_fps, max_gap_s=self.settings.max_gap_s) if sample_fps else None
         assembler = ClipAssembler(clip_frames)
         marks = _ClipMarks(clip_frames)  # in step with the assembler
-        batches = _Batcher(per_batch)
+        batches = _Batcher(per_batch, self.frames_memory)
         frames = 0
 
         def info() -> VideoInfo:
@@ -217,7 +222,8 @@ class VideoDecoder:
             step = self.settings.chunk_frames
             for i in range(0, len(picked), step):
                 part = slice(i, i + step)
-                clips = assembler.push(_take(chunk.frames, picked[part]), starts[part], ends[part])
+                sampled = _take(chunk.frames, picked[part], self.frames_memory)
+                clips = assembler.push(sampled, starts[part], ends[part])
                 for batch in batches.add(*clips, marks.push(chunk.skipped[picked[part]])):
                     yield ClipBatch(*batch[:2], info(), batch[2])
 
@@ -258,11 +264,19 @@ class _ClipMarks:
         return last.any(keepdims=True) if len(last) else np.zeros(0, bool)
 
 
-def _take(frames: np.ndarray, picked: np.ndarray) -> np.ndarray:
-    """frames[picked], as a view (no copy) where the picks are consecutive (the video's own rate)."""
+def _take(frames: np.ndarray, picked: np.ndarray, memory: SharedFrames) -> np.ndarray:
+    """frames[picked], as a view (no copy) where the picks are consecutive (the video's own rate),
+    else in a `memory` slot when one is free."""
     if len(picked) and picked[-1] - picked[0] == len(picked) - 1 and (np.diff(picked) == 1).all():
         return frames[picked[0] : picked[-1] + 1]
-    return frames[picked]
+    out = _shared(memory, (len(picked), *frames.shape[1:]), frames.dtype)
+    return np.take(frames, picked, axis=0, out=out, mode="clip")  # "raise" would buffer the output
+
+
+def _shared(memory: SharedFrames, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray | None:
+    """An array of `shape` in a `memory` slot, or None."""
+    slot = memory.take(int(np.prod(shape)) * np.dtype(dtype).itemsize)
+    return None if slot is None else slot.view(dtype).reshape(shape)
 
 
 class _Batcher:
@@ -270,8 +284,9 @@ class _Batcher:
     inside one added part is a view of it; only a batch spanning parts is copied, as each full
     pass over the clips costs the gateway CPU (README, "Speed")."""
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, memory: SharedFrames) -> None:
         self.size = size
+        self.memory = memory  # a batch spanning parts is joined there when a slot is free
         self.parts: list[tuple[np.ndarray, ...]] = []  # added, not handed out yet
         self.filled = 0
 
@@ -301,7 +316,9 @@ class _Batcher:
         self.filled -= n
         if len(taken) == 1:
             return taken[0]
-        return tuple(np.concatenate(columns) for columns in zip(*taken))
+        clips, *rest = zip(*taken)
+        out = _shared(self.memory, (n, *clips[0].shape[1:]), clips[0].dtype)
+        return (np.concatenate(clips, out=out), *(np.concatenate(columns) for columns in rest))
 
 
 @dataclass

@@ -26,6 +26,7 @@ import numpy as np
 from server.errors import Timeout, VqsError
 from server.pipeline import _decode_worker as worker_module
 from server.pipeline import decode_protocol as msg
+from server.triton import SharedFrames
 
 logger = logging.getLogger(__name__)
 
@@ -47,9 +48,12 @@ class WorkerDied(Exception):
 class WorkerProcess:
     """One decode process, its pipe, and a thread that forwards its messages to the loop."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, name: str) -> None:
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, name: str, frames_memory: SharedFrames | None = None
+    ) -> None:
         self.loop = loop
         self.name = name
+        self.frames_memory = frames_memory  # where chunks are copied to, when it has a slot free
         self.inbox: asyncio.Queue[Inbox] = asyncio.Queue()
         self.jobs = 0  # videos worked on
         self.rss_mb = 0.0
@@ -86,11 +90,18 @@ class WorkerProcess:
                     continue
                 payload = None
                 if isinstance(m, msg.Frames):  # copied out, so the worker may fill its slot again
-                    payload = self.arena[m.offset : m.offset + m.nbytes].copy()
+                    payload = self._copy_out(self.arena[m.offset : m.offset + m.nbytes])
             except (EOFError, OSError, ValueError):
                 self._deliver(Died(), None)
                 return
             self._deliver(m, payload)
+
+    def _copy_out(self, frames: np.ndarray) -> np.ndarray:
+        slot = None if self.frames_memory is None else self.frames_memory.take(frames.nbytes)
+        if slot is None:
+            return frames.copy()
+        np.copyto(slot, frames)
+        return slot
 
     def _deliver(self, m: msg.FromWorker | Died, payload: np.ndarray | None) -> None:
         try:
@@ -141,8 +152,10 @@ class WorkerPool:
         release_timeout_s: float,
         recycle_after: int,
         recycle_rss_mb: float,
+        frames_memory: SharedFrames | None = None,
     ) -> None:
         self.size = size
+        self.frames_memory = frames_memory
         self.start_timeout_s = start_timeout_s
         self.release_timeout_s = release_timeout_s
         self.recycle_after = recycle_after
@@ -236,7 +249,7 @@ class WorkerPool:
     async def _spawn(self) -> None:
         self._serial += 1
         loop = asyncio.get_running_loop()
-        w = await asyncio.to_thread(WorkerProcess, loop, f"vqs-decode-{self._serial}")
+        w = await asyncio.to_thread(WorkerProcess, loop, f"vqs-decode-{self._serial}", self.frames_memory)
         self._all.add(w)
         try:
             m, _ = await w.recv(self.start_timeout_s)

@@ -111,3 +111,37 @@ async def test_a_small_dev_shm_keeps_clips_inside_requests(triton, monkeypatch):
     finally:
         await client.close()
         await inline.close()
+
+
+async def test_clips_in_the_decoders_shared_frames_are_read_in_place(triton):
+    # A batch lying in a `SharedFrames` slot (a view of a chunk, at an offset inside its region)
+    # goes by the region's name: no clip region is made, and the features are those of the clips
+    # inside the request. A registration Triton lost is made again.
+    from server.triton import SharedFrames
+
+    memory = SharedFrames(4 * clips(20).nbytes)
+    memory.prepare(clips(20).nbytes)
+    client = TritonClient(triton.grpc_url)
+    inline = TritonClient(triton.grpc_url, shared_memory_bytes=0)
+    try:
+        chunks = []
+        for seed in range(3):
+            chunk = memory.take(clips(20).nbytes).reshape(clips(20).shape)
+            chunk[:] = clips(20, seed)
+            chunks.append(chunk)
+        batches = [chunks[0][3:19], chunks[1][:16], chunks[2][15:]]
+        assert [SharedFrames.holding(b)[1] % memory.slot_bytes for b in batches] == [
+            3 * clips(1).nbytes, 0, 15 * clips(1).nbytes]
+        in_place = await asyncio.gather(*(client.encode_clips(b) for b in batches))
+        assert client.clip_regions._all == [] and memory.name in await _triton_regions(client)
+        await _unregister(client, memory.name)
+        after = await client.encode_clips(batches[0])  # refused by Triton, sent another way
+        again = await client.encode_clips(batches[0])  # registered again
+        assert memory.name in await _triton_regions(client)
+        expected = [await inline.encode_clips(np.array(b)) for b in batches]
+    finally:
+        await client.close()
+        await inline.close()
+        memory.close()
+    for a, b in zip(in_place + [after, again], expected + expected[:1] * 2):
+        np.testing.assert_array_equal(a, b)

@@ -296,10 +296,11 @@ def test_long_videos_split_into_near_equal_keyframe_segments():
 
 def test_batches_inside_one_part_are_views_and_spanning_batches_keep_the_order():
     from server.pipeline.decode import _Batcher
+    from server.triton import SharedFrames
 
     clips = np.arange(10 * 2).reshape(10, 2)  # 10 "clips" of 2 values
     spans = np.arange(10.0)
-    batcher = _Batcher(4)
+    batcher = _Batcher(4, SharedFrames(0))  # no shared memory: joined in ordinary memory
     full = batcher.add(clips[:7], spans[:7])  # one batch inside the part, 3 rows left
     assert len(full) == 1 and np.shares_memory(full[0][0], clips)  # a view, not a copy
     full += batcher.add(clips[7:], spans[7:])  # 3 left + 3 new: one batch spans the parts
@@ -308,6 +309,48 @@ def test_batches_inside_one_part_are_views_and_spanning_batches_keep_the_order()
     assert np.array_equal(np.concatenate([b[0] for b in full] + [rest[0]]), clips)
     assert np.array_equal(np.concatenate([b[1] for b in full] + [rest[1]]), spans)
     assert batcher.rest() is None and batcher.add(clips[:0], spans[:0]) == []
+
+
+def test_shared_frame_slots_are_free_again_once_every_view_is_gone():
+    from server.triton import SharedFrames
+
+    memory = SharedFrames(3 * 4096)
+    memory.prepare(4000)  # slots of one page
+    try:
+        a, b, c = memory.take(4096), memory.take(100), memory.take(4096)
+        assert memory.take(1) is None and memory.take(5000) is None  # all taken; larger than a slot
+        view = a.reshape(64, 64)[1:]
+        region, offset = SharedFrames.holding(view)
+        assert region is memory and offset == 64  # slot 0, second row
+        assert SharedFrames.holding(b)[1] == 4096 and SharedFrames.holding(c)[1] == 2 * 4096
+        assert SharedFrames.holding(a[::2]) is None and SharedFrames.holding(np.zeros(8, np.uint8)) is None
+        del a
+        assert memory.take(1) is None  # the view still holds slot 0
+        del view
+        again = memory.take(10)
+        assert again is not None and SharedFrames.holding(again)[1] == 0
+    finally:
+        memory.close()
+    assert memory.take(1) is None  # closed
+
+
+def test_a_batch_spanning_parts_is_joined_into_shared_memory_with_the_same_clips():
+    from server.pipeline.decode import _Batcher, _take
+    from server.triton import SharedFrames
+
+    memory = SharedFrames(4 * 2**20)
+    memory.prepare(2**20)
+    try:
+        clips = np.random.default_rng(0).integers(0, 256, (10, 2, 4, 4, 3), dtype=np.uint8)
+        batcher = _Batcher(4, memory)
+        full = batcher.add(clips[:6], np.arange(6.0)) + batcher.add(clips[6:], np.arange(6.0, 10.0))
+        assert SharedFrames.holding(full[1][0]) is not None  # rows 4-7 span the two parts
+        assert np.array_equal(full[1][0], clips[4:8]) and np.array_equal(full[1][1], np.arange(4.0, 8.0))
+        picked = np.array([0, 0, 2, 5])  # a still frame picked twice, then every other frame
+        taken = _take(clips[:, 0], picked, memory)
+        assert SharedFrames.holding(taken) is not None and np.array_equal(taken, clips[picked, 0])
+    finally:
+        memory.close()
 
 
 async def test_parent_memory_stays_bounded(media):
