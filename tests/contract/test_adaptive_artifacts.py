@@ -87,6 +87,13 @@ def test_graph_config_and_provenance(loaded, name):
         assert artifact.stat().st_size < MAX_ARTIFACT_BYTES, artifact
     if name == "clip_encoder_vit_ats":  # the plain ViT's weights, not a copy
         assert meta["weights"] == "clip_encoder_vit/1/model.pt"
+    if name == "clip_encoder_vit":  # what a fresh clone's build distils: the default steps, from scratch
+        from export.train_adaptive import TEACHER_KEY, AdaptiveBudget
+
+        s3d_weights = hashlib.sha256((REPOSITORY / "clip_encoder_s3d" / "1" / "model.pt").read_bytes()).hexdigest()
+        assert meta["student_history"] == [{"steps": AdaptiveBudget().vit_steps, "from": "scratch",
+                                            TEACHER_KEY: s3d_weights}]
+        assert meta["provenance"]["budget"]["vit_steps"] == AdaptiveBudget().vit_steps
 
 
 def _clips(batch: int, seed: int) -> np.ndarray:
@@ -128,3 +135,7 @@ def test_vit_ats_at_budget_one_is_the_plain_vit_and_costs_less_below(loaded):
     np.testing.assert_allclose(gmacs[:, 0], full, rtol=1e-5)
     _, _, low = ats.run(None, {"clips": clips, "budget": np.full((3, 1), 0.25, np.float32)})
     assert (low[:, 0] < 0.8 * full).all()
+    # every ATS block samples: each one given more than the floor of 8 tokens passes on fewer
+    _, kept, _ = ats.run(None, {"clips": clips, "budget": np.full((3, 1), 0.5, np.float32)})
+    received = np.concatenate([np.full((3, 1), 196), kept[:, :-1]], axis=1)
+    assert (kept[received > 8] < received[received > 8]).all() and (received[:, 1:] > 8).any()
