@@ -94,7 +94,9 @@ class LimitsSettings(_Group):
     max_frame_pixels: int = 3840 * 2160
     max_concurrent_requests: int = Field(8, ge=1)
     request_deadline_s: float = 600.0
-    clips_per_batch: int = Field(16, ge=1)
+    # Clips per encoder request: 32 fill one of the decoder's shared-memory slots (a chunk of 256
+    # 112 px frames), so a batch joined across chunks is still sent in place (README, "Speed").
+    clips_per_batch: int = Field(32, ge=1)
     # Clip batches being encoded at once per request (decoding continues meanwhile).
     encode_inflight: int = Field(4, ge=1)
     # `AnalyzeStream`s open at once (admitted separately from unary requests); one more is refused.

@@ -3,9 +3,9 @@ every round printed):
 
   - how clips reach Triton: in a registered system shared-memory region (one copy into the
     region, a few hundred bytes on the wire; `server.triton.TritonClient`'s default) or inside the
-    gRPC request (`shared_memory_bytes=0`). Counted: this process's CPU per 16-clip request (the
-    gateway's side) and Triton's (server + the encoder's python-backend stub); the features must
-    be identical;
+    gRPC request (`shared_memory_bytes=0`). Counted: this process's CPU per request of
+    `limits.clips_per_batch` clips (the gateway's side) and Triton's (server + the encoder's
+    python-backend stub); the features must be identical;
   - ONNX Runtime's thread settings for the encoder: the python-backend stub against ONNX Runtime
     in this process on the same batches, and in process, intra-op threads 1 or 2 and idle threads
     spinning or not.
@@ -22,13 +22,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from server.settings import Settings
 from tests.bench.harness import RUNS, cpu_roles
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 BATCHES = int(os.environ.get("VQS_BENCH_LEAD_BATCHES", "64"))
-CLIPS_PER_BATCH = 16  # the gateway's limits.clips_per_batch
-IN_FLIGHT = 4  # the gateway's limits.encode_inflight
+CLIPS_PER_BATCH = Settings().limits.clips_per_batch
+IN_FLIGHT = Settings().limits.encode_inflight
 ENCODER = "clip_encoder_s3d"
 
 
