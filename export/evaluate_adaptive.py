@@ -215,7 +215,17 @@ def _plain_gmacs(parameters: dict[str, str], model: str, repository: Path) -> fl
     return s3d_macs(load_served(repository)[0]) / 1e9
 
 
-def _plots(summary: dict, curve: dict, kept: dict[str, np.ndarray], phases: np.ndarray, out_dir: Path) -> list[str]:
+def _sampling_label(summary: dict, encoder: str) -> str | None:
+    """The configuration whose kept counts the histograms show: the encoder at its default, unless
+    that is an ATS budget of 1 (nothing sampled), then its curve's point at 0.5."""
+    if encoder not in summary:
+        return None
+    if encoder == "vit_ats" and summary[encoder]["budget"] >= 1:
+        return "vit_ats@0.5" if "vit_ats@0.5" in summary else None
+    return encoder
+
+
+def _plots(summary: dict, curve: dict, kept: dict[str, tuple[np.ndarray, np.ndarray]], out_dir: Path) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -249,18 +259,20 @@ def _plots(summary: dict, curve: dict, kept: dict[str, np.ndarray], phases: np.n
     written.append(str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path))
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    sgs = kept["s3d_sgs"][:, 0]
-    axes[0].hist([sgs[phases == 2], sgs[np.isin(phases, (0, 4))]], bins=np.arange(0.5, 9.5), density=True,
+    sgs, phases = kept["s3d_sgs"]
+    axes[0].hist([sgs[phases == 2, 0], sgs[np.isin(phases, (0, 4)), 0]], bins=np.arange(0.5, 9.5), density=True,
                  label=["flight clips", "idle clips (before/after)"])
     axes[0].set_xlabel("B' (bins kept of 8)")
     axes[0].set_title(f"s3d_sgs at budget {summary['s3d_sgs']['budget']:g}")
     axes[0].legend(fontsize=8)
-    if "vit_ats" in kept:
-        ats = kept["vit_ats"].mean(axis=1)  # a clip's K' averaged over its ATS blocks
+    ats_label = _sampling_label(summary, "vit_ats")
+    if ats_label is not None:
+        k, phases = kept[ats_label]
+        ats = k.sum(axis=1)  # a clip's tokens kept over its ATS blocks: what the later layers process
         axes[1].hist([ats[phases == 2], ats[np.isin(phases, (0, 4))]], bins=24, density=True,
                      label=["flight clips", "idle clips (before/after)"])
-        axes[1].set_xlabel("K' (tokens kept of 196, mean over the ATS blocks)")
-        axes[1].set_title(f"vit_ats at budget {summary['vit_ats']['budget']:g}")
+        axes[1].set_xlabel(f"K' summed over the {k.shape[1]} ATS blocks (of {196 * k.shape[1]})")
+        axes[1].set_title(f"vit_ats at budget {summary[ats_label]['budget']:g}")
         axes[1].legend(fontsize=8)
     else:
         axes[1].set_visible(False)
@@ -310,16 +322,15 @@ def evaluate(data_dir: Path, repository: Path, *, videos: int | None = None, out
             curve[label]["gmacs_per_clip"] = entry["gmacs_per_clip"]
             entry["kept_ratio"] = entry["gmacs_per_clip"] / _plain_gmacs(served["parameters"][model], model, repository)
             entry["kept_mean"] = k.mean(0).tolist()
-            if label not in ("s3d_sgs", "vit_ats"):
-                entry["kept_by_phase"] = None  # phases of the curve subset only: see the defaults
-            else:
-                kept[label] = k
-                entry["kept_by_phase"] = {PHASE_NAMES[p]: k[phases == p].mean(0).tolist()
-                                          for p in range(len(PHASE_NAMES)) if (phases == p).any()}
-                entry["kept_null_videos"] = k[phases == -1].mean(0).tolist() if (phases == -1).any() else None
-                # B' per clip; for ATS the K' of each block, in blocks of 10 tokens
-                binned = k[:, 0] if label == "s3d_sgs" else (k // 10 * 10).ravel()
-                entry["kept_histogram"] = {str(int(u)): int(c) for u, c in zip(*np.unique(binned, return_counts=True))}
+            # by the phase of each clip this configuration encoded (the curve's: its videos only)
+            at = phases if len(evaluated) == len(chosen) else np.concatenate([clip_phases(ds, int(v)) for v in evaluated])
+            kept[label] = (k, at)
+            entry["kept_by_phase"] = {PHASE_NAMES[p]: k[at == p].mean(0).tolist()
+                                      for p in range(len(PHASE_NAMES)) if (at == p).any()}
+            entry["kept_null_videos"] = k[at == -1].mean(0).tolist() if (at == -1).any() else None
+            # B' per clip; for ATS the K' of each block, in blocks of 10 tokens
+            binned = k[:, 0] if label.startswith("s3d_sgs") else (k // 10 * 10).ravel()
+            entry["kept_histogram"] = {str(int(u)): int(c) for u, c in zip(*np.unique(binned, return_counts=True))}
         summary[label] = entry
     _log("top-K baseline (torch)")
     top_k = {}
@@ -328,7 +339,7 @@ def evaluate(data_dir: Path, repository: Path, *, videos: int | None = None, out
         k = [max(1, int(round(x))) for x in summary[label]["kept_mean"]]
         top_k[label] = top_k_accuracy(ds, curve_videos, repository, k) | {"ats_accuracy": curve[label]["accuracy"],
                                                                            "ats_gmacs_per_clip": curve[label]["gmacs_per_clip"]}
-    pngs = _plots(summary, curve, kept, phases, docs)
+    pngs = _plots(summary, curve, kept, docs)
 
     def _vs(fast: dict, base: dict) -> dict:
         return {"gmacs_reduction": 1 - fast["gmacs_per_clip"] / base["gmacs_per_clip"],
