@@ -220,7 +220,8 @@ def frame_model_spec(config: dict) -> FrameModelSpec:
 @dataclass(frozen=True)
 class AdaptiveSpec:
     """How an adaptive encoder turns a compute budget into its knob: B similarity bins per clip
-    (SGS) or K tokens per ATS block, max(ceil(budget * units), floor)."""
+    (SGS) or the first ATS block's K tokens (ATS), max(ceil(budget * units), floor); each later
+    ATS block takes its own K = max(ceil(budget * the tokens it receives), floor), in the graph."""
 
     kind: str  # "sgs" | "ats"
     units: int  # the knob at budget 1 (nothing dropped for lack of room)
