@@ -39,6 +39,7 @@ class Pipeline:
     cpu_parts: dict[str, float] = field(default_factory=dict)
     result: object = None
     walls: list[float] = field(default_factory=list)  # every round's
+    cpu_totals: list[float] = field(default_factory=list)  # every round's CPU-s, all roles
 
     @property
     def cpu_total(self) -> float:
@@ -59,10 +60,17 @@ def measure(pipelines: list[Pipeline], rounds: int = RUNS) -> None:
             wall = time.perf_counter() - started
             after, parts_after = {"bench": _own_cpu(), **p.roles()}, p.parts()
             p.walls.append(wall)
+            p.cpu_totals.append(sum(after[k] - before.get(k, 0.0) for k in after))
             if wall < p.wall:
                 p.wall, p.result = wall, result
                 p.cpu = {k: after[k] - before.get(k, 0.0) for k in after}
                 p.cpu_parts = {k: parts_after[k] - parts_before.get(k, 0.0) for k in parts_after}
+
+
+def paired_overheads(serving: Pipeline, reference: Pipeline) -> list[float]:
+    """Per interleaved round, the CPU-seconds `serving` spent over `reference`'s, as a fraction.
+    Pairing by round cancels a drift of the machine that both pipelines of a round share."""
+    return [s / r - 1 for s, r in zip(serving.cpu_totals, reference.cpu_totals, strict=True)]
 
 
 def _own_cpu() -> float:

@@ -5,7 +5,7 @@ in process, and how close small videos come to the machine's floor.
   - 200 synthetic 112x112 15 fps videos (`export.synth`, 2-20 s each, H.264 and MPEG-4 Part 2
     mixed as in the training data), sent by `uri`, `CONCURRENCY` requests in flight;
   - a 60 s 320x240 30 fps H.264 video, one request by `uri`;
-it measures, in interleaved rounds (best round kept, every round printed):
+it measures, in `ROUNDS` interleaved rounds (best round kept for the tables, every round printed):
   (g) the gateway + Triton end to end;
   (p) in process: PyAV decodes (one reused scaler to 112x112 rgb24, non-reference frames skipped
       where the gateway skips them), frames sampled and cut into clips by the gateway's own
@@ -15,7 +15,9 @@ it measures, in interleaved rounds (best round kept, every round printed):
   (f) for the 320x240 video, the floor: ffmpeg decoding it to nothing with the gateway's frame
       skipping, threads and output (`-skip_frame noref -threads 2 -vf fps=15,scale=112:112`).
 Goals, asserted after everything is printed: the gateway costs at most 10% more wall time than
-(p) on both, and at most 10% more CPU-seconds on the 200 videos (its requests in flight run in
+(p) on both (best rounds), and at most 10% more CPU-seconds on the 200 videos, as the median over
+the rounds of each round's (g) / (p) ratio: (p)'s own CPU moves by ~2 CPU-s (13%) between rounds on
+this machine, so one round, or the CPU of the fastest-wall round, decides nothing (its requests in
 parallel where (p) runs one video at a time, so its wall time can win while serving costs CPU; on
 a machine shared with other work, parallel pipelines also get a larger share of it); and it
 reaches >= 0.9x the floor at 320x240. Answers must agree with (p): the same
@@ -28,12 +30,12 @@ python-backend stub; for (p) its decode and ONNX Runtime parts).
 from __future__ import annotations
 
 import os
+import statistics
 from pathlib import Path
 
 import pytest
 
 from tests.bench.harness import (
-    RUNS,
     Goals,
     Pipeline,
     analyze_all,
@@ -42,6 +44,7 @@ from tests.bench.harness import (
     differences,
     ffmpeg_floor,
     measure,
+    paired_overheads,
     table,
 )
 from tests.bench.in_process import InProcess
@@ -52,6 +55,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 # Smaller values make a quick dry run of the harness (the defaults are the benchmark).
 SMALL_SECONDS = float(os.environ.get("VQS_BENCH_SMALL_SECONDS", "60"))
 CONCURRENCY = int(os.environ.get("VQS_BENCH_CONCURRENCY", "4"))
+ROUNDS = int(os.environ.get("VQS_BENCH_ROUNDS", "5"))
 WARM_UP_VIDEOS = 10  # the unmeasured run of the many-videos pipelines: enough for a steady state
 MAX_OVERHEAD = 0.10  # the gateway's wall time over in-process ONNX Runtime's
 GOAL_VS_FLOOR = 0.9
@@ -106,7 +110,7 @@ def test_gateway_against_in_process_onnx_runtime(
             lambda: ffmpeg_floor(small_video, fps=local.clip_fps, size=local.frame_size),
         ),
     ]
-    measure(many + one)
+    measure(many + one, rounds=ROUNDS)
 
     responses = many_gateway.result
     video_s = sum(r.video.duration_s for r in responses)
@@ -114,13 +118,20 @@ def test_gateway_against_in_process_onnx_runtime(
     load = os.getloadavg()[0]
     lines = [
         f"\n{len(responses)} synthetic 112x112 videos ({video_s:.0f} video-s, {clips} clips; best of "
-        f"{RUNS} interleaved rounds, each after a warm-up on {WARM_UP_VIDEOS} videos; load average "
+        f"{ROUNDS} interleaved rounds, each after a warm-up on {WARM_UP_VIDEOS} videos; load average "
         f"{load:.1f} on {os.cpu_count()} cores)",
         *table(many, video_s, {"(p)": many_local}),
         f"\na {small_gateway.result.video.duration_s:.0f} s 320x240 30 fps H.264 video "
-        f"({small_gateway.result.video.clips} clips; best of {RUNS} interleaved rounds after a warm-up run)",
+        f"({small_gateway.result.video.clips} clips; best of {ROUNDS} interleaved rounds after a warm-up run)",
         *table(one, small_gateway.result.video.duration_s, {"(p)": small_local, "floor": floor}),
     ]
+
+    cpu_overheads = paired_overheads(many_gateway, many_local)
+    lines.append(
+        "CPU-s by round, (g) / (p): " + ", ".join(
+            f"{g:.1f} / {p:.1f} ({100 * o:+.1f}%)"
+            for g, p, o in zip(many_gateway.cpu_totals, many_local.cpu_totals, cpu_overheads))
+    )
 
     specs = query_specs(trained_models)
     flips, worst = [], 0.0
@@ -140,8 +151,8 @@ def test_gateway_against_in_process_onnx_runtime(
     goals = Goals()
     goals.check(f"gateway overhead over in process, {len(uris)} videos",
                 100 * (many_gateway.wall / many_local.wall - 1), 100 * MAX_OVERHEAD, at_most=True, unit="%")
-    goals.check(f"gateway CPU-s over in process, {len(uris)} videos",
-                100 * (many_gateway.cpu_total / many_local.cpu_total - 1), 100 * MAX_OVERHEAD, at_most=True, unit="%")
+    goals.check(f"gateway CPU-s over in process, {len(uris)} videos (median of {ROUNDS} paired rounds)",
+                100 * statistics.median(cpu_overheads), 100 * MAX_OVERHEAD, at_most=True, unit="%")
     goals.check("gateway overhead over in process, 320x240",
                 100 * (small_gateway.wall / small_local.wall - 1), 100 * MAX_OVERHEAD, at_most=True, unit="%")
     goals.check("gateway vs the ffmpeg floor at 320x240", floor.wall / small_gateway.wall, GOAL_VS_FLOOR)
