@@ -443,6 +443,25 @@ class _Region:
     registered: bool = False
 
 
+async def _register_shared_memory(
+    client: grpcclient.InferenceServerClient, name: str, size: int, fallback: str
+) -> bool:
+    """Register the system shared-memory region `name` with Triton, replacing a registration it
+    still has. False when Triton cannot map it (logged, with `fallback`: what happens instead);
+    raises when Triton is unreachable."""
+    with contextlib.suppress(InferenceServerException):
+        await client.unregister_system_shared_memory(name)
+    try:
+        await client.register_system_shared_memory(name, "/" + name, size)
+    except InferenceServerException as exc:
+        error = _translate(exc, "registering shared memory")
+        if isinstance(error, (BackendUnavailable, Timeout)):
+            raise error from None
+        logger.warning("%s: Triton cannot map this gateway's shared memory (%s)", fallback, exc.message() or exc)
+        return False
+    return True
+
+
 class ClipRegions:
     """System shared-memory regions registered with Triton, for clip batches: a batch is copied
     once into a region and the request names it, instead of carrying the clips (which costs both
@@ -504,19 +523,10 @@ class ClipRegions:
         return region
 
     async def _register(self, region: _Region) -> None:
-        with contextlib.suppress(InferenceServerException):  # a registration Triton still has
-            await self._client.unregister_system_shared_memory(region.name)
-        try:
-            await self._client.register_system_shared_memory(region.name, "/" + region.name, region.size)
-        except InferenceServerException as exc:
-            error = _translate(exc, "registering shared memory")
-            if isinstance(error, (BackendUnavailable, Timeout)):
-                raise error from None
-            logger.warning("clips go inside requests: Triton cannot map this gateway's shared memory (%s)",
-                           exc.message() or exc)
+        if await _register_shared_memory(self._client, region.name, region.size, "clips go inside requests"):
+            region.registered = True
+        else:
             self.enabled = False
-            return
-        region.registered = True
 
     def forget(self) -> None:
         """Triton lost its registrations (it restarted): register each region again on use."""
@@ -845,30 +855,36 @@ class TritonClient:
         held = SharedFrames.holding(clips)
         if held is not None and await self._frames_mapped(held[0]):
             frames, offset = held
-            tensor = grpcclient.InferInput(CLIPS, list(clips.shape), "UINT8")
-            tensor.set_shared_memory(frames.name, clips.nbytes, offset)
-            try:
-                return self._encoded(spec, await self._request(spec.model, [tensor, *extra], outputs))
-            except VqsError as exc:
-                if not _lost_region(exc):
-                    raise
-                logger.info("Triton lost the frame region (restarted?): registering it again")
-                if self._frames_registered is not None:
-                    self._frames_registered.discard(frames.name)
+            encoded = await self._encode_in_region(spec, clips, extra, outputs, frames.name, offset)
+            if encoded is not None:
+                return encoded
+            logger.info("Triton lost the frame region (restarted?): registering it again")
+            if self._frames_registered is not None:
+                self._frames_registered.discard(frames.name)
         async with self.clip_regions.holding(clips) as region:
             if region is not None:
-                tensor = grpcclient.InferInput(CLIPS, list(clips.shape), "UINT8")
-                tensor.set_shared_memory(region.name, clips.nbytes)
-                try:
-                    return self._encoded(spec, await self._request(spec.model, [tensor, *extra], outputs))
-                except VqsError as exc:
-                    if not _lost_region(exc):
-                        raise
-                    logger.info("Triton lost the clip regions (restarted?): registering them again")
-                    self.clip_regions.forget()
+                encoded = await self._encode_in_region(spec, clips, extra, outputs, region.name)
+                if encoded is not None:
+                    return encoded
+                logger.info("Triton lost the clip regions (restarted?): registering them again")
+                self.clip_regions.forget()
         tensor = grpcclient.InferInput(CLIPS, list(clips.shape), "UINT8")
         tensor.set_data_from_numpy(clips)
         return self._encoded(spec, await self._request(spec.model, [tensor, *extra], outputs))
+
+    async def _encode_in_region(
+        self, spec: EncoderSpec, clips: np.ndarray, extra: list, outputs: list[str], region: str, offset: int = 0
+    ) -> EncodedClips | None:
+        """The encoder's features of `clips`, which lie in the registered region `region` at
+        `offset`; None when Triton no longer has the region (it restarted)."""
+        tensor = grpcclient.InferInput(CLIPS, list(clips.shape), "UINT8")
+        tensor.set_shared_memory(region, clips.nbytes, offset)
+        try:
+            return self._encoded(spec, await self._request(spec.model, [tensor, *extra], outputs))
+        except VqsError as exc:
+            if not _lost_region(exc):
+                raise
+            return None
 
     async def _frames_mapped(self, frames: SharedFrames) -> bool:
         """Whether Triton has `frames` registered (registering it on first use)."""
@@ -879,16 +895,8 @@ class TritonClient:
         async with self._frames_lock:
             if self._frames_registered is None or frames.name in self._frames_registered:
                 return self._frames_registered is not None
-            with contextlib.suppress(InferenceServerException):  # a registration Triton still has
-                await self._client.unregister_system_shared_memory(frames.name)
-            try:
-                await self._client.register_system_shared_memory(frames.name, "/" + frames.name, frames.size)
-            except InferenceServerException as exc:
-                error = _translate(exc, "registering shared memory")
-                if isinstance(error, (BackendUnavailable, Timeout)):
-                    raise error from None
-                logger.warning("frames are copied for Triton: it cannot map this gateway's shared "
-                               "memory (%s)", exc.message() or exc)
+            if not await _register_shared_memory(self._client, frames.name, frames.size,
+                                                 "frames are copied for Triton"):
                 self._frames_registered = None
                 return False
             self._frames_registered.add(frames.name)
