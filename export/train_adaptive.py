@@ -63,8 +63,8 @@ PLACEMENTS = ("patchify", "stem", "stage2")
 BUILD_PLACEMENTS = ("stem",)
 CALIBRATION_CLIPS = 64  # random training clips that set the similarity net's bias (calibrate_similarity)
 BIAS_SCALE = 1.0  # the similarity net's output bias, in units of the median ‖Z_t‖ (calibrate_similarity)
-# Every ATS block samples a share of what it receives, so GMACs fall fast below 1 (the untrained-for
-# budget curve of session 10's ViT: 0.107 at 1, 0.071 at 0.9, 0.063 at 0.5): the curve looks close to 1.
+# Every ATS block samples a share of what it receives, so GMACs fall fast just below 1 (README
+# "Adaptive computation"): the curve looks close to 1.
 ATS_VAL_BUDGETS = (1.0, 0.9, 0.75, 0.5, 0.35)
 ATS_TUNE_BUDGETS = (0.2, 1.0)  # tune_vit's range for the clips it runs with ATS
 SGS_VAL_BUDGETS = (1.0, 0.5, 0.25)
