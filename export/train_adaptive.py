@@ -90,8 +90,7 @@ class AdaptiveBudget:
     vit_tune_steps: int = 120  # after the distillation, through the frozen decoder (`tune_vit`)
     # At the distillation's 1e-3 the query loss rose from 14 to 23 within 60 steps (it undid the student).
     vit_tune_lr: float = 1e-4
-    # 3,200 (2,400 with the similarity net fixed) over 1,600 (1,200) and 800 (600): 78.8 against 74.0
-    # and 69.2 mean validation accuracy at the chosen budgets, on the 2,000-step warm-up s3d (session 10)
+    # Chosen on validation over 1,600 and 800 steps (README "Adaptive computation" has the curve).
     sgs_steps: int = 3200
     sgs_videos_per_step: int = 4
     sgs_lr: float = 1e-3
