@@ -188,7 +188,7 @@ def top_k_accuracy(ds: data.ClipDataset, videos: np.ndarray, repository: Path, k
         n = int(ds.num_clips[v])
         feats = []
         for s in range(0, n, BATCH):
-            features, kept = vit(torch.from_numpy(ds.clips(int(v), s, min(BATCH, n - s))), k)
+            features, kept = vit(torch.from_numpy(ds.clips(int(v), s, min(BATCH, n - s))), k=k)
             feats.append(features)
             kept_all.append(kept - 1)
             macs.append(vit.macs(kept))

@@ -43,6 +43,17 @@ class _AtsBlock(torch.nn.Module):
         return self.block(x, None, k)
 
 
+class _FixedK(torch.nn.Module):
+    """A ViT with K fixed per ATS block, given as an input (`VideoViT.forward`'s `k`)."""
+
+    def __init__(self, vit: torch.nn.Module):
+        super().__init__()
+        self.vit = vit
+
+    def forward(self, clips, k):
+        return self.vit(clips, k=k)
+
+
 class _PlainBlock(_AtsBlock):
     def forward(self, x):
         return self.block(x)[0]
@@ -183,7 +194,7 @@ def profile_encoders(out: Path, *, batches, threads: int, repeats: int):
     s3d.load_state_dict({k: v for k, v in s3d_sgs.state_dict().items() if not k.startswith("sgs.")})
     dynamic = {"clips": {0: batch}}
     _export(vit, (clips,), out / "vit.onnx", (["clips"], ["features"]), dynamic)
-    _export(vit, (clips, torch.tensor([64] * 4)), out / "vit_ats.onnx", (["clips", "k"], ["features", "tokens_kept"]),
+    _export(_FixedK(vit), (clips, torch.tensor([64] * 4)), out / "vit_ats.onnx", (["clips", "k"], ["features", "tokens_kept"]),
             {**dynamic, "k": None})
     _export(s3d, (clips,), out / "s3d.onnx", (["clips"], ["features"]), dynamic)
     _export(s3d_sgs, (clips, torch.tensor(8)), out / "s3d_sgs.onnx", (["clips", "bins"], ["features", "bins_kept"]),

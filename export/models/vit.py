@@ -129,22 +129,26 @@ class VideoViT(nn.Module):
         self.proj = nn.Linear(dim, feature_dim)
 
     def forward_features(
-        self, x: torch.Tensor, k: torch.Tensor | None = None
+        self, x: torch.Tensor, budget: torch.Tensor | None = None, *, k: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Normalised video (N, 3, T, H, W) -> cls features (N, dim) and, with ATS (`k`, see
-        `forward`), the tokens each ATS block kept per sample (N, len(ats_blocks)), cls included."""
+        """Normalised video (N, 3, T, H, W) -> cls features (N, dim) and, with ATS (`budget` or `k`,
+        see `forward`), the tokens each ATS block kept per sample (N, len(ats_blocks)), cls included."""
+        if budget is not None and k is not None:
+            raise ValueError("give a budget or a fixed k, not both")
+        if budget is not None and not budget.is_floating_point():
+            raise ValueError("budget is a float share of the tokens; a fixed K per ATS block goes in k")
         tokens = self.embed(x).flatten(2).transpose(1, 2)  # N, n, dim
         x = torch.cat([self.cls.expand(tokens.shape[0], -1, -1), tokens], dim=1) + self.position
         mask = None
         kept = []
-        budget = None if k is None or not k.is_floating_point() else k.reshape(-1)  # one or one per sample
+        budget = None if budget is None else budget.reshape(-1)  # one, or one per sample
         for i, block in enumerate(self.blocks):
             this_k = None
-            if k is not None and i in self.ats_blocks:
-                if budget is None:
-                    this_k = k[..., self.ats_blocks.index(i)]
-                else:  # the non-cls tokens this block receives: all, or what the last ATS block kept
+            if i in self.ats_blocks:
+                if budget is not None:  # of the non-cls tokens this block receives: all, or what the last ATS block kept
                     this_k = block_k(budget, self.tokens if mask is None else mask.sum(dim=1) - 1)
+                elif k is not None:
+                    this_k = k[..., self.ats_blocks.index(i)]
             x, mask = block(x, mask, this_k)
             if this_k is not None:
                 kept.append(mask.sum(dim=1))
@@ -153,15 +157,16 @@ class VideoViT(nn.Module):
     def forward_head(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(x)  # N, D
 
-    def forward(self, clips: torch.Tensor, k: torch.Tensor | None = None):
-        """uint8 clips -> features (N, D); with `k`, also the tokens each ATS block kept (N, blocks),
-        cls included. `k` is either a float budget ρ (one, or one per clip (N,) / (N, 1)): each ATS
-        block's K = `block_k`(ρ, the tokens it receives), as served; or int64 K fixed per ATS block
-        ((blocks,) for the batch or (N, blocks) per clip), as the top-K baseline runs at ATS's K'."""
+    def forward(self, clips: torch.Tensor, budget: torch.Tensor | None = None, *, k: torch.Tensor | None = None):
+        """uint8 clips -> features (N, D); with ATS, also the tokens each ATS block kept (N, blocks),
+        cls included. `budget`: a float ρ (one, or one per clip (N,) / (N, 1)); each ATS block's K =
+        `block_k`(ρ, the tokens it receives), as served. `k`: int64 K fixed per ATS block ((blocks,)
+        for the batch or (N, blocks) per clip), as the top-K baseline runs at ATS's K'."""
         x = clips.permute(0, 4, 1, 2, 3).float()  # N, C, T, H, W
         x = (x - self.mean) / self.std
-        features, kept = self.forward_features(x, k)
-        return self.forward_head(features) if k is None else (self.forward_head(features), kept)
+        features, kept = self.forward_features(x, budget, k=k)
+        plain = budget is None and k is None
+        return self.forward_head(features) if plain else (self.forward_head(features), kept)
 
     def macs(self, kept: Sequence[int] | torch.Tensor | None = None):
         """Multiply-adds of one clip whose ATS blocks kept `kept` tokens (cls included; None: no ATS):

@@ -245,7 +245,7 @@ def encoders(tmp_path_factory):
             model.sgs.similarity.conv2.bias.zero_()
     # as served: one budget per clip, each ATS block's K relative to the tokens it receives
     _export(vit, (clips, torch.tensor([[1.0], [0.5]])), out / "vit_ats.onnx", ["clips", "budget"],
-            ["features", "tokens_kept"], {"clips": {0: batch}, "k": {0: batch}})
+            ["features", "tokens_kept"], {"clips": {0: batch}, "budget": {0: batch}})
     for name, model in (("s3d_sgs", sgs), ("s3d_sgs_time_means", means)):
         _export(model, (clips, torch.tensor(8)), out / f"{name}.onnx", ["clips", "bins"], ["features", "bins_kept"],
                 {"clips": {0: batch}, "bins": None})

@@ -13,9 +13,9 @@ from export.models.vit import K_FLOOR, VideoViT, block_k
 from export.models.vit import create as create_vit
 
 
-def _counted_macs(model, *args) -> int:
+def _counted_macs(model, *args, **kwargs) -> int:
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(*args)
+        model(*args, **kwargs)
     return counter.get_total_flops() // 2
 
 
@@ -41,14 +41,14 @@ def test_vit_with_k_covering_every_token_is_the_plain_vit(vit):
     clips = _clips(2, frames=8, size=64)
     with torch.no_grad():
         plain = vit(clips)
-        same, kept = vit(clips, torch.tensor([vit.tokens] * 3))
+        same, kept = vit(clips, k=torch.tensor([vit.tokens] * 3))
     torch.testing.assert_close(same, plain)
     assert (kept == vit.tokens + 1).all()
 
 
 def test_vit_ats_keeps_at_most_k_and_varies_per_clip(vit):
     with torch.no_grad():
-        _, kept = vit(_clips(6, seed=1, size=64), torch.tensor([20, 10, 5]))
+        _, kept = vit(_clips(6, seed=1, size=64), k=torch.tensor([20, 10, 5]))
     assert (kept[:, 0] <= 21).all() and (kept[:, 1] <= 11).all() and (kept[:, 2] <= 6).all()
     assert (kept[:, 1:] <= kept[:, :-1]).all()  # a block cannot keep more than it received
     assert len(set(kept[:, 0].tolist())) > 1
@@ -58,9 +58,9 @@ def test_vit_clip_features_do_not_depend_on_the_batch(vit):
     clips = _clips(4, seed=2, size=64)
     k = torch.tensor([20, 10, 5])
     with torch.no_grad():
-        batched, kept = vit(clips, k)
+        batched, kept = vit(clips, k=k)
         for i in range(4):
-            alone, alone_kept = vit(clips[i : i + 1], k)
+            alone, alone_kept = vit(clips[i : i + 1], k=k)
             torch.testing.assert_close(alone[0], batched[i], atol=1e-5, rtol=1e-5)
             assert alone_kept[0].tolist() == kept[i].tolist()
 
@@ -69,8 +69,8 @@ def test_vit_macs_are_the_counted_shapes(vit):
     clip = _clips(1, seed=3, size=64)
     assert vit.macs() == _counted_macs(vit, clip)
     with torch.no_grad():
-        _, kept = vit(clip, torch.tensor([20, 10, 5]))
-    assert vit.macs(kept[0].tolist()) == _counted_macs(vit, clip, torch.tensor([20, 10, 5])) < vit.macs()
+        _, kept = vit(clip, k=torch.tensor([20, 10, 5]))
+    assert vit.macs(kept[0].tolist()) == _counted_macs(vit, clip, k=torch.tensor([20, 10, 5])) < vit.macs()
     with torch.no_grad():
         _, kept = vit(clip, torch.tensor(0.5))
     assert vit.macs(kept[0].tolist()) == _counted_macs(vit, clip, torch.tensor(0.5)) < vit.macs()
@@ -200,7 +200,7 @@ def test_vit_top_k_baseline_keeps_exactly_k(vit):
     top_k = VideoViT(dim=32, depth=4, heads=2, frame_size=64, ats_blocks=(1, 2, 3), top_k=True).eval()
     top_k.load_state_dict(vit.state_dict())
     with torch.no_grad():
-        _, kept = top_k(_clips(3, seed=6, size=64), torch.tensor([20, 10, 5]))
+        _, kept = top_k(_clips(3, seed=6, size=64), k=torch.tensor([20, 10, 5]))
     assert kept.tolist() == [[21, 11, 6]] * 3
 
 
