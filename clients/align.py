@@ -12,9 +12,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from clients import analyze, timeline
+from clients import timeline
 from clients.channel import (
-    TlsCaOption, TlsCertOption, TlsKeyOption, TokenOption, config_from_options,
+    DEFAULT_SERVER, ServerOption, TlsCaOption, TlsCertOption, TlsKeyOption, TokenOption, config_from_options,
 )
 
 if TYPE_CHECKING:  # numpy loads only when the command runs: `vqs analyze` stays light
@@ -87,7 +87,7 @@ def align(
                                             help="First video.")],
     video_b: Annotated[Path, typer.Argument(exists=True, dir_okay=False, readable=True, metavar="B",
                                             help="Second video.")],
-    server: Annotated[str, typer.Option(envvar="VQS_SERVER", help="Gateway address, HOST:PORT.")] = analyze.DEFAULT_SERVER,
+    server: ServerOption = DEFAULT_SERVER,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")] = False,
     timeout: Annotated[float | None, typer.Option(min=0.1, help="Deadline per video, in seconds.")] = None,
     max_upload_mb: Annotated[float, typer.Option(min=0.001, help="Refuse files larger than this many MB.")] = 256.0,

@@ -13,13 +13,12 @@ from rich.console import Console
 
 from clients import compute, render, timeline
 from clients.channel import (
-    ChannelConfig, TlsCaOption, TlsCertOption, TlsKeyOption, TokenOption, config_from_options,
-    open_channel,
+    DEFAULT_SERVER, ChannelConfig, ServerOption, TlsCaOption, TlsCertOption, TlsKeyOption, TokenOption,
+    config_from_options, open_channel,
 )
 from server.proto import video_analytics_pb2 as pb
 from server.proto import video_analytics_pb2_grpc as pb_grpc
 
-DEFAULT_SERVER = "127.0.0.1:50051"
 # The gateway tags every answer, errors included, with this trailing metadata key (its request id).
 REQUEST_ID_HEADER = "x-request-id"
 MESSAGE_HEADROOM_BYTES = 1 << 20
@@ -103,9 +102,7 @@ def analyze(
         Path,
         typer.Argument(exists=True, dir_okay=False, readable=True, help="Video file to analyze."),
     ],
-    server: Annotated[
-        str, typer.Option(envvar="VQS_SERVER", help="Gateway address, HOST:PORT.")
-    ] = DEFAULT_SERVER,
+    server: ServerOption = DEFAULT_SERVER,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print one JSON object instead of tables.")
     ] = False,

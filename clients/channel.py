@@ -3,7 +3,8 @@ with `--tls-cert`/`--tls-key` for mutual TLS), and the bearer token (`--token` o
 sent as `authorization: Bearer ...` metadata on every call by a channel interceptor, so callers
 pass no metadata themselves.
 
-A command takes the options with the `Annotated` aliases below, turns them into a `ChannelConfig`
+A command takes the options with the `Annotated` aliases below (`ServerOption`, default
+`DEFAULT_SERVER`, and the TLS and token ones), turns them into a `ChannelConfig`
 with `config_from_options` (which reads the PEM files, so a Ray actor gets bytes, not paths), and
 opens channels with `open_channel` (blocking) or `open_aio_channel` (asyncio).
 """
@@ -20,7 +21,9 @@ import grpc
 import typer
 
 AUTHORIZATION_HEADER = "authorization"
+DEFAULT_SERVER = "127.0.0.1:50051"
 
+ServerOption = Annotated[str, typer.Option(envvar="VQS_SERVER", help="Gateway address, HOST:PORT.")]
 TlsCaOption = Annotated[Path | None, typer.Option(
     "--tls-ca", envvar="VQS_TLS_CA", dir_okay=False,
     help="PEM CA certificate(s) to verify the gateway's TLS certificate; connects with TLS.")]

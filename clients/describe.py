@@ -13,10 +13,11 @@ import typer
 from rich.table import Table
 
 from clients.analyze import (
-    DEFAULT_SERVER, answered_by_gateway, error_message, exit_code_for, stderr, stdout, unreachable_hint,
+    answered_by_gateway, error_message, exit_code_for, stderr, stdout, unreachable_hint,
 )
 from clients.channel import (
-    TlsCaOption, TlsCertOption, TlsKeyOption, TokenOption, config_from_options, open_channel,
+    DEFAULT_SERVER, ServerOption, TlsCaOption, TlsCertOption, TlsKeyOption, TokenOption, config_from_options,
+    open_channel,
 )
 from server.proto import video_analytics_pb2 as pb
 from server.proto import video_analytics_pb2_grpc as pb_grpc
@@ -67,7 +68,7 @@ def encoders_table(described: dict[str, Any]) -> Table:
 
 
 def describe(
-    server: Annotated[str, typer.Option(envvar="VQS_SERVER", help="Gateway address, HOST:PORT.")] = DEFAULT_SERVER,
+    server: ServerOption = DEFAULT_SERVER,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")] = False,
     timeout: Annotated[float, typer.Option(min=0.1, help="Deadline for the call, in seconds.")] = 30.0,
     tls_ca: TlsCaOption = None,

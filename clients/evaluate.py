@@ -47,7 +47,7 @@ from rich.table import Table
 from clients import analyze, scoring
 from clients.archive import Item, Listing
 from clients.channel import (
-    TlsCaOption, TlsCertOption, TlsKeyOption, TokenOption, config_from_options,
+    DEFAULT_SERVER, ServerOption, TlsCaOption, TlsCertOption, TlsKeyOption, TokenOption, config_from_options,
 )
 
 NULL = "null"
@@ -491,8 +491,7 @@ def evaluate(
         help="A folder of videos with labels.jsonl (a split from `vqs models`, or `vqs synth`).")],
     out: Annotated[Path, typer.Option(
         "--out", "-o", dir_okay=False, help="Results JSON (metrics and every video's outcome).")] = Path("results.json"),
-    server: Annotated[str, typer.Option(
-        envvar="VQS_SERVER", help="Gateway address, HOST:PORT.")] = analyze.DEFAULT_SERVER,
+    server: ServerOption = DEFAULT_SERVER,
     answers: Annotated[Path | None, typer.Option(
         dir_okay=False, help="JSONL of the served answers (default: beside --out, *.answers.jsonl).")] = None,
     resume: Annotated[bool, typer.Option(

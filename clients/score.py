@@ -24,7 +24,9 @@ from rich.table import Table
 
 from clients import analyze
 from clients.archive import open_listing
-from clients.channel import TlsCaOption, TlsCertOption, TlsKeyOption, TokenOption, config_from_options
+from clients.channel import (
+    DEFAULT_SERVER, ServerOption, TlsCaOption, TlsCertOption, TlsKeyOption, TokenOption, config_from_options,
+)
 from clients.scoring import (
     EXIT_INTERRUPTED, EXIT_SOME_FAILED, GatewayRefused, GatewayUnreachable, LineWriter, Tally, load_done, rates,
     run_batch, uri_for,
@@ -58,8 +60,7 @@ def score(
         help="A folder (searched recursively), a .tar/.tar.gz/.zip, or a text file of paths.")],
     out: Annotated[Path, typer.Option(
         "--out", "-o", dir_okay=False, help="JSONL output, one line per video.")] = Path("results.jsonl"),
-    server: Annotated[str, typer.Option(
-        envvar="VQS_SERVER", help="Gateway address, HOST:PORT.")] = analyze.DEFAULT_SERVER,
+    server: ServerOption = DEFAULT_SERVER,
     workers: Annotated[int, typer.Option(
         min=1, max=64, help="Requests in flight at once (with --ray: Ray actors).")] = 4,
     ray_address: Annotated[str | None, typer.Option(

@@ -20,9 +20,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from clients import analyze, timeline
+from clients import timeline
 from clients.channel import (
-    TlsCaOption, TlsCertOption, TlsKeyOption, TokenOption, config_from_options,
+    DEFAULT_SERVER, ServerOption, TlsCaOption, TlsCertOption, TlsKeyOption, TokenOption, config_from_options,
 )
 
 if TYPE_CHECKING:  # numpy loads only when the command runs: `vqs analyze` stays light
@@ -109,7 +109,7 @@ def search(
         "--at", metavar="VIDEO:SECONDS", help="Query with the frame of VIDEO at SECONDS instead of a picture.")] = None,
     top: Annotated[int, typer.Option(min=1, help="How many frames to list.")] = 5,
     gap_s: Annotated[float, typer.Option(min=0.0, help="At most one hit per this many seconds of a video.")] = 0.5,
-    server: Annotated[str, typer.Option(envvar="VQS_SERVER", help="Gateway address, HOST:PORT.")] = analyze.DEFAULT_SERVER,
+    server: ServerOption = DEFAULT_SERVER,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")] = False,
     timeout: Annotated[float | None, typer.Option(min=0.1, help="Deadline per video, in seconds.")] = None,
     max_upload_mb: Annotated[float, typer.Option(min=0.001, help="Refuse files larger than this many MB.")] = 256.0,

@@ -39,7 +39,9 @@ from clients.analyze import (
     exit_code_for,
 )
 from clients.channel import (
+    DEFAULT_SERVER,
     ChannelConfig,
+    ServerOption,
     TlsCaOption,
     TlsCertOption,
     TlsKeyOption,
@@ -50,7 +52,6 @@ from clients.channel import (
 from server.proto import video_analytics_pb2 as pb
 from server.proto import video_analytics_pb2_grpc as pb_grpc
 
-DEFAULT_SERVER = "127.0.0.1:50051"
 # A resumed stream refused because the gateway is busy is tried again this many times, after
 # BUSY_BACKOFF_S, then twice that, and so on.
 BUSY_RETRIES = 4
@@ -290,7 +291,7 @@ def window_line(event: dict[str, Any]) -> str:
 
 def stream(
     path: Annotated[str, typer.Argument(help="Video file to send, or - for stdin.")],
-    server: Annotated[str, typer.Option(envvar="VQS_SERVER", help="Gateway address, HOST:PORT.")] = DEFAULT_SERVER,
+    server: ServerOption = DEFAULT_SERVER,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object per event (JSONL).")] = False,
     realtime: Annotated[bool, typer.Option(
         "--realtime", help="Send an MPEG-TS at the pace of its timestamps (as a live source).")] = False,
