@@ -99,12 +99,17 @@ class AdaptiveBudget:
     distill_weight: float = 1.0
     event_fraction: float = 0.5  # of the ViT's clips, drawn from clips that show an event
     ats_full_share: float = 0.5  # of the clips tune_vit runs without sampling (the rest with ATS)
+    # tune_vit: weight of the ATS clips' distance to the same ViT's features at full compute (no
+    # gradient through those), so every budget learns to answer what budget 1 answers. 0: off.
+    ats_self_distill: float = 0.0
     refit_clips: int = 2048  # for the least-squares refit of the ViT's last layer
     val_every: int = VAL_EVERY
+    # The ViT pair's validation stride (vit and the vit_ats curve that chooses its budget_default).
+    vit_val_every: int = VAL_EVERY
 
 
 QUICK = AdaptiveBudget(vit_steps=20, vit_align_steps=5, vit_tune_steps=5, sgs_steps=10, sgs_frozen_steps=5, refit_clips=256,
-                      val_every=15)
+                      val_every=15, vit_val_every=15)
 
 
 def _log(message: str) -> None:
@@ -290,8 +295,9 @@ def calibrate_similarity(model: S3DSGS, clips: torch.Tensor) -> float:
 def tune_through_decoder(name: str, model: torch.nn.Module, encode, groups: list[dict], teacher: S3D,
                          decoder: TQNDecoder, short: data.ClipDataset, *, steps: int, videos_per_step: int,
                          lr: float, distill_weight: float, rng: np.random.Generator) -> None:
-    """Every clip of a few short videos online through `encode(clips, rng) -> (features, kept)`,
-    the frozen decoder's query loss plus distillation to the teacher's clip features."""
+    """Every clip of a few short videos online through `encode(clips, rng) -> (features, kept,
+    extra)`, the frozen decoder's query loss plus distillation to the teacher's clip features plus
+    `extra` (a loss of the encoder's own, or None)."""
     model.train()
     for p in decoder.parameters():
         p.requires_grad_(False)
@@ -304,13 +310,15 @@ def tune_through_decoder(name: str, model: torch.nn.Module, encode, groups: list
         clips = torch.cat(clips)
         with torch.no_grad():
             target = teacher(clips)
-        features, kept = encode(clips, rng)
+        features, kept, extra = encode(clips, rng)
         feats, mask = train._pad(list(features.split(counts)))
         logits = decoder(feats, mask)[: len(HEADS)]
         targets = {q: torch.as_tensor(short.targets[q][videos]) for q in HEADS}
         scale = target.var(dim=0).mean().clamp(min=1e-6)
         distill = F.mse_loss(features, target) / scale
         loss = train.query_loss(logits, targets) + distill_weight * distill
+        if extra is not None:
+            loss = loss + extra
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -337,7 +345,8 @@ def fine_tune_sgs(model: S3DSGS, teacher: S3D, decoder: TQNDecoder, short: data.
     name = f"s3d_sgs[{model.sgs_after}]"
 
     def encode(clips, rng):
-        return model(clips, torch.from_numpy(rng.integers(1, model.clip_frames + 1, len(clips))))
+        features, kept = model(clips, torch.from_numpy(rng.integers(1, model.clip_frames + 1, len(clips))))
+        return features, kept, None
 
     common = dict(videos_per_step=budget.sgs_videos_per_step, lr=budget.sgs_lr, distill_weight=budget.distill_weight,
                   rng=rng)
@@ -361,13 +370,22 @@ def tune_vit(vit: VideoViT, teacher: S3D, decoder: TQNDecoder, short: data.ClipD
     the loop as the thesis fine-tunes: each clip runs at full compute with probability
     `budget.ats_full_share`, else at a budget drawn uniformly from `ATS_TUNE_BUDGETS` (each ATS
     block's K relative to the tokens it receives, as served), so the one set of weights serves vit
-    and vit_ats at every budget."""
+    and vit_ats at every budget. With `budget.ats_self_distill`, the ATS clips are also pulled
+    towards the same ViT's features at full compute (computed without gradient), the thesis's
+    fine-tuning goal stated directly: a budget below 1 should answer what budget 1 answers."""
     low, high = ATS_TUNE_BUDGETS
 
     def encode(clips, rng):
         budgets = np.where(rng.random(len(clips)) < budget.ats_full_share, 1.0, rng.uniform(low, high, len(clips)))
         features, kept = vit(clips, torch.as_tensor(budgets, dtype=torch.float32))
-        return features, kept[:, 0] - 1  # the first ATS block's K', for the log
+        extra = None
+        sampled = torch.from_numpy(budgets < 1.0)
+        if budget.ats_self_distill and bool(sampled.any()):
+            with torch.no_grad():
+                full = vit(clips[sampled])
+            scale = full.var(dim=0).mean().clamp(min=1e-6) if int(sampled.sum()) > 1 else full.pow(2).mean().clamp(min=1e-6)
+            extra = budget.ats_self_distill * F.mse_loss(features[sampled], full) / scale
+        return features, kept[:, 0] - 1, extra  # the first ATS block's K', for the log
 
     tune_through_decoder("vit", vit, encode, [{"params": list(vit.parameters())}],
                          teacher, decoder, short, steps=budget.vit_tune_steps,
@@ -542,7 +560,7 @@ def build_adaptive(data_dir: Path, repository: Path = MODEL_REPOSITORY, *, budge
                                       parameters=adaptive_export.vit_parameters(vit, ats=False, clip_fps=clip_fps,
                                                                                 budget_default=None), meta=meta)
         _log("vit on val")
-        result["val"]["vit"] = _score(vit_dir / "1" / "model.onnx", decoder, val, None, budget.val_every) | {
+        result["val"]["vit"] = _score(vit_dir / "1" / "model.onnx", decoder, val, None, budget.vit_val_every) | {
             "gmacs_per_clip": vit.macs() / 1e9}
         adaptive_export.export_served(adaptive_export.ServedViTATS(vit), vit, ats_dir, adaptive=True,
                                       kept_dims=len(vit.ats_blocks),
@@ -553,7 +571,7 @@ def build_adaptive(data_dir: Path, repository: Path = MODEL_REPOSITORY, *, budge
         ats_curve = {}
         for b in ATS_VAL_BUDGETS:
             _log(f"vit_ats on val at budget {b}")
-            ats_curve[str(b)] = _score(ats_dir / "1" / "model.onnx", decoder, val, b, budget.val_every)
+            ats_curve[str(b)] = _score(ats_dir / "1" / "model.onnx", decoder, val, b, budget.vit_val_every)
         result["val"]["vit_ats"] = ats_curve
         ats_default = _choose_budget(ats_curve, result["val"]["vit"]["accuracy"])
         adaptive_export.set_parameters(ats_dir, {adaptive_export.BUDGET_DEFAULT_PARAMETER: f"{ats_default:g}"})
@@ -648,6 +666,10 @@ def main() -> None:
     parser.add_argument("--tune-vit", type=Path, default=None, metavar="OUT",
                         help="only train --init-vit on through the served decoder (--vit-tune-steps) and save it to OUT")
     parser.add_argument("--vit-tune-steps", type=int, default=None)
+    parser.add_argument("--ats-self-distill", type=float, default=None,
+                        help="tune_vit: weight of the ATS clips' distance to the ViT's own full-compute features")
+    parser.add_argument("--vit-val-every", type=int, default=None,
+                        help="every Nth validation video for vit and the vit_ats curve (1: all)")
     parser.add_argument("--vit-align-steps", type=int, default=None,
                         help="distillation steps for a student of another s3d (default: the budget's)")
     args = parser.parse_args()
@@ -659,6 +681,10 @@ def main() -> None:
         budget = replace(budget, vit_steps=args.vit_steps)
     if args.vit_tune_steps is not None:
         budget = replace(budget, vit_tune_steps=args.vit_tune_steps)
+    if args.ats_self_distill is not None:
+        budget = replace(budget, ats_self_distill=args.ats_self_distill)
+    if args.vit_val_every is not None:
+        budget = replace(budget, vit_val_every=args.vit_val_every)
     if args.vit_align_steps is not None:
         budget = replace(budget, vit_align_steps=args.vit_align_steps)
     if args.sgs_steps is not None:
