@@ -17,6 +17,7 @@ from server.launcher import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 VIDEOS = int(os.environ.get("VQS_BENCH_VIDEOS", "200"))  # synthetic videos (fewer: a quick dry run)
+SMALL_SECONDS = float(os.environ.get("VQS_BENCH_SMALL_SECONDS", "60"))  # the 320x240 video's length
 
 
 @contextlib.contextmanager
@@ -78,3 +79,13 @@ def synthetic_videos(allowed_root: Path) -> list[Path]:
     paths = sorted(p for p in out.iterdir() if p.suffix in (".mp4", ".avi"))
     print(f"\nrendered {len(paths)} synthetic videos in {time.perf_counter() - started:.0f} s")
     return paths
+
+
+@pytest.fixture(scope="session")
+def small_video(allowed_root: Path) -> Path:
+    """A `SMALL_SECONDS` 320x240 30 fps H.264 video under the allowed root."""
+    from export.synth import render_video
+
+    path = allowed_root / f"bench_320x240_{SMALL_SECONDS:g}s.mp4"
+    render_video(path, seed=2026, seconds=SMALL_SECONDS, width=320, height=240, fps=30)
+    return path

@@ -1,10 +1,19 @@
 """The same models run in the benchmark's own process: PyAV decodes, the gateway's `chunk` code
 samples and cuts clips (so the clips are the gateway's), ONNX Runtime runs the ONNX models of the
-model repository with the session settings their `config.pbtxt` gives Triton's runner."""
+model repository.
+
+ONNX Runtime's settings here are the reference's own, fixed, not read from the `config.pbtxt`
+Triton's runner uses: a reference that followed the server's thread settings would move with
+them, so a change to the server's threading could never show against it. By default one
+intra-op thread per core (ONNX Runtime's own default) without idle threads spinning: the
+in-process configuration with the best wall time (spinning costs CPU and gains nothing here;
+one thread is cheaper in CPU but slower, README "Speed", serving choices). Pass
+`intra_op_threads=1` for the CPU-cheapest in-process setup."""
 
 from __future__ import annotations
 
 import math
+import os
 import time
 from pathlib import Path
 
@@ -13,12 +22,13 @@ import numpy as np
 from tests.vocabulary import model_config
 
 ENCODER, QUERY_DECODER = "clip_encoder_s3d", "tqn_decoder"
+REFERENCE_THREADS = os.cpu_count() or 1  # ONNX Runtime's intra-op threads in the reference
 
 
 class InProcess:
     """PyAV + ONNX Runtime in this process, on the clips the gateway makes."""
 
-    def __init__(self, repository: Path) -> None:
+    def __init__(self, repository: Path, *, intra_op_threads: int = REFERENCE_THREADS) -> None:
         import av.video.reformatter
 
         config = model_config(repository, ENCODER)
@@ -27,8 +37,9 @@ class InProcess:
         clips_input = config["input"][0]
         self.clip_frames, self.frame_size = int(clips_input["dims"][0]), int(clips_input["dims"][1])
         self.max_batch = int(config.get("max_batch_size", 0)) or 64
-        self.encoder = _session(repository, ENCODER)
-        self.query_decoder = _session(repository, QUERY_DECODER)
+        self.intra_op_threads = intra_op_threads
+        self.encoder = _session(repository, ENCODER, intra_op_threads)
+        self.query_decoder = _session(repository, QUERY_DECODER, intra_op_threads)
         self.outputs = [o["name"] for o in model_config(repository, QUERY_DECODER)["output"]]
         self.scaler = av.video.reformatter.VideoReformatter()
         self.cpu = {"decode": 0.0, "onnxruntime": 0.0}  # cumulative CPU-s of this process by part
@@ -84,14 +95,13 @@ class InProcess:
         return np.concatenate([clips, last])  # N, T, H, W, 3
 
 
-def _session(repository: Path, model: str):
-    """The model's ONNX Runtime session with the settings its config.pbtxt gives the runner."""
+def _session(repository: Path, model: str, intra_op_threads: int):
+    """The model's ONNX Runtime session: `intra_op_threads`, one inter-op thread, no spinning."""
     import onnxruntime as ort
 
-    params = {k: v["string_value"] for k, v in model_config(repository, model).get("parameters", {}).items()}
     options = ort.SessionOptions()
-    options.intra_op_num_threads = int(params.get("intra_op_threads", "1"))
-    options.inter_op_num_threads = int(params.get("inter_op_threads", "1"))
-    options.add_session_config_entry("session.intra_op.allow_spinning", params.get("allow_spinning", "0"))
+    options.intra_op_num_threads = intra_op_threads
+    options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(repository / model / "1" / "model.onnx"), options,
                                 providers=["CPUExecutionProvider"])

@@ -8,7 +8,8 @@ every round printed):
     python-backend stub); the features must be identical;
   - ONNX Runtime's thread settings for the encoder: the python-backend stub against ONNX Runtime
     in this process on the same batches, and in process, intra-op threads 1 or 2 and idle threads
-    spinning or not.
+    spinning or not;
+  - the served encoder's threading end to end (intra-op threads, instances), one Triton each.
 Nothing is asserted about speed (these are leads, not goals); the answers must be equal.
 """
 
@@ -24,6 +25,7 @@ import pytest
 
 from server.settings import Settings
 from tests.bench.harness import RUNS, cpu_roles
+from tests.bench.in_process import InProcess
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -52,7 +54,6 @@ async def _run_all(encode, batches: list[np.ndarray]) -> list[np.ndarray]:
 
 def test_clips_by_shared_memory_vs_inside_the_request(triton, trained_models: Path):
     from server.triton import TritonClient
-    from tests.bench.in_process import InProcess
 
     local = InProcess(trained_models)
     batches = _batches(local.frame_size, local.clip_frames)
@@ -107,8 +108,6 @@ def test_clips_by_shared_memory_vs_inside_the_request(triton, trained_models: Pa
 def test_onnx_runtime_threads_and_spinning(trained_models: Path):
     import onnxruntime as ort
 
-    from tests.bench.in_process import InProcess
-
     local = InProcess(trained_models)
     batches = _batches(local.frame_size, local.clip_frames)
     path = str(trained_models / ENCODER / "1" / "model.onnx")
@@ -121,7 +120,7 @@ def test_onnx_runtime_threads_and_spinning(trained_models: Path):
         return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 
     variants = {
-        "intra_op 2, no spinning (the config today)": session(2, "0"),
+        "intra_op 2, no spinning (the in-process reference)": session(2, "0"),
         "intra_op 1, no spinning": session(1, "0"),
         "intra_op 2, spinning (ONNX Runtime's default)": session(2, "1"),
     }
@@ -151,59 +150,88 @@ def test_onnx_runtime_threads_and_spinning(trained_models: Path):
         np.testing.assert_allclose(np.concatenate(out), np.concatenate(first), rtol=1e-4, atol=1e-5, err_msg=name)
 
 
-LEAD_VIDEOS = 40  # of the synthetic videos, for the end-to-end lead
+LEAD_VIDEOS = int(os.environ.get("VQS_BENCH_LEAD_VIDEOS", "40"))  # of the synthetic videos
+LEAD_ROUNDS = int(os.environ.get("VQS_BENCH_LEAD_ROUNDS", str(RUNS)))
+# The encoder's threading on the serving side: (ONNX Runtime intra-op threads, Triton instances).
+ENCODER_THREADING = {"intra_op 2, 1 instance": (2, 1), "intra_op 1, 1 instance": (1, 1),
+                     "intra_op 1, 2 instances": (1, 2)}
 
 
-def test_encoder_intra_op_threads_end_to_end(
-    triton, trained_models: Path, synthetic_videos: list[Path], allowed_root: Path, tmp_path_factory,
-):
-    """The same gateway and videos against the session's Triton (the encoder's config today) and a
-    second Triton whose repository copy differs only in the encoder's `intra_op_threads` (1)."""
+def encoder_threading_copy(source: Path, work: Path, intra_op_threads: int, instances: int) -> Path:
+    """A copy of the model repository `source` whose encoder differs only in its intra-op threads
+    and instance count."""
     import re
     import shutil
 
-    from server.launcher import TritonProcess
-    from server.settings import Settings
-    from tests.bench.conftest import gateway_subprocess
-    from tests.bench.harness import Pipeline, analyze_all, answers_of, differences, measure, table
-
-    work = tmp_path_factory.mktemp("intra_op_1")
     repository = work / "model_repository"
-    shutil.copytree(trained_models, repository, symlinks=True,
-                    ignore=shutil.ignore_patterns("__pycache__", "*.pt"))
+    shutil.copytree(source, repository, symlinks=True, ignore=shutil.ignore_patterns("__pycache__", "*.pt"))
     config = repository / ENCODER / "config.pbtxt"
-    text, n = re.subn(r'(key: "intra_op_threads" value: \{ string_value: ")\d+(")', r"\g<1>1\g<2>", config.read_text())
-    assert n == 1, "the encoder's config has no intra_op_threads parameter to vary"
+    text, n = re.subn(r'(key: "intra_op_threads" value: \{ string_value: ")\d+(")',
+                      rf"\g<1>{intra_op_threads}\g<2>", config.read_text())
+    text, m = re.subn(r"(instance_group \[\s*\{\s*count: )\d+", rf"\g<1>{instances}", text)
+    assert n == 1 and m == 1, "the encoder's config has no intra_op_threads or instance count to vary"
     config.write_text(text)
-    variant = TritonProcess(Settings().triton.model_copy(update={"model_repository": repository}),
-                            log_path=work / "tritonserver.log")
-    variant.start()
+    return repository
+
+
+def test_encoder_threading_end_to_end(
+    trained_models: Path, synthetic_videos: list[Path], small_video: Path, allowed_root: Path,
+    tmp_path_factory,
+):
+    """The same gateway code and videos against one Triton per encoder threading in
+    `ENCODER_THREADING`, each on a repository copy that differs only there: `LEAD_VIDEOS` videos
+    with `IN_FLIGHT` requests in flight, the 320x240 video alone, and the ffmpeg floor for it."""
+    import contextlib
+
+    from server.launcher import TritonProcess
+    from tests.bench.conftest import gateway_subprocess
+    from tests.bench.harness import (
+        Pipeline, analyze_all, answers_of, differences, ffmpeg_floor, measure, paired_overheads, table,
+    )
+
     uris = [str(p.relative_to(allowed_root)) for p in synthetic_videos[:LEAD_VIDEOS]]
+    local = InProcess(trained_models)
+    tritons = {}
+    for name, (threads, instances) in ENCODER_THREADING.items():
+        work = tmp_path_factory.mktemp(f"encoder_{threads}x{instances}")
+        repository = encoder_threading_copy(trained_models, work, threads, instances)
+        tritons[name] = (TritonProcess(Settings().triton.model_copy(update={"model_repository": repository}),
+                                       log_path=work / "tritonserver.log"), repository, work)
+    many, one = {}, {}
     try:
-        variant.wait_ready()
-        with gateway_subprocess(triton.grpc_url, trained_models, allowed_root, work / "a.log") as (a, a_address), \
-                gateway_subprocess(variant.grpc_url, repository, allowed_root, work / "b.log") as (b, b_address):
-            pipelines = [
-                today := Pipeline(
-                    f"encoder intra_op_threads 2 (today), {len(uris)} videos, {IN_FLIGHT} in flight",
-                    lambda: analyze_all(a_address, uris, IN_FLIGHT),
-                    lambda: cpu_roles(gateway=a.pid, triton=triton.pid),
-                    warm_up=lambda: analyze_all(a_address, uris[:8], IN_FLIGHT),
-                ),
-                one := Pipeline(
-                    f"encoder intra_op_threads 1, {len(uris)} videos, {IN_FLIGHT} in flight",
-                    lambda: analyze_all(b_address, uris, IN_FLIGHT),
-                    lambda: cpu_roles(gateway=b.pid, triton=variant.pid),
-                    warm_up=lambda: analyze_all(b_address, uris[:8], IN_FLIGHT),
-                ),
-            ]
-            measure(pipelines)
+        for triton, _, _ in tritons.values():
+            triton.start()
+        for triton, _, _ in tritons.values():
+            triton.wait_ready()
+        with contextlib.ExitStack() as stack:
+            for name, (triton, repository, work) in tritons.items():
+                gateway, address = stack.enter_context(
+                    gateway_subprocess(triton.grpc_url, repository, allowed_root, work / "gateway.log"))
+                roles = lambda g=gateway, t=triton: cpu_roles(gateway=g.pid, triton=t.pid)  # noqa: E731
+                many[name] = Pipeline(
+                    f"{name}, {len(uris)} videos, {IN_FLIGHT} in flight",
+                    lambda a=address: analyze_all(a, uris, IN_FLIGHT), roles,
+                    warm_up=lambda a=address: analyze_all(a, uris[:8], IN_FLIGHT),
+                )
+                one[name] = Pipeline(f"{name}, 320x240", lambda a=address: analyze_all(a, [small_video.name], 1)[0],
+                                     roles)
+            floor = Pipeline("floor: ffmpeg -skip_frame noref -threads 2, to null",
+                             lambda: ffmpeg_floor(small_video, fps=local.clip_fps, size=local.frame_size))
+            measure([*many.values(), *one.values(), floor], rounds=LEAD_ROUNDS)
     finally:
-        variant.stop()
-    video_s = sum(r.video.duration_s for r in today.result)
-    print(f"\nthe gateway end to end with the encoder's ONNX Runtime at 2 or 1 intra-op threads "
-          f"(best of {RUNS} interleaved rounds; load average {os.getloadavg()[0]:.1f})")
-    print("\n".join(table(pipelines, video_s, {"today": today})))
-    for x, y in zip(today.result, one.result):
-        flipped, worst = differences(answers_of(x), answers_of(y))
-        assert not flipped and worst <= 1e-4
+        for triton, _, _ in tritons.values():
+            triton.stop()
+
+    first = next(iter(many))
+    video_s = sum(r.video.duration_s for r in many[first].result)
+    print(f"\nthe gateway end to end with the encoder's threading varied (best of {LEAD_ROUNDS} interleaved "
+          f"rounds; load average {os.getloadavg()[0]:.1f})")
+    print("\n".join(table(list(many.values()), video_s, {first: many[first]})))
+    for name, p in many.items():
+        print(f"  {name}: CPU-s by round {', '.join(f'{c:.2f}' for c in p.cpu_totals)}; paired against {first}: "
+              + ", ".join(f"{100 * o:+.1f}%" for o in paired_overheads(p, many[first])))
+    print("\n".join(table([*one.values(), floor], one[first].result.video.duration_s, {"floor": floor})))
+    for name in many:
+        for x, y in [*zip(many[first].result, many[name].result), (one[first].result, one[name].result)]:
+            flipped, worst = differences(answers_of(x), answers_of(y))
+            assert not flipped and worst <= 1e-4, name
