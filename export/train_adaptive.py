@@ -44,7 +44,8 @@ from export.onnx_export import IN_DOMAIN_THRESHOLD_PARAMETER
 from export.models.s3d import S3D
 from export.models.s3d_sgs import S3DSGS, s3d_macs
 from export.models.tqn import TQNDecoder
-from export.models.vit import VideoViT
+from export.adaptive.ats import significance
+from export.models.vit import VideoViT, block_k
 from export.models.vit import VARIANTS as VIT_VARIANTS
 from export.models.vit import create as create_vit
 
@@ -102,6 +103,10 @@ class AdaptiveBudget:
     # tune_vit: weight of the ATS clips' distance to the same ViT's features at full compute (no
     # gradient through those), so every budget learns to answer what budget 1 answers. 0: off.
     ats_self_distill: float = 0.0
+    # tune_vit: weight of the ATS clips' expected share of distinct tokens (`ats_token_cost`): a
+    # price on compute that never sees a phase or a label, so tokens stay only where the query and
+    # distillation losses pay for them. 0: off.
+    ats_token_cost: float = 0.0
     refit_clips: int = 2048  # for the least-squares refit of the ViT's last layer
     val_every: int = VAL_EVERY
     # The ViT pair's validation stride (vit and the vit_ats curve that chooses its budget_default).
@@ -364,6 +369,46 @@ def fine_tune_sgs(model: S3DSGS, teacher: S3D, decoder: TQNDecoder, short: data.
     return model
 
 
+def ats_token_cost(scores: list[tuple[torch.Tensor, torch.Tensor]], budgets: torch.Tensor) -> torch.Tensor:
+    """Per clip, the share of its K inverse-transform points that would land on distinct tokens,
+    averaged over the ATS blocks: Σ_j min(1, K·S_j) / K for each block's significance S (N, n) and
+    token mask (N, n+1) in `scores`, K = `block_k`(budget, the tokens the block receives). A token
+    holding at least 1/K of the mass keeps a point; one with less keeps one with probability ~K·S_j
+    (the points fall 1/K apart). Differentiable in S: it falls as the mass gathers on fewer tokens."""
+    shares = []
+    for s, mask in scores:
+        k = block_k(budgets, mask[:, 1:].sum(dim=1)).to(s.dtype).unsqueeze(1)  # N, 1
+        shares.append((k * s).clamp(max=1.0).sum(dim=1) / k.squeeze(1))
+    return torch.stack(shares, dim=1).mean(dim=1)
+
+
+class _SignificanceRecorder:
+    """While `recording`, each ATS block's significance (with gradient) and token mask, in block
+    order: wraps the blocks' attention for training only and restores it on exit."""
+
+    def __init__(self, vit: VideoViT):
+        self.vit, self.recording, self.scores = vit, False, []
+
+    def __enter__(self):
+        for i in self.vit.ats_blocks:
+            attention = self.vit.blocks[i].attn
+            original = attention.probabilities
+
+            def probabilities(x, mask, original=original):
+                attn, v = original(x, mask)
+                if self.recording:
+                    full = mask if mask is not None else torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+                    self.scores.append((significance(attn, v, full), full))
+                return attn, v
+
+            attention.probabilities = probabilities
+        return self
+
+    def __exit__(self, *exc):
+        for i in self.vit.ats_blocks:
+            del self.vit.blocks[i].attn.probabilities  # the class's method again
+
+
 def tune_vit(vit: VideoViT, teacher: S3D, decoder: TQNDecoder, short: data.ClipDataset, budget: AdaptiveBudget,
              rng: np.random.Generator) -> VideoViT:
     """The distilled ViT trained on through the frozen decoder (`tune_through_decoder`), with ATS in
@@ -372,25 +417,32 @@ def tune_vit(vit: VideoViT, teacher: S3D, decoder: TQNDecoder, short: data.ClipD
     block's K relative to the tokens it receives, as served), so the one set of weights serves vit
     and vit_ats at every budget. With `budget.ats_self_distill`, the ATS clips are also pulled
     towards the same ViT's features at full compute (computed without gradient), the thesis's
-    fine-tuning goal stated directly: a budget below 1 should answer what budget 1 answers."""
+    fine-tuning goal stated directly: a budget below 1 should answer what budget 1 answers. With
+    `budget.ats_token_cost`, the ATS clips also pay for the tokens they keep (`ats_token_cost`)."""
     low, high = ATS_TUNE_BUDGETS
 
     def encode(clips, rng):
         budgets = np.where(rng.random(len(clips)) < budget.ats_full_share, 1.0, rng.uniform(low, high, len(clips)))
-        features, kept = vit(clips, torch.as_tensor(budgets, dtype=torch.float32))
-        extra = None
+        per_clip = torch.as_tensor(budgets, dtype=torch.float32)
+        recorder.scores, recorder.recording = [], bool(budget.ats_token_cost)
+        features, kept = vit(clips, per_clip)
+        recorder.recording = False
+        extras = []
         sampled = torch.from_numpy(budgets < 1.0)
         if budget.ats_self_distill and bool(sampled.any()):
             with torch.no_grad():
                 full = vit(clips[sampled])
             scale = full.var(dim=0).mean().clamp(min=1e-6) if int(sampled.sum()) > 1 else full.pow(2).mean().clamp(min=1e-6)
-            extra = budget.ats_self_distill * F.mse_loss(features[sampled], full) / scale
-        return features, kept[:, 0] - 1, extra  # the first ATS block's K', for the log
+            extras.append(budget.ats_self_distill * F.mse_loss(features[sampled], full) / scale)
+        if budget.ats_token_cost and bool(sampled.any()):
+            extras.append(budget.ats_token_cost * ats_token_cost(recorder.scores, per_clip)[sampled].mean())
+        return features, kept[:, 0] - 1, sum(extras) if extras else None  # the first ATS block's K', for the log
 
-    tune_through_decoder("vit", vit, encode, [{"params": list(vit.parameters())}],
-                         teacher, decoder, short, steps=budget.vit_tune_steps,
-                         videos_per_step=budget.sgs_videos_per_step, lr=budget.vit_tune_lr,
-                         distill_weight=budget.distill_weight, rng=rng)
+    with _SignificanceRecorder(vit) as recorder:
+        tune_through_decoder("vit", vit, encode, [{"params": list(vit.parameters())}],
+                             teacher, decoder, short, steps=budget.vit_tune_steps,
+                             videos_per_step=budget.sgs_videos_per_step, lr=budget.vit_tune_lr,
+                             distill_weight=budget.distill_weight, rng=rng)
     return vit
 
 
@@ -668,6 +720,8 @@ def main() -> None:
     parser.add_argument("--vit-tune-steps", type=int, default=None)
     parser.add_argument("--ats-self-distill", type=float, default=None,
                         help="tune_vit: weight of the ATS clips' distance to the ViT's own full-compute features")
+    parser.add_argument("--ats-token-cost", type=float, default=None,
+                        help="tune_vit: weight of the ATS clips' expected share of distinct tokens (a price on compute)")
     parser.add_argument("--vit-val-every", type=int, default=None,
                         help="every Nth validation video for vit and the vit_ats curve (1: all)")
     parser.add_argument("--vit-align-steps", type=int, default=None,
@@ -683,6 +737,8 @@ def main() -> None:
         budget = replace(budget, vit_tune_steps=args.vit_tune_steps)
     if args.ats_self_distill is not None:
         budget = replace(budget, ats_self_distill=args.ats_self_distill)
+    if args.ats_token_cost is not None:
+        budget = replace(budget, ats_token_cost=args.ats_token_cost)
     if args.vit_val_every is not None:
         budget = replace(budget, vit_val_every=args.vit_val_every)
     if args.vit_align_steps is not None:

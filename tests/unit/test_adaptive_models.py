@@ -277,3 +277,52 @@ def test_install_replaces_model_directories_whole(tmp_path):
     assert (repository / "clip_encoder_vit" / "config.pbtxt").read_text() == "new"
     assert not (repository / "clip_encoder_vit" / "1" / "stale.onnx").exists()
     assert not any(staged.iterdir())
+
+
+def test_ats_token_cost_is_the_share_of_points_on_distinct_tokens():
+    from export.train_adaptive import ats_token_cost
+
+    n = 40
+    mask = torch.ones(3, n + 1, dtype=torch.bool)
+    uniform = torch.full((n,), 1.0 / n)
+    one_hot = torch.zeros(n).index_fill(0, torch.tensor([7]), 1.0)
+    halves = torch.zeros(n).index_fill(0, torch.tensor([3, 30]), 0.5)
+    scores = torch.stack([uniform, one_hot, halves])
+    budgets = torch.tensor([0.5, 0.5, 0.5])  # K = max(ceil(0.5 * 40), 8) = 20
+    cost = ats_token_cost([(scores, mask), (scores, mask)], budgets)
+    # uniform: 40 tokens of 1/40 hold 20 points between them; one token: 1 of 20; two halves: 2 of 20
+    torch.testing.assert_close(cost, torch.tensor([1.0, 1 / 20, 2 / 20]))
+
+
+def test_ats_token_cost_falls_as_the_significance_gathers():
+    from export.train_adaptive import ats_token_cost
+
+    mask = torch.ones(1, 41, dtype=torch.bool)
+    logits = (torch.randn(1, 40, generator=torch.Generator().manual_seed(0)) * 1.5).requires_grad_()
+    cost = ats_token_cost([(logits.softmax(dim=1), mask)], torch.tensor([0.25]))  # K = 10
+    cost.sum().backward()
+    assert float(logits.grad.abs().max()) > 0
+    with torch.no_grad():
+        lower = ats_token_cost([((logits - 0.5 * logits.grad).softmax(dim=1), mask)], torch.tensor([0.25]))
+    assert lower.item() < cost.item() <= 1.0
+
+
+def test_significance_recorder_records_each_ats_block_and_restores_the_model(vit):
+    from export.train_adaptive import _SignificanceRecorder
+
+    clips = _clips(2, seed=3, size=64)
+    with torch.no_grad():
+        before = vit(clips, torch.tensor([0.5, 1.0]))
+        with _SignificanceRecorder(vit) as recorder:
+            recorder.recording = True
+            inside = vit(clips, torch.tensor([0.5, 1.0]))
+        after = vit(clips, torch.tensor([0.5, 1.0]))
+    assert len(recorder.scores) == len(vit.ats_blocks)
+    # each block scores the tokens it receives: all, then what the block before kept (cls included)
+    for (s, mask), received in zip(recorder.scores, [torch.full((2,), vit.tokens + 1), *before[1][:, :-1].unbind(1)]):
+        assert mask.sum(dim=1).tolist() == received.tolist() and mask.shape == (2, s.shape[1] + 1)
+        torch.testing.assert_close(s.sum(dim=1), torch.ones(2))
+    for a, b, c in zip(before, inside, after):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        torch.testing.assert_close(a, c, rtol=0, atol=0)
+    assert all("probabilities" not in vars(vit.blocks[i].attn) for i in vit.ats_blocks)
