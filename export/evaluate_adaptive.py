@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from export import REPO, adaptive_export, data
-from export.build import in_domain_report
+from export.build import in_domain_report, paired_bootstrap
 from export.onnx_export import IN_DOMAIN_OUTPUT, IN_DOMAIN_THRESHOLD_PARAMETER
 from export.train_adaptive import HEADS, accuracy
 
@@ -62,6 +62,18 @@ def clip_phases(ds: data.ClipDataset, video: int) -> np.ndarray:
     per_clip = padded.reshape(n, data.CLIP_FRAMES)
     return np.asarray([np.bincount(row[row >= 0], minlength=len(PHASE_NAMES)).argmax() if (row >= 0).any() else -1
                        for row in per_clip])
+
+
+def paired_intervals(answers: tuple[np.ndarray, np.ndarray], plain: tuple[np.ndarray, np.ndarray],
+                     among: np.ndarray | None = None) -> dict[str, list[float]]:
+    """Paired bootstrap 95% intervals, in points, of a configuration's accuracy minus its plain
+    encoder's, per query and for the mean over the queries, over the videos both answered (of
+    `among`, if given). Each of `answers`, `plain`: (sorted video indices, hits (videos, queries))."""
+    (videos, a), (plain_videos, b) = answers, plain
+    both = np.intersect1d(videos, plain_videos if among is None else np.intersect1d(plain_videos, among))
+    a, b = a[np.searchsorted(videos, both)].astype(float), b[np.searchsorted(plain_videos, both)].astype(float)
+    per_query = {q: [100 * x for x in paired_bootstrap(a[:, i], b[:, i])] for i, q in enumerate(HEADS)}
+    return per_query | {"mean": [100 * x for x in paired_bootstrap(a.mean(1), b.mean(1))]}
 
 
 def _parameters(client, model: str) -> dict[str, str]:
@@ -293,11 +305,12 @@ def evaluate(data_dir: Path, repository: Path, *, videos: int | None = None, out
     curve_videos = chosen[::CURVE_EVERY]
     served = run_served(ds, chosen, set(curve_videos.tolist()), repository)
     phases = np.concatenate([clip_phases(ds, int(v)) for v in chosen])
-    summary, kept, curve = {}, {}, {}
+    summary, kept, curve, hits = {}, {}, {}, {}
     for label, r in served["results"].items():
         preds = {q: np.asarray(p) for q, p in r["preds"].items()}
         model = r["model"]
         evaluated = np.asarray(r["videos"])
+        hits[label] = (evaluated, np.stack([preds[q] == ds.targets[q][evaluated] for q in HEADS], axis=1))
         entry = {"model": model, "budget": r["budget"], "videos": len(evaluated),
                  "accuracy": accuracy(preds, ds, evaluated),
                  "ms_per_clip": 1e-6 * r["compute_ns"] / r["clips"],
@@ -341,10 +354,17 @@ def evaluate(data_dir: Path, repository: Path, *, videos: int | None = None, out
                                                                            "ats_gmacs_per_clip": curve[label]["gmacs_per_clip"]}
     pngs = _plots(summary, curve, kept, docs)
 
-    def _vs(fast: dict, base: dict) -> dict:
-        return {"gmacs_reduction": 1 - fast["gmacs_per_clip"] / base["gmacs_per_clip"],
-                "speedup": base["ms_per_clip"] / fast["ms_per_clip"],
-                "accuracy_points": {q: 100 * (fast["accuracy"][q] - base["accuracy"][q]) for q in HEADS}}
+    def _vs(fast: str, base: str) -> dict:
+        f, b = summary[fast], summary[base]
+        return {"gmacs_reduction": 1 - f["gmacs_per_clip"] / b["gmacs_per_clip"],
+                "speedup": b["ms_per_clip"] / f["ms_per_clip"],
+                "accuracy_points": {q: 100 * (f["accuracy"][q] - b["accuracy"][q]) for q in HEADS},
+                "interval95_points": paired_intervals(hits[fast], hits[base])}
+
+    for label, point in curve.items():
+        plain = {"s3d_sgs": "s3d", "vit_ats": "vit"}.get(label.split("@")[0])
+        if plain in hits:
+            point[f"interval95_points_vs_{plain}"] = paired_intervals(hits[label], hits[plain], curve_videos)
 
     report = {
         "split": "test", "videos": len(chosen), "clips": int(ds.num_clips[chosen].sum()),
@@ -353,8 +373,8 @@ def evaluate(data_dir: Path, repository: Path, *, videos: int | None = None, out
         "load_average_start": load_start, "load_average_end": os.getloadavg(),
         "seconds": time.monotonic() - start,
         "configurations": summary,
-        "s3d_sgs_vs_s3d": _vs(summary["s3d_sgs"], summary["s3d"]),
-        "vit_ats_vs_vit": _vs(summary["vit_ats"], summary["vit"]) if "vit_ats" in summary else None,
+        "s3d_sgs_vs_s3d": _vs("s3d_sgs", "s3d"),
+        "vit_ats_vs_vit": _vs("vit_ats", "vit") if "vit_ats" in summary else None,
         "budget_curve": {"videos": len(curve_videos), "points": curve},
         "top_k_baseline": top_k,
         "budget_defaults": served["defaults"],
