@@ -40,6 +40,7 @@ class Pipeline:
     result: object = None
     walls: list[float] = field(default_factory=list)  # every round's
     cpu_totals: list[float] = field(default_factory=list)  # every round's CPU-s, all roles
+    cpu_rounds: list[dict[str, float]] = field(default_factory=list)  # every round's CPU-s by role
 
     @property
     def cpu_total(self) -> float:
@@ -60,10 +61,11 @@ def measure(pipelines: list[Pipeline], rounds: int = RUNS) -> None:
             wall = time.perf_counter() - started
             after, parts_after = {"bench": _own_cpu(), **p.roles()}, p.parts()
             p.walls.append(wall)
-            p.cpu_totals.append(sum(after[k] - before.get(k, 0.0) for k in after))
+            cpu = {k: after[k] - before.get(k, 0.0) for k in after}
+            p.cpu_rounds.append(cpu)
+            p.cpu_totals.append(sum(cpu.values()))
             if wall < p.wall:
-                p.wall, p.result = wall, result
-                p.cpu = {k: after[k] - before.get(k, 0.0) for k in after}
+                p.wall, p.result, p.cpu = wall, result, cpu
                 p.cpu_parts = {k: parts_after[k] - parts_before.get(k, 0.0) for k in parts_after}
 
 

@@ -230,6 +230,8 @@ def test_encoder_threading_end_to_end(
     for name, p in many.items():
         print(f"  {name}: CPU-s by round {', '.join(f'{c:.2f}' for c in p.cpu_totals)}; paired against {first}: "
               + ", ".join(f"{100 * o:+.1f}%" for o in paired_overheads(p, many[first])))
+        for role in sorted(r for r in p.cpu if max(c.get(r, 0.0) for c in p.cpu_rounds) >= 0.05):
+            print(f"    {role}: " + ", ".join(f"{r.get(role, 0.0):.2f}" for r in p.cpu_rounds))
     print("\n".join(table([*one.values(), floor], one[first].result.video.duration_s, {"floor": floor})))
     for name in many:
         for x, y in [*zip(many[first].result, many[name].result), (one[first].result, one[name].result)]:
