@@ -4,11 +4,11 @@ model repository.
 
 ONNX Runtime's settings here are the reference's own, fixed, not read from the `config.pbtxt`
 Triton's runner uses: a reference that followed the server's thread settings would move with
-them, so a change to the server's threading could never show against it. By default one
-intra-op thread per core (ONNX Runtime's own default) without idle threads spinning: the
-in-process configuration with the best wall time (spinning costs CPU and gains nothing here;
-one thread is cheaper in CPU but slower, README "Speed", serving choices). Pass
-`intra_op_threads=1` for the CPU-cheapest in-process setup."""
+them, so a change to the server's threading could never show against it. Each model gets its
+in-process setting with the best wall time, idle threads never spinning (spinning costs CPU and
+gains nothing here): the encoder one intra-op thread per core (ONNX Runtime's own default; one
+thread is cheaper in CPU but slower), the small query decoder one thread (a second one costs CPU
+and is slower too); README "Speed". `encoder_threads=1` gives the CPU-cheapest in-process setup."""
 
 from __future__ import annotations
 
@@ -22,13 +22,14 @@ import numpy as np
 from tests.vocabulary import model_config
 
 ENCODER, QUERY_DECODER = "clip_encoder_s3d", "tqn_decoder"
-REFERENCE_THREADS = os.cpu_count() or 1  # ONNX Runtime's intra-op threads in the reference
+ENCODER_THREADS = os.cpu_count() or 1  # ONNX Runtime's intra-op threads for the reference's encoder
+QUERY_DECODER_THREADS = 1
 
 
 class InProcess:
     """PyAV + ONNX Runtime in this process, on the clips the gateway makes."""
 
-    def __init__(self, repository: Path, *, intra_op_threads: int = REFERENCE_THREADS) -> None:
+    def __init__(self, repository: Path, *, encoder_threads: int = ENCODER_THREADS) -> None:
         import av.video.reformatter
 
         config = model_config(repository, ENCODER)
@@ -37,9 +38,9 @@ class InProcess:
         clips_input = config["input"][0]
         self.clip_frames, self.frame_size = int(clips_input["dims"][0]), int(clips_input["dims"][1])
         self.max_batch = int(config.get("max_batch_size", 0)) or 64
-        self.intra_op_threads = intra_op_threads
-        self.encoder = _session(repository, ENCODER, intra_op_threads)
-        self.query_decoder = _session(repository, QUERY_DECODER, intra_op_threads)
+        self.encoder_threads = encoder_threads
+        self.encoder = _session(repository, ENCODER, encoder_threads)
+        self.query_decoder = _session(repository, QUERY_DECODER, QUERY_DECODER_THREADS)
         self.outputs = [o["name"] for o in model_config(repository, QUERY_DECODER)["output"]]
         self.scaler = av.video.reformatter.VideoReformatter()
         self.cpu = {"decode": 0.0, "onnxruntime": 0.0}  # cumulative CPU-s of this process by part

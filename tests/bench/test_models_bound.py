@@ -11,13 +11,13 @@ it measures, in `ROUNDS` interleaved rounds (best round kept for the tables, eve
       where the gateway skips them), frames sampled and cut into clips by the gateway's own
       `chunk` code (so the clips are the same), then the same ONNX models from the model
       repository, run by ONNX Runtime in this process (encoder batches of up to its
-      max_batch_size, then the query decoder) with the reference's own fixed settings: one
-      intra-op thread per core, idle threads not spinning, the in-process setup with the best
-      wall time. Fixed, not read from the server's `config.pbtxt`: a baseline that followed the
-      server's thread settings would move with them, and the server could never show a threading
-      choice against it;
-  (p1) (p) at one intra-op thread, the CPU-cheapest in-process setup (slower in wall time):
-      printed with the server's CPU overhead over it, not asserted;
+      max_batch_size, then the query decoder) with the reference's own fixed settings, each
+      model's in-process setup with the best wall time: the encoder at one intra-op thread per
+      core, the query decoder at one, idle threads not spinning (`in_process`). Fixed, not read
+      from the server's `config.pbtxt`: a baseline that followed the server's thread settings
+      would move with them, and the server could never show a threading choice against it;
+  (p1) (p) with the encoder at one intra-op thread, the CPU-cheapest in-process setup (slower in
+      wall time): printed with the server's CPU overhead over it, not asserted;
   (f) for the 320x240 video, the floor: ffmpeg decoding it to nothing with the gateway's frame
       skipping, threads and output (`-skip_frame noref -threads 2 -vf fps=15,scale=112:112`).
 Goals, asserted after everything is printed: the gateway costs at most 10% more wall time than
@@ -73,7 +73,7 @@ def test_gateway_against_in_process_onnx_runtime(
 ):
     proc, address = gateway_process
     local = InProcess(trained_models)
-    one_thread = InProcess(trained_models, intra_op_threads=1)
+    one_thread = InProcess(trained_models, encoder_threads=1)
     uris = [str(p.relative_to(allowed_root)) for p in synthetic_videos]
     gateway_roles = lambda: cpu_roles(gateway=proc.pid, triton=triton.pid)  # noqa: E731
     local_parts = lambda: {f"in-process {k}": v for k, v in local.cpu.items()}  # noqa: E731
@@ -89,12 +89,12 @@ def test_gateway_against_in_process_onnx_runtime(
             warm_up=lambda: analyze_all(address, uris[:WARM_UP_VIDEOS], CONCURRENCY),
         ),
         many_local := Pipeline(
-            f"(p) in process: PyAV + ONNX Runtime, {local.intra_op_threads} threads, {len(uris)} videos",
+            f"(p) in process: PyAV + ORT, encoder {local.encoder_threads} threads, {len(uris)} videos",
             lambda: in_process(synthetic_videos), parts=local_parts,
             warm_up=lambda: in_process(synthetic_videos[:WARM_UP_VIDEOS]),
         ),
         many_one_thread := Pipeline(
-            f"(p1) in process: PyAV + ONNX Runtime, 1 thread, {len(uris)} videos",
+            f"(p1) in process: PyAV + ORT, encoder 1 thread, {len(uris)} videos",
             lambda: in_process(synthetic_videos, one_thread), parts=one_thread_parts,
             warm_up=lambda: in_process(synthetic_videos[:WARM_UP_VIDEOS], one_thread),
         ),
