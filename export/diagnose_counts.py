@@ -198,15 +198,11 @@ def load_tqn(path: Path | str) -> tuple:
 GRID_SEED = 900_000  # far from every split's video seeds
 
 
-def render_grid(out: Path, per_flight: int = 2, seconds: float = 3.2) -> Path:
+def grid_routines(per_flight: int = 2, seconds: float = 3.2) -> list[synth.Routine]:
     """`per_flight` routines of each of the table's 12 flights (own seeds; take-off, pose,
-    nuisances and rotation phases kept), each rendered with all 5 x 5 somersault and twist values:
-    videos that differ only in the counts. Reused when present."""
-    out = Path(out)
-    if (out / "labels.jsonl").exists():
-        return out
-    out.mkdir(parents=True, exist_ok=True)
-    records = []
+    nuisances and rotation phases kept), each with all 5 x 5 somersault and twist values:
+    routines that differ only in the counts."""
+    routines = []
     for i, flight in enumerate(sorted({c[1:] for c in vocab.CLASSES})):
         for k in range(per_flight):
             seed = GRID_SEED + 100 * i + k
@@ -215,13 +211,25 @@ def render_grid(out: Path, per_flight: int = 2, seconds: float = 3.2) -> Path:
             for s in vocab.ATTRIBUTES["somersaults"]:
                 for t in vocab.ATTRIBUTES["twists"]:
                     labels = {**base.labels, "somersaults": s, "twists": t}
-                    routine = replace(base, labels=labels, flight_table=vocab.class_name(labels) in vocab.CLASS_NAMES)
-                    name = f"grid_{seed}_{s}_{t}.mp4"
-                    synth.encode(synth.render_frames(routine, data.FRAME_SIZE, data.FRAME_SIZE, build.FPS),
-                                 out / name, data.FRAME_SIZE, data.FRAME_SIZE, build.FPS, "h264")
-                    records.append({"file": name, "codec": "h264", "width": data.FRAME_SIZE,
-                                    "height": data.FRAME_SIZE, **synth.labels_for(routine, build.FPS),
-                                    "grid_base": seed})
+                    routines.append(replace(base, labels=labels,
+                                            flight_table=vocab.class_name(labels) in vocab.CLASS_NAMES))
+    return routines
+
+
+def render_grid(out: Path, per_flight: int = 2, seconds: float = 3.2) -> Path:
+    """The videos of `grid_routines`, written as a dataset folder. Reused when present."""
+    out = Path(out)
+    if (out / "labels.jsonl").exists():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    records = []
+    for routine in grid_routines(per_flight, seconds):
+        name = f"grid_{routine.seed}_{routine.labels['somersaults']}_{routine.labels['twists']}.mp4"
+        synth.encode(synth.render_frames(routine, data.FRAME_SIZE, data.FRAME_SIZE, build.FPS),
+                     out / name, data.FRAME_SIZE, data.FRAME_SIZE, build.FPS, "h264")
+        records.append({"file": name, "codec": "h264", "width": data.FRAME_SIZE,
+                        "height": data.FRAME_SIZE, **synth.labels_for(routine, build.FPS),
+                        "grid_base": routine.seed})
     (out / "labels.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     return out
 

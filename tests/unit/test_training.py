@@ -261,3 +261,79 @@ def test_the_twist_oracle_recovers_every_count_from_one_clip_of_colours():
             angle = phase + 2 * np.pi * float(count) / flight_frames * np.arange(8)
             colour = (1 + np.cos(angle)) / 2 + np.random.default_rng(0).normal(0, 0.03, 8)
             assert diagnose_counts._fit_rate(colour, lambda a: (1 + np.cos(a)) / 2, flight_frames) == count
+
+
+def test_torso_crops_put_the_torso_in_the_middle_magnified():
+    from export import count_specialist
+
+    clips = np.zeros((1, 8, 112, 112, 3), np.uint8)
+    torso = np.zeros((1, 8, 2), np.float32)
+    for j in range(8):  # a 4x4 mark moving along the frame, near the edge at first
+        x, y = 4 + 12 * j, 100 - 11 * j
+        clips[0, j, y - 2:y + 2, x - 2:x + 2] = 255
+        torso[0, j] = (x, y)
+    crops = count_specialist.torso_crops(clips, torso)
+    assert crops.shape == clips.shape
+    for j in range(8):
+        assert crops[0, j, 52:60, 52:60].min() == 255  # 4 px x 112/32 = 14 px, centred
+        assert crops[0, j, :30].max() == 0 and crops[0, j, 82:].max() == 0
+    clips[:] = 0  # per clip: one window at the mean position, the mark moving inside it
+    for j in range(8):
+        clips[0, j, 58:62, 38 + 2 * j:42 + 2 * j] = 255
+        torso[0, j] = (40 + 2 * j, 60)
+    crops = count_specialist.torso_crops(clips, torso, per_clip=True)
+    columns = [np.flatnonzero(crops[0, j].max((0, 2)) > 128).mean() for j in range(8)]
+    np.testing.assert_allclose(np.diff(columns), 2 * 112 / 32, atol=1)
+
+
+def test_specialist_clips_lie_in_flight_and_carry_their_routines_counts():
+    from export import count_specialist, synth
+
+    routines = [count_specialist.free_routine(seed) for seed in range(3)]
+    bank = count_specialist.flight_clips(routines, per_routine=1)
+    assert bank["clips"].shape == (3, 8, 112, 112, 3) and bank["torso"].shape == (3, 8, 2)
+    for k, routine in enumerate(routines):
+        for q in count_specialist.COUNTS:
+            assert vocab.ATTRIBUTES[q][bank[q][k]] == routine.labels[q]
+    scene = synth._Scene(routines[0], 112, 112, 15)
+    phases = synth.labels_for(routines[0], 15)["phases"]
+    first = next(c for c in range(len(phases) // 8) if set(phases[c * 8:(c + 1) * 8]) == {2})
+    rendered = np.stack([scene.frame(i) for i in range(first * 8, first * 8 + 8)]).astype(int)
+    assert np.abs(bank["clips"][0].astype(int) - rendered).mean() < 6  # the H.264 round trip, nothing else
+    at, _ = scene.figure_pixels(first * 8 / 15)
+    np.testing.assert_allclose(bank["torso"][0, 0], (np.asarray(at["hip"]) + at["neck"]) / 2)
+
+
+def test_a_specialist_trains_both_count_heads_and_scores_them():
+    from export import count_specialist
+
+    rng = np.random.default_rng(0)
+    bank = {"clips": rng.integers(0, 256, (6, 8, 112, 112, 3), dtype=np.uint8),
+            "somersaults": rng.integers(0, 5, 6), "twists": rng.integers(0, 5, 6)}
+    encoder, heads = count_specialist.train_specialist(bank, steps=2, batch=3, log_every=1)
+    assert [h.out_features for h in heads] == [len(vocab.ATTRIBUTES[q]) for q in count_specialist.COUNTS]
+    scores = count_specialist.score(encoder, heads, bank)
+    assert set(scores) == set(count_specialist.COUNTS) and all(0 <= v <= 1 for v in scores.values())
+    with pytest.raises(ValueError):
+        count_specialist.train_specialist(bank, stem="nope", steps=1)
+
+
+def test_grid_routines_differ_only_in_the_counts():
+    from export import diagnose_counts
+
+    routines = diagnose_counts.grid_routines(per_flight=1)
+    assert len(routines) == 12 * 25
+    by_base: dict[int, list] = {}
+    for r in routines:
+        by_base.setdefault(r.seed, []).append(r)
+    assert len(by_base) == 12
+    for group in by_base.values():
+        assert {(r.labels["somersaults"], r.labels["twists"]) for r in group} == {
+            (s, t) for s in vocab.ATTRIBUTES["somersaults"] for t in vocab.ATTRIBUTES["twists"]}
+        first = group[0]
+        for r in group:
+            unlabelled = {"labels": None, "flight_table": None}
+            assert {**r.__dict__, **unlabelled} == {**first.__dict__, **unlabelled}
+            assert {q: v for q, v in r.labels.items() if q not in ("somersaults", "twists")} == {
+                q: v for q, v in first.labels.items() if q not in ("somersaults", "twists")}
+    assert {group[0].labels["flight_pose"] for group in by_base.values()} == set(vocab.ATTRIBUTES["flight_pose"])

@@ -1,0 +1,199 @@
+"""Per-clip count specialists (issue 8): the cheap, decisive test of whether an encoder or a
+rendering lets a model read the twist, before any full-recipe screen on validation.
+
+`python -m export.count_specialist NAME [--input full|crop] [--crop PX] [--crop-per-clip]
+[--stem default|difference|fine] [--routines N] [--steps S] [--seed K]` renders N routines whose
+flights are drawn attribute by attribute (`synth`'s `free_flight_share` = 1, the short split's
+durations, seeds of their own), keeps the 8-frame clips that lie wholly in flight (each through an
+H.264 round trip in memory, as the datasets are), trains a fresh clip encoder with a somersault and
+a twist head on them, and scores it on the all-flight clips of 300 held-out free flights and of the
+counterfactual grid (`diagnose_counts.grid_routines`: the table's flights re-drawn with every
+count, so the pose and the class table give nothing away; chance 20% per count). One JSON line is
+appended to runs/count_specialist.jsonl; the rendered clips are cached in runs/.
+
+`--input crop` feeds each frame's PX-px window (default 32) around the torso's middle (the
+generator's own geometry, `synth._Scene.figure_pixels`) scaled up to 112 px: the figure found and
+magnified 112/PX times. It is the control for the harness itself (if a specialist cannot read the
+twist from that, the training set-up is at fault, not the encoder or the rendering), and with
+`--crop-per-clip` (one window per clip, at the torso's mean position over its 8 frames, so the
+figure moves inside it as it does in the video) it stands for an encoder that finds the diver once
+per clip and looks closer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import time
+
+import av
+import cv2
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from export import REPO, build, data, diagnose_counts, synth, train, vocab
+
+COUNTS = ("somersaults", "twists")
+HELD_OUT_SEED = 1_000_000  # held-out free flights: seeds far from the training routines'
+HELD_OUT_ROUTINES = 300
+CROP = 32  # px around the torso's middle, as rendered at 112 px
+STEMS = {"default": {}, "difference": {"stem_difference": True}, "fine": {"stem_patch": 4, "stem_pool": 2}}
+
+
+def free_routine(seed: int) -> synth.Routine:
+    _, _, _, lo, hi = build.SPLITS["short"]
+    return synth.sample_routine(np.random.default_rng([seed, 0]), seed, None, lo, hi, free_flight_share=1.0)
+
+
+def _h264_round_trip(frames: list[np.ndarray]) -> np.ndarray:
+    size = data.FRAME_SIZE
+    _, encoder, options = synth.CODECS["h264"]
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format="mp4") as container:
+        stream = container.add_stream(encoder, rate=int(build.FPS), options=dict(options))
+        stream.width, stream.height, stream.pix_fmt = size, size, "yuv420p"
+        for frame in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    buffer.seek(0)
+    with av.open(buffer) as container:
+        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+
+
+def flight_clips(routines: list[synth.Routine], per_routine: int = 2) -> dict[str, np.ndarray]:
+    """Up to `per_routine` clips wholly in flight per routine, aligned as the datasets' clips are:
+    "clips" (N, 8, 112, 112, 3) uint8 decoded from H.264, "torso" (N, 8, 2) the torso's middle
+    (x, y) per frame, and one target index per count (vocab.ATTRIBUTES order)."""
+    size, n = data.FRAME_SIZE, data.CLIP_FRAMES
+    clips, torso, targets = [], [], {q: [] for q in COUNTS}
+    for routine in routines:
+        scene = synth._Scene(routine, size, size, build.FPS)
+        phases = np.asarray(synth.labels_for(routine, build.FPS)["phases"])
+        whole = [c for c in range(len(phases) // n) if (phases[c * n:(c + 1) * n] == diagnose_counts.FLIGHT).all()]
+        for c in whole[:per_routine]:
+            frames = range(c * n, (c + 1) * n)
+            clips.append(_h264_round_trip([scene.frame(i) for i in frames]))
+            middles = []
+            for i in frames:
+                at, _ = scene.figure_pixels(i / build.FPS)
+                middles.append((np.asarray(at["hip"]) + at["neck"]) / 2)
+            torso.append(middles)
+            for q in COUNTS:
+                targets[q].append(vocab.ATTRIBUTES[q].index(routine.labels[q]))
+    return {"clips": np.stack(clips), "torso": np.asarray(torso, np.float32),
+            **{q: np.asarray(t) for q, t in targets.items()}}
+
+
+def torso_crops(clips: np.ndarray, torso: np.ndarray, crop: int = CROP, per_clip: bool = False) -> np.ndarray:
+    """Each frame's crop x crop window centred on the torso's middle (edges repeated), scaled to the
+    frame size; `per_clip`: every frame of a clip cut at the torso's mean position over the clip."""
+    if per_clip:
+        torso = np.repeat(torso.mean(1, keepdims=True), torso.shape[1], 1)
+    size, half = clips.shape[2], crop // 2
+    padded = np.pad(clips, ((0, 0), (0, 0), (half, half), (half, half), (0, 0)), mode="edge")
+    out = np.empty_like(clips)
+    for i, j in np.ndindex(*clips.shape[:2]):
+        x, y = np.round(torso[i, j]).astype(int).clip(0, size - 1) + half
+        out[i, j] = cv2.resize(padded[i, j, y - half:y + half, x - half:x + half], (size, size),
+                               interpolation=cv2.INTER_LINEAR)
+    return out
+
+
+def _cached(name: str, routines) -> dict[str, np.ndarray]:
+    path = REPO / "runs" / f"count_specialist_{name}.npz"
+    if path.exists():
+        with np.load(path) as z:
+            return dict(z)
+    made = flight_clips(routines())
+    path.parent.mkdir(exist_ok=True)
+    np.savez(path.with_suffix(".tmp.npz"), **made)
+    os.replace(path.with_suffix(".tmp.npz"), path)  # a half-written cache is never read
+    return made
+
+
+def score(encoder: nn.Module, heads: nn.ModuleList, bank: dict[str, np.ndarray], batch: int = 64) -> dict[str, float]:
+    encoder.eval()
+    hits = np.zeros(len(COUNTS))
+    with torch.inference_mode():
+        for s in range(0, len(bank["clips"]), batch):
+            features = encoder(torch.from_numpy(bank["clips"][s:s + batch]))
+            for k, q in enumerate(COUNTS):
+                hits[k] += int((heads[k](features).argmax(-1).numpy() == bank[q][s:s + batch]).sum())
+    encoder.train()
+    return {q: round(float(h / len(bank["clips"])), 3) for q, h in zip(COUNTS, hits)}
+
+
+def train_specialist(bank: dict[str, np.ndarray], *, stem: str = "default", steps: int = 1500, batch: int = 24,
+                     lr: float = 1e-3, seed: int = 0, log_every: int = 100) -> tuple[nn.Module, nn.ModuleList]:
+    """A fresh encoder and one linear head per count, cross-entropy on both, AdamW with a one-cycle
+    learning rate."""
+    if stem not in STEMS:
+        raise ValueError(f"unknown stem {stem!r}; choose one of {sorted(STEMS)}")
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    encoder = train.build_encoder(**STEMS[stem])
+    heads = nn.ModuleList(nn.Linear(encoder.feature_dim, len(vocab.ATTRIBUTES[q])) for q in COUNTS)
+    opt = torch.optim.AdamW([*encoder.parameters(), *heads.parameters()], lr=lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
+    encoder.train()
+    hits, seen, start = np.zeros(len(COUNTS)), 0, time.monotonic()
+    for step in range(1, steps + 1):
+        idx = rng.choice(len(bank["clips"]), batch, replace=False)
+        features = encoder(torch.from_numpy(bank["clips"][idx]))
+        loss = torch.zeros(())
+        for k, q in enumerate(COUNTS):
+            logits, target = heads[k](features), torch.from_numpy(bank[q][idx])
+            loss = loss + F.cross_entropy(logits, target)
+            hits[k] += int((logits.argmax(-1) == target).sum())
+        seen += batch
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % log_every == 0:
+            accuracy = " ".join(f"{q} {h / seen:.2f}" for q, h in zip(COUNTS, hits))
+            print(f"specialist step {step}: train {accuracy} ({time.monotonic() - start:.0f} s)", flush=True)
+            hits[:], seen = 0, 0
+    return encoder, heads
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("name")
+    parser.add_argument("--input", choices=("full", "crop"), default="full")
+    parser.add_argument("--crop", type=int, default=CROP, help="window side in px with --input crop")
+    parser.add_argument("--crop-per-clip", action="store_true", help="one crop window per clip, not per frame")
+    parser.add_argument("--stem", choices=sorted(STEMS), default="default")
+    parser.add_argument("--routines", type=int, default=3000)
+    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    torch.set_num_threads(train.TRAIN_THREADS)
+    banks = {
+        "train": _cached(f"train{args.routines}", lambda: [free_routine(s) for s in range(args.routines)]),
+        "held_out_free": _cached(f"held{HELD_OUT_ROUTINES}", lambda: [
+            free_routine(HELD_OUT_SEED + s) for s in range(HELD_OUT_ROUTINES)]),
+        "grid": _cached("grid", diagnose_counts.grid_routines),
+    }
+    if args.input == "crop":
+        banks = {k: {**b, "clips": torso_crops(b["clips"], b["torso"], args.crop, args.crop_per_clip)}
+                 for k, b in banks.items()}
+    start = time.monotonic()
+    encoder, heads = train_specialist(banks["train"], stem=args.stem, steps=args.steps, seed=args.seed)
+    record = {"name": args.name, "args": vars(args), "threads": train.TRAIN_THREADS,
+              "clips": {k: len(b["clips"]) for k, b in banks.items()},
+              **{k: score(encoder, heads, banks[k]) for k in ("held_out_free", "grid")},
+              "train_seconds": round(time.monotonic() - start), "load_average": [round(x, 2) for x in os.getloadavg()]}
+    print(json.dumps(record), flush=True)
+    with open(REPO / "runs" / "count_specialist.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+if __name__ == "__main__":
+    main()
