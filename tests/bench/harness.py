@@ -41,6 +41,7 @@ class Pipeline:
     walls: list[float] = field(default_factory=list)  # every round's
     cpu_totals: list[float] = field(default_factory=list)  # every round's CPU-s, all roles
     cpu_rounds: list[dict[str, float]] = field(default_factory=list)  # every round's CPU-s by role
+    cpu_parts_rounds: dict[str, list[float]] = field(default_factory=dict)  # every round's CPU-s by part
 
     @property
     def cpu_total(self) -> float:
@@ -63,6 +64,8 @@ def measure(pipelines: list[Pipeline], rounds: int = RUNS) -> None:
             p.walls.append(wall)
             cpu = {k: after[k] - before.get(k, 0.0) for k in after}
             p.cpu_rounds.append(cpu)
+            for k in parts_after:
+                p.cpu_parts_rounds.setdefault(k, []).append(parts_after[k] - parts_before.get(k, 0.0))
             p.cpu_totals.append(sum(cpu.values()))
             if wall < p.wall:
                 p.wall, p.result, p.cpu = wall, result, cpu

@@ -140,6 +140,11 @@ def test_gateway_against_in_process_onnx_runtime(
             + f"; median {100 * statistics.median(overheads):+.1f}%"
         )
     lines.append("(the CPU goal is against (p); (p1), the CPU-cheapest in-process setup, is printed, not asserted)")
+    for name, pipeline in [("(g)", many_gateway), ("(p)", many_local), ("(p1)", many_one_thread)]:
+        by_role = {**{k: [r.get(k, 0.0) for r in pipeline.cpu_rounds] for k in pipeline.cpu},
+                   **{k: list(v) for k, v in pipeline.cpu_parts_rounds.items()}}
+        lines.append(f"{name} CPU-s by round and role: " + "; ".join(
+            f"{k} {' '.join(f'{x:.2f}' for x in v)}" for k, v in sorted(by_role.items()) if max(v) >= 0.05))
 
     specs = query_specs(trained_models)
     flips, worst = [], 0.0
