@@ -6,8 +6,8 @@ ONNX Runtime's settings here are the reference's own, fixed, not read from the `
 Triton's runner uses: a reference that followed the server's thread settings would move with
 them, so a change to the server's threading could never show against it. Each model gets its
 in-process setting with the best wall time, idle threads never spinning (spinning costs CPU and
-gains nothing here): the encoder one intra-op thread per core (ONNX Runtime's own default; one
-thread is cheaper in CPU but slower), the small query decoder one thread (a second one costs CPU
+gains nothing here): the encoder one intra-op thread per core (`os.cpu_count()`, as ONNX Runtime's
+own default on this machine; one thread is cheaper in CPU but slower), the small query decoder one thread (a second one costs CPU
 and is slower too); README "Speed". `encoder_threads=1` gives the CPU-cheapest in-process setup."""
 
 from __future__ import annotations
