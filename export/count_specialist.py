@@ -1,7 +1,7 @@
 """Per-clip count specialists (issue 8): the cheap, decisive test of whether an encoder or a
 rendering lets a model read the twist, before any full-recipe screen on validation.
 
-`python -m export.count_specialist NAME [--input full|crop] [--crop PX] [--crop-per-clip]
+`python -m export.count_specialist NAME [--input full|crop|learned-crop] [--crop PX] [--crop-per-clip]
 [--stem default|difference|fine] [--routines N] [--steps S] [--seed K]` renders N routines whose
 flights are drawn attribute by attribute (`synth`'s `free_flight_share` = 1, the short split's
 durations, seeds of their own), keeps the 8-frame clips that lie wholly in flight (each through an
@@ -17,7 +17,8 @@ magnified 112/PX times. It is the control for the harness itself (if a specialis
 twist from that, the training set-up is at fault, not the encoder or the rendering), and with
 `--crop-per-clip` (one window per clip, at the torso's mean position over its 8 frames, so the
 figure moves inside it as it does in the video) it stands for an encoder that finds the diver once
-per clip and looks closer.
+per clip and looks closer. `--input learned-crop` finds the window itself (`FigureZoom`): no
+geometry at test time, the generator's torso positions only as the localiser's training target.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from export import REPO, build, data, diagnose_counts, synth, train, vocab
+from export.models import s3d
 
 COUNTS = ("somersaults", "twists")
 HELD_OUT_SEED = 1_000_000  # held-out free flights: seeds far from the training routines'
@@ -105,6 +107,65 @@ def torso_crops(clips: np.ndarray, torso: np.ndarray, crop: int = CROP, per_clip
     return out
 
 
+class FigureZoom(nn.Module):
+    """A clip encoder that finds the diver and looks closer: a small per-frame localiser (2D CNN to a
+    14 x 14 heatmap on the stride-8 grid; its soft-argmax is the window's centre) and a `crop`-px
+    window there, scaled to the frame size (bilinear), given to a clip encoder
+    (`train.build_encoder(**encoder_options)`). The window follows the detached centre: the
+    localiser learns only from its own target (`localiser_loss`)."""
+
+    def __init__(self, *, crop: int = CROP, frame_size: int = data.FRAME_SIZE, **encoder_options):
+        super().__init__()
+        self.crop, self.frame_size = crop, frame_size
+        self.register_buffer("mean", torch.tensor(s3d.PIXEL_MEAN).view(1, 3, 1, 1) * 255)
+        self.register_buffer("std", torch.tensor(s3d.PIXEL_STD).view(1, 3, 1, 1) * 255)
+        self.localiser = nn.Sequential(
+            nn.Conv2d(3, 16, 5, 2, 2), nn.BatchNorm2d(16), nn.ReLU(),
+            nn.Conv2d(16, 32, 3, 2, 1), nn.BatchNorm2d(32), nn.ReLU(),
+            nn.Conv2d(32, 32, 3, 2, 1), nn.BatchNorm2d(32), nn.ReLU(),
+            nn.Conv2d(32, 32, 3, 1, 1), nn.BatchNorm2d(32), nn.ReLU(),
+            nn.Conv2d(32, 1, 1),
+        )
+        self.grid = frame_size // 8
+        centres = torch.arange(self.grid).float() * 8 + 3.5  # px, the middle of each 8-px cell
+        self.register_buffer("cell_x", centres.repeat(self.grid))
+        self.register_buffer("cell_y", centres.repeat_interleave(self.grid))
+        self.encoder = train.build_encoder(**encoder_options)
+        self.feature_dim = self.encoder.feature_dim
+
+    def locate(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 frames (N, H, W, 3) -> heatmap logits (N, grid * grid) and centres (N, 2) in px."""
+        x = (frames.permute(0, 3, 1, 2).float() - self.mean) / self.std
+        logits = self.localiser(x).flatten(1)
+        p = logits.softmax(-1)
+        return logits, torch.stack([p @ self.cell_x, p @ self.cell_y], -1)
+
+    def window(self, frames: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
+        """The crop x crop window at each frame's centre, scaled to the frame size: (N, H, W, 3) float."""
+        n, h, w, _ = frames.shape
+        theta = torch.zeros(n, 2, 3)
+        theta[:, 0, 0], theta[:, 1, 1] = self.crop / w, self.crop / h
+        theta[:, 0, 2], theta[:, 1, 2] = (2 * centres[:, 0] + 1) / w - 1, (2 * centres[:, 1] + 1) / h - 1
+        grid = F.affine_grid(theta, (n, 3, self.frame_size, self.frame_size), align_corners=False)
+        x = frames.permute(0, 3, 1, 2).float()
+        return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False).permute(0, 2, 3, 1)
+
+    def forward_with_centres(self, clips: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        b, t = clips.shape[:2]
+        frames = clips.reshape(b * t, *clips.shape[2:])  # B*T, H, W, 3
+        logits, centres = self.locate(frames)
+        windows = self.window(frames, centres.detach()).reshape(b, t, self.frame_size, self.frame_size, 3)
+        return self.encoder(windows), logits, centres
+
+    def forward(self, clips: torch.Tensor) -> torch.Tensor:
+        return self.forward_with_centres(clips)[0]
+
+    def localiser_loss(self, logits: torch.Tensor, torso: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of the heatmap against the cell holding the torso's middle (N, 2) px."""
+        cell = (torso // 8).long().clamp(0, self.grid - 1)
+        return F.cross_entropy(logits, cell[:, 1] * self.grid + cell[:, 0])
+
+
 def _cached(name: str, routines) -> dict[str, np.ndarray]:
     path = REPO / "runs" / f"count_specialist_{name}.npz"
     if path.exists():
@@ -129,15 +190,29 @@ def score(encoder: nn.Module, heads: nn.ModuleList, bank: dict[str, np.ndarray],
     return {q: round(float(h / len(bank["clips"])), 3) for q, h in zip(COUNTS, hits)}
 
 
-def train_specialist(bank: dict[str, np.ndarray], *, stem: str = "default", steps: int = 1500, batch: int = 24,
-                     lr: float = 1e-3, seed: int = 0, log_every: int = 100) -> tuple[nn.Module, nn.ModuleList]:
-    """A fresh encoder and one linear head per count, cross-entropy on both, AdamW with a one-cycle
-    learning rate."""
+def localiser_error(zoom: FigureZoom, bank: dict[str, np.ndarray], batch: int = 64) -> float:
+    """Mean distance (px) between the learned window centres and the torso's middle over a bank."""
+    zoom.eval()
+    errors = []
+    with torch.inference_mode():
+        for s in range(0, len(bank["clips"]), batch):
+            frames = torch.from_numpy(bank["clips"][s:s + batch]).flatten(0, 1)
+            torso = torch.from_numpy(bank["torso"][s:s + batch]).reshape(-1, 2)
+            errors.append((zoom.locate(frames)[1] - torso).norm(dim=-1))
+    zoom.train()
+    return round(float(torch.cat(errors).mean()), 2)
+
+
+def train_specialist(bank: dict[str, np.ndarray], *, stem: str = "default", zoom: bool = False,
+                     steps: int = 1500, batch: int = 24, lr: float = 1e-3, seed: int = 0,
+                     log_every: int = 100) -> tuple[nn.Module, nn.ModuleList]:
+    """A fresh encoder (`zoom`: a `FigureZoom`, whose localiser learns the bank's "torso" positions)
+    and one linear head per count, cross-entropy on both, AdamW with a one-cycle learning rate."""
     if stem not in STEMS:
         raise ValueError(f"unknown stem {stem!r}; choose one of {sorted(STEMS)}")
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    encoder = train.build_encoder(**STEMS[stem])
+    encoder = FigureZoom(**STEMS[stem]) if zoom else train.build_encoder(**STEMS[stem])
     heads = nn.ModuleList(nn.Linear(encoder.feature_dim, len(vocab.ATTRIBUTES[q])) for q in COUNTS)
     opt = torch.optim.AdamW([*encoder.parameters(), *heads.parameters()], lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
@@ -145,8 +220,12 @@ def train_specialist(bank: dict[str, np.ndarray], *, stem: str = "default", step
     hits, seen, start = np.zeros(len(COUNTS)), 0, time.monotonic()
     for step in range(1, steps + 1):
         idx = rng.choice(len(bank["clips"]), batch, replace=False)
-        features = encoder(torch.from_numpy(bank["clips"][idx]))
-        loss = torch.zeros(())
+        clips = torch.from_numpy(bank["clips"][idx])
+        if zoom:
+            features, logits, _ = encoder.forward_with_centres(clips)
+            loss = encoder.localiser_loss(logits, torch.from_numpy(bank["torso"][idx]).reshape(-1, 2))
+        else:
+            features, loss = encoder(clips), torch.zeros(())
         for k, q in enumerate(COUNTS):
             logits, target = heads[k](features), torch.from_numpy(bank[q][idx])
             loss = loss + F.cross_entropy(logits, target)
@@ -166,7 +245,7 @@ def train_specialist(bank: dict[str, np.ndarray], *, stem: str = "default", step
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("name")
-    parser.add_argument("--input", choices=("full", "crop"), default="full")
+    parser.add_argument("--input", choices=("full", "crop", "learned-crop"), default="full")
     parser.add_argument("--crop", type=int, default=CROP, help="window side in px with --input crop")
     parser.add_argument("--crop-per-clip", action="store_true", help="one crop window per clip, not per frame")
     parser.add_argument("--stem", choices=sorted(STEMS), default="default")
@@ -185,10 +264,13 @@ def main() -> None:
         banks = {k: {**b, "clips": torso_crops(b["clips"], b["torso"], args.crop, args.crop_per_clip)}
                  for k, b in banks.items()}
     start = time.monotonic()
-    encoder, heads = train_specialist(banks["train"], stem=args.stem, steps=args.steps, seed=args.seed)
+    encoder, heads = train_specialist(banks["train"], stem=args.stem, zoom=args.input == "learned-crop",
+                                      steps=args.steps, seed=args.seed)
     record = {"name": args.name, "args": vars(args), "threads": train.TRAIN_THREADS,
               "clips": {k: len(b["clips"]) for k, b in banks.items()},
               **{k: score(encoder, heads, banks[k]) for k in ("held_out_free", "grid")},
+              **({"grid_localiser_error_px": localiser_error(encoder, banks["grid"])}
+                 if args.input == "learned-crop" else {}),
               "train_seconds": round(time.monotonic() - start), "load_average": [round(x, 2) for x in os.getloadavg()]}
     print(json.dumps(record), flush=True)
     with open(REPO / "runs" / "count_specialist.jsonl", "a") as f:

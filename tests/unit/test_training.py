@@ -337,3 +337,29 @@ def test_grid_routines_differ_only_in_the_counts():
             assert {q: v for q, v in r.labels.items() if q not in ("somersaults", "twists")} == {
                 q: v for q, v in first.labels.items() if q not in ("somersaults", "twists")}
     assert {group[0].labels["flight_pose"] for group in by_base.values()} == set(vocab.ATTRIBUTES["flight_pose"])
+
+
+def test_figure_zoom_cuts_its_window_where_its_localiser_points_and_learns_the_torso_cell():
+    from export import count_specialist
+
+    torch.manual_seed(0)
+    zoom = count_specialist.FigureZoom()
+    frames = torch.zeros(2, 112, 112, 3, dtype=torch.uint8)
+    frames[0, 98:102, 18:22] = 255  # a mark at (20, 100), then at (90, 30)
+    frames[1, 28:32, 88:92] = 255
+    windows = zoom.window(frames, torch.tensor([[19.5, 99.5], [89.5, 29.5]]))
+    assert windows.shape == (2, 112, 112, 3)
+    assert windows[:, 50:62, 50:62].min() > 200 and windows[:, :30].max() == 0  # x 3.5, centred
+    logits, centres = zoom.locate(frames)
+    assert logits.shape == (2, 14 * 14) and ((centres >= 0) & (centres < 112)).all()
+    target = torch.zeros(2, 14 * 14)
+    target[0, 12 * 14 + 2], target[1, 3 * 14 + 11] = 100, 100  # the cells holding each mark
+    assert zoom.localiser_loss(target, torch.tensor([[20.0, 100.0], [90.0, 30.0]])) < 1e-3
+    assert zoom.localiser_loss(target, torch.tensor([[90.0, 30.0], [20.0, 100.0]])) > 50
+    rng = np.random.default_rng(0)
+    bank = {"clips": rng.integers(0, 256, (6, 8, 112, 112, 3), dtype=np.uint8), "torso": rng.uniform(0, 112, (6, 8, 2)),
+            "somersaults": rng.integers(0, 5, 6), "twists": rng.integers(0, 5, 6)}
+    encoder, heads = count_specialist.train_specialist(bank, zoom=True, steps=2, batch=3)
+    assert isinstance(encoder, count_specialist.FigureZoom)
+    assert encoder(torch.from_numpy(bank["clips"][:2])).shape == (2, encoder.feature_dim)
+    assert 0 <= count_specialist.localiser_error(encoder, bank) < 160
