@@ -147,7 +147,8 @@ def config_text(name: str, *, kept_dims: int | None, parameters: Mapping[str, st
         "",
         "instance_group [\n  {\n    count: 1\n    kind: KIND_CPU\n  }\n]",
         "",
-        'parameters: { key: "intra_op_threads" value: { string_value: "2" } }',
+        # One intra-op thread, as clip_encoder_s3d (README "Speed"): the encoders' speeds compare like-for-like.
+        'parameters: { key: "intra_op_threads" value: { string_value: "1" } }',
         # clip_fps and gmacs_per_clip: written after, by export/onnx_export.py's writer (one format).
         *[f'parameters: {{ key: "{k}" value: {{ string_value: "{v}" }} }}' for k, v in parameters.items()
           if k not in (CLIP_FPS_PARAMETER, GMACS_PER_CLIP_PARAMETER)],

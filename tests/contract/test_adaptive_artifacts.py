@@ -94,6 +94,12 @@ def test_graph_config_and_provenance(loaded, name):
         assert meta["student_history"] == [{"steps": AdaptiveBudget().vit_steps, "from": "scratch",
                                             TEACHER_KEY: s3d_weights}]
         assert meta["provenance"]["budget"]["vit_steps"] == AdaptiveBudget().vit_steps
+    if name in ("clip_encoder_vit", "clip_encoder_vit_ats"):  # built with the defaults a fresh clone's build uses
+        from dataclasses import asdict
+
+        from export.train_adaptive import AdaptiveBudget
+
+        assert meta["provenance"]["budget"] == asdict(AdaptiveBudget())
 
 
 def _clips(batch: int, seed: int) -> np.ndarray:
