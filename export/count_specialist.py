@@ -52,17 +52,8 @@ def free_routine(seed: int) -> synth.Routine:
 
 
 def _h264_round_trip(frames: list[np.ndarray]) -> np.ndarray:
-    size = data.FRAME_SIZE
-    _, encoder, options = synth.CODECS["h264"]
     buffer = io.BytesIO()
-    with av.open(buffer, "w", format="mp4") as container:
-        stream = container.add_stream(encoder, rate=int(build.FPS), options=dict(options))
-        stream.width, stream.height, stream.pix_fmt = size, size, "yuv420p"
-        for frame in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
+    synth.encode(frames, buffer, data.FRAME_SIZE, data.FRAME_SIZE, build.FPS, "h264")
     buffer.seek(0)
     with av.open(buffer) as container:
         return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])

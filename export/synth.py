@@ -50,6 +50,7 @@ import sys
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
+from typing import BinaryIO
 
 import av
 import cv2
@@ -372,13 +373,15 @@ def labels_for(routine: Routine, fps: float) -> dict:
     }
 
 
-def encode(frames, path: Path, width: int, height: int, fps: float, codec: str) -> None:
+def encode(frames, target: Path | BinaryIO, width: int, height: int, fps: float, codec: str) -> None:
+    """Encode RGB frames into an MP4 file, or into an open binary file (an in-memory round trip)."""
     if codec not in CODECS:
         raise ValueError(f"unknown codec {codec!r}; choose one of {sorted(CODECS)}")
     if width % 2 or height % 2:
         raise ValueError(f"width and height must be even for yuv420p, got {width}x{height}")
     _, encoder, options = CODECS[codec]
-    with av.open(str(path), "w") as container:
+    is_path = isinstance(target, (str, Path))
+    with av.open(str(target) if is_path else target, "w", format=None if is_path else "mp4") as container:
         stream = container.add_stream(encoder, rate=Fraction(fps).limit_denominator(1001),
                                       options=dict(options))
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"

@@ -734,22 +734,10 @@ def main() -> None:
         parser.error("--quick needs --repository (a copy holding clip_encoder_s3d and tqn_decoder): "
                      "it would replace the served adaptive encoders with barely trained ones")
     budget = QUICK if args.quick else AdaptiveBudget()
-    if args.vit_steps is not None:
-        budget = replace(budget, vit_steps=args.vit_steps)
-    if args.vit_tune_steps is not None:
-        budget = replace(budget, vit_tune_steps=args.vit_tune_steps)
-    if args.ats_self_distill is not None:
-        budget = replace(budget, ats_self_distill=args.ats_self_distill)
-    if args.ats_token_cost is not None:
-        budget = replace(budget, ats_token_cost=args.ats_token_cost)
-    if args.vit_val_every is not None:
-        budget = replace(budget, vit_val_every=args.vit_val_every)
-    if args.vit_align_steps is not None:
-        budget = replace(budget, vit_align_steps=args.vit_align_steps)
-    if args.sgs_steps is not None:
-        budget = replace(budget, sgs_steps=args.sgs_steps)
-    if args.sgs_frozen_steps is not None:
-        budget = replace(budget, sgs_frozen_steps=args.sgs_frozen_steps)
+    budget_options = ("vit_steps", "vit_tune_steps", "ats_self_distill", "ats_token_cost", "vit_val_every",
+                      "vit_align_steps", "sgs_steps", "sgs_frozen_steps")  # each a field of AdaptiveBudget
+    overrides = {name: getattr(args, name) for name in budget_options if getattr(args, name) is not None}
+    budget = replace(budget, **overrides)
     if args.tune_vit:
         torch.set_num_threads(train.TRAIN_THREADS)
         torch.manual_seed(args.seed)
