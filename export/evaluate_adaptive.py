@@ -304,7 +304,7 @@ def evaluate(data_dir: Path, repository: Path, *, videos: int | None = None, out
     chosen = np.arange(len(ds.records)) if videos is None else np.linspace(0, len(ds.records) - 1, videos).astype(int)
     curve_videos = chosen[::CURVE_EVERY]
     served = run_served(ds, chosen, set(curve_videos.tolist()), repository)
-    phases = np.concatenate([clip_phases(ds, int(v)) for v in chosen])
+    phases_of = {int(v): clip_phases(ds, int(v)) for v in chosen}
     summary, kept, curve, hits = {}, {}, {}, {}
     for label, r in served["results"].items():
         preds = {q: np.asarray(p) for q, p in r["preds"].items()}
@@ -336,7 +336,7 @@ def evaluate(data_dir: Path, repository: Path, *, videos: int | None = None, out
             entry["kept_ratio"] = entry["gmacs_per_clip"] / _plain_gmacs(served["parameters"][model], model, repository)
             entry["kept_mean"] = k.mean(0).tolist()
             # by the phase of each clip this configuration encoded (the curve's: its videos only)
-            at = phases if len(evaluated) == len(chosen) else np.concatenate([clip_phases(ds, int(v)) for v in evaluated])
+            at = np.concatenate([phases_of[int(v)] for v in evaluated])
             kept[label] = (k, at)
             entry["kept_by_phase"] = {PHASE_NAMES[p]: k[at == p].mean(0).tolist()
                                       for p in range(len(PHASE_NAMES)) if (at == p).any()}

@@ -39,13 +39,17 @@ class Pipeline:
     cpu_parts: dict[str, float] = field(default_factory=dict)
     result: object = None
     walls: list[float] = field(default_factory=list)  # every round's
-    cpu_totals: list[float] = field(default_factory=list)  # every round's CPU-s, all roles
     cpu_rounds: list[dict[str, float]] = field(default_factory=list)  # every round's CPU-s by role
     cpu_parts_rounds: dict[str, list[float]] = field(default_factory=dict)  # every round's CPU-s by part
 
     @property
     def cpu_total(self) -> float:
         return sum(self.cpu.values())
+
+    @property
+    def cpu_totals(self) -> list[float]:
+        """Every round's CPU-s, all roles."""
+        return [sum(cpu.values()) for cpu in self.cpu_rounds]
 
 
 def measure(pipelines: list[Pipeline], rounds: int = RUNS) -> None:
@@ -66,7 +70,6 @@ def measure(pipelines: list[Pipeline], rounds: int = RUNS) -> None:
             p.cpu_rounds.append(cpu)
             for k in parts_after:
                 p.cpu_parts_rounds.setdefault(k, []).append(parts_after[k] - parts_before.get(k, 0.0))
-            p.cpu_totals.append(sum(cpu.values()))
             if wall < p.wall:
                 p.wall, p.result, p.cpu = wall, result, cpu
                 p.cpu_parts = {k: parts_after[k] - parts_before.get(k, 0.0) for k in parts_after}

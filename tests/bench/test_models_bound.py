@@ -76,8 +76,9 @@ def test_gateway_against_in_process_onnx_runtime(
     one_thread = InProcess(trained_models, encoder_threads=1)
     uris = [str(p.relative_to(allowed_root)) for p in synthetic_videos]
     gateway_roles = lambda: cpu_roles(gateway=proc.pid, triton=triton.pid)  # noqa: E731
-    local_parts = lambda: {f"in-process {k}": v for k, v in local.cpu.items()}  # noqa: E731
-    one_thread_parts = lambda: {f"in-process {k}": v for k, v in one_thread.cpu.items()}  # noqa: E731
+
+    def parts_of(reference: InProcess):
+        return lambda: {f"in-process {k}": v for k, v in reference.cpu.items()}
 
     def in_process(paths: list[Path], reference: InProcess = local):
         return [reference.analyze(p) for p in paths]
@@ -90,12 +91,12 @@ def test_gateway_against_in_process_onnx_runtime(
         ),
         many_local := Pipeline(
             f"(p) in process: PyAV + ORT, encoder {local.encoder_threads} threads, {len(uris)} videos",
-            lambda: in_process(synthetic_videos), parts=local_parts,
+            lambda: in_process(synthetic_videos), parts=parts_of(local),
             warm_up=lambda: in_process(synthetic_videos[:WARM_UP_VIDEOS]),
         ),
         many_one_thread := Pipeline(
             f"(p1) in process: PyAV + ORT, encoder 1 thread, {len(uris)} videos",
-            lambda: in_process(synthetic_videos, one_thread), parts=one_thread_parts,
+            lambda: in_process(synthetic_videos, one_thread), parts=parts_of(one_thread),
             warm_up=lambda: in_process(synthetic_videos[:WARM_UP_VIDEOS], one_thread),
         ),
     ]
@@ -106,7 +107,7 @@ def test_gateway_against_in_process_onnx_runtime(
         ),
         small_local := Pipeline(
             "(p) in process: PyAV + ONNX Runtime, 320x240",
-            lambda: local.analyze(small_video), parts=local_parts,
+            lambda: local.analyze(small_video), parts=parts_of(local),
         ),
         floor := Pipeline(
             "(f) floor: ffmpeg -skip_frame noref -threads 2, to null",
