@@ -20,6 +20,7 @@ import onnxruntime as ort
 import torch
 
 from export.adaptive import onnx_functions
+from export.adaptive_export import ServedViT
 from export.adaptive.ats import adaptive_token_sampler
 from export.adaptive.sgs import SimilarityGuidedSampling, similarity_guided_sampling
 from export.models.s3d import S3D, SepConv3d
@@ -44,14 +45,15 @@ class _AtsBlock(torch.nn.Module):
 
 
 class _FixedK(torch.nn.Module):
-    """A ViT with K fixed per ATS block, given as an input (`VideoViT.forward`'s `k`)."""
+    """The served ViT with K fixed per ATS block, given as an input (`VideoViT.forward`'s `k`)."""
 
     def __init__(self, vit: torch.nn.Module):
         super().__init__()
         self.vit = vit
 
     def forward(self, clips, k):
-        return self.vit(clips, k=k)
+        features, kept = self.vit.forward_tokens(self.vit.served_tokens(clips), k=k)
+        return self.vit.forward_head(features), kept
 
 
 class _PlainBlock(_AtsBlock):
@@ -193,7 +195,7 @@ def profile_encoders(out: Path, *, batches, threads: int, repeats: int):
     s3d = S3D().eval()
     s3d.load_state_dict({k: v for k, v in s3d_sgs.state_dict().items() if not k.startswith("sgs.")})
     dynamic = {"clips": {0: batch}}
-    _export(vit, (clips,), out / "vit.onnx", (["clips"], ["features"]), dynamic)
+    _export(ServedViT(vit), (clips,), out / "vit.onnx", (["clips"], ["features"]), dynamic)
     _export(_FixedK(vit), (clips, torch.tensor([64] * 4)), out / "vit_ats.onnx", (["clips", "k"], ["features", "tokens_kept"]),
             {**dynamic, "k": None})
     _export(s3d, (clips,), out / "s3d.onnx", (["clips"], ["features"]), dynamic)

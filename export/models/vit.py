@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from export.adaptive.ats import adaptive_token_sampler, gather_rows, select_top_k
+from export.models.pixels import embed_patches
 from export.models.s3d import PIXEL_MEAN, PIXEL_STD
 
 K_FLOOR = 8  # the thesis's K_n = max(ρ·#InputTokens_n, 8)
@@ -131,13 +132,24 @@ class VideoViT(nn.Module):
     def forward_features(
         self, x: torch.Tensor, budget: torch.Tensor | None = None, *, k: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Normalised video (N, 3, T, H, W) -> cls features (N, dim) and, with ATS (`budget` or `k`,
+        """Normalised video (N, 3, T, H, W) -> `forward_tokens` of its tubelet embeddings."""
+        return self.forward_tokens(self.embed(x).flatten(2).transpose(1, 2), budget, k=k)
+
+    def served_tokens(self, clips: torch.Tensor) -> torch.Tensor:
+        """uint8 clips -> tubelet embeddings (N, n, dim) as the served graphs compute them
+        (`pixels.embed_patches`): the embeddings `forward` computes, up to float rounding. Training
+        keeps `forward`'s order of operations, so retraining reproduces the committed weights."""
+        return embed_patches(clips, self.embed, self.mean, self.std).flatten(1, 3)
+
+    def forward_tokens(
+        self, tokens: torch.Tensor, budget: torch.Tensor | None = None, *, k: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Tubelet embeddings (N, n, dim) -> cls features (N, dim) and, with ATS (`budget` or `k`,
         see `forward`), the tokens each ATS block kept per sample (N, len(ats_blocks)), cls included."""
         if budget is not None and k is not None:
             raise ValueError("give a budget or a fixed k, not both")
         if budget is not None and not budget.is_floating_point():
             raise ValueError("budget is a float share of the tokens; a fixed K per ATS block goes in k")
-        tokens = self.embed(x).flatten(2).transpose(1, 2)  # N, n, dim
         x = torch.cat([self.cls.expand(tokens.shape[0], -1, -1), tokens], dim=1) + self.position
         mask = None
         kept = []

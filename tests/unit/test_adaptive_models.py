@@ -250,6 +250,21 @@ def test_vit_budgets_per_clip_match_each_clip_alone_and_budget_one_is_the_plain_
     assert kept[0].tolist() == [vit.tokens + 1] * 3 and (kept[1:] < vit.tokens + 1).all()
 
 
+def test_served_vit_graphs_read_the_uint8_clips_as_the_trained_vit_does(vit):
+    """The served wrappers embed the tubelets from the raw clips (normalisation folded into one
+    matrix product); their features and kept counts are the torch ViT's."""
+    from export.adaptive_export import ServedViT, ServedViTATS
+
+    clips, budgets = _clips(4, seed=9, size=64), torch.tensor([[1.0], [0.5], [0.3], [0.8]])
+    with torch.no_grad():
+        torch.testing.assert_close(ServedViT(vit)(clips), vit(clips), atol=1e-4, rtol=1e-4)
+        features, kept, gmacs = ServedViTATS(vit)(clips, budgets)
+        want, want_kept = vit(clips, budgets)
+    torch.testing.assert_close(features, want, atol=1e-4, rtol=1e-4)
+    assert kept.tolist() == (want_kept - 1).tolist()
+    assert gmacs[:, 0].tolist() == pytest.approx((vit.macs(want_kept) / 1e9).tolist())
+
+
 def test_vit_macs_per_clip_from_a_tensor_of_kept_counts(vit):
     kept = torch.tensor([[33, 20, 9], [5, 5, 5]])
     assert vit.macs(kept).tolist() == [vit.macs([33, 20, 9]), vit.macs([5, 5, 5])]
