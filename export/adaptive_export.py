@@ -65,8 +65,7 @@ class ServedViT(nn.Module):
         self.vit = vit
 
     def forward(self, clips: torch.Tensor) -> torch.Tensor:
-        features, _ = self.vit.forward_tokens(self.vit.served_tokens(clips))
-        return self.vit.forward_head(features)
+        return self.vit.forward_served(clips)
 
 
 class ServedViTATS(nn.Module):
@@ -77,9 +76,9 @@ class ServedViTATS(nn.Module):
         self.vit = vit
 
     def forward(self, clips: torch.Tensor, budget: torch.Tensor):
-        features, kept = self.vit.forward_tokens(self.vit.served_tokens(clips), budget.clamp(0.0, 1.0))
-        gmacs = (self.vit.macs(kept).to(torch.float32) / 1e9).unsqueeze(1)  # kept: per ATS block, cls included
-        return self.vit.forward_head(features), kept - 1, gmacs
+        features, kept = self.vit.forward_served(clips, budget.clamp(0.0, 1.0))  # kept: per ATS block, cls included
+        gmacs = (self.vit.macs(kept).to(torch.float32) / 1e9).unsqueeze(1)
+        return features, kept - 1, gmacs
 
 
 class ServedS3DSGS(nn.Module):

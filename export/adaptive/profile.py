@@ -52,8 +52,7 @@ class _FixedK(torch.nn.Module):
         self.vit = vit
 
     def forward(self, clips, k):
-        features, kept = self.vit.forward_tokens(self.vit.served_tokens(clips), k=k)
-        return self.vit.forward_head(features), kept
+        return self.vit.forward_served(clips, k=k)
 
 
 class _PlainBlock(_AtsBlock):

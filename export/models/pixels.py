@@ -1,9 +1,23 @@
-"""Raw uint8 clips straight into a patchifying convolution, the way the served graphs read them."""
+"""uint8 clips into an encoder: normalised video for training, or straight into a patchifying
+convolution, the way the served graphs read them."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+
+def normalise(clips: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """uint8 clips (N, T, H, W, C) -> normalised float video (N, C, T, H, W); `mean` and `std` hold
+    one value per channel, in pixel units."""
+    c = clips.shape[-1]
+    return (clips.permute(0, 4, 1, 2, 3).float() - mean.reshape(1, c, 1, 1, 1)) / std.reshape(1, c, 1, 1, 1)
+
+
+def can_embed_patches(conv: nn.Conv3d) -> bool:
+    """Whether `embed_patches` computes this conv: its kernel is its stride, without padding."""
+    return (tuple(conv.stride) == tuple(conv.kernel_size) and not any(conv.padding)
+            and all(d == 1 for d in conv.dilation) and conv.groups == 1)
 
 
 def embed_patches(clips: torch.Tensor, conv: nn.Conv3d, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
@@ -15,7 +29,7 @@ def embed_patches(clips: torch.Tensor, conv: nn.Conv3d, mean: torch.Tensor, std:
     (the cast), not after each of transpose, cast, subtract and divide, and no im2col copy is made.
     Equal to the conv up to float rounding. `mean` and `std` hold one value per channel."""
     kernel = tuple(conv.kernel_size)
-    if tuple(conv.stride) != kernel or any(conv.padding) or any(d != 1 for d in conv.dilation) or conv.groups != 1:
+    if not can_embed_patches(conv):
         raise ValueError(f"embed_patches needs a conv whose kernel is its stride, without padding: {conv}")
     n, t, h, w, c = clips.shape
     kt, kh, kw = kernel

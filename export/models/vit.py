@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from export.adaptive.ats import adaptive_token_sampler, gather_rows, select_top_k
-from export.models.pixels import embed_patches
+from export.models.pixels import embed_patches, normalise
 from export.models.s3d import PIXEL_MEAN, PIXEL_STD
 
 K_FLOOR = 8  # the thesis's K_n = max(ρ·#InputTokens_n, 8)
@@ -135,12 +135,6 @@ class VideoViT(nn.Module):
         """Normalised video (N, 3, T, H, W) -> `forward_tokens` of its tubelet embeddings."""
         return self.forward_tokens(self.embed(x).flatten(2).transpose(1, 2), budget, k=k)
 
-    def served_tokens(self, clips: torch.Tensor) -> torch.Tensor:
-        """uint8 clips -> tubelet embeddings (N, n, dim) as the served graphs compute them
-        (`pixels.embed_patches`): the embeddings `forward` computes, up to float rounding. Training
-        keeps `forward`'s order of operations, so retraining reproduces the committed weights."""
-        return embed_patches(clips, self.embed, self.mean, self.std).flatten(1, 3)
-
     def forward_tokens(
         self, tokens: torch.Tensor, budget: torch.Tensor | None = None, *, k: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -174,10 +168,19 @@ class VideoViT(nn.Module):
         cls included. `budget`: a float ρ (one, or one per clip (N,) / (N, 1)); each ATS block's K =
         `block_k`(ρ, the tokens it receives), as served. `k`: int64 K fixed per ATS block ((blocks,)
         for the batch or (N, blocks) per clip), as the top-K baseline runs at ATS's K'."""
-        x = clips.permute(0, 4, 1, 2, 3).float()  # N, C, T, H, W
-        x = (x - self.mean) / self.std
-        features, kept = self.forward_features(x, budget, k=k)
-        plain = budget is None and k is None
+        features, kept = self.forward_features(normalise(clips, self.mean, self.std), budget, k=k)
+        return self._answer(features, kept, plain=budget is None and k is None)
+
+    def forward_served(self, clips: torch.Tensor, budget: torch.Tensor | None = None, *,
+                       k: torch.Tensor | None = None):
+        """`forward` as the served graphs compute it: the tubelet embedding reads the uint8 clips
+        (`pixels.embed_patches`), equal up to float rounding. Training keeps `forward`'s order of
+        operations, so retraining reproduces the committed weights."""
+        tokens = embed_patches(clips, self.embed, self.mean, self.std).flatten(1, 3)  # N, n, dim
+        features, kept = self.forward_tokens(tokens, budget, k=k)
+        return self._answer(features, kept, plain=budget is None and k is None)
+
+    def _answer(self, features: torch.Tensor, kept: torch.Tensor | None, *, plain: bool):
         return self.forward_head(features) if plain else (self.forward_head(features), kept)
 
     def macs(self, kept: Sequence[int] | torch.Tensor | None = None):

@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from export.models.pixels import embed_patches
+from export.models.pixels import can_embed_patches, embed_patches, normalise
 
 MEAN = torch.tensor([110.0, 100.0, 95.0])
 STD = torch.tensor([58.0, 56.0, 55.0])
@@ -10,6 +10,7 @@ STD = torch.tensor([58.0, 56.0, 55.0])
 
 def _reference(clips: torch.Tensor, conv: nn.Conv3d) -> torch.Tensor:
     x = (clips.permute(0, 4, 1, 2, 3).float() - MEAN.view(1, 3, 1, 1, 1)) / STD.view(1, 3, 1, 1, 1)
+    assert torch.equal(normalise(clips, MEAN, STD), x)  # training's input, bit for bit
     return conv(x).permute(0, 2, 3, 4, 1)  # channels last, as embed_patches returns
 
 
@@ -36,6 +37,7 @@ def test_each_patch_reads_its_own_pixels():
 
 
 def test_refuses_what_is_not_a_patchify():
+    assert can_embed_patches(nn.Conv3d(3, 4, (2, 16, 16), stride=(2, 16, 16)))
     clips = torch.zeros(1, 8, 32, 32, 3, dtype=torch.uint8)
     with pytest.raises(ValueError, match="kernel is its stride"):
         embed_patches(clips, nn.Conv3d(3, 4, (1, 8, 8), stride=(1, 8, 8), padding=(0, 1, 1)), MEAN, STD)
