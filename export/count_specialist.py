@@ -1,7 +1,7 @@
 """Per-clip count specialists (issue 8): the cheap, decisive test of whether an encoder or a
 rendering lets a model read the twist, before any full-recipe screen on validation.
 
-`python -m export.count_specialist NAME [--input full|crop|learned-crop] [--crop PX] [--crop-per-clip]
+`python -m export.count_specialist NAME [--input full|crop|learned-crop|zoom] [--crop PX] [--crop-per-clip]
 [--stem default|difference|fine] [--routines N] [--steps S] [--seed K]` renders N routines whose
 flights are drawn attribute by attribute (`synth`'s `free_flight_share` = 1, the short split's
 durations, seeds of their own), keeps the 8-frame clips that lie wholly in flight (each through an
@@ -19,6 +19,9 @@ twist from that, the training set-up is at fault, not the encoder or the renderi
 figure moves inside it as it does in the video) it stands for an encoder that finds the diver once
 per clip and looks closer. `--input learned-crop` finds the window itself (`FigureZoom`): no
 geometry at test time, the generator's torso positions only as the localiser's training target.
+`--input zoom` trains the servable version of that idea, the `s3d_zoom` encoder
+(`export.models.s3d_zoom`: the full frame's s3d, a localiser on its stem, a window stream on a
+32-px window cut once per clip), on the full frames; its localiser learns the same target.
 """
 
 from __future__ import annotations
@@ -37,13 +40,15 @@ from torch import nn
 from torch.nn import functional as F
 
 from export import REPO, build, data, diagnose_counts, synth, train, vocab
-from export.models import s3d
+from export.models import s3d, s3d_zoom
 
 COUNTS = ("somersaults", "twists")
 HELD_OUT_SEED = 1_000_000  # held-out free flights: seeds far from the training routines'
 HELD_OUT_ROUTINES = 300
 CROP = 32  # px around the torso's middle, as rendered at 112 px
 STEMS = {"default": {}, "difference": {"stem_difference": True}, "fine": {"stem_patch": 4, "stem_pool": 2}}
+ENCODERS = ("s3d", "figure-zoom", "s3d-zoom")  # the last two localise the figure and learn its position
+INPUT_ENCODERS = {"learned-crop": "figure-zoom", "zoom": "s3d-zoom"}  # --input's encoder where not s3d
 
 
 def free_routine(seed: int) -> synth.Routine:
@@ -141,7 +146,8 @@ class FigureZoom(nn.Module):
         x = frames.permute(0, 3, 1, 2).float()
         return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False).permute(0, 2, 3, 1)
 
-    def forward_with_centres(self, clips: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward_with_heatmap(self, clips: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Features (B, D), heatmap logits (B*T, grid * grid) and centres (B*T, 2) px, frame by frame."""
         b, t = clips.shape[:2]
         frames = clips.reshape(b * t, *clips.shape[2:])  # B*T, H, W, 3
         logits, centres = self.locate(frames)
@@ -149,7 +155,7 @@ class FigureZoom(nn.Module):
         return self.encoder(windows), logits, centres
 
     def forward(self, clips: torch.Tensor) -> torch.Tensor:
-        return self.forward_with_centres(clips)[0]
+        return self.forward_with_heatmap(clips)[0]
 
     def localiser_loss(self, logits: torch.Tensor, torso: torch.Tensor) -> torch.Tensor:
         """Cross-entropy of the heatmap against the cell holding the torso's middle (N, 2) px."""
@@ -181,29 +187,36 @@ def score(encoder: nn.Module, heads: nn.ModuleList, bank: dict[str, np.ndarray],
     return {q: round(float(h / len(bank["clips"])), 3) for q, h in zip(COUNTS, hits)}
 
 
-def localiser_error(zoom: FigureZoom, bank: dict[str, np.ndarray], batch: int = 64) -> float:
-    """Mean distance (px) between the learned window centres and the torso's middle over a bank."""
+def localiser_error(zoom: FigureZoom | s3d_zoom.S3DZoom, bank: dict[str, np.ndarray], batch: int = 64) -> float:
+    """Mean distance (px) between the learned window centres and the torso's middle over a bank: per
+    frame for a `FigureZoom`, per clip (against the torso's mean position over the clip) for `s3d_zoom`."""
     zoom.eval()
     errors = []
     with torch.inference_mode():
         for s in range(0, len(bank["clips"]), batch):
-            frames = torch.from_numpy(bank["clips"][s:s + batch]).flatten(0, 1)
-            torso = torch.from_numpy(bank["torso"][s:s + batch]).reshape(-1, 2)
-            errors.append((zoom.locate(frames)[1] - torso).norm(dim=-1))
+            centres = zoom.forward_with_heatmap(torch.from_numpy(bank["clips"][s:s + batch]))[2]
+            torso = torch.from_numpy(bank["torso"][s:s + batch])
+            torso = torso.reshape(-1, 2) if isinstance(zoom, FigureZoom) else torso.mean(1)
+            errors.append((centres - torso).norm(dim=-1))
     zoom.train()
     return round(float(torch.cat(errors).mean()), 2)
 
 
-def train_specialist(bank: dict[str, np.ndarray], *, stem: str = "default", zoom: bool = False,
+def train_specialist(bank: dict[str, np.ndarray], *, stem: str = "default", encoder: str = "s3d",
                      steps: int = 1500, batch: int = 24, lr: float = 1e-3, seed: int = 0,
                      log_every: int = 100) -> tuple[nn.Module, nn.ModuleList]:
-    """A fresh encoder (`zoom`: a `FigureZoom`, whose localiser learns the bank's "torso" positions)
-    and one linear head per count, cross-entropy on both, AdamW with a one-cycle learning rate."""
+    """A fresh encoder (one of ENCODERS; "figure-zoom" is a `FigureZoom` and "s3d-zoom" the
+    `s3d_zoom` encoder, whose localisers learn the bank's "torso" positions) and one linear head per
+    count, cross-entropy on both, AdamW with a one-cycle learning rate."""
     if stem not in STEMS:
         raise ValueError(f"unknown stem {stem!r}; choose one of {sorted(STEMS)}")
+    if encoder not in ENCODERS or (encoder == "s3d-zoom" and stem != "default"):
+        raise ValueError(f"unknown encoder {encoder!r} (choose one of {ENCODERS}; s3d-zoom has the default stem)")
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    encoder = FigureZoom(**STEMS[stem]) if zoom else train.build_encoder(**STEMS[stem])
+    localises = encoder != "s3d"
+    encoder = {"s3d": lambda: train.build_encoder(**STEMS[stem]), "figure-zoom": lambda: FigureZoom(**STEMS[stem]),
+               "s3d-zoom": lambda: s3d_zoom.create(diagnose_counts.ZOOM_VARIANT)}[encoder]()
     heads = nn.ModuleList(nn.Linear(encoder.feature_dim, len(vocab.ATTRIBUTES[q])) for q in COUNTS)
     opt = torch.optim.AdamW([*encoder.parameters(), *heads.parameters()], lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
@@ -212,8 +225,8 @@ def train_specialist(bank: dict[str, np.ndarray], *, stem: str = "default", zoom
     for step in range(1, steps + 1):
         idx = rng.choice(len(bank["clips"]), batch, replace=False)
         clips = torch.from_numpy(bank["clips"][idx])
-        if zoom:
-            features, logits, _ = encoder.forward_with_centres(clips)
+        if localises:
+            features, logits, _ = encoder.forward_with_heatmap(clips)
             loss = encoder.localiser_loss(logits, torch.from_numpy(bank["torso"][idx]).reshape(-1, 2))
         else:
             features, loss = encoder(clips), torch.zeros(())
@@ -236,7 +249,7 @@ def train_specialist(bank: dict[str, np.ndarray], *, stem: str = "default", zoom
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("name")
-    parser.add_argument("--input", choices=("full", "crop", "learned-crop"), default="full")
+    parser.add_argument("--input", choices=("full", "crop", "learned-crop", "zoom"), default="full")
     parser.add_argument("--crop", type=int, default=CROP, help="window side in px with --input crop")
     parser.add_argument("--crop-per-clip", action="store_true", help="one crop window per clip, not per frame")
     parser.add_argument("--stem", choices=sorted(STEMS), default="default")
@@ -255,13 +268,13 @@ def main() -> None:
         banks = {k: {**b, "clips": torso_crops(b["clips"], b["torso"], args.crop, args.crop_per_clip)}
                  for k, b in banks.items()}
     start = time.monotonic()
-    encoder, heads = train_specialist(banks["train"], stem=args.stem, zoom=args.input == "learned-crop",
-                                      steps=args.steps, seed=args.seed)
+    encoder, heads = train_specialist(banks["train"], stem=args.stem, steps=args.steps, seed=args.seed,
+                                      encoder=INPUT_ENCODERS.get(args.input, "s3d"))
     record = {"name": args.name, "args": vars(args), "threads": train.TRAIN_THREADS,
               "clips": {k: len(b["clips"]) for k, b in banks.items()},
               **{k: score(encoder, heads, banks[k]) for k in ("held_out_free", "grid")},
               **({"grid_localiser_error_px": localiser_error(encoder, banks["grid"])}
-                 if args.input == "learned-crop" else {}),
+                 if args.input in ("learned-crop", "zoom") else {}),
               "train_seconds": round(time.monotonic() - start), "load_average": [round(x, 2) for x in os.getloadavg()]}
     print(json.dumps(record), flush=True)
     with open(REPO / "runs" / "count_specialist.jsonl", "a") as f:

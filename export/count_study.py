@@ -1,7 +1,7 @@
 """Recipe study for the counts (issue 8), judged on VALIDATION only.
 
 `python -m export.count_study NAME [--warmup-steps N] [--bank-steps M] [--stem-difference] [--fine-stem]
-[--rate-loss W] [--free-flight-share P] [--seed S]` trains the warm-up (as `train.train_all` does:
+[--rate-loss W] [--free-flight-share P] [--zoom] [--seed S]` trains the warm-up (as `train.train_all` does:
 encoder, TQN, average-pooling and per-clip heads on the short videos) with the given changes, then, with
 `--bank-steps`, TQN's feature-bank stage; it prints the TQN's validation accuracy and the
 linear probe of the encoder's flight-clip features (`diagnose_counts.probe_report`), appends
@@ -12,12 +12,18 @@ drawn attribute by attribute instead of from the class table (`synth`'s `free_fl
 rendered once into data/short_free<P>, same seed and spec as data/short otherwise): with the
 table alone, twists follow from (pose, somersaults) in 10 of the 12 flights, and the model learns
 that instead of reading the twist. Validation and the feature-bank stage keep the table's videos.
+
+`--zoom` trains the `s3d_zoom` encoder (`export.models.s3d_zoom`) instead of `s3d`: its localiser
+learns, in both stages, the torso's middle in every frame that has a figure, from the generator's
+own geometry (`diagnose_counts.figure_track`, recomputed from each video's seed and its split's
+spec; no generator change). The record adds the localiser's error on validation flight clips.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 from dataclasses import asdict, replace
@@ -46,6 +52,8 @@ def main() -> None:
     parser.add_argument("--fine-stem", action="store_true", help="4x4 patches, max-pooled to 8x8 after the stem")
     parser.add_argument("--rate-loss", type=float, default=0.0)
     parser.add_argument("--free-flight-share", type=float, default=0.0)
+    parser.add_argument("--zoom", action="store_true",
+                        help=f"the {diagnose_counts.ZOOM_VARIANT} encoder, its localiser's target from geometry")
     parser.add_argument("--seed", type=int, default=build.TRAIN_SEED)
     args = parser.parse_args()
     torch.set_num_threads(train.TRAIN_THREADS)
@@ -55,13 +63,16 @@ def main() -> None:
         splits["short"] = data.load(free_flight_short(args.free_flight_share))
     budget = replace(train.Budget(), warmup_steps=args.warmup_steps, bank_steps=max(1, args.bank_steps))
     rng = train.seed_everything(args.seed)
-    fine = dict(stem_patch=4, stem_pool=2) if args.fine_stem else {}
-    encoder = train.build_encoder(stem_difference=args.stem_difference, **fine)
+    encoder = diagnose_counts.study_encoder(vars(args))
+    track = ({"short": diagnose_counts.figure_track(splits["short"], "short", args.free_flight_share),
+              "train": diagnose_counts.figure_track(splits["train"], "train"),
+              "val": diagnose_counts.figure_track(splits["val"], "val")} if args.zoom else {})
     tqn, avg, clip_head = train.build_tqn(), train.build_average_pooling(), train.build_short_term()
-    train.warmup(encoder, [tqn, avg], clip_head, splits["short"], budget, rng, rate_weight=args.rate_loss)
+    train.warmup(encoder, [tqn, avg], clip_head, splits["short"], budget, rng, rate_weight=args.rate_loss,
+                 torso=track.get("short"))
     if args.bank_steps:
         train.train_with_bank("tqn", encoder, tqn, splits["train"], train.build_bank(encoder, splits["train"]),
-                              budget, rng)
+                              budget, rng, torso=track.get("train"))
     val = splits["val"]
     preds = train.predict(encoder, tqn, val)
     summary = build.summarise(preds, val)
@@ -69,7 +80,10 @@ def main() -> None:
               "threads": train.TRAIN_THREADS, "val_tqn_accuracy": summary["accuracy"],
               "val_tqn_by_flight": diagnose_counts.by_flight(preds, val),
               "probe": diagnose_counts.probe_report(encoder, splits["train"], val),
-              "seconds": round(time.monotonic() - start)}
+              **({"val_localiser_error_px": diagnose_counts.localiser_error(encoder, val, track["val"])}
+                 if args.zoom else {}),
+              "seconds": round(time.monotonic() - start),
+              "load_average": [round(x, 2) for x in os.getloadavg()]}
     print(json.dumps(record), flush=True)
     out = REPO / "runs"
     out.mkdir(exist_ok=True)

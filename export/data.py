@@ -52,14 +52,18 @@ class ClipDataset:
     def total_clips(self) -> int:
         return int(self.num_clips.sum())
 
-    def clips(self, video: int, first: int, count: int) -> np.ndarray:
-        """Clips [first, first+count) of a video as uint8 (count, 8, H, W, 3); the last clip of
-        a video is padded with its final frame, as the server does."""
+    def frame_index(self, video: int, first: int, count: int) -> np.ndarray:
+        """Where in `frames` the frames of clips [first, first+count) of a video are, (count * 8,);
+        the last clip of a video is padded with its final frame, as the server does."""
         n = int(self.num_frames[video])
         idx = np.arange(first * CLIP_FRAMES, (first + count) * CLIP_FRAMES).clip(max=n - 1)
         if self.frame_order is not None:
             idx = self.frame_order[self.frame_offset[video] + idx]
-        frames = self.frames[self.frame_offset[video] + idx]
+        return self.frame_offset[video] + idx
+
+    def clips(self, video: int, first: int, count: int) -> np.ndarray:
+        """Clips [first, first+count) of a video as uint8 (count, 8, H, W, 3)."""
+        frames = self.frames[self.frame_index(video, first, count)]
         return frames.reshape(count, CLIP_FRAMES, *frames.shape[1:])
 
     def video_of_clip(self, flat: np.ndarray) -> np.ndarray:

@@ -32,9 +32,11 @@ import torch
 from torch.nn import functional as F
 
 from export import REPO, build, data, synth, train, vocab
+from export.models import s3d_zoom
 
 FLIGHT = 2  # synth.PHASES index
 PROBE_TRAIN_VIDEOS = 1000
+ZOOM_VARIANT = "s3d_zoom_32x56_112"  # the s3d_zoom variant count_study --zoom and count_specialist train
 
 
 def confusion(pred: np.ndarray, target: np.ndarray, size: int) -> np.ndarray:
@@ -180,14 +182,20 @@ def online_flight_rate(ds: data.ClipDataset, budget: train.Budget, draws: int = 
             "visits_with_any_flight": float(np.mean(np.asarray(flight_counts) > 0))}
 
 
+def study_encoder(args: dict):
+    """The encoder an `export.count_study` run trains, from its arguments (as saved with it)."""
+    if args.get("zoom"):
+        return s3d_zoom.create(ZOOM_VARIANT)
+    fine = dict(stem_patch=4, stem_pool=2) if args.get("fine_stem") else {}
+    return train.build_encoder(stem_difference=args.get("stem_difference", False), **fine)
+
+
 def load_tqn(path: Path | str) -> tuple:
     """(encoder, decoder) of a `vqs models` save or an `export.count_study` save."""
     saved = torch.load(path, weights_only=False)
     if "models" in saved:
         return train.load_models(saved["models"])["tqn"]
-    args = saved["args"]
-    fine = dict(stem_patch=4, stem_pool=2) if args.get("fine_stem") else {}
-    encoder = train.build_encoder(stem_difference=args.get("stem_difference", False), **fine)
+    encoder = study_encoder(saved["args"])
     encoder.load_state_dict(saved["encoder"])
     decoder = train.build_tqn()
     decoder.load_state_dict(saved["tqn"])
@@ -277,6 +285,53 @@ def _fit_rate(series: np.ndarray, curve, flight_frames: float) -> str:
     return vocab.ATTRIBUTES["twists"][int(np.argmin(errors))]
 
 
+def rebuild_routine(record: dict, split: str, free_flight_share: float = 0.0) -> synth.Routine:
+    """A video's routine from its seed and its split's spec (`build.SPLITS`), checked against its
+    record: the generator's own geometry for that video, without re-rendering it."""
+    _, _, _, lo, hi = build.SPLITS[split]
+    routine = synth.sample_routine(np.random.default_rng([record["seed"], 0]), record["seed"], None, lo, hi,
+                                   kind=record["kind"], free_flight_share=free_flight_share)
+    if [round(x, 4) for x in synth.phase_times(routine)] != record["boundaries_s"] or any(
+            routine.labels[q] != record[q] for q in vocab.QUERIES):
+        raise ValueError(f"video {record['file']}: cannot rebuild its routine from the {split} spec")
+    return routine
+
+
+def figure_track(ds: data.ClipDataset, split: str, free_flight_share: float = 0.0) -> np.ndarray:
+    """Per frame of `ds.frames`, the torso's middle (x, y) px where the figure is drawn
+    (`synth._Scene.figure_pixels`), NaN where it is not: after the entry, in background videos,
+    and where it lies outside the frame (a diver walking off). The localiser's training target."""
+    track = np.full((int(ds.num_frames.sum()), 2), np.nan, np.float32)
+    for v, record in enumerate(ds.records):
+        routine = rebuild_routine(record, split, free_flight_share)
+        if routine.kind == "background":
+            continue
+        scene, fps, end = synth._Scene(routine, data.FRAME_SIZE, data.FRAME_SIZE, record["fps"]), record["fps"], \
+            synth.phase_times(routine)[3]
+        for i in range(int(ds.num_frames[v])):
+            if i / fps >= end:  # as synth draws it: no figure from the end of the entry on
+                break
+            at, _ = scene.figure_pixels(i / fps)
+            middle = (np.asarray(at["hip"], np.float32) + at["neck"]) / 2
+            if ((middle >= 0) & (middle < data.FRAME_SIZE)).all():
+                track[ds.frame_offset[v] + i] = middle
+    return track
+
+
+@torch.inference_mode()
+def localiser_error(encoder, ds: data.ClipDataset, track: np.ndarray) -> dict:
+    """An `s3d_zoom`'s window centres against the torso's mean position over each all-flight clip of
+    the routine videos (`figure_track`): mean and 90th percentile distance, px."""
+    encoder.eval()
+    errors = []
+    for v in np.flatnonzero(build.is_routine(ds)):
+        for c in flight_clips(ds, int(v)):
+            centre = encoder.forward_with_heatmap(torch.from_numpy(ds.clips(int(v), int(c), 1)))[2][0].numpy()
+            errors.append(float(np.linalg.norm(centre - np.nanmean(track[ds.frame_index(int(v), int(c), 1)], 0))))
+    return {"clips": len(errors), "mean": round(float(np.mean(errors)), 2),
+            "p90": round(float(np.percentile(errors, 90)), 2)}
+
+
 def oracle_report(ds: data.ClipDataset, split: str = "val") -> dict:
     """Per table flight: the share of all-flight clips whose counts a simple reader gets right from
     the clip's 8 frames, locating the figure with the generator's geometry (`synth._Scene.figure_pixels`).
@@ -287,16 +342,13 @@ def oracle_report(ds: data.ClipDataset, split: str = "val") -> dict:
     - `twists_decoded_colour`: the DECODED torso colour at its middle, placed between the back and
       front colours, fitted with (1 + cos)/2 of the twist angle;
     - `twists_drawn_width`: the drawn width |cos| of the twist angle (period 180 deg), fitted likewise."""
-    _, _, _, lo, hi = build.SPLITS[split]
     front, back = np.asarray(synth.FRONT_COLOUR, float), np.asarray(synth.BACK_COLOUR, float)
     skin = np.asarray(synth.SKIN_COLOUR, float)
     yy, xx = np.mgrid[0:data.FRAME_SIZE, 0:data.FRAME_SIZE]
     tally: dict[str, dict[str, int]] = {}
     for v in np.flatnonzero(build.is_routine(ds)):
         rec = ds.records[v]
-        routine = synth.sample_routine(np.random.default_rng([rec["seed"], 0]), rec["seed"], None, lo, hi)
-        if [round(x, 4) for x in synth.phase_times(routine)] != rec["boundaries_s"]:
-            raise ValueError(f"video {v}: cannot rebuild its routine from the {split} spec")
+        routine = rebuild_routine(rec, split)
         scene = synth._Scene(routine, data.FRAME_SIZE, data.FRAME_SIZE, rec["fps"])
         flight_frames = routine.flight_s * rec["fps"]
         row = tally.setdefault("/".join(rec[q] for q in ("somersaults", "twists", "flight_pose")), {})

@@ -222,8 +222,22 @@ def rate_loss(rate_head: nn.Module, flat: torch.Tensor, ds: ClipDataset, videos)
     return F.smooth_l1_loss(rate_head(flat[shown]), target)
 
 
+def encode(encoder: nn.Module, ds: ClipDataset, spans: list[tuple[int, int, int]],
+           torso: np.ndarray | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features of the clips (video, first, count) of `spans`, with gradient, and the localiser's loss:
+    with `torso` (per frame of `ds.frames`, `diagnose_counts.figure_track`) the encoder is an
+    `s3d_zoom` whose localiser learns where the figure is; without, the loss is 0."""
+    clips = torch.from_numpy(np.concatenate([ds.clips(v, first, count) for v, first, count in spans]))
+    if torso is None:
+        return encoder(clips), torch.zeros(())
+    features, heatmaps, _ = encoder.forward_with_heatmap(clips)
+    where = np.concatenate([ds.frame_index(v, first, count) for v, first, count in spans])
+    return features, encoder.localiser_loss(heatmaps, torch.from_numpy(torso[where]).reshape(*heatmaps.shape[:2], 2))
+
+
 def warmup(encoder: S3D, heads: list[nn.Module], clip_head: ShortTerm, ds: ClipDataset, budget: Budget,
-           rng: np.random.Generator, name: str = "warm-up", rate_weight: float = 0.0) -> None:
+           rng: np.random.Generator, name: str = "warm-up", rate_weight: float = 0.0,
+           torso: np.ndarray | None = None) -> None:
     """Stage 1 on short videos, all clips online. Video-level heads (TQN, pooling) learn together
     with a per-clip head (the per-clip pre-training the design calls for) whose targets are what
     each clip shows (`clip_targets`): the take-off clip its take-off, flight clips the flight,
@@ -231,7 +245,7 @@ def warmup(encoder: S3D, heads: list[nn.Module], clip_head: ShortTerm, ds: ClipD
     and no clip a label it cannot show; attention alone spreads the gradient thin at first.
     `rate_weight` > 0 adds an auxiliary loss (recipe study, `export.count_study`): a linear head
     on each clip feature regresses the somersault and twist counts (the rotation and twist rates)
-    of the clips that show the flight."""
+    of the clips that show the flight. `torso`: the localiser's target for an `s3d_zoom` (`encode`)."""
     encoder.train()
     rate_head = nn.Linear(encoder.feature_dim, len(_RATE_QUERIES)) if rate_weight > 0 else None
     aux = [rate_head] if rate_head is not None else []
@@ -242,13 +256,12 @@ def warmup(encoder: S3D, heads: list[nn.Module], clip_head: ShortTerm, ds: ClipD
     n_videos = len(ds.records)
     for step in range(budget.warmup_steps):
         videos = rng.choice(n_videos, budget.videos_per_step, replace=False)
-        clips = [torch.from_numpy(ds.clips(v, 0, int(ds.num_clips[v]))) for v in videos]
-        counts = [len(c) for c in clips]
-        flat = encoder(torch.cat(clips))
+        counts = [int(ds.num_clips[v]) for v in videos]
+        flat, loss = encode(encoder, ds, [(int(v), 0, n) for v, n in zip(videos, counts)], torso)
         feats, mask = _pad(list(flat.split(counts)))
         targets = _targets(ds, videos)
         outputs = [h(feats, mask) for h in heads]
-        loss = sum(query_loss(out[: len(HEADS)], targets) for out in outputs)
+        loss = loss + sum(query_loss(out[: len(HEADS)], targets) for out in outputs)
         shown = [clip_targets(ds, int(v)) for v in videos]
         per_clip = {q: torch.as_tensor(np.concatenate([t[q] for t in shown])) for q in HEADS}
         loss = loss + query_loss(clip_head.heads(flat), per_clip)
@@ -276,22 +289,22 @@ def build_bank(encoder: S3D, ds: ClipDataset) -> torch.Tensor:
 
 
 def train_with_bank(name: str, encoder: S3D, head: nn.Module, ds: ClipDataset, bank: torch.Tensor,
-                    budget: Budget, rng: np.random.Generator) -> None:
-    """Stage 2: stochastically updated feature bank over full-length videos."""
+                    budget: Budget, rng: np.random.Generator, torso: np.ndarray | None = None) -> None:
+    """Stage 2: stochastically updated feature bank over full-length videos (`torso`: see `encode`)."""
     encoder.train()
     head.train()
     opt, sched = _optimizer(encoder, [head], budget, budget.bank_steps)
     progress = _Progress(name, budget.bank_steps)
     for step in range(budget.bank_steps):
         videos = rng.choice(len(ds.records), budget.bank_videos_per_step, replace=False)
-        spans, clips = [], []
+        spans = []
         for v in videos:
             n = int(ds.num_clips[v])
             k = min(budget.n_online, n)
             first = int(rng.integers(0, n - k + 1))
             spans.append((first, k))
-            clips.append(torch.from_numpy(ds.clips(v, first, k)))
-        online = encoder(torch.cat(clips)).split([k for _, k in spans])
+        online, localiser_loss = encode(encoder, ds, [(int(v), f, k) for v, (f, k) in zip(videos, spans)], torso)
+        online = online.split([k for _, k in spans])
         per_video = []
         for v, (first, k), fresh in zip(videos, spans, online):
             o = int(ds.clip_offset[v])
@@ -302,7 +315,7 @@ def train_with_bank(name: str, encoder: S3D, head: nn.Module, ds: ClipDataset, b
         feats, mask = _pad(per_video)
         targets = _targets(ds, videos)
         logits = head(feats, mask)[: len(HEADS)]
-        loss = query_loss(logits, targets)
+        loss = query_loss(logits, targets) + localiser_loss
         _step(opt, sched, loss)
         progress.update(step, loss.item(), logits, targets)
 

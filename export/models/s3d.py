@@ -99,7 +99,10 @@ class S3D(nn.Module):
         self.proj = nn.Linear(c4, feature_dim)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stem(x)  # B, C1, T, H/p, W/p
+        return self.forward_trunk(self.stem(x))  # the stem: B, C1, T, H/p, W/p
+
+    def forward_trunk(self, x: torch.Tensor) -> torch.Tensor:
+        """Stages 2-4 and the pooling, from the stem's features (B, C1, T, H/p, W/p) to (B, C4)."""
         x = self.pool2(self.stage2(x))  # B, C2, T, H/2p, W/2p
         x = self.pool3(self.stage3(x))  # B, C3, T/2, H/4p, W/4p
         x = self.stage4(x)
@@ -110,9 +113,13 @@ class S3D(nn.Module):
     def forward_head(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(x)  # B, D
 
-    def forward(self, clips: torch.Tensor) -> torch.Tensor:
+    def prepare(self, clips: torch.Tensor) -> torch.Tensor:
+        """uint8 clips (B, T, H, W, C) -> the stem's normalised input (B, C, T, H, W)."""
         x = clips.permute(0, 4, 1, 2, 3).float()  # B, C, T, H, W
         x = (x - self.mean) / self.std
         if self.stem_difference:
             x = torch.cat([x, torch.cat([torch.zeros_like(x[:, :, :1]), x[:, :, 1:] - x[:, :, :-1]], 2)], 1)
-        return self.forward_head(self.forward_features(x))
+        return x
+
+    def forward(self, clips: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(self.prepare(clips)))

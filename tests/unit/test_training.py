@@ -359,7 +359,7 @@ def test_figure_zoom_cuts_its_window_where_its_localiser_points_and_learns_the_t
     rng = np.random.default_rng(0)
     bank = {"clips": rng.integers(0, 256, (6, 8, 112, 112, 3), dtype=np.uint8), "torso": rng.uniform(0, 112, (6, 8, 2)),
             "somersaults": rng.integers(0, 5, 6), "twists": rng.integers(0, 5, 6)}
-    encoder, heads = count_specialist.train_specialist(bank, zoom=True, steps=2, batch=3)
+    encoder, heads = count_specialist.train_specialist(bank, encoder="figure-zoom", steps=2, batch=3)
     assert isinstance(encoder, count_specialist.FigureZoom)
     assert encoder(torch.from_numpy(bank["clips"][:2])).shape == (2, encoder.feature_dim)
     assert 0 <= count_specialist.localiser_error(encoder, bank) < 160

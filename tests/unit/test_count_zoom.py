@@ -1,0 +1,182 @@
+"""The s3d_zoom clip encoder (issue 8): shapes, where its window lands, its localiser's target, and
+torch against ONNX Runtime."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from export.models import s3d_zoom
+from export.models.s3d import S3D
+
+
+def _randomise_norms(model: torch.nn.Module) -> None:
+    """Non-trivial batch-norm statistics, so parity is checked on more than identity norms."""
+    torch.manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm3d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+
+
+@pytest.mark.parametrize("name", sorted(s3d_zoom.VARIANTS))
+def test_every_registered_variant_maps_clips_to_features_heatmaps_and_clip_centres(name):
+    torch.manual_seed(0)
+    model = s3d_zoom.create(name).eval()
+    clips = torch.randint(0, 256, (2, 8, 112, 112, 3), dtype=torch.uint8)
+    features, logits, centres = model.forward_with_heatmap(clips)
+    assert features.shape == (2, model.feature_dim) == (2, 256)
+    assert logits.shape == (2, 8, 14 * 14) and centres.shape == (2, 2)
+    assert ((centres >= 0) & (centres < 112)).all()
+    torch.testing.assert_close(model(clips), features)
+    with pytest.raises(ValueError):
+        s3d_zoom.create("s3d_zoom_nope")
+    with pytest.raises(ValueError):
+        s3d_zoom.S3DZoom(window_size=50, window_stem_patch=4)
+
+
+def test_the_full_stream_is_the_plain_s3d_split_at_its_stem():
+    torch.manual_seed(0)
+    plain = S3D().eval()
+    clips = torch.randint(0, 256, (2, 8, 112, 112, 3), dtype=torch.uint8)
+    stem = plain.stem(plain.prepare(clips))
+    torch.testing.assert_close(plain.forward_head(plain.forward_trunk(stem)), plain(clips))
+
+
+def test_the_window_is_the_frames_square_at_the_clips_centre():
+    # Unmagnified (32 px sampled at 32) with a centre between pixels, every window pixel falls on
+    # a source pixel: the window is exactly the frame's 32 x 32 square around the centre.
+    model = s3d_zoom.S3DZoom(window_crop=32, window_size=32, window_stem_patch=4)
+    x = torch.randn(2, 3, 8, 112, 112)
+    centres = torch.tensor([[40.5, 70.5], [90.5, 20.5]])  # the square x 25-56, y 55-86; x 75-106, y 5-36
+    windows = model.window(x, centres)
+    assert windows.shape == (2, 3, 8, 32, 32)
+    # (up to float rounding of the normalised grid; a neighbouring pixel differs by ~1)
+    torch.testing.assert_close(windows[0], x[0, :, :, 55:87, 25:57], atol=1e-4, rtol=0)
+    torch.testing.assert_close(windows[1], x[1, :, :, 5:37, 75:107], atol=1e-4, rtol=0)
+
+
+def test_the_magnified_window_centres_the_mark_the_centre_points_at():
+    model = s3d_zoom.create("s3d_zoom_32x56_112")
+    x = torch.zeros(2, 3, 8, 112, 112)
+    x[0, :, :, 98:102, 18:22] = 1  # a 4-px mark at (20, 100) in clip 0, at (90, 30) in clip 1
+    x[1, :, :, 28:32, 88:92] = 1
+    windows = model.window(x, torch.tensor([[19.5, 99.5], [89.5, 29.5]]))
+    assert windows.shape == (2, 3, 8, 56, 56)
+    assert windows[:, :, :, 26:30, 26:30].min() > 0.99  # the mark, x 1.75, in the middle
+    assert windows[:, :, :, :20].abs().max() == 0 and windows[:, :, :, :, 36:].abs().max() == 0
+    marked = (windows[0, 0, 0] > 0.5).nonzero().float()
+    assert abs(marked[:, 0].mean() - 27.5) < 0.6 and abs(marked[:, 1].mean() - 27.5) < 0.6
+    assert 6 <= len(marked) ** 0.5 <= 8  # 4 px x 56 / 32
+
+
+def test_the_localiser_target_is_the_torso_cell_and_frames_without_a_figure_are_left_out():
+    model = s3d_zoom.create("s3d_zoom_32x56_112")
+    logits = torch.zeros(1, 2, 14 * 14)
+    logits[0, 0, 12 * 14 + 2] = logits[0, 1, 3 * 14 + 11] = 100  # cells of (20, 100) and (90, 30)
+    right = torch.tensor([[[20.0, 100.0], [90.0, 30.0]]])
+    assert model.localiser_loss(logits, right) < 1e-3
+    assert model.localiser_loss(logits, right.flip(1)) > 50
+    assert model.localiser_loss(logits, torch.tensor([[[20.0, 100.0], [float("nan")] * 2]])) < 1e-3
+    nothing = model.localiser_loss(logits.requires_grad_(), torch.full((1, 2, 2), float("nan")))
+    assert nothing == 0 and nothing.requires_grad
+    # the clip's centre is the mean over its frames of each frame's soft-argmax
+    centres = (logits.softmax(-1) @ model.cells).mean(1)
+    torch.testing.assert_close(centres, torch.tensor([[(19.5 + 91.5) / 2, (99.5 + 27.5) / 2]]))
+
+
+def test_s3d_zoom_exports_to_onnx_with_grid_sample_and_agrees_with_torch(tmp_path):
+    import onnx
+
+    from export import onnx_export
+
+    torch.manual_seed(0)
+    model = s3d_zoom.create("s3d_zoom_32x56_112")
+    _randomise_norms(model)
+    path = onnx_export.export_encoder(model, dict(s3d_zoom.VARIANTS["s3d_zoom_32x56_112"]), tmp_path,
+                                      "clip_encoder_s3d_zoom", clip_fps=15)
+    ops = {n.op_type for n in onnx.load(str(path)).graph.node}
+    assert "GridSample" in ops and onnx.load(str(path)).opset_import[0].version >= 16
+    clips = np.random.default_rng(0).integers(0, 256, (3, 8, 112, 112, 3), dtype=np.uint8)
+    assert onnx_export.max_diff(model, path, {"clips": clips})["features"] <= 1e-4
+
+
+def _records_dataset(kinds, split="short", free_flight_share=0.0):
+    """A ClipDataset of real routines' records (as a split of `build.SPLITS[split]` would draw them)
+    over blank frames: what `figure_track` and the training steps read, without rendering."""
+    from export import build, data, synth, vocab
+
+    _, _, _, lo, hi = build.SPLITS[split]
+    records = []
+    for seed, kind in zip(range(11, 11 + len(kinds)), kinds):
+        routine = synth.sample_routine(np.random.default_rng([seed, 0]), seed, None, lo, hi, kind=kind,
+                                       free_flight_share=free_flight_share)
+        records.append({"file": f"video_{seed}.mp4", **synth.labels_for(routine, build.FPS)})
+    num_frames = np.asarray([r["num_frames"] for r in records])
+    num_clips = -(-num_frames // data.CLIP_FRAMES)
+    heads = vocab.head_attributes()
+    return data.ClipDataset(
+        records=records, frames=np.zeros((int(num_frames.sum()), 112, 112, 3), np.uint8),
+        frame_offset=np.concatenate([[0], np.cumsum(num_frames)[:-1]]), num_frames=num_frames,
+        clip_offset=np.concatenate([[0], np.cumsum(num_clips)[:-1]]), num_clips=num_clips,
+        targets={q: np.asarray([data._target(heads, q, r) for r in records]) for q in heads})
+
+
+def test_the_figure_track_is_the_drawn_torsos_middle_and_nan_where_no_figure_is_drawn():
+    from export import build, diagnose_counts, synth
+
+    ds = _records_dataset(["routine", "background", "idle", "routine"], free_flight_share=0.5)
+    track = diagnose_counts.figure_track(ds, "short", free_flight_share=0.5)
+    assert track.shape == (int(ds.num_frames.sum()), 2)
+    routine = diagnose_counts.rebuild_routine(ds.records[0], "short", 0.5)
+    scene = synth._Scene(routine, 112, 112, build.FPS)
+    at, _ = scene.figure_pixels(30 / build.FPS)
+    np.testing.assert_allclose(track[30], (np.asarray(at["hip"]) + at["neck"]) / 2)
+    entry_end = int(np.ceil(synth.phase_times(routine)[3] * build.FPS))
+    first, n = ds.frame_offset[0], ds.num_frames[0]
+    assert np.isfinite(track[first:first + entry_end - 1]).all() and np.isnan(track[first + entry_end:first + n]).all()
+    background = slice(ds.frame_offset[1], ds.frame_offset[1] + ds.num_frames[1])
+    assert np.isnan(track[background]).all()
+    idle = slice(ds.frame_offset[2], ds.frame_offset[2] + ds.num_frames[2])
+    assert np.isfinite(track[idle]).all()  # a null video with a figure: the target is still where it stands
+    with pytest.raises(ValueError):  # another spec would draw other routines: refused, not guessed
+        diagnose_counts.figure_track(ds, "short", free_flight_share=0.0)
+
+
+def test_zoom_training_steps_teach_the_localiser_and_plain_ones_have_no_localiser_loss():
+    from export import diagnose_counts, train
+
+    ds = _records_dataset(["routine", "routine", "idle"])
+    track = diagnose_counts.figure_track(ds, "short")
+    torch.manual_seed(0)
+    plain = train.build_encoder()
+    features, loss = train.encode(plain, ds, [(0, 0, 2), (2, 1, 1)], None)
+    assert features.shape == (3, 256) and loss == 0
+    zoom = diagnose_counts.study_encoder({"zoom": True})
+    features, loss = train.encode(zoom, ds, [(0, 0, 2), (2, 1, 1)], track)
+    assert features.shape == (3, 256) and loss > 0
+    before = [p.detach().clone() for p in zoom.localiser.parameters()]
+    budget = train.Budget(warmup_steps=1, videos_per_step=2, bank_steps=1, bank_videos_per_step=2, n_online=1)
+    train.warmup(zoom, [train.build_tqn()], train.build_short_term(), ds, budget, np.random.default_rng(0),
+                 torso=track)
+    assert all(not torch.equal(a, b) for a, b in zip(before, zoom.localiser.parameters()))
+    train.train_with_bank("test", zoom, train.build_tqn(), ds, train.build_bank(zoom, ds), budget,
+                          np.random.default_rng(0), torso=track)
+    error = diagnose_counts.localiser_error(zoom, ds, track)
+    assert error["clips"] >= 2 and 0 <= error["mean"] < 160
+
+
+def test_a_zoom_specialist_trains_its_localiser_on_the_banks_torso_positions():
+    from export import count_specialist
+
+    rng = np.random.default_rng(0)
+    bank = {"clips": rng.integers(0, 256, (6, 8, 112, 112, 3), dtype=np.uint8),
+            "torso": rng.uniform(0, 112, (6, 8, 2)).astype(np.float32),
+            "somersaults": rng.integers(0, 5, 6), "twists": rng.integers(0, 5, 6)}
+    encoder, heads = count_specialist.train_specialist(bank, encoder="s3d-zoom", steps=2, batch=3)
+    assert isinstance(encoder, s3d_zoom.S3DZoom)
+    assert 0 <= count_specialist.localiser_error(encoder, bank) < 160
+    assert set(count_specialist.score(encoder, heads, bank)) == set(count_specialist.COUNTS)
+    with pytest.raises(ValueError):
+        count_specialist.train_specialist(bank, encoder="s3d-zoom", stem="fine", steps=1)
