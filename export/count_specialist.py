@@ -2,8 +2,8 @@
 rendering lets a model read the twist, before any full-recipe screen on validation.
 
 `python -m export.count_specialist NAME [--input full|crop|learned-crop|zoom] [--crop PX] [--crop-per-clip]
-[--stem default|difference|fine] [--routines N] [--steps S] [--seed K]` renders N routines whose
-flights are drawn attribute by attribute (`synth`'s `free_flight_share` = 1, the short split's
+[--stem default|difference|fine] [--zoom-variant NAME] [--routines N] [--steps S] [--seed K]` renders N
+routines whose flights are drawn attribute by attribute (`synth`'s `free_flight_share` = 1, the short split's
 durations, seeds of their own), keeps the 8-frame clips that lie wholly in flight (each through an
 H.264 round trip in memory, as the datasets are), trains a fresh clip encoder with a somersault and
 a twist head on them, and scores it on the all-flight clips of 300 held-out free flights and of the
@@ -203,10 +203,10 @@ def localiser_error(zoom: FigureZoom | s3d_zoom.S3DZoom, bank: dict[str, np.ndar
 
 
 def train_specialist(bank: dict[str, np.ndarray], *, stem: str = "default", encoder: str = "s3d",
-                     steps: int = 1500, batch: int = 24, lr: float = 1e-3, seed: int = 0,
+                     zoom_variant: str = diagnose_counts.ZOOM_VARIANT, steps: int = 1500, batch: int = 24, lr: float = 1e-3, seed: int = 0,
                      log_every: int = 100) -> tuple[nn.Module, nn.ModuleList]:
     """A fresh encoder (one of ENCODERS; "figure-zoom" is a `FigureZoom` and "s3d-zoom" the
-    `s3d_zoom` encoder, whose localisers learn the bank's "torso" positions) and one linear head per
+    `s3d_zoom` encoder (`zoom_variant`), whose localisers learn the bank's "torso" positions) and one linear head per
     count, cross-entropy on both, AdamW with a one-cycle learning rate."""
     if stem not in STEMS:
         raise ValueError(f"unknown stem {stem!r}; choose one of {sorted(STEMS)}")
@@ -216,7 +216,7 @@ def train_specialist(bank: dict[str, np.ndarray], *, stem: str = "default", enco
     rng = np.random.default_rng(seed)
     localises = encoder != "s3d"
     encoder = {"s3d": lambda: train.build_encoder(**STEMS[stem]), "figure-zoom": lambda: FigureZoom(**STEMS[stem]),
-               "s3d-zoom": lambda: s3d_zoom.create(diagnose_counts.ZOOM_VARIANT)}[encoder]()
+               "s3d-zoom": lambda: s3d_zoom.create(zoom_variant)}[encoder]()
     heads = nn.ModuleList(nn.Linear(encoder.feature_dim, len(vocab.ATTRIBUTES[q])) for q in COUNTS)
     opt = torch.optim.AdamW([*encoder.parameters(), *heads.parameters()], lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
@@ -253,6 +253,8 @@ def main() -> None:
     parser.add_argument("--crop", type=int, default=CROP, help="window side in px with --input crop")
     parser.add_argument("--crop-per-clip", action="store_true", help="one crop window per clip, not per frame")
     parser.add_argument("--stem", choices=sorted(STEMS), default="default")
+    parser.add_argument("--zoom-variant", choices=sorted(s3d_zoom.VARIANTS), default=diagnose_counts.ZOOM_VARIANT,
+                        help="the s3d_zoom variant with --input zoom")
     parser.add_argument("--routines", type=int, default=3000)
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--seed", type=int, default=0)
@@ -269,7 +271,7 @@ def main() -> None:
                  for k, b in banks.items()}
     start = time.monotonic()
     encoder, heads = train_specialist(banks["train"], stem=args.stem, steps=args.steps, seed=args.seed,
-                                      encoder=INPUT_ENCODERS.get(args.input, "s3d"))
+                                      encoder=INPUT_ENCODERS.get(args.input, "s3d"), zoom_variant=args.zoom_variant)
     record = {"name": args.name, "args": vars(args), "threads": train.TRAIN_THREADS,
               "clips": {k: len(b["clips"]) for k, b in banks.items()},
               **{k: score(encoder, heads, banks[k]) for k in ("held_out_free", "grid")},
