@@ -93,7 +93,7 @@ class ServedS3DSGS(nn.Module):
 
     def forward(self, clips: torch.Tensor, budget: torch.Tensor):
         bins = budget_to_units(budget, self.model.clip_frames, 1).reshape(-1)
-        features, kept = self.model(clips, bins)
+        features, kept = self.model.forward_served(clips, bins)
         return features, kept.unsqueeze(1), self.gmacs_by_bins[kept - 1].unsqueeze(1)
 
 

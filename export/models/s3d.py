@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from export.models.pixels import can_embed_patches, embed_patches, normalise
+
 # Kinetics-style normalisation, applied inside the graph so servers send raw uint8 frames.
 PIXEL_MEAN = (0.43, 0.4, 0.37)
 PIXEL_STD = (0.23, 0.22, 0.22)
@@ -115,11 +117,24 @@ class S3D(nn.Module):
 
     def prepare(self, clips: torch.Tensor) -> torch.Tensor:
         """uint8 clips (B, T, H, W, C) -> the stem's normalised input (B, C, T, H, W)."""
-        x = clips.permute(0, 4, 1, 2, 3).float()  # B, C, T, H, W
-        x = (x - self.mean) / self.std
+        x = normalise(clips, self.mean, self.std)
         if self.stem_difference:
             x = torch.cat([x, torch.cat([torch.zeros_like(x[:, :, :1]), x[:, :, 1:] - x[:, :, :-1]], 2)], 1)
         return x
 
+    def patchify(self, clips: torch.Tensor, *, served: bool = False) -> torch.Tensor:
+        """uint8 clips -> the stem's patchifying convolution (B, C1, T, H/p, W/p). `served`: as the
+        served graphs compute it, from the raw clips (`pixels.embed_patches`, where the stem allows
+        it), equal up to float rounding. Training keeps the convolution of `prepare`'s normalised
+        video, so retraining reproduces the committed weights."""
+        conv = self.stem[0]
+        if served and not self.stem_difference and can_embed_patches(conv):
+            return embed_patches(clips, conv, self.mean, self.std).permute(0, 4, 1, 2, 3)
+        return conv(self.prepare(clips))
+
     def forward(self, clips: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(self.prepare(clips)))
+        return self.forward_head(self.forward_trunk(self.stem[1:](self.patchify(clips))))
+
+    def forward_served(self, clips: torch.Tensor) -> torch.Tensor:
+        """`forward` as the served graph computes it (see `patchify`)."""
+        return self.forward_head(self.forward_trunk(self.stem[1:](self.patchify(clips, served=True))))

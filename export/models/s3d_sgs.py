@@ -142,9 +142,14 @@ class S3DSGS(S3D):
         return x, mask
 
     def before_sgs(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised video (N, 3, T, H, W) -> the features SGS samples."""
+        return self.after_patchify(self.stem[0](x))
+
+    def after_patchify(self, patches: torch.Tensor) -> torch.Tensor:
+        """The stem's patchifying convolution (`patchify`) -> the features SGS samples."""
         if self.sgs_after == "patchify":
-            return self.stem[:3](x)  # N, C1, T, H/p, W/p: patchify conv, norm, ReLU
-        x = self.stem(x)  # N, C1, T, H/p, W/p
+            return self.stem[1:3](patches)  # N, C1, T, H/p, W/p: patchify conv, norm, ReLU
+        x = self.stem[1:](patches)  # N, C1, T, H/p, W/p
         if self.sgs_after == "stem":
             return x
         x = self.pool2(self.stage2(x))  # N, C2, T, H/2p, W/2p
@@ -205,16 +210,18 @@ class S3DSGS(S3D):
         index = order.view(n, 1, -1, *[1] * (before.dim() - 3)).expand(n, c, -1, *means.shape[3:])
         return means.gather(2, index), mask.gather(1, order)
 
-    def forward_features(self, x: torch.Tensor, bins: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        sampled, mask = self.sample(self.before_sgs(x), bins)  # N, C, B', h, w; N, B'
+    def forward_patches(self, patches: torch.Tensor, bins: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The stem's patchifying convolution (`patchify`) -> features (N, D) and B' (N,)."""
+        sampled, mask = self.sample(self.after_patchify(patches), bins)  # N, C, B', h, w; N, B'
         after = self.after_sgs_compact if self.compact else self.after_sgs
-        return after(sampled, mask), mask.sum(dim=1)
+        return self.forward_head(after(sampled, mask)), mask.sum(dim=1)
 
     def forward(self, clips: torch.Tensor, bins: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = clips.permute(0, 4, 1, 2, 3).float()  # N, C, T, H, W
-        x = (x - self.mean) / self.std
-        features, kept = self.forward_features(x, bins)
-        return self.forward_head(features), kept
+        return self.forward_patches(self.patchify(clips), bins)
+
+    def forward_served(self, clips: torch.Tensor, bins: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`forward` as the served graph computes it (see `S3D.patchify`)."""
+        return self.forward_patches(self.patchify(clips, served=True), bins)
 
     def bins_for_budget(self, budget: float) -> int:
         """B for a compute budget in (0, 1]: ⌈budget·T⌉ bins; budget 1 is the thesis's B = T."""

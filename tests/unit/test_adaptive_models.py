@@ -265,6 +265,22 @@ def test_served_vit_graphs_read_the_uint8_clips_as_the_trained_vit_does(vit):
     assert gmacs[:, 0].tolist() == pytest.approx((vit.macs(want_kept) / 1e9).tolist())
 
 
+@pytest.mark.parametrize("where", PLACEMENTS)
+def test_served_s3d_graphs_read_the_uint8_clips_as_the_trained_encoders_do(where):
+    """The served s3d and s3d_sgs graphs take the stem's patchify from the raw clips (normalisation
+    folded into one matrix product); training keeps the convolution of the normalised video."""
+    torch.manual_seed(0)
+    s3d, sgs = S3D().eval(), S3DSGS(sgs_after=where, bins="time_means").eval()
+    clips, bins = _clips(3, seed=10), torch.tensor([8, 3, 1])
+    with torch.no_grad():
+        assert torch.equal(s3d(clips), s3d.forward_head(s3d.forward_features(s3d.prepare(clips))))
+        torch.testing.assert_close(s3d.forward_served(clips), s3d(clips), atol=1e-4, rtol=1e-4)
+        served, served_kept = sgs.forward_served(clips, bins)
+        trained, kept = sgs(clips, bins)
+    torch.testing.assert_close(served, trained, atol=1e-4, rtol=1e-4)
+    assert served_kept.tolist() == kept.tolist()
+
+
 def test_vit_macs_per_clip_from_a_tensor_of_kept_counts(vit):
     kept = torch.tensor([[33, 20, 9], [5, 5, 5]])
     assert vit.macs(kept).tolist() == [vit.macs([33, 20, 9]), vit.macs([5, 5, 5])]
