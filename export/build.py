@@ -388,16 +388,15 @@ def main(data_dir: Path | None = None, budget: train.Budget | None = None, contr
     for folder in (MODEL_REPOSITORY / "clip_encoder_s3d" / "1", MODEL_REPOSITORY / "tqn_decoder" / "1"):
         _stamp_provenance(folder, provenance)
     report["timing_s"]["served_models"] = round(time.monotonic() - start)
+    # Read before it is overwritten: a resumed run keeps the controls the same models already had.
+    previous = json.loads(EVALUATION.read_text()) if resume and EVALUATION.exists() else {}
+    if previous.get("provenance") == provenance and "controls" in previous:
+        report["controls"] = previous["controls"]
+        report["timing_s"]["controls_run"] = previous["timing_s"]
+        controls = False
     EVALUATION.write_text(json.dumps(report, indent=2) + "\n")
     _log(f"served models done in {time.monotonic() - start:.0f}s; artifacts in model_repository/, "
          f"table in {EVALUATION.name}")
-    if resume and EVALUATION.exists():
-        previous = json.loads(EVALUATION.read_text())
-        if previous.get("provenance") == provenance and "controls" in previous:
-            report["controls"] = previous["controls"]
-            report["timing_s"]["controls_run"] = previous["timing_s"]
-            EVALUATION.write_text(json.dumps(report, indent=2) + "\n")
-            controls = False
     if controls:
         report["controls"] = run_controls(datasets, warm, budget)
         report["timing_s"]["total"] = round(time.monotonic() - start)
