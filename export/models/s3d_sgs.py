@@ -148,7 +148,7 @@ class S3DSGS(S3D):
     def after_patchify(self, patches: torch.Tensor) -> torch.Tensor:
         """The stem's patchifying convolution (`patchify`) -> the features SGS samples."""
         if self.sgs_after == "patchify":
-            return self.stem[1:3](patches)  # N, C1, T, H/p, W/p: patchify conv, norm, ReLU
+            return self.stem[1:3](patches)  # N, C1, T, H/p, W/p: the patchify's norm and ReLU
         x = self.stem[1:](patches)  # N, C1, T, H/p, W/p
         if self.sgs_after == "stem":
             return x
