@@ -22,6 +22,11 @@ geometry at test time, the generator's torso positions only as the localiser's t
 `--input zoom` trains the servable version of that idea, the `s3d_zoom` encoder
 (`export.models.s3d_zoom`: the full frame's s3d, a localiser on its stem, a window stream on a
 32-px window cut once per clip), on the full frames; its localiser learns the same target.
+
+`python -m export.count_specialist NAME --probe MODEL` trains nothing: it fits linear probes on the
+frozen clip features of MODEL's encoder (an `export.count_study` or `vqs models` save) over 2,000 of
+the free-flight training clips and scores them on the held-out free flights and the grid. Does the
+encoder carry the counts where the class table gives nothing away, whatever its decoder answers?
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ from export.models import s3d, s3d_zoom
 COUNTS = ("somersaults", "twists")
 HELD_OUT_SEED = 1_000_000  # held-out free flights: seeds far from the training routines'
 HELD_OUT_ROUTINES = 300
+PROBE_FIT_CLIPS = 2000
 CROP = 32  # px around the torso's middle, as rendered at 112 px
 STEMS = {"default": {}, "difference": {"stem_difference": True}, "fine": {"stem_patch": 4, "stem_pool": 2}}
 ENCODERS = ("s3d", "figure-zoom", "s3d-zoom")  # the last two localise the figure and learn its position
@@ -187,6 +193,28 @@ def score(encoder: nn.Module, heads: nn.ModuleList, bank: dict[str, np.ndarray],
     return {q: round(float(h / len(bank["clips"])), 3) for q, h in zip(COUNTS, hits)}
 
 
+@torch.inference_mode()
+def _features(encoder: nn.Module, clips: np.ndarray, batch: int = 48) -> torch.Tensor:
+    return torch.cat([encoder(torch.from_numpy(np.asarray(clips[s:s + batch]))) for s in range(0, len(clips), batch)])
+
+
+def frozen_probe(encoder: nn.Module, banks: dict[str, dict[str, np.ndarray]],
+                 fit_clips: int = PROBE_FIT_CLIPS) -> dict:
+    """Per count, the accuracy on banks["held_out_free"] and banks["grid"] of a linear probe
+    (`diagnose_counts.logistic_probe`) of the encoder's frozen features, fitted on `fit_clips` of banks["train"]."""
+    encoder.eval()
+    fit = np.sort(np.random.default_rng(0).choice(len(banks["train"]["clips"]), fit_clips, replace=False))
+    x_fit = _features(encoder, banks["train"]["clips"][fit])
+    out = {"fit_clips": fit_clips}
+    for k in ("held_out_free", "grid"):
+        x = _features(encoder, banks[k]["clips"])
+        out[k] = {}
+        for q in COUNTS:
+            pred = diagnose_counts.logistic_probe(x_fit, banks["train"][q][fit], x, len(vocab.ATTRIBUTES[q]))
+            out[k][q] = round(float((pred == banks[k][q]).mean()), 3)
+    return out
+
+
 def localiser_error(zoom: FigureZoom | s3d_zoom.S3DZoom, bank: dict[str, np.ndarray], batch: int = 64) -> float:
     """Mean distance (px) between the learned window centres and the torso's middle over a bank: per
     frame for a `FigureZoom`, per clip (against the torso's mean position over the clip) for `s3d_zoom`."""
@@ -203,7 +231,8 @@ def localiser_error(zoom: FigureZoom | s3d_zoom.S3DZoom, bank: dict[str, np.ndar
 
 
 def train_specialist(bank: dict[str, np.ndarray], *, stem: str = "default", encoder: str = "s3d",
-                     zoom_variant: str = diagnose_counts.ZOOM_VARIANT, steps: int = 1500, batch: int = 24, lr: float = 1e-3, seed: int = 0,
+                     zoom_variant: str = diagnose_counts.ZOOM_VARIANT, steps: int = 1500, batch: int = 24,
+                     lr: float = 1e-3, seed: int = 0,
                      log_every: int = 100) -> tuple[nn.Module, nn.ModuleList]:
     """A fresh encoder (one of ENCODERS; "figure-zoom" is a `FigureZoom` and "s3d-zoom" the
     `s3d_zoom` encoder (`zoom_variant`), whose localisers learn the bank's "torso" positions) and one linear head per
@@ -258,6 +287,7 @@ def main() -> None:
     parser.add_argument("--routines", type=int, default=3000)
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--probe", metavar="MODEL", help="probe MODEL's frozen encoder instead of training one")
     args = parser.parse_args()
     torch.set_num_threads(train.TRAIN_THREADS)
     banks = {
@@ -270,14 +300,17 @@ def main() -> None:
         banks = {k: {**b, "clips": torso_crops(b["clips"], b["torso"], args.crop, args.crop_per_clip)}
                  for k, b in banks.items()}
     start = time.monotonic()
-    encoder, heads = train_specialist(banks["train"], stem=args.stem, steps=args.steps, seed=args.seed,
-                                      encoder=INPUT_ENCODERS.get(args.input, "s3d"), zoom_variant=args.zoom_variant)
     record = {"name": args.name, "args": vars(args), "threads": train.TRAIN_THREADS,
-              "clips": {k: len(b["clips"]) for k, b in banks.items()},
-              **{k: score(encoder, heads, banks[k]) for k in ("held_out_free", "grid")},
-              **({"grid_localiser_error_px": localiser_error(encoder, banks["grid"])}
-                 if args.input in ("learned-crop", "zoom") else {}),
-              "train_seconds": round(time.monotonic() - start), "load_average": [round(x, 2) for x in os.getloadavg()]}
+              "clips": {k: len(b["clips"]) for k, b in banks.items()}}
+    if args.probe:
+        record["probe"] = frozen_probe(diagnose_counts.load_tqn(args.probe)[0], banks)
+    else:
+        encoder, heads = train_specialist(banks["train"], stem=args.stem, steps=args.steps, seed=args.seed,
+                                          encoder=INPUT_ENCODERS.get(args.input, "s3d"), zoom_variant=args.zoom_variant)
+        record.update({k: score(encoder, heads, banks[k]) for k in ("held_out_free", "grid")})
+        if args.input in ("learned-crop", "zoom"):
+            record["grid_localiser_error_px"] = localiser_error(encoder, banks["grid"])
+    record.update(train_seconds=round(time.monotonic() - start), load_average=[round(x, 2) for x in os.getloadavg()])
     print(json.dumps(record), flush=True)
     with open(REPO / "runs" / "count_specialist.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")

@@ -1,8 +1,9 @@
 """Recipe study for the counts (issue 8), judged on VALIDATION only.
 
 `python -m export.count_study NAME [--warmup-steps N] [--bank-steps M] [--stem-difference] [--fine-stem]
-[--rate-loss W] [--free-flight-share P] [--zoom] [--seed S]` trains the warm-up (as `train.train_all` does:
-encoder, TQN, average-pooling and per-clip heads on the short videos) with the given changes, then, with
+[--rate-loss W] [--free-flight-share P] [--zoom [--zoom-variant NAME]] [--seed S]` trains the warm-up
+(as `train.train_all` does: encoder, TQN, average-pooling and per-clip heads on the short videos) with
+the given changes, then, with
 `--bank-steps`, TQN's feature-bank stage; it prints the TQN's validation accuracy and the
 linear probe of the encoder's flight-clip features (`diagnose_counts.probe_report`), appends
 them as one JSON line to runs/count_study.jsonl and saves the encoder and decoder in runs/.
@@ -13,7 +14,7 @@ rendered once into data/short_free<P>, same seed and spec as data/short otherwis
 table alone, twists follow from (pose, somersaults) in 10 of the 12 flights, and the model learns
 that instead of reading the twist. Validation and the feature-bank stage keep the table's videos.
 
-`--zoom` trains the `s3d_zoom` encoder (`export.models.s3d_zoom`) instead of `s3d`: its localiser
+`--zoom` trains an `s3d_zoom` encoder (`export.models.s3d_zoom`, `--zoom-variant`) instead of `s3d`: its localiser
 learns, in both stages, the torso's middle in every frame that has a figure, from the generator's
 own geometry (`diagnose_counts.figure_track`, recomputed from each video's seed and its split's
 spec; no generator change). The record adds the localiser's error on validation flight clips.
@@ -31,6 +32,7 @@ from dataclasses import asdict, replace
 import torch
 
 from export import REPO, build, data, diagnose_counts, synth, train
+from export.models import s3d_zoom
 
 
 def free_flight_short(share: float) -> Path:
@@ -52,8 +54,8 @@ def main() -> None:
     parser.add_argument("--fine-stem", action="store_true", help="4x4 patches, max-pooled to 8x8 after the stem")
     parser.add_argument("--rate-loss", type=float, default=0.0)
     parser.add_argument("--free-flight-share", type=float, default=0.0)
-    parser.add_argument("--zoom", action="store_true",
-                        help=f"the {diagnose_counts.ZOOM_VARIANT} encoder, its localiser's target from geometry")
+    parser.add_argument("--zoom", action="store_true", help="an s3d_zoom encoder, its localiser's target from geometry")
+    parser.add_argument("--zoom-variant", choices=sorted(s3d_zoom.VARIANTS), default=diagnose_counts.ZOOM_VARIANT)
     parser.add_argument("--seed", type=int, default=build.TRAIN_SEED)
     args = parser.parse_args()
     torch.set_num_threads(train.TRAIN_THREADS)

@@ -185,7 +185,7 @@ def online_flight_rate(ds: data.ClipDataset, budget: train.Budget, draws: int = 
 def study_encoder(args: dict):
     """The encoder an `export.count_study` run trains, from its arguments (as saved with it)."""
     if args.get("zoom"):
-        return s3d_zoom.create(ZOOM_VARIANT)
+        return s3d_zoom.create(args.get("zoom_variant", ZOOM_VARIANT))
     fine = dict(stem_patch=4, stem_pool=2) if args.get("fine_stem") else {}
     return train.build_encoder(stem_difference=args.get("stem_difference", False), **fine)
 

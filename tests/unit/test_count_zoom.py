@@ -153,7 +153,9 @@ def test_zoom_training_steps_teach_the_localiser_and_plain_ones_have_no_localise
     plain = train.build_encoder()
     features, loss = train.encode(plain, ds, [(0, 0, 2), (2, 1, 1)], None)
     assert features.shape == (3, 256) and loss == 0
+    assert diagnose_counts.study_encoder({"zoom": True, "zoom_variant": "s3d_zoom_32x112_112"}).window_size == 112
     zoom = diagnose_counts.study_encoder({"zoom": True})
+    assert zoom.window_size == 56
     features, loss = train.encode(zoom, ds, [(0, 0, 2), (2, 1, 1)], track)
     assert features.shape == (3, 256) and loss > 0
     before = [p.detach().clone() for p in zoom.localiser.parameters()]
@@ -180,3 +182,21 @@ def test_a_zoom_specialist_trains_its_localiser_on_the_banks_torso_positions():
     assert set(count_specialist.score(encoder, heads, bank)) == set(count_specialist.COUNTS)
     with pytest.raises(ValueError):
         count_specialist.train_specialist(bank, encoder="s3d-zoom", stem="fine", steps=1)
+
+
+def test_the_frozen_probe_fits_on_training_clips_and_scores_held_out_and_grid_clips():
+    from export import count_specialist, train
+
+    rng = np.random.default_rng(0)
+    bank = lambda n: {"clips": rng.integers(0, 256, (n, 8, 112, 112, 3), dtype=np.uint8),  # noqa: E731
+                      "somersaults": rng.integers(0, 5, n), "twists": rng.integers(0, 5, n)}
+    banks = {"train": bank(8), "held_out_free": bank(3), "grid": bank(4)}
+    torch.manual_seed(0)
+    out = count_specialist.frozen_probe(train.build_encoder(), banks, fit_clips=6)
+    assert out["fit_clips"] == 6 and set(out) == {"fit_clips", "held_out_free", "grid"}
+    assert all(set(out[k]) == set(count_specialist.COUNTS) for k in ("held_out_free", "grid"))
+    scores = [v for k in ("held_out_free", "grid") for v in out[k].values()]
+    assert all(0 <= v <= 1 for v in scores)
+    # scored against the probed bank's own labels: a bank that is the fit clips is fitted closely
+    banks["grid"] = {k: v[:6] for k, v in banks["train"].items()}
+    assert count_specialist.frozen_probe(train.build_encoder(), banks, fit_clips=8)["grid"]["twists"] > 0.8
