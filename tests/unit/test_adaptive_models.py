@@ -286,13 +286,30 @@ def test_vit_macs_per_clip_from_a_tensor_of_kept_counts(vit):
     assert vit.macs(kept).tolist() == [vit.macs([33, 20, 9]), vit.macs([5, 5, 5])]
 
 
-def test_budget_choice_takes_the_smallest_budget_within_a_point_of_the_plain_encoder():
+def _curve(points):
+    from export.train_adaptive import HEADS
+
+    return {str(b): {"accuracy": {q: a for q in HEADS}, "gmacs_per_clip": g} for b, a, g in points}
+
+
+def test_budget_choice_takes_the_cheapest_budget_within_a_point_of_the_plain_encoder():
     from export.train_adaptive import HEADS, _choose_budget
 
     plain = {q: 0.80 for q in HEADS}
-    curve = {str(b): {"accuracy": {q: a for q in HEADS}} for b, a in ((1.0, 0.80), (0.5, 0.795), (0.25, 0.70))}
-    assert _choose_budget(curve, plain) == 0.5
-    assert _choose_budget({"0.5": {"accuracy": {q: 0.5 for q in HEADS}}}, plain) == 1.0  # none close: full budget
+    assert _choose_budget(_curve([(1.0, 0.80, 0.10), (0.5, 0.795, 0.08), (0.25, 0.70, 0.05)]), plain) == 0.5
+    assert _choose_budget(_curve([(0.5, 0.5, 0.05)]), plain) == 1.0  # none close: full budget
+
+
+def test_budget_choice_prefers_the_more_accurate_of_equally_cheap_budgets():
+    from export.train_adaptive import HEADS, _choose_budget
+
+    plain = {q: 0.80 for q in HEADS}
+    # 0.5 and 0.25 do the same work (within SAME_COST): the better answer wins, not the smaller budget
+    assert _choose_budget(_curve([(1.0, 0.80, 0.0186), (0.5, 0.80, 0.01811), (0.25, 0.795, 0.0181)]), plain) == 0.5
+    # a real saving still wins over a better answer
+    assert _choose_budget(_curve([(1.0, 0.80, 0.0186), (0.5, 0.80, 0.0181), (0.25, 0.795, 0.0150)]), plain) == 0.25
+    # equal cost and equal answers: the smaller budget
+    assert _choose_budget(_curve([(0.5, 0.80, 0.0181), (0.25, 0.80, 0.0181)]), plain) == 0.25
 
 
 def test_install_replaces_model_directories_whole(tmp_path):
