@@ -9,7 +9,8 @@ H.264 round trip in memory, as the datasets are), trains a fresh clip encoder wi
 a twist head on them, and scores it on the all-flight clips of 300 held-out free flights and of the
 counterfactual grid (`diagnose_counts.grid_routines`: the table's flights re-drawn with every
 count, so the pose and the class table give nothing away; chance 20% per count). One JSON line is
-appended to runs/count_specialist.jsonl; the rendered clips are cached in runs/.
+appended to runs/count_specialist.jsonl; the rendered clips are cached in runs/, and the trained
+encoder is saved as runs/count_specialist_NAME.pt (`export.count_study --init-encoder` starts from it).
 
 `--input crop` feeds each frame's PX-px window (default 32) around the torso's middle (the
 generator's own geometry, `synth._Scene.figure_pixels`) scaled up to 112 px: the figure found and
@@ -310,6 +311,8 @@ def main() -> None:
         record.update({k: score(encoder, heads, banks[k]) for k in ("held_out_free", "grid")})
         if args.input in ("learned-crop", "zoom"):
             record["grid_localiser_error_px"] = localiser_error(encoder, banks["grid"])
+        torch.save({"args": vars(args), "encoder": encoder.state_dict()},
+                   REPO / "runs" / f"count_specialist_{args.name}.pt")
     record.update(train_seconds=round(time.monotonic() - start), load_average=[round(x, 2) for x in os.getloadavg()])
     print(json.dumps(record), flush=True)
     with open(REPO / "runs" / "count_specialist.jsonl", "a") as f:

@@ -1,12 +1,12 @@
 """Recipe study for the counts (issue 8), judged on VALIDATION only.
 
 `python -m export.count_study NAME [--warmup-steps N] [--bank-steps M] [--stem-difference] [--fine-stem]
-[--rate-loss W] [--free-flight-share P] [--zoom [--zoom-variant NAME]] [--seed S]` trains the warm-up
-(as `train.train_all` does: encoder, TQN, average-pooling and per-clip heads on the short videos) with
-the given changes, then, with
-`--bank-steps`, TQN's feature-bank stage; it prints the TQN's validation accuracy and the
-linear probe of the encoder's flight-clip features (`diagnose_counts.probe_report`), appends
-them as one JSON line to runs/count_study.jsonl and saves the encoder and decoder in runs/.
+[--rate-loss W] [--free-flight-share P] [--zoom [--zoom-variant NAME]] [--init-encoder PT] [--seed S]`
+trains the warm-up (as `train.train_all` does: encoder, TQN, average-pooling and per-clip heads on the
+short videos) with the given changes, then, with `--bank-steps`, TQN's feature-bank stage; it prints
+the TQN's validation accuracy and the linear probe of the encoder's flight-clip features
+(`diagnose_counts.probe_report`), appends them as one JSON line to runs/count_study.jsonl and saves
+the encoder and decoder in runs/.
 
 `--free-flight-share P` warms up on a short split whose routines have, with probability P, a flight
 drawn attribute by attribute instead of from the class table (`synth`'s `free_flight_share`;
@@ -18,6 +18,8 @@ that instead of reading the twist. Validation and the feature-bank stage keep th
 learns, in both stages, the torso's middle in every frame that has a figure, from the generator's
 own geometry (`diagnose_counts.figure_track`, recomputed from each video's seed and its split's
 spec; no generator change). The record adds the localiser's error on validation flight clips.
+`--init-encoder` starts from a `count_specialist` run's encoder (the same encoder and variant):
+per-clip count pre-training on all-flight free clips before the warm-up.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ def main() -> None:
     parser.add_argument("--free-flight-share", type=float, default=0.0)
     parser.add_argument("--zoom", action="store_true", help="an s3d_zoom encoder, its localiser's target from geometry")
     parser.add_argument("--zoom-variant", choices=sorted(s3d_zoom.VARIANTS), default=diagnose_counts.ZOOM_VARIANT)
+    parser.add_argument("--init-encoder", metavar="PT", help="start from a count_specialist save's encoder")
     parser.add_argument("--seed", type=int, default=build.TRAIN_SEED)
     args = parser.parse_args()
     torch.set_num_threads(train.TRAIN_THREADS)
@@ -66,6 +69,8 @@ def main() -> None:
     budget = replace(train.Budget(), warmup_steps=args.warmup_steps, bank_steps=max(1, args.bank_steps))
     rng = train.seed_everything(args.seed)
     encoder = diagnose_counts.study_encoder(vars(args))
+    if args.init_encoder:
+        encoder.load_state_dict(torch.load(args.init_encoder, weights_only=False)["encoder"])
     track = ({"short": diagnose_counts.figure_track(splits["short"], "short", args.free_flight_share),
               "train": diagnose_counts.figure_track(splits["train"], "train"),
               "val": diagnose_counts.figure_track(splits["val"], "val")} if args.zoom else {})

@@ -127,11 +127,13 @@ def zoom_macs(model: S3DZoom) -> int:
     return counter.get_total_flops() // 2
 
 
-# Shape-named variants (after timm): window crop x sampled size, frame size. The 112-px window
-# has FigureZoom's window reader (the plain s3d's channels and stem at 112 px): the control for
-# what the cheaper 56-px, 16-24-48-96 reader gives up.
+# Shape-named variants (after timm): window crop x sampled size, frame size ("_wide": the window
+# read with the plain s3d's 24-32-64-128 channels). The 112-px window has FigureZoom's window
+# reader (plain channels and stem at 112 px): the control for what the cheaper readers give up.
 VARIANTS = {
     "s3d_zoom_32x56_112": dict(window_crop=32, window_size=56, window_stem_patch=4),
+    "s3d_zoom_32x56_112_wide": dict(window_crop=32, window_size=56, window_stem_patch=4,
+                                    window_channels=(24, 32, 64, 128)),
     "s3d_zoom_32x112_112": dict(window_crop=32, window_size=112, window_stem_patch=8,
                                 window_channels=(24, 32, 64, 128)),
 }

@@ -200,3 +200,19 @@ def test_the_frozen_probe_fits_on_training_clips_and_scores_held_out_and_grid_cl
     # scored against the probed bank's own labels: a bank that is the fit clips is fitted closely
     banks["grid"] = {k: v[:6] for k, v in banks["train"].items()}
     assert count_specialist.frozen_probe(train.build_encoder(), banks, fit_clips=8)["grid"]["twists"] > 0.8
+
+
+def test_a_zoom_specialists_encoder_is_the_one_count_study_trains():
+    # count_study --init-encoder loads a count_specialist save into study_encoder's encoder
+    from export import count_specialist, diagnose_counts
+
+    rng = np.random.default_rng(0)
+    bank = {"clips": rng.integers(0, 256, (4, 8, 112, 112, 3), dtype=np.uint8),
+            "torso": rng.uniform(0, 112, (4, 8, 2)).astype(np.float32),
+            "somersaults": rng.integers(0, 5, 4), "twists": rng.integers(0, 5, 4)}
+    specialist, _ = count_specialist.train_specialist(bank, encoder="s3d-zoom", zoom_variant="s3d_zoom_32x112_112",
+                                                      steps=1, batch=2)
+    study = diagnose_counts.study_encoder({"zoom": True, "zoom_variant": "s3d_zoom_32x112_112"})
+    study.load_state_dict(specialist.state_dict())
+    clips = torch.from_numpy(bank["clips"][:2])
+    torch.testing.assert_close(study.eval()(clips), specialist.eval()(clips))
