@@ -182,6 +182,11 @@ def _cached(name: str, routines) -> dict[str, np.ndarray]:
     return made
 
 
+def specialist_bank(routines: int = 3000) -> dict[str, np.ndarray]:
+    """The specialists' training clips: `flight_clips` of `routines` free flights (cached in runs/)."""
+    return _cached(f"train{routines}", lambda: [free_routine(s) for s in range(routines)])
+
+
 def score(encoder: nn.Module, heads: nn.ModuleList, bank: dict[str, np.ndarray], batch: int = 64) -> dict[str, float]:
     encoder.eval()
     hits = np.zeros(len(COUNTS))
@@ -292,7 +297,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(train.TRAIN_THREADS)
     banks = {
-        "train": _cached(f"train{args.routines}", lambda: [free_routine(s) for s in range(args.routines)]),
+        "train": specialist_bank(args.routines),
         "held_out_free": _cached(f"held{HELD_OUT_ROUTINES}", lambda: [
             free_routine(HELD_OUT_SEED + s) for s in range(HELD_OUT_ROUTINES)]),
         "grid": _cached("grid", diagnose_counts.grid_routines),

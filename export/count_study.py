@@ -1,7 +1,8 @@
 """Recipe study for the counts (issue 8), judged on VALIDATION only.
 
 `python -m export.count_study NAME [--warmup-steps N] [--bank-steps M] [--stem-difference] [--fine-stem]
-[--rate-loss W] [--free-flight-share P] [--zoom [--zoom-variant NAME]] [--init-encoder PT] [--seed S]`
+[--rate-loss W] [--free-flight-share P] [--zoom [--zoom-variant NAME]] [--init-encoder PT] [--count-loss W]
+[--save-at STEPS] [--seed S]`
 trains the warm-up (as `train.train_all` does: encoder, TQN, average-pooling and per-clip heads on the
 short videos) with the given changes, then, with `--bank-steps`, TQN's feature-bank stage; it prints
 the TQN's validation accuracy and the linear probe of the encoder's flight-clip features
@@ -20,6 +21,13 @@ own geometry (`diagnose_counts.figure_track`, recomputed from each video's seed 
 spec; no generator change). The record adds the localiser's error on validation flight clips.
 `--init-encoder` starts from a `count_specialist` run's encoder (the same encoder and variant):
 per-clip count pre-training on all-flight free clips before the warm-up.
+
+`--count-loss W` keeps that pre-training's loss in the recipe (`CountLoss`): every step of both
+stages adds W x the count specialist's loss on a batch of its all-flight free clips.
+`--save-at 0,500,...` saves the encoder and decoder after those warm-up steps (0: before the first)
+as runs/count_study_NAME_w<step>.pt, and with `--bank-steps` the warm-up's end as
+runs/count_study_NAME_warmup.pt, for `count_specialist --probe` and `diagnose_counts --grid`
+while the run goes on: where does the recipe lose what the encoder read?
 """
 
 from __future__ import annotations
@@ -31,10 +39,15 @@ import time
 from pathlib import Path
 from dataclasses import asdict, replace
 
+import numpy as np
 import torch
+from torch import nn
+from torch.nn import functional as F
 
-from export import REPO, build, data, diagnose_counts, synth, train
+from export import REPO, build, count_specialist, data, diagnose_counts, synth, train, vocab
 from export.models import s3d_zoom
+
+COUNT_BATCH = 8  # all-flight free clips per step: a sixth of a warm-up step's clips
 
 
 def free_flight_short(share: float) -> Path:
@@ -45,6 +58,38 @@ def free_flight_short(share: float) -> Path:
         synth.write_dataset(out, count=count, seed=seed, fps=build.FPS, min_seconds=lo, max_seconds=hi,
                             null_every=build.NULL_EVERY, free_flight_share=share)
     return out
+
+
+class CountLoss(nn.Module):
+    """`count_specialist`'s loss inside the recipe: each call draws `batch` clips of a specialist bank
+    (`count_specialist.flight_clips`: wholly in flight, free flights) and returns `weight` x (the
+    cross-entropy of a linear somersault head and a linear twist head on their features, plus the
+    localiser's loss on the bank's torso positions for an `s3d_zoom`), as the specialist trains."""
+
+    def __init__(self, bank: dict[str, np.ndarray], feature_dim: int, weight: float, seed: int,
+                 batch: int = COUNT_BATCH):
+        super().__init__()
+        if weight <= 0 or batch < 1:
+            raise ValueError(f"CountLoss needs weight > 0 and batch >= 1, got {weight}, {batch}")
+        self.bank, self.weight, self.batch = bank, weight, batch
+        self.rng = np.random.default_rng([seed, 1])  # its own draws: the recipe's video order is unchanged
+        self.heads = nn.ModuleList(nn.Linear(feature_dim, len(vocab.ATTRIBUTES[q])) for q in count_specialist.COUNTS)
+
+    def forward(self, encoder: nn.Module) -> torch.Tensor:
+        idx = np.sort(self.rng.choice(len(self.bank["clips"]), self.batch, replace=False))
+        clips = torch.from_numpy(self.bank["clips"][idx])
+        if hasattr(encoder, "localiser_loss"):
+            features, heatmaps, _ = encoder.forward_with_heatmap(clips)
+            loss = encoder.localiser_loss(heatmaps, torch.from_numpy(self.bank["torso"][idx]))
+        else:
+            features, loss = encoder(clips), torch.zeros(())
+        for head, q in zip(self.heads, count_specialist.COUNTS):
+            loss = loss + F.cross_entropy(head(features), torch.from_numpy(self.bank[q][idx]))
+        return self.weight * loss
+
+
+def _save(path: Path, args: argparse.Namespace, encoder: nn.Module, tqn: nn.Module) -> None:
+    torch.save({"args": vars(args), "encoder": encoder.state_dict(), "tqn": tqn.state_dict()}, path)
 
 
 def main() -> None:
@@ -59,6 +104,9 @@ def main() -> None:
     parser.add_argument("--zoom", action="store_true", help="an s3d_zoom encoder, its localiser's target from geometry")
     parser.add_argument("--zoom-variant", choices=sorted(s3d_zoom.VARIANTS), default=diagnose_counts.ZOOM_VARIANT)
     parser.add_argument("--init-encoder", metavar="PT", help="start from a count_specialist save's encoder")
+    parser.add_argument("--count-loss", type=float, default=0.0, metavar="W",
+                        help="add W x the count specialist's loss on its free-flight clips to every step")
+    parser.add_argument("--save-at", default="", metavar="STEPS", help="comma-separated warm-up steps to save after")
     parser.add_argument("--seed", type=int, default=build.TRAIN_SEED)
     args = parser.parse_args()
     torch.set_num_threads(train.TRAIN_THREADS)
@@ -75,11 +123,23 @@ def main() -> None:
               "train": diagnose_counts.figure_track(splits["train"], "train"),
               "val": diagnose_counts.figure_track(splits["val"], "val")} if args.zoom else {})
     tqn, avg, clip_head = train.build_tqn(), train.build_average_pooling(), train.build_short_term()
+    count_loss = (CountLoss(count_specialist.specialist_bank(), encoder.feature_dim, args.count_loss, args.seed)
+                  if args.count_loss > 0 else None)
+    out = REPO / "runs"
+    out.mkdir(exist_ok=True)
+    save_at = {int(s) for s in args.save_at.split(",") if s}
+
+    def after_step(step: int) -> None:
+        if step in save_at:
+            _save(out / f"count_study_{args.name}_w{step}.pt", args, encoder, tqn)
+
+    after_step(0)
     train.warmup(encoder, [tqn, avg], clip_head, splits["short"], budget, rng, rate_weight=args.rate_loss,
-                 torso=track.get("short"))
+                 torso=track.get("short"), extra=count_loss, after_step=after_step)
     if args.bank_steps:
+        _save(out / f"count_study_{args.name}_warmup.pt", args, encoder, tqn)
         train.train_with_bank("tqn", encoder, tqn, splits["train"], train.build_bank(encoder, splits["train"]),
-                              budget, rng, torso=track.get("train"))
+                              budget, rng, torso=track.get("train"), extra=count_loss)
     val = splits["val"]
     preds = train.predict(encoder, tqn, val)
     summary = build.summarise(preds, val)
@@ -92,12 +152,9 @@ def main() -> None:
               "seconds": round(time.monotonic() - start),
               "load_average": [round(x, 2) for x in os.getloadavg()]}
     print(json.dumps(record), flush=True)
-    out = REPO / "runs"
-    out.mkdir(exist_ok=True)
     with open(out / "count_study.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
-    torch.save({"args": vars(args), "encoder": encoder.state_dict(), "tqn": tqn.state_dict()},
-               out / f"count_study_{args.name}.pt")
+    _save(out / f"count_study_{args.name}.pt", args, encoder, tqn)
 
 
 if __name__ == "__main__":

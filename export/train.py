@@ -24,6 +24,7 @@ import copy
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -237,7 +238,8 @@ def encode(encoder: nn.Module, ds: ClipDataset, spans: list[tuple[int, int, int]
 
 def warmup(encoder: S3D, heads: list[nn.Module], clip_head: ShortTerm, ds: ClipDataset, budget: Budget,
            rng: np.random.Generator, name: str = "warm-up", rate_weight: float = 0.0,
-           torso: np.ndarray | None = None) -> None:
+           torso: np.ndarray | None = None, extra: nn.Module | None = None,
+           after_step: Callable[[int], None] | None = None) -> None:
     """Stage 1 on short videos, all clips online. Video-level heads (TQN, pooling) learn together
     with a per-clip head (the per-clip pre-training the design calls for) whose targets are what
     each clip shows (`clip_targets`): the take-off clip its take-off, flight clips the flight,
@@ -245,10 +247,12 @@ def warmup(encoder: S3D, heads: list[nn.Module], clip_head: ShortTerm, ds: ClipD
     and no clip a label it cannot show; attention alone spreads the gradient thin at first.
     `rate_weight` > 0 adds an auxiliary loss (recipe study, `export.count_study`): a linear head
     on each clip feature regresses the somersault and twist counts (the rotation and twist rates)
-    of the clips that show the flight. `torso`: the localiser's target for an `s3d_zoom` (`encode`)."""
+    of the clips that show the flight. `torso`: the localiser's target for an `s3d_zoom` (`encode`).
+    `extra` (recipe study): a module whose `extra(encoder)` is one more loss term every step, its
+    parameters trained with the heads. `after_step(k)` is called after the k-th step (1-based)."""
     encoder.train()
     rate_head = nn.Linear(encoder.feature_dim, len(_RATE_QUERIES)) if rate_weight > 0 else None
-    aux = [rate_head] if rate_head is not None else []
+    aux = [m for m in (rate_head, extra) if m is not None]
     for h in (*heads, clip_head, *aux):
         h.train()
     opt, sched = _optimizer(encoder, [*heads, clip_head, *aux], budget, budget.warmup_steps)
@@ -267,8 +271,12 @@ def warmup(encoder: S3D, heads: list[nn.Module], clip_head: ShortTerm, ds: ClipD
         loss = loss + query_loss(clip_head.heads(flat), per_clip)
         if rate_head is not None:
             loss = loss + rate_weight * rate_loss(rate_head, flat, ds, videos)
+        if extra is not None:
+            loss = loss + extra(encoder)
         _step(opt, sched, loss)
         progress.update(step, loss.item(), outputs[0][: len(HEADS)], targets)
+        if after_step is not None:
+            after_step(step + 1)
 
 
 @torch.inference_mode()
@@ -289,11 +297,13 @@ def build_bank(encoder: S3D, ds: ClipDataset) -> torch.Tensor:
 
 
 def train_with_bank(name: str, encoder: S3D, head: nn.Module, ds: ClipDataset, bank: torch.Tensor,
-                    budget: Budget, rng: np.random.Generator, torso: np.ndarray | None = None) -> None:
-    """Stage 2: stochastically updated feature bank over full-length videos (`torso`: see `encode`)."""
+                    budget: Budget, rng: np.random.Generator, torso: np.ndarray | None = None,
+                    extra: nn.Module | None = None) -> None:
+    """Stage 2: stochastically updated feature bank over full-length videos (`torso`, `extra`: see
+    `encode`, `warmup`)."""
     encoder.train()
     head.train()
-    opt, sched = _optimizer(encoder, [head], budget, budget.bank_steps)
+    opt, sched = _optimizer(encoder, [head, *([extra] if extra is not None else [])], budget, budget.bank_steps)
     progress = _Progress(name, budget.bank_steps)
     for step in range(budget.bank_steps):
         videos = rng.choice(len(ds.records), budget.bank_videos_per_step, replace=False)
@@ -316,6 +326,8 @@ def train_with_bank(name: str, encoder: S3D, head: nn.Module, ds: ClipDataset, b
         targets = _targets(ds, videos)
         logits = head(feats, mask)[: len(HEADS)]
         loss = query_loss(logits, targets) + localiser_loss
+        if extra is not None:
+            loss = loss + extra(encoder)
         _step(opt, sched, loss)
         progress.update(step, loss.item(), logits, targets)
 

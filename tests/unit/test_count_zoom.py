@@ -216,3 +216,42 @@ def test_a_zoom_specialists_encoder_is_the_one_count_study_trains():
     study.load_state_dict(specialist.state_dict())
     clips = torch.from_numpy(bank["clips"][:2])
     torch.testing.assert_close(study.eval()(clips), specialist.eval()(clips))
+
+
+def test_the_count_loss_trains_the_encoder_and_its_heads_in_both_stages_without_moving_the_recipes_draws():
+    # count_study --count-loss: the specialist's loss on its free-flight clips added to every step
+    from export import count_study, diagnose_counts, train
+
+    rng = np.random.default_rng(0)
+    bank = {"clips": rng.integers(0, 256, (5, 8, 112, 112, 3), dtype=np.uint8),
+            "torso": rng.uniform(0, 112, (5, 8, 2)).astype(np.float32),
+            "somersaults": rng.integers(0, 5, 5), "twists": rng.integers(0, 5, 5)}
+    with pytest.raises(ValueError):
+        count_study.CountLoss(bank, 256, weight=0.0, seed=0)
+    torch.manual_seed(0)
+    zoom = diagnose_counts.study_encoder({"zoom": True})
+    loss = count_study.CountLoss(bank, zoom.feature_dim, weight=2.0, seed=0, batch=3)
+    half = count_study.CountLoss(bank, zoom.feature_dim, weight=1.0, seed=0, batch=3)
+    half.load_state_dict(loss.state_dict())
+    value = loss(zoom.eval())
+    torch.testing.assert_close(value, 2 * half(zoom))  # same draw (same seed), the weight scales it
+    value.backward()
+    assert zoom.window_stream.stem[0].weight.grad.abs().sum() > 0  # the window reader learns the counts
+    assert zoom.localiser[0].weight.grad.abs().sum() > 0  # and the localiser the bank's torso positions
+
+    ds = _records_dataset(["routine", "routine", "idle"])
+    track = diagnose_counts.figure_track(ds, "short")
+    budget = train.Budget(warmup_steps=3, videos_per_step=2, bank_steps=1, bank_videos_per_step=2, n_online=1)
+    steps, draws = [], []
+    for extra in (None, count_study.CountLoss(bank, zoom.feature_dim, weight=1.0, seed=0, batch=2)):
+        before = None if extra is None else [p.detach().clone() for p in extra.parameters()]
+        order = np.random.default_rng(3)
+        train.warmup(zoom, [train.build_tqn()], train.build_short_term(), ds, budget, order, torso=track,
+                     extra=extra, after_step=steps.append)
+        train.train_with_bank("test", zoom, train.build_tqn(), ds, train.build_bank(zoom, ds), budget, order,
+                              torso=track, extra=extra)
+        draws.append(order.integers(1 << 30))
+        if extra is not None:
+            assert all(not torch.equal(a, b) for a, b in zip(before, extra.parameters()))
+    assert steps == [1, 2, 3, 1, 2, 3]
+    assert draws[0] == draws[1]  # the recipe's videos and clips are drawn as without the count loss
