@@ -27,6 +27,7 @@ from export.models.s3d_sgs import create as create_s3d_sgs
 from export.models.s3d_sgs import s3d_macs
 from export.models.vit import Block
 from export.models.vit import create as create_vit
+from export.onnx_export import Served
 
 
 class _AtsOp(torch.nn.Module):
@@ -41,17 +42,6 @@ class _AtsBlock(torch.nn.Module):
 
     def forward(self, x, k):
         return self.block(x, None, k)
-
-
-class _Served(torch.nn.Module):
-    """An encoder as its served graph computes it (`forward_served`)."""
-
-    def __init__(self, encoder: torch.nn.Module):
-        super().__init__()
-        self.encoder = encoder
-
-    def forward(self, clips, bins=None):
-        return self.encoder.forward_served(clips) if bins is None else self.encoder.forward_served(clips, bins)
 
 
 class _FixedK(torch.nn.Module):
@@ -204,12 +194,12 @@ def profile_encoders(out: Path, *, batches, threads: int, repeats: int):
     s3d = S3D().eval()
     s3d.load_state_dict({k: v for k, v in s3d_sgs.state_dict().items() if not k.startswith("sgs.")})
     dynamic = {"clips": {0: batch}}
-    _export(_Served(vit), (clips,), out / "vit.onnx", (["clips"], ["features"]), dynamic)
+    _export(Served(vit), (clips,), out / "vit.onnx", (["clips"], ["features"]), dynamic)
     _export(_FixedK(vit), (clips, torch.tensor([64] * 4)), out / "vit_ats.onnx", (["clips", "k"], ["features", "tokens_kept"]),
             {**dynamic, "k": None})
-    _export(_Served(s3d), (clips,), out / "s3d.onnx", (["clips"], ["features"]), dynamic)
-    _export(_Served(s3d_sgs), (clips, torch.tensor(8)), out / "s3d_sgs.onnx", (["clips", "bins"], ["features", "bins_kept"]),
-            {**dynamic, "bins": None})
+    _export(Served(s3d), (clips,), out / "s3d.onnx", (["clips"], ["features"]), dynamic)
+    _export(Served(s3d_sgs), (clips, torch.tensor(8)), out / "s3d_sgs.onnx", (["clips", "bins"], ["features", "bins_kept"]),
+            {**dynamic, "knob": None})
     sessions = {name: _session(out / f"{name}.onnx", threads) for name in ("vit", "vit_ats", "s3d", "s3d_sgs")}
     rng = np.random.default_rng(0)
     print(f"Clip encoders, {threads} thread(s); ms per clip (best of {repeats}), MACs per clip counted from shapes")
