@@ -145,7 +145,7 @@ def _export(model: torch.nn.Module, args: tuple, path: Path, input_names, output
     onnx.checker.check_model(str(path))
 
 
-class Served(torch.nn.Module):
+class _Served(torch.nn.Module):
     """The graph an encoder serves: its `forward_served` (`forward` computed the served way, e.g.
     `S3D.patchify`) where it has one, else its `forward`; `knob` (an adaptive encoder's bins) is
     passed on when given."""
@@ -165,7 +165,7 @@ def export_encoder(encoder: S3D, config: dict, out_dir: Path, name: str, *, clip
     example = torch.randint(0, 256, (2, encoder.clip_frames, encoder.frame_size, encoder.frame_size, 3),
                             dtype=torch.uint8)
     path = out_dir / "model.onnx"
-    _export(Served(encoder), (example,), path, [ENCODER_INPUT], [ENCODER_OUTPUT], {"clips": {0: batch}})
+    _export(_Served(encoder), (example,), path, [ENCODER_INPUT], [ENCODER_OUTPUT], {"clips": {0: batch}})
     torch.save(encoder.state_dict(), out_dir / "model.pt")
     meta = {
         "name": name,

@@ -27,7 +27,7 @@ from export.models.s3d_sgs import create as create_s3d_sgs
 from export.models.s3d_sgs import s3d_macs
 from export.models.vit import Block
 from export.models.vit import create as create_vit
-from export.onnx_export import Served
+from export.onnx_export import _Served as Served
 
 
 class _AtsOp(torch.nn.Module):
