@@ -54,6 +54,7 @@ REPORT = REPO / "export" / "adaptive_training.json"
 SEED = 9
 VIT_VARIANT = "vit_mini_112"
 STUDENT = "vit_student.pt"  # the distilled ViT, kept beside the data (`vit_student`)
+MORE_SEED = 19  # the second distillation run's draws (`vit_student`)
 # A student's teacher, in its history: the sha256 of the s3d weights it regressed (model.pt, what
 # the distillation reads; the ONNX file's hash also moves with metadata that changes no output).
 TEACHER_KEY = "teacher_weights_sha256"
@@ -69,7 +70,6 @@ BIAS_SCALE = 1.0  # the similarity net's output bias, in units of the median ‖
 # same token keep it once, so GMACs fall fast just below 1 (README "Adaptive computation"): the
 # curve looks closely there, where a default within the tolerance can still save a lot.
 ATS_VAL_BUDGETS = (1.0, 0.99, 0.97, 0.95, 0.9, 0.75, 0.5)
-ATS_TUNE_BUDGETS = (0.2, 1.0)  # tune_vit's range for the clips it runs with ATS
 SGS_VAL_BUDGETS = (1.0, 0.5, 0.25)
 # Every validation video (300, ~6,100 clips) for s3d and the s3d_sgs curve: on every sixth (50) one
 # answer of one video moves a query by 2 points, and the choice is about a point (README).
@@ -92,6 +92,11 @@ class AdaptiveBudget:
     # distilled this many more steps against the served one (`vit_student`). 0: the refit and
     # `tune_vit`'s distillation term align it (each distillation step costs 2-5 s on the shared cores).
     vit_align_steps: int = 0
+    # A second distillation run on the student (its own warm-up and cosine, its own random
+    # draws), after the first `vit_steps`, cached with the student so a build distils it once.
+    # Session 14's screen with 1,500 (README "Adaptive computation"): `vit` +11 points, but ATS's
+    # gap to it grew from ~1 to 4-7 points near budget 1. 0: none.
+    vit_more_steps: int = 0
     vit_clips_per_step: int = 32
     vit_lr: float = 1e-3
     vit_tune_steps: int = 120  # after the distillation, through the frozen decoder (`tune_vit`)
@@ -106,6 +111,10 @@ class AdaptiveBudget:
     distill_weight: float = 1.0
     event_fraction: float = 0.5  # of the ViT's clips, drawn from clips that show an event
     ats_full_share: float = 0.5  # of the clips tune_vit runs without sampling (the rest with ATS)
+    # tune_vit's budgets for the clips it runs with ATS, drawn uniformly from [low, high] (low = high:
+    # one budget, as the thesis tunes at one K).
+    ats_tune_low: float = 0.2
+    ats_tune_high: float = 1.0
     # tune_vit: weight of the ATS clips' distance to the same ViT's features at full compute (no
     # gradient through those), so every budget learns to answer what budget 1 answers. 0: off.
     ats_self_distill: float = 0.0
@@ -124,9 +133,17 @@ class AdaptiveBudget:
 # The budget fields only the s3d_sgs part reads: the ViT pair built before they changed is still
 # what a build with today's defaults gives (tests/contract/test_adaptive_artifacts.py).
 SGS_ONLY = ("sgs_steps", "sgs_lr", "sgs_frozen_steps", "similarity_lr", "val_every")
+# And those only the ViT part reads: s3d_sgs built before they changed is what today's defaults give.
+VIT_ONLY = ("vit_steps", "vit_align_steps", "vit_more_steps", "vit_clips_per_step", "vit_lr", "vit_tune_steps",
+            "vit_tune_lr", "event_fraction", "ats_full_share", "ats_tune_low", "ats_tune_high", "ats_self_distill",
+            "ats_token_cost", "refit_clips", "vit_val_every")
 
-QUICK = AdaptiveBudget(vit_steps=20, vit_align_steps=5, vit_tune_steps=5, sgs_steps=10, sgs_frozen_steps=5, refit_clips=256,
-                      val_every=15, vit_val_every=15)
+# Fields added after served artifacts were built, with the value those builds used: a provenance
+# without one was built so (tests/contract/test_adaptive_artifacts.py).
+ADDED_FIELDS = {"vit_more_steps": 0, "ats_tune_low": 0.2, "ats_tune_high": 1.0}
+
+QUICK = AdaptiveBudget(vit_steps=20, vit_align_steps=5, vit_more_steps=5, vit_tune_steps=5, sgs_steps=10, sgs_frozen_steps=5,
+                      refit_clips=256, val_every=15, vit_val_every=15)
 
 
 def _log(message: str) -> None:
@@ -227,7 +244,9 @@ def vit_student(teacher: S3D, teacher_weights_sha256: str, datasets: list[data.C
     cached beside the data (`STUDENT`, as build.py keeps its trained models there: the
     distillation is the long part); a student distilled from another s3d is distilled
     `budget.vit_align_steps` more against this one. Without either, `budget.vit_steps` from
-    scratch. The student is (re)written to the cache with its history."""
+    scratch. Then, unless its history already has it, `budget.vit_more_steps` more against this
+    s3d (`MORE_SEED`'s draws, so a build from the cache and one from scratch continue alike). The
+    student is (re)written to the cache with its history."""
     cache = Path(data_dir) / STUDENT
     source = init if init is not None else (cache if cache.exists() else None)
     vit = create_vit(VIT_VARIANT)
@@ -243,6 +262,11 @@ def vit_student(teacher: S3D, teacher_weights_sha256: str, datasets: list[data.C
             vit = distill_vit(teacher, datasets, budget, rng, student=vit, steps=budget.vit_align_steps)
             history.append({"steps": budget.vit_align_steps, "from": "the student above",
                             TEACHER_KEY: teacher_weights_sha256})
+    more = {"steps": budget.vit_more_steps, "from": "the student above, distilled on", TEACHER_KEY: teacher_weights_sha256}
+    if budget.vit_more_steps and history[-1] != more:
+        vit = distill_vit(teacher, datasets, budget, np.random.default_rng(MORE_SEED), student=vit,
+                          steps=budget.vit_more_steps)
+        history.append(more)
     torch.save({"state": vit.state_dict(), "history": history}, cache)
     return vit.eval(), history
 
@@ -425,13 +449,13 @@ def tune_vit(vit: VideoViT, teacher: S3D, decoder: TQNDecoder, short: data.ClipD
              rng: np.random.Generator) -> VideoViT:
     """The distilled ViT trained on through the frozen decoder (`tune_through_decoder`), with ATS in
     the loop as the thesis fine-tunes: each clip runs at full compute with probability
-    `budget.ats_full_share`, else at a budget drawn uniformly from `ATS_TUNE_BUDGETS` (each ATS
+    `budget.ats_full_share`, else at a budget drawn uniformly from `budget.ats_tune_low`..`high` (each ATS
     block's K relative to the tokens it receives, as served), so the one set of weights serves vit
     and vit_ats at every budget. With `budget.ats_self_distill`, the ATS clips are also pulled
     towards the same ViT's features at full compute (computed without gradient), the thesis's
     fine-tuning goal stated directly: a budget below 1 should answer what budget 1 answers. With
     `budget.ats_token_cost`, the ATS clips also pay for the tokens they keep (`ats_token_cost`)."""
-    low, high = ATS_TUNE_BUDGETS
+    low, high = budget.ats_tune_low, budget.ats_tune_high
 
     def encode(clips, rng):
         budgets = np.where(rng.random(len(clips)) < budget.ats_full_share, 1.0, rng.uniform(low, high, len(clips)))
@@ -742,6 +766,10 @@ def main() -> None:
     parser.add_argument("--tune-vit", type=Path, default=None, metavar="OUT",
                         help="only train --init-vit on through the served decoder (--vit-tune-steps) and save it to OUT")
     parser.add_argument("--vit-tune-steps", type=int, default=None)
+    parser.add_argument("--vit-more-steps", type=int, default=None,
+                        help="a second distillation run on the student (0: none; default: the budget's)")
+    parser.add_argument("--ats-tune-low", type=float, default=None, help="tune_vit: lowest budget of the ATS clips")
+    parser.add_argument("--ats-tune-high", type=float, default=None, help="tune_vit: highest budget of the ATS clips")
     parser.add_argument("--ats-self-distill", type=float, default=None,
                         help="tune_vit: weight of the ATS clips' distance to the ViT's own full-compute features")
     parser.add_argument("--ats-token-cost", type=float, default=None,
@@ -757,8 +785,9 @@ def main() -> None:
         parser.error("--quick needs --repository (a copy holding clip_encoder_s3d and tqn_decoder): "
                      "it would replace the served adaptive encoders with barely trained ones")
     budget = QUICK if args.quick else AdaptiveBudget()
-    budget_options = ("vit_steps", "vit_tune_steps", "ats_self_distill", "ats_token_cost", "val_every",
-                      "vit_val_every", "vit_align_steps", "sgs_steps", "sgs_frozen_steps")  # AdaptiveBudget fields
+    budget_options = ("vit_steps", "vit_more_steps", "ats_tune_low", "ats_tune_high", "vit_tune_steps",
+                      "ats_self_distill", "ats_token_cost", "val_every", "vit_val_every", "vit_align_steps",
+                      "sgs_steps", "sgs_frozen_steps")  # AdaptiveBudget fields
     overrides = {name: getattr(args, name) for name in budget_options if getattr(args, name) is not None}
     budget = replace(budget, **overrides)
     if args.tune_vit:

@@ -374,3 +374,41 @@ def test_significance_recorder_records_each_ats_block_and_restores_the_model(vit
         torch.testing.assert_close(a, b, rtol=0, atol=0)
         torch.testing.assert_close(a, c, rtol=0, atol=0)
     assert all("probabilities" not in vars(vit.blocks[i].attn) for i in vit.ats_blocks)
+
+
+def test_vit_student_distils_on_once_and_caches_the_history(tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    import numpy as np
+
+    from export import train_adaptive
+    from export.train_adaptive import MORE_SEED, STUDENT, TEACHER_KEY, AdaptiveBudget, vit_student
+
+    calls = []
+
+    def fake_distill(teacher, datasets, budget, rng, student=None, checkpoint=None, steps=None):
+        calls.append((steps, rng.integers(1 << 30)))
+        with torch.no_grad():
+            student.proj.bias.add_(1.0)  # a distillation run that leaves a mark on the weights
+        return student
+
+    monkeypatch.setattr(train_adaptive, "distill_vit", fake_distill)
+    def small(variant):
+        return VideoViT(dim=16, depth=2, heads=2, frame_size=32, ats_blocks=(1,))
+
+    monkeypatch.setattr(train_adaptive, "create_vit", small)
+    budget = replace(AdaptiveBudget(), vit_steps=7, vit_more_steps=3)
+    cached = small(None).state_dict()
+    torch.save({"state": cached, "history": [{"steps": 7, "from": "scratch", TEACHER_KEY: "s3d"}]},
+               tmp_path / STUDENT)
+
+    vit, history = vit_student(None, "s3d", [], tmp_path, budget, np.random.default_rng(0))
+    more = {"steps": 3, "from": "the student above, distilled on", TEACHER_KEY: "s3d"}
+    # the second run draws from its own seed, not the build's generator
+    assert calls == [(3, np.random.default_rng(MORE_SEED).integers(1 << 30))]
+    assert history == [{"steps": 7, "from": "scratch", TEACHER_KEY: "s3d"}, more]
+    torch.testing.assert_close(vit.proj.bias, cached["proj.bias"] + 1.0)
+    # the cache now holds the longer student: a second build starts from it and distils no more
+    again, history_again = vit_student(None, "s3d", [], tmp_path, budget, np.random.default_rng(0))
+    assert len(calls) == 1 and history_again == history
+    torch.testing.assert_close(again.state_dict(), vit.state_dict())
