@@ -4,7 +4,7 @@ Each use of SGS / ATS in an exported graph is one node (domain `vqs`, op type
 `SimilarityGuidedSampling` / `AdaptiveTokenSampler`). The model carries a FunctionProto of the same
 name whose body is made of opset-18 ops, so ONNX Runtime runs the model by inlining it, and a
 TensorRT plugin registered under the same name can replace it. The bodies are the CPU
-implementation: they compute only the rows and bins they keep (a gather before each matmul).
+implementation: SGS computes only the bins it keeps; ATS gathers the rows it keeps from A·V.
 
 Route (DESIGN.md §3): `torch.onnx.export(dynamo=True, custom_translation_table=translation_table())`
 turns each custom op into its `vqs` node (the op schemas registered here give the node its
@@ -156,12 +156,14 @@ def AdaptiveTokenSampler(x: FLOAT, attn: FLOAT, v: FLOAT, mask: BOOL, k: INT64):
     keep = op.GatherElements(chosen, order, axis=1)  # N, m as 0/1
     kept_mask = op.Greater(keep, op.Constant(value_float=0.5))
     index = op.Where(kept_mask, order, op.Constant(value_int=0))
-    # Rows of A for the kept tokens only: one batched gather over (sample, head).
+    # A·V for every row, then the kept rows of it: one batched gather over (sample, head). Gathering
+    # the kept rows of A first would move m·(n+1) floats per head to save (n+1−m)·dh of the matmul:
+    # more work unless a block keeps under about half its tokens.
     heads = op.Slice(attn_shape, one, op.Constant(value_ints=[2]))
     row_index = op.Expand(op.Unsqueeze(index, op.Constant(value_ints=[1, 3])),
                           op.Concat(one, heads, op.Constant(value_ints=[1, 1]), axis=0))  # N, h, m, 1
-    rows = op.GatherND(attn, row_index, batch_dims=2)  # N, h, m, n+1
-    attended = op.Reshape(op.Transpose(op.MatMul(rows, v), perm=[0, 2, 1, 3]), op.Constant(value_ints=[0, 0, -1]))
+    rows = op.GatherND(op.MatMul(attn, v), row_index, batch_dims=2)  # N, h, m, dh
+    attended = op.Reshape(op.Transpose(rows, perm=[0, 2, 1, 3]), op.Constant(value_ints=[0, 0, -1]))
     residual = op.GatherND(x, op.Unsqueeze(index, op.Constant(value_ints=[2])), batch_dims=1)  # N, m, d
     keep = op.Unsqueeze(keep, op.Constant(value_ints=[2]))
     return attended * keep, residual * keep, kept_mask, index
