@@ -108,6 +108,10 @@ class AdaptiveBudget:
     sgs_lr: float = 1e-3
     sgs_frozen_steps: int = 4800  # of sgs_steps, with the similarity net fixed (fine_tune_sgs)
     similarity_lr: float = 1e-4
+    # fine_tune_sgs: weight of each clip's squared distance between the spread of its Δ_t and a
+    # target set by its frames' own change (`spread_target`), so a still clip keeps fewer bins than
+    # a moving one whatever B allows. 0: off.
+    sgs_spread_weight: float = 0.0
     distill_weight: float = 1.0
     event_fraction: float = 0.5  # of the ViT's clips, drawn from clips that show an event
     ats_full_share: float = 0.5  # of the clips tune_vit runs without sampling (the rest with ATS)
@@ -132,7 +136,7 @@ class AdaptiveBudget:
 
 # The budget fields only the s3d_sgs part reads: the ViT pair built before they changed is still
 # what a build with today's defaults gives (tests/contract/test_adaptive_artifacts.py).
-SGS_ONLY = ("sgs_steps", "sgs_lr", "sgs_frozen_steps", "similarity_lr", "val_every")
+SGS_ONLY = ("sgs_steps", "sgs_lr", "sgs_frozen_steps", "similarity_lr", "sgs_spread_weight", "val_every")
 # And those only the ViT part reads: s3d_sgs built before they changed is what today's defaults give.
 VIT_ONLY = ("vit_steps", "vit_align_steps", "vit_more_steps", "vit_clips_per_step", "vit_lr", "vit_tune_steps",
             "vit_tune_lr", "event_fraction", "ats_full_share", "ats_tune_low", "ats_tune_high", "ats_self_distill",
@@ -140,7 +144,7 @@ VIT_ONLY = ("vit_steps", "vit_align_steps", "vit_more_steps", "vit_clips_per_ste
 
 # Fields added after served artifacts were built, with the value those builds used: a provenance
 # without one was built so (tests/contract/test_adaptive_artifacts.py).
-ADDED_FIELDS = {"vit_more_steps": 0, "ats_tune_low": 0.2, "ats_tune_high": 1.0}
+ADDED_FIELDS = {"vit_more_steps": 0, "ats_tune_low": 0.2, "ats_tune_high": 1.0, "sgs_spread_weight": 0.0}
 
 QUICK = AdaptiveBudget(vit_steps=20, vit_align_steps=5, vit_more_steps=5, vit_tune_steps=5, sgs_steps=10, sgs_frozen_steps=5,
                       refit_clips=256, val_every=15, vit_val_every=15)
@@ -374,6 +378,41 @@ def tune_through_decoder(name: str, model: torch.nn.Module, encode, groups: list
     model.eval()
 
 
+# `spread_target`: the motion (`clip_motion`) at these percentiles of the short training clips
+# (4.5 / 7.7) maps to no spread (one bin at any B) and to SPREAD_MAX; in between linearly.
+# Validation clips' motion (mean grey change, uint8 units, every fifth video): before the dive
+# 2.6, after 2.7, take-off 4.2, flight 5.8, entry 5.3.
+MOTION_PERCENTILES = (50.0, 95.0)
+SPREAD_MAX = 0.75
+
+
+def clip_motion(clips: torch.Tensor) -> torch.Tensor:
+    """Per uint8 clip (N, T, H, W, 3), the mean absolute change of its grey frames from one frame to
+    the next."""
+    grey = clips.float().mean(dim=-1)
+    return (grey[:, 1:] - grey[:, :-1]).abs().mean(dim=(1, 2, 3))
+
+
+def delta_spread(z: torch.Tensor) -> torch.Tensor:
+    """Per clip, 1 - min Δ_t / max Δ_t of its similarity vectors (N, T, L): how far down from Δ_max
+    its frames reach, in [0, 1]. B' is about ceil(B × spread + 1/2) (bins are 1/B of Δ_max wide)."""
+    delta = torch.linalg.vector_norm(z, dim=-1)
+    return 1.0 - delta.amin(dim=1) / delta.amax(dim=1).clamp(min=1e-12)
+
+
+def spread_target(motion: torch.Tensor, low: float, high: float) -> torch.Tensor:
+    """The spread a clip of this motion should have (`MOTION_PERCENTILES`)."""
+    return ((motion - low) / max(high - low, 1e-6)).clamp(0.0, 1.0) * SPREAD_MAX
+
+
+def motion_levels(ds: data.ClipDataset, clips: int, rng: np.random.Generator) -> tuple[float, float]:
+    """The training clips' motion at `MOTION_PERCENTILES` (from `clips` random clips)."""
+    flat = rng.integers(0, ds.total_clips, clips)
+    motion = torch.cat([clip_motion(_clip_batch(ds, flat[s : s + 64])) for s in range(0, clips, 64)]).numpy()
+    low, high = np.percentile(motion, MOTION_PERCENTILES)
+    return float(low), float(high)
+
+
 def fine_tune_sgs(model: S3DSGS, teacher: S3D, decoder: TQNDecoder, short: data.ClipDataset,
                   budget: AdaptiveBudget, rng: np.random.Generator) -> S3DSGS:
     """`tune_through_decoder` with each clip's B drawn from 1..T: first the s3d's layers around a
@@ -385,9 +424,19 @@ def fine_tune_sgs(model: S3DSGS, teacher: S3D, decoder: TQNDecoder, short: data.
     known = [p for n, p in model.named_parameters() if not n.startswith("sgs.")]
     name = f"s3d_sgs[{model.sgs_after}]"
 
+    captured = []
+    if budget.sgs_spread_weight:
+        low, high = motion_levels(short, 1024, np.random.default_rng(SEED))
+        _log(f"{name}: motion levels {low:.2f} / {high:.2f}")
+        hook = model.sgs.similarity.register_forward_hook(lambda module, args, z: captured.append(z))
+
     def encode(clips, rng):
+        captured.clear()
         features, kept = model(clips, torch.from_numpy(rng.integers(1, model.clip_frames + 1, len(clips))))
-        return features, kept, None
+        if not budget.sgs_spread_weight:
+            return features, kept, None
+        target = spread_target(clip_motion(clips), low, high)
+        return features, kept, budget.sgs_spread_weight * F.mse_loss(delta_spread(captured[-1]), target)
 
     common = dict(videos_per_step=budget.sgs_videos_per_step, lr=budget.sgs_lr, distill_weight=budget.distill_weight,
                   rng=rng)
@@ -402,6 +451,8 @@ def fine_tune_sgs(model: S3DSGS, teacher: S3D, decoder: TQNDecoder, short: data.
     if budget.sgs_steps > frozen:
         tune_through_decoder(name, model, encode, [{"params": known}, {"params": fresh, "lr": budget.similarity_lr}],
                              teacher, decoder, short, steps=budget.sgs_steps - frozen, **common)
+    if budget.sgs_spread_weight:
+        hook.remove()
     return model
 
 
@@ -480,6 +531,45 @@ def tune_vit(vit: VideoViT, teacher: S3D, decoder: TQNDecoder, short: data.ClipD
                              videos_per_step=budget.sgs_videos_per_step, lr=budget.vit_tune_lr,
                              distill_weight=budget.distill_weight, rng=rng)
     return vit
+
+
+def served_s3d_sgs(repository: Path = MODEL_REPOSITORY) -> S3DSGS:
+    """The served s3d_sgs (its model.pt and model.json), in eval mode."""
+    meta = json.loads((repository / "clip_encoder_s3d_sgs" / "1" / "model.json").read_text())
+    model = S3DSGS(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["config"].items()})
+    model.load_state_dict(torch.load(repository / "clip_encoder_s3d_sgs" / "1" / "model.pt", weights_only=True))
+    return model.eval()
+
+
+@torch.inference_mode()
+def sgs_phase_report(model: S3DSGS, decoder: TQNDecoder, ds: data.ClipDataset, budgets: tuple[float, ...]) -> dict:
+    """At each budget, in torch: accuracy on every video of `ds`, GMACs per clip, mean B' and mean B'
+    by clip phase (the phases of `evaluate_adaptive`), for a screen without an export."""
+    from export.evaluate_adaptive import PHASE_NAMES, clip_phases
+
+    model.eval()
+    phases = np.concatenate([clip_phases(ds, v) for v in range(len(ds.records))])
+    report = {}
+    for b in budgets:
+        bins = model.bins_for_budget(b)
+        features, kept = [], []
+        for v in range(len(ds.records)):
+            n = int(ds.num_clips[v])
+            for s in range(0, n, 64):
+                f, k = model(torch.from_numpy(ds.clips(v, s, min(64, n - s))), torch.tensor(bins))
+                features.append(f.numpy())
+                kept.append(k.numpy())
+        features, kept = np.concatenate(features), np.concatenate(kept)
+        report[str(b)] = {
+            "accuracy": accuracy(decode_videos(decoder, features, ds)[0], ds),
+            "gmacs_per_clip": float(sum(model.macs(int(k)) * int((kept == k).sum()) for k in np.unique(kept))
+                                    / len(kept) / 1e9),
+            "kept_mean": float(kept.mean()),
+            "kept_by_phase": {name: float(kept[phases == p].mean()) for p, name in enumerate(PHASE_NAMES)
+                              if (phases == p).any()},
+            "kept_histogram": np.bincount(kept, minlength=model.clip_frames + 1)[1:].tolist()}
+        _log(f"s3d_sgs at budget {b}: {report[str(b)]}")
+    return report
 
 
 def onnx_clip_outputs(path: Path, ds: data.ClipDataset, budget: float | None, *, batch: int = 32,
@@ -770,6 +860,13 @@ def main() -> None:
                         help="a second distillation run on the student (0: none; default: the budget's)")
     parser.add_argument("--ats-tune-low", type=float, default=None, help="tune_vit: lowest budget of the ATS clips")
     parser.add_argument("--ats-tune-high", type=float, default=None, help="tune_vit: highest budget of the ATS clips")
+    parser.add_argument("--tune-sgs", type=Path, default=None, metavar="OUT",
+                        help="only train the served s3d_sgs on (--sgs-steps, of them --sgs-frozen-steps with the "
+                             "similarity net fixed), save it to OUT and its validation report (torch) to OUT.json")
+    parser.add_argument("--sgs-spread-weight", type=float, default=None,
+                        help="fine_tune_sgs: weight of the clips' Δ spread against their motion's target")
+    parser.add_argument("--sgs-lr", type=float, default=None)
+    parser.add_argument("--similarity-lr", type=float, default=None)
     parser.add_argument("--ats-self-distill", type=float, default=None,
                         help="tune_vit: weight of the ATS clips' distance to the ViT's own full-compute features")
     parser.add_argument("--ats-token-cost", type=float, default=None,
@@ -787,7 +884,8 @@ def main() -> None:
     budget = QUICK if args.quick else AdaptiveBudget()
     budget_options = ("vit_steps", "vit_more_steps", "ats_tune_low", "ats_tune_high", "vit_tune_steps",
                       "ats_self_distill", "ats_token_cost", "val_every", "vit_val_every", "vit_align_steps",
-                      "sgs_steps", "sgs_frozen_steps")  # AdaptiveBudget fields
+                      "sgs_steps", "sgs_frozen_steps", "sgs_spread_weight", "sgs_lr",
+                      "similarity_lr")  # AdaptiveBudget fields
     overrides = {name: getattr(args, name) for name in budget_options if getattr(args, name) is not None}
     budget = replace(budget, **overrides)
     if args.tune_vit:
@@ -799,6 +897,17 @@ def main() -> None:
         vit = tune_vit(vit, teacher, decoder, data.load(args.data_dir / "short"), budget,
                        np.random.default_rng(args.seed))
         torch.save(vit.state_dict(), args.tune_vit)
+        return
+    if args.tune_sgs:
+        torch.set_num_threads(train.TRAIN_THREADS)
+        torch.manual_seed(args.seed)
+        teacher, decoder, _ = load_served(args.repository)
+        model = fine_tune_sgs(served_s3d_sgs(args.repository), teacher, decoder, data.load(args.data_dir / "short"),
+                              budget, np.random.default_rng(args.seed))
+        torch.save(model.state_dict(), args.tune_sgs)
+        report = {"budget": asdict(budget), "val": sgs_phase_report(model, decoder, data.load(args.data_dir / "val"),
+                                                                     SGS_VAL_BUDGETS)}
+        Path(f"{args.tune_sgs}.json").write_text(json.dumps(report, indent=2) + "\n")
         return
     if args.distill_vit:
         torch.set_num_threads(train.TRAIN_THREADS)

@@ -412,3 +412,32 @@ def test_vit_student_distils_on_once_and_caches_the_history(tmp_path, monkeypatc
     again, history_again = vit_student(None, "s3d", [], tmp_path, budget, np.random.default_rng(0))
     assert len(calls) == 1 and history_again == history
     torch.testing.assert_close(again.state_dict(), vit.state_dict())
+
+
+def test_clip_motion_is_the_mean_grey_change_between_frames():
+    from export.train_adaptive import clip_motion
+
+    still = torch.full((1, 8, 16, 16, 3), 90, dtype=torch.uint8)
+    blinking = still.clone()
+    blinking[:, 1::2] += 12  # every other frame 12 grey levels brighter
+    torch.testing.assert_close(clip_motion(torch.cat([still, blinking])), torch.tensor([0.0, 12.0]))
+
+
+def test_delta_spread_measures_how_far_the_frames_reach_below_the_largest_delta():
+    from export.train_adaptive import delta_spread
+
+    z = torch.zeros(2, 4, 3)
+    z[0, :, 0] = 2.0  # every frame equal: no spread (one bin at any B)
+    z[1, :, 0] = torch.tensor([1.0, 2.0, 4.0, 3.0])  # down to a quarter of Δ_max
+    z.requires_grad_()
+    spread = delta_spread(z)
+    torch.testing.assert_close(spread.detach(), torch.tensor([0.0, 0.75]))
+    spread[1].backward()
+    assert float(z.grad[1, 0, 0]) < 0 < float(z.grad[1, 2, 0])  # raising the smallest Δ narrows it, the largest widens
+
+
+def test_spread_target_maps_still_clips_to_one_bin_and_moving_ones_up_to_the_cap():
+    from export.train_adaptive import SPREAD_MAX, spread_target
+
+    target = spread_target(torch.tensor([1.0, 4.0, 5.0, 6.0, 9.0]), 4.0, 6.0)
+    torch.testing.assert_close(target, torch.tensor([0.0, 0.0, SPREAD_MAX / 2, SPREAD_MAX, SPREAD_MAX]))
