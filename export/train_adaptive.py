@@ -863,6 +863,8 @@ def main() -> None:
     parser.add_argument("--tune-sgs", type=Path, default=None, metavar="OUT",
                         help="only train the served s3d_sgs on (--sgs-steps, of them --sgs-frozen-steps with the "
                              "similarity net fixed), save it to OUT and its validation report (torch) to OUT.json")
+    parser.add_argument("--init-sgs", type=Path, default=None,
+                        help="--tune-sgs: start from this s3d_sgs state dict instead of the served weights")
     parser.add_argument("--sgs-spread-weight", type=float, default=None,
                         help="fine_tune_sgs: weight of the clips' Δ spread against their motion's target")
     parser.add_argument("--sgs-lr", type=float, default=None)
@@ -902,8 +904,11 @@ def main() -> None:
         torch.set_num_threads(train.TRAIN_THREADS)
         torch.manual_seed(args.seed)
         teacher, decoder, _ = load_served(args.repository)
-        model = fine_tune_sgs(served_s3d_sgs(args.repository), teacher, decoder, data.load(args.data_dir / "short"),
-                              budget, np.random.default_rng(args.seed))
+        model = served_s3d_sgs(args.repository)
+        if args.init_sgs is not None:
+            model.load_state_dict(torch.load(args.init_sgs, weights_only=True))
+        model = fine_tune_sgs(model, teacher, decoder, data.load(args.data_dir / "short"), budget,
+                              np.random.default_rng(args.seed))
         torch.save(model.state_dict(), args.tune_sgs)
         report = {"budget": asdict(budget), "val": sgs_phase_report(model, decoder, data.load(args.data_dir / "val"),
                                                                      SGS_VAL_BUDGETS)}
