@@ -14,6 +14,7 @@ import decord
 import numpy as np
 
 from export import vocab
+from export.synth import PHASES
 
 # decord bundles its own FFmpeg libraries; whichever FFmpeg a process loads first serves both
 # packages, and decord's lacks options PyAV's encoders need (libvpx-vp9). Loading PyAV first
@@ -68,6 +69,18 @@ class ClipDataset:
 
     def video_of_clip(self, flat: np.ndarray) -> np.ndarray:
         return np.searchsorted(self.clip_offset, flat, side="right") - 1
+
+    def clip_phases(self, video: int) -> np.ndarray:
+        """Per clip of a video, its frames' majority phase (an index into `synth.PHASES`); -1 for
+        every clip of a video without phases (null videos)."""
+        n = int(self.num_clips[video])
+        phases = self.records[video].get("phases")
+        if not phases:
+            return np.full(n, -1)
+        padded = np.full(n * CLIP_FRAMES, -1)
+        padded[: len(phases)] = phases
+        return np.asarray([np.bincount(row[row >= 0], minlength=len(PHASES)).argmax() if (row >= 0).any() else -1
+                           for row in padded.reshape(n, CLIP_FRAMES)])
 
 
 # A video whose flight is off vocab.CLASSES' table (synth's `free_flight_share`) has no class target.

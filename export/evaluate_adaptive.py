@@ -33,6 +33,7 @@ import torch
 from export import REPO, adaptive_export, data
 from export.build import in_domain_report, paired_bootstrap
 from export.onnx_export import IN_DOMAIN_OUTPUT, IN_DOMAIN_THRESHOLD_PARAMETER
+from export.synth import PHASES
 from export.train_adaptive import HEADS, accuracy
 
 OUT = REPO / "export" / "adaptive_evaluation.json"
@@ -43,25 +44,10 @@ CURVES = {"s3d_sgs": (1.0, 0.5, 0.35, 0.25), "vit_ats": (1.0, 0.99, 0.97, 0.95, 
 # The budget curve runs on every sixth test video (50 of 300): the 2 cores are shared by seven
 # sessions; the four encoders' table uses every video.
 CURVE_EVERY = 6
-PHASE_NAMES = ("before", "take_off", "flight", "entry", "after")
 
 
 def _log(message: str) -> None:
     print(f"evaluate_adaptive: {message}", file=sys.stderr, flush=True)
-
-
-def clip_phases(ds: data.ClipDataset, video: int) -> np.ndarray:
-    """Per clip, its majority phase (index into PHASE_NAMES); -1 when the video has no phases
-    (null videos)."""
-    n = int(ds.num_clips[video])
-    phases = ds.records[video].get("phases")
-    if not phases:
-        return np.full(n, -1)
-    padded = np.full(n * data.CLIP_FRAMES, -1)
-    padded[: len(phases)] = phases
-    per_clip = padded.reshape(n, data.CLIP_FRAMES)
-    return np.asarray([np.bincount(row[row >= 0], minlength=len(PHASE_NAMES)).argmax() if (row >= 0).any() else -1
-                       for row in per_clip])
 
 
 def paired_intervals(answers: tuple[np.ndarray, np.ndarray], plain: tuple[np.ndarray, np.ndarray],
@@ -304,7 +290,7 @@ def evaluate(data_dir: Path, repository: Path, *, videos: int | None = None, out
     chosen = np.arange(len(ds.records)) if videos is None else np.linspace(0, len(ds.records) - 1, videos).astype(int)
     curve_videos = chosen[::CURVE_EVERY]
     served = run_served(ds, chosen, set(curve_videos.tolist()), repository)
-    phases_of = {int(v): clip_phases(ds, int(v)) for v in chosen}
+    phases_of = {int(v): ds.clip_phases(int(v)) for v in chosen}
     summary, kept, curve, hits = {}, {}, {}, {}
     for label, r in served["results"].items():
         preds = {q: np.asarray(p) for q, p in r["preds"].items()}
@@ -338,8 +324,8 @@ def evaluate(data_dir: Path, repository: Path, *, videos: int | None = None, out
             # by the phase of each clip this configuration encoded (the curve's: its videos only)
             at = np.concatenate([phases_of[int(v)] for v in evaluated])
             kept[label] = (k, at)
-            entry["kept_by_phase"] = {PHASE_NAMES[p]: k[at == p].mean(0).tolist()
-                                      for p in range(len(PHASE_NAMES)) if (at == p).any()}
+            entry["kept_by_phase"] = {PHASES[p]: k[at == p].mean(0).tolist()
+                                      for p in range(len(PHASES)) if (at == p).any()}
             entry["kept_null_videos"] = k[at == -1].mean(0).tolist() if (at == -1).any() else None
             # B' per clip; for ATS the K' of each block, in blocks of 10 tokens
             binned = k[:, 0] if label.startswith("s3d_sgs") else (k // 10 * 10).ravel()

@@ -42,6 +42,7 @@ from torch.nn import functional as F
 
 from export import MODEL_REPOSITORY, REPO, adaptive_export, build, data, train
 from export.onnx_export import IN_DOMAIN_THRESHOLD_PARAMETER
+from export.synth import PHASES
 from export.models.s3d import S3D
 from export.models.s3d_sgs import S3DSGS, s3d_macs
 from export.models.tqn import TQNDecoder
@@ -544,11 +545,10 @@ def served_s3d_sgs(repository: Path = MODEL_REPOSITORY) -> S3DSGS:
 @torch.inference_mode()
 def sgs_phase_report(model: S3DSGS, decoder: TQNDecoder, ds: data.ClipDataset, budgets: tuple[float, ...]) -> dict:
     """At each budget, in torch: accuracy on every video of `ds`, GMACs per clip, mean B' and mean B'
-    by clip phase (the phases of `evaluate_adaptive`), for a screen without an export."""
-    from export.evaluate_adaptive import PHASE_NAMES, clip_phases
+    by clip phase (`ClipDataset.clip_phases`), for a screen without an export."""
 
     model.eval()
-    phases = np.concatenate([clip_phases(ds, v) for v in range(len(ds.records))])
+    phases = np.concatenate([ds.clip_phases(v) for v in range(len(ds.records))])
     report = {}
     for b in budgets:
         bins = model.bins_for_budget(b)
@@ -565,7 +565,7 @@ def sgs_phase_report(model: S3DSGS, decoder: TQNDecoder, ds: data.ClipDataset, b
             "gmacs_per_clip": float(sum(model.macs(int(k)) * int((kept == k).sum()) for k in np.unique(kept))
                                     / len(kept) / 1e9),
             "kept_mean": float(kept.mean()),
-            "kept_by_phase": {name: float(kept[phases == p].mean()) for p, name in enumerate(PHASE_NAMES)
+            "kept_by_phase": {name: float(kept[phases == p].mean()) for p, name in enumerate(PHASES)
                               if (phases == p).any()},
             "kept_histogram": np.bincount(kept, minlength=model.clip_frames + 1)[1:].tolist()}
         _log(f"s3d_sgs at budget {b}: {report[str(b)]}")
