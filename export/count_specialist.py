@@ -187,16 +187,29 @@ def specialist_bank(routines: int = 3000) -> dict[str, np.ndarray]:
     return _cached(f"train{routines}", lambda: [free_routine(s) for s in range(routines)])
 
 
+def specialist_loss(encoder: nn.Module, heads: nn.ModuleList, bank: dict[str, np.ndarray],
+                    idx: np.ndarray) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The specialists' loss on the bank's clips `idx`: the localiser's against the bank's torso
+    positions (encoders that localise), plus each count head's cross-entropy; and each head's logits."""
+    clips = torch.from_numpy(bank["clips"][idx])
+    if hasattr(encoder, "localiser_loss"):
+        features, heatmaps, _ = encoder.forward_with_heatmap(clips)
+        loss = encoder.localiser_loss(heatmaps, torch.from_numpy(bank["torso"][idx]).reshape(-1, 2))
+    else:
+        features, loss = encoder(clips), torch.zeros(())
+    logits = [head(features) for head in heads]
+    for head_logits, q in zip(logits, COUNTS):
+        loss = loss + F.cross_entropy(head_logits, torch.from_numpy(bank[q][idx]))
+    return loss, logits
+
+
+@torch.inference_mode()
 def score(encoder: nn.Module, heads: nn.ModuleList, bank: dict[str, np.ndarray], batch: int = 64) -> dict[str, float]:
     encoder.eval()
-    hits = np.zeros(len(COUNTS))
-    with torch.inference_mode():
-        for s in range(0, len(bank["clips"]), batch):
-            features = encoder(torch.from_numpy(bank["clips"][s:s + batch]))
-            for k, q in enumerate(COUNTS):
-                hits[k] += int((heads[k](features).argmax(-1).numpy() == bank[q][s:s + batch]).sum())
+    features = _features(encoder, bank["clips"], batch)
     encoder.train()
-    return {q: round(float(h / len(bank["clips"])), 3) for q, h in zip(COUNTS, hits)}
+    return {q: round(float((head(features).argmax(-1).numpy() == bank[q]).sum() / len(bank["clips"])), 3)
+            for head, q in zip(heads, COUNTS)}
 
 
 @torch.inference_mode()
@@ -249,7 +262,6 @@ def train_specialist(bank: dict[str, np.ndarray], *, stem: str = "default", enco
         raise ValueError(f"unknown encoder {encoder!r} (choose one of {ENCODERS}; s3d-zoom has the default stem)")
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    localises = encoder != "s3d"
     encoder = {"s3d": lambda: train.build_encoder(**STEMS[stem]), "figure-zoom": lambda: FigureZoom(**STEMS[stem]),
                "s3d-zoom": lambda: s3d_zoom.create(zoom_variant)}[encoder]()
     heads = nn.ModuleList(nn.Linear(encoder.feature_dim, len(vocab.ATTRIBUTES[q])) for q in COUNTS)
@@ -259,16 +271,9 @@ def train_specialist(bank: dict[str, np.ndarray], *, stem: str = "default", enco
     hits, seen, start = np.zeros(len(COUNTS)), 0, time.monotonic()
     for step in range(1, steps + 1):
         idx = rng.choice(len(bank["clips"]), batch, replace=False)
-        clips = torch.from_numpy(bank["clips"][idx])
-        if localises:
-            features, logits, _ = encoder.forward_with_heatmap(clips)
-            loss = encoder.localiser_loss(logits, torch.from_numpy(bank["torso"][idx]).reshape(-1, 2))
-        else:
-            features, loss = encoder(clips), torch.zeros(())
+        loss, logits = specialist_loss(encoder, heads, bank, idx)
         for k, q in enumerate(COUNTS):
-            logits, target = heads[k](features), torch.from_numpy(bank[q][idx])
-            loss = loss + F.cross_entropy(logits, target)
-            hits[k] += int((logits.argmax(-1) == target).sum())
+            hits[k] += int((logits[k].argmax(-1) == torch.from_numpy(bank[q][idx])).sum())
         seen += batch
         opt.zero_grad()
         loss.backward()

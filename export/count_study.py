@@ -42,7 +42,6 @@ from dataclasses import asdict, replace
 import numpy as np
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from export import REPO, build, count_specialist, data, diagnose_counts, synth, train, vocab
 from export.models import s3d_zoom
@@ -77,15 +76,7 @@ class CountLoss(nn.Module):
 
     def forward(self, encoder: nn.Module) -> torch.Tensor:
         idx = np.sort(self.rng.choice(len(self.bank["clips"]), self.batch, replace=False))
-        clips = torch.from_numpy(self.bank["clips"][idx])
-        if hasattr(encoder, "localiser_loss"):
-            features, heatmaps, _ = encoder.forward_with_heatmap(clips)
-            loss = encoder.localiser_loss(heatmaps, torch.from_numpy(self.bank["torso"][idx]))
-        else:
-            features, loss = encoder(clips), torch.zeros(())
-        for head, q in zip(self.heads, count_specialist.COUNTS):
-            loss = loss + F.cross_entropy(head(features), torch.from_numpy(self.bank[q][idx]))
-        return self.weight * loss
+        return self.weight * count_specialist.specialist_loss(encoder, self.heads, self.bank, idx)[0]
 
 
 def _save(path: Path, args: argparse.Namespace, encoder: nn.Module, tqn: nn.Module) -> None:

@@ -534,14 +534,6 @@ def tune_vit(vit: VideoViT, teacher: S3D, decoder: TQNDecoder, short: data.ClipD
     return vit
 
 
-def served_s3d_sgs(repository: Path = MODEL_REPOSITORY) -> S3DSGS:
-    """The served s3d_sgs (its model.pt and model.json), in eval mode."""
-    meta = json.loads((repository / "clip_encoder_s3d_sgs" / "1" / "model.json").read_text())
-    model = S3DSGS(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["config"].items()})
-    model.load_state_dict(torch.load(repository / "clip_encoder_s3d_sgs" / "1" / "model.pt", weights_only=True))
-    return model.eval()
-
-
 @torch.inference_mode()
 def sgs_phase_report(model: S3DSGS, decoder: TQNDecoder, ds: data.ClipDataset, budgets: tuple[float, ...]) -> dict:
     """At each budget, in torch: accuracy on every video of `ds`, GMACs per clip, mean B' and mean B'
@@ -904,7 +896,7 @@ def main() -> None:
         torch.set_num_threads(train.TRAIN_THREADS)
         torch.manual_seed(args.seed)
         teacher, decoder, _ = load_served(args.repository)
-        model = served_s3d_sgs(args.repository)
+        model = adaptive_export.load_served(args.repository / "clip_encoder_s3d_sgs").model
         if args.init_sgs is not None:
             model.load_state_dict(torch.load(args.init_sgs, weights_only=True))
         model = fine_tune_sgs(model, teacher, decoder, data.load(args.data_dir / "short"), budget,
