@@ -247,6 +247,7 @@ class _Source:
 class _Progress:
     received_bytes: int = 0
     first_byte_unix_s: float | None = None
+    first_byte_monotonic: float | None = None  # the feed's real time starts here
     dropped: int = 0
     analysed: int = 0
 
@@ -350,7 +351,7 @@ class _Stream:
                 continue
             p = self.progress
             if p.first_byte_unix_s is None:
-                p.first_byte_unix_s = time.time()
+                p.first_byte_unix_s, p.first_byte_monotonic = time.time(), time.monotonic()
             p.received_bytes += len(chunk)
             # The bytes-per-second cap: read no faster (the sender is slowed, not refused).
             ahead = p.received_bytes / limits.max_bytes_per_s - (time.monotonic() - started) - 1.0
@@ -418,17 +419,18 @@ class _Stream:
 
     async def _decode(self, source: _Source) -> None:
         spec, limits = self.spec, self.limits
-        batches = self.owner.analyzer.video_decoder.stream(
-            source.path,
-            frame_size=spec.frame_size,
-            clip_frames=spec.clip_frames,
-            sample_fps=spec.clip_fps,
-            clips_per_batch=1 if source.live else limits.clips_per_batch,
-            live=source.live,
-            chunk_frames=LIVE_CHUNK_FRAMES if source.live else STREAM_CHUNK_FRAMES,
-            max_lag_s=limits.max_lag_s if source.live and self.options.mode == "realtime" else None,
-        )
         try:
+            batches = self.owner.analyzer.video_decoder.stream(
+                source.path,
+                frame_size=spec.frame_size,
+                clip_frames=spec.clip_frames,
+                sample_fps=spec.clip_fps,
+                clips_per_batch=1 if source.live else limits.clips_per_batch,
+                live=source.live,
+                chunk_frames=LIVE_CHUNK_FRAMES if source.live else STREAM_CHUNK_FRAMES,
+                max_lag_s=limits.max_lag_s if source.live and self.options.mode == "realtime" else None,
+                feed_started=self.progress.first_byte_monotonic,
+            )
             async with contextlib.aclosing(batches):
                 async for batch in batches:
                     self.info = batch.info

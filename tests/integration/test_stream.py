@@ -278,8 +278,17 @@ async def test_a_stream_past_its_deadline_stops_its_work_and_frees_its_slot(smal
             async for _ in call:
                 pass
         at_stop = {**triton_counters(triton), "before": before["nv_inference_count"]}
-    assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert deadline_exceeded(error.value)
     await assert_request_released(small_gateway, triton, workers, at_stop, full_clips=LONG_TS_CLIPS)
+
+
+def deadline_exceeded(error: grpc.aio.AioRpcError) -> bool:
+    """The deadline's status, as the asyncio client reports it: a request write of its own that
+    races the deadline can replace that status with INTERNAL "Internal error from Core" about its
+    failed SendMessageOperation (grpc/grpc#36066), whatever the server did."""
+    if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return True
+    return error.code() == grpc.StatusCode.INTERNAL and "SendMessageOperation" in (error.debug_error_string() or "")
 
 
 async def broken_after_two_windows(stub, gateway, data: bytes, options: pb.StreamOptions):
@@ -422,10 +431,10 @@ async def test_vqs_stream_prints_jsonl_events_in_analyze_shapes(gateway, stream_
 
 
 STALL_S = 5.0  # how long the sender stops: well above limits.stream_max_lag_s and a GOP (1 s)
-# The decoder's clock starts at the first packet it decodes, which opening the stream delays after
-# the sender's first chunk (over a second on a loaded machine). So only video later than that
-# startup, a GOP and the allowed lag is surely skipped: the stall's first STALL_S - SURELY_LATE_MARGIN_S.
-SURELY_LATE_MARGIN_S = 2.5
+# The decoder's real time starts at the gateway's first byte, so what the stall made later than the
+# allowed lag (0.5 s), a GOP and half a second for delivering the burst is surely skipped: the
+# stall's first STALL_S - SURELY_LATE_MARGIN_S.
+SURELY_LATE_MARGIN_S = 2.0
 
 
 def ts_offset_at(data: bytes, seconds: float) -> int:

@@ -62,7 +62,7 @@ class FakeDecoder:
         self.skipped = skipped  # clips the decoder marks dropped when asked to keep up (max_lag_s)
 
     async def stream(self, source: Path, *, frame_size, clip_frames, sample_fps, clips_per_batch,
-                     live=False, chunk_frames=None, max_lag_s=None):
+                     live=False, chunk_frames=None, max_lag_s=None, feed_started=None):
         self.live.append(live)
         self.max_lag_s.append(max_lag_s)
         data = await asyncio.to_thread(Path(source).read_bytes)
@@ -154,6 +154,27 @@ async def test_windows_failing_in_a_row_end_the_stream_with_their_error(tmp_path
     triton = FakeTriton(failing=set(range(100)))
     with pytest.raises(BackendUnavailable, match="last 3 windows failed"):
         await run(tmp_path, b"\x47" * (12 * BYTES_PER_CLIP), triton=triton, window_clips=2, hop_clips=2)
+
+
+class BrokenDecoder(FakeDecoder):
+    def stream(self, source: Path, **options):  # fails when called, before it yields anything
+        raise RuntimeError("the decode pool is gone")
+
+
+async def test_a_decoder_that_fails_when_called_ends_the_stream_with_its_error(tmp_path):
+    analyzer = FakeAnalyzer(FakeTriton())
+    analyzer.video_decoder = BrokenDecoder()
+    streams = StreamAnalyzer(analyzer, limits(), workdir=tmp_path)
+
+    async def chunks():
+        yield b"\x47" * BYTES_PER_CLIP
+
+    events = []
+    with pytest.raises(RuntimeError, match="decode pool is gone"):
+        async with asyncio.timeout(30):  # not a stream that waits forever for clips
+            async for event in streams.run(StreamOptions(encoder="s3d", window_clips=4, hop_clips=2), chunks()):
+                events.append(event)
+    assert all(e.kind is not EventKind.FINAL for e in events)
 
 
 async def test_an_empty_stream_is_refused(tmp_path):
