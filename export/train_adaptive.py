@@ -72,6 +72,9 @@ BIAS_SCALE = 1.0  # the similarity net's output bias, in units of the median ‖
 # curve looks closely there, where a default within the tolerance can still save a lot.
 ATS_VAL_BUDGETS = (1.0, 0.99, 0.97, 0.95, 0.9, 0.75, 0.5)
 SGS_VAL_BUDGETS = (1.0, 0.5, 0.25)
+# `vit_phase_report`'s budgets for a --tune-vit screen: where the default must land (-30% GMACs needs
+# below ~0.985, 1.3x through Triton ~0.9).
+VIT_REPORT_BUDGETS = (0.99, 0.97, 0.95, 0.9)
 # Every validation video (300, ~6,100 clips) for s3d and the s3d_sgs curve: on every sixth (50) one
 # answer of one video moves a query by 2 points, and the choice is about a point (README).
 VAL_EVERY = 1
@@ -127,6 +130,13 @@ class AdaptiveBudget:
     # price on compute that never sees a phase or a label, so tokens stay only where the query and
     # distillation losses pay for them. 0: off.
     ats_token_cost: float = 0.0
+    # tune_vit: weight of each clip's squared distance, per ATS block, between its expected share of
+    # distinct tokens (`distinct_shares`) and a target set by its frames' own change (`share_target`:
+    # `ats_share_still` for a still clip up to `ats_share_moving`), so a still clip concentrates its
+    # significance and keeps few tokens, a moving one spreads it and keeps more. 0: off.
+    ats_spread_weight: float = 0.0
+    ats_share_still: float = 0.35
+    ats_share_moving: float = 0.85
     refit_clips: int = 2048  # for the least-squares refit of the ViT's last layer
     val_every: int = VAL_EVERY
     # The ViT pair's validation stride (vit and the vit_ats curve that chooses its budget_default):
@@ -141,11 +151,13 @@ SGS_ONLY = ("sgs_steps", "sgs_lr", "sgs_frozen_steps", "similarity_lr", "sgs_spr
 # And those only the ViT part reads: s3d_sgs built before they changed is what today's defaults give.
 VIT_ONLY = ("vit_steps", "vit_align_steps", "vit_more_steps", "vit_clips_per_step", "vit_lr", "vit_tune_steps",
             "vit_tune_lr", "event_fraction", "ats_full_share", "ats_tune_low", "ats_tune_high", "ats_self_distill",
-            "ats_token_cost", "refit_clips", "vit_val_every")
+            "ats_token_cost", "ats_spread_weight", "ats_share_still", "ats_share_moving", "refit_clips",
+            "vit_val_every")
 
 # Fields added after served artifacts were built, with the value those builds used: a provenance
 # without one was built so (tests/contract/test_adaptive_artifacts.py).
-ADDED_FIELDS = {"vit_more_steps": 0, "ats_tune_low": 0.2, "ats_tune_high": 1.0, "sgs_spread_weight": 0.0}
+ADDED_FIELDS = {"vit_more_steps": 0, "ats_tune_low": 0.2, "ats_tune_high": 1.0, "sgs_spread_weight": 0.0,
+                "ats_spread_weight": 0.0, "ats_share_still": 0.35, "ats_share_moving": 0.85}
 
 QUICK = AdaptiveBudget(vit_steps=20, vit_align_steps=5, vit_more_steps=5, vit_tune_steps=5, sgs_steps=10, sgs_frozen_steps=5,
                       refit_clips=256, val_every=15, vit_val_every=15)
@@ -401,16 +413,22 @@ def delta_spread(z: torch.Tensor) -> torch.Tensor:
     return 1.0 - delta.amin(dim=1) / delta.amax(dim=1).clamp(min=1e-12)
 
 
+def motion_ramp(motion: torch.Tensor, low: float, high: float) -> torch.Tensor:
+    """0 at motion `low` and below, 1 at `high` and above, linear in between."""
+    return ((motion - low) / max(high - low, 1e-6)).clamp(0.0, 1.0)
+
+
 def spread_target(motion: torch.Tensor, low: float, high: float) -> torch.Tensor:
     """The spread a clip of this motion should have (`MOTION_PERCENTILES`)."""
-    return ((motion - low) / max(high - low, 1e-6)).clamp(0.0, 1.0) * SPREAD_MAX
+    return motion_ramp(motion, low, high) * SPREAD_MAX
 
 
-def motion_levels(ds: data.ClipDataset, clips: int, rng: np.random.Generator) -> tuple[float, float]:
-    """The training clips' motion at `MOTION_PERCENTILES` (from `clips` random clips)."""
+def motion_levels(ds: data.ClipDataset, clips: int, rng: np.random.Generator,
+                  percentiles: tuple[float, float] = MOTION_PERCENTILES) -> tuple[float, float]:
+    """The training clips' motion at `percentiles` (from `clips` random clips)."""
     flat = rng.integers(0, ds.total_clips, clips)
     motion = torch.cat([clip_motion(_clip_batch(ds, flat[s : s + 64])) for s in range(0, clips, 64)]).numpy()
-    low, high = np.percentile(motion, MOTION_PERCENTILES)
+    low, high = np.percentile(motion, percentiles)
     return float(low), float(high)
 
 
@@ -457,17 +475,34 @@ def fine_tune_sgs(model: S3DSGS, teacher: S3D, decoder: TQNDecoder, short: data.
     return model
 
 
-def ats_token_cost(scores: list[tuple[torch.Tensor, torch.Tensor]], budgets: torch.Tensor) -> torch.Tensor:
-    """Per clip, the share of its K inverse-transform points that would land on distinct tokens,
-    averaged over the ATS blocks: Σ_j min(1, K·S_j) / K for each block's significance S (N, n) and
-    token mask (N, n+1) in `scores`, K = `block_k`(budget, the tokens the block receives). A token
-    holding at least 1/K of the mass keeps a point; one with less keeps one with probability ~K·S_j
-    (the points fall 1/K apart). Differentiable in S: it falls as the mass gathers on fewer tokens."""
+def distinct_shares(scores: list[tuple[torch.Tensor, torch.Tensor]], budgets: torch.Tensor) -> torch.Tensor:
+    """Per clip and ATS block (N, blocks), the share of its K inverse-transform points that would
+    land on distinct tokens: Σ_j min(1, K·S_j) / K for each block's significance S (N, n) and token
+    mask (N, n+1) in `scores`, K = `block_k`(budget, the tokens the block receives). A token holding
+    at least 1/K of the mass keeps a point; one with less keeps one with probability ~K·S_j (the
+    points fall 1/K apart). Differentiable in S: it falls as the mass gathers on fewer tokens."""
     shares = []
     for s, mask in scores:
         k = block_k(budgets, mask[:, 1:].sum(dim=1)).to(s.dtype).unsqueeze(1)  # N, 1
         shares.append((k * s).clamp(max=1.0).sum(dim=1) / k.squeeze(1))
-    return torch.stack(shares, dim=1).mean(dim=1)
+    return torch.stack(shares, dim=1)
+
+
+def ats_token_cost(scores: list[tuple[torch.Tensor, torch.Tensor]], budgets: torch.Tensor) -> torch.Tensor:
+    """Per clip, its `distinct_shares` averaged over the ATS blocks."""
+    return distinct_shares(scores, budgets).mean(dim=1)
+
+
+# `share_target`: the motion (`clip_motion`) at these percentiles of the short training clips maps
+# to `ats_share_still` and to `ats_share_moving`, linearly in between. Lower than SGS's
+# `MOTION_PERCENTILES` so that take-off (validation motion 4.2, the training clips' median 4.5)
+# already keeps more than a clip before or after the dive (2.6-2.7); flight is 5.8, entry 5.3.
+ATS_MOTION_PERCENTILES = (35.0, 90.0)
+
+
+def share_target(motion: torch.Tensor, low: float, high: float, still: float, moving: float) -> torch.Tensor:
+    """The share of distinct tokens (`distinct_shares`) a clip of this motion should keep."""
+    return still + (moving - still) * motion_ramp(motion, low, high)
 
 
 class _SignificanceRecorder:
@@ -506,13 +541,20 @@ def tune_vit(vit: VideoViT, teacher: S3D, decoder: TQNDecoder, short: data.ClipD
     and vit_ats at every budget. With `budget.ats_self_distill`, the ATS clips are also pulled
     towards the same ViT's features at full compute (computed without gradient), the thesis's
     fine-tuning goal stated directly: a budget below 1 should answer what budget 1 answers. With
-    `budget.ats_token_cost`, the ATS clips also pay for the tokens they keep (`ats_token_cost`)."""
+    `budget.ats_token_cost`, the ATS clips also pay for the tokens they keep (`ats_token_cost`).
+    With `budget.ats_spread_weight`, every clip's significance is shaped in every ATS block towards
+    the share of distinct tokens its motion asks for (`share_target`; a clip at full compute at its
+    K = the tokens the block receives), the thesis's sampler unchanged: still clips concentrate it
+    and keep few tokens, moving ones spread it and keep more."""
     low, high = budget.ats_tune_low, budget.ats_tune_high
+    if budget.ats_spread_weight:
+        motion_low, motion_high = motion_levels(short, 1024, np.random.default_rng(SEED), ATS_MOTION_PERCENTILES)
+        _log(f"vit: motion levels {motion_low:.2f} / {motion_high:.2f}")
 
     def encode(clips, rng):
         budgets = np.where(rng.random(len(clips)) < budget.ats_full_share, 1.0, rng.uniform(low, high, len(clips)))
         per_clip = torch.as_tensor(budgets, dtype=torch.float32)
-        recorder.scores, recorder.recording = [], bool(budget.ats_token_cost)
+        recorder.scores, recorder.recording = [], bool(budget.ats_token_cost or budget.ats_spread_weight)
         features, kept = vit(clips, per_clip)
         recorder.recording = False
         extras = []
@@ -524,6 +566,11 @@ def tune_vit(vit: VideoViT, teacher: S3D, decoder: TQNDecoder, short: data.ClipD
             extras.append(budget.ats_self_distill * F.mse_loss(features[sampled], full) / scale)
         if budget.ats_token_cost and bool(sampled.any()):
             extras.append(budget.ats_token_cost * ats_token_cost(recorder.scores, per_clip)[sampled].mean())
+        if budget.ats_spread_weight:
+            target = share_target(clip_motion(clips), motion_low, motion_high, budget.ats_share_still,
+                                  budget.ats_share_moving)
+            shares = distinct_shares(recorder.scores, per_clip)
+            extras.append(budget.ats_spread_weight * (shares - target.unsqueeze(1)).pow(2).mean())
         return features, kept[:, 0] - 1, sum(extras) if extras else None  # the first ATS block's K', for the log
 
     with _SignificanceRecorder(vit) as recorder:
@@ -561,6 +608,39 @@ def sgs_phase_report(model: S3DSGS, decoder: TQNDecoder, ds: data.ClipDataset, b
                               if (phases == p).any()},
             "kept_histogram": np.bincount(kept, minlength=model.clip_frames + 1)[1:].tolist()}
         _log(f"s3d_sgs at budget {b}: {report[str(b)]}")
+    return report
+
+
+@torch.inference_mode()
+def vit_phase_report(vit: VideoViT, decoder: TQNDecoder, ds: data.ClipDataset, budgets: tuple[float, ...]) -> dict:
+    """`vit` and `vit_ats` at each budget, in torch: accuracy on every video of `ds`, GMACs per clip,
+    mean K' per ATS block (cls not counted) and by clip phase, for a screen without an export."""
+    vit.eval()
+    phases = np.concatenate([ds.clip_phases(v) for v in range(len(ds.records))])
+    report = {}
+    for b in (None, *budgets):
+        features, kept = [], []
+        for v in range(len(ds.records)):
+            n = int(ds.num_clips[v])
+            for s in range(0, n, 64):
+                clips = torch.from_numpy(ds.clips(v, s, min(64, n - s)))
+                out = vit(clips) if b is None else vit(clips, torch.tensor(float(b)))
+                features.append((out if b is None else out[0]).numpy())
+                if b is not None:
+                    kept.append(out[1])
+        name = "vit" if b is None else str(b)
+        report[name] = {"accuracy": accuracy(decode_videos(decoder, np.concatenate(features), ds)[0], ds)}
+        if b is None:
+            report[name]["gmacs_per_clip"] = vit.macs() / 1e9
+        else:
+            kept = torch.cat(kept)
+            k = (kept - 1).double().numpy()
+            report[name].update({
+                "gmacs_per_clip": float(vit.macs(kept).double().mean()) / 1e9,
+                "kept_mean": k.mean(axis=0).tolist(),
+                "kept_by_phase": {p_name: k[phases == p].mean(axis=0).tolist() for p, p_name in enumerate(PHASES)
+                                  if (phases == p).any()}})
+        _log(f"vit at budget {name}: {report[name]}")
     return report
 
 
@@ -846,7 +926,8 @@ def main() -> None:
     parser.add_argument("--distill-vit", type=Path, default=None, metavar="OUT",
                         help="only distill the ViT from the served s3d and save its state dict to OUT")
     parser.add_argument("--tune-vit", type=Path, default=None, metavar="OUT",
-                        help="only train --init-vit on through the served decoder (--vit-tune-steps) and save it to OUT")
+                        help="only train --init-vit on through the served decoder (--vit-tune-steps), save it to OUT "
+                             "and its validation report (torch) to OUT.json")
     parser.add_argument("--vit-tune-steps", type=int, default=None)
     parser.add_argument("--vit-more-steps", type=int, default=None,
                         help="a second distillation run on the student (0: none; default: the budget's)")
@@ -865,6 +946,10 @@ def main() -> None:
                         help="tune_vit: weight of the ATS clips' distance to the ViT's own full-compute features")
     parser.add_argument("--ats-token-cost", type=float, default=None,
                         help="tune_vit: weight of the ATS clips' expected share of distinct tokens (a price on compute)")
+    parser.add_argument("--ats-spread-weight", type=float, default=None,
+                        help="tune_vit: weight of the clips' share of distinct tokens against their motion's target")
+    parser.add_argument("--ats-share-still", type=float, default=None, help="tune_vit: a still clip's target share")
+    parser.add_argument("--ats-share-moving", type=float, default=None, help="tune_vit: a moving clip's target share")
     parser.add_argument("--val-every", type=int, default=None,
                         help="every Nth validation video for s3d and the s3d_sgs curve (1: all)")
     parser.add_argument("--vit-val-every", type=int, default=None,
@@ -877,7 +962,8 @@ def main() -> None:
                      "it would replace the served adaptive encoders with barely trained ones")
     budget = QUICK if args.quick else AdaptiveBudget()
     budget_options = ("vit_steps", "vit_more_steps", "ats_tune_low", "ats_tune_high", "vit_tune_steps",
-                      "ats_self_distill", "ats_token_cost", "val_every", "vit_val_every", "vit_align_steps",
+                      "ats_self_distill", "ats_token_cost", "ats_spread_weight", "ats_share_still",
+                      "ats_share_moving", "val_every", "vit_val_every", "vit_align_steps",
                       "sgs_steps", "sgs_frozen_steps", "sgs_spread_weight", "sgs_lr",
                       "similarity_lr")  # AdaptiveBudget fields
     overrides = {name: getattr(args, name) for name in budget_options if getattr(args, name) is not None}
@@ -891,6 +977,9 @@ def main() -> None:
         vit = tune_vit(vit, teacher, decoder, data.load(args.data_dir / "short"), budget,
                        np.random.default_rng(args.seed))
         torch.save(vit.state_dict(), args.tune_vit)
+        report = {"budget": asdict(budget), "val": vit_phase_report(vit, decoder, data.load(args.data_dir / "val"),
+                                                                     VIT_REPORT_BUDGETS)}
+        Path(f"{args.tune_vit}.json").write_text(json.dumps(report, indent=2) + "\n")
         return
     if args.tune_sgs:
         torch.set_num_threads(train.TRAIN_THREADS)

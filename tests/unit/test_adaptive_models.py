@@ -355,6 +355,26 @@ def test_ats_token_cost_falls_as_the_significance_gathers():
     assert lower.item() < cost.item() <= 1.0
 
 
+def test_distinct_shares_are_per_ats_block_and_their_mean_is_the_token_cost():
+    from export.train_adaptive import ats_token_cost, distinct_shares
+
+    n = 40
+    mask = torch.ones(2, n + 1, dtype=torch.bool)
+    uniform = torch.full((2, n), 1.0 / n)
+    one_hot = torch.zeros(2, n).index_fill(1, torch.tensor([7]), 1.0)
+    budgets = torch.tensor([0.5, 1.0])  # K = 20, 40
+    shares = distinct_shares([(uniform, mask), (one_hot, mask)], budgets)
+    torch.testing.assert_close(shares, torch.tensor([[1.0, 1 / 20], [1.0, 1 / 40]]))
+    torch.testing.assert_close(ats_token_cost([(uniform, mask), (one_hot, mask)], budgets), shares.mean(dim=1))
+
+
+def test_share_target_maps_still_clips_to_the_still_share_and_moving_ones_up_to_the_moving_share():
+    from export.train_adaptive import share_target
+
+    target = share_target(torch.tensor([1.0, 4.0, 5.0, 6.0, 9.0]), 4.0, 6.0, 0.3, 0.9)
+    torch.testing.assert_close(target, torch.tensor([0.3, 0.3, 0.6, 0.9, 0.9]))
+
+
 def test_significance_recorder_records_each_ats_block_and_restores_the_model(vit):
     from export.train_adaptive import _SignificanceRecorder
 
