@@ -2,7 +2,7 @@
 
 `python -m export.count_study NAME [--warmup-steps N] [--bank-steps M] [--stem-difference] [--fine-stem]
 [--rate-loss W] [--free-flight-share P] [--zoom [--zoom-variant NAME]] [--init-encoder PT] [--count-loss W]
-[--save-at STEPS] [--seed S]`
+[--save-at STEPS] [--from-save PT] [--bank-free-flight-share P] [--seed S]`
 trains the warm-up (as `train.train_all` does: encoder, TQN, average-pooling and per-clip heads on the
 short videos) with the given changes, then, with `--bank-steps`, TQN's feature-bank stage; it prints
 the TQN's validation accuracy and the linear probe of the encoder's flight-clip features
@@ -13,7 +13,9 @@ the encoder and decoder in runs/.
 drawn attribute by attribute instead of from the class table (`synth`'s `free_flight_share`;
 rendered once into data/short_free<P>, same seed and spec as data/short otherwise): with the
 table alone, twists follow from (pose, somersaults) in 10 of the 12 flights, and the model learns
-that instead of reading the twist. Validation and the feature-bank stage keep the table's videos.
+that instead of reading the twist. Validation keeps the table's videos, and so does the
+feature-bank stage unless `--bank-free-flight-share P` gives it data/train_free<P> (the train
+split's spec, rendered once likewise); the probe is fitted on the table's train split either way.
 
 `--zoom` trains an `s3d_zoom` encoder (`export.models.s3d_zoom`, `--zoom-variant`) instead of `s3d`: its localiser
 learns, in both stages, the torso's middle in every frame that has a figure, from the generator's
@@ -28,6 +30,10 @@ stages adds W x the count specialist's loss on a batch of its all-flight free cl
 as runs/count_study_NAME_w<step>.pt, and with `--bank-steps` the warm-up's end as
 runs/count_study_NAME_warmup.pt, for `count_specialist --probe` and `diagnose_counts --grid`
 while the run goes on: where does the recipe lose what the encoder read?
+`--from-save PT` skips the warm-up: the run starts from such a save's encoder and decoder, and from
+the random draws where it was saved, so the feature-bank stage from a `_warmup.pt` save is the one
+the saving run trained (given the same bank data); without `--bank-steps` it only scores the save.
+Pass the save's encoder arguments (`--zoom`, `--zoom-variant`, ...) again.
 """
 
 from __future__ import annotations
@@ -49,9 +55,9 @@ from export.models import s3d_zoom
 COUNT_BATCH = 8  # all-flight free clips per step: a sixth of a warm-up step's clips
 
 
-def free_flight_short(share: float) -> Path:
-    """data/short_free<share>: the short split's spec, a share of its flights off the class table."""
-    folder, count, seed, lo, hi = build.SPLITS["short"]
+def free_flight_split(split: str, share: float) -> Path:
+    """data/<split>_free<share>: the split's spec, a share of its flights off the class table."""
+    folder, count, seed, lo, hi = build.SPLITS[split]
     out = REPO / "data" / f"{folder}_free{share:g}"
     if not (out / "labels.jsonl").exists():
         synth.write_dataset(out, count=count, seed=seed, fps=build.FPS, min_seconds=lo, max_seconds=hi,
@@ -79,8 +85,22 @@ class CountLoss(nn.Module):
         return self.weight * count_specialist.specialist_loss(encoder, self.heads, self.bank, idx)[0]
 
 
-def _save(path: Path, args: argparse.Namespace, encoder: nn.Module, tqn: nn.Module) -> None:
-    torch.save({"args": vars(args), "encoder": encoder.state_dict(), "tqn": tqn.state_dict()}, path)
+def save(path: Path, args: argparse.Namespace, encoder: nn.Module, tqn: nn.Module, rng: np.random.Generator) -> None:
+    """The encoder and decoder, and the random state (`restore`)."""
+    torch.save({"args": vars(args), "encoder": encoder.state_dict(), "tqn": tqn.state_dict(),
+                "rng": {"numpy": rng.bit_generator.state, "torch": torch.get_rng_state()}}, path)
+
+
+def restore(path: Path | str, encoder: nn.Module, tqn: nn.Module) -> np.random.Generator:
+    """Load a `save` into `encoder` and `tqn`, and return the recipe's generator (torch's global one
+    reset too) as they were when it was saved: training goes on as it would have in the saving run."""
+    saved = torch.load(path, weights_only=False)
+    encoder.load_state_dict(saved["encoder"])
+    tqn.load_state_dict(saved["tqn"])
+    torch.set_rng_state(saved["rng"]["torch"])
+    rng = np.random.default_rng()
+    rng.bit_generator.state = saved["rng"]["numpy"]
+    return rng
 
 
 def main() -> None:
@@ -98,21 +118,31 @@ def main() -> None:
     parser.add_argument("--count-loss", type=float, default=0.0, metavar="W",
                         help="add W x the count specialist's loss on its free-flight clips to every step")
     parser.add_argument("--save-at", default="", metavar="STEPS", help="comma-separated warm-up steps to save after")
+    parser.add_argument("--from-save", metavar="PT", help="skip the warm-up: start from a count_study save")
+    parser.add_argument("--bank-free-flight-share", type=float, default=0.0, metavar="P",
+                        help="the feature-bank stage on data/train_free<P>")
     parser.add_argument("--seed", type=int, default=build.TRAIN_SEED)
     args = parser.parse_args()
+    if args.from_save and (args.init_encoder or args.save_at or args.free_flight_share or args.rate_loss):
+        parser.error("--from-save skips the warm-up: drop the warm-up's options (the save has them)")
     torch.set_num_threads(train.TRAIN_THREADS)
     start = time.monotonic()
-    splits = {s: data.load(REPO / "data" / s) for s in ("short", "train", "val")}
-    if args.free_flight_share > 0:
-        splits["short"] = data.load(free_flight_short(args.free_flight_share))
+    splits = {s: data.load(REPO / "data" / s) for s in ("train", "val")}
+    if not args.from_save:
+        splits["short"] = data.load(free_flight_split("short", args.free_flight_share) if args.free_flight_share > 0
+                                    else REPO / "data" / "short")
+    bank_data = (data.load(free_flight_split("train", args.bank_free_flight_share))
+                 if args.bank_free_flight_share > 0 else splits["train"])
     budget = replace(train.Budget(), warmup_steps=args.warmup_steps, bank_steps=max(1, args.bank_steps))
     rng = train.seed_everything(args.seed)
     encoder = diagnose_counts.study_encoder(vars(args))
     if args.init_encoder:
         encoder.load_state_dict(torch.load(args.init_encoder, weights_only=False)["encoder"])
-    track = ({"short": diagnose_counts.figure_track(splits["short"], "short", args.free_flight_share),
-              "train": diagnose_counts.figure_track(splits["train"], "train"),
-              "val": diagnose_counts.figure_track(splits["val"], "val")} if args.zoom else {})
+    track = ({"train": diagnose_counts.figure_track(bank_data, "train", args.bank_free_flight_share),
+              "val": diagnose_counts.figure_track(splits["val"], "val"),
+              **({} if args.from_save else
+                 {"short": diagnose_counts.figure_track(splits["short"], "short", args.free_flight_share)})}
+             if args.zoom else {})
     tqn, avg, clip_head = train.build_tqn(), train.build_average_pooling(), train.build_short_term()
     count_loss = (CountLoss(count_specialist.specialist_bank(), encoder.feature_dim, args.count_loss, args.seed)
                   if args.count_loss > 0 else None)
@@ -122,14 +152,18 @@ def main() -> None:
 
     def after_step(step: int) -> None:
         if step in save_at:
-            _save(out / f"count_study_{args.name}_w{step}.pt", args, encoder, tqn)
+            save(out / f"count_study_{args.name}_w{step}.pt", args, encoder, tqn, rng)
 
-    after_step(0)
-    train.warmup(encoder, [tqn, avg], clip_head, splits["short"], budget, rng, rate_weight=args.rate_loss,
-                 torso=track.get("short"), extra=count_loss, after_step=after_step)
+    if args.from_save:
+        rng = restore(args.from_save, encoder, tqn)
+    else:
+        after_step(0)
+        train.warmup(encoder, [tqn, avg], clip_head, splits["short"], budget, rng, rate_weight=args.rate_loss,
+                     torso=track.get("short"), extra=count_loss, after_step=after_step)
+        if args.bank_steps:
+            save(out / f"count_study_{args.name}_warmup.pt", args, encoder, tqn, rng)
     if args.bank_steps:
-        _save(out / f"count_study_{args.name}_warmup.pt", args, encoder, tqn)
-        train.train_with_bank("tqn", encoder, tqn, splits["train"], train.build_bank(encoder, splits["train"]),
+        train.train_with_bank("tqn", encoder, tqn, bank_data, train.build_bank(encoder, bank_data),
                               budget, rng, torso=track.get("train"), extra=count_loss)
     val = splits["val"]
     preds = train.predict(encoder, tqn, val)
@@ -145,7 +179,7 @@ def main() -> None:
     print(json.dumps(record), flush=True)
     with open(out / "count_study.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
-    _save(out / f"count_study_{args.name}.pt", args, encoder, tqn)
+    save(out / f"count_study_{args.name}.pt", args, encoder, tqn, rng)
 
 
 if __name__ == "__main__":

@@ -255,3 +255,30 @@ def test_the_count_loss_trains_the_encoder_and_its_heads_in_both_stages_without_
             assert all(not torch.equal(a, b) for a, b in zip(before, extra.parameters()))
     assert steps == [1, 2, 3, 1, 2, 3]
     assert draws[0] == draws[1]  # the recipe's videos and clips are drawn as without the count loss
+
+
+def test_a_run_from_a_save_trains_the_feature_bank_stage_the_saving_run_trained(tmp_path):
+    # count_study --from-save: the saved weights and random draws, so the stage goes on as in one run
+    import argparse
+
+    from export import count_study, train
+
+    ds = _records_dataset(["routine", "routine", "idle"])
+    budget = train.Budget(warmup_steps=2, videos_per_step=2, bank_steps=2, bank_videos_per_step=2, n_online=1)
+
+    def bank_stage(encoder, tqn, rng):
+        train.train_with_bank("test", encoder, tqn, ds, train.build_bank(encoder, ds), budget, rng)
+        return {**encoder.state_dict(), **tqn.state_dict()}, rng.integers(1 << 30)
+
+    rng = train.seed_everything(0)
+    encoder, tqn = train.build_encoder(), train.build_tqn()
+    train.warmup(encoder, [tqn], train.build_short_term(), ds, budget, rng)
+    count_study.save(tmp_path / "warmup.pt", argparse.Namespace(name="test"), encoder, tqn, rng)
+    one_run, one_run_draw = bank_stage(encoder, tqn, rng)
+
+    train.seed_everything(1)  # whatever a new run draws before it restores
+    encoder, tqn = train.build_encoder(), train.build_tqn()
+    from_save, from_save_draw = bank_stage(encoder, tqn, count_study.restore(tmp_path / "warmup.pt", encoder, tqn))
+    assert from_save_draw == one_run_draw
+    for k in one_run:
+        torch.testing.assert_close(from_save[k], one_run[k], rtol=0, atol=0)
