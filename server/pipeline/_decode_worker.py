@@ -218,8 +218,7 @@ def _open_pyav(job: msg.DecodeJob, threads: int, skip_nonref: bool) -> PyAVBacke
 def open_video(job: msg.DecodeJob) -> tuple[Backend | None, msg.Opened]:
     """Probe the video (PyAV reads the header and its first frame), check the limits on what it
     claims, pick and open the backend, and plan the segments."""
-    pyav = PyAVBackend(job.frame_size, job.threads, low_delay=job.live, max_lag_s=job.live_max_lag_s,
-                       feed_started=job.live_feed_started)
+    pyav = PyAVBackend(job.frame_size, job.threads, low_delay=job.live, max_lag_s=job.live_max_lag_s)
     pyav.open(job.path)
     try:
         return _open_video(job, pyav)

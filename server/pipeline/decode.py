@@ -121,7 +121,6 @@ class VideoDecoder:
         live: bool = False,
         chunk_frames: int | None = None,
         max_lag_s: float | None = None,
-        feed_started: float | None = None,
     ) -> AsyncIterator[ClipBatch]:
         """Decode `source` and yield batches of clips in time order, of frames sampled at
         `sample_fps` (the encoder's frame rate; see `chunk.TimeGrid`) or of every frame (None).
@@ -130,8 +129,7 @@ class VideoDecoder:
         with PyAV from start to end. `chunk_frames` overrides `decode.chunk_frames` for this
         request (a stream sends small chunks, so no frame waits for a chunk to fill).
         `max_lag_s` (live only): keep up with the feed, skipping what is further behind it; the
-        clips with skipped frames come marked in `ClipBatch.dropped`. `feed_started`: when the
-        feed's first byte arrived (`time.monotonic()`), the start of its real time.
+        clips with skipped frames come marked in `ClipBatch.dropped`.
 
         Close the iterator (`contextlib.aclosing`) or cancel its consumer to stop decoding early.
         """
@@ -149,7 +147,7 @@ class VideoDecoder:
         if max_lag_s is not None:
             if not live:
                 raise ValueError("max_lag_s is for live streams")
-            job = dataclasses.replace(job, live_max_lag_s=max_lag_s, live_feed_started=feed_started)
+            job = dataclasses.replace(job, live_max_lag_s=max_lag_s)
         scheduler = SegmentScheduler(self.pool, job, self.settings)
         try:
             async for batch in self._clips(scheduler, clip_frames, clips_per_batch, sample_fps):

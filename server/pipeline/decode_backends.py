@@ -195,11 +195,10 @@ class PyAVBackend:
     name: BackendName = "pyav"
 
     def __init__(
-        self, frame_size: int, threads: int, *, low_delay: bool = False, max_lag_s: float | None = None,
-        feed_started: float | None = None,
+        self, frame_size: int, threads: int, *, low_delay: bool = False, max_lag_s: float | None = None
     ) -> None:
-        """`low_delay`: a live stream (slice threads). `max_lag_s`, `feed_started`: a live stream
-        that must keep up with its feed (`LiveReadahead`)."""
+        """`low_delay`: a live stream (slice threads). `max_lag_s`: a live stream that must keep up
+        with its feed (`LiveReadahead`)."""
         import av.video.reformatter
 
         self.frame_size = frame_size
@@ -208,7 +207,6 @@ class PyAVBackend:
         # hold none (a live stream's latency).
         self.thread_type = "SLICE" if low_delay else "AUTO"
         self.max_lag_s = max_lag_s
-        self.feed_started = feed_started
         self._readahead: LiveReadahead | None = None
         self.path = ""
         self.container: Any = None
@@ -362,8 +360,7 @@ class PyAVBackend:
         packets = self.container.demux(self.stream)
         self._touched = True
         if self.max_lag_s is not None:
-            self._readahead = LiveReadahead(packets, self._time_base, self.max_lag_s,
-                                            feed_started=self.feed_started)
+            self._readahead = LiveReadahead(packets, self._time_base, self.max_lag_s)
             yield from self._readahead
             return
         while True:
@@ -499,11 +496,12 @@ class LiveReadahead:
     demuxed in a thread ahead of the decoder, so the decoder knows how far behind the feed it is.
 
     A packet is late when it is more than `max_lag_s` of media behind the newest packet demuxed
-    AND behind real time by as much: more wall time than media time has passed since the feed's
-    first packet, which arrived at `feed_started` (the gateway's first byte; when the decoder takes
-    the first packet if None: opening the stream can take seconds that would go uncounted). A late packet is not decoded, nor is the rest of its group of pictures: decoding
-    resumes at a keyframe that is not late (the first keyframe is always decoded); a keyframe behind
-    real time where the skip could end waits up to `max_lag_s` for the demuxer to read newer video. A packet not
+    AND behind real time by as much: more wall time than media time has passed since the decoder
+    took the first packet. (Not since the gateway's first byte: opening a live stream probes
+    seconds of it, and with a long group of pictures that startup would skip all the rest.) A late
+    packet is not decoded, nor is the rest of its group of pictures: decoding resumes at a keyframe
+    that is not late (the first keyframe is always decoded); a keyframe behind real time where the
+    skip could end waits up to `max_lag_s` for the demuxer to read newer video. A packet not
     decoded comes out as a `Skipped`, so clips keep their place in time. A keyframe arriving
     while the oldest packet waiting is late turns everything before it into `Skipped` at once.
 
@@ -522,11 +520,10 @@ class LiveReadahead:
 
     def __init__(
         self, packets: Iterator[Any], time_base: Fraction, max_lag_s: float,
-        clock: Callable[[], float] = time.monotonic, feed_started: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.time_base = float(time_base)
         self.max_lag_s = max_lag_s
-        self.feed_started = feed_started
         self.readahead_s = max(4 * max_lag_s, 2.0)
         self.clock = clock
         self.newest_s = -math.inf
@@ -600,7 +597,7 @@ class LiveReadahead:
                 packet = self._queue.popleft()
                 at = self._seconds(packet)
                 if at is not None and self.anchor is None:
-                    self.anchor = (self.clock() if self.feed_started is None else self.feed_started) - at
+                    self.anchor = self.clock() - at
                 late = self._late(at)
                 self._cond.notify_all()
                 if (skipping and decoded and not late and not isinstance(packet, Skipped)

@@ -114,9 +114,6 @@ class DecodeJob:
     # A live stream that keeps up with its feed: packets more than this many seconds of media
     # behind the newest one received are not decoded (`decode_backends.LiveReadahead`).
     live_max_lag_s: float | None = None
-    # time.monotonic() when the gateway received the feed's first byte (one clock for every
-    # process of the machine): real time, for judging that lag.
-    live_feed_started: float | None = None
     preferred_backend: BackendName = "pyav"  # decode.backend
     threads_min_pixels: int = 0  # decode.threads_min_pixels
     credits: int = 2  # the most chunks the parent lets this worker send ahead (its arena has one more slot)

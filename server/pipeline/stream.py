@@ -247,7 +247,6 @@ class _Source:
 class _Progress:
     received_bytes: int = 0
     first_byte_unix_s: float | None = None
-    first_byte_monotonic: float | None = None  # the feed's real time starts here
     dropped: int = 0
     analysed: int = 0
 
@@ -351,7 +350,7 @@ class _Stream:
                 continue
             p = self.progress
             if p.first_byte_unix_s is None:
-                p.first_byte_unix_s, p.first_byte_monotonic = time.time(), time.monotonic()
+                p.first_byte_unix_s = time.time()
             p.received_bytes += len(chunk)
             # The bytes-per-second cap: read no faster (the sender is slowed, not refused).
             ahead = p.received_bytes / limits.max_bytes_per_s - (time.monotonic() - started) - 1.0
@@ -429,7 +428,6 @@ class _Stream:
                 live=source.live,
                 chunk_frames=LIVE_CHUNK_FRAMES if source.live else STREAM_CHUNK_FRAMES,
                 max_lag_s=limits.max_lag_s if source.live and self.options.mode == "realtime" else None,
-                feed_started=self.progress.first_byte_monotonic,
             )
             async with contextlib.aclosing(batches):
                 async for batch in batches:

@@ -115,23 +115,6 @@ def test_a_skip_that_reaches_the_demuxer_waits_for_the_rest_of_the_burst():
     assert decoded_pts(out) == list(range(GOP)) + list(range(4 * GOP, 5 * GOP))
 
 
-def test_real_time_starts_when_the_feed_did_not_when_decoding_does():
-    """Opening a live stream can take seconds, and the video that arrived meanwhile is already
-    behind real time: with the feed's start given, the decoder takes the first frame, skips the
-    late groups of pictures and resumes at the first keyframe within the bound; counted from its
-    own first packet it would believe itself live and decode everything."""
-    decoded = {}
-    for feed_started in (None, 98.0):  # the feed's first byte came 2 s before the first packet is decoded
-        clock = Clock()
-        readahead = LiveReadahead(iter(frames(0, 4 * GOP)), TIME_BASE, MAX_LAG_S, clock, feed_started)
-        settled(readahead)
-        out = consume(iter(readahead), clock)
-        assert [p.pts for p in out] == list(range(4 * GOP))
-        decoded[feed_started] = decoded_pts(out)
-    assert decoded[None] == list(range(4 * GOP))
-    assert decoded[98.0] == [0] + list(range(2 * GOP, 4 * GOP))
-
-
 def test_after_a_stall_the_decoder_skips_to_a_keyframe_within_the_bound():
     """A second at real time, then the sender stalls 3 s and bursts 4 s of video: the groups of
     pictures the stall made late are skipped whole; decoding resumes at the first keyframe that

@@ -62,7 +62,7 @@ class FakeDecoder:
         self.skipped = skipped  # clips the decoder marks dropped when asked to keep up (max_lag_s)
 
     async def stream(self, source: Path, *, frame_size, clip_frames, sample_fps, clips_per_batch,
-                     live=False, chunk_frames=None, max_lag_s=None, feed_started=None):
+                     live=False, chunk_frames=None, max_lag_s=None):
         self.live.append(live)
         self.max_lag_s.append(max_lag_s)
         data = await asyncio.to_thread(Path(source).read_bytes)
