@@ -33,6 +33,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -581,6 +582,14 @@ def tune_vit(vit: VideoViT, teacher: S3D, decoder: TQNDecoder, short: data.ClipD
     return vit
 
 
+def _clip_batches(ds: data.ClipDataset, size: int = 64) -> Iterator[torch.Tensor]:
+    """Every clip of `ds`, video by video, in batches of at most `size` (uint8 tensors)."""
+    for v in range(len(ds.records)):
+        n = int(ds.num_clips[v])
+        for s in range(0, n, size):
+            yield torch.from_numpy(ds.clips(v, s, min(size, n - s)))
+
+
 @torch.inference_mode()
 def sgs_phase_report(model: S3DSGS, decoder: TQNDecoder, ds: data.ClipDataset, budgets: tuple[float, ...]) -> dict:
     """At each budget, in torch: accuracy on every video of `ds`, GMACs per clip, mean B' and mean B'
@@ -592,12 +601,10 @@ def sgs_phase_report(model: S3DSGS, decoder: TQNDecoder, ds: data.ClipDataset, b
     for b in budgets:
         bins = model.bins_for_budget(b)
         features, kept = [], []
-        for v in range(len(ds.records)):
-            n = int(ds.num_clips[v])
-            for s in range(0, n, 64):
-                f, k = model(torch.from_numpy(ds.clips(v, s, min(64, n - s))), torch.tensor(bins))
-                features.append(f.numpy())
-                kept.append(k.numpy())
+        for clips in _clip_batches(ds):
+            f, k = model(clips, torch.tensor(bins))
+            features.append(f.numpy())
+            kept.append(k.numpy())
         features, kept = np.concatenate(features), np.concatenate(kept)
         report[str(b)] = {
             "accuracy": accuracy(decode_videos(decoder, features, ds)[0], ds),
@@ -620,14 +627,11 @@ def vit_phase_report(vit: VideoViT, decoder: TQNDecoder, ds: data.ClipDataset, b
     report = {}
     for b in (None, *budgets):
         features, kept = [], []
-        for v in range(len(ds.records)):
-            n = int(ds.num_clips[v])
-            for s in range(0, n, 64):
-                clips = torch.from_numpy(ds.clips(v, s, min(64, n - s)))
-                out = vit(clips) if b is None else vit(clips, torch.tensor(float(b)))
-                features.append((out if b is None else out[0]).numpy())
-                if b is not None:
-                    kept.append(out[1])
+        for clips in _clip_batches(ds):
+            out = vit(clips) if b is None else vit(clips, torch.tensor(float(b)))
+            features.append((out if b is None else out[0]).numpy())
+            if b is not None:
+                kept.append(out[1])
         name = "vit" if b is None else str(b)
         report[name] = {"accuracy": accuracy(decode_videos(decoder, np.concatenate(features), ds)[0], ds)}
         if b is None:
