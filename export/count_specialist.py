@@ -35,8 +35,10 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import multiprocessing
 import os
 import time
+from pathlib import Path
 
 import av
 import cv2
@@ -45,7 +47,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from export import REPO, build, data, diagnose_counts, synth, train, vocab
+from export import REPO, build, data, diagnose_counts, parallel, synth, train, vocab
 from export.models import s3d, s3d_zoom
 
 COUNTS = ("somersaults", "twists")
@@ -187,6 +189,36 @@ def specialist_bank(routines: int = 3000) -> dict[str, np.ndarray]:
     return _cached(f"train{routines}", lambda: [free_routine(s) for s in range(routines)])
 
 
+BANK_ARRAYS = ("clips", "torso", *COUNTS)
+
+
+def _flight_clips_of(seeds: range) -> dict[str, np.ndarray]:
+    return flight_clips([free_routine(s) for s in seeds])
+
+
+def write_flight_bank(folder: Path, routines: int, workers: int = 2) -> Path:
+    """`flight_clips` of free flights 0..routines-1 (the specialists' training clips) as .npy files
+    in `folder`, rendered by `workers` processes; reused when `folder` holds that many routines'."""
+    folder = Path(folder)
+    spec = {"routines": routines, "generator_version": synth.GENERATOR_VERSION}
+    if (folder / "bank.json").exists() and json.loads((folder / "bank.json").read_text()) == spec:
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    chunks = [range(s, min(s + 100, routines)) for s in range(0, routines, 100)]
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        parts = pool.map(_flight_clips_of, chunks)
+    for name in BANK_ARRAYS:
+        np.save(folder / f"{name}.npy", np.concatenate([p[name] for p in parts]))
+    (folder / "bank.json").write_text(json.dumps(spec) + "\n")  # written last: a half-made bank is rebuilt
+    return folder
+
+
+def read_flight_bank(folder: Path) -> dict[str, np.ndarray]:
+    """A `write_flight_bank` folder; its clips memory-mapped, not read."""
+    return {name: np.load(Path(folder) / f"{name}.npy", mmap_mode="r" if name == "clips" else None)
+            for name in BANK_ARRAYS}
+
+
 def specialist_loss(encoder: nn.Module, heads: nn.ModuleList, bank: dict[str, np.ndarray],
                     idx: np.ndarray) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """The specialists' loss on the bank's clips `idx`: the localiser's against the bank's torso
@@ -251,11 +283,12 @@ def localiser_error(zoom: FigureZoom | s3d_zoom.S3DZoom, bank: dict[str, np.ndar
 
 def train_specialist(bank: dict[str, np.ndarray], *, stem: str = "default", encoder: str = "s3d",
                      zoom_variant: str = diagnose_counts.ZOOM_VARIANT, steps: int = 1500, batch: int = 24,
-                     lr: float = 1e-3, seed: int = 0,
-                     log_every: int = 100) -> tuple[nn.Module, nn.ModuleList]:
+                     lr: float = 1e-3, seed: int = 0, log_every: int = 100,
+                     shard: parallel.Shard = parallel.SINGLE) -> tuple[nn.Module, nn.ModuleList]:
     """A fresh encoder (one of ENCODERS; "figure-zoom" is a `FigureZoom` and "s3d-zoom" the
     `s3d_zoom` encoder (`zoom_variant`), whose localisers learn the bank's "torso" positions) and one linear head per
-    count, cross-entropy on both, AdamW with a one-cycle learning rate."""
+    count, cross-entropy on both, AdamW with a one-cycle learning rate. `shard`: this process's share
+    of every batch when it trains data-parallel (`export.parallel`)."""
     if stem not in STEMS:
         raise ValueError(f"unknown stem {stem!r}; choose one of {sorted(STEMS)}")
     if encoder not in ENCODERS or (encoder == "s3d-zoom" and stem != "default"):
@@ -270,19 +303,21 @@ def train_specialist(bank: dict[str, np.ndarray], *, stem: str = "default", enco
     encoder.train()
     hits, seen, start = np.zeros(len(COUNTS)), 0, time.monotonic()
     for step in range(1, steps + 1):
-        idx = rng.choice(len(bank["clips"]), batch, replace=False)
+        idx = shard.take(rng.choice(len(bank["clips"]), batch, replace=False))
         loss, logits = specialist_loss(encoder, heads, bank, idx)
         for k, q in enumerate(COUNTS):
             hits[k] += int((logits[k].argmax(-1) == torch.from_numpy(bank[q][idx])).sum())
-        seen += batch
+        seen += len(idx)
         opt.zero_grad()
         loss.backward()
+        parallel.average_gradients([*encoder.parameters(), *heads.parameters()], shard)
         opt.step()
         sched.step()
-        if step % log_every == 0:
+        if step % log_every == 0 and shard.leads:
             accuracy = " ".join(f"{q} {h / seen:.2f}" for q, h in zip(COUNTS, hits))
             print(f"specialist step {step}: train {accuracy} ({time.monotonic() - start:.0f} s)", flush=True)
             hits[:], seen = 0, 0
+    parallel.average_buffers(encoder, shard)
     return encoder, heads
 
 

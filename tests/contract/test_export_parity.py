@@ -70,8 +70,8 @@ def test_fresh_encoder_export_has_a_dynamic_batch_and_the_served_metadata(tmp_pa
     from export import build
 
     torch.manual_seed(0)
-    encoder = train.build_encoder().eval()
-    path = onnx_export.export_encoder(encoder, train.ENCODER_CONFIG, tmp_path, "clip_encoder_s3d",
+    encoder = train.build_served_encoder().eval()
+    path = onnx_export.export_encoder(encoder, train.served_encoder_config(), tmp_path, "clip_encoder_s3d",
                                       clip_fps=build.FPS)
     clips = np.random.default_rng(3).integers(0, 256, (3, 8, 112, 112, 3), dtype=np.uint8)
     diffs = onnx_export.max_diff(encoder, path, {"clips": clips})  # batch 3: not the example's 2
