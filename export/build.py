@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from export import MODEL_REPOSITORY, REPO, data, onnx_export, recipe, synth, train
+from export import MODEL_REPOSITORY, REPO, data, onnx_export, synth, train
 
 EVALUATION = REPO / "export" / "evaluation.json"
 
@@ -32,6 +32,7 @@ SPLITS = {
 # instead of reading it (README "Why the pike flights fail"). Validation and test keep the table.
 FREE_FLIGHT_SHARE = {"short": 0.5, "train": 0.5}
 FLIGHTS = "flights"  # the count pre-training's clips (`count_specialist.write_flight_bank`), beside the splits
+FLIGHT_ROUTINES = 3000  # its free flights (5.4k all-flight clips)
 TRAIN_SEED = 7
 # The dataset's frame rate: the encoder learns motion at it and the gateway samples videos at it.
 FPS = 15.0
@@ -309,17 +310,17 @@ def real_footage_report(encoder, decoder, threshold: float) -> dict:
 
 def flight_bank(data_dir: Path) -> Path:
     """The count pre-training's clips beside the splits, rendered unless already there."""
-    from export import count_specialist, recipe
+    from export import count_specialist  # it reads this module's specs: imported when called
 
-    _log(f"rendering the flight clips of {recipe.FLIGHT_ROUTINES} free flights (count pre-training)")
-    return count_specialist.write_flight_bank(Path(data_dir) / FLIGHTS, recipe.FLIGHT_ROUTINES)
+    _log(f"the flight clips of {FLIGHT_ROUTINES} free flights (count pre-training)")
+    return count_specialist.write_flight_bank(Path(data_dir) / FLIGHTS, FLIGHT_ROUTINES)
 
 
 def training_provenance(data_dir: Path, budget: train.Budget, seed: int) -> dict:
     """What a training run depends on: the data, the seed, the budget and how it was split over
     threads and processes, torch's version."""
     return {**data_fingerprint(data_dir), "train_seed": seed, "train_threads": train.TRAIN_THREADS,
-            "train_processes": recipe.TRAIN_PROCESSES, "encoder": train.SERVED_ENCODER, "budget": asdict(budget),
+            "train_processes": train.TRAIN_PROCESSES, "encoder": train.SERVED_ENCODER, "budget": asdict(budget),
             "torch": torch.__version__}
 
 
@@ -360,10 +361,12 @@ def export_served(models: dict, in_domain_threshold: float) -> None:
 
 def main(data_dir: Path | None = None, budget: train.Budget | None = None, controls: bool = True,
          resume: bool = False) -> dict:
-    """Train, select on validation, score test once, export; then (optional) the controls.
+    """Train (`export.recipe`), select on validation, score test once, export; then (optional) the controls.
     `resume` takes the models a previous run of the same budget on the same splits saved after
     training (its answers are the same: training is seeded) and redoes only what follows; a
     controls section already in evaluation.json for the same provenance is kept."""
+    from export import recipe  # it reads this module's specs: imported when called
+
     start = time.monotonic()
     data_dir = Path(data_dir or REPO / "data")
     budget = budget or train.Budget()
@@ -435,6 +438,8 @@ def main(data_dir: Path | None = None, budget: train.Budget | None = None, contr
 
 def run_controls(datasets: dict[str, data.ClipDataset], warm: tuple, budget: train.Budget) -> dict:
     """Train the no-motion controls and score them on test (the shuffled one on shuffled test)."""
+    from export import recipe
+
     models = recipe.controls(datasets["short"], datasets["train"], warm, budget, TRAIN_SEED, SHUFFLE_SEED)
     test = datasets["test"]
     results = {"single_frame": summarise(train.predict(*models["single_frame"], test), test),

@@ -2,14 +2,14 @@
 (`export.train`) after a count pre-training of the encoder, laid out over the machine's 2 cores.
 
 0. Count pre-training: the served encoder (`train.SERVED_ENCODER`) is trained as a per-clip count
-   specialist (`count_specialist.train_specialist`) on the all-flight clips of FLIGHT_ROUTINES
+   specialist (`count_specialist.train_specialist`) on the all-flight clips of `build.FLIGHT_ROUTINES`
    freely drawn flights, learning their somersaults and twists and where the diver is. Without it
    no recipe taught the encoder the twist (README "Teaching the twist").
 1. The warm-up from that encoder (`train.warmup`, the short split).
 2. From the warm-up, at once: TQN's and average pooling's feature-bank stages and the short-term
    baseline (`train.train_with_bank`, `train.train_short_term`), each in its own process with its
    own random stream (STREAMS).
-Stages 0 and 1 are data-parallel over TRAIN_PROCESSES processes (`export.parallel`); so is the
+Stages 0 and 1 are data-parallel over `train.TRAIN_PROCESSES` processes (`export.parallel`); so is the
 bank's first fill. In every stage the localiser learns where the torso is, from the generator's
 geometry (`diagnose_counts.figure_track`). The controls (`controls`) run as two processes too.
 """
@@ -25,10 +25,6 @@ import torch.distributed as dist
 from export import count_specialist, diagnose_counts, parallel, train
 from export.data import ClipDataset, shuffle_frames
 
-# Part of what reproduces a run, like train.TRAIN_THREADS: stages 0 and 1 split every batch over
-# this many processes, which decides how gradients are summed.
-TRAIN_PROCESSES = 2
-FLIGHT_ROUTINES = 3000  # count pre-training's free flights (5.4k all-flight clips)
 STREAMS = {"tqn": 1, "average_pooling": 2, "short_term": 3, "single_frame": 4, "shuffled": 5}
 
 
@@ -87,8 +83,10 @@ def _short_term_stage(encoder, head, datasets: list[ClipDataset], torsos: list[n
 
 
 def torso_tracks(short: ClipDataset, full: ClipDataset) -> dict[str, np.ndarray]:
-    """The localiser's target per frame of the two training splits."""
-    return {"short": diagnose_counts.figure_track(short, "short"), "train": diagnose_counts.figure_track(full, "train")}
+    """The localiser's target per frame of the two training splits, a process each."""
+    tracks = parallel.concurrently([(diagnose_counts.figure_track, (short, "short")),
+                                    (diagnose_counts.figure_track, (full, "train"))])
+    return dict(zip(("short", "train"), tracks))
 
 
 def train_all(short: ClipDataset, full: ClipDataset, flights: Path, budget: train.Budget,
@@ -97,10 +95,10 @@ def train_all(short: ClipDataset, full: ClipDataset, flights: Path, budget: trai
     (encoder, tqn) for the controls). `flights`: `count_specialist.write_flight_bank`'s folder."""
     _threads()
     torso = torso_tracks(short, full)
-    encoder = parallel.run(_pretrain, TRAIN_PROCESSES, flights, budget, seed)
-    encoder, tqn, avg, short_term = parallel.run(_warmup, TRAIN_PROCESSES, encoder, short, torso["short"],
+    encoder = parallel.run(_pretrain, train.TRAIN_PROCESSES, flights, budget, seed)
+    encoder, tqn, avg, short_term = parallel.run(_warmup, train.TRAIN_PROCESSES, encoder, short, torso["short"],
                                                  budget, seed)
-    bank = parallel.run(_bank, TRAIN_PROCESSES, encoder, full)
+    bank = parallel.run(_bank, train.TRAIN_PROCESSES, encoder, full)
     trained = parallel.concurrently([
         (_bank_stage, ("tqn", encoder, tqn, full, bank, torso["train"], budget, seed)),
         (_bank_stage, ("average_pooling", encoder, avg, full, bank, torso["train"], budget, seed)),
@@ -115,22 +113,23 @@ def _single_frame(short: ClipDataset, full: ClipDataset, budget: train.Budget, s
     return train.train_tqn_only("single-frame", encoder, short, full, budget, _seed(seed, "single_frame"))
 
 
+def _shuffled(encoder, tqn, full: ClipDataset, shuffle_seed: int, budget: train.Budget, seed: int) -> tuple:
+    _threads()
+    shuffled = shuffle_frames(full, shuffle_seed)
+    return _bank_stage("shuffled", encoder, tqn, shuffled, train.build_bank(encoder, shuffled),
+                       diagnose_counts.figure_track(full, "train"), budget, seed)
+
+
 def controls(short: ClipDataset, full: ClipDataset, warm: tuple, budget: train.Budget, seed: int,
              shuffle_seed: int) -> dict[str, tuple]:
     """{"single_frame": ..., "shuffled": ...}, TQN models that cannot use motion, two processes at
     once: "single_frame" reads one frame per clip with a 2D CNN (its own warm-up; no count
     pre-training, which a single frame cannot follow); "shuffled" goes on from the warm-up `warm`
-    (encoder, tqn) with the feature-bank stage on frame-shuffled videos, and must be tested on
-    shuffled videos too."""
-    shuffled = shuffle_frames(full, shuffle_seed)
-    encoder, tqn = warm
-    bank = parallel.run(_bank, TRAIN_PROCESSES, encoder, shuffled)
-    single, shuffled_models = parallel.concurrently([
-        (_single_frame, (short, full, budget, seed)),
-        (_bank_stage, ("shuffled", encoder, tqn, shuffled, bank, diagnose_counts.figure_track(full, "train"),
-                       budget, seed)),
-    ])
-    return {"single_frame": single, "shuffled": shuffled_models}
+    (encoder, tqn) with the feature-bank stage on frame-shuffled videos (the localiser's target
+    shuffled with the frames), and must be tested on shuffled videos too."""
+    single, shuffled = parallel.concurrently([(_single_frame, (short, full, budget, seed)),
+                                              (_shuffled, (*warm, full, shuffle_seed, budget, seed))])
+    return {"single_frame": single, "shuffled": shuffled}
 
 
 @torch.inference_mode()

@@ -46,6 +46,9 @@ HEADS = vocab.head_attributes()
 # on the 2 shared cores under load two threads wait on each other at every barrier (50 warm-up
 # steps took 311 s at load average 13-15, against 15 s on a quiet machine).
 TRAIN_THREADS = 1
+# Likewise: the count pre-training and the warm-up split every batch over this many processes
+# (`export.parallel`, `export.recipe`), which decides how gradients are summed.
+TRAIN_PROCESSES = 2
 # The served clip encoder: the full-frame s3d plus a localiser and a stream on a window around the
 # diver (README "The s3d_zoom encoder"); the twist is read only through the window.
 SERVED_ENCODER = "s3d_zoom_32x112_112"

@@ -282,3 +282,19 @@ def test_a_run_from_a_save_trains_the_feature_bank_stage_the_saving_run_trained(
     assert from_save_draw == one_run_draw
     for k in one_run:
         torch.testing.assert_close(from_save[k], one_run[k], rtol=0, atol=0)
+
+
+def test_the_flight_bank_is_written_once_read_memory_mapped_and_rebuilt_for_another_spec(tmp_path, monkeypatch):
+    from export import count_specialist
+
+    folder = count_specialist.write_flight_bank(tmp_path / "flights", 3, workers=1)
+    bank = count_specialist.read_flight_bank(folder)
+    want = count_specialist.flight_clips([count_specialist.free_routine(s) for s in range(3)])
+    assert isinstance(bank["clips"], np.memmap) and set(bank) == set(want)
+    for name in want:
+        assert np.array_equal(bank[name], want[name]), name
+    written = (folder / "clips.npy").stat().st_mtime_ns
+    assert count_specialist.write_flight_bank(folder, 3, workers=1) == folder
+    assert (folder / "clips.npy").stat().st_mtime_ns == written  # reused, not rendered again
+    count_specialist.write_flight_bank(folder, 4, workers=1)
+    assert len(count_specialist.read_flight_bank(folder)["twists"]) > len(want["twists"])
