@@ -324,6 +324,14 @@ def training_provenance(data_dir: Path, budget: train.Budget, seed: int) -> dict
             "torch": torch.__version__}
 
 
+def save_trained(path: Path, provenance: dict, models: dict[str, tuple], warm: tuple) -> None:
+    """A run's trained models ("warm": the warm-up's encoder and TQN, for the controls) beside the
+    data, so a failure after training does not cost the training (`train.load_models` reads them)."""
+    torch.save({"provenance": provenance,
+                "models": {name: (enc.state_dict(), head.state_dict())
+                           for name, (enc, head) in {**models, "warm": warm}.items()}}, path)
+
+
 def data_fingerprint(data_dir: Path) -> dict:
     """What the results were computed on: generator version, split specs (seeds) and label hashes,
     and the count pre-training's flights."""
@@ -381,13 +389,10 @@ def main(data_dir: Path | None = None, budget: train.Budget | None = None, contr
         if saved["provenance"] != provenance:
             raise ValueError(f"{trained} was trained on other data or with another budget")
         models = train.load_models(saved["models"])
+        warm = models.pop("warm")
     else:
-        models, models["warm"] = recipe.train_all(datasets["short"], datasets["train"], flights, budget, TRAIN_SEED)
-        # Kept beside the data, so a failure after training does not cost the training.
-        torch.save({"provenance": provenance,
-                    "models": {name: (enc.state_dict(), head.state_dict()) for name, (enc, head) in models.items()}},
-                   trained)
-    warm = models.pop("warm")
+        models, warm = recipe.train_all(datasets["short"], datasets["train"], flights, budget, TRAIN_SEED)
+        save_trained(trained, provenance, models, warm)
     _log(f"training done ({time.monotonic() - start:.0f}s); calibrating on validation, then test once")
     report = {"provenance": provenance, "timing_s": {"training": round(time.monotonic() - start)}}
     encoder, decoder = models["tqn"]

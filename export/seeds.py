@@ -109,13 +109,12 @@ def main(data_dir: Path | None = None, budget: train.Budget | None = None, seeds
         seed_start = time.monotonic()
         models = _saved_models(data_dir, budget, seed)
         if models is None:
-            models, models["warm"] = recipe.train_all(datasets["short"], datasets["train"], flights, budget, seed)
-            torch.save({"provenance": build.training_provenance(data_dir, budget, seed),
-                        "models": {name: (enc.state_dict(), head.state_dict()) for name, (enc, head) in models.items()}},
-                       _models_path(data_dir, seed))
+            models, warm = recipe.train_all(datasets["short"], datasets["train"], flights, budget, seed)
+            build.save_trained(_models_path(data_dir, seed), build.training_provenance(data_dir, budget, seed),
+                               models, warm)
         else:
+            models.pop("warm")
             reused.append(seed)
-        models.pop("warm")
         preds = {name: {q: lg[q].argmax(-1) for q in train.HEADS}
                  for name, lg in recipe.logits(models, [test])[0].items()}
         per_seed[seed] = {name: build.summarise(p, test) for name, p in preds.items()}
