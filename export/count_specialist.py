@@ -219,14 +219,32 @@ def read_flight_bank(folder: Path) -> dict[str, np.ndarray]:
             for name in BANK_ARRAYS}
 
 
+def mirror_and_reverse(clips: np.ndarray, torso: np.ndarray, mirror: np.ndarray,
+                       reverse: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Clips (N, T, H, W, 3) left-right mirrored where `mirror` and played backwards where `reverse`,
+    with their torso positions (N, T, 2) moved along. Both keep the counts (a rotation seen in a
+    mirror or backwards turns the other way as many times), so they cost a specialist nothing but
+    stop it from remembering clips."""
+    clips, torso = clips.copy(), torso.copy()
+    clips[mirror] = clips[mirror][:, :, :, ::-1]
+    torso[mirror, :, 0] = clips.shape[3] - 1 - torso[mirror, :, 0]
+    clips[reverse] = clips[reverse][:, ::-1]
+    torso[reverse] = torso[reverse][:, ::-1]
+    return clips, torso
+
+
 def specialist_loss(encoder: nn.Module, heads: nn.ModuleList, bank: dict[str, np.ndarray],
-                    idx: np.ndarray) -> tuple[torch.Tensor, list[torch.Tensor]]:
+                    idx: np.ndarray, augment: np.random.Generator | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """The specialists' loss on the bank's clips `idx`: the localiser's against the bank's torso
-    positions (encoders that localise), plus each count head's cross-entropy; and each head's logits."""
-    clips = torch.from_numpy(bank["clips"][idx])
+    positions (encoders that localise), plus each count head's cross-entropy; and each head's logits.
+    `augment`: each clip mirrored and reversed each at even odds drawn from it."""
+    clips, torso = bank["clips"][idx], bank["torso"][idx]
+    if augment is not None:
+        clips, torso = mirror_and_reverse(clips, torso, augment.random(len(idx)) < 0.5, augment.random(len(idx)) < 0.5)
+    clips = torch.from_numpy(np.ascontiguousarray(clips))
     if hasattr(encoder, "localiser_loss"):
         features, heatmaps, _ = encoder.forward_with_heatmap(clips)
-        loss = encoder.localiser_loss(heatmaps, torch.from_numpy(bank["torso"][idx]).reshape(-1, 2))
+        loss = encoder.localiser_loss(heatmaps, torch.from_numpy(np.ascontiguousarray(torso)).reshape(-1, 2))
     else:
         features, loss = encoder(clips), torch.zeros(())
     logits = [head(features) for head in heads]
@@ -283,18 +301,20 @@ def localiser_error(zoom: FigureZoom | s3d_zoom.S3DZoom, bank: dict[str, np.ndar
 
 def train_specialist(bank: dict[str, np.ndarray], *, stem: str = "default", encoder: str = "s3d",
                      zoom_variant: str = diagnose_counts.ZOOM_VARIANT, steps: int = 1500, batch: int = 24,
-                     lr: float = 1e-3, seed: int = 0, log_every: int = 100,
+                     lr: float = 1e-3, seed: int = 0, log_every: int = 100, augment: bool = False,
                      shard: parallel.Shard = parallel.SINGLE) -> tuple[nn.Module, nn.ModuleList]:
     """A fresh encoder (one of ENCODERS; "figure-zoom" is a `FigureZoom` and "s3d-zoom" the
     `s3d_zoom` encoder (`zoom_variant`), whose localisers learn the bank's "torso" positions) and one linear head per
     count, cross-entropy on both, AdamW with a one-cycle learning rate. `shard`: this process's share
-    of every batch when it trains data-parallel (`export.parallel`)."""
+    of every batch when it trains data-parallel (`export.parallel`); `augment`: clips mirrored and
+    reversed at random (`mirror_and_reverse`), from a stream of their own seeded by `seed` and the rank."""
     if stem not in STEMS:
         raise ValueError(f"unknown stem {stem!r}; choose one of {sorted(STEMS)}")
     if encoder not in ENCODERS or (encoder == "s3d-zoom" and stem != "default"):
         raise ValueError(f"unknown encoder {encoder!r} (choose one of {ENCODERS}; s3d-zoom has the default stem)")
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
+    flips = np.random.default_rng([seed, shard.rank, 1]) if augment else None
     encoder = {"s3d": lambda: train.build_encoder(**STEMS[stem]), "figure-zoom": lambda: FigureZoom(**STEMS[stem]),
                "s3d-zoom": lambda: s3d_zoom.create(zoom_variant)}[encoder]()
     heads = nn.ModuleList(nn.Linear(encoder.feature_dim, len(vocab.ATTRIBUTES[q])) for q in COUNTS)
@@ -304,7 +324,7 @@ def train_specialist(bank: dict[str, np.ndarray], *, stem: str = "default", enco
     hits, seen, start = np.zeros(len(COUNTS)), 0, time.monotonic()
     for step in range(1, steps + 1):
         idx = shard.take(rng.choice(len(bank["clips"]), batch, replace=False))
-        loss, logits = specialist_loss(encoder, heads, bank, idx)
+        loss, logits = specialist_loss(encoder, heads, bank, idx, flips)
         for k, q in enumerate(COUNTS):
             hits[k] += int((logits[k].argmax(-1) == torch.from_numpy(bank[q][idx])).sum())
         seen += len(idx)
@@ -333,6 +353,7 @@ def main() -> None:
     parser.add_argument("--routines", type=int, default=3000)
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--augment", action="store_true", help="mirror and reverse training clips at random")
     parser.add_argument("--probe", metavar="MODEL", help="probe MODEL's frozen encoder instead of training one")
     args = parser.parse_args()
     torch.set_num_threads(train.TRAIN_THREADS)
@@ -352,7 +373,8 @@ def main() -> None:
         record["probe"] = frozen_probe(diagnose_counts.load_tqn(args.probe)[0], banks)
     else:
         encoder, heads = train_specialist(banks["train"], stem=args.stem, steps=args.steps, seed=args.seed,
-                                          encoder=INPUT_ENCODERS.get(args.input, "s3d"), zoom_variant=args.zoom_variant)
+                                          encoder=INPUT_ENCODERS.get(args.input, "s3d"), zoom_variant=args.zoom_variant,
+                                          augment=args.augment)
         record.update({k: score(encoder, heads, banks[k]) for k in ("held_out_free", "grid")})
         if args.input in ("learned-crop", "zoom"):
             record["grid_localiser_error_px"] = localiser_error(encoder, banks["grid"])

@@ -298,3 +298,24 @@ def test_the_flight_bank_is_written_once_read_memory_mapped_and_rebuilt_for_anot
     assert (folder / "clips.npy").stat().st_mtime_ns == written  # reused, not rendered again
     count_specialist.write_flight_bank(folder, 4, workers=1)
     assert len(count_specialist.read_flight_bank(folder)["twists"]) > len(want["twists"])
+
+
+def test_mirrored_and_reversed_clips_move_their_torso_along_and_undo_themselves():
+    from export.count_specialist import mirror_and_reverse
+
+    rng = np.random.default_rng(0)
+    clips = rng.integers(0, 255, (4, 8, 16, 16, 3), dtype=np.uint8)
+    torso = rng.random((4, 8, 2)).astype(np.float32) * 15
+    mirror, reverse = np.array([1, 0, 1, 0], bool), np.array([1, 1, 0, 0], bool)
+    out, moved = mirror_and_reverse(clips, torso, mirror, reverse)
+    assert (out[3] == clips[3]).all() and (moved[3] == torso[3]).all()
+    assert (out[1] == clips[1][::-1]).all() and (moved[1] == torso[1][::-1]).all()
+    assert (out[2] == clips[2][:, :, ::-1]).all()
+    assert np.allclose(moved[2, :, 0], 15 - torso[2, :, 0]) and (moved[2, :, 1] == torso[2, :, 1]).all()
+    # a pixel marked at the torso stays under the moved torso
+    marked = np.zeros((1, 8, 16, 16, 3), np.uint8)
+    marked[0, 2, 5, 3] = 255
+    out, moved = mirror_and_reverse(marked, np.tile([[3.0, 5.0]], (1, 8, 1)).astype(np.float32), np.ones(1, bool), np.ones(1, bool))
+    assert out[0, 5, 5, 12].all() and tuple(moved[0, 5]) == (12.0, 5.0)
+    again = mirror_and_reverse(*mirror_and_reverse(clips, torso, mirror, reverse), mirror, reverse)
+    assert (again[0] == clips).all() and np.allclose(again[1], torso)
