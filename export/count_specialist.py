@@ -234,17 +234,20 @@ def mirror_and_reverse(clips: np.ndarray, torso: np.ndarray, mirror: np.ndarray,
 
 
 def specialist_loss(encoder: nn.Module, heads: nn.ModuleList, bank: dict[str, np.ndarray],
-                    idx: np.ndarray, augment: np.random.Generator | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+                    idx: np.ndarray, augment: np.random.Generator | None = None,
+                    window_at_torso: bool = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """The specialists' loss on the bank's clips `idx`: the localiser's against the bank's torso
     positions (encoders that localise), plus each count head's cross-entropy; and each head's logits.
-    `augment`: each clip mirrored and reversed each at even odds drawn from it."""
+    `augment`: each clip mirrored and reversed each at even odds drawn from it. `window_at_torso`
+    (`s3d_zoom` only): its window cut at the clip's mean torso position, not the localiser's."""
     clips, torso = bank["clips"][idx], bank["torso"][idx]
     if augment is not None:
         clips, torso = mirror_and_reverse(clips, torso, augment.random(len(idx)) < 0.5, augment.random(len(idx)) < 0.5)
-    clips = torch.from_numpy(np.ascontiguousarray(clips))
+    clips, torso = torch.from_numpy(np.ascontiguousarray(clips)), torch.from_numpy(np.ascontiguousarray(torso))
     if hasattr(encoder, "localiser_loss"):
-        features, heatmaps, _ = encoder.forward_with_heatmap(clips)
-        loss = encoder.localiser_loss(heatmaps, torch.from_numpy(np.ascontiguousarray(torso)).reshape(-1, 2))
+        forced = {"window_at": torso.mean(1)} if window_at_torso else {}
+        features, heatmaps, _ = encoder.forward_with_heatmap(clips, **forced)
+        loss = encoder.localiser_loss(heatmaps, torso.reshape(-1, 2))
     else:
         features, loss = encoder(clips), torch.zeros(())
     logits = [head(features) for head in heads]
@@ -302,12 +305,15 @@ def localiser_error(zoom: FigureZoom | s3d_zoom.S3DZoom, bank: dict[str, np.ndar
 def train_specialist(bank: dict[str, np.ndarray], *, stem: str = "default", encoder: str = "s3d",
                      zoom_variant: str = diagnose_counts.ZOOM_VARIANT, steps: int = 1500, batch: int = 24,
                      lr: float = 1e-3, seed: int = 0, log_every: int = 100, augment: bool = False,
+                     forced_window_steps: int = 0,
                      shard: parallel.Shard = parallel.SINGLE) -> tuple[nn.Module, nn.ModuleList]:
     """A fresh encoder (one of ENCODERS; "figure-zoom" is a `FigureZoom` and "s3d-zoom" the
     `s3d_zoom` encoder (`zoom_variant`), whose localisers learn the bank's "torso" positions) and one linear head per
     count, cross-entropy on both, AdamW with a one-cycle learning rate. `shard`: this process's share
     of every batch when it trains data-parallel (`export.parallel`); `augment`: clips mirrored and
-    reversed at random (`mirror_and_reverse`), from a stream of their own seeded by `seed` and the rank."""
+    reversed at random (`mirror_and_reverse`), from a stream of their own seeded by `seed` and the rank;
+    `forced_window_steps`: for that many first steps an `s3d_zoom` cuts its window at the torso's
+    true position (`specialist_loss`'s `window_at_torso`) while its localiser learns to find it."""
     if stem not in STEMS:
         raise ValueError(f"unknown stem {stem!r}; choose one of {sorted(STEMS)}")
     if encoder not in ENCODERS or (encoder == "s3d-zoom" and stem != "default"):
@@ -324,7 +330,7 @@ def train_specialist(bank: dict[str, np.ndarray], *, stem: str = "default", enco
     hits, seen, start = np.zeros(len(COUNTS)), 0, time.monotonic()
     for step in range(1, steps + 1):
         idx = shard.take(rng.choice(len(bank["clips"]), batch, replace=False))
-        loss, logits = specialist_loss(encoder, heads, bank, idx, flips)
+        loss, logits = specialist_loss(encoder, heads, bank, idx, flips, window_at_torso=step <= forced_window_steps)
         for k, q in enumerate(COUNTS):
             hits[k] += int((logits[k].argmax(-1) == torch.from_numpy(bank[q][idx])).sum())
         seen += len(idx)
@@ -354,6 +360,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--augment", action="store_true", help="mirror and reverse training clips at random")
+    parser.add_argument("--forced-window-steps", type=int, default=0,
+                        help="with --input zoom: first steps whose window is cut at the torso's true position")
     parser.add_argument("--probe", metavar="MODEL", help="probe MODEL's frozen encoder instead of training one")
     args = parser.parse_args()
     torch.set_num_threads(train.TRAIN_THREADS)
@@ -374,7 +382,7 @@ def main() -> None:
     else:
         encoder, heads = train_specialist(banks["train"], stem=args.stem, steps=args.steps, seed=args.seed,
                                           encoder=INPUT_ENCODERS.get(args.input, "s3d"), zoom_variant=args.zoom_variant,
-                                          augment=args.augment)
+                                          augment=args.augment, forced_window_steps=args.forced_window_steps)
         record.update({k: score(encoder, heads, banks[k]) for k in ("held_out_free", "grid")})
         if args.input in ("learned-crop", "zoom"):
             record["grid_localiser_error_px"] = localiser_error(encoder, banks["grid"])

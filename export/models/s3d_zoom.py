@@ -96,12 +96,15 @@ class S3DZoom(nn.Module):
                             padding_mode="border", align_corners=False)  # B, C*T, S, S
         return out.reshape(b, c, t, self.window_size, self.window_size)
 
-    def forward_with_heatmap(self, clips: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Features (B, D), heatmap logits (B, T, G*G) and window centres (B, 2) px."""
+    def forward_with_heatmap(self, clips: torch.Tensor, window_at: torch.Tensor | None = None
+                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Features (B, D), heatmap logits (B, T, G*G) and the localiser's window centres (B, 2) px.
+        `window_at` (B, 2) px: cut the windows there instead (training only: the window stream can
+        learn from the figure before the localiser has found it)."""
         x = self.full.prepare(clips)  # B, 3, T, H, W
         stem = self.full.stem(x)  # B, C1, T, G, G
         logits, centres = self.locate(stem)
-        windows = self.window(x, centres.detach())  # B, 3, T, S, S
+        windows = self.window(x, centres.detach() if window_at is None else window_at)  # B, 3, T, S, S
         features = self.full.forward_head(self.full.forward_trunk(stem))
         return features + self.window_stream.forward_head(self.window_stream.forward_features(windows)), logits, centres
 

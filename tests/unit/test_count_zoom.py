@@ -319,3 +319,36 @@ def test_mirrored_and_reversed_clips_move_their_torso_along_and_undo_themselves(
     assert out[0, 5, 5, 12].all() and tuple(moved[0, 5]) == (12.0, 5.0)
     again = mirror_and_reverse(*mirror_and_reverse(clips, torso, mirror, reverse), mirror, reverse)
     assert (again[0] == clips).all() and np.allclose(again[1], torso)
+
+
+def test_a_forced_window_is_cut_where_asked_and_leaves_the_localiser_alone():
+    torch.manual_seed(0)
+    model = s3d_zoom.create("s3d_zoom_32x56_112").eval()
+    clips = torch.zeros(2, 8, 112, 112, 3, dtype=torch.uint8)
+    clips[:, :, 4:20, 4:20] = 255  # a bright square in the corner the forced window looks at
+    with torch.no_grad():
+        features, heatmaps, centres = model.forward_with_heatmap(clips)
+        at_own, _, _ = model.forward_with_heatmap(clips, window_at=centres)
+        elsewhere, heatmaps_elsewhere, centres_elsewhere = model.forward_with_heatmap(
+            clips, window_at=torch.tensor([[12.0, 12.0], [12.0, 12.0]]))
+    torch.testing.assert_close(at_own, features)
+    assert (elsewhere - features).abs().max() > 100 * (at_own - features).abs().max() + 1e-3
+    torch.testing.assert_close(heatmaps_elsewhere, heatmaps)
+    torch.testing.assert_close(centres_elsewhere, centres)
+
+
+def test_a_specialist_with_a_forced_window_trains_differently_only_while_forced():
+    from export import count_specialist
+
+    rng = np.random.default_rng(0)
+    bank = {"clips": rng.integers(0, 256, (6, 8, 112, 112, 3), dtype=np.uint8),
+            "torso": rng.uniform(0, 112, (6, 8, 2)).astype(np.float32),
+            "somersaults": rng.integers(0, 5, 6), "twists": rng.integers(0, 5, 6)}
+
+    def trained(forced: int) -> torch.Tensor:
+        encoder, _ = count_specialist.train_specialist(bank, encoder="s3d-zoom", zoom_variant="s3d_zoom_32x56_112",
+                                                       steps=2, batch=3, forced_window_steps=forced)
+        return torch.cat([p.detach().flatten() for p in encoder.window_stream.parameters()])
+
+    assert torch.equal(trained(0), trained(0))
+    assert not torch.allclose(trained(1), trained(0))
