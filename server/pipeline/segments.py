@@ -66,8 +66,19 @@ def pool_frames(frames: np.ndarray, size: int) -> np.ndarray:
     k = height // size
     if k == 1:
         return frames
-    blocks = frames.reshape(n, size, k, size, k, channels).astype(np.uint16).sum(axis=(2, 4))
-    return ((blocks + k * k // 2) // (k * k)).astype(np.uint8)
+    # A block row, then a block column, at a time: numpy's sum over both block axes at once took
+    # 15-20x longer (5-10 ms a streamed clip under load, on the gateway's event loop).
+    rows = frames.reshape(n, size, k, width, channels)
+    acc = rows[:, :, 0].astype(np.uint16)
+    for i in range(1, k):
+        acc += rows[:, :, i]
+    cols = acc.reshape(n, size, size, k, channels)
+    blocks = cols[:, :, :, 0].copy()
+    for j in range(1, k):
+        blocks += cols[:, :, :, j]
+    blocks += k * k // 2
+    blocks //= k * k
+    return blocks.astype(np.uint8)
 
 
 def frame_times(spans_s: np.ndarray, clip_frames: int, fps: float) -> tuple[np.ndarray, np.ndarray]:

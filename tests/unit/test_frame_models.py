@@ -3,6 +3,8 @@ pooled and windowed, the parser's outputs decoded into segments (pure functions,
 
 from __future__ import annotations
 
+import timeit
+
 import numpy as np
 import pytest
 
@@ -41,13 +43,36 @@ def test_frame_model_spec_names_a_missing_parameter(missing):
         triton.frame_model_spec(config)
 
 
-def test_pool_frames_is_the_rounded_block_mean_of_the_contract():
+def contract_pool(frames: np.ndarray, size: int) -> np.ndarray:
+    """The rounded mean of each block, written as the contract says it."""
+    n, side, _, channels = frames.shape
+    k = side // size
+    blocks = frames.reshape(n, size, k, size, k, channels).astype(np.uint16).sum((2, 4))
+    return ((blocks + k * k // 2) // (k * k)).astype(np.uint8)
+
+
+@pytest.mark.parametrize("shape, size", [((5, 112, 112, 3), 28), ((2, 112, 112, 3), 56), ((1, 112, 112, 3), 7)])
+def test_pool_frames_is_the_rounded_block_mean_of_the_contract(shape, size):
     rng = np.random.default_rng(0)
-    frames = rng.integers(0, 256, (5, 112, 112, 3), dtype=np.uint8)
-    expected = ((frames.reshape(5, 28, 4, 28, 4, 3).astype(np.uint16).sum((2, 4)) + 8) // 16).astype(np.uint8)
-    np.testing.assert_array_equal(seg.pool_frames(frames, 28), expected)
+    frames = rng.integers(0, 256, shape, dtype=np.uint8)
+    np.testing.assert_array_equal(seg.pool_frames(frames, size), contract_pool(frames, size))
+    white = np.full(shape, 255, np.uint8)  # the largest sums (16 x 16 x 255 at 7 px) fit
+    np.testing.assert_array_equal(seg.pool_frames(white, size), white[:, :size, :size])
     with pytest.raises(ValueError):
         seg.pool_frames(frames[:, :100, :100], 28)
+
+
+def test_pooling_a_clip_is_far_cheaper_than_the_contracts_sum_over_both_block_axes():
+    """A stream's every clip is pooled on the gateway's event loop. numpy's sum over the two block
+    axes at once took ~10 ms a clip (8 frames of 112 px) under load: a third of the loop's time
+    with 16 streams, which fell 10-20 s behind real time (README, Streaming). Summed a block row
+    and a block column at a time it is 15-20x cheaper; a quarter leaves room for noise."""
+    frames = np.random.default_rng(1).integers(0, 256, (8, 112, 112, 3), dtype=np.uint8)
+
+    def best(pool) -> float:
+        return min(timeit.repeat(lambda: pool(frames, 28), number=5, repeat=7))
+
+    assert best(seg.pool_frames) < best(contract_pool) / 4
 
 
 def test_frame_times_drop_the_final_clips_padding():
