@@ -36,7 +36,8 @@ def _pretrain(shard: parallel.Shard, flights: Path, budget: train.Budget, seed: 
     _threads()
     encoder, _ = count_specialist.train_specialist(
         count_specialist.read_flight_bank(flights), encoder="s3d-zoom", zoom_variant=train.SERVED_ENCODER,
-        steps=budget.specialist_steps, seed=seed, shard=shard)
+        steps=budget.specialist_steps, forced_window_steps=budget.specialist_forced_window_steps, seed=seed,
+        shard=shard)
     return encoder
 
 

@@ -60,6 +60,9 @@ class Budget:
     # The encoder is pre-trained as a per-clip count specialist first (`specialist_steps`, export.recipe);
     # from it, 1,000 warm-up steps read validation's counts at 98.9 / 99.3 (export.count_study, seed 7).
     specialist_steps: int = 1500
+    # Its first steps cut the window at the diver's true position while the localiser learns to
+    # find him: without it the window stream learnt the twist late or not at all in some seeds.
+    specialist_forced_window_steps: int = 750
     warmup_steps: int = 1000
     bank_steps: int = 600
     videos_per_step: int = 8
