@@ -3,17 +3,23 @@
 Torch runs one thread per process (`train.TRAIN_THREADS`): two threads of one process wait on each
 other at every reduction, and on shared cores under load most of their time went to that. Two
 processes that meet once per step, to average their gradients, do not. Every rank starts from the
-same seed, so it builds the same model and draws the same batch; it then computes the loss on its
-share of that batch (`Shard.take`), and the gradients are averaged before every optimiser step, so
-the parameters stay equal on every rank. BatchNorm statistics are each rank's own until
+same seed, so it builds the same model (or gets its own copy of the one it is given) and draws the
+same batch; it then computes the loss on its share of that batch (`Shard.take`), and the gradients
+are averaged before every optimiser step, so the parameters stay equal on every rank. BatchNorm statistics are each rank's own until
 `average_buffers` makes them equal at the end. The sum of a fixed number of tensors is the same
 from run to run, so training stays deterministic for a fixed number of processes (a different
 number splits each batch differently: part of what reproduces a run, like the thread count).
+
+What a process is given is handed over by value (`_by_value`). torch.multiprocessing would hand
+every process the same shared memory for each tensor instead, so that processes each training
+"their" copy of a model would all step one model: two ranks applied every update twice, and
+three models trained at once on one encoder wrecked it.
 """
 
 from __future__ import annotations
 
 import os
+import pickle
 import socket
 import tempfile
 from collections.abc import Callable, Iterable
@@ -78,10 +84,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank_main(rank: int, world: int, port: int, fn: Callable, args: tuple, out: str) -> None:
+def _by_value(fn: Callable, args: tuple) -> bytes:
+    """`fn` and `args` with their tensors' data in the bytes (plain pickle, not multiprocessing's)."""
+    return pickle.dumps((fn, args))
+
+
+def _rank_main(rank: int, world: int, port: int, job: bytes, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
+        fn, args = pickle.loads(job)
         result = fn(Shard(rank, world), *args)
         if rank == 0:
             torch.save(result, out)
@@ -96,7 +108,7 @@ def run(fn: Callable, world: int, *args):
         return fn(SINGLE, *args)
     with tempfile.TemporaryDirectory() as tmp:
         out = str(Path(tmp) / "result.pt")
-        mp.spawn(_rank_main, args=(world, _free_port(), fn, args, out), nprocs=world, join=True)
+        mp.spawn(_rank_main, args=(world, _free_port(), _by_value(fn, args), out), nprocs=world, join=True)
         return torch.load(out, weights_only=False)
 
 
@@ -107,10 +119,10 @@ def concurrently(jobs: list[tuple[Callable, tuple]]) -> list:
         return [fn(*args)]
     with tempfile.TemporaryDirectory() as tmp:
         outs = [str(Path(tmp) / f"job{i}.pt") for i in range(len(jobs))]
-        mp.spawn(_job_main, args=(jobs, outs), nprocs=len(jobs), join=True)
+        mp.spawn(_job_main, args=([_by_value(fn, args) for fn, args in jobs], outs), nprocs=len(jobs), join=True)
         return [torch.load(o, weights_only=False) for o in outs]
 
 
-def _job_main(index: int, jobs: list, outs: list[str]) -> None:
-    fn, args = jobs[index]
+def _job_main(index: int, jobs: list[bytes], outs: list[str]) -> None:
+    fn, args = pickle.loads(jobs[index])
     torch.save(fn(*args), outs[index])

@@ -71,3 +71,39 @@ def test_concurrent_jobs_return_in_order_and_a_dataset_crosses_without_its_frame
     assert np.array_equal(pickle.loads(pickle.dumps(ds)).frames, frames)
     jobs = parallel.concurrently([(_describe, (ds, 1)), (_describe, (ds, 10))])
     assert jobs == [(5, int(frames[16:24].sum())), (50, int(frames[16:24].sum()))]
+
+
+def _train_given(shard: parallel.Shard, model: torch.nn.Module, target: float, steps: int = 3) -> torch.nn.Module:
+    """Adam steps on the model it is given, each rank on its share of the batch."""
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    x, _ = _batch()
+    for _ in range(steps):
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(shard.take(x)), torch.full((len(shard.take(x)), 1), target)).backward()
+        parallel.average_gradients(model.parameters(), shard)
+        opt.step()
+    return model
+
+
+def _flat(model: torch.nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def test_ranks_train_their_own_copy_of_a_model_they_are_given():
+    # Handed over through shared memory, both ranks would step one model: every update twice.
+    given = _model()
+    before = _flat(given).clone()
+    alone = _train_given(parallel.SINGLE, _model(), 1.0)
+    two = parallel.run(_train_given, 2, given, 1.0)
+    torch.testing.assert_close(_flat(two), _flat(alone), rtol=0, atol=1e-6)
+    assert torch.equal(_flat(given), before)  # the caller's model is not trained
+
+
+def test_concurrent_jobs_given_one_model_each_train_their_own_copy():
+    given = _model()
+    before = _flat(given).clone()
+    up, down = parallel.concurrently([(_train_given, (parallel.SINGLE, given, 1.0)),
+                                      (_train_given, (parallel.SINGLE, given, -1.0))])
+    torch.testing.assert_close(_flat(up), _flat(_train_given(parallel.SINGLE, _model(), 1.0)), rtol=0, atol=1e-6)
+    torch.testing.assert_close(_flat(down), _flat(_train_given(parallel.SINGLE, _model(), -1.0)), rtol=0, atol=1e-6)
+    assert torch.equal(_flat(given), before)
