@@ -2,7 +2,9 @@
 
 "The served s3d" is whatever `clip_encoder_s3d` serves (`train.load_served_encoder`): a plain s3d
 or the two-stream s3d_zoom of issue 8. For an s3d_zoom, `s3d_sgs` is `S3DZoomSGS` (one SGS node
-after both stems, placement "stem" only) and the ViT is distilled from the zoom encoder's features.
+after both stems, placement "stem" only) and the ViT, unchanged, is distilled from the zoom
+encoder's features (it reads only the full frame; a ViT that also reads the window is a possible
+later step, not built).
 
 - `vit`: the tubelet ViT (`vit_mini_112`: dim 64, 6 blocks, 2×16×16 tubelets) distilled from the
   served s3d's clip features (no labels; `vit_student`, cached beside the data), its last layer
@@ -778,6 +780,9 @@ def build_adaptive(data_dir: Path, repository: Path = MODEL_REPOSITORY, *, budge
     torch.set_num_threads(train.TRAIN_THREADS)
     torch.manual_seed(seed)
     teacher, decoder, s3d_meta = load_served(repository)
+    if isinstance(teacher, S3DZoom) and "s3d_sgs" in encoders and set(sgs_placements) - set(s3d_zoom_sgs.PLACEMENTS):
+        raise ValueError(f"the served s3d_zoom takes SGS only after its stems ({s3d_zoom_sgs.PLACEMENTS}), "
+                         f"got placements {sgs_placements}")
     # Each encoder starts from the same random state, so building one alone (`encoders`) gives what
     # building both does.
     torch_state = torch.get_rng_state()
