@@ -21,11 +21,13 @@ shortcut.
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -111,6 +113,24 @@ def served_encoder_config() -> dict:
 
 def build_served_encoder() -> S3DZoom:
     return s3d_zoom.create(SERVED_ENCODER)
+
+
+def encoder_from_config(config: dict) -> S3D | S3DZoom:
+    """A clip encoder from the `config` its model.json saved: an `s3d_zoom` variant when the config
+    names one (`served_encoder_config`), else a plain `S3D` (the encoders served before issue 8)."""
+    options = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}
+    variant = options.pop("variant", None)
+    return s3d_zoom.create(variant, **options) if variant is not None else S3D(**options)
+
+
+def load_served_encoder(model_dir: Path) -> tuple[S3D | S3DZoom, dict]:
+    """The clip encoder a model directory serves (`<model_dir>/1/model.json` and `model.pt`), in eval
+    mode, and its model.json."""
+    version = Path(model_dir) / "1"
+    meta = json.loads((version / "model.json").read_text())
+    encoder = encoder_from_config(meta["config"])
+    encoder.load_state_dict(torch.load(version / "model.pt", map_location="cpu", weights_only=True))
+    return encoder.eval(), meta
 
 
 def build_tqn() -> TQNDecoder:
