@@ -167,7 +167,7 @@ class S3DZoom(nn.Module):
 
 def zoom_macs(model: S3DZoom) -> int:
     """Multiply-adds of one clip: convolutions, linear layers and the window's interpolation
-    matrix products as the graph computes them (13.3 M of the 32x112 variant's 106.6 M)."""
+    matrix products, as the graph computes them."""
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model.eval()(torch.zeros(1, model.clip_frames, model.frame_size, model.frame_size, 3, dtype=torch.uint8))
     return counter.get_total_flops() // 2

@@ -114,7 +114,7 @@ class S3DZoomSGS(S3DZoom):
     def macs(self, bins_kept: int) -> int:
         """Multiply-adds of one clip that kept `bins_kept` bins: both stems, the localiser, the
         similarity net, the SGS sum and both trunks on `bins_kept` bins, counted on the shapes
-        each processes (the window's bilinear sampling is not counted, as in `zoom_macs`)."""
+        each processes (the window cut's interpolation products included, as in `zoom_macs`)."""
         if not 1 <= bins_kept <= self.clip_frames:
             raise ValueError(f"bins_kept must be in 1..{self.clip_frames}, got {bins_kept}")
         was_training = self.training
