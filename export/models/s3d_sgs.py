@@ -32,6 +32,7 @@ its size times the largest B'; the result is the padded computation's (tested).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -241,26 +242,33 @@ class S3DSGS(S3D):
             raise ValueError(f"budget must be in (0, 1], got {budget}")
         return max(math.ceil(budget * self.clip_frames), 1)
 
-    @torch.no_grad()
     def macs(self, bins_kept: int) -> int:
-        """Multiply-adds of one clip that kept `bins_kept` bins: convolutions, linear layers,
-        the similarity net and the SGS sum, counted on the shapes each of them processes."""
-        if not 1 <= bins_kept <= self.clip_frames:
-            raise ValueError(f"bins_kept must be in 1..{self.clip_frames}, got {bins_kept}")
-        was_training = self.training
-        self.eval()
-        try:
-            x = torch.zeros(1, 3, self.clip_frames, self.frame_size, self.frame_size)
-            with FlopCounterMode(display=False) as counter:
-                before = self.before_sgs(x)
-                self.sgs.similarity(before)
-                _, c, t, *space = before.shape
-                self.forward_head(self.after_sgs(before.new_zeros(1, c, bins_kept, *space), None))
-            channels = c if self.bins == "sums" else c + 2  # + the mass and mean-time channels
-            sgs_sum = channels * bins_kept * t * space[0] * space[1]  # O_b = Σ_t I_t·w_tb
-            return counter.get_total_flops() // 2 + sgs_sum
-        finally:
-            self.train(was_training)
+        """Multiply-adds of one clip that kept `bins_kept` bins (`sgs_macs`)."""
+        return sgs_macs(self, bins_kept, lambda sampled: self.forward_head(self.after_sgs(sampled, None)))
+
+
+@torch.no_grad()
+def sgs_macs(model: nn.Module, bins_kept: int, after_sgs: Callable[[torch.Tensor], torch.Tensor]) -> int:
+    """Multiply-adds of one clip through an SGS encoder (its `before_sgs`, `sgs`, `bins`,
+    `clip_frames`, `frame_size`) that kept `bins_kept` bins: convolutions, linear layers and
+    matrix products before SGS, the similarity net, the SGS sum and `after_sgs(sampled)` (what
+    follows SGS, to the clip feature), counted on the shapes each of them processes."""
+    if not 1 <= bins_kept <= model.clip_frames:
+        raise ValueError(f"bins_kept must be in 1..{model.clip_frames}, got {bins_kept}")
+    was_training = model.training
+    model.eval()
+    try:
+        x = torch.zeros(1, 3, model.clip_frames, model.frame_size, model.frame_size)
+        with FlopCounterMode(display=False) as counter:
+            before = model.before_sgs(x)
+            model.sgs.similarity(before)
+            _, c, t, *space = before.shape
+            after_sgs(before.new_zeros(1, c, bins_kept, *space))
+        channels = c if model.bins == "sums" else c + 2  # + the mass and mean-time channels
+        sgs_sum = channels * bins_kept * t * space[0] * space[1]  # O_b = Σ_t I_t·w_tb
+        return counter.get_total_flops() // 2 + sgs_sum
+    finally:
+        model.train(was_training)
 
 
 def s3d_macs(model: S3D) -> int:

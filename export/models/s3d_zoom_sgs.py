@@ -20,15 +20,12 @@ missing. With a bin per frame and time-ordered means (`bins="time_means"`) the m
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from export.adaptive.sgs import SimilarityGuidedSampling
 from export.models import s3d_zoom
-from export.models.s3d_sgs import BIN_OUTPUTS, S3DSGS, sample_bins
+from export.models.s3d_sgs import BIN_OUTPUTS, S3DSGS, sample_bins, sgs_macs
 from export.models.s3d_zoom import S3DZoom
 
 # Where SGS can go in the two-stream encoder: after the stems only (the localiser and the window cut
@@ -110,26 +107,10 @@ class S3DZoomSGS(S3DZoom):
     def bins_for_budget(self, budget: float) -> int:
         return self.full.bins_for_budget(budget)
 
-    @torch.no_grad()
     def macs(self, bins_kept: int) -> int:
-        """Multiply-adds of one clip that kept `bins_kept` bins: both stems, the localiser, the
-        similarity net, the SGS sum and both trunks on `bins_kept` bins, counted on the shapes
-        each processes (the window cut's interpolation products included, as in `zoom_macs`)."""
-        if not 1 <= bins_kept <= self.clip_frames:
-            raise ValueError(f"bins_kept must be in 1..{self.clip_frames}, got {bins_kept}")
-        was_training = self.training
-        self.eval()
-        try:
-            x = torch.zeros(1, 3, self.clip_frames, self.frame_size, self.frame_size)
-            with FlopCounterMode(display=False) as counter:
-                before = self.before_sgs(x)
-                self.sgs.similarity(before)
-                _, c, t, *space = before.shape
-                self.after_sgs(before.new_zeros(1, c, bins_kept, *space), None)
-            channels = c if self.bins == "sums" else c + 2  # + the mass and mean-time channels
-            return counter.get_total_flops() // 2 + channels * bins_kept * t * math.prod(space)
-        finally:
-            self.train(was_training)
+        """Multiply-adds of one clip that kept `bins_kept` bins (`sgs_macs`): both stems, the
+        localiser, the window cut, the similarity net, the SGS sum and both trunks."""
+        return sgs_macs(self, bins_kept, lambda sampled: self.after_sgs(sampled, None))
 
 
 def create(name: str, **overrides) -> S3DZoomSGS:
