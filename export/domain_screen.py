@@ -1,8 +1,9 @@
 """Screen the in-domain Gaussian's covariance shrinkage on out-of-domain videos that do NOT judge it.
 
 `python -m export.domain_screen [SAVED_MODELS [DATA_DIR]]` (default data/trained_models.pt, data/)
-renders a selection set into DATA_DIR/domain_screen/ (ffmpeg from imageio-ffmpeg: a photo and a product shot that ship with
-matplotlib, panned and zoomed, and four of ffmpeg's generated patterns), fits the served TQN
+renders a selection set into DATA_DIR/domain_screen/ (imageio-ffmpeg's ffmpeg: a photo and a
+product shot that ship with matplotlib, panned and zoomed, and four of ffmpeg's generated
+patterns), fits the served TQN
 encoder's Gaussian as `build.fit_domain` does at each shrinkage of `build.SHRINKAGES`, and prints
 per shrinkage: the validation likelihood, the threshold (`build.IN_DOMAIN_PERCENTILE` of
 validation scores), how many selection videos fall below it, and the least out-of-domain one's
@@ -95,4 +96,5 @@ def screen(saved: Path, data_dir: Path) -> list[dict]:
 if __name__ == "__main__":
     torch.set_num_threads(1)
     args = sys.argv[1:]
-    screen(Path(args[0]) if args else REPO / "data" / "trained_models.pt", Path(args[1]) if len(args) > 1 else REPO / "data")
+    screen(Path(args[0]) if args else REPO / "data" / "trained_models.pt",
+           Path(args[1]) if len(args) > 1 else REPO / "data")
