@@ -33,7 +33,9 @@ from torch import nn
 
 from export import onnx_export
 from export.adaptive import onnx_functions
+from export.models import s3d_zoom_sgs
 from export.models.s3d_sgs import S3DSGS
+from export.models.s3d_zoom_sgs import S3DZoomSGS
 from export.models.vit import K_FLOOR, VideoViT
 
 ENCODER_INPUT = "clips"
@@ -82,10 +84,11 @@ class ServedViTATS(nn.Module):
 
 
 class ServedS3DSGS(nn.Module):
-    """The s3d with SGS, B from each clip's budget; GMACs looked up by the B' the clip kept from a
-    table counted on the shapes each B' processes (`S3DSGS.macs`)."""
+    """The s3d (plain or s3d_zoom) with SGS, B from each clip's budget; GMACs looked up by the B' the
+    clip kept from a table counted on the shapes each B' processes (`S3DSGS.macs`, `S3DZoomSGS.macs`:
+    both streams)."""
 
-    def __init__(self, model: S3DSGS):
+    def __init__(self, model: S3DSGS | S3DZoomSGS):
         super().__init__()
         self.model = model
         table = [model.macs(b) / 1e9 for b in range(1, model.clip_frames + 1)]
@@ -107,7 +110,7 @@ def vit_parameters(vit: VideoViT, *, ats: bool, clip_fps: float, budget_default:
     return parameters
 
 
-def sgs_parameters(model: S3DSGS, plain_macs: int, *, clip_fps: float, budget_default: float | None) -> dict[str, str]:
+def sgs_parameters(model: S3DSGS | S3DZoomSGS, plain_macs: int, *, clip_fps: float, budget_default: float | None) -> dict[str, str]:
     parameters = {CLIP_FPS_PARAMETER: f"{clip_fps:g}", GMACS_PER_CLIP_PARAMETER: f"{plain_macs / 1e9:.6g}",
                   ADAPTIVE_PARAMETER: "sgs", BUDGET_UNITS_PARAMETER: str(model.clip_frames),
                   BUDGET_FLOOR_PARAMETER: "1"}
@@ -278,7 +281,7 @@ def load_served(model_dir: Path) -> nn.Module:
         vit.load_state_dict(state)
         return (ServedViT(vit) if meta["encoder"] == "vit" else ServedViTATS(vit)).eval()
     if meta["encoder"] == "s3d_sgs":
-        model = S3DSGS(**meta["config"])
+        model = s3d_zoom_sgs.from_config(meta["config"])
         model.load_state_dict(state)
         return ServedS3DSGS(model.eval()).eval()
     raise ValueError(f"{model_dir}: unknown encoder {meta['encoder']!r}")

@@ -17,7 +17,6 @@ import torch
 from export import MODEL_REPOSITORY, REPO, data, onnx_export, synth, train
 
 EVALUATION = REPO / "export" / "evaluation.json"
-CONTROLS = REPO / "export" / "controls.json"
 
 # Splits: (folder, count, seed, min seconds, max seconds), each from its own seed. Every choice
 # (architecture, budget, learning rate) is made on "val"; "test" is scored once per run.
@@ -27,6 +26,13 @@ SPLITS = {
     "val": ("val", 300, 203, 2.0, 20.0),
     "test": ("test", 300, 204, 2.0, 20.0),
 }
+# The training splits draw this share of their routines' flights attribute by attribute, off the
+# class table (synth's `free_flight_share`; such a video has no class target): on the table alone
+# the twist follows from the pose and somersaults in 10 of 12 flights, and the decoder learns that
+# instead of reading it (README "Why the pike flights fail"). Validation and test keep the table.
+FREE_FLIGHT_SHARE = {"short": 0.5, "train": 0.5}
+FLIGHTS = "flights"  # the count pre-training's clips (`count_specialist.write_flight_bank`), beside the splits
+FLIGHT_ROUTINES = 3000  # its free flights (5.4k all-flight clips)
 TRAIN_SEED = 7
 # The dataset's frame rate: the encoder learns motion at it and the gateway samples videos at it.
 FPS = 15.0
@@ -42,7 +48,10 @@ NULL_EVERY = 10
 IN_DOMAIN_PERCENTILE = 2.0
 DOMAIN_FIT_VIDEOS = 150  # training videos whose clip features (~3,000 clips) fit the in-domain Gaussian
 VAL_DOMAIN_VIDEOS = 60  # validation videos whose clips choose the covariance shrinkage
-SHRINKAGES = (0.3, 0.1, 0.03, 0.01, 0.003, 0.001)
+# The validation likelihood keeps rising as the shrinkage falls (the clip features fill a thinner
+# subspace than 256 dimensions), so the grid ends where whitening stays well inside float32's
+# precision: 1e-6 of the mean variance scales a direction by at most 1e3.
+SHRINKAGES = (0.3, 0.1, 0.03, 0.01, 0.003, 0.001, 3e-4, 1e-4, 3e-5, 1e-5, 3e-6, 1e-6)
 ECE_BINS = 15
 
 
@@ -53,7 +62,8 @@ def _log(msg: str) -> None:
 def _split_spec(split: str) -> dict:
     folder, count, seed, lo, hi = SPLITS[split]
     return {"generator_version": synth.GENERATOR_VERSION, "count": count, "seed": seed,
-            "min_seconds": lo, "max_seconds": hi, "fps": FPS, "null_every": NULL_EVERY}
+            "min_seconds": lo, "max_seconds": hi, "fps": FPS, "null_every": NULL_EVERY,
+            "free_flight_share": FREE_FLIGHT_SHARE.get(split, 0.0)}
 
 
 def fingerprint(folder: Path) -> str:
@@ -74,7 +84,8 @@ def make_split(data_dir: Path, split: str) -> Path:
     _log(f"synthesising {spec['count']} {split} videos ({spec['min_seconds']}-{spec['max_seconds']} s, "
          f"seed {spec['seed']}, generator v{spec['generator_version']})")
     synth.write_dataset(out, count=spec["count"], seed=spec["seed"], fps=FPS, min_seconds=spec["min_seconds"],
-                        max_seconds=spec["max_seconds"], null_every=NULL_EVERY)
+                        max_seconds=spec["max_seconds"], null_every=NULL_EVERY,
+                        free_flight_share=spec["free_flight_share"])
     spec_path.write_text(json.dumps(spec) + "\n")  # written last: a half-made split is rebuilt
     return out
 
@@ -300,11 +311,37 @@ def real_footage_report(encoder, decoder, threshold: float) -> dict:
             "scores": scores}
 
 
+def flight_bank(data_dir: Path) -> Path:
+    """The count pre-training's clips beside the splits, rendered unless already there."""
+    from export import count_specialist  # it reads this module's specs: imported when called
+
+    _log(f"the flight clips of {FLIGHT_ROUTINES} free flights (count pre-training)")
+    return count_specialist.write_flight_bank(Path(data_dir) / FLIGHTS, FLIGHT_ROUTINES)
+
+
+def training_provenance(data_dir: Path, budget: train.Budget, seed: int) -> dict:
+    """What a training run depends on: the data, the seed, the budget and how it was split over
+    threads and processes, torch's version."""
+    return {**data_fingerprint(data_dir), "train_seed": seed, "train_threads": train.TRAIN_THREADS,
+            "train_processes": train.TRAIN_PROCESSES, "encoder": train.SERVED_ENCODER, "budget": asdict(budget),
+            "torch": torch.__version__}
+
+
+def save_trained(path: Path, provenance: dict, models: dict[str, tuple], warm: tuple) -> None:
+    """A run's trained models ("warm": the warm-up's encoder and TQN, for the controls) beside the
+    data, so a failure after training does not cost the training (`train.load_models` reads them)."""
+    torch.save({"provenance": provenance,
+                "models": {name: (enc.state_dict(), head.state_dict())
+                           for name, (enc, head) in {**models, "warm": warm}.items()}}, path)
+
+
 def data_fingerprint(data_dir: Path) -> dict:
-    """What the results were computed on: generator version, split specs (seeds) and label hashes."""
+    """What the results were computed on: generator version, split specs (seeds) and label hashes,
+    and the count pre-training's flights."""
     return {"generator_version": synth.GENERATOR_VERSION,
             "splits": {split: {**_split_spec(split), "labels_sha256": fingerprint(Path(data_dir) / SPLITS[split][0])}
-                       for split in SPLITS}}
+                       for split in SPLITS},
+            "flights": json.loads((Path(data_dir) / FLIGHTS / "bank.json").read_text())}
 
 
 def _stamp_provenance(folder: Path, provenance: dict) -> None:
@@ -320,7 +357,7 @@ def export_served(models: dict, in_domain_threshold: float) -> None:
     enc_dir = MODEL_REPOSITORY / "clip_encoder_s3d" / "1"
     dec_dir = MODEL_REPOSITORY / "tqn_decoder" / "1"
     enc_path = onnx_export.export_encoder(
-        encoder, train.ENCODER_CONFIG, enc_dir, "clip_encoder_s3d", clip_fps=FPS
+        encoder, train.served_encoder_config(), enc_dir, "clip_encoder_s3d", clip_fps=FPS
     )
     dec_path = onnx_export.export_decoder(decoder, train.TQN_CONFIG, dec_dir, in_domain_threshold=in_domain_threshold)
     rng = np.random.default_rng(0)
@@ -335,16 +372,18 @@ def export_served(models: dict, in_domain_threshold: float) -> None:
 
 def main(data_dir: Path | None = None, budget: train.Budget | None = None, controls: bool = True,
          resume: bool = False) -> dict:
-    """Train, select on validation, score test once, export; then (optional) the controls.
+    """Train (`export.recipe`), select on validation, score test once, export; then (optional) the controls.
     `resume` takes the models a previous run of the same budget on the same splits saved after
     training (its answers are the same: training is seeded) and redoes only what follows; a
     controls section already in evaluation.json for the same provenance is kept."""
+    from export import recipe  # it reads this module's specs: imported when called
+
     start = time.monotonic()
     data_dir = Path(data_dir or REPO / "data")
     budget = budget or train.Budget()
     datasets = make_splits(data_dir)
-    provenance = {**data_fingerprint(data_dir), "train_seed": TRAIN_SEED, "train_threads": train.TRAIN_THREADS,
-                  "budget": asdict(budget), "torch": torch.__version__}
+    flights = flight_bank(data_dir)
+    provenance = training_provenance(data_dir, budget, TRAIN_SEED)
     _log(f"data ready ({time.monotonic() - start:.0f}s); training with {budget}, "
          f"{budget.clip_gradients} clip gradients per model after the warm-up")
     trained = data_dir / "trained_models.pt"
@@ -352,21 +391,21 @@ def main(data_dir: Path | None = None, budget: train.Budget | None = None, contr
         saved = torch.load(trained, weights_only=False)
         if saved["provenance"] != provenance:
             raise ValueError(f"{trained} was trained on other data or with another budget")
-        models, warm = train.load_models(saved["models"]), None
+        models = train.load_models(saved["models"])
+        warm = models.pop("warm")
     else:
-        models, warm = train.train_all(datasets["short"], datasets["train"], budget, TRAIN_SEED)
-        # Kept beside the data, so a failure after training does not cost the training.
-        torch.save({"provenance": provenance,
-                    "models": {name: (enc.state_dict(), head.state_dict()) for name, (enc, head) in models.items()}},
-                   trained)
+        models, warm = recipe.train_all(datasets["short"], datasets["train"], flights, budget, TRAIN_SEED)
+        save_trained(trained, provenance, models, warm)
     _log(f"training done ({time.monotonic() - start:.0f}s); calibrating on validation, then test once")
     report = {"provenance": provenance, "timing_s": {"training": round(time.monotonic() - start)}}
     encoder, decoder = models["tqn"]
     domain = fit_domain(encoder, decoder, datasets["train"], datasets["val"])
-    val_logits = {name: train.video_logits(enc, head, datasets["val"]) for name, (enc, head) in models.items()}
+    # Test is scored with the validation pass (a process each) but read only after every choice.
+    val_logits, test_logits = recipe.logits(models, [datasets["val"], datasets["test"]])
     temperatures = calibrate(decoder, val_logits["tqn"], datasets["val"])
     threshold = float(np.percentile(val_logits["tqn"]["in_domain_score"], IN_DOMAIN_PERCENTILE))
-    test_logits = {name: train.video_logits(enc, head, datasets["test"]) for name, (enc, head) in models.items()}
+    for q, t in temperatures.items():  # the decoder's served logits are divided by its temperatures
+        test_logits["tqn"][q] = test_logits["tqn"][q] / t
     report["calibration"] = {"temperature": temperatures, "ece_bins": ECE_BINS,
                              "val": calibration_report(val_logits["tqn"], datasets["val"], temperatures, False),
                              "test": calibration_report(test_logits["tqn"], datasets["test"], temperatures, True)}
@@ -405,9 +444,11 @@ def main(data_dir: Path | None = None, budget: train.Budget | None = None, contr
     return report
 
 
-def run_controls(datasets: dict[str, data.ClipDataset], warm: tuple | None, budget: train.Budget) -> dict:
+def run_controls(datasets: dict[str, data.ClipDataset], warm: tuple, budget: train.Budget) -> dict:
     """Train the no-motion controls and score them on test (the shuffled one on shuffled test)."""
-    models = train.train_controls(datasets["short"], datasets["train"], warm, budget, TRAIN_SEED, SHUFFLE_SEED)
+    from export import recipe
+
+    models = recipe.controls(datasets["short"], datasets["train"], warm, budget, TRAIN_SEED, SHUFFLE_SEED)
     test = datasets["test"]
     results = {"single_frame": summarise(train.predict(*models["single_frame"], test), test),
                "shuffled": summarise(train.predict(*models["shuffled"], data.shuffle_frames(test, SHUFFLE_SEED + 1)),
@@ -418,22 +459,5 @@ def run_controls(datasets: dict[str, data.ClipDataset], warm: tuple | None, budg
     return {"results": results, "chance": chance(test), "checks": checks}
 
 
-def controls_only(data_dir: Path | None = None, budget: train.Budget | None = None) -> dict:
-    """The controls alone (each with its own warm-up), written to export/controls.json."""
-    start = time.monotonic()
-    data_dir = Path(data_dir or REPO / "data")
-    budget = budget or train.Budget()
-    datasets = make_splits(data_dir)
-    report = {"provenance": {**data_fingerprint(data_dir), "train_seed": TRAIN_SEED,
-                             "train_threads": train.TRAIN_THREADS, "budget": asdict(budget), "torch": torch.__version__},
-              **run_controls(datasets, None, budget)}
-    report["wall_seconds"] = round(time.monotonic() - start)
-    CONTROLS.write_text(json.dumps(report, indent=2) + "\n")
-    return report
-
-
 if __name__ == "__main__":
-    if "--controls-only" in sys.argv[1:]:
-        controls_only()
-    else:
-        main(controls="--no-controls" not in sys.argv[1:], resume="--resume" in sys.argv[1:])
+    main(controls="--no-controls" not in sys.argv[1:], resume="--resume" in sys.argv[1:])

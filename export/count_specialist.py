@@ -35,8 +35,10 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import multiprocessing
 import os
 import time
+from pathlib import Path
 
 import av
 import cv2
@@ -45,7 +47,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from export import REPO, build, data, diagnose_counts, synth, train, vocab
+from export import REPO, build, data, diagnose_counts, parallel, synth, train, vocab
 from export.models import s3d, s3d_zoom
 
 COUNTS = ("somersaults", "twists")
@@ -187,14 +189,65 @@ def specialist_bank(routines: int = 3000) -> dict[str, np.ndarray]:
     return _cached(f"train{routines}", lambda: [free_routine(s) for s in range(routines)])
 
 
+BANK_ARRAYS = ("clips", "torso", *COUNTS)
+
+
+def _flight_clips_of(seeds: range) -> dict[str, np.ndarray]:
+    return flight_clips([free_routine(s) for s in seeds])
+
+
+def write_flight_bank(folder: Path, routines: int, workers: int = 2) -> Path:
+    """`flight_clips` of free flights 0..routines-1 (the specialists' training clips) as .npy files
+    in `folder`, rendered by `workers` processes; reused when `folder` holds that many routines'."""
+    folder = Path(folder)
+    spec = {"routines": routines, "generator_version": synth.GENERATOR_VERSION}
+    if (folder / "bank.json").exists() and json.loads((folder / "bank.json").read_text()) == spec:
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    chunks = [range(s, min(s + 100, routines)) for s in range(0, routines, 100)]
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        parts = pool.map(_flight_clips_of, chunks)
+    for name in BANK_ARRAYS:
+        np.save(folder / f"{name}.npy", np.concatenate([p[name] for p in parts]))
+    (folder / "bank.json").write_text(json.dumps(spec) + "\n")  # written last: a half-made bank is rebuilt
+    return folder
+
+
+def read_flight_bank(folder: Path) -> dict[str, np.ndarray]:
+    """A `write_flight_bank` folder; its clips memory-mapped, not read."""
+    return {name: np.load(Path(folder) / f"{name}.npy", mmap_mode="r" if name == "clips" else None)
+            for name in BANK_ARRAYS}
+
+
+def mirror_and_reverse(clips: np.ndarray, torso: np.ndarray, mirror: np.ndarray,
+                       reverse: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Clips (N, T, H, W, 3) left-right mirrored where `mirror` and played backwards where `reverse`,
+    with their torso positions (N, T, 2) moved along. Both keep the counts (a rotation seen in a
+    mirror or backwards turns the other way as many times), so they cost a specialist nothing but
+    stop it from remembering clips."""
+    clips, torso = clips.copy(), torso.copy()
+    clips[mirror] = clips[mirror][:, :, :, ::-1]
+    torso[mirror, :, 0] = clips.shape[3] - 1 - torso[mirror, :, 0]
+    clips[reverse] = clips[reverse][:, ::-1]
+    torso[reverse] = torso[reverse][:, ::-1]
+    return clips, torso
+
+
 def specialist_loss(encoder: nn.Module, heads: nn.ModuleList, bank: dict[str, np.ndarray],
-                    idx: np.ndarray) -> tuple[torch.Tensor, list[torch.Tensor]]:
+                    idx: np.ndarray, augment: np.random.Generator | None = None,
+                    window_at_torso: bool = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """The specialists' loss on the bank's clips `idx`: the localiser's against the bank's torso
-    positions (encoders that localise), plus each count head's cross-entropy; and each head's logits."""
-    clips = torch.from_numpy(bank["clips"][idx])
+    positions (encoders that localise), plus each count head's cross-entropy; and each head's logits.
+    `augment`: each clip mirrored and reversed each at even odds drawn from it. `window_at_torso`
+    (`s3d_zoom` only): its window cut at the clip's mean torso position, not the localiser's."""
+    clips, torso = bank["clips"][idx], bank["torso"][idx]
+    if augment is not None:
+        clips, torso = mirror_and_reverse(clips, torso, augment.random(len(idx)) < 0.5, augment.random(len(idx)) < 0.5)
+    clips, torso = torch.from_numpy(np.ascontiguousarray(clips)), torch.from_numpy(np.ascontiguousarray(torso))
     if hasattr(encoder, "localiser_loss"):
-        features, heatmaps, _ = encoder.forward_with_heatmap(clips)
-        loss = encoder.localiser_loss(heatmaps, torch.from_numpy(bank["torso"][idx]).reshape(-1, 2))
+        forced = {"window_at": torso.mean(1)} if window_at_torso else {}
+        features, heatmaps, _ = encoder.forward_with_heatmap(clips, **forced)
+        loss = encoder.localiser_loss(heatmaps, torso.reshape(-1, 2))
     else:
         features, loss = encoder(clips), torch.zeros(())
     logits = [head(features) for head in heads]
@@ -251,17 +304,23 @@ def localiser_error(zoom: FigureZoom | s3d_zoom.S3DZoom, bank: dict[str, np.ndar
 
 def train_specialist(bank: dict[str, np.ndarray], *, stem: str = "default", encoder: str = "s3d",
                      zoom_variant: str = diagnose_counts.ZOOM_VARIANT, steps: int = 1500, batch: int = 24,
-                     lr: float = 1e-3, seed: int = 0,
-                     log_every: int = 100) -> tuple[nn.Module, nn.ModuleList]:
+                     lr: float = 1e-3, seed: int = 0, log_every: int = 100, augment: bool = False,
+                     forced_window_steps: int = 0,
+                     shard: parallel.Shard = parallel.SINGLE) -> tuple[nn.Module, nn.ModuleList]:
     """A fresh encoder (one of ENCODERS; "figure-zoom" is a `FigureZoom` and "s3d-zoom" the
     `s3d_zoom` encoder (`zoom_variant`), whose localisers learn the bank's "torso" positions) and one linear head per
-    count, cross-entropy on both, AdamW with a one-cycle learning rate."""
+    count, cross-entropy on both, AdamW with a one-cycle learning rate. `shard`: this process's share
+    of every batch when it trains data-parallel (`export.parallel`); `augment`: clips mirrored and
+    reversed at random (`mirror_and_reverse`), from a stream of their own seeded by `seed` and the rank;
+    `forced_window_steps`: for that many first steps an `s3d_zoom` cuts its window at the torso's
+    true position (`specialist_loss`'s `window_at_torso`) while its localiser learns to find it."""
     if stem not in STEMS:
         raise ValueError(f"unknown stem {stem!r}; choose one of {sorted(STEMS)}")
     if encoder not in ENCODERS or (encoder == "s3d-zoom" and stem != "default"):
         raise ValueError(f"unknown encoder {encoder!r} (choose one of {ENCODERS}; s3d-zoom has the default stem)")
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
+    flips = np.random.default_rng([seed, shard.rank, 1]) if augment else None
     encoder = {"s3d": lambda: train.build_encoder(**STEMS[stem]), "figure-zoom": lambda: FigureZoom(**STEMS[stem]),
                "s3d-zoom": lambda: s3d_zoom.create(zoom_variant)}[encoder]()
     heads = nn.ModuleList(nn.Linear(encoder.feature_dim, len(vocab.ATTRIBUTES[q])) for q in COUNTS)
@@ -270,19 +329,21 @@ def train_specialist(bank: dict[str, np.ndarray], *, stem: str = "default", enco
     encoder.train()
     hits, seen, start = np.zeros(len(COUNTS)), 0, time.monotonic()
     for step in range(1, steps + 1):
-        idx = rng.choice(len(bank["clips"]), batch, replace=False)
-        loss, logits = specialist_loss(encoder, heads, bank, idx)
+        idx = shard.take(rng.choice(len(bank["clips"]), batch, replace=False))
+        loss, logits = specialist_loss(encoder, heads, bank, idx, flips, window_at_torso=step <= forced_window_steps)
         for k, q in enumerate(COUNTS):
             hits[k] += int((logits[k].argmax(-1) == torch.from_numpy(bank[q][idx])).sum())
-        seen += batch
+        seen += len(idx)
         opt.zero_grad()
         loss.backward()
+        parallel.average_gradients([*encoder.parameters(), *heads.parameters()], shard)
         opt.step()
         sched.step()
-        if step % log_every == 0:
+        if step % log_every == 0 and shard.leads:
             accuracy = " ".join(f"{q} {h / seen:.2f}" for q, h in zip(COUNTS, hits))
             print(f"specialist step {step}: train {accuracy} ({time.monotonic() - start:.0f} s)", flush=True)
             hits[:], seen = 0, 0
+    parallel.average_buffers(encoder, shard)
     return encoder, heads
 
 
@@ -298,6 +359,9 @@ def main() -> None:
     parser.add_argument("--routines", type=int, default=3000)
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--augment", action="store_true", help="mirror and reverse training clips at random")
+    parser.add_argument("--forced-window-steps", type=int, default=0,
+                        help="with --input zoom: first steps whose window is cut at the torso's true position")
     parser.add_argument("--probe", metavar="MODEL", help="probe MODEL's frozen encoder instead of training one")
     args = parser.parse_args()
     torch.set_num_threads(train.TRAIN_THREADS)
@@ -317,7 +381,8 @@ def main() -> None:
         record["probe"] = frozen_probe(diagnose_counts.load_tqn(args.probe)[0], banks)
     else:
         encoder, heads = train_specialist(banks["train"], stem=args.stem, steps=args.steps, seed=args.seed,
-                                          encoder=INPUT_ENCODERS.get(args.input, "s3d"), zoom_variant=args.zoom_variant)
+                                          encoder=INPUT_ENCODERS.get(args.input, "s3d"), zoom_variant=args.zoom_variant,
+                                          augment=args.augment, forced_window_steps=args.forced_window_steps)
         record.update({k: score(encoder, heads, banks[k]) for k in ("held_out_free", "grid")})
         if args.input in ("learned-crop", "zoom"):
             record["grid_localiser_error_px"] = localiser_error(encoder, banks["grid"])

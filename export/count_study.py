@@ -10,12 +10,12 @@ the TQN's validation accuracy and the linear probe of the encoder's flight-clip 
 the encoder and decoder in runs/.
 
 `--free-flight-share P` warms up on a short split whose routines have, with probability P, a flight
-drawn attribute by attribute instead of from the class table (`synth`'s `free_flight_share`;
-rendered once into data/short_free<P>, same seed and spec as data/short otherwise): with the
-table alone, twists follow from (pose, somersaults) in 10 of the 12 flights, and the model learns
-that instead of reading the twist. Validation keeps the table's videos, and so does the
-feature-bank stage unless `--bank-free-flight-share P` gives it data/train_free<P> (the train
-split's spec, rendered once likewise); the probe is fitted on the table's train split either way.
+drawn attribute by attribute instead of from the class table (`synth`'s `free_flight_share`): the
+split as `vqs models` builds it at its own share (`build.FREE_FLIGHT_SHARE`, the default), else
+rendered once into data/short_free<P>, same seed and spec otherwise. With the table alone, twists
+follow from (pose, somersaults) in 10 of the 12 flights, and the model learns that instead of
+reading the twist. `--bank-free-flight-share P` does the same for the feature-bank stage's train
+split (data/train_free<P>). Validation keeps the table's videos; the probe is fitted on data/train.
 
 `--zoom` trains an `s3d_zoom` encoder (`export.models.s3d_zoom`, `--zoom-variant`) instead of `s3d`: its localiser
 learns, in both stages, the torso's middle in every frame that has a figure, from the generator's
@@ -56,8 +56,11 @@ COUNT_BATCH = 8  # all-flight free clips per step: a sixth of a warm-up step's c
 
 
 def free_flight_split(split: str, share: float) -> Path:
-    """data/<split>_free<share>: the split's spec, a share of its flights off the class table."""
+    """The split's spec with a share of its flights off the class table: data/<split> at the split's
+    own share (`build.FREE_FLIGHT_SHARE`), else data/<split>_free<share>."""
     folder, count, seed, lo, hi = build.SPLITS[split]
+    if share == build.FREE_FLIGHT_SHARE.get(split, 0.0):
+        return REPO / "data" / folder
     out = REPO / "data" / f"{folder}_free{share:g}"
     if not (out / "labels.jsonl").exists():
         synth.write_dataset(out, count=count, seed=seed, fps=build.FPS, min_seconds=lo, max_seconds=hi,
@@ -111,7 +114,7 @@ def main() -> None:
     parser.add_argument("--stem-difference", action="store_true")
     parser.add_argument("--fine-stem", action="store_true", help="4x4 patches, max-pooled to 8x8 after the stem")
     parser.add_argument("--rate-loss", type=float, default=0.0)
-    parser.add_argument("--free-flight-share", type=float, default=0.0)
+    parser.add_argument("--free-flight-share", type=float, default=build.FREE_FLIGHT_SHARE["short"])
     parser.add_argument("--zoom", action="store_true", help="an s3d_zoom encoder, its localiser's target from geometry")
     parser.add_argument("--zoom-variant", choices=sorted(s3d_zoom.VARIANTS), default=diagnose_counts.ZOOM_VARIANT)
     parser.add_argument("--init-encoder", metavar="PT", help="start from a count_specialist save's encoder")
@@ -119,20 +122,19 @@ def main() -> None:
                         help="add W x the count specialist's loss on its free-flight clips to every step")
     parser.add_argument("--save-at", default="", metavar="STEPS", help="comma-separated warm-up steps to save after")
     parser.add_argument("--from-save", metavar="PT", help="skip the warm-up: start from a count_study save")
-    parser.add_argument("--bank-free-flight-share", type=float, default=0.0, metavar="P",
+    parser.add_argument("--bank-free-flight-share", type=float, default=build.FREE_FLIGHT_SHARE["train"], metavar="P",
                         help="the feature-bank stage on data/train_free<P>")
     parser.add_argument("--seed", type=int, default=build.TRAIN_SEED)
     args = parser.parse_args()
-    if args.from_save and (args.init_encoder or args.save_at or args.free_flight_share or args.rate_loss):
+    if args.from_save and (args.init_encoder or args.save_at or args.rate_loss
+                           or args.free_flight_share != parser.get_default("free_flight_share")):
         parser.error("--from-save skips the warm-up: drop the warm-up's options (the save has them)")
     torch.set_num_threads(train.TRAIN_THREADS)
     start = time.monotonic()
     splits = {s: data.load(REPO / "data" / s) for s in ("train", "val")}
     if not args.from_save:
-        splits["short"] = data.load(free_flight_split("short", args.free_flight_share) if args.free_flight_share > 0
-                                    else REPO / "data" / "short")
-    bank_data = (data.load(free_flight_split("train", args.bank_free_flight_share))
-                 if args.bank_free_flight_share > 0 else splits["train"])
+        splits["short"] = data.load(free_flight_split("short", args.free_flight_share))
+    bank_data = data.load(free_flight_split("train", args.bank_free_flight_share))
     budget = replace(train.Budget(), warmup_steps=args.warmup_steps, bank_steps=max(1, args.bank_steps))
     rng = train.seed_everything(args.seed)
     encoder = diagnose_counts.study_encoder(vars(args))

@@ -49,6 +49,18 @@ class ClipDataset:
     # frame-shuffled control); None shows the video as decoded.
     frame_order: np.ndarray | None = None
 
+    def __getstate__(self) -> dict:
+        # Another process reopens the frame cache instead of receiving a copy of it (GBs).
+        if isinstance(self.frames, np.memmap):
+            return {**self.__dict__, "frames": (self.frames.filename, self.frames.shape)}
+        return dict(self.__dict__)
+
+    def __setstate__(self, state: dict) -> None:
+        if isinstance(state["frames"], tuple):
+            filename, shape = state["frames"]
+            state = {**state, "frames": np.memmap(filename, np.uint8, "r", shape=shape)}
+        self.__dict__.update(state)
+
     @property
     def total_clips(self) -> int:
         return int(self.num_clips.sum())

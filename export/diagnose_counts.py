@@ -285,10 +285,13 @@ def _fit_rate(series: np.ndarray, curve, flight_frames: float) -> str:
     return vocab.ATTRIBUTES["twists"][int(np.argmin(errors))]
 
 
-def rebuild_routine(record: dict, split: str, free_flight_share: float = 0.0) -> synth.Routine:
-    """A video's routine from its seed and its split's spec (`build.SPLITS`), checked against its
-    record: the generator's own geometry for that video, without re-rendering it."""
+def rebuild_routine(record: dict, split: str, free_flight_share: float | None = None) -> synth.Routine:
+    """A video's routine from its seed and its split's spec (`build.SPLITS`; the split's own
+    `build.FREE_FLIGHT_SHARE` unless another share is given), checked against its record: the
+    generator's own geometry for that video, without re-rendering it."""
     _, _, _, lo, hi = build.SPLITS[split]
+    if free_flight_share is None:
+        free_flight_share = build.FREE_FLIGHT_SHARE.get(split, 0.0)
     routine = synth.sample_routine(np.random.default_rng([record["seed"], 0]), record["seed"], None, lo, hi,
                                    kind=record["kind"], free_flight_share=free_flight_share)
     if [round(x, 4) for x in synth.phase_times(routine)] != record["boundaries_s"] or any(
@@ -297,7 +300,7 @@ def rebuild_routine(record: dict, split: str, free_flight_share: float = 0.0) ->
     return routine
 
 
-def figure_track(ds: data.ClipDataset, split: str, free_flight_share: float = 0.0) -> np.ndarray:
+def figure_track(ds: data.ClipDataset, split: str, free_flight_share: float | None = None) -> np.ndarray:
     """Per frame of `ds.frames`, the torso's middle (x, y) px where the figure is drawn
     (`synth._Scene.figure_pixels`), NaN where it is not: after the entry, in background videos,
     and where it lies outside the frame (a diver walking off). The localiser's training target."""

@@ -20,10 +20,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
 from export import build, data, train
 from export.data import CLIP_FRAMES
-from export.models.s3d import S3D
 from export.models.tqn import TQNDecoder
 from export.synth import write_dataset
 
@@ -32,15 +32,15 @@ SAMPLINGS = {"even": lambda f: f[0::2], "odd": lambda f: f[1::2], "consecutive":
 TEST_VIDEOS = 4  # the 30 fps test's videos
 
 
-def _served(cls, name: str):
-    folder = build.MODEL_REPOSITORY / name / "1"
-    model = cls(**json.loads((folder / "model.json").read_text())["config"])
+def _served_decoder() -> TQNDecoder:
+    folder = build.MODEL_REPOSITORY / "tqn_decoder" / "1"
+    model = TQNDecoder(**json.loads((folder / "model.json").read_text())["config"])
     model.load_state_dict(torch.load(folder / "model.pt", weights_only=True))
     return model.eval()
 
 
 @torch.inference_mode()
-def answers(encoder: S3D, decoder: TQNDecoder, frames: np.ndarray) -> dict[str, np.ndarray]:
+def answers(encoder: nn.Module, decoder: TQNDecoder, frames: np.ndarray) -> dict[str, np.ndarray]:
     """Probabilities per query from all clips of these frames (the last clip padded, as served)."""
     n = -(-len(frames) // CLIP_FRAMES)
     idx = np.arange(n * CLIP_FRAMES).clip(max=len(frames) - 1)
@@ -50,7 +50,7 @@ def answers(encoder: S3D, decoder: TQNDecoder, frames: np.ndarray) -> dict[str, 
 
 
 def measure(videos: int, folder: Path) -> dict[str, dict]:
-    encoder, decoder = _served(S3D, "clip_encoder_s3d"), _served(TQNDecoder, "tqn_decoder")
+    encoder, decoder = train.load_served_encoder(build.MODEL_REPOSITORY / "clip_encoder_s3d")[0], _served_decoder()
     for fps in (15, 30):
         write_dataset(folder / f"fps{fps}", count=videos, seed=777, fps=fps, codec="h264",
                       min_seconds=4.0, max_seconds=10.0, workers=1)

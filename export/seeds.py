@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from export import build, train
+from export import build, recipe, train
 
 SEEDS = (7, 8, 9)
 MODELS = ("tqn", "average_pooling", "short_term")
@@ -81,11 +81,6 @@ def markdown(study: dict, seeds: tuple[int, ...], videos: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _provenance(data_dir: Path, budget: train.Budget, seed: int) -> dict:
-    return {**build.data_fingerprint(data_dir), "train_seed": seed, "train_threads": train.TRAIN_THREADS,
-            "budget": asdict(budget), "torch": torch.__version__}
-
-
 def _models_path(data_dir: Path, seed: int) -> Path:
     """Where a seed's trained models are kept beside the data (`vqs models` keeps its seed's)."""
     return data_dir / ("trained_models.pt" if seed == build.TRAIN_SEED else f"trained_models_seed{seed}.pt")
@@ -97,7 +92,7 @@ def _saved_models(data_dir: Path, budget: train.Budget, seed: int) -> dict | Non
     if not path.is_file():
         return None
     saved = torch.load(path, weights_only=False)
-    return train.load_models(saved["models"]) if saved["provenance"] == _provenance(data_dir, budget, seed) else None
+    return train.load_models(saved["models"]) if saved["provenance"] == build.training_provenance(data_dir, budget, seed) else None
 
 
 def main(data_dir: Path | None = None, budget: train.Budget | None = None, seeds: tuple[int, ...] = SEEDS) -> dict:
@@ -105,6 +100,7 @@ def main(data_dir: Path | None = None, budget: train.Budget | None = None, seeds
     data_dir = Path(data_dir or build.REPO / "data")
     budget = budget or train.Budget()
     datasets = build.make_splits(data_dir)
+    flights = build.flight_bank(data_dir)
     test = datasets["test"]
     routine = build.is_routine(test)
     per_seed, hits, seconds, reused = {}, {}, {}, []
@@ -113,13 +109,14 @@ def main(data_dir: Path | None = None, budget: train.Budget | None = None, seeds
         seed_start = time.monotonic()
         models = _saved_models(data_dir, budget, seed)
         if models is None:
-            models, _ = train.train_all(datasets["short"], datasets["train"], budget, seed)
-            torch.save({"provenance": _provenance(data_dir, budget, seed),
-                        "models": {name: (enc.state_dict(), head.state_dict()) for name, (enc, head) in models.items()}},
-                       _models_path(data_dir, seed))
+            models, warm = recipe.train_all(datasets["short"], datasets["train"], flights, budget, seed)
+            build.save_trained(_models_path(data_dir, seed), build.training_provenance(data_dir, budget, seed),
+                               models, warm)
         else:
+            models.pop("warm")
             reused.append(seed)
-        preds = {name: train.predict(enc, head, test) for name, (enc, head) in models.items()}
+        preds = {name: {q: lg[q].argmax(-1) for q in train.HEADS}
+                 for name, lg in recipe.logits(models, [test])[0].items()}
         per_seed[seed] = {name: build.summarise(p, test) for name, p in preds.items()}
         hits[seed] = {name: {q: (p[q] == test.targets[q])[routine] for q in train.HEADS} for name, p in preds.items()}
         seconds[seed] = round(time.monotonic() - seed_start)

@@ -1,4 +1,5 @@
-"""Training on CPU: a shared warm-up, then TQN and the paper's two baselines.
+"""Training on CPU: a shared warm-up, then TQN and the paper's two baselines (the stages as
+`vqs models` runs them, and the count pre-training before them: `export.recipe`).
 
 Curriculum (TQN paper §3.2 and appendix D):
 1. warm-up: encoder + TQN decoder + average-pooling head + per-clip head trained end to end on
@@ -12,7 +13,7 @@ All three start from the same warm-up, so no model gets a head start over the ot
 it each gets the same number of clip gradients (`Budget.clip_gradients`) and the same key/value
 MLP in front of its classifiers.
 
-Controls (`train_controls`), same harness and budget: a single-frame model (a per-frame 2D encoder,
+Controls (`recipe.controls`), same harness and budget: a single-frame model (a per-frame 2D encoder,
 max over frames, TQN decoder) and TQN trained and tested on frame-shuffled videos. Neither can
 see motion, so on somersaults and twists they must stay near chance if the data has no static
 shortcut.
@@ -20,12 +21,13 @@ shortcut.
 
 from __future__ import annotations
 
-import copy
+import json
 import math
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -35,22 +37,35 @@ from torch.nn import functional as F
 from export import vocab
 from export.data import CLIP_FRAMES, NO_TARGET, ClipDataset, shuffle_frames
 from export.models.baselines import AveragePooling, ShortTerm
+from export.models import s3d_zoom
 from export.models.s3d import S3D
+from export.models.s3d_zoom import S3DZoom
 from export.models.tqn import TQNDecoder
+from export.parallel import SINGLE, Shard, average_buffers, average_gradients
 
 HEADS = vocab.head_attributes()
 # Part of what makes training reproducible (the split of every reduction follows it). One thread:
 # on the 2 shared cores under load two threads wait on each other at every barrier (50 warm-up
 # steps took 311 s at load average 13-15, against 15 s on a quiet machine).
 TRAIN_THREADS = 1
+# Likewise: the count pre-training and the warm-up split every batch over this many processes
+# (`export.parallel`, `export.recipe`), which decides how gradients are summed.
+TRAIN_PROCESSES = 2
+# The served clip encoder: the full-frame s3d plus a localiser and a stream on a window around the
+# diver (README "The s3d_zoom encoder"); the twist is read only through the window.
+SERVED_ENCODER = "s3d_zoom_32x112_112"
 HEAD_SIZES = {q: len(a) for q, a in HEADS.items()}
 
 
 @dataclass(frozen=True)
 class Budget:
-    # 2,000 chosen on validation over seeds 7-9 (export.count_study, runs/count_study.jsonl): TQN
-    # somersaults / twists 77.3 / 76.9 against 66.7 / 69.9 with 1,000; the only full-budget lever that helped.
-    warmup_steps: int = 2000
+    # The encoder is pre-trained as a per-clip count specialist first (`specialist_steps`, export.recipe);
+    # from it, 1,000 warm-up steps read validation's counts at 98.9 / 99.3 (export.count_study, seed 7).
+    specialist_steps: int = 1500
+    # Its first steps cut the window at the diver's true position while the localiser learns to
+    # find him: without it the window stream learnt the twist late or not at all in some seeds.
+    specialist_forced_window_steps: int = 750
+    warmup_steps: int = 1000
     bank_steps: int = 600
     videos_per_step: int = 8
     # 8 videos x 4 online clips: the encoder cost per step of generator v1's 16 x 2, with each
@@ -89,6 +104,33 @@ def build_encoder(**overrides) -> S3D:
     if config.get("temporal_kernel_size") == 1:  # per-frame: the stem must not span frames either
         config["stem_temporal_kernel"] = 1
     return S3D(**config)
+
+
+def served_encoder_config() -> dict:
+    """The served encoder's constructor config (saved beside the artifact): its variant's."""
+    return {"variant": SERVED_ENCODER, **s3d_zoom.VARIANTS[SERVED_ENCODER]}
+
+
+def build_served_encoder() -> S3DZoom:
+    return s3d_zoom.create(SERVED_ENCODER)
+
+
+def encoder_from_config(config: dict) -> S3D | S3DZoom:
+    """A clip encoder from the `config` its model.json saved: an `s3d_zoom` variant when the config
+    names one (`served_encoder_config`), else a plain `S3D` (the encoders served before issue 8)."""
+    options = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}
+    variant = options.pop("variant", None)
+    return s3d_zoom.create(variant, **options) if variant is not None else S3D(**options)
+
+
+def load_served_encoder(model_dir: Path) -> tuple[S3D | S3DZoom, dict]:
+    """The clip encoder a model directory serves (`<model_dir>/1/model.json` and `model.pt`), in eval
+    mode, and its model.json."""
+    version = Path(model_dir) / "1"
+    meta = json.loads((version / "model.json").read_text())
+    encoder = encoder_from_config(meta["config"])
+    encoder.load_state_dict(torch.load(version / "model.pt", map_location="cpu", weights_only=True))
+    return encoder.eval(), meta
 
 
 def build_tqn() -> TQNDecoder:
@@ -149,8 +191,8 @@ def clip_targets(ds: ClipDataset, video: int) -> dict[str, np.ndarray]:
 class _Progress:
     """Running loss and per-query accuracy, printed to stderr as training goes."""
 
-    def __init__(self, name: str, steps: int, every: int = 50):
-        self.name, self.steps, self.every = name, steps, every
+    def __init__(self, name: str, steps: int, every: int = 50, quiet: bool = False):
+        self.name, self.steps, self.every, self.quiet = name, steps, every, quiet
         self.start = time.monotonic()
         self.loss, self.hits, self.seen = 0.0, {q: 0 for q in HEADS}, 0
 
@@ -159,7 +201,7 @@ class _Progress:
         self.seen += len(targets["class"])
         for q, lg in zip(HEADS, logits):
             self.hits[q] += int((lg.argmax(-1) == targets[q]).sum())
-        if (step + 1) % self.every == 0 or step + 1 == self.steps:
+        if not self.quiet and ((step + 1) % self.every == 0 or step + 1 == self.steps):
             elapsed = time.monotonic() - self.start
             eta = elapsed / (step + 1) * (self.steps - step - 1)
             accs = " ".join(f"{q}={self.hits[q] / self.seen:.2f}" for q in HEADS)
@@ -183,9 +225,10 @@ def _optimizer(encoder: nn.Module, heads: list[nn.Module], budget: Budget, steps
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
-def _step(opt: torch.optim.Optimizer, sched, loss: torch.Tensor) -> None:
+def _step(opt: torch.optim.Optimizer, sched, loss: torch.Tensor, shard: Shard = SINGLE) -> None:
     opt.zero_grad(set_to_none=True)
     loss.backward()
+    average_gradients((p for group in opt.param_groups for p in group["params"]), shard)
     opt.step()
     sched.step()
 
@@ -239,7 +282,7 @@ def encode(encoder: nn.Module, ds: ClipDataset, spans: list[tuple[int, int, int]
 def warmup(encoder: S3D, heads: list[nn.Module], clip_head: ShortTerm, ds: ClipDataset, budget: Budget,
            rng: np.random.Generator, name: str = "warm-up", rate_weight: float = 0.0,
            torso: np.ndarray | None = None, extra: nn.Module | None = None,
-           after_step: Callable[[int], None] | None = None) -> None:
+           after_step: Callable[[int], None] | None = None, shard: Shard = SINGLE) -> None:
     """Stage 1 on short videos, all clips online. Video-level heads (TQN, pooling) learn together
     with a per-clip head (the per-clip pre-training the design calls for) whose targets are what
     each clip shows (`clip_targets`): the take-off clip its take-off, flight clips the flight,
@@ -249,17 +292,19 @@ def warmup(encoder: S3D, heads: list[nn.Module], clip_head: ShortTerm, ds: ClipD
     on each clip feature regresses the somersault and twist counts (the rotation and twist rates)
     of the clips that show the flight. `torso`: the localiser's target for an `s3d_zoom` (`encode`).
     `extra` (recipe study): a module whose `extra(encoder)` is one more loss term every step, its
-    parameters trained with the heads. `after_step(k)` is called after the k-th step (1-based)."""
+    parameters trained with the heads. `after_step(k)` is called after the k-th step (1-based).
+    `shard`: this process's share of every step's videos when the warm-up runs data-parallel
+    (`export.parallel`); every rank draws the same videos and keeps the same weights."""
     encoder.train()
     rate_head = nn.Linear(encoder.feature_dim, len(_RATE_QUERIES)) if rate_weight > 0 else None
     aux = [m for m in (rate_head, extra) if m is not None]
     for h in (*heads, clip_head, *aux):
         h.train()
     opt, sched = _optimizer(encoder, [*heads, clip_head, *aux], budget, budget.warmup_steps)
-    progress = _Progress(name, budget.warmup_steps)
+    progress = _Progress(name, budget.warmup_steps, quiet=not shard.leads)
     n_videos = len(ds.records)
     for step in range(budget.warmup_steps):
-        videos = rng.choice(n_videos, budget.videos_per_step, replace=False)
+        videos = shard.take(rng.choice(n_videos, budget.videos_per_step, replace=False))
         counts = [int(ds.num_clips[v]) for v in videos]
         flat, loss = encode(encoder, ds, [(int(v), 0, n) for v, n in zip(videos, counts)], torso)
         feats, mask = _pad(list(flat.split(counts)))
@@ -273,10 +318,12 @@ def warmup(encoder: S3D, heads: list[nn.Module], clip_head: ShortTerm, ds: ClipD
             loss = loss + rate_weight * rate_loss(rate_head, flat, ds, videos)
         if extra is not None:
             loss = loss + extra(encoder)
-        _step(opt, sched, loss)
+        _step(opt, sched, loss, shard)
         progress.update(step, loss.item(), outputs[0][: len(HEADS)], targets)
         if after_step is not None:
             after_step(step + 1)
+    for m in (encoder, *heads, clip_head):
+        average_buffers(m, shard)
 
 
 @torch.inference_mode()
@@ -333,8 +380,9 @@ def train_with_bank(name: str, encoder: S3D, head: nn.Module, ds: ClipDataset, b
 
 
 def train_short_term(encoder: S3D, head: ShortTerm, datasets: list[ClipDataset], budget: Budget,
-                     rng: np.random.Generator) -> None:
-    """Single clips, each labelled with its video's answers."""
+                     rng: np.random.Generator, torsos: list[np.ndarray] | None = None) -> None:
+    """Single clips, each labelled with its video's answers (`torsos`: each dataset's localiser
+    target, see `encode`)."""
     encoder.train()
     head.train()
     opt, sched = _optimizer(encoder, [head], budget, budget.short_term_steps)
@@ -342,17 +390,26 @@ def train_short_term(encoder: S3D, head: ShortTerm, datasets: list[ClipDataset],
     sizes = np.asarray([d.total_clips for d in datasets], np.float64)
     for step in range(budget.short_term_steps):
         which = rng.choice(len(datasets), budget.clips_per_step, p=sizes / sizes.sum())
-        clips, targets = [], {q: [] for q in HEADS}
+        clips, torso, targets = [], [], {q: [] for q in HEADS}
         for d_index in range(len(datasets)):
             ds = datasets[d_index]
             flat = rng.integers(0, ds.total_clips, int((which == d_index).sum()))
             for v, c in zip(ds.video_of_clip(flat), flat):
                 clips.append(ds.clips(v, int(c - ds.clip_offset[v]), 1))
+                if torsos is not None:
+                    torso.append(torsos[d_index][ds.frame_index(v, int(c - ds.clip_offset[v]), 1)])
                 for q in HEADS:
                     targets[q].append(ds.targets[q][v])
         targets = {q: torch.as_tensor(np.asarray(t)) for q, t in targets.items()}
-        logits = head.heads(encoder(torch.from_numpy(np.concatenate(clips))))
-        loss = query_loss(logits, targets)
+        clips = torch.from_numpy(np.concatenate(clips))
+        if torsos is None:
+            features, localiser_loss = encoder(clips), 0
+        else:
+            features, heatmaps, _ = encoder.forward_with_heatmap(clips)
+            localiser_loss = encoder.localiser_loss(
+                heatmaps, torch.from_numpy(np.concatenate(torso)).reshape(*heatmaps.shape[:2], 2))
+        logits = head.heads(features)
+        loss = query_loss(logits, targets) + localiser_loss
         _step(opt, sched, loss)
         progress.update(step, loss.item(), logits, targets)
 
@@ -385,34 +442,14 @@ def accuracy(preds: dict[str, np.ndarray], ds: ClipDataset) -> dict[str, float]:
     return {q: float((preds[q] == ds.targets[q]).mean()) for q in HEADS}
 
 
-def train_all(short: ClipDataset, full: ClipDataset, budget: Budget, seed: int) -> tuple[dict[str, tuple], tuple]:
-    """Returns ({model name: (encoder, head)} for tqn, average_pooling and short_term, and the
-    warm-up's (encoder, tqn) for the controls)."""
-    torch.set_num_threads(TRAIN_THREADS)
-    rng = seed_everything(seed)
-    encoder, tqn, avg, short_term = build_encoder(), build_tqn(), build_average_pooling(), build_short_term()
-    warmup(encoder, [tqn, avg], short_term, short, budget, rng)
-    warm = (copy.deepcopy(encoder), copy.deepcopy(tqn))
-
-    bank = build_bank(encoder, full)
-    models = {}
-    for name, head in (("tqn", tqn), ("average_pooling", avg)):
-        enc = copy.deepcopy(encoder)
-        train_with_bank(name, enc, head, full, bank.clone(), budget, rng)
-        models[name] = (enc, head)
-
-    st_encoder = copy.deepcopy(encoder)
-    train_short_term(st_encoder, short_term, [full, short], budget, rng)
-    models["short_term"] = (st_encoder, short_term)
-    return models, warm
-
-
 def load_models(states: dict[str, tuple[dict, dict]]) -> dict[str, tuple]:
-    """{name: (encoder, head)} from `train_all`'s models' state dicts."""
-    builders = {"tqn": build_tqn, "average_pooling": build_average_pooling, "short_term": build_short_term}
+    """{name: (encoder, head)} from `recipe.train_all`'s models' state dicts ("warm": the warm-up's
+    encoder and TQN)."""
+    builders = {"tqn": build_tqn, "warm": build_tqn, "average_pooling": build_average_pooling,
+                "short_term": build_short_term}
     models = {}
     for name, (encoder_state, head_state) in states.items():
-        encoder, head = build_encoder(), builders[name]()
+        encoder, head = build_served_encoder(), builders[name]()
         encoder.load_state_dict(encoder_state)
         head.load_state_dict(head_state)
         models[name] = (encoder, head)
@@ -440,25 +477,3 @@ def train_tqn_only(name: str, encoder: S3D, short: ClipDataset, full: ClipDatase
     warmup(encoder, [tqn], build_short_term(), short, budget, rng, name=f"{name} warm-up")
     train_with_bank(name, encoder, tqn, full, build_bank(encoder, full), budget, rng)
     return encoder, tqn
-
-
-def train_controls(short: ClipDataset, full: ClipDataset, warm: tuple | None, budget: Budget, seed: int,
-                   shuffle_seed: int) -> dict[str, tuple]:
-    """{"single_frame": ..., "shuffled": ...}: TQN models that cannot use motion, with the TQN's
-    budget. "single_frame" reads one frame per clip with a 2D CNN (its own warm-up); "shuffled"
-    is trained on frame-shuffled videos, going on from the shared warm-up `warm` (encoder, tqn)
-    when given (whatever motion features it learnt are useless there), else with its own warm-up
-    on shuffled short videos; it must be tested on shuffled videos too."""
-    torch.set_num_threads(TRAIN_THREADS)
-    rng = seed_everything(seed + 1)
-    models = {"single_frame": train_tqn_only("single-frame", MiddleFrame(build_encoder(temporal_kernel_size=1)),
-                                             short, full, budget, rng)}
-    shuffled = shuffle_frames(full, shuffle_seed)
-    if warm is None:
-        models["shuffled"] = train_tqn_only("shuffled", build_encoder(), shuffle_frames(short, shuffle_seed),
-                                            shuffled, budget, rng)
-        return models
-    encoder, tqn = copy.deepcopy(warm[0]), copy.deepcopy(warm[1])
-    train_with_bank("shuffled", encoder, tqn, shuffled, build_bank(encoder, shuffled), budget, rng)
-    models["shuffled"] = (encoder, tqn)
-    return models

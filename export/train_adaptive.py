@@ -1,5 +1,11 @@
 """Train and export the adaptive encoders (issue 9) on top of the served s3d + TQN decoder.
 
+"The served s3d" is whatever `clip_encoder_s3d` serves (`train.load_served_encoder`): a plain s3d
+or the two-stream s3d_zoom of issue 8. For an s3d_zoom, `s3d_sgs` is `S3DZoomSGS` (one SGS node
+after both stems, placement "stem" only) and the ViT, unchanged, is distilled from the zoom
+encoder's features (it reads only the full frame; a ViT that also reads the window is a possible
+later step, not built).
+
 - `vit`: the tubelet ViT (`vit_mini_112`: dim 64, 6 blocks, 2×16×16 tubelets) distilled from the
   served s3d's clip features (no labels; `vit_student`, cached beside the data), its last layer
   refit to them by least squares, then trained on through the served (frozen) TQN decoder with ATS
@@ -44,8 +50,11 @@ from torch.nn import functional as F
 from export import MODEL_REPOSITORY, REPO, adaptive_export, build, data, train
 from export.onnx_export import IN_DOMAIN_THRESHOLD_PARAMETER
 from export.synth import PHASES
+from export.models import s3d_zoom_sgs
 from export.models.s3d import S3D
 from export.models.s3d_sgs import S3DSGS, s3d_macs
+from export.models.s3d_zoom import S3DZoom
+from export.models.s3d_zoom_sgs import S3DZoomSGS
 from export.models.tqn import TQNDecoder
 from export.adaptive.ats import significance
 from export.models.vit import VideoViT, block_k
@@ -86,6 +95,9 @@ TOLERANCE_POINTS = 1.0
 # smaller budget saves nothing and the default should be the one that answers better.
 SAME_COST = 0.01
 HEADS = train.HEADS
+# The served clip encoder (the teacher) and its version with SGS.
+Encoder = S3D | S3DZoom
+SGSEncoder = S3DSGS | S3DZoomSGS
 
 
 @dataclass(frozen=True)
@@ -168,11 +180,10 @@ def _log(message: str) -> None:
     print(f"adaptive: {message}", file=sys.stderr, flush=True)
 
 
-def load_served(repository: Path = MODEL_REPOSITORY) -> tuple[S3D, TQNDecoder, dict]:
-    """The served s3d and TQN decoder (from their model.pt and model.json), in eval mode."""
-    meta = json.loads((repository / "clip_encoder_s3d" / "1" / "model.json").read_text())
-    encoder = train.build_encoder(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["config"].items()})
-    encoder.load_state_dict(torch.load(repository / "clip_encoder_s3d" / "1" / "model.pt", weights_only=True))
+def load_served(repository: Path = MODEL_REPOSITORY) -> tuple[Encoder, TQNDecoder, dict]:
+    """The served clip encoder (a plain s3d or an s3d_zoom, `train.load_served_encoder`) and TQN
+    decoder (from their model.pt and model.json), in eval mode, and the encoder's model.json."""
+    encoder, meta = train.load_served_encoder(repository / "clip_encoder_s3d")
     decoder = train.build_tqn()
     decoder.load_state_dict(torch.load(repository / "tqn_decoder" / "1" / "model.pt", weights_only=True))
     return encoder.eval(), decoder.eval(), meta
@@ -208,7 +219,7 @@ def _optimizer(params, lr: float, steps: int):
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
-def distill_vit(teacher: S3D, datasets: list[data.ClipDataset], budget: AdaptiveBudget,
+def distill_vit(teacher: Encoder, datasets: list[data.ClipDataset], budget: AdaptiveBudget,
                 rng: np.random.Generator, student: VideoViT | None = None,
                 checkpoint: Path | None = None, steps: int | None = None) -> VideoViT:
     """The ViT regressing the teacher's clip features (MSE over the teacher's feature scale) for
@@ -254,7 +265,7 @@ def distill_vit(teacher: S3D, datasets: list[data.ClipDataset], budget: Adaptive
     return student.eval()
 
 
-def vit_student(teacher: S3D, teacher_weights_sha256: str, datasets: list[data.ClipDataset], data_dir: Path,
+def vit_student(teacher: Encoder, teacher_weights_sha256: str, datasets: list[data.ClipDataset], data_dir: Path,
                 budget: AdaptiveBudget, rng: np.random.Generator, init: Path | None = None) -> tuple[VideoViT, list]:
     """The distilled ViT and its history (one entry per distillation run: steps, teacher).
 
@@ -290,13 +301,14 @@ def vit_student(teacher: S3D, teacher_weights_sha256: str, datasets: list[data.C
 
 
 def sgs_config(s3d_config: dict, placement: str) -> dict:
-    """S3DSGS's constructor config: the served s3d's (its model.json `config`) with SGS after
-    `placement`, its similarity net centred and its bins time-ordered means (see S3DSGS)."""
+    """The s3d_sgs encoder's config (`s3d_zoom_sgs.from_config`): the served encoder's (its
+    model.json `config`: an s3d_zoom variant's or a plain s3d's) with SGS after `placement`, its
+    similarity net centred and its bins time-ordered means (see S3DSGS)."""
     return {**s3d_config, "sgs_after": placement, "similarity_centred": True, "bins": "time_means"}
 
 
 @torch.inference_mode()
-def refit_projection(vit: VideoViT, teacher: S3D, ds: data.ClipDataset, clips: int, rng: np.random.Generator,
+def refit_projection(vit: VideoViT, teacher: Encoder, ds: data.ClipDataset, clips: int, rng: np.random.Generator,
                      ridge: float = 1e-3) -> float:
     """Least-squares refit of the ViT's last layer (its cls features -> the teacher's clip features)
     on `clips` random clips, half showing an event: aligns a ViT distilled from an earlier teacher
@@ -319,19 +331,20 @@ def refit_projection(vit: VideoViT, teacher: S3D, ds: data.ClipDataset, clips: i
     return float(((h1 @ solution - t) ** 2).mean() / t.var(dim=0).mean())
 
 
-def s3d_sgs_from(teacher: S3D, s3d_config: dict, placement: str, calibration: torch.Tensor) -> S3DSGS:
-    """The served s3d's architecture and weights with SGS after `placement` and a fresh, centred
-    similarity net whose output bias is set from `calibration` clips (see `calibrate_similarity`)."""
-    model = S3DSGS(**sgs_config(s3d_config, placement))
+def s3d_sgs_from(teacher: Encoder, s3d_config: dict, placement: str, calibration: torch.Tensor) -> SGSEncoder:
+    """The served encoder's architecture and weights with SGS after `placement` (an s3d_zoom: after
+    its stems, one node for both streams, `S3DZoomSGS`) and a fresh, centred similarity net whose
+    output bias is set from `calibration` clips (see `calibrate_similarity`)."""
+    model = s3d_zoom_sgs.from_config(sgs_config(s3d_config, placement))
     missing, unexpected = model.load_state_dict(teacher.state_dict(), strict=False)
     if unexpected or any(not k.startswith("sgs.") for k in missing):
-        raise ValueError(f"s3d weights do not fit s3d_sgs: missing {missing}, unexpected {unexpected}")
+        raise ValueError(f"the served encoder's weights do not fit s3d_sgs: missing {missing}, unexpected {unexpected}")
     calibrate_similarity(model, calibration)
     return model
 
 
 @torch.no_grad()
-def calibrate_similarity(model: S3DSGS, clips: torch.Tensor) -> float:
+def calibrate_similarity(model: SGSEncoder, clips: torch.Tensor) -> float:
     """Set the similarity net's output bias to a random direction whose length is the median
     ‖Z_t‖ of `clips` without it (`BIAS_SCALE` times): Δ_t = ‖bias + u_t‖, so a clip whose frames
     deviate from their mean less than the typical clip's collapses to fewer bins and one whose
@@ -343,7 +356,7 @@ def calibrate_similarity(model: S3DSGS, clips: torch.Tensor) -> float:
     net.conv2.bias.zero_()
     was_training = model.training
     model.eval()
-    x = (clips.permute(0, 4, 1, 2, 3).float() - model.mean) / model.std
+    x = model.prepare(clips)
     median = float(torch.linalg.vector_norm(net(model.before_sgs(x)), dim=-1).median())
     model.train(was_training)
     direction = torch.randn(net.conv2.out_channels)
@@ -351,7 +364,7 @@ def calibrate_similarity(model: S3DSGS, clips: torch.Tensor) -> float:
     return median
 
 
-def tune_through_decoder(name: str, model: torch.nn.Module, encode, groups: list[dict], teacher: S3D,
+def tune_through_decoder(name: str, model: torch.nn.Module, encode, groups: list[dict], teacher: Encoder,
                          decoder: TQNDecoder, short: data.ClipDataset, *, steps: int, videos_per_step: int,
                          lr: float, distill_weight: float, rng: np.random.Generator) -> None:
     """Every clip of a few short videos online through `encode(clips, rng) -> (features, kept,
@@ -433,8 +446,8 @@ def motion_levels(ds: data.ClipDataset, clips: int, rng: np.random.Generator,
     return float(low), float(high)
 
 
-def fine_tune_sgs(model: S3DSGS, teacher: S3D, decoder: TQNDecoder, short: data.ClipDataset,
-                  budget: AdaptiveBudget, rng: np.random.Generator) -> S3DSGS:
+def fine_tune_sgs(model: SGSEncoder, teacher: Encoder, decoder: TQNDecoder, short: data.ClipDataset,
+                  budget: AdaptiveBudget, rng: np.random.Generator) -> SGSEncoder:
     """`tune_through_decoder` with each clip's B drawn from 1..T: first the s3d's layers around a
     fixed similarity net (`budget.sgs_frozen_steps`), then everything with the similarity net at
     `budget.similarity_lr`. Why in two phases: the layers after SGS answer badly at first whatever
@@ -533,7 +546,7 @@ class _SignificanceRecorder:
             del self.vit.blocks[i].attn.probabilities  # the class's method again
 
 
-def tune_vit(vit: VideoViT, teacher: S3D, decoder: TQNDecoder, short: data.ClipDataset, budget: AdaptiveBudget,
+def tune_vit(vit: VideoViT, teacher: Encoder, decoder: TQNDecoder, short: data.ClipDataset, budget: AdaptiveBudget,
              rng: np.random.Generator) -> VideoViT:
     """The distilled ViT trained on through the frozen decoder (`tune_through_decoder`), with ATS in
     the loop as the thesis fine-tunes: each clip runs at full compute with probability
@@ -591,7 +604,7 @@ def _clip_batches(ds: data.ClipDataset, size: int = 64) -> Iterator[torch.Tensor
 
 
 @torch.inference_mode()
-def sgs_phase_report(model: S3DSGS, decoder: TQNDecoder, ds: data.ClipDataset, budgets: tuple[float, ...]) -> dict:
+def sgs_phase_report(model: SGSEncoder, decoder: TQNDecoder, ds: data.ClipDataset, budgets: tuple[float, ...]) -> dict:
     """At each budget, in torch: accuracy on every video of `ds`, GMACs per clip, mean B' and mean B'
     by clip phase (`ClipDataset.clip_phases`), for a screen without an export."""
 
@@ -767,6 +780,9 @@ def build_adaptive(data_dir: Path, repository: Path = MODEL_REPOSITORY, *, budge
     torch.set_num_threads(train.TRAIN_THREADS)
     torch.manual_seed(seed)
     teacher, decoder, s3d_meta = load_served(repository)
+    if isinstance(teacher, S3DZoom) and "s3d_sgs" in encoders and set(sgs_placements) - set(s3d_zoom_sgs.PLACEMENTS):
+        raise ValueError(f"the served s3d_zoom takes SGS only after its stems ({s3d_zoom_sgs.PLACEMENTS}), "
+                         f"got placements {sgs_placements}")
     # Each encoder starts from the same random state, so building one alone (`encoders`) gives what
     # building both does.
     torch_state = torch.get_rng_state()

@@ -32,6 +32,7 @@ its size times the largest B'; the result is the padded computation's (tested).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -109,11 +110,35 @@ def _masked_stage(stage: SepConv3d, x: torch.Tensor, mask: torch.Tensor | None) 
     return x if keep is None else x * keep
 
 
+def sample_bins(sgs: SimilarityGuidedSampling, before: torch.Tensor, bins: torch.Tensor,
+                output: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """`sgs` on the features before it (N, C, T, h, w) -> (N, C, B', h, w) and the (N, B') mask, the
+    bins as `output` ("sums" or "time_means", see the module docstring) asks."""
+    if output == "sums":
+        return sgs(before, bins)
+    n, c, t = before.shape[:3]
+    ones = before.new_ones((n, 1, *before.shape[2:]))
+    time = torch.arange(t, dtype=before.dtype, device=before.device).view(1, 1, t, *[1] * (before.dim() - 3))
+    extra = torch.cat([ones, ones * time], dim=1)  # N, 2, T, h, w
+    sampled, mask = similarity_guided_sampling(torch.cat([before, extra], dim=1), sgs.similarity(before), bins)
+    mass = sampled[:, c : c + 1].clamp(min=1e-6)  # Σ_t ψ per bin (0 on padded bins, whose sums are 0 too)
+    means = sampled[:, :c] / mass
+    mean_time = (sampled[:, c + 1 : c + 2] / mass).flatten(3)[:, 0, :, 0]  # N, B'
+    # Padded bins last; bin position breaks ties (a stable sort does not export, TopK does).
+    position = torch.arange(mask.shape[1], dtype=before.dtype, device=before.device) * 1e-4
+    key = torch.where(mask, mean_time, float(t)) + position
+    order = torch.topk(key, mask.shape[1], dim=1, largest=False).indices
+    index = order.view(n, 1, -1, *[1] * (before.dim() - 3)).expand(n, c, -1, *means.shape[3:])
+    return means.gather(2, index), mask.gather(1, order)
+
+
 class S3DSGS(S3D):
     """`forward(clips, bins)` -> features (N, D) and the bins each clip kept, B' (N,)."""
 
-    def __init__(self, *, sgs_after: str = "stem", similarity_dim: int = 8, similarity_centred: bool = False,
+    def __init__(self, *, sgs_after: str = "stem", similarity_dim: int | None = 8, similarity_centred: bool = False,
                  bins: str = "sums", **s3d_options):
+        """`similarity_dim` None: no sampler of its own (`sgs` is None), only the layers before and
+        after it: a stream of an encoder that samples once for several streams (`S3DZoomSGS`)."""
         super().__init__(**s3d_options)
         if sgs_after not in PLACEMENTS:
             raise ValueError(f"sgs_after must be one of {PLACEMENTS}, got {sgs_after!r}")
@@ -125,7 +150,8 @@ class S3DSGS(S3D):
         self.compact = True  # after_sgs_compact (False: the padded after_sgs, e.g. to compare)
         channels = {"patchify": self.stem[0].out_channels, "stem": self.stem[-3].out_channels,
                     "stage2": self.stage2.temporal.out_channels, "stage3": self.stage3.temporal.out_channels}[sgs_after]
-        self.sgs = SimilarityGuidedSampling(channels, similarity_dim=similarity_dim, centred=similarity_centred)
+        self.sgs = None if similarity_dim is None else SimilarityGuidedSampling(
+            channels, similarity_dim=similarity_dim, centred=similarity_centred)
         self.temporal_stride = self.pool3.kernel_size[0] if isinstance(self.pool3.kernel_size, tuple) else 2
 
     def _pool3(self, x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -193,22 +219,9 @@ class S3DSGS(S3D):
 
     def sample(self, before: torch.Tensor, bins: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """SGS on the features before it: (N, C, B', h, w) and the (N, B') mask."""
-        if self.bins == "sums":
-            return self.sgs(before, bins)
-        n, c, t = before.shape[:3]
-        ones = before.new_ones((n, 1, *before.shape[2:]))
-        time = torch.arange(t, dtype=before.dtype, device=before.device).view(1, 1, t, *[1] * (before.dim() - 3))
-        extra = torch.cat([ones, ones * time], dim=1)  # N, 2, T, h, w
-        sampled, mask = similarity_guided_sampling(torch.cat([before, extra], dim=1), self.sgs.similarity(before), bins)
-        mass = sampled[:, c : c + 1].clamp(min=1e-6)  # Σ_t ψ per bin (0 on padded bins, whose sums are 0 too)
-        means = sampled[:, :c] / mass
-        mean_time = (sampled[:, c + 1 : c + 2] / mass).flatten(3)[:, 0, :, 0]  # N, B'
-        # Padded bins last; bin position breaks ties (a stable sort does not export, TopK does).
-        position = torch.arange(mask.shape[1], dtype=before.dtype, device=before.device) * 1e-4
-        key = torch.where(mask, mean_time, float(t)) + position
-        order = torch.topk(key, mask.shape[1], dim=1, largest=False).indices
-        index = order.view(n, 1, -1, *[1] * (before.dim() - 3)).expand(n, c, -1, *means.shape[3:])
-        return means.gather(2, index), mask.gather(1, order)
+        if self.sgs is None:
+            raise ValueError("this s3d_sgs has no sampler of its own (similarity_dim=None)")
+        return sample_bins(self.sgs, before, bins, self.bins)
 
     def forward_patches(self, patches: torch.Tensor, bins: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The stem's patchifying convolution (`patchify`) -> features (N, D) and B' (N,)."""
@@ -229,26 +242,33 @@ class S3DSGS(S3D):
             raise ValueError(f"budget must be in (0, 1], got {budget}")
         return max(math.ceil(budget * self.clip_frames), 1)
 
-    @torch.no_grad()
     def macs(self, bins_kept: int) -> int:
-        """Multiply-adds of one clip that kept `bins_kept` bins: convolutions, linear layers,
-        the similarity net and the SGS sum, counted on the shapes each of them processes."""
-        if not 1 <= bins_kept <= self.clip_frames:
-            raise ValueError(f"bins_kept must be in 1..{self.clip_frames}, got {bins_kept}")
-        was_training = self.training
-        self.eval()
-        try:
-            x = torch.zeros(1, 3, self.clip_frames, self.frame_size, self.frame_size)
-            with FlopCounterMode(display=False) as counter:
-                before = self.before_sgs(x)
-                self.sgs.similarity(before)
-                _, c, t, *space = before.shape
-                self.forward_head(self.after_sgs(before.new_zeros(1, c, bins_kept, *space), None))
-            channels = c if self.bins == "sums" else c + 2  # + the mass and mean-time channels
-            sgs_sum = channels * bins_kept * t * space[0] * space[1]  # O_b = Σ_t I_t·w_tb
-            return counter.get_total_flops() // 2 + sgs_sum
-        finally:
-            self.train(was_training)
+        """Multiply-adds of one clip that kept `bins_kept` bins (`sgs_macs`)."""
+        return sgs_macs(self, bins_kept, lambda sampled: self.forward_head(self.after_sgs(sampled, None)))
+
+
+@torch.no_grad()
+def sgs_macs(model: nn.Module, bins_kept: int, after_sgs: Callable[[torch.Tensor], torch.Tensor]) -> int:
+    """Multiply-adds of one clip through an SGS encoder (its `before_sgs`, `sgs`, `bins`,
+    `clip_frames`, `frame_size`) that kept `bins_kept` bins: convolutions, linear layers and
+    matrix products before SGS, the similarity net, the SGS sum and `after_sgs(sampled)` (what
+    follows SGS, to the clip feature), counted on the shapes each of them processes."""
+    if not 1 <= bins_kept <= model.clip_frames:
+        raise ValueError(f"bins_kept must be in 1..{model.clip_frames}, got {bins_kept}")
+    was_training = model.training
+    model.eval()
+    try:
+        x = torch.zeros(1, 3, model.clip_frames, model.frame_size, model.frame_size)
+        with FlopCounterMode(display=False) as counter:
+            before = model.before_sgs(x)
+            model.sgs.similarity(before)
+            _, c, t, *space = before.shape
+            after_sgs(before.new_zeros(1, c, bins_kept, *space))
+        channels = c if model.bins == "sums" else c + 2  # + the mass and mean-time channels
+        sgs_sum = channels * bins_kept * t * space[0] * space[1]  # O_b = Σ_t I_t·w_tb
+        return counter.get_total_flops() // 2 + sgs_sum
+    finally:
+        model.train(was_training)
 
 
 def s3d_macs(model: S3D) -> int:

@@ -16,11 +16,15 @@ pooled features), `feature_dim` wide like `s3d`'s, so any decoder takes it uncha
 
 The window follows the detached centre: the localiser learns only from its own target
 (`localiser_loss`, where the figure is), never from the answers through the sampling. The window
-is cut with `grid_sample` on a sampling grid built from the centre by hand (affine_grid has no
-ONNX export before opset 20); it exports as ONNX `GridSample` (opset 16+).
+is grid_sample's bilinear sample (border padding, align_corners=False) on a grid built from the
+centre (`sampling_grid`; affine_grid has no ONNX export before opset 20), computed as a patch
+gather and two small matrix products (`window`): ONNX Runtime's `GridSample` took ~57% of the
+encoder's time, the matrix products ~9% (README "Speed").
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -74,6 +78,11 @@ class S3DZoom(nn.Module):
         # where each window pixel samples, in px from the window's centre
         self.register_buffer("offsets", (torch.arange(window_size).float() + 0.5 - window_size / 2)
                              * window_crop / window_size)
+        # source pixels that hold all of a window's taps along one axis: its positions span
+        # `span` px, so their left taps at most floor(span) + 1 pixels (+ 1e-3: float rounding of
+        # the positions), and the last one's right tap one more
+        span = float(self.offsets[-1] - self.offsets[0])
+        self.band = min(frame_size, math.floor(span + 1e-3) + 3)
 
     def locate(self, stem: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Stem features (B, C1, T, G, G) -> heatmap logits (B, T, G*G) and the clip's centre (B, 2),
@@ -83,25 +92,62 @@ class S3DZoom(nn.Module):
 
     def sampling_grid(self, centres: torch.Tensor) -> torch.Tensor:
         """grid_sample's grid (B, S, S, 2) for a window_crop-px square at each centre (px, pixel
-        index coordinates), in normalised coordinates with align_corners=False."""
-        x = (2 * (centres[:, 0:1] + self.offsets) + 1) / self.frame_size - 1  # B, S
-        y = (2 * (centres[:, 1:2] + self.offsets) + 1) / self.frame_size - 1  # B, S
+        index coordinates), in normalised coordinates with align_corners=False: what `window` cuts."""
+        x, y = self._normalised(centres[:, 0]), self._normalised(centres[:, 1])  # B, S
         s = self.window_size
         return torch.stack([x[:, None, :].expand(-1, s, s), y[:, :, None].expand(-1, s, s)], -1)
 
+    def _normalised(self, centre: torch.Tensor) -> torch.Tensor:
+        """Each window pixel's sampling position along one axis (B,) -> (B, S), normalised to [-1, 1]."""
+        return (2 * (centre[:, None] + self.offsets) + 1) / self.frame_size - 1
+
+    def _taps(self, centre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Along one axis, the first source pixel of each clip's band (B,) int64 and the bilinear
+        weights of the band's pixels for every window pixel (B, S, band): at most 2 non-zero a row.
+        The positions are grid_sample's to the bit: the normalised grid unnormalised as it does
+        (align_corners=False: (g + 1) * n / 2 - 0.5, which its CPU kernel rounds once, as a fused
+        multiply-add: here exact in float64, then rounded), clamped to the frame (border padding:
+        edges repeated)."""
+        n, band = self.frame_size, self.band
+        at = (((self._normalised(centre) + 1).double() * (n / 2) - 0.5).float()).clamp(0, n - 1)  # B, S, px
+        left = at.floor()
+        start = left[:, :1].clamp(max=n - band)  # B, 1: the band holds every tap (positions ascend)
+        frac, rel = (at - left)[..., None], (left - start)[..., None]  # B, S, 1
+        k = torch.arange(band, device=centre.device, dtype=at.dtype)
+        # the right tap of a position clamped to the last pixel weighs 0 (and may fall off the band)
+        weights = (k == rel) * (1 - frac) + (k == rel + 1) * frac  # B, S, band
+        return start[:, 0].long(), weights
+
     def window(self, x: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
-        """The window of every frame of each clip at the clip's centre: (B, C, T, H, W) -> (B, C, T, S, S)."""
+        """The window of every frame of each clip at the clip's centre: (B, C, T, H, W) -> (B, C, T, S, S).
+
+        Equal to grid_sample's bilinear sample on `sampling_grid(centres)` (border padding,
+        align_corners=False) up to float rounding, cut the way ONNX Runtime runs fast: the window
+        reads only a `band` x `band`-px patch of each frame (one gather of the patches of all
+        frames), and bilinear sampling on a regular grid is separable, so each window is
+        Wy . patch . Wx^T with 2-tap interpolation matrices (two small batched matrix products)."""
         b, c, t, h, w = x.shape
-        out = F.grid_sample(x.reshape(b, c * t, h, w), self.sampling_grid(centres), mode="bilinear",
-                            padding_mode="border", align_corners=False)  # B, C*T, S, S
+        if h != self.frame_size or w != self.frame_size:
+            raise ValueError(f"window needs {self.frame_size} x {self.frame_size} frames, got {h} x {w}")
+        x0, wx = self._taps(centres[:, 0])  # B; B, S, K
+        y0, wy = self._taps(centres[:, 1])
+        k = torch.arange(self.band, device=x.device)
+        planes = torch.arange(c * t, device=x.device) * (h * w)  # C*T
+        pixels = (y0[:, None] + k)[:, :, None] * w + (x0[:, None] + k)[:, None, :]  # B, K, K
+        index = (planes[None, :, None, None] + pixels[:, None]).reshape(b, -1)  # B, C*T*K*K
+        patches = x.reshape(b, -1).gather(1, index).reshape(b, c * t, self.band, self.band)  # B, C*T, K, K
+        out = wy[:, None] @ patches @ wx.transpose(1, 2)[:, None]  # B, C*T, S, S
         return out.reshape(b, c, t, self.window_size, self.window_size)
 
-    def forward_with_heatmap(self, clips: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Features (B, D), heatmap logits (B, T, G*G) and window centres (B, 2) px."""
+    def forward_with_heatmap(self, clips: torch.Tensor, window_at: torch.Tensor | None = None
+                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Features (B, D), heatmap logits (B, T, G*G) and the localiser's window centres (B, 2) px.
+        `window_at` (B, 2) px: cut the windows there instead (training only: the window stream can
+        learn from the figure before the localiser has found it)."""
         x = self.full.prepare(clips)  # B, 3, T, H, W
         stem = self.full.stem(x)  # B, C1, T, G, G
         logits, centres = self.locate(stem)
-        windows = self.window(x, centres.detach())  # B, 3, T, S, S
+        windows = self.window(x, centres.detach() if window_at is None else window_at)  # B, 3, T, S, S
         features = self.full.forward_head(self.full.forward_trunk(stem))
         return features + self.window_stream.forward_head(self.window_stream.forward_features(windows)), logits, centres
 
@@ -120,11 +166,20 @@ class S3DZoom(nn.Module):
 
 
 def zoom_macs(model: S3DZoom) -> int:
-    """Multiply-adds of one clip (convolutions and linear layers; the window's bilinear sampling,
-    ~8 x 3 x S^2 x 4 per clip, is not counted)."""
+    """Multiply-adds of one clip: convolutions, linear layers and the window's interpolation
+    matrix products, as the graph computes them."""
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model.eval()(torch.zeros(1, model.clip_frames, model.frame_size, model.frame_size, 3, dtype=torch.uint8))
     return counter.get_total_flops() // 2
+
+
+def grid_sample_window(model: S3DZoom, x: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
+    """`model.window(x, centres)` as grid_sample computes it (the cut `window` replaced; it exports
+    as ONNX `GridSample`): the definition the tests and the cost bench hold `window` to."""
+    b, c, t, h, w = x.shape
+    out = F.grid_sample(x.reshape(b, c * t, h, w), model.sampling_grid(centres), mode="bilinear",
+                        padding_mode="border", align_corners=False)  # B, C*T, S, S
+    return out.reshape(b, c, t, model.window_size, model.window_size)
 
 
 # Shape-named variants (after timm): window crop x sampled size, frame size ("_wide": the window

@@ -139,20 +139,14 @@ class _Models:
 def _load_reference_models(repo: Path) -> _Models:
     import torch
 
-    from export.models.s3d import S3D
     from export.models.tqn import TQNDecoder
+    from export.train import load_served_encoder
 
-    enc_meta = json.loads((repo / "clip_encoder_s3d" / "1" / "model.json").read_text())
+    encoder, enc_meta = load_served_encoder(repo / "clip_encoder_s3d")
     dec_meta = json.loads((repo / "tqn_decoder" / "1" / "model.json").read_text())
-    enc_cfg = dict(enc_meta["config"])
-    enc_cfg["channels"] = tuple(enc_cfg["channels"])
-    encoder = S3D(**enc_cfg)
     decoder = TQNDecoder(**dec_meta["config"])
-    for model, name in ((encoder, "clip_encoder_s3d"), (decoder, "tqn_decoder")):
-        weights = repo / name / "1" / "model.pt"
-        if weights.is_file():
-            model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-        model.eval()
+    decoder.load_state_dict(torch.load(repo / "tqn_decoder" / "1" / "model.pt", map_location="cpu", weights_only=True))
+    decoder.eval()
     return _Models(encoder, decoder, enc_meta["clip_frames"], enc_meta["frame_size"], enc_meta["clip_fps"])
 
 

@@ -226,7 +226,10 @@ def test_ats_keeps_fewer_tokens_than_asked(exported):
 @pytest.fixture(scope="module")
 def encoders(tmp_path_factory):
     """Small ViT with ATS in 3 blocks and the s3d with SGS after its stem (the thesis's sums, and the
-    served time-ordered means of a centred similarity net), exported for serving."""
+    served time-ordered means of a centred similarity net), and the two-stream s3d_zoom with one SGS
+    after both stems (time-ordered means), exported for serving."""
+    from export import train
+    from export.models import s3d_zoom_sgs
     from export.models.s3d_sgs import create as create_s3d_sgs
     from export.models.vit import VideoViT
 
@@ -237,21 +240,24 @@ def encoders(tmp_path_factory):
     vit = VideoViT(dim=32, depth=4, heads=2, frame_size=64, ats_blocks=(1, 2, 3)).eval()
     sgs = create_s3d_sgs("s3d_sgs_stem_112", frame_size=64).eval()
     means = create_s3d_sgs("s3d_sgs_patchify_112", frame_size=64, bins="time_means", similarity_centred=True).eval()
+    zoom = s3d_zoom_sgs.create(train.SERVED_ENCODER, frame_size=64, window_size=64, bins="time_means",
+                               similarity_centred=True).eval()
     with torch.no_grad():  # sharper attention and a similarity net that tells frames apart, as after training
         for block in vit.blocks:
             block.attn.qkv.weight[:32].mul_(8)
-        for model in (sgs, means):
+        for model in (sgs, means, zoom):
             model.sgs.similarity.conv1.bias.zero_()
             model.sgs.similarity.conv2.bias.zero_()
     # as served: one budget per clip, each ATS block's K relative to the tokens it receives
     _export(vit, (clips, torch.tensor([[1.0], [0.5]])), out / "vit_ats.onnx", ["clips", "budget"],
             ["features", "tokens_kept"], {"clips": {0: batch}, "budget": {0: batch}})
-    for name, model in (("s3d_sgs", sgs), ("s3d_sgs_time_means", means)):
+    for name, model in (("s3d_sgs", sgs), ("s3d_sgs_time_means", means), ("s3d_zoom_sgs", zoom)):
         _export(model, (clips, torch.tensor(8)), out / f"{name}.onnx", ["clips", "bins"], ["features", "bins_kept"],
                 {"clips": {0: batch}, "bins": None})
     return {name: (model, onnx.load(str(out / f"{name}.onnx")),
                    ort.InferenceSession(str(out / f"{name}.onnx"), providers=["CPUExecutionProvider"]))
-            for name, model in (("vit_ats", vit), ("s3d_sgs", sgs), ("s3d_sgs_time_means", means))}
+            for name, model in (("vit_ats", vit), ("s3d_sgs", sgs), ("s3d_sgs_time_means", means),
+                                ("s3d_zoom_sgs", zoom))}
 
 
 def _video(batch: int, seed: int) -> np.ndarray:
@@ -262,7 +268,8 @@ def _video(batch: int, seed: int) -> np.ndarray:
 
 def test_encoders_keep_one_node_per_use(encoders):
     for name, op_type, uses in (("vit_ats", "AdaptiveTokenSampler", 3), ("s3d_sgs", "SimilarityGuidedSampling", 1),
-                                ("s3d_sgs_time_means", "SimilarityGuidedSampling", 1)):
+                                ("s3d_sgs_time_means", "SimilarityGuidedSampling", 1),
+                                ("s3d_zoom_sgs", "SimilarityGuidedSampling", 1)):
         _, proto, _ = encoders[name]
         custom = [n.op_type for n in proto.graph.node if n.domain == "vqs"]
         assert custom == [op_type] * uses
@@ -289,7 +296,7 @@ def test_vit_ats_matches_torch(encoders, budgets):
         assert sampling[:, 1:].any()
 
 
-@pytest.mark.parametrize("name", ["s3d_sgs", "s3d_sgs_time_means"])
+@pytest.mark.parametrize("name", ["s3d_sgs", "s3d_sgs_time_means", "s3d_zoom_sgs"])
 @pytest.mark.parametrize("bins", [8, 4, 2, 1])
 @pytest.mark.parametrize("batch", [1, 4])
 def test_s3d_sgs_matches_torch(encoders, bins, batch, name):
@@ -302,3 +309,37 @@ def test_s3d_sgs_matches_torch(encoders, bins, batch, name):
     assert kept.max() <= bins
     # Features are small at init: compare relative to their spread across clips too.
     np.testing.assert_allclose(got_features, features.numpy(), atol=TOLERANCE * float(features.abs().max()), rtol=0)
+
+
+def test_served_zoom_sgs_exports_one_node_its_compute_table_and_matches_torch(tmp_path):
+    """The served s3d_sgs of an s3d_zoom encoder as `vqs models --part adaptive` exports it (112 px,
+    weights from the zoom encoder): one vqs node with its body, the checker, the GMACs table counted
+    for both trunks, torch parity in batches that mix budgets, and the model directory loads back."""
+    from export import adaptive_export as ae
+    from export import train
+    from export.models.s3d_sgs import s3d_macs
+    from export.train_adaptive import s3d_sgs_from, sgs_config
+
+    torch.manual_seed(0)
+    zoom = train.build_served_encoder().eval()
+    calibration = torch.from_numpy(_video(8, seed=1).repeat(7, axis=2).repeat(7, axis=3)[:, :, :112, :112])
+    model = s3d_sgs_from(zoom, train.served_encoder_config(), "stem", calibration).eval()
+    plain = s3d_macs(zoom)
+    model_dir = tmp_path / "clip_encoder_s3d_sgs"
+    path = ae.export_served(ae.ServedS3DSGS(model), model, model_dir, adaptive=True, kept_dims=1,
+                            parameters=ae.sgs_parameters(model, plain, clip_fps=15, budget_default=0.5),
+                            meta={"encoder": "s3d_sgs", "sgs_after": "stem",
+                                  "config": sgs_config(train.served_encoder_config(), "stem")})
+    proto = onnx.load(str(path))
+    onnx.checker.check_model(proto, full_check=True)
+    assert [n.op_type for n in proto.graph.node if n.domain == "vqs"] == ["SimilarityGuidedSampling"]
+    assert any((f.domain, f.name) == ("vqs", "SimilarityGuidedSampling") for f in proto.functions)
+    served = ae.load_served(model_dir)
+    assert type(served.model) is type(model)
+    table = served.gmacs_by_bins.tolist()
+    assert table == pytest.approx([model.macs(b) / 1e9 for b in range(1, 9)])
+    assert table == sorted(table) and table[0] < 0.5 * plain / 1e9 < plain / 1e9 < table[-1]
+    config = (model_dir / "config.pbtxt").read_text()
+    assert f'key: "gmacs_per_clip" value: {{ string_value: "{plain / 1e9:.6g}" }}' in config
+    for batch in (1, 3):
+        assert ae.parity(served, path, [1.0, 0.5, 0.25, 0.125], batch=batch) <= TOLERANCE

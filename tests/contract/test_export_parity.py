@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from export import onnx_export, train
-from export.models.s3d import S3D
 from export.models.tqn import TQNDecoder
 
 REPO = Path(__file__).resolve().parents[2]
@@ -22,16 +21,16 @@ def _decoder_inputs(rng, batch=2, clips=11, dim=256):
     return {"features": features, "mask": mask}
 
 
-def _load(cls, folder: Path):
+def _load_decoder(folder: Path) -> TQNDecoder:
     meta = json.loads((folder / "model.json").read_text())
-    model = cls(**meta["config"])
+    model = TQNDecoder(**meta["config"])
     model.load_state_dict(torch.load(folder / "model.pt", weights_only=True))
     return model.eval()
 
 
 def test_committed_encoder_matches_torch():
     folder = REPO / "model_repository/clip_encoder_s3d/1"
-    encoder = _load(S3D, folder)
+    encoder, _ = train.load_served_encoder(folder.parent)
     clips = np.random.default_rng(0).integers(0, 256, (5, 8, 112, 112, 3), dtype=np.uint8)
     diffs = onnx_export.max_diff(encoder, folder / "model.onnx", {"clips": clips})
     assert max(diffs.values()) <= TOLERANCE, diffs
@@ -39,7 +38,7 @@ def test_committed_encoder_matches_torch():
 
 def test_committed_decoder_matches_torch_on_logits_and_attention():
     folder = REPO / "model_repository/tqn_decoder/1"
-    decoder = _load(TQNDecoder, folder)
+    decoder = _load_decoder(folder)
     diffs = onnx_export.max_diff(decoder, folder / "model.onnx", _decoder_inputs(np.random.default_rng(1)))
     assert set(diffs) == set(onnx_export.decoder_graph_outputs())
     assert max(diffs.values()) <= TOLERANCE, diffs
@@ -70,8 +69,8 @@ def test_fresh_encoder_export_has_a_dynamic_batch_and_the_served_metadata(tmp_pa
     from export import build
 
     torch.manual_seed(0)
-    encoder = train.build_encoder().eval()
-    path = onnx_export.export_encoder(encoder, train.ENCODER_CONFIG, tmp_path, "clip_encoder_s3d",
+    encoder = train.build_served_encoder().eval()
+    path = onnx_export.export_encoder(encoder, train.served_encoder_config(), tmp_path, "clip_encoder_s3d",
                                       clip_fps=build.FPS)
     clips = np.random.default_rng(3).integers(0, 256, (3, 8, 112, 112, 3), dtype=np.uint8)
     diffs = onnx_export.max_diff(encoder, path, {"clips": clips})  # batch 3: not the example's 2
@@ -86,7 +85,7 @@ def test_fresh_encoder_export_has_a_dynamic_batch_and_the_served_metadata(tmp_pa
 def test_committed_encoder_config_carries_its_multiply_adds_per_clip():
     from export.models.s3d_sgs import s3d_macs
 
-    encoder = _load(S3D, REPO / "model_repository/clip_encoder_s3d/1")
+    encoder, _ = train.load_served_encoder(REPO / "model_repository/clip_encoder_s3d")
     config = (REPO / "model_repository/clip_encoder_s3d/config.pbtxt").read_text()
     want = onnx_export.encoder_parameters(15, s3d_macs(encoder) / 1e9)[onnx_export.GMACS_PER_CLIP_PARAMETER]
     assert f'key: "{onnx_export.GMACS_PER_CLIP_PARAMETER}" value: {{ string_value: "{want}" }}' in config
@@ -129,7 +128,7 @@ def test_served_decoder_carries_the_calibration_and_in_domain_threshold_of_the_e
     for split in ("val", "test"):
         assert set(calibration[split]) == set(train.HEADS)
         assert all({"before", "after"} <= set(ece) for ece in calibration[split].values())
-    decoder = _load(TQNDecoder, folder)
+    decoder = _load_decoder(folder)
     assert decoder.temperature.tolist() == pytest.approx(list(calibration["temperature"].values()))
     threshold = evaluation["in_domain"]["threshold"]
     assert meta["in_domain_threshold"] == pytest.approx(threshold)

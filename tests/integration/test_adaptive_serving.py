@@ -2,8 +2,8 @@
 
 The adaptive encoders come from the model repository when they are exported there; until then
 (and for any one missing) the fixture exports a random-init one with the export code
-(`export.models.vit`, `export.models.s3d_sgs`, `export.adaptive`) under the contract the gateway
-reads: input `budget` FP32 [1] per clip, outputs `kept` and `gmacs` counted in the graph, config
+(`export.models.vit`; `export.models.s3d_sgs`, or `s3d_zoom_sgs` when the served clip encoder is an
+s3d_zoom; `export.adaptive`) under the contract the gateway reads: input `budget` FP32 [1] per clip, outputs `kept` and `gmacs` counted in the graph, config
 parameters `adaptive`, `budget_units`, `budget_floor`, `gmacs_per_clip`. Random weights are
 enough here: what is tested is that the budget reaches the model per clip, that the gateway
 reports what the model counted, and that the metrics follow.
@@ -12,6 +12,7 @@ reports what the model counted, and that the metrics follow.
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import os
 import re
@@ -64,14 +65,15 @@ parameters: {{ key: "budget_floor" value: {{ string_value: "{floor}" }} }}
 """
 
 
-def _export_random_adaptive(model_dir: Path, encoder: str) -> None:
-    """A random-init adaptive encoder under the serving contract (torch only in the test process)."""
+def _export_random_adaptive(model_dir: Path, encoder: str, s3d_dir: Path) -> None:
+    """A random-init adaptive encoder under the serving contract (torch only in the test process);
+    s3d_sgs is the SGS version of the clip encoder `s3d_dir` serves (a plain s3d or an s3d_zoom)."""
     import torch
     from torch import nn
 
     from export.adaptive import onnx_functions
-    from export.models import s3d_sgs, vit
-    from export.models.s3d import S3D
+    from export.models import s3d_sgs, s3d_zoom_sgs, vit
+    from export.train import encoder_from_config
 
     torch.manual_seed(0)
     if encoder == ATS:
@@ -93,9 +95,10 @@ def _export_random_adaptive(model_dir: Path, encoder: str) -> None:
                     n = m
                 return features, kept - 1, (total / 1e9).to(torch.float32)[:, None]
     else:
-        net = s3d_sgs.create("s3d_sgs_stem_112").eval()
+        served = json.loads((s3d_dir / "1" / "model.json").read_text())["config"]
+        net = s3d_zoom_sgs.from_config({**served, "sgs_after": "stem"}).eval()
         units, floor, kept_dims = net.clip_frames, 1, 1
-        gmacs_full = s3d_sgs.s3d_macs(S3D()) / 1e9
+        gmacs_full = s3d_sgs.s3d_macs(encoder_from_config(served)) / 1e9
         table = torch.tensor([net.macs(b) / 1e9 for b in range(1, units + 1)], dtype=torch.float32)
 
         class Served(nn.Module):
@@ -139,7 +142,7 @@ def adaptive_repository(trained_models: Path, tmp_path_factory) -> Path:
     for encoder in (SGS, ATS):
         model_dir = repository / f"{contract.ENCODER_PREFIX}{encoder}"
         if not model_dir.exists():
-            _export_random_adaptive(model_dir, encoder)
+            _export_random_adaptive(model_dir, encoder, trained_models / "clip_encoder_s3d")
     return repository
 
 

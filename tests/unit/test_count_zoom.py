@@ -86,20 +86,127 @@ def test_the_localiser_target_is_the_torso_cell_and_frames_without_a_figure_are_
     torch.testing.assert_close(centres, torch.tensor([[(19.5 + 91.5) / 2, (99.5 + 27.5) / 2]]))
 
 
-def test_s3d_zoom_exports_to_onnx_with_grid_sample_and_agrees_with_torch(tmp_path):
+def _edge_centres(batch: int, seed: int) -> torch.Tensor:
+    """Window centres (batch, 2) px: the frame's corners and beyond (windows of repeated edges),
+    whole and half pixels, and the rest at random fractions over and past the frame."""
+    special = torch.tensor([[0.0, 0.0], [111.0, 111.0], [-20.0, 130.0], [130.0, -20.0], [15.9, 16.1],
+                            [96.0, 95.99], [55.5, 55.5], [0.25, 111.75], [40.0, 71.0], [16.0, 96.0]])
+    rng = torch.Generator().manual_seed(seed)
+    centres = torch.cat([special, torch.rand(max(0, batch - len(special)), 2, generator=rng) * 150 - 19])
+    return centres[torch.randperm(len(centres), generator=rng)[:batch]]
+
+
+def _normalised_frames(batch: int, seed: int) -> torch.Tensor:
+    """Random uint8 frames normalised as the encoder's `prepare` does (B, 3, T, 112, 112)."""
+    clips = torch.randint(0, 256, (batch, 8, 112, 112, 3), dtype=torch.uint8,
+                          generator=torch.Generator().manual_seed(seed))
+    return S3D().prepare(clips)
+
+
+@pytest.mark.parametrize("config", [*s3d_zoom.VARIANTS.values(),
+                                    dict(window_crop=32, window_size=32, window_stem_patch=4),  # unmagnified
+                                    dict(window_crop=20, window_size=64, window_stem_patch=8),
+                                    dict(window_crop=112, window_size=56, window_stem_patch=4)])  # the whole frame
+def test_the_window_is_grid_samples_at_the_edges_and_between_pixels(config):
+    model = s3d_zoom.S3DZoom(**config)
+    x, centres = _normalised_frames(20, 0), _edge_centres(20, 1)
+    windows = model.window(x, centres)
+    assert windows.shape == (20, 3, 8, model.window_size, model.window_size)
+    # random pixels: neighbours differ by up to ~4.6 normalised units, so a window pixel placed a
+    # float32 step (8e-6 px) off would show at ~4e-5; the positions are grid_sample's to the bit
+    torch.testing.assert_close(windows, s3d_zoom.grid_sample_window(model, x, centres), atol=1e-5, rtol=0)
+    assert model.band <= 112 and (config["window_crop"] < 112) == (model.band < 112)
+    with pytest.raises(ValueError):
+        model.window(x[..., :96, :96], centres)
+
+
+def _trained_like(name: str) -> s3d_zoom.S3DZoom:
+    """A variant whose batch norms hold non-trivial statistics and whose weights moved from their
+    initialisation by a few training steps, in eval mode."""
+    torch.manual_seed(0)
+    model = s3d_zoom.create(name)
+    optimiser = torch.optim.SGD(model.parameters(), lr=0.05)
+    clips = torch.randint(0, 256, (4, 8, 112, 112, 3), dtype=torch.uint8)
+    for _ in range(2):
+        features, logits, _ = model.forward_with_heatmap(clips)
+        loss = features.square().mean() + model.localiser_loss(logits, torch.rand(4, 8, 2) * 112)
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    _randomise_norms(model)
+    return model.eval()
+
+
+class _GridSampleZoom(s3d_zoom.S3DZoom):
+    """The encoder as it cut its window before: with grid_sample (ONNX `GridSample`)."""
+
+    def window(self, x: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
+        return s3d_zoom.grid_sample_window(self, x, centres)
+
+
+def test_the_encoder_gives_the_same_features_as_with_grid_sample_from_the_same_weights():
+    name = "s3d_zoom_32x112_112"
+    model = _trained_like(name)
+    before = _GridSampleZoom(**s3d_zoom.VARIANTS[name]).eval()
+    before.load_state_dict(model.state_dict())  # strict: the new cut adds no state to a save
+    clips = torch.randint(0, 256, (5, 8, 112, 112, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        features, heatmaps, centres = model.forward_with_heatmap(clips)
+        want, want_heatmaps, want_centres = before.forward_with_heatmap(clips)
+        at_edges = model.forward_with_heatmap(clips, window_at=_edge_centres(5, 3))[0]
+        want_at_edges = before.forward_with_heatmap(clips, window_at=_edge_centres(5, 3))[0]
+    torch.testing.assert_close(heatmaps, want_heatmaps, atol=0, rtol=0)
+    torch.testing.assert_close(centres, want_centres, atol=0, rtol=0)
+    scale = want.abs().max()
+    assert scale > 0.1 and (features - want).abs().max() <= 1e-5 * scale
+    assert (at_edges - want_at_edges).abs().max() <= 1e-5 * want_at_edges.abs().max()
+
+
+def test_s3d_zoom_exports_without_grid_sample_and_agrees_with_torch_at_several_batch_sizes(tmp_path):
     import onnx
 
     from export import onnx_export
 
-    torch.manual_seed(0)
-    model = s3d_zoom.create("s3d_zoom_32x56_112")
-    _randomise_norms(model)
-    path = onnx_export.export_encoder(model, dict(s3d_zoom.VARIANTS["s3d_zoom_32x56_112"]), tmp_path,
-                                      "clip_encoder_s3d_zoom", clip_fps=15)
-    ops = {n.op_type for n in onnx.load(str(path)).graph.node}
-    assert "GridSample" in ops and onnx.load(str(path)).opset_import[0].version >= 16
-    clips = np.random.default_rng(0).integers(0, 256, (3, 8, 112, 112, 3), dtype=np.uint8)
-    assert onnx_export.max_diff(model, path, {"clips": clips})["features"] <= 1e-4
+    name = "s3d_zoom_32x112_112"
+    model = _trained_like(name)
+    path = onnx_export.export_encoder(model, dict(s3d_zoom.VARIANTS[name]), tmp_path, "clip_encoder_s3d_zoom",
+                                      clip_fps=15)
+    graph = onnx.load(str(path))
+    assert "GridSample" not in {n.op_type for n in graph.graph.node}
+    assert graph.opset_import[0].version == onnx_export.OPSET
+    rng = np.random.default_rng(0)
+    for batch in (1, 3, 8):
+        clips = rng.integers(0, 256, (batch, 8, 112, 112, 3), dtype=np.uint8)
+        assert onnx_export.max_diff(model, path, {"clips": clips})["features"] <= 1e-4, batch
+
+
+class _Window(torch.nn.Module):
+    def __init__(self, model: s3d_zoom.S3DZoom):
+        super().__init__()
+        self.model = model.eval()
+
+    def forward(self, x: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
+        return self.model.window(x, centres)
+
+
+def test_the_exported_window_is_grid_samples_at_the_edges_at_several_batch_sizes(tmp_path):
+    import onnxruntime as ort
+
+    from export import onnx_export
+
+    model = s3d_zoom.create("s3d_zoom_32x112_112")
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    path = tmp_path / "window.onnx"
+    onnx_export.save(torch.onnx.export(_Window(model), (_normalised_frames(2, 0), _edge_centres(2, 0)), dynamo=True,
+                                       opset_version=onnx_export.OPSET, input_names=["x", "centres"],
+                                       output_names=["windows"],
+                                       dynamic_shapes={"x": {0: batch}, "centres": {0: batch}}, verbose=False),
+                     path)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for n in (1, 5, 12):
+        x, centres = _normalised_frames(n, n), _edge_centres(n, n)
+        got = session.run(None, {"x": x.numpy(), "centres": centres.numpy()})[0]
+        np.testing.assert_allclose(got, s3d_zoom.grid_sample_window(model, x, centres).numpy(), atol=1e-5, rtol=0)
 
 
 def _records_dataset(kinds, split="short", free_flight_share=0.0):
@@ -282,3 +389,73 @@ def test_a_run_from_a_save_trains_the_feature_bank_stage_the_saving_run_trained(
     assert from_save_draw == one_run_draw
     for k in one_run:
         torch.testing.assert_close(from_save[k], one_run[k], rtol=0, atol=0)
+
+
+def test_the_flight_bank_is_written_once_read_memory_mapped_and_rebuilt_for_another_spec(tmp_path, monkeypatch):
+    from export import count_specialist
+
+    folder = count_specialist.write_flight_bank(tmp_path / "flights", 3, workers=1)
+    bank = count_specialist.read_flight_bank(folder)
+    want = count_specialist.flight_clips([count_specialist.free_routine(s) for s in range(3)])
+    assert isinstance(bank["clips"], np.memmap) and set(bank) == set(want)
+    for name in want:
+        assert np.array_equal(bank[name], want[name]), name
+    written = (folder / "clips.npy").stat().st_mtime_ns
+    assert count_specialist.write_flight_bank(folder, 3, workers=1) == folder
+    assert (folder / "clips.npy").stat().st_mtime_ns == written  # reused, not rendered again
+    count_specialist.write_flight_bank(folder, 4, workers=1)
+    assert len(count_specialist.read_flight_bank(folder)["twists"]) > len(want["twists"])
+
+
+def test_mirrored_and_reversed_clips_move_their_torso_along_and_undo_themselves():
+    from export.count_specialist import mirror_and_reverse
+
+    rng = np.random.default_rng(0)
+    clips = rng.integers(0, 255, (4, 8, 16, 16, 3), dtype=np.uint8)
+    torso = rng.random((4, 8, 2)).astype(np.float32) * 15
+    mirror, reverse = np.array([1, 0, 1, 0], bool), np.array([1, 1, 0, 0], bool)
+    out, moved = mirror_and_reverse(clips, torso, mirror, reverse)
+    assert (out[3] == clips[3]).all() and (moved[3] == torso[3]).all()
+    assert (out[1] == clips[1][::-1]).all() and (moved[1] == torso[1][::-1]).all()
+    assert (out[2] == clips[2][:, :, ::-1]).all()
+    assert np.allclose(moved[2, :, 0], 15 - torso[2, :, 0]) and (moved[2, :, 1] == torso[2, :, 1]).all()
+    # a pixel marked at the torso stays under the moved torso
+    marked = np.zeros((1, 8, 16, 16, 3), np.uint8)
+    marked[0, 2, 5, 3] = 255
+    out, moved = mirror_and_reverse(marked, np.tile([[3.0, 5.0]], (1, 8, 1)).astype(np.float32), np.ones(1, bool), np.ones(1, bool))
+    assert out[0, 5, 5, 12].all() and tuple(moved[0, 5]) == (12.0, 5.0)
+    again = mirror_and_reverse(*mirror_and_reverse(clips, torso, mirror, reverse), mirror, reverse)
+    assert (again[0] == clips).all() and np.allclose(again[1], torso)
+
+
+def test_a_forced_window_is_cut_where_asked_and_leaves_the_localiser_alone():
+    torch.manual_seed(0)
+    model = s3d_zoom.create("s3d_zoom_32x56_112").eval()
+    clips = torch.zeros(2, 8, 112, 112, 3, dtype=torch.uint8)
+    clips[:, :, 4:20, 4:20] = 255  # a bright square in the corner the forced window looks at
+    with torch.no_grad():
+        features, heatmaps, centres = model.forward_with_heatmap(clips)
+        at_own, _, _ = model.forward_with_heatmap(clips, window_at=centres)
+        elsewhere, heatmaps_elsewhere, centres_elsewhere = model.forward_with_heatmap(
+            clips, window_at=torch.tensor([[12.0, 12.0], [12.0, 12.0]]))
+    torch.testing.assert_close(at_own, features)
+    assert (elsewhere - features).abs().max() > 100 * (at_own - features).abs().max() + 1e-3
+    torch.testing.assert_close(heatmaps_elsewhere, heatmaps)
+    torch.testing.assert_close(centres_elsewhere, centres)
+
+
+def test_a_specialist_with_a_forced_window_trains_differently_only_while_forced():
+    from export import count_specialist
+
+    rng = np.random.default_rng(0)
+    bank = {"clips": rng.integers(0, 256, (6, 8, 112, 112, 3), dtype=np.uint8),
+            "torso": rng.uniform(0, 112, (6, 8, 2)).astype(np.float32),
+            "somersaults": rng.integers(0, 5, 6), "twists": rng.integers(0, 5, 6)}
+
+    def trained(forced: int) -> torch.Tensor:
+        encoder, _ = count_specialist.train_specialist(bank, encoder="s3d-zoom", zoom_variant="s3d_zoom_32x56_112",
+                                                       steps=2, batch=3, forced_window_steps=forced)
+        return torch.cat([p.detach().flatten() for p in encoder.window_stream.parameters()])
+
+    assert torch.equal(trained(0), trained(0))
+    assert not torch.allclose(trained(1), trained(0))

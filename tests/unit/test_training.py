@@ -309,7 +309,8 @@ def test_a_specialist_trains_both_count_heads_and_scores_them():
 
     rng = np.random.default_rng(0)
     bank = {"clips": rng.integers(0, 256, (6, 8, 112, 112, 3), dtype=np.uint8),
-            "somersaults": rng.integers(0, 5, 6), "twists": rng.integers(0, 5, 6)}
+            "somersaults": rng.integers(0, 5, 6), "twists": rng.integers(0, 5, 6),
+            "torso": rng.uniform(10, 100, (6, 8, 2)).astype(np.float32)}  # px, read by localising encoders
     encoder, heads = count_specialist.train_specialist(bank, steps=2, batch=3, log_every=1)
     assert [h.out_features for h in heads] == [len(vocab.ATTRIBUTES[q]) for q in count_specialist.COUNTS]
     scores = count_specialist.score(encoder, heads, bank)
