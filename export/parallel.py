@@ -97,6 +97,9 @@ def _rank_main(rank: int, world: int, port: int, job: bytes, out: str) -> None:
         result = fn(Shard(rank, world), *args)
         if rank == 0:
             torch.save(result, out)
+        # Rank 0 hosts the rendezvous store: leaving while the other rank still talks to it
+        # aborted that process ("terminate called without an active exception", once in CI).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
