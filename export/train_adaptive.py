@@ -57,6 +57,7 @@ from export.models.s3d_zoom import S3DZoom
 from export.models.s3d_zoom_sgs import S3DZoomSGS
 from export.models.tqn import TQNDecoder
 from export.adaptive.ats import significance
+from export.adaptive.sgs import SIMILARITIES, MotionSimilarityNet
 from export.models.vit import VideoViT, block_k
 from export.models.vit import VARIANTS as VIT_VARIANTS
 from export.models.vit import create as create_vit
@@ -119,12 +120,25 @@ class AdaptiveBudget:
     vit_tune_steps: int = 120  # after the distillation, through the frozen decoder (`tune_vit`)
     # At the distillation's 1e-3 the query loss rose from 14 to 23 within 60 steps (it undid the student).
     vit_tune_lr: float = 1e-4
-    # Chosen on validation over 3,200, 1,600 and 800 steps (README "Adaptive computation" has the curve).
-    sgs_steps: int = 6400
+    # The similarity net: "motion" (`MotionSimilarityNet`: time-ordered, spaced by change) or
+    # "frame" (the thesis's `SimilarityNet`, centred; what sessions before 20 built).
+    sgs_similarity: str = "motion"
+    # Steps fitting the similarity net alone to each clip's phase (`prefit_similarity`) before the
+    # encoder trains around it. 0: none (a calibrated bias only, `calibrate_similarity`). At 1e-3
+    # and 300 steps every phase still kept ~6 of 8 bins (validation, every fifth video); at 1e-2
+    # and 600 idle clips kept 1.2-1.3, flight 6.2.
+    sgs_prefit_steps: int = 600
+    sgs_prefit_lr: float = 1e-2
+    # The "frame" net's 6,400 / 4,800 were chosen on validation over 3,200, 1,600 and 800 steps
+    # (README "Adaptive computation"); the "motion" net's 4,000 / 2,800 fit a build in a session.
+    sgs_steps: int = 4000
     sgs_videos_per_step: int = 4
     sgs_lr: float = 1e-3
-    sgs_frozen_steps: int = 4800  # of sgs_steps, with the similarity net fixed (fine_tune_sgs)
+    sgs_frozen_steps: int = 2800  # of sgs_steps, with the similarity net fixed (fine_tune_sgs)
     similarity_lr: float = 1e-4
+    # fine_tune_sgs: weight of the squared Δ spread of each clip before or after the dive (or of a
+    # null video), where no answer needs more than a bin; event clips pay nothing. 0: off.
+    sgs_idle_weight: float = 1.0
     # fine_tune_sgs: weight of each clip's squared distance between the spread of its Δ_t and a
     # target set by its frames' own change (`spread_target`), so a still clip keeps fewer bins than
     # a moving one whatever B allows. 0: off.
@@ -160,7 +174,8 @@ class AdaptiveBudget:
 
 # The budget fields only the s3d_sgs part reads: the ViT pair built before they changed is still
 # what a build with today's defaults gives (tests/contract/test_adaptive_artifacts.py).
-SGS_ONLY = ("sgs_steps", "sgs_lr", "sgs_frozen_steps", "similarity_lr", "sgs_spread_weight", "val_every")
+SGS_ONLY = ("sgs_similarity", "sgs_prefit_steps", "sgs_prefit_lr", "sgs_steps", "sgs_lr", "sgs_frozen_steps",
+            "similarity_lr", "sgs_idle_weight", "sgs_spread_weight", "val_every")
 # And those only the ViT part reads: s3d_sgs built before they changed is what today's defaults give.
 VIT_ONLY = ("vit_steps", "vit_align_steps", "vit_more_steps", "vit_clips_per_step", "vit_lr", "vit_tune_steps",
             "vit_tune_lr", "event_fraction", "ats_full_share", "ats_tune_low", "ats_tune_high", "ats_self_distill",
@@ -170,9 +185,11 @@ VIT_ONLY = ("vit_steps", "vit_align_steps", "vit_more_steps", "vit_clips_per_ste
 # Fields added after served artifacts were built, with the value those builds used: a provenance
 # without one was built so (tests/contract/test_adaptive_artifacts.py).
 ADDED_FIELDS = {"vit_more_steps": 0, "ats_tune_low": 0.2, "ats_tune_high": 1.0, "sgs_spread_weight": 0.0,
+                "sgs_similarity": "frame", "sgs_prefit_steps": 0, "sgs_prefit_lr": 1e-2, "sgs_idle_weight": 0.0,
                 "ats_spread_weight": 0.0, "ats_share_still": 0.35, "ats_share_moving": 0.85}
 
-QUICK = AdaptiveBudget(vit_steps=20, vit_align_steps=5, vit_more_steps=5, vit_tune_steps=5, sgs_steps=10, sgs_frozen_steps=5,
+QUICK = AdaptiveBudget(vit_steps=20, vit_align_steps=5, vit_more_steps=5, vit_tune_steps=5, sgs_prefit_steps=5,
+                      sgs_steps=10, sgs_frozen_steps=5,
                       refit_clips=256, val_every=15, vit_val_every=15)
 
 
@@ -300,11 +317,12 @@ def vit_student(teacher: Encoder, teacher_weights_sha256: str, datasets: list[da
     return vit.eval(), history
 
 
-def sgs_config(s3d_config: dict, placement: str) -> dict:
+def sgs_config(s3d_config: dict, placement: str, similarity: str) -> dict:
     """The s3d_sgs encoder's config (`s3d_zoom_sgs.from_config`): the served encoder's (its
     model.json `config`: an s3d_zoom variant's or a plain s3d's) with SGS after `placement`, its
-    similarity net centred and its bins time-ordered means (see S3DSGS)."""
-    return {**s3d_config, "sgs_after": placement, "similarity_centred": True, "bins": "time_means"}
+    `similarity` net (the "frame" one centred) and its bins time-ordered means (see S3DSGS)."""
+    net = {"similarity": similarity} | ({"similarity_centred": True} if similarity == "frame" else {})
+    return {**s3d_config, "sgs_after": placement, **net, "bins": "time_means"}
 
 
 @torch.inference_mode()
@@ -331,11 +349,12 @@ def refit_projection(vit: VideoViT, teacher: Encoder, ds: data.ClipDataset, clip
     return float(((h1 @ solution - t) ** 2).mean() / t.var(dim=0).mean())
 
 
-def s3d_sgs_from(teacher: Encoder, s3d_config: dict, placement: str, calibration: torch.Tensor) -> SGSEncoder:
+def s3d_sgs_from(teacher: Encoder, s3d_config: dict, placement: str, similarity: str,
+                 calibration: torch.Tensor) -> SGSEncoder:
     """The served encoder's architecture and weights with SGS after `placement` (an s3d_zoom: after
-    its stems, one node for both streams, `S3DZoomSGS`) and a fresh, centred similarity net whose
-    output bias is set from `calibration` clips (see `calibrate_similarity`)."""
-    model = s3d_zoom_sgs.from_config(sgs_config(s3d_config, placement))
+    its stems, one node for both streams, `S3DZoomSGS`) and a fresh `similarity` net calibrated on
+    `calibration` clips (`calibrate_similarity`)."""
+    model = s3d_zoom_sgs.from_config(sgs_config(s3d_config, placement, similarity))
     missing, unexpected = model.load_state_dict(teacher.state_dict(), strict=False)
     if unexpected or any(not k.startswith("sgs.") for k in missing):
         raise ValueError(f"the served encoder's weights do not fit s3d_sgs: missing {missing}, unexpected {unexpected}")
@@ -345,13 +364,15 @@ def s3d_sgs_from(teacher: Encoder, s3d_config: dict, placement: str, calibration
 
 @torch.no_grad()
 def calibrate_similarity(model: SGSEncoder, clips: torch.Tensor) -> float:
-    """Set the similarity net's output bias to a random direction whose length is the median
+    """A "motion" net: `calibrate_motion`. A "frame" net: set its output bias to a random direction whose length is the median
     ‖Z_t‖ of `clips` without it (`BIAS_SCALE` times): Δ_t = ‖bias + u_t‖, so a clip whose frames
     deviate from their mean less than the typical clip's collapses to fewer bins and one whose
     frames deviate more spreads over more. Binning is scale-free (γ = Δ_max / 2B), so without a
     bias a still clip's noise spreads as far as a dive; with a bias 2-4x this one nearly every clip
     keeps 1-2 bins of 8 (untrained, on validation). Returns the median."""
     net = model.sgs.similarity
+    if isinstance(net, MotionSimilarityNet):
+        return calibrate_motion(model, clips)
     net.conv1.bias.zero_()
     net.conv2.bias.zero_()
     was_training = model.training
@@ -364,11 +385,65 @@ def calibrate_similarity(model: SGSEncoder, clips: torch.Tensor) -> float:
     return median
 
 
+@torch.no_grad()
+def calibrate_motion(model: SGSEncoder, clips: torch.Tensor) -> float:
+    """Set a "motion" net's offset d to half the median step m of `clips`, so a clip that changes
+    evenly at the median rate keeps every frame at B = T (`MotionSimilarityNet`). Returns the median."""
+    net = model.sgs.similarity
+    was_training = model.training
+    model.eval()
+    median = float(net.steps(model.before_sgs(model.prepare(clips))).median())
+    model.train(was_training)
+    net.offset.copy_(torch.log(torch.expm1(torch.tensor(median / 2))))
+    return median
+
+
+# The clip phases (`ClipDataset.clip_phases`) whose answers need the frames: take-off, flight, entry.
+EVENT_PHASES = tuple(PHASES.index(p) for p in ("take_off", "flight", "entry"))
+
+
+def event_spread(clip_frames: int) -> float:
+    """The Δ spread (`delta_spread`) of a clip that changes evenly with d = m / 2: T − 1 steps of m
+    over Δ_max = (T − 1/2) m, every frame in its own bin at B = T (`MotionSimilarityNet`)."""
+    return (clip_frames - 1) / (clip_frames - 0.5)
+
+
+def prefit_similarity(model: SGSEncoder, short: data.ClipDataset, budget: AdaptiveBudget,
+                      rng: np.random.Generator) -> None:
+    """The similarity net alone (the encoder frozen) fit to each clip's phase: an event clip's Δ
+    spread to `event_spread`, every other clip's to 0 (one bin), squared error, every clip of
+    `sgs_videos_per_step` short videos a step at `sgs_prefit_lr`. So the layers after SGS first train on
+    the bins the served encoder should keep (few where nothing happens, all where the diver turns),
+    not on a random net's."""
+    net = model.sgs.similarity
+    opt, sched = _optimizer([{"params": list(net.parameters())}], budget.sgs_prefit_lr,
+                            budget.sgs_prefit_steps)
+    spread = event_spread(model.clip_frames)
+    model.eval()  # batch norm at its running statistics: only the net learns
+    start = time.monotonic()
+    for step in range(budget.sgs_prefit_steps):
+        videos = rng.choice(len(short.records), budget.sgs_videos_per_step, replace=False)
+        clips = torch.cat([torch.from_numpy(short.clips(v, 0, int(short.num_clips[v]))) for v in videos])
+        phases = np.concatenate([short.clip_phases(v) for v in videos])
+        with torch.no_grad():
+            before = model.before_sgs(model.prepare(clips))
+        target = torch.from_numpy(np.isin(phases, EVENT_PHASES) * spread).float()
+        loss = F.mse_loss(delta_spread(net(before)), target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if (step + 1) % 50 == 0 or step + 1 == budget.sgs_prefit_steps:
+            _log(f"similarity prefit step {step + 1}/{budget.sgs_prefit_steps} loss {loss.item():.4f} "
+                 f"({time.monotonic() - start:.0f}s)")
+    model.train()
+
+
 def tune_through_decoder(name: str, model: torch.nn.Module, encode, groups: list[dict], teacher: Encoder,
                          decoder: TQNDecoder, short: data.ClipDataset, *, steps: int, videos_per_step: int,
                          lr: float, distill_weight: float, rng: np.random.Generator) -> None:
-    """Every clip of a few short videos online through `encode(clips, rng) -> (features, kept,
-    extra)`, the frozen decoder's query loss plus distillation to the teacher's clip features plus
+    """Every clip of a few short videos online through `encode(clips, phases, rng) -> (features,
+    kept, extra)` (`phases`: each clip's, `ClipDataset.clip_phases`), the frozen decoder's query loss plus distillation to the teacher's clip features plus
     `extra` (a loss of the encoder's own, or None)."""
     model.train()
     for p in decoder.parameters():
@@ -380,9 +455,10 @@ def tune_through_decoder(name: str, model: torch.nn.Module, encode, groups: list
         clips = [torch.from_numpy(short.clips(v, 0, int(short.num_clips[v]))) for v in videos]
         counts = [len(c) for c in clips]
         clips = torch.cat(clips)
+        phases = np.concatenate([short.clip_phases(v) for v in videos])
         with torch.no_grad():
             target = teacher(clips)
-        features, kept, extra = encode(clips, rng)
+        features, kept, extra = encode(clips, phases, rng)
         feats, mask = train._pad(list(features.split(counts)))
         logits = decoder(feats, mask)[: len(HEADS)]
         targets = {q: torch.as_tensor(short.targets[q][videos]) for q in HEADS}
@@ -456,20 +532,27 @@ def fine_tune_sgs(model: SGSEncoder, teacher: Encoder, decoder: TQNDecoder, shor
     fresh = list(model.sgs.parameters())
     known = [p for n, p in model.named_parameters() if not n.startswith("sgs.")]
     name = f"s3d_sgs[{model.sgs_after}]"
+    if budget.sgs_prefit_steps:
+        prefit_similarity(model, short, budget, rng)
 
     captured = []
     if budget.sgs_spread_weight:
         low, high = motion_levels(short, 1024, np.random.default_rng(SEED))
         _log(f"{name}: motion levels {low:.2f} / {high:.2f}")
+    if budget.sgs_spread_weight or budget.sgs_idle_weight:
         hook = model.sgs.similarity.register_forward_hook(lambda module, args, z: captured.append(z))
 
-    def encode(clips, rng):
+    def encode(clips, phases, rng):
         captured.clear()
         features, kept = model(clips, torch.from_numpy(rng.integers(1, model.clip_frames + 1, len(clips))))
-        if not budget.sgs_spread_weight:
-            return features, kept, None
-        target = spread_target(clip_motion(clips), low, high)
-        return features, kept, budget.sgs_spread_weight * F.mse_loss(delta_spread(captured[-1]), target)
+        extras = []
+        if budget.sgs_spread_weight:
+            target = spread_target(clip_motion(clips), low, high)
+            extras.append(budget.sgs_spread_weight * F.mse_loss(delta_spread(captured[-1]), target))
+        if budget.sgs_idle_weight:
+            idle = torch.from_numpy(~np.isin(phases, EVENT_PHASES)).to(features.dtype)
+            extras.append(budget.sgs_idle_weight * (idle * delta_spread(captured[-1]).pow(2)).mean())
+        return features, kept, sum(extras) if extras else None
 
     common = dict(videos_per_step=budget.sgs_videos_per_step, lr=budget.sgs_lr, distill_weight=budget.distill_weight,
                   rng=rng)
@@ -484,7 +567,7 @@ def fine_tune_sgs(model: SGSEncoder, teacher: Encoder, decoder: TQNDecoder, shor
     if budget.sgs_steps > frozen:
         tune_through_decoder(name, model, encode, [{"params": known}, {"params": fresh, "lr": budget.similarity_lr}],
                              teacher, decoder, short, steps=budget.sgs_steps - frozen, **common)
-    if budget.sgs_spread_weight:
+    if budget.sgs_spread_weight or budget.sgs_idle_weight:
         hook.remove()
     return model
 
@@ -565,7 +648,7 @@ def tune_vit(vit: VideoViT, teacher: Encoder, decoder: TQNDecoder, short: data.C
         motion_low, motion_high = motion_levels(short, 1024, np.random.default_rng(SEED), ATS_MOTION_PERCENTILES)
         _log(f"vit: motion levels {motion_low:.2f} / {motion_high:.2f}")
 
-    def encode(clips, rng):
+    def encode(clips, phases, rng):
         budgets = np.where(rng.random(len(clips)) < budget.ats_full_share, 1.0, rng.uniform(low, high, len(clips)))
         per_clip = torch.as_tensor(budgets, dtype=torch.float32)
         recorder.scores, recorder.recording = [], bool(budget.ats_token_cost or budget.ats_spread_weight)
@@ -878,14 +961,15 @@ def build_adaptive(data_dir: Path, repository: Path = MODEL_REPOSITORY, *, budge
         calibration = _clip_batch(full, rng.integers(0, full.total_clips, CALIBRATION_CLIPS))
         for where in sgs_placements:
             t = time.monotonic()
-            model = s3d_sgs_from(teacher, s3d_meta["config"], where, calibration)
+            model = s3d_sgs_from(teacher, s3d_meta["config"], where, budget.sgs_similarity, calibration)
             model = fine_tune_sgs(model, teacher, decoder, short, budget, rng)
             seconds = time.monotonic() - t
             out_dir = work / where / "clip_encoder_s3d_sgs"
             adaptive_export.export_served(
                 adaptive_export.ServedS3DSGS(model), model, out_dir, adaptive=True, kept_dims=1,
                 parameters=adaptive_export.sgs_parameters(model, plain, clip_fps=clip_fps, budget_default=None),
-                meta={"encoder": "s3d_sgs", "sgs_after": where, "config": sgs_config(s3d_meta["config"], where),
+                meta={"encoder": "s3d_sgs", "sgs_after": where,
+                      "config": sgs_config(s3d_meta["config"], where, budget.sgs_similarity),
                       "provenance": provenance})
             curve = {}
             for b in SGS_VAL_BUDGETS:
@@ -958,6 +1042,10 @@ def main() -> None:
                              "similarity net fixed), save it to OUT and its validation report (torch) to OUT.json")
     parser.add_argument("--init-sgs", type=Path, default=None,
                         help="--tune-sgs: start from this s3d_sgs state dict instead of the served weights")
+    parser.add_argument("--sgs-similarity", choices=SIMILARITIES, default=None)
+    parser.add_argument("--sgs-prefit-steps", type=int, default=None)
+    parser.add_argument("--sgs-idle-weight", type=float, default=None,
+                        help="fine_tune_sgs: weight of the idle clips' squared Δ spread")
     parser.add_argument("--sgs-spread-weight", type=float, default=None,
                         help="fine_tune_sgs: weight of the clips' Δ spread against their motion's target")
     parser.add_argument("--sgs-lr", type=float, default=None)
@@ -984,7 +1072,8 @@ def main() -> None:
     budget_options = ("vit_steps", "vit_more_steps", "ats_tune_low", "ats_tune_high", "vit_tune_steps",
                       "ats_self_distill", "ats_token_cost", "ats_spread_weight", "ats_share_still",
                       "ats_share_moving", "val_every", "vit_val_every", "vit_align_steps",
-                      "sgs_steps", "sgs_frozen_steps", "sgs_spread_weight", "sgs_lr",
+                      "sgs_steps", "sgs_frozen_steps", "sgs_spread_weight", "sgs_lr", "sgs_similarity",
+                      "sgs_prefit_steps", "sgs_idle_weight",
                       "similarity_lr")  # AdaptiveBudget fields
     overrides = {name: getattr(args, name) for name in budget_options if getattr(args, name) is not None}
     budget = replace(budget, **overrides)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import register_flop_formula
 
@@ -156,12 +157,52 @@ class SimilarityNet(nn.Module):
         return self.conv2(self.act(self.conv1(pooled))).transpose(1, 2)  # N, T, L
 
 
-class SimilarityGuidedSampling(nn.Module):
-    """(N, C, T, H, W) features and a bin count B -> (N, C, B'max, H, W) and a (N, B'max) mask."""
+class MotionSimilarityNet(nn.Module):
+    """f_s that puts frames in time order, spaced by how much changed (ours): Δ_t = d + Σ_{s<=t} m_s,
+    with m_s >= 0 read from the change between frames s−1 and s (each channel's mean absolute
+    difference over space, two kernel-1 conv1d layers, softplus) and d = softplus(offset) > 0 one
+    learnt value. Z_t = Δ_t (L = 1).
 
-    def __init__(self, in_channels: int, *, similarity_dim: int = 8, centred: bool = False):
+    Why: `SimilarityNet` bins frames by how alike their own features are, wherever they are in the
+    clip, so a clip's bins mix frames from its start and end; a diver's rotation, read from frame
+    to frame, is lost in those means. Here Δ is monotone in t, so a bin only ever holds
+    neighbouring frames: a still clip (m ≈ 0) sits at Δ ≈ d, one bin; a clip that changes evenly
+    at m per frame with d = m / 2 puts frame t at Δ = (t + 1/2) m, in bin t + 1 alone at B = T
+    ((2t + 1) / (2T − 1) half-widths right of its centre), so it keeps every frame, and at B = T / 2
+    pairs of neighbours (tested)."""
+
+    def __init__(self, in_channels: int):
         super().__init__()
-        self.similarity = SimilarityNet(in_channels, similarity_dim=similarity_dim, centred=centred)
+        self.conv1 = nn.Conv1d(in_channels, in_channels, 1)
+        self.act = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv1d(in_channels, 1, 1)
+        self.offset = nn.Parameter(torch.zeros(()))
+
+    def steps(self, features: torch.Tensor) -> torch.Tensor:
+        """(N, C, T, *S) -> m (N, T − 1), the change from each frame to the next."""
+        change = (features[:, :, 1:] - features[:, :, :-1]).abs().flatten(3).mean(dim=3)  # N, C, T − 1
+        return F.softplus(self.conv2(self.act(self.conv1(change))))[:, 0]
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        steps = self.steps(features)
+        start = steps.new_zeros((steps.shape[0], 1))
+        return (F.softplus(self.offset) + torch.cat([start, steps.cumsum(dim=1)], dim=1)).unsqueeze(-1)  # N, T, 1
+
+
+SIMILARITIES = ("frame", "motion")
+
+
+class SimilarityGuidedSampling(nn.Module):
+    """(N, C, T, H, W) features and a bin count B -> (N, C, B'max, H, W) and a (N, B'max) mask.
+    `similarity`: "frame" (`SimilarityNet`, the thesis's) or "motion" (`MotionSimilarityNet`)."""
+
+    def __init__(self, in_channels: int, *, similarity_dim: int = 8, centred: bool = False,
+                 similarity: str = "frame"):
+        super().__init__()
+        if similarity not in SIMILARITIES:
+            raise ValueError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}")
+        self.similarity = (MotionSimilarityNet(in_channels) if similarity == "motion"
+                           else SimilarityNet(in_channels, similarity_dim=similarity_dim, centred=centred))
 
     def forward(self, features: torch.Tensor, bins: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return similarity_guided_sampling(features, self.similarity(features), bins)

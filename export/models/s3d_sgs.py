@@ -136,7 +136,7 @@ class S3DSGS(S3D):
     """`forward(clips, bins)` -> features (N, D) and the bins each clip kept, B' (N,)."""
 
     def __init__(self, *, sgs_after: str = "stem", similarity_dim: int | None = 8, similarity_centred: bool = False,
-                 bins: str = "sums", **s3d_options):
+                 similarity: str = "frame", bins: str = "sums", **s3d_options):
         """`similarity_dim` None: no sampler of its own (`sgs` is None), only the layers before and
         after it: a stream of an encoder that samples once for several streams (`S3DZoomSGS`)."""
         super().__init__(**s3d_options)
@@ -151,7 +151,7 @@ class S3DSGS(S3D):
         channels = {"patchify": self.stem[0].out_channels, "stem": self.stem[-3].out_channels,
                     "stage2": self.stage2.temporal.out_channels, "stage3": self.stage3.temporal.out_channels}[sgs_after]
         self.sgs = None if similarity_dim is None else SimilarityGuidedSampling(
-            channels, similarity_dim=similarity_dim, centred=similarity_centred)
+            channels, similarity_dim=similarity_dim, centred=similarity_centred, similarity=similarity)
         self.temporal_stride = self.pool3.kernel_size[0] if isinstance(self.pool3.kernel_size, tuple) else 2
 
     def _pool3(self, x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:

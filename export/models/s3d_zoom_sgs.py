@@ -42,6 +42,7 @@ class S3DZoomSGS(S3DZoom):
         sgs_after: str = "stem",
         similarity_dim: int = 8,
         similarity_centred: bool = False,
+        similarity: str = "frame",
         bins: str = "sums",
         channels: tuple[int, ...] = (24, 32, 64, 128),
         window_channels: tuple[int, ...] = (16, 24, 48, 96),
@@ -74,7 +75,7 @@ class S3DZoomSGS(S3DZoom):
         self.compact = True  # the streams' after_sgs_compact (False: the padded after_sgs, e.g. to compare)
         self.full_channels = channels[0]
         self.sgs = SimilarityGuidedSampling(channels[0] + window_channels[0], similarity_dim=similarity_dim,
-                                            centred=similarity_centred)
+                                            centred=similarity_centred, similarity=similarity)
 
     def prepare(self, clips: torch.Tensor) -> torch.Tensor:
         """uint8 clips (N, T, H, W, C) -> the normalised video both stems read (N, C, T, H, W)."""
