@@ -129,9 +129,11 @@ class AdaptiveBudget:
     # and 600 idle clips kept 1.2-1.3, flight 6.2.
     sgs_prefit_steps: int = 600
     sgs_prefit_lr: float = 1e-2
-    # The "frame" net's 6,400 / 4,800 were chosen on validation over 3,200, 1,600 and 800 steps
-    # (README "Adaptive computation"); the "motion" net's 4,000 / 2,800 fit a build in a session.
-    sgs_steps: int = 4000
+    # The "frame" net's 6,400 / 4,800 were chosen on validation over 3,200, 1,600 and 800 steps.
+    # The "motion" net's: 2,800 steps with the prefit net fixed throughout, chosen on validation over
+    # 1,200 more steps training it through the decoder (idle weight 1 or 0: both kept fewer bins in
+    # flight and answered worse; README "Adaptive computation", export/sgs_motion_screen.json).
+    sgs_steps: int = 2800
     sgs_videos_per_step: int = 4
     sgs_lr: float = 1e-3
     sgs_frozen_steps: int = 2800  # of sgs_steps, with the similarity net fixed (fine_tune_sgs)

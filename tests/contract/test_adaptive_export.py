@@ -226,8 +226,9 @@ def test_ats_keeps_fewer_tokens_than_asked(exported):
 @pytest.fixture(scope="module")
 def encoders(tmp_path_factory):
     """Small ViT with ATS in 3 blocks and the s3d with SGS after its stem (the thesis's sums, and the
-    served time-ordered means of a centred similarity net), and the two-stream s3d_zoom with one SGS
-    after both stems (time-ordered means), exported for serving."""
+    time-ordered means of a centred similarity net), and the two-stream s3d_zoom with one SGS after
+    both stems (time-ordered means; a centred similarity net, and the served motion net), exported
+    for serving."""
     from export import train
     from export.models import s3d_zoom_sgs
     from export.models.s3d_sgs import create as create_s3d_sgs
@@ -242,6 +243,8 @@ def encoders(tmp_path_factory):
     means = create_s3d_sgs("s3d_sgs_patchify_112", frame_size=64, bins="time_means", similarity_centred=True).eval()
     zoom = s3d_zoom_sgs.create(train.SERVED_ENCODER, frame_size=64, window_size=64, bins="time_means",
                                similarity_centred=True).eval()
+    motion = s3d_zoom_sgs.create(train.SERVED_ENCODER, frame_size=64, window_size=64, bins="time_means",
+                                 similarity="motion").eval()
     with torch.no_grad():  # sharper attention and a similarity net that tells frames apart, as after training
         for block in vit.blocks:
             block.attn.qkv.weight[:32].mul_(8)
@@ -251,13 +254,14 @@ def encoders(tmp_path_factory):
     # as served: one budget per clip, each ATS block's K relative to the tokens it receives
     _export(vit, (clips, torch.tensor([[1.0], [0.5]])), out / "vit_ats.onnx", ["clips", "budget"],
             ["features", "tokens_kept"], {"clips": {0: batch}, "budget": {0: batch}})
-    for name, model in (("s3d_sgs", sgs), ("s3d_sgs_time_means", means), ("s3d_zoom_sgs", zoom)):
+    for name, model in (("s3d_sgs", sgs), ("s3d_sgs_time_means", means), ("s3d_zoom_sgs", zoom),
+                        ("s3d_zoom_sgs_motion", motion)):
         _export(model, (clips, torch.tensor(8)), out / f"{name}.onnx", ["clips", "bins"], ["features", "bins_kept"],
                 {"clips": {0: batch}, "bins": None})
     return {name: (model, onnx.load(str(out / f"{name}.onnx")),
                    ort.InferenceSession(str(out / f"{name}.onnx"), providers=["CPUExecutionProvider"]))
             for name, model in (("vit_ats", vit), ("s3d_sgs", sgs), ("s3d_sgs_time_means", means),
-                                ("s3d_zoom_sgs", zoom))}
+                                ("s3d_zoom_sgs", zoom), ("s3d_zoom_sgs_motion", motion))}
 
 
 def _video(batch: int, seed: int) -> np.ndarray:
@@ -269,7 +273,8 @@ def _video(batch: int, seed: int) -> np.ndarray:
 def test_encoders_keep_one_node_per_use(encoders):
     for name, op_type, uses in (("vit_ats", "AdaptiveTokenSampler", 3), ("s3d_sgs", "SimilarityGuidedSampling", 1),
                                 ("s3d_sgs_time_means", "SimilarityGuidedSampling", 1),
-                                ("s3d_zoom_sgs", "SimilarityGuidedSampling", 1)):
+                                ("s3d_zoom_sgs", "SimilarityGuidedSampling", 1),
+                                ("s3d_zoom_sgs_motion", "SimilarityGuidedSampling", 1)):
         _, proto, _ = encoders[name]
         custom = [n.op_type for n in proto.graph.node if n.domain == "vqs"]
         assert custom == [op_type] * uses
@@ -296,7 +301,7 @@ def test_vit_ats_matches_torch(encoders, budgets):
         assert sampling[:, 1:].any()
 
 
-@pytest.mark.parametrize("name", ["s3d_sgs", "s3d_sgs_time_means", "s3d_zoom_sgs"])
+@pytest.mark.parametrize("name", ["s3d_sgs", "s3d_sgs_time_means", "s3d_zoom_sgs", "s3d_zoom_sgs_motion"])
 @pytest.mark.parametrize("bins", [8, 4, 2, 1])
 @pytest.mark.parametrize("batch", [1, 4])
 def test_s3d_sgs_matches_torch(encoders, bins, batch, name):
@@ -323,13 +328,13 @@ def test_served_zoom_sgs_exports_one_node_its_compute_table_and_matches_torch(tm
     torch.manual_seed(0)
     zoom = train.build_served_encoder().eval()
     calibration = torch.from_numpy(_video(8, seed=1).repeat(7, axis=2).repeat(7, axis=3)[:, :, :112, :112])
-    model = s3d_sgs_from(zoom, train.served_encoder_config(), "stem", calibration).eval()
+    model = s3d_sgs_from(zoom, train.served_encoder_config(), "stem", "motion", calibration).eval()
     plain = s3d_macs(zoom)
     model_dir = tmp_path / "clip_encoder_s3d_sgs"
     path = ae.export_served(ae.ServedS3DSGS(model), model, model_dir, adaptive=True, kept_dims=1,
                             parameters=ae.sgs_parameters(model, plain, clip_fps=15, budget_default=0.5),
                             meta={"encoder": "s3d_sgs", "sgs_after": "stem",
-                                  "config": sgs_config(train.served_encoder_config(), "stem")})
+                                  "config": sgs_config(train.served_encoder_config(), "stem", "motion")})
     proto = onnx.load(str(path))
     onnx.checker.check_model(proto, full_check=True)
     assert [n.op_type for n in proto.graph.node if n.domain == "vqs"] == ["SimilarityGuidedSampling"]

@@ -461,3 +461,29 @@ def test_spread_target_maps_still_clips_to_one_bin_and_moving_ones_up_to_the_cap
 
     target = spread_target(torch.tensor([1.0, 4.0, 5.0, 6.0, 9.0]), 4.0, 6.0)
     torch.testing.assert_close(target, torch.tensor([0.0, 0.0, SPREAD_MAX / 2, SPREAD_MAX, SPREAD_MAX]))
+
+
+def test_event_spread_is_the_spread_of_an_evenly_changing_clip_that_keeps_every_frame():
+    from export.adaptive.sgs import bin_weights
+    from export.train_adaptive import delta_spread, event_spread
+
+    z = (torch.arange(8, dtype=torch.float64) + 0.5).view(1, 8, 1)  # Δ_t = d + t m with d = m / 2
+    assert float(delta_spread(z)) == pytest.approx(event_spread(8))
+    assert (bin_weights(z, 8)[0] > 0).sum(dim=0).tolist() == [1] * 8
+
+
+def test_calibrate_motion_sets_d_to_half_the_median_step():
+    from export import train
+    from export.models import s3d_zoom_sgs
+    from export.train_adaptive import calibrate_similarity
+
+    torch.manual_seed(0)
+    model = s3d_zoom_sgs.create(train.SERVED_ENCODER, frame_size=64, window_size=64, bins="time_means",
+                                similarity="motion")
+    clips = torch.randint(0, 255, (4, 8, 64, 64, 3), dtype=torch.uint8)
+    median = calibrate_similarity(model, clips)
+    net = model.sgs.similarity
+    with torch.no_grad():
+        steps = net.steps(model.eval().before_sgs(model.prepare(clips)))
+    assert median == pytest.approx(float(steps.median()))
+    assert float(torch.nn.functional.softplus(net.offset)) == pytest.approx(median / 2, rel=1e-5)

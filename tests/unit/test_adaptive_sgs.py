@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from export.adaptive.sgs import SimilarityGuidedSampling, bin_weights, similarity_guided_sampling
+from export.adaptive.sgs import MotionSimilarityNet, SimilarityGuidedSampling, bin_weights, similarity_guided_sampling
 
 
 def _z_with_norms(*norms: float) -> torch.Tensor:
@@ -134,3 +134,62 @@ def test_bins_is_a_run_time_input():
 def test_bad_bins_are_refused(bins):
     with pytest.raises(ValueError, match="bins"):
         similarity_guided_sampling(torch.zeros(1, 1, 2, 1, 1), torch.ones(1, 2, 2), bins)
+
+
+def _even_motion_net(channels: int, step: float) -> MotionSimilarityNet:
+    """A motion net whose step m is `step` times each frame's mean absolute change (one hidden unit
+    reads the channels' mean), with d = m / 2 for a clip that changes by 1 a frame."""
+    net = MotionSimilarityNet(channels).double()
+    with torch.no_grad():
+        net.conv1.weight.zero_()
+        net.conv1.bias.zero_()
+        net.conv1.weight[0, :, 0] = 1.0 / channels
+        net.conv2.weight.zero_()
+        net.conv2.weight[0, 0, 0] = 50.0  # softplus(50 x) = 50 x to the bit for x >= 1
+        net.conv2.bias.zero_()
+        net.offset.copy_(torch.log(torch.expm1(torch.tensor(50.0 * step / 2))))
+    return net
+
+
+def test_motion_similarity_is_monotone_in_time_and_a_still_clip_one_bin_once_d_outweighs_its_steps():
+    torch.manual_seed(4)
+    net = MotionSimilarityNet(3).double()
+    features = torch.randn(2, 3, 8, 4, 4, dtype=torch.float64)
+    z = net(features)
+    assert z.shape == (2, 8, 1) and (z[:, 1:] > z[:, :-1]).all() and (z > 0).all()
+    still = features[:, :, :1].expand(-1, -1, 8, -1, -1).contiguous()
+    steps = net.steps(still)
+    torch.testing.assert_close(steps, steps[:, :1].expand_as(steps))  # no frame of a still clip stands out
+    with torch.no_grad():  # what the prefit teaches idle clips: d far above their steps
+        net.offset.fill_(float(steps.max()) * 100)
+    for bins in (1, 4, 8):
+        _, mask = similarity_guided_sampling(still, net(still), torch.tensor(bins))
+        assert mask.tolist() == [[True], [True]]
+    _, mask = similarity_guided_sampling(features, net(features * 1000), torch.tensor(8))
+    assert mask.sum(dim=1).min() > 1  # a clip that changes far more than d spreads again
+
+
+def test_an_evenly_changing_clip_keeps_every_frame_at_b_equal_t_and_pairs_of_neighbours_at_half():
+    # Frame t is filled with t + 1: it changes by 1 a frame, so m = 50 and d = 25: Δ_t = 50 (t + 1/2).
+    features = _frames(8)
+    net = _even_motion_net(3, 1.0)
+    weights = bin_weights(net(features), 8)[0]
+    assert (weights > 0).sum(dim=1).tolist() == [1] * 8  # each frame in one bin ...
+    assert weights.argmax(dim=1).tolist() == list(range(8))  # ... its own, in time order
+    pairs = bin_weights(net(features), 4)[0]
+    assert pairs.argmax(dim=1).tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+
+
+def test_the_motion_net_learns_through_the_kernel():
+    torch.manual_seed(5)
+    module = SimilarityGuidedSampling(4, similarity="motion").double()
+    features = torch.randn(2, 4, 8, 3, 3, dtype=torch.float64)
+    sampled, _ = module(features, torch.tensor(4))
+    sampled.square().sum().backward()
+    for name, parameter in module.named_parameters():
+        assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
+
+
+def test_unknown_similarity_is_refused():
+    with pytest.raises(ValueError, match="similarity"):
+        SimilarityGuidedSampling(4, similarity="optical_flow")
