@@ -410,6 +410,16 @@ def event_spread(clip_frames: int) -> float:
     return (clip_frames - 1) / (clip_frames - 0.5)
 
 
+def _short_videos(short: data.ClipDataset, count: int, rng: np.random.Generator
+                  ) -> tuple[np.ndarray, torch.Tensor, list[int], np.ndarray]:
+    """`count` random short videos: their indices, every clip of them in one batch, each video's
+    clip count, and each clip's phase (`ClipDataset.clip_phases`)."""
+    videos = rng.choice(len(short.records), count, replace=False)
+    clips = [torch.from_numpy(short.clips(v, 0, int(short.num_clips[v]))) for v in videos]
+    phases = np.concatenate([short.clip_phases(v) for v in videos])
+    return videos, torch.cat(clips), [len(c) for c in clips], phases
+
+
 def prefit_similarity(model: SGSEncoder, short: data.ClipDataset, budget: AdaptiveBudget,
                       rng: np.random.Generator) -> None:
     """The similarity net alone (the encoder frozen) fit to each clip's phase: an event clip's Δ
@@ -424,9 +434,7 @@ def prefit_similarity(model: SGSEncoder, short: data.ClipDataset, budget: Adapti
     model.eval()  # batch norm at its running statistics: only the net learns
     start = time.monotonic()
     for step in range(budget.sgs_prefit_steps):
-        videos = rng.choice(len(short.records), budget.sgs_videos_per_step, replace=False)
-        clips = torch.cat([torch.from_numpy(short.clips(v, 0, int(short.num_clips[v]))) for v in videos])
-        phases = np.concatenate([short.clip_phases(v) for v in videos])
+        _, clips, _, phases = _short_videos(short, budget.sgs_videos_per_step, rng)
         with torch.no_grad():
             before = model.before_sgs(model.prepare(clips))
         target = torch.from_numpy(np.isin(phases, EVENT_PHASES) * spread).float()
@@ -453,11 +461,7 @@ def tune_through_decoder(name: str, model: torch.nn.Module, encode, groups: list
     opt, sched = _optimizer(groups, lr, steps)
     start, running = time.monotonic(), 0.0
     for step in range(steps):
-        videos = rng.choice(len(short.records), videos_per_step, replace=False)
-        clips = [torch.from_numpy(short.clips(v, 0, int(short.num_clips[v]))) for v in videos]
-        counts = [len(c) for c in clips]
-        clips = torch.cat(clips)
-        phases = np.concatenate([short.clip_phases(v) for v in videos])
+        videos, clips, counts, phases = _short_videos(short, videos_per_step, rng)
         with torch.no_grad():
             target = teacher(clips)
         features, kept, extra = encode(clips, phases, rng)
