@@ -128,7 +128,7 @@ def domain_line(result: dict[str, Any]) -> Text:
     line says so, since footage unlike the training data then goes unflagged."""
     d = result.get("domain")
     if d is None:
-        return Text(f"domain not judged (no in-domain threshold for encoder {result['encoder']}): "
+        return Text(f"domain not judged (encoder {result['encoder']} has no in-domain score): "
                     "answers about footage unlike the training data are not flagged", style="yellow")
     if d["in_domain"]:
         return Text(f"in domain (score {d['score']:.2f} >= threshold {d['threshold']:.2f})", style="green")

@@ -10,7 +10,10 @@ Contract (agreed with the gateway, issue 9), batched with dynamic batching:
 - output `features` FP32 [256]; adaptive encoders also `kept` INT64 (SGS [1]: the bins B' the clip
   kept; ATS [blocks]: K' non-cls tokens per ATS block) and `gmacs` FP32 [1]: the clip's
   multiply-adds counted in the graph from the shapes it processed (its own B' / K'; the padding
-  of a mixed batch is not counted).
+  of a mixed batch is not counted); every one of them also `domain_distance` FP32 [1]: the
+  clip's RMS whitened distance under a Gaussian fit to this encoder's own training features
+  (`DomainDistance`; the decoder's Gaussian fits s3d's features only), and the config parameter
+  `in_domain_threshold`: a video is in domain when minus its clips' mean distance reaches it.
 - config parameters the gateway reads from Triton: `clip_fps`, `gmacs_per_clip` (the same encoder
   without its adaptive module: the constant cost of a plain encoder, the denominator of an
   adaptive one's kept ratio), and for adaptive ones `adaptive` ("sgs" | "ats"), `budget_units`,
@@ -33,7 +36,7 @@ from torch import nn
 
 from export import onnx_export
 from export.adaptive import onnx_functions
-from export.models import s3d_zoom_sgs
+from export.models import s3d_zoom_sgs, tqn
 from export.models.s3d_sgs import S3DSGS
 from export.models.s3d_zoom_sgs import S3DZoomSGS
 from export.models.vit import K_FLOOR, VideoViT
@@ -43,6 +46,8 @@ BUDGET_INPUT = "budget"
 FEATURES_OUTPUT = "features"
 KEPT_OUTPUT = "kept"
 GMACS_OUTPUT = "gmacs"
+DOMAIN_OUTPUT = "domain_distance"
+DOMAIN_FILE = "domain.pt"
 
 CLIP_FPS_PARAMETER = "clip_fps"
 GMACS_PER_CLIP_PARAMETER = "gmacs_per_clip"
@@ -100,6 +105,36 @@ class ServedS3DSGS(nn.Module):
         return features, kept.unsqueeze(1), self.gmacs_by_bins[kept - 1].unsqueeze(1)
 
 
+class DomainDistance(nn.Module):
+    """An encoder's own in-domain Gaussian: (N, D) features -> (N, 1) `tqn.domain_distance`."""
+
+    def __init__(self, mean: torch.Tensor, whiten: torch.Tensor):
+        super().__init__()
+        self.register_buffer("mean", mean.float())
+        self.register_buffer("whiten", whiten.float())
+
+    @classmethod
+    def fit(cls, features: torch.Tensor, shrinkage: float) -> DomainDistance:
+        return cls(*tqn.whitening(features, shrinkage))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return tqn.domain_distance(features, self.mean, self.whiten).unsqueeze(1)
+
+
+class WithDomain(nn.Module):
+    """A served encoder whose outputs end with each clip's `DomainDistance`."""
+
+    def __init__(self, served: nn.Module, domain: DomainDistance):
+        super().__init__()
+        self.served = served
+        self.domain = domain
+
+    def forward(self, clips: torch.Tensor, budget: torch.Tensor | None = None):
+        out = self.served(clips) if budget is None else self.served(clips, budget)
+        out = out if isinstance(out, tuple) else (out,)
+        return (*out, self.domain(out[0]))
+
+
 def vit_parameters(vit: VideoViT, *, ats: bool, clip_fps: float, budget_default: float | None) -> dict[str, str]:
     parameters = {CLIP_FPS_PARAMETER: f"{clip_fps:g}", GMACS_PER_CLIP_PARAMETER: f"{vit.macs() / 1e9:.6g}"}
     if ats:
@@ -123,9 +158,11 @@ def _dims(shape) -> str:
     return "[ " + ", ".join(str(d) for d in shape) + " ]"
 
 
-def config_text(name: str, *, kept_dims: int | None, parameters: Mapping[str, str], frames: int, size: int) -> str:
-    """config.pbtxt of a served clip encoder (kept_dims None: a plain encoder without budget),
-    without the `clip_fps` / `gmacs_per_clip` parameters (`write_metadata` adds them)."""
+def config_text(name: str, *, kept_dims: int | None, domain: bool, parameters: Mapping[str, str], frames: int,
+                size: int) -> str:
+    """config.pbtxt of a served clip encoder (kept_dims None: a plain encoder without budget;
+    `domain`: it outputs `domain_distance`), without the `clip_fps` / `gmacs_per_clip` parameters
+    (`write_metadata` adds them)."""
     clip_dims = _dims([frames, size, size, 3])
     inputs = [f'  {{\n    name: "{ENCODER_INPUT}"\n    data_type: TYPE_UINT8\n    dims: {clip_dims}\n  }}']
     outputs = [f'  {{\n    name: "{FEATURES_OUTPUT}"\n    data_type: TYPE_FP32\n    dims: [ 256 ]\n  }}']
@@ -135,6 +172,8 @@ def config_text(name: str, *, kept_dims: int | None, parameters: Mapping[str, st
         outputs.append(f'  {{\n    name: "{KEPT_OUTPUT}"\n    data_type: TYPE_INT64\n    dims: [ {kept_dims} ]\n  }}')
         outputs.append(f'  {{\n    name: "{GMACS_OUTPUT}"\n    data_type: TYPE_FP32\n    dims: [ 1 ]\n  }}')
         warmup_inputs.append(f'      key: "{BUDGET_INPUT}"\n      value {{ data_type: TYPE_FP32 dims: [ 1 ] zero_data: true }}')
+    if domain:
+        outputs.append(f'  {{\n    name: "{DOMAIN_OUTPUT}"\n    data_type: TYPE_FP32\n    dims: [ 1 ]\n  }}')
     lines = [
         "# Written by export/adaptive_export.py; re-export to change (see its docstring for the contract).",
         "# Runs model.onnx with ONNX Runtime inside the python backend (see onnx_runner.py); the vqs ops'",
@@ -178,11 +217,14 @@ def export_served(
     parameters: Mapping[str, str],
     meta: Mapping,
     weights: Path | None = None,
+    domain: DomainDistance | None = None,
 ) -> Path:
     """Write `model_dir`/{config.pbtxt, 1/model.onnx, 1/model.json, 1/model.py -> onnx_runner.py};
-    the torch weights go to `1/model.pt` unless `weights` names the file that already holds them."""
+    the torch weights go to `1/model.pt` unless `weights` names the file that already holds them;
+    with `domain`, the graph also outputs `domain_distance` and the Gaussian goes to `1/domain.pt`."""
     version = model_dir / "1"
     version.mkdir(parents=True, exist_ok=True)
+    served = served if domain is None else WithDomain(served, domain)
     served.eval()
     frames, size = encoder.clip_frames, encoder.frame_size
     clips = torch.randint(0, 256, (2, frames, size, size, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
@@ -196,12 +238,17 @@ def export_served(
         args = (clips,)
         names_in, names_out = [ENCODER_INPUT], [FEATURES_OUTPUT]
         dynamic = {"clips": {0: batch}}
+    if domain is not None:
+        names_out.append(DOMAIN_OUTPUT)
     proto = onnx_functions.export(served, args, path, input_names=names_in, output_names=names_out,
                                   dynamic_shapes=dynamic)
     onnx.checker.check_model(proto, full_check=True)
     if weights is None:
         weights = version / "model.pt"
         torch.save(encoder.state_dict(), weights)
+    (version / DOMAIN_FILE).unlink(missing_ok=True)
+    if domain is not None:
+        torch.save(domain.state_dict(), version / DOMAIN_FILE)
     runner = version / "model.py"
     if not runner.is_symlink():
         runner.unlink(missing_ok=True)
@@ -217,18 +264,32 @@ def export_served(
         "weights": os.path.relpath(weights, model_dir.parent),
         "weights_sha256": _sha256(weights),
         "onnx_sha256": _sha256(path),
+        "domain": None if domain is None else {**meta.get("domain", {}), "sha256": _sha256(version / DOMAIN_FILE)},
     }
     write_metadata(model_dir, info)
     return path
 
 
-def _tensor_tables(kept_dims: int | None, frames: int, size: int, feature_dim: int) -> tuple[dict, dict]:
+def export_with_domain(model_dir: Path, domain: DomainDistance, about: Mapping) -> Path:
+    """Re-export an exported encoder's model directory in place, its graph now also outputting
+    `domain_distance` under `domain` (`about`: how it was fit, kept in model.json)."""
+    info = json.loads((model_dir / "1" / "model.json").read_text())
+    served = load_served(model_dir, domain=False)
+    encoder = served.vit if isinstance(served, (ServedViT, ServedViTATS)) else served.model
+    return export_served(served, encoder, model_dir, adaptive=info["kept_dims"] is not None,
+                         kept_dims=info["kept_dims"], parameters=info["parameters"], meta={**info, "domain": dict(about)},
+                         weights=model_dir.parent / info["weights"], domain=domain)
+
+
+def _tensor_tables(kept_dims: int | None, domain: bool, frames: int, size: int, feature_dim: int) -> tuple[dict, dict]:
     inputs = {ENCODER_INPUT: {"dtype": "uint8", "shape": ["batch", frames, size, size, 3]}}
     outputs = {FEATURES_OUTPUT: {"dtype": "float32", "shape": ["batch", feature_dim]}}
     if kept_dims is not None:
         inputs[BUDGET_INPUT] = {"dtype": "float32", "shape": ["batch", 1]}
         outputs[KEPT_OUTPUT] = {"dtype": "int64", "shape": ["batch", kept_dims]}
         outputs[GMACS_OUTPUT] = {"dtype": "float32", "shape": ["batch", 1]}
+    if domain:
+        outputs[DOMAIN_OUTPUT] = {"dtype": "float32", "shape": ["batch", 1]}
     return inputs, outputs
 
 
@@ -239,11 +300,12 @@ def write_metadata(model_dir: Path, info: dict) -> None:
     info = dict(info)
     info["clip_fps"] = float(info["parameters"][CLIP_FPS_PARAMETER])
     info.setdefault("feature_dim", 256)
-    info["inputs"], info["outputs"] = _tensor_tables(info["kept_dims"], info["clip_frames"], info["frame_size"],
-                                                     info["feature_dim"])
+    domain = bool(info.get("domain"))
+    info["inputs"], info["outputs"] = _tensor_tables(info["kept_dims"], domain, info["clip_frames"],
+                                                     info["frame_size"], info["feature_dim"])
     config = model_dir / "config.pbtxt"
-    config.write_text(config_text(model_dir.name, kept_dims=info["kept_dims"], parameters=info["parameters"],
-                                  frames=info["clip_frames"], size=info["frame_size"]))
+    config.write_text(config_text(model_dir.name, kept_dims=info["kept_dims"], domain=domain,
+                                  parameters=info["parameters"], frames=info["clip_frames"], size=info["frame_size"]))
     onnx_export.write_config_parameters(config, onnx_export.encoder_parameters(
         info["clip_fps"], float(info["parameters"][GMACS_PER_CLIP_PARAMETER])))
     (model_dir / "1" / "model.json").write_text(json.dumps(info, indent=2) + "\n")
@@ -271,20 +333,25 @@ def install(staged: Path, repository: Path) -> list[str]:
     return moved
 
 
-def load_served(model_dir: Path) -> nn.Module:
+def load_served(model_dir: Path, *, domain: bool = True) -> nn.Module:
     """The torch module a model directory was exported from (its model.json's `encoder`, `config`
-    and `weights`), in eval mode."""
+    and `weights`, and with `domain` its Gaussian when it has one: `WithDomain`), in eval mode."""
     meta = json.loads((model_dir / "1" / "model.json").read_text())
     state = torch.load(model_dir.parent / meta["weights"], weights_only=True)
     if meta["encoder"] in ("vit", "vit_ats"):
         vit = VideoViT(**meta["config"])
         vit.load_state_dict(state)
-        return (ServedViT(vit) if meta["encoder"] == "vit" else ServedViTATS(vit)).eval()
-    if meta["encoder"] == "s3d_sgs":
+        served = ServedViT(vit) if meta["encoder"] == "vit" else ServedViTATS(vit)
+    elif meta["encoder"] == "s3d_sgs":
         model = s3d_zoom_sgs.from_config(meta["config"])
         model.load_state_dict(state)
-        return ServedS3DSGS(model.eval()).eval()
-    raise ValueError(f"{model_dir}: unknown encoder {meta['encoder']!r}")
+        served = ServedS3DSGS(model.eval())
+    else:
+        raise ValueError(f"{model_dir}: unknown encoder {meta['encoder']!r}")
+    if domain and meta.get("domain"):
+        gaussian = torch.load(model_dir / "1" / DOMAIN_FILE, weights_only=True)
+        served = WithDomain(served, DomainDistance(gaussian["mean"], gaussian["whiten"]))
+    return served.eval()
 
 
 def parity(served: nn.Module, path: Path, budgets: list[float], *, seed: int = 0, batch: int = 4) -> float:

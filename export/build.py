@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from export import MODEL_REPOSITORY, REPO, data, onnx_export, synth, train
+from export.models import tqn
 
 EVALUATION = REPO / "export" / "evaluation.json"
 
@@ -46,6 +47,7 @@ LENGTH_BINS = ((2, 8), (8, 14), (14, 21))
 NULL_EVERY = 10
 # Videos scoring below this percentile of validation in-domain scores are flagged out of domain.
 IN_DOMAIN_PERCENTILE = 2.0
+IN_DOMAIN_CHOSEN_AS = f"percentile {IN_DOMAIN_PERCENTILE:g} of val scores"
 DOMAIN_FIT_VIDEOS = 150  # training videos whose clip features (~3,000 clips) fit the in-domain Gaussian
 VAL_DOMAIN_VIDEOS = 60  # validation videos whose clips choose the covariance shrinkage
 # The validation likelihood keeps rising as the shrinkage falls (the clip features fill a thinner
@@ -235,10 +237,15 @@ def calibration_report(logits: dict[str, np.ndarray], ds: data.ClipDataset, temp
     return out
 
 
+def domain_videos(ds: data.ClipDataset, count: int) -> np.ndarray:
+    """The seeded, sorted `count` videos of `ds` whose clips fit (training) or choose the shrinkage
+    of (validation) an in-domain Gaussian."""
+    return np.sort(np.random.default_rng(TRAIN_SEED).choice(len(ds.records), min(count, len(ds.records)), replace=False))
+
+
 def _some_clip_features(encoder, ds: data.ClipDataset, videos: int) -> torch.Tensor:
-    chosen = np.random.default_rng(TRAIN_SEED).choice(len(ds.records), min(videos, len(ds.records)), replace=False)
     encoder.eval()
-    return torch.cat([train.clip_features(encoder, ds, int(v)) for v in np.sort(chosen)])
+    return torch.cat([train.clip_features(encoder, ds, int(v)) for v in domain_videos(ds, videos)])
 
 
 def gaussian_log_likelihood(features: torch.Tensor, mean, values, vectors) -> float:
@@ -247,14 +254,20 @@ def gaussian_log_likelihood(features: torch.Tensor, mean, values, vectors) -> fl
     return float(-0.5 * (z.pow(2).sum(1).mean() + values.log().sum()))
 
 
+def choose_shrinkage(features: torch.Tensor, held_out: torch.Tensor) -> tuple[float, dict[float, float]]:
+    """Of `SHRINKAGES`, the one whose Gaussian fit to `features` gives `held_out` clips the highest
+    likelihood, and each one's likelihood."""
+    likelihood = {s: gaussian_log_likelihood(held_out, *tqn.fit_gaussian(features, s)) for s in SHRINKAGES}
+    return max(likelihood, key=likelihood.get), likelihood
+
+
 def fit_domain(encoder, decoder, fit: data.ClipDataset, val: data.ClipDataset,
                videos: int = DOMAIN_FIT_VIDEOS) -> dict:
     """Fit the decoder's in-domain Gaussian to the clip features of a seeded subset of training
     videos, with the covariance shrinkage that gives validation clips the highest likelihood."""
     features = _some_clip_features(encoder, fit, videos)
     held_out = _some_clip_features(encoder, val, VAL_DOMAIN_VIDEOS)
-    likelihood = {s: gaussian_log_likelihood(held_out, *decoder.fit_gaussian(features, s)) for s in SHRINKAGES}
-    best = max(likelihood, key=likelihood.get)
+    best, likelihood = choose_shrinkage(features, held_out)
     decoder.set_domain(features, shrinkage=best)
     return {"fit_clips": len(features), "val_clips": len(held_out), "shrinkage": best,
             "val_log_likelihood": {str(s): v for s, v in likelihood.items()}}
@@ -418,7 +431,7 @@ def main(data_dir: Path | None = None, budget: train.Budget | None = None, contr
     report["calibration"] = {"temperature": temperatures, "ece_bins": ECE_BINS,
                              "val": calibration_report(val_logits["tqn"], datasets["val"], temperatures, False),
                              "test": calibration_report(test_logits["tqn"], datasets["test"], temperatures, True)}
-    report["in_domain"] = {"threshold": threshold, "chosen_as": f"{IN_DOMAIN_PERCENTILE:g}th percentile of val scores",
+    report["in_domain"] = {"threshold": threshold, "chosen_as": IN_DOMAIN_CHOSEN_AS,
                            **domain,
                            "val": in_domain_report(val_logits["tqn"]["in_domain_score"], datasets["val"], threshold),
                            "test": in_domain_report(test_logits["tqn"]["in_domain_score"], datasets["test"], threshold),

@@ -74,7 +74,7 @@ def screen(saved: Path, data_dir: Path) -> list[dict]:
     rows = []
     for shrinkage in build.SHRINKAGES:
         decoder.set_domain(fit, shrinkage)
-        likelihood = build.gaussian_log_likelihood(held_out, *decoder.fit_gaussian(fit, shrinkage))
+        likelihood = build.gaussian_log_likelihood(held_out, *tqn.fit_gaussian(fit, shrinkage))
         scores = np.array([build.video_domain_score(decoder, f) for f in val])
         threshold = float(np.percentile(scores, build.IN_DOMAIN_PERCENTILE))
         spread = float(np.median(scores)) - threshold

@@ -122,6 +122,8 @@ def run_served(ds: data.ClipDataset, videos: np.ndarray, curve_videos: set[int],
         present = {m for m in ("clip_encoder_s3d", "clip_encoder_vit", "clip_encoder_s3d_sgs", "clip_encoder_vit_ats")
                    if (repository / m / "config.pbtxt").is_file()}
         params = {m: _parameters(client, m) for m in present | {"tqn_decoder"}}
+        scored = {m for m in present if any(o["name"] == adaptive_export.DOMAIN_OUTPUT for o in
+                                            client.get_model_config(m, as_json=True)["config"]["output"])}
         defaults = {m: float(params[m].get(adaptive_export.BUDGET_DEFAULT_PARAMETER, "1"))
                     for m in ("clip_encoder_s3d_sgs", "clip_encoder_vit_ats") if m in present}
         configs = _configurations(defaults, present)
@@ -137,11 +139,11 @@ def run_served(ds: data.ClipDataset, videos: np.ndarray, curve_videos: set[int],
                     continue
                 r = results[label]
                 r["videos"].append(int(v))
-                features = []
+                features, distances = [], []
                 before, count = _compute_ns(client, model)
                 for batch in clips:
                     inputs = {"clips": batch}
-                    outputs = ["features"]
+                    outputs = ["features"] + ([adaptive_export.DOMAIN_OUTPUT] if model in scored else [])
                     if budget is not None:
                         inputs["budget"] = np.full((len(batch), 1), budget, np.float32)
                         outputs += ["kept", "gmacs"]
@@ -150,6 +152,8 @@ def run_served(ds: data.ClipDataset, videos: np.ndarray, curve_videos: set[int],
                     r["seconds"] += time.perf_counter() - start
                     r["clips"] += len(batch)
                     features.append(out["features"])
+                    if model in scored:
+                        distances.append(out[adaptive_export.DOMAIN_OUTPUT])
                     if budget is not None:
                         r["kept"].append(out["kept"])
                         r["gmacs"].append(out["gmacs"][:, 0])
@@ -159,11 +163,14 @@ def run_served(ds: data.ClipDataset, videos: np.ndarray, curve_videos: set[int],
                                 decoder_outputs)
                 for q in HEADS:
                     r["preds"][q].append(int(logits[f"logits_{q}"][0].argmax()))
-                r["in_domain_scores"].append(float(logits[IN_DOMAIN_OUTPUT][0]))
+                # scored as the gateway scores: by the encoder's own Gaussian, else the decoder's
+                r["in_domain_scores"].append(-float(np.concatenate(distances).mean()) if distances
+                                             else float(logits[IN_DOMAIN_OUTPUT][0]))
             if (i + 1) % 25 == 0 or i + 1 == len(videos):
                 _log(f"{i + 1}/{len(videos)} videos")
         stats = client.get_inference_statistics(as_json=True)
-        return {"results": results, "parameters": params, "defaults": defaults, "triton_statistics": stats}
+        return {"results": results, "parameters": params, "defaults": defaults, "scored": sorted(scored),
+                "triton_statistics": stats}
     finally:
         process.stop()
 
@@ -301,11 +308,15 @@ def evaluate(data_dir: Path, repository: Path, *, videos: int | None = None, out
                  "accuracy": accuracy(preds, ds, evaluated),
                  "ms_per_clip": 1e-6 * r["compute_ns"] / r["clips"],
                  "client_ms_per_clip": 1000 * r["seconds"] / r["clips"], "clips": r["clips"]}
-        # Judged as the gateway judges: by the encoder's own threshold, else (the plain s3d the
-        # decoder was trained with) the decoder's; an adaptive encoder without one is not judged.
-        threshold = served["parameters"][model].get(IN_DOMAIN_THRESHOLD_PARAMETER)
-        if threshold is None and r["budget"] is None:
+        # Judged as the gateway judges: by the encoder's own Gaussian and threshold, else (the plain
+        # s3d the decoder was trained with) the decoder's; any other encoder is not judged.
+        own = served["parameters"][model].get(IN_DOMAIN_THRESHOLD_PARAMETER)
+        if model in served["scored"]:
+            threshold = own
+        elif own is None and r["budget"] is None:
             threshold = served["parameters"]["tqn_decoder"].get(IN_DOMAIN_THRESHOLD_PARAMETER)
+        else:
+            threshold = None
         entry["in_domain"] = None if threshold is None else {
             "threshold": float(threshold),
             **in_domain_report(np.asarray(r["in_domain_scores"]),  # it reads the videos' records only

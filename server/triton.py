@@ -50,6 +50,9 @@ FEATURES = "features"
 BUDGET = "budget"
 KEPT = "kept"
 GMACS = "gmacs"
+# Optional output of any encoder: per clip, its RMS whitened distance under a Gaussian fit to the
+# encoder's own training features (~1 in domain, larger = less alike); see EncoderSpec.domain_scored.
+DOMAIN_DISTANCE = "domain_distance"
 MASK = "mask"
 ATTENTION = "attention"
 # Optional last output of the query decoder: how alike a video's clip features are to its training
@@ -157,28 +160,37 @@ def frame_model_contract(model: str, patterns: int = 0, *, features: bool = Fals
 
 def contract_for(model: str, config: dict) -> ModelContract:
     """The gateway's contract for a model of the repository, given its Triton config as a dict
-    (every encoder shares one; the query decoder's outputs follow its `queries` parameter)."""
+    (an encoder's is the plain or the adaptive one, plus DOMAIN_DISTANCE when its config declares
+    it; the query decoder's outputs follow its `queries` parameter)."""
     if model == QUERY_DECODER_MODEL:
         spec = query_decoder_spec(config)
         return query_decoder_contract(
             [q.query for q in spec.queries], in_domain=spec.in_domain_threshold is not None
         )
     if model.startswith(ENCODER_PREFIX):
-        if not _parameter(config, ADAPTIVE):
-            return ENCODER_CONTRACT
-        # How many counts `kept` holds per clip is the model's (SGS: 1; ATS: one per ATS block).
-        kept = next((t for t in config.get("output", []) if t["name"] == KEPT), None)
-        dims = tuple(int(d) for d in kept["dims"]) if kept else ()
-        if len(dims) != 1:
-            return ADAPTIVE_ENCODER_CONTRACT
-        return dataclasses.replace(ADAPTIVE_ENCODER_CONTRACT, outputs=tuple(
-            dataclasses.replace(t, dims=dims) if t.name == KEPT else t
-            for t in ADAPTIVE_ENCODER_CONTRACT.outputs
-        ))
+        contract = _encoder_contract(config)
+        if _declares(config, DOMAIN_DISTANCE):
+            contract = dataclasses.replace(
+                contract, outputs=contract.outputs + (TensorSpec(DOMAIN_DISTANCE, "FP32", (1,)),))
+        return contract
     if model in (PARSER_MODEL, EMBEDDER_MODEL):
-        features = any(t.get("name") == FRAME_FEATURES for t in config.get("output", []))
+        features = _declares(config, FRAME_FEATURES)
         return frame_model_contract(model, int(_parameter(config, PATTERNS) or 0), features=features)
     raise KeyError(f"no contract for model {model!r}")
+
+
+def _encoder_contract(config: dict) -> ModelContract:
+    if not _parameter(config, ADAPTIVE):
+        return ENCODER_CONTRACT
+    # How many counts `kept` holds per clip is the model's (SGS: 1; ATS: one per ATS block).
+    kept = next((t for t in config.get("output", []) if t["name"] == KEPT), None)
+    dims = tuple(int(d) for d in kept["dims"]) if kept else ()
+    if len(dims) != 1:
+        return ADAPTIVE_ENCODER_CONTRACT
+    return dataclasses.replace(ADAPTIVE_ENCODER_CONTRACT, outputs=tuple(
+        dataclasses.replace(t, dims=dims) if t.name == KEPT else t
+        for t in ADAPTIVE_ENCODER_CONTRACT.outputs
+    ))
 
 
 @dataclass(frozen=True)
@@ -251,10 +263,12 @@ class EncoderSpec:
     # GMACs of one clip without an adaptive module; None: the config does not say (old export)
     gmacs_per_clip: float | None = None
     adaptive: AdaptiveSpec | None = None  # None: a fixed-compute encoder
-    # The query decoder's in-domain threshold was chosen on the features of the encoder it was
-    # trained with; another encoder's features (an adaptive one's, the ViT's) score differently,
-    # so it brings its own (None on an adaptive encoder: its videos' domain is unknown rather than
-    # wrongly "out of domain").
+    # Whether it outputs DOMAIN_DISTANCE per clip: a video's score is then -mean over its clips,
+    # judged against `in_domain_threshold` (see assemble.judge_domain).
+    domain_scored: bool = False
+    # Its own in-domain threshold. The query decoder's score and threshold were fitted to the
+    # features of the plain encoder it was trained with; another encoder's features (an adaptive
+    # one's, the ViT's) score differently, so it is judged by its own distances or not at all.
     in_domain_threshold: float | None = None
 
     def check_budget(self, budget: float) -> float:
@@ -279,6 +293,8 @@ class EncodedClips:
     features: np.ndarray  # float32 [n, D]
     kept: np.ndarray | None  # int64 [n, k]: B' (k = 1) or K' per ATS block; None: not adaptive
     gmacs: np.ndarray | None  # float64 [n]: GMACs each clip cost; None: the model does not say
+    # float64 [n]: each clip's DOMAIN_DISTANCE; None: the model does not output it
+    domain_distance: np.ndarray | None = None
 
     @staticmethod
     def concatenate(parts: Sequence[EncodedClips]) -> EncodedClips:
@@ -286,7 +302,7 @@ class EncodedClips:
             arrays = [getattr(p, name) for p in parts]
             return None if any(a is None for a in arrays) else np.concatenate(arrays)
 
-        return EncodedClips(joined("features"), joined("kept"), joined("gmacs"))
+        return EncodedClips(*(joined(f.name) for f in dataclasses.fields(EncodedClips)))
 
 
 @dataclass(frozen=True)
@@ -331,6 +347,7 @@ def _encoder_spec(model: str, config: dict) -> EncoderSpec:
         clip_fps=float(fps) if (fps := _parameter(config, CLIP_FPS)) else None,
         gmacs_per_clip=float(gmacs) if gmacs else None,
         adaptive=_adaptive_spec(config),
+        domain_scored=_declares(config, DOMAIN_DISTANCE),
         in_domain_threshold=float(raw) if (raw := _parameter(config, IN_DOMAIN_THRESHOLD)) else None,
     )
 
@@ -393,6 +410,11 @@ def query_decoder_spec(config: dict) -> QueryDecoderSpec:
 
 def _parameter(config: dict, key: str) -> str:
     return config.get("parameters", {}).get(key, {}).get("string_value", "")
+
+
+def _declares(config: dict, output: str) -> bool:
+    """Whether the config declares the (optional) output `output`."""
+    return any(t.get("name") == output for t in config.get("output", []))
 
 
 @dataclass(frozen=True)
@@ -852,6 +874,8 @@ class TritonClient:
             tensor = grpcclient.InferInput(BUDGET, list(budgets.shape), "FP32")
             tensor.set_data_from_numpy(budgets)
             extra, outputs = [tensor], [FEATURES, KEPT, GMACS]
+        if spec.domain_scored:
+            outputs.append(DOMAIN_DISTANCE)
         held = SharedFrames.holding(clips)
         if held is not None and await self._frames_mapped(held[0]):
             frames, offset = held
@@ -906,16 +930,26 @@ class TritonClient:
     def _encoded(spec: EncoderSpec, out: dict[str, np.ndarray]) -> EncodedClips:
         features = out[FEATURES].astype(np.float32, copy=False)
         n = len(features)
+        distance = None
+        if spec.domain_scored:
+            distance = out[DOMAIN_DISTANCE]
+            if distance.shape != (n, 1):
+                raise InferenceFailed(
+                    f"{spec.model} returned {DOMAIN_DISTANCE} {list(distance.shape)} for {n} clips; "
+                    f"expected [{n}, 1]"
+                )
+            distance = distance[:, 0].astype(np.float64)
         if spec.adaptive is None:
             gmacs = None if spec.gmacs_per_clip is None else np.full(n, spec.gmacs_per_clip)
-            return EncodedClips(features, None, gmacs)
+            return EncodedClips(features, None, gmacs, distance)
         kept, gmacs = out[KEPT], out[GMACS]
         if kept.ndim != 2 or len(kept) != n or gmacs.shape != (n, 1):
             raise InferenceFailed(
                 f"{spec.model} returned kept {list(kept.shape)} and gmacs {list(gmacs.shape)} "
                 f"for {n} clips; expected [{n}, k] and [{n}, 1]"
             )
-        return EncodedClips(features, kept.astype(np.int64, copy=False), gmacs[:, 0].astype(np.float64))
+        return EncodedClips(
+            features, kept.astype(np.int64, copy=False), gmacs[:, 0].astype(np.float64), distance)
 
     async def run_query_decoder(self, features: np.ndarray) -> DecoderOutputs:
         """float32 [N, D] -> the decoder's logits per query, attention [queries, N] and in-domain

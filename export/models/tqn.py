@@ -27,6 +27,33 @@ class QueryDecoderLayer(nn.Module):
         return q, weights  # B, Q, D ; B, Q, N
 
 
+def fit_gaussian(features: torch.Tensor, shrinkage: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mean, eigenvalues and eigenvectors of (n, D) features' covariance, shrunk towards its
+    mean variance by `shrinkage` (0-1), in float64."""
+    if features.ndim != 2 or len(features) <= features.shape[1]:
+        raise ValueError(f"need (n, D) features with n > D, got {tuple(features.shape)}")
+    if not 0 < shrinkage <= 1:
+        raise ValueError(f"shrinkage must be in (0, 1], got {shrinkage}")
+    features = features.double()
+    mean = features.mean(0)
+    cov = torch.cov((features - mean).T)
+    cov = (1 - shrinkage) * cov + shrinkage * cov.diagonal().mean() * torch.eye(len(cov), dtype=cov.dtype)
+    values, vectors = torch.linalg.eigh(cov)
+    return mean, values, vectors
+
+
+def whitening(features: torch.Tensor, shrinkage: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The float32 mean (D,) and whitening matrix (D, D) of `fit_gaussian`: z = (x - mean) @ whiten."""
+    mean, values, vectors = fit_gaussian(features, shrinkage)
+    return mean.float(), (vectors / values.sqrt()).float()
+
+
+def domain_distance(features: torch.Tensor, mean: torch.Tensor, whiten: torch.Tensor) -> torch.Tensor:
+    """(..., D) clip features -> (...) RMS whitened distance per clip, ~1 in domain; a video's
+    in-domain score is minus its clips' mean."""
+    return ((features - mean) @ whiten).pow(2).mean(-1).sqrt()
+
+
 class TQNDecoder(nn.Module):
     """Queries x clip features -> per-query logits, last-layer attention (B, Q, N) and an
     in-domain score (B,).
@@ -74,33 +101,17 @@ class TQNDecoder(nn.Module):
         self.register_buffer("domain_mean", torch.zeros(feature_dim))
         self.register_buffer("domain_whiten", torch.eye(feature_dim))
 
-    @staticmethod
-    def fit_gaussian(features: torch.Tensor, shrinkage: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Mean, eigenvalues and eigenvectors of (n, D) features' covariance, shrunk towards its
-        mean variance by `shrinkage` (0-1), in float64."""
-        if features.ndim != 2 or len(features) <= features.shape[1]:
-            raise ValueError(f"need (n, D) features with n > D, got {tuple(features.shape)}")
-        if not 0 < shrinkage <= 1:
-            raise ValueError(f"shrinkage must be in (0, 1], got {shrinkage}")
-        features = features.double()
-        mean = features.mean(0)
-        cov = torch.cov((features - mean).T)
-        cov = (1 - shrinkage) * cov + shrinkage * cov.diagonal().mean() * torch.eye(len(cov), dtype=cov.dtype)
-        values, vectors = torch.linalg.eigh(cov)
-        return mean, values, vectors
-
     @torch.no_grad()
     def set_domain(self, features: torch.Tensor, shrinkage: float = 0.1) -> None:
-        """Fit the in-domain Gaussian to (n, D) training clip features (`fit_gaussian`)."""
+        """Fit the in-domain Gaussian to (n, D) training clip features (`whitening`)."""
         if features.ndim != 2 or features.shape[1] != self.feature_dim:
             raise ValueError(f"need (n, {self.feature_dim}) features, got {tuple(features.shape)}")
-        mean, values, vectors = self.fit_gaussian(features, shrinkage)
-        self.domain_mean.copy_(mean.float())
-        self.domain_whiten.copy_((vectors / values.sqrt()).float())  # z = (x - mean) @ whiten
+        mean, whiten = whitening(features, shrinkage)
+        self.domain_mean.copy_(mean)
+        self.domain_whiten.copy_(whiten)
 
     def in_domain_score(self, features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        z = (features - self.domain_mean) @ self.domain_whiten  # B, N, D
-        distance = z.pow(2).mean(-1).sqrt()  # per clip, ~1 in domain
+        distance = domain_distance(features, self.domain_mean, self.domain_whiten)  # B, N
         valid = mask.to(distance.dtype)
         return -(distance * valid).sum(1) / valid.sum(1).clamp(min=1.0)
 

@@ -167,7 +167,8 @@ class Analyzer:
         compute = assemble.compute(spec, job.budget, clips.kept, clips.gmacs)
 
         timing_ms = {k: v * 1000.0 for k, v in clock.spent.items()}
-        result = await self.answer(spec, clip_features, spans_s, info, timing_ms, compute=compute)
+        result = await self.answer(spec, clip_features, spans_s, info, timing_ms, compute=compute,
+                                   domain_distance=clips.domain_distance)
         total_s = time.perf_counter() - started
         if self.observer is not None:
             for stage, seconds in clock.spent.items():
@@ -181,15 +182,19 @@ class Analyzer:
     async def answer(
         self, spec: EncoderSpec, clip_features: np.ndarray, spans_s: np.ndarray, video: VideoInfo,
         timing_ms: dict[str, float], *, compute: assemble.Compute | None = None,
+        domain_distance: np.ndarray | None = None,
     ) -> assemble.AnalysisResult:
         """The query decoder's answers about these clips (a whole video, or a window of a stream):
-        answers, attention maps and, when the decoder scores it, whether they look like its
-        training data; `compute` is what encoding them cost. `timing_ms` gains the decoder's own
-        time as "query_decoder"."""
+        answers, attention maps and, when it is known, whether they look like the training data
+        (`assemble.judge_domain`; `domain_distance`: the encoder's, per clip); `compute` is what
+        encoding them cost. `timing_ms` gains the decoder's own time as "query_decoder"."""
         decoder = await self.triton.query_decoder()
         started = time.perf_counter()
         outputs = await self.triton.run_query_decoder(clip_features)
         took_ms = (time.perf_counter() - started) * 1000.0
+        domain = assemble.judge_domain(
+            spec, distances=domain_distance,
+            decoder_score=outputs.in_domain_score, decoder_threshold=decoder.in_domain_threshold)
         try:
             return assemble.build_result(
                 encoder=spec.encoder,
@@ -199,12 +204,7 @@ class Analyzer:
                 spans_s=spans_s,
                 video=video,
                 timing_ms={**timing_ms, "query_decoder": took_ms},
-                in_domain_score=outputs.in_domain_score,
-                # The decoder's threshold was chosen on the features of the plain encoder it was
-                # trained with; another encoder is judged by its own, or (adaptive, none) not at all.
-                in_domain_threshold=(spec.in_domain_threshold
-                                     if spec.in_domain_threshold is not None or spec.adaptive
-                                     else decoder.in_domain_threshold),
+                domain=domain,
                 compute=compute,
             )
         except ValueError as exc:

@@ -34,8 +34,8 @@ class AttentionMap:
 
 @dataclass(frozen=True)
 class Domain:
-    """How much the video's clip features look like the decoder's training data: `score` is the
-    decoder's `in_domain_score` (higher = more alike), `in_domain` is score >= threshold (a NaN
+    """How much the video's clip features look like the training data of the model that scores
+    them (`judge_domain`): higher `score` = more alike, `in_domain` is score >= threshold (a NaN
     score is out of domain)."""
 
     score: float
@@ -84,7 +84,7 @@ class AnalysisResult:
     answers: list[Answer]
     attention: list[AttentionMap]
     timing_ms: dict[str, float]
-    domain: Domain | None = None  # None: the served decoder does not score its domain
+    domain: Domain | None = None  # None: unknown (`judge_domain`)
     compute: Compute | None = None  # None: not accounted (a path that does not report it)
     frames: FrameResults | None = None  # segments and embeddings; None: no per-frame model ran
 
@@ -140,11 +140,35 @@ def attention_maps(
 
 
 def domain(score: float | None, threshold: float | None) -> Domain | None:
-    """The in-domain verdict, or None (unknown) unless the decoder gave both a score and a
-    threshold."""
+    """The in-domain verdict, or None (unknown) unless there are both a score and a threshold."""
     if score is None or threshold is None:
         return None
     return Domain(score=float(score), threshold=float(threshold), in_domain=bool(score >= threshold))
+
+
+def distance_score(distances: np.ndarray) -> float:
+    """The in-domain score of clips from their encoder's per-clip `domain_distance`s: -mean."""
+    distances = np.asarray(distances, dtype=np.float64).reshape(-1)
+    if not len(distances):
+        raise ValueError("no clip distances to score")
+    return -float(np.mean(distances))
+
+
+def judge_domain(
+    spec: EncoderSpec, *, distances: np.ndarray | None,
+    decoder_score: float | None, decoder_threshold: float | None,
+) -> Domain | None:
+    """Whether clips `spec` encoded look like its training data; None: unknown. Features are
+    judged only by a Gaussian fitted to the same encoder's (another encoder's features score
+    differently): its per-clip `distances` against its own threshold; else, for a plain encoder
+    without a threshold of its own (the one the decoder was trained with), the decoder's score
+    and threshold; else unknown."""
+    if spec.domain_scored:
+        score = None if distances is None else distance_score(distances)
+        return domain(score, spec.in_domain_threshold)
+    if spec.adaptive is None and spec.in_domain_threshold is None:
+        return domain(decoder_score, decoder_threshold)
+    return None
 
 
 def compute(
@@ -175,8 +199,7 @@ def build_result(
     spans_s: np.ndarray,
     video: VideoInfo,
     timing_ms: Mapping[str, float],
-    in_domain_score: float | None = None,
-    in_domain_threshold: float | None = None,
+    domain: Domain | None = None,
     compute: Compute | None = None,
 ) -> AnalysisResult:
     """The answers and attention maps in the order of `specs`, which is also the order of the
@@ -188,6 +211,6 @@ def build_result(
         answers=answers(specs, logits),
         attention=attention_maps([s.query for s in specs], attention, spans_s),
         timing_ms=dict(timing_ms),
-        domain=domain(in_domain_score, in_domain_threshold),
+        domain=domain,
         compute=compute,
     )

@@ -270,6 +270,7 @@ class _Stream:
         self.features: dict[int, np.ndarray] = {}
         self.kept: dict[int, np.ndarray] = {}  # per clip, what an adaptive encoder kept
         self.gmacs: dict[int, float] = {}  # per clip, what encoding it cost (when the model says)
+        self.domain_distance: dict[int, float] = {}  # per clip, when the encoder outputs it
         self.waiting: deque[tuple[int, np.ndarray]] = deque()
         self.decoded_all = False
         self.failure: BaseException | None = None  # of the decoder or the gateway: ends the stream
@@ -523,6 +524,8 @@ class _Stream:
                     self.kept[i] = encoded.kept[row]
                 if encoded.gmacs is not None:
                     self.gmacs[i] = float(encoded.gmacs[row])
+                if encoded.domain_distance is not None:
+                    self.domain_distance[i] = float(encoded.domain_distance[row])
                 self.states[i] = ClipState.DONE
             self.progress.analysed += len(indices)
         inflight.discard(asyncio.current_task())
@@ -624,8 +627,11 @@ class _Stream:
         spans = np.stack([self.spans[i] for i in indices])  # N, 2
         kept = np.stack([self.kept[i] for i in indices]) if all(i in self.kept for i in indices) else None
         gmacs = np.array([self.gmacs[i] for i in indices]) if all(i in self.gmacs for i in indices) else None
+        distance = (np.array([self.domain_distance[i] for i in indices])
+                    if all(i in self.domain_distance for i in indices) else None)
         compute = assemble.compute(self.spec, self.options.budget, kept, gmacs)
-        result = await self.owner.analyzer.answer(self.spec, features, spans, self.info, {}, compute=compute)
+        result = await self.owner.analyzer.answer(self.spec, features, spans, self.info, {}, compute=compute,
+                                                  domain_distance=distance)
         if window and not self.options.window_attention:
             result = dataclasses.replace(result, attention=[])
         return result

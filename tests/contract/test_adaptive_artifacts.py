@@ -64,7 +64,8 @@ def test_graph_config_and_provenance(loaded, name):
     inputs = [i.name for i in session.get_inputs()]
     outputs = [o.name for o in session.get_outputs()]
     assert inputs == (["clips", "budget"] if adaptive else ["clips"])
-    assert outputs == (["features", "kept", "gmacs"] if adaptive else ["features"])
+    # each scores its own domain: the decoder's Gaussian fits s3d's features only
+    assert outputs == (["features", "kept", "gmacs"] if adaptive else ["features"]) + [ae.DOMAIN_OUTPUT]
     for tensor in [*inputs, *outputs]:
         assert f'name: "{tensor}"' in config
     assert "dynamic_batching" in config and "max_batch_size: 64" in config
@@ -75,9 +76,12 @@ def test_graph_config_and_provenance(loaded, name):
         assert parameters["budget_units"] == ("196" if "vit" in name else "8")
         assert parameters["budget_floor"] == ("8" if "vit" in name else "1")
         assert 0 < float(parameters.get("budget_default", "1")) <= 1
-    # Judged in or out of domain by a threshold chosen on its own validation features (the
-    # decoder's was chosen on s3d's).
-    assert float(parameters["in_domain_threshold"]) < 0
+    # Judged in or out of domain by its own Gaussian, fit to its own training features, and a
+    # threshold chosen on its own validation scores (~1 in domain, as s3d's under the decoder's).
+    assert -3 < float(parameters["in_domain_threshold"]) < 0
+    gaussian = REPOSITORY / name / "1" / ae.DOMAIN_FILE
+    assert meta["domain"]["sha256"] == hashlib.sha256(gaussian.read_bytes()).hexdigest()
+    assert meta["domain"]["fit_clips"] > 256 and 0 < meta["domain"]["shrinkage"] <= 1
     assert (REPOSITORY / name / "1" / "model.py").resolve() == (REPOSITORY / "onnx_runner.py").resolve()
     # Trained to the served s3d's features and through the served decoder: a re-exported s3d needs
     # `python -m export.train_adaptive` again.
@@ -127,12 +131,13 @@ def test_adaptive_encoders_match_torch_in_mixed_batches(loaded, name, budgets):
     served, _, session, _, _ = loaded[name]
     clips = _clips(len(budgets), seed=len(budgets))
     budget = np.asarray(budgets, np.float32)[:, None]
-    features, kept, gmacs = session.run(None, {"clips": clips, "budget": budget})
+    features, kept, gmacs, distance = session.run(None, {"clips": clips, "budget": budget})
     with torch.inference_mode():
         want = served(torch.from_numpy(clips), torch.from_numpy(budget))
     np.testing.assert_array_equal(kept, want[1].numpy())
     np.testing.assert_allclose(features, want[0].numpy(), atol=TOLERANCE, rtol=0)
     np.testing.assert_allclose(gmacs, want[2].numpy(), rtol=1e-6)
+    np.testing.assert_allclose(distance, want[3].numpy(), rtol=1e-3)  # whitening magnifies the features' 1e-5
     units = 196 if "vit" in name else 8
     floor = 8 if "vit" in name else 1
     limit = np.maximum(np.ceil(np.asarray(budgets) * units), floor)
@@ -147,15 +152,15 @@ def test_vit_ats_at_budget_one_is_the_plain_vit_and_costs_less_below(loaded):
     _, _, plain, _, _ = loaded["clip_encoder_vit"]
     _, _, ats, config, _ = loaded["clip_encoder_vit_ats"]
     clips = _clips(3, seed=11)
-    (want,) = plain.run(None, {"clips": clips})
-    features, kept, gmacs = ats.run(None, {"clips": clips, "budget": np.ones((3, 1), np.float32)})
+    (want,) = plain.run(["features"], {"clips": clips})
+    features, kept, gmacs = ats.run(["features", "kept", "gmacs"], {"clips": clips, "budget": np.ones((3, 1), np.float32)})
     np.testing.assert_allclose(features, want, atol=TOLERANCE, rtol=0)
     assert (kept == 196).all()
     full = float(_parameters(config)["gmacs_per_clip"])
     np.testing.assert_allclose(gmacs[:, 0], full, rtol=1e-5)
-    _, _, low = ats.run(None, {"clips": clips, "budget": np.full((3, 1), 0.25, np.float32)})
+    (low,) = ats.run(["gmacs"], {"clips": clips, "budget": np.full((3, 1), 0.25, np.float32)})
     assert (low[:, 0] < 0.8 * full).all()
     # every ATS block samples: each one given more than the floor of 8 tokens passes on fewer
-    _, kept, _ = ats.run(None, {"clips": clips, "budget": np.full((3, 1), 0.5, np.float32)})
+    (kept,) = ats.run(["kept"], {"clips": clips, "budget": np.full((3, 1), 0.5, np.float32)})
     received = np.concatenate([np.full((3, 1), 196), kept[:, :-1]], axis=1)
     assert (kept[received > 8] < received[received > 8]).all() and (received[:, 1:] > 8).any()

@@ -348,3 +348,60 @@ def test_served_zoom_sgs_exports_one_node_its_compute_table_and_matches_torch(tm
     assert f'key: "gmacs_per_clip" value: {{ string_value: "{plain / 1e9:.6g}" }}' in config
     for batch in (1, 3):
         assert ae.parity(served, path, [1.0, 0.5, 0.25, 0.125], batch=batch) <= TOLERANCE
+
+
+def test_an_encoders_own_gaussian_scores_clips_like_its_fit_near_one_and_others_far():
+    """`DomainDistance`: the RMS whitened distance of features drawn like the fit's is ~1, of the
+    same features shifted along a direction the fit barely varies in far more."""
+    from export import adaptive_export as ae
+
+    rng = np.random.default_rng(0)
+    scales = np.geomspace(1.0, 1e-3, 256)  # a few directions carry the variance, as an encoder's features do
+    fit, held_out = (torch.from_numpy(rng.normal(size=(n, 256)) * scales).float() for n in (2000, 500))
+    domain = ae.DomainDistance.fit(fit, shrinkage=1e-4)
+    near = domain(held_out)[:, 0]
+    assert near.shape == (500,) and 0.9 < float(near.mean()) < 1.1
+    shifted = held_out.clone()
+    shifted[:, -1] += 0.2  # a fifth of the first direction's spread, ~100 of its own (shrunk) spreads
+    assert float(domain(shifted)[:, 0].mean()) > 4
+
+
+def test_an_exported_encoder_gains_its_own_domain_output_and_keeps_everything_else(tmp_path):
+    """`export_with_domain`: the directory's graph also outputs `domain_distance` (declared in
+    config.pbtxt and model.json, its Gaussian in 1/domain.pt), ONNX Runtime matches torch on every
+    output, and it loads back with its Gaussian; features, parameters and weights are unchanged."""
+    import json
+
+    from export import adaptive_export as ae
+    from export.models.vit import VideoViT
+
+    torch.manual_seed(0)
+    config = {"dim": 32, "depth": 2, "heads": 2, "ats_blocks": [1]}
+    vit = VideoViT(**config).eval()
+    model_dir = tmp_path / "clip_encoder_vit_ats"
+    parameters = ae.vit_parameters(vit, ats=True, clip_fps=15, budget_default=0.5)
+    path = ae.export_served(ae.ServedViTATS(vit), vit, model_dir, adaptive=True, kept_dims=1, parameters=parameters,
+                            meta={"encoder": "vit_ats", "config": config})
+    before = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    clips, budget = _video(3, seed=5).repeat(2, axis=2).repeat(2, axis=3)[:, :, :112, :112], np.full((3, 1), 0.5, np.float32)
+    want_features = before.run(["features"], {"clips": clips, "budget": budget})[0]
+    weights = (model_dir / "1" / "model.pt").read_bytes()
+
+    fit = torch.randn(400, 256)
+    ae.export_with_domain(model_dir, ae.DomainDistance.fit(fit, shrinkage=0.1), {"shrinkage": 0.1})
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert [o.name for o in session.get_outputs()] == ["features", "kept", "gmacs", ae.DOMAIN_OUTPUT]
+    features, _, _, distance = session.run(None, {"clips": clips, "budget": budget})
+    np.testing.assert_allclose(features, want_features, atol=1e-6)
+    assert distance.shape == (3, 1) and (distance > 0).all()
+    config_text = (model_dir / "config.pbtxt").read_text()
+    assert f'name: "{ae.DOMAIN_OUTPUT}"' in config_text and 'key: "budget_default"' in config_text
+    meta = json.loads((model_dir / "1" / "model.json").read_text())
+    assert meta["domain"]["shrinkage"] == 0.1 and ae.DOMAIN_OUTPUT in meta["outputs"]
+    assert meta["parameters"] == parameters and (model_dir / "1" / "model.pt").read_bytes() == weights
+    served = ae.load_served(model_dir)
+    assert isinstance(served, ae.WithDomain)
+    with torch.inference_mode():
+        np.testing.assert_allclose(served(torch.from_numpy(clips), torch.from_numpy(budget))[3].numpy(), distance,
+                                   rtol=1e-4)
+    assert ae.parity(served, path, [1.0, 0.5]) <= TOLERANCE

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import numpy as np
 import pytest
 
 from server.errors import InferenceFailed, InternalError, InvalidInput, UnsupportedMedia
 from server.pipeline.analyze import AnalyzeJob, Analyzer
+from server.pipeline.assemble import Domain
 from server.pipeline.decode import ClipBatch, VideoInfo
 from server.settings import LimitsSettings
 from server.triton import DecoderOutputs, EncodedClips, EncoderSpec, QueryDecoderSpec, QuerySpec
@@ -53,7 +55,8 @@ class FakeTriton:
 
     async def encode(self, clips: np.ndarray, *, encoder: str, budget: float) -> EncodedClips:
         features = await self.encode_clips(clips, encoder=encoder)
-        return EncodedClips(features, None, np.full(len(features), 2.5))
+        distances = features[:, 0] + 1.0 if self.spec.domain_scored else None  # a clip's: its pixel + 1
+        return EncodedClips(features, None, np.full(len(features), 2.5), distances)
 
     async def frame_model(self, model: str):
         return None  # no per-frame models served
@@ -191,6 +194,14 @@ async def test_the_result_carries_what_the_encoder_spent():
     assert result.compute.kept_ratio == 1.0 and result.compute.adaptive is None
     assert result.compute.gmacs_per_clip == pytest.approx(2.5)
     assert a.observer.computes == [result.compute]
+
+
+async def test_an_encoders_own_distances_judge_the_whole_video():
+    """Clips 0-1 have pixels 0, clips 2-3 pixels 2: distances 1, 1, 3, 3 in two encoder batches."""
+    triton = FakeTriton()
+    triton.spec = dataclasses.replace(triton.spec, domain_scored=True, in_domain_threshold=-2.5)
+    result = await analyzer(triton, FakeClips(batches=2)).analyze(AnalyzeJob(source=b"video", encoder="s3d"))
+    assert result.domain == Domain(score=-2.0, threshold=-2.5, in_domain=True)
 
 
 @pytest.mark.parametrize("budget", [0.0, -0.5, 1.5, float("nan"), float("inf")])

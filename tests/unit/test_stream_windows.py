@@ -49,7 +49,8 @@ class FakeTriton:
         self.encoded += indices
         self.budgets.append(budget)
         features = np.stack([np.full(256, i, np.float32) for i in indices])
-        return EncodedClips(features, None, np.full(len(indices), 0.5))
+        distances = np.array(indices, np.float64) + 1.0  # clip i's domain_distance: i + 1
+        return EncodedClips(features, None, np.full(len(indices), 0.5), distances)
 
 
 class FakeDecoder:
@@ -80,13 +81,16 @@ class FakeAnalyzer:
         self.observer = None
         self.answered: list[list[int]] = []  # the clips (by feature value) of each answer
         self.computes: list = []  # the compute record each answer was given
+        self.distances: list = []  # the clips' domain_distance each answer was given
 
     async def encoder(self, name: str) -> EncoderSpec:
         return SPEC
 
-    async def answer(self, spec, clip_features, spans_s, video, timing_ms, *, compute=None) -> AnalysisResult:
+    async def answer(self, spec, clip_features, spans_s, video, timing_ms, *, compute=None,
+                     domain_distance=None) -> AnalysisResult:
         self.answered.append([int(f[0]) for f in clip_features])
         self.computes.append(compute)
+        self.distances.append(domain_distance)
         return AnalysisResult(encoder="s3d", video=video, clips=len(spans_s), answers=[],
                               attention=[], timing_ms=dict(timing_ms), compute=compute)
 
@@ -258,6 +262,12 @@ async def test_the_budget_goes_to_the_encoder_and_each_answer_says_what_its_clip
     assert all(c.budget == 1.0 and np.allclose(c.gmacs, 0.5) for c in analyzer.computes)
     with pytest.raises(InvalidInput, match="no adaptive module"):
         await run(tmp_path, b"\x47" * BYTES_PER_CLIP, budget=0.5)
+
+
+async def test_each_answer_gets_the_domain_distances_of_its_own_clips(tmp_path):
+    events, analyzer = await run(tmp_path, b"\x47" * (7 * BYTES_PER_CLIP), window_clips=4, hop_clips=2)
+    assert len(analyzer.answered) == 4  # three windows and the final answer
+    assert [d.tolist() for d in analyzer.distances] == [[i + 1.0 for i in a] for a in analyzer.answered]
 
 
 async def test_realtime_mode_drops_waiting_clips_the_newest_is_more_than_the_bound_ahead_of(tmp_path):
