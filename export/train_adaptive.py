@@ -135,6 +135,8 @@ class AdaptiveBudget:
     # flight and answered worse; README "Adaptive computation", export/sgs_motion_screen.json).
     sgs_steps: int = 2800
     sgs_videos_per_step: int = 4
+    # fine_tune_sgs draws each clip's B from sgs_bins_low..T (T: always the served budget 1's).
+    sgs_bins_low: int = 1
     sgs_lr: float = 1e-3
     sgs_frozen_steps: int = 2800  # of sgs_steps, with the similarity net fixed (fine_tune_sgs)
     similarity_lr: float = 1e-4
@@ -530,7 +532,7 @@ def motion_levels(ds: data.ClipDataset, clips: int, rng: np.random.Generator,
 
 def fine_tune_sgs(model: SGSEncoder, teacher: Encoder, decoder: TQNDecoder, short: data.ClipDataset,
                   budget: AdaptiveBudget, rng: np.random.Generator) -> SGSEncoder:
-    """`tune_through_decoder` with each clip's B drawn from 1..T: first the s3d's layers around a
+    """`tune_through_decoder` with each clip's B drawn from `sgs_bins_low`..T: first the s3d's layers around a
     fixed similarity net (`budget.sgs_frozen_steps`), then everything with the similarity net at
     `budget.similarity_lr`. Why in two phases: the layers after SGS answer badly at first whatever
     the bins, and a similarity net trained from the start learnt to put every frame of every clip
@@ -550,7 +552,8 @@ def fine_tune_sgs(model: SGSEncoder, teacher: Encoder, decoder: TQNDecoder, shor
 
     def encode(clips, phases, rng):
         captured.clear()
-        features, kept = model(clips, torch.from_numpy(rng.integers(1, model.clip_frames + 1, len(clips))))
+        bins = rng.integers(budget.sgs_bins_low, model.clip_frames + 1, len(clips))
+        features, kept = model(clips, torch.from_numpy(bins))
         extras = []
         if budget.sgs_spread_weight:
             target = spread_target(clip_motion(clips), low, high)
@@ -1118,6 +1121,7 @@ def main() -> None:
     parser.add_argument("--sgs-spread-weight", type=float, default=None,
                         help="fine_tune_sgs: weight of the clips' Δ spread against their motion's target")
     parser.add_argument("--sgs-lr", type=float, default=None)
+    parser.add_argument("--sgs-bins-low", type=int, default=None, help="fine_tune_sgs: fewest bins a clip trains at")
     parser.add_argument("--similarity-lr", type=float, default=None)
     parser.add_argument("--ats-self-distill", type=float, default=None,
                         help="tune_vit: weight of the ATS clips' distance to the ViT's own full-compute features")
@@ -1148,7 +1152,7 @@ def main() -> None:
                       "ats_self_distill", "ats_token_cost", "ats_spread_weight", "ats_share_still",
                       "ats_share_moving", "val_every", "vit_val_every", "vit_align_steps",
                       "sgs_steps", "sgs_frozen_steps", "sgs_spread_weight", "sgs_lr", "sgs_similarity",
-                      "sgs_prefit_steps", "sgs_idle_weight",
+                      "sgs_prefit_steps", "sgs_idle_weight", "sgs_bins_low",
                       "similarity_lr")  # AdaptiveBudget fields
     overrides = {name: getattr(args, name) for name in budget_options if getattr(args, name) is not None}
     budget = replace(budget, **overrides)

@@ -26,12 +26,11 @@ import pytest_asyncio
 from prometheus_client.parser import text_string_to_metric_families
 
 from server import triton as contract
-from server.launcher import free_port
 from server.main import Gateway
 from server.proto import video_analytics_pb2 as pb
 from server.proto import video_analytics_pb2_grpc as pb_grpc
-from server.settings import Settings
 from server.triton import TritonClient
+from tests.gateways import own_triton_settings
 from tests.integration.test_operations import settled_counters
 from tests.vocabulary import model_config
 
@@ -150,14 +149,7 @@ def adaptive_repository(trained_models: Path, tmp_path_factory) -> Path:
 async def served(adaptive_repository: Path, tmp_path_factory):
     """A gateway that launched its own Triton over the repository, and a stub to it."""
     log = tmp_path_factory.mktemp("adaptive_logs") / "tritonserver.log"
-    settings = Settings().model_copy(update={
-        "grpc_port": 0,
-        "metrics_port": free_port(),
-        "triton": Settings().triton.model_copy(update={
-            "url": None, "model_repository": adaptive_repository, "grpc_port": 0, "http_port": 0,
-            "metrics_port": 0}),
-    })
-    gateway = Gateway(settings, triton_log=log)
+    gateway = Gateway(own_triton_settings(adaptive_repository), triton_log=log)
     try:
         await gateway.start()
         async with grpc.aio.insecure_channel(gateway.address) as channel:

@@ -26,11 +26,10 @@ import pytest_asyncio
 
 from clients import render
 from server import triton as contract
-from server.launcher import free_port
 from server.main import Gateway
 from server.proto import video_analytics_pb2 as pb
 from server.proto import video_analytics_pb2_grpc as pb_grpc
-from server.settings import Settings
+from tests.gateways import own_triton_settings
 from tests.integration.test_stream import collect
 from tests.vocabulary import model_config
 
@@ -137,14 +136,7 @@ def gateway_over(tmp_path: Path, show_log_on_failure):
     async def launch(repository: Path):
         triton_log = tmp_path / "tritonserver.log"
         show_log_on_failure("in-domain tritonserver log", triton_log)
-        settings = Settings().model_copy(update={
-            "grpc_port": 0,
-            "metrics_port": free_port(),
-            "triton": Settings().triton.model_copy(update={
-                "url": None, "model_repository": repository, "grpc_port": 0, "http_port": 0,
-                "metrics_port": 0}),
-        })
-        gateway = Gateway(settings, triton_log=triton_log)
+        gateway = Gateway(own_triton_settings(repository), triton_log=triton_log)
         try:
             await gateway.start()
             yield gateway

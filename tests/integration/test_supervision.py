@@ -21,11 +21,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from typer.testing import CliRunner
 
 from clients.cli import app
-from server.launcher import free_port
 from server.main import SERVICE_NAME, Gateway
 from server.proto import video_analytics_pb2 as pb
 from server.proto import video_analytics_pb2_grpc as pb_grpc
-from server.settings import Settings
+from tests.gateways import own_triton_settings
 from tests.vocabulary import query_names
 
 pytestmark = pytest.mark.integration
@@ -56,15 +55,7 @@ async def supervised(repository: Path, tmp_path: Path, gateway_log, show_log_on_
     """A started gateway that launched its own Triton."""
     triton_log = tmp_path / "tritonserver.log"
     show_log_on_failure("supervised tritonserver log", triton_log)
-    settings = Settings().model_copy(update={
-        "grpc_port": 0,
-        "metrics_port": free_port(),
-        "triton": Settings().triton.model_copy(
-            update={"url": None, "model_repository": repository, "grpc_port": 0, "http_port": 0,
-                    "metrics_port": 0, "hung_restart_s": HUNG_RESTART_S,
-                    "restart_backoff_s": BACKOFF_S}
-        ),
-    })
+    settings = own_triton_settings(repository, hung_restart_s=HUNG_RESTART_S, restart_backoff_s=BACKOFF_S)
     gateway = Gateway(settings, triton_log=triton_log)
     try:
         await gateway.start()
