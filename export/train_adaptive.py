@@ -179,7 +179,7 @@ class AdaptiveBudget:
 # The budget fields only the s3d_sgs part reads: the ViT pair built before they changed is still
 # what a build with today's defaults gives (tests/contract/test_adaptive_artifacts.py).
 SGS_ONLY = ("sgs_similarity", "sgs_prefit_steps", "sgs_prefit_lr", "sgs_steps", "sgs_lr", "sgs_frozen_steps",
-            "similarity_lr", "sgs_idle_weight", "sgs_spread_weight", "val_every")
+            "similarity_lr", "sgs_idle_weight", "sgs_spread_weight", "sgs_bins_low", "val_every")
 # And those only the ViT part reads: s3d_sgs built before they changed is what today's defaults give.
 VIT_ONLY = ("vit_steps", "vit_align_steps", "vit_more_steps", "vit_clips_per_step", "vit_lr", "vit_tune_steps",
             "vit_tune_lr", "event_fraction", "ats_full_share", "ats_tune_low", "ats_tune_high", "ats_self_distill",
@@ -190,7 +190,7 @@ VIT_ONLY = ("vit_steps", "vit_align_steps", "vit_more_steps", "vit_clips_per_ste
 # without one was built so (tests/contract/test_adaptive_artifacts.py).
 ADDED_FIELDS = {"vit_more_steps": 0, "ats_tune_low": 0.2, "ats_tune_high": 1.0, "sgs_spread_weight": 0.0,
                 "sgs_similarity": "frame", "sgs_prefit_steps": 0, "sgs_prefit_lr": 1e-2, "sgs_idle_weight": 0.0,
-                "ats_spread_weight": 0.0, "ats_share_still": 0.35, "ats_share_moving": 0.85}
+                "ats_spread_weight": 0.0, "ats_share_still": 0.35, "ats_share_moving": 0.85, "sgs_bins_low": 1}
 
 QUICK = AdaptiveBudget(vit_steps=20, vit_align_steps=5, vit_more_steps=5, vit_tune_steps=5, sgs_prefit_steps=5,
                       sgs_steps=10, sgs_frozen_steps=5,
