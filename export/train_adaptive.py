@@ -139,6 +139,10 @@ class AdaptiveBudget:
     sgs_videos_per_step: int = 4
     # fine_tune_sgs draws each clip's B from sgs_bins_low..T (T: always the served budget 1's).
     sgs_bins_low: int = 1
+    # fine_tune_sgs: train none of the layers before SGS (the stems, and the zoom encoder's localiser).
+    # Why: the similarity net is fixed but reads them, and trained they moved it (seeds 7 and 8 put
+    # every clip in one bin within 1,000 steps; seed 9 kept 3.2 on average).
+    sgs_fixed_stem: bool = False
     sgs_lr: float = 1e-3
     sgs_frozen_steps: int = 5600  # of sgs_steps, with the similarity net fixed (fine_tune_sgs)
     similarity_lr: float = 1e-4
@@ -181,7 +185,8 @@ class AdaptiveBudget:
 # The budget fields only the s3d_sgs part reads: the ViT pair built before they changed is still
 # what a build with today's defaults gives (tests/contract/test_adaptive_artifacts.py).
 SGS_ONLY = ("sgs_similarity", "sgs_prefit_steps", "sgs_prefit_lr", "sgs_steps", "sgs_lr", "sgs_frozen_steps",
-            "similarity_lr", "sgs_idle_weight", "sgs_spread_weight", "sgs_bins_low", "val_every")
+            "similarity_lr", "sgs_idle_weight", "sgs_spread_weight", "sgs_bins_low", "sgs_fixed_stem",
+            "val_every")
 # And those only the ViT part reads: s3d_sgs built before they changed is what today's defaults give.
 VIT_ONLY = ("vit_steps", "vit_align_steps", "vit_more_steps", "vit_clips_per_step", "vit_lr", "vit_tune_steps",
             "vit_tune_lr", "event_fraction", "ats_full_share", "ats_tune_low", "ats_tune_high", "ats_self_distill",
@@ -192,7 +197,8 @@ VIT_ONLY = ("vit_steps", "vit_align_steps", "vit_more_steps", "vit_clips_per_ste
 # without one was built so (tests/contract/test_adaptive_artifacts.py).
 ADDED_FIELDS = {"vit_more_steps": 0, "ats_tune_low": 0.2, "ats_tune_high": 1.0, "sgs_spread_weight": 0.0,
                 "sgs_similarity": "frame", "sgs_prefit_steps": 0, "sgs_prefit_lr": 1e-2, "sgs_idle_weight": 0.0,
-                "ats_spread_weight": 0.0, "ats_share_still": 0.35, "ats_share_moving": 0.85, "sgs_bins_low": 1}
+                "ats_spread_weight": 0.0, "ats_share_still": 0.35, "ats_share_moving": 0.85, "sgs_bins_low": 1,
+                "sgs_fixed_stem": False}
 
 QUICK = AdaptiveBudget(vit_steps=20, vit_align_steps=5, vit_more_steps=5, vit_tune_steps=5, sgs_prefit_steps=5,
                       sgs_steps=10, sgs_frozen_steps=5,
@@ -540,7 +546,12 @@ def fine_tune_sgs(model: SGSEncoder, teacher: Encoder, decoder: TQNDecoder, shor
     the bins, and a similarity net trained from the start learnt to put every frame of every clip
     in one bin (B' 1.0-1.1 within 30 steps at the patchify placement)."""
     fresh = list(model.sgs.parameters())
-    known = [p for n, p in model.named_parameters() if not n.startswith("sgs.")]
+    stem = []
+    if budget.sgs_fixed_stem:
+        stem = before_sgs_parameters(model, _short_videos(short, 1, np.random.default_rng(SEED))[1])
+    for p in stem:
+        p.requires_grad_(False)
+    known = [p for n, p in model.named_parameters() if not n.startswith("sgs.") and p.requires_grad]
     name = f"s3d_sgs[{model.sgs_after}]"
     if budget.sgs_prefit_steps:
         prefit_similarity(model, short, budget, rng)
@@ -580,7 +591,20 @@ def fine_tune_sgs(model: SGSEncoder, teacher: Encoder, decoder: TQNDecoder, shor
                              teacher, decoder, short, steps=budget.sgs_steps - frozen, **common)
     if budget.sgs_spread_weight or budget.sgs_idle_weight:
         hook.remove()
+    for p in stem:
+        p.requires_grad_(True)
     return model
+
+
+def before_sgs_parameters(model: SGSEncoder, clips: torch.Tensor) -> list[torch.nn.Parameter]:
+    """The parameters the features SGS samples depend on (`before_sgs`), found by autograd on
+    `clips`, so every placement and both encoders are covered without a list per architecture."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    training = model.training
+    model.eval()  # the batch norms' running statistics untouched
+    grads = torch.autograd.grad(model.before_sgs(model.prepare(clips)).sum(), params, allow_unused=True)
+    model.train(training)
+    return [p for p, g in zip(params, grads) if g is not None]
 
 
 def distinct_shares(scores: list[tuple[torch.Tensor, torch.Tensor]], budgets: torch.Tensor) -> torch.Tensor:
@@ -1124,6 +1148,8 @@ def main() -> None:
                         help="fine_tune_sgs: weight of the clips' Δ spread against their motion's target")
     parser.add_argument("--sgs-lr", type=float, default=None)
     parser.add_argument("--sgs-bins-low", type=int, default=None, help="fine_tune_sgs: fewest bins a clip trains at")
+    parser.add_argument("--sgs-fixed-stem", action=argparse.BooleanOptionalAction, default=None,
+                        help="fine_tune_sgs: train none of the layers before SGS")
     parser.add_argument("--similarity-lr", type=float, default=None)
     parser.add_argument("--ats-self-distill", type=float, default=None,
                         help="tune_vit: weight of the ATS clips' distance to the ViT's own full-compute features")
@@ -1154,7 +1180,7 @@ def main() -> None:
                       "ats_self_distill", "ats_token_cost", "ats_spread_weight", "ats_share_still",
                       "ats_share_moving", "val_every", "vit_val_every", "vit_align_steps",
                       "sgs_steps", "sgs_frozen_steps", "sgs_spread_weight", "sgs_lr", "sgs_similarity",
-                      "sgs_prefit_steps", "sgs_idle_weight", "sgs_bins_low",
+                      "sgs_prefit_steps", "sgs_idle_weight", "sgs_bins_low", "sgs_fixed_stem",
                       "similarity_lr")  # AdaptiveBudget fields
     overrides = {name: getattr(args, name) for name in budget_options if getattr(args, name) is not None}
     budget = replace(budget, **overrides)

@@ -487,3 +487,22 @@ def test_calibrate_motion_sets_d_to_half_the_median_step():
         steps = net.steps(model.eval().before_sgs(model.prepare(clips)))
     assert median == pytest.approx(float(steps.median()))
     assert float(torch.nn.functional.softplus(net.offset)) == pytest.approx(median / 2, rel=1e-5)
+
+
+def test_before_sgs_parameters_are_the_layers_the_similarity_net_reads():
+    from export import train
+    from export.models import s3d_zoom_sgs
+    from export.train_adaptive import before_sgs_parameters
+
+    torch.manual_seed(0)
+    zoom = s3d_zoom_sgs.create(train.SERVED_ENCODER, frame_size=64, window_size=64, bins="time_means",
+                               similarity="motion")
+    clips = torch.randint(0, 255, (2, 8, 64, 64, 3), dtype=torch.uint8)
+    found = {id(p) for p in before_sgs_parameters(zoom, clips)}
+    stems = {id(p) for module in (zoom.full.stem, zoom.window_stream.stem) for p in module.parameters()}
+    assert found == stems
+    assert zoom.training  # left as it was
+
+    deeper = create_s3d_sgs("s3d_sgs_stage2_112", frame_size=64)
+    found = {id(p) for p in before_sgs_parameters(deeper, clips)}
+    assert found == {id(p) for module in (deeper.stem, deeper.stage2) for p in module.parameters()}
