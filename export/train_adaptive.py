@@ -3,8 +3,8 @@
 "The served s3d" is whatever `clip_encoder_s3d` serves (`train.load_served_encoder`): a plain s3d
 or the two-stream s3d_zoom of issue 8. For an s3d_zoom, `s3d_sgs` is `S3DZoomSGS` (one SGS node
 after both stems, placement "stem" only) and the ViT, unchanged, is distilled from the zoom
-encoder's features (it reads only the full frame; a ViT that also reads the window is a possible
-later step, not built).
+encoder's features (it reads only the full frame). A ViT that also reads the window
+(`VideoViTZoom`) is screened in torch only (`--vit-variant` with `--distill-vit` and `--tune-vit`).
 
 - `vit`: the tubelet ViT (`vit_mini_112`: dim 64, 6 blocks, 2×16×16 tubelets) distilled from the
   served s3d's clip features (no labels; `vit_student`, cached beside the data), its last layer
@@ -60,6 +60,7 @@ from export.adaptive.ats import significance
 from export.adaptive.sgs import SIMILARITIES, MotionSimilarityNet
 from export.models.vit import VideoViT, block_k
 from export.models.vit import VARIANTS as VIT_VARIANTS
+from export.models.vit import ZOOM_VARIANTS
 from export.models.vit import create as create_vit
 
 REPORT = REPO / "export" / "adaptive_training.json"
@@ -217,6 +218,11 @@ def load_served(repository: Path = MODEL_REPOSITORY) -> tuple[Encoder, TQNDecode
     decoder = train.build_tqn()
     decoder.load_state_dict(torch.load(repository / "tqn_decoder" / "1" / "model.pt", weights_only=True))
     return encoder.eval(), decoder.eval(), meta
+
+
+def new_vit(variant: str, teacher: Encoder) -> VideoViT:
+    """A fresh ViT of `variant`; a zoom variant cuts its window where the teacher's localiser puts it."""
+    return create_vit(variant, finder=teacher) if variant in ZOOM_VARIANTS else create_vit(variant)
 
 
 def _event_clips(ds: data.ClipDataset) -> np.ndarray:
@@ -1131,6 +1137,9 @@ def main() -> None:
     parser.add_argument("--tune-vit", type=Path, default=None, metavar="OUT",
                         help="only train --init-vit on through the served decoder (--vit-tune-steps), save it to OUT "
                              "and its validation report (torch) to OUT.json")
+    parser.add_argument("--vit-variant", choices=[*VIT_VARIANTS, *ZOOM_VARIANTS], default=VIT_VARIANT,
+                        help="--distill-vit and --tune-vit: the ViT to screen (a zoom one reads the diver's window "
+                             "too; not exported yet)")
     parser.add_argument("--vit-tune-steps", type=int, default=None)
     parser.add_argument("--vit-more-steps", type=int, default=None,
                         help="a second distillation run on the student (0: none; default: the budget's)")
@@ -1189,13 +1198,16 @@ def main() -> None:
         torch.set_num_threads(train.TRAIN_THREADS)
         torch.manual_seed(args.seed)
         teacher, decoder, _ = load_served(args.repository)
-        vit = create_vit(VIT_VARIANT)
+        vit = new_vit(args.vit_variant, teacher)
         vit.load_state_dict(torch.load(args.init_vit, weights_only=True))
-        vit = tune_vit(vit, teacher, decoder, data.load(args.data_dir / "short"), budget,
-                       np.random.default_rng(args.seed))
+        rng = np.random.default_rng(args.seed)
+        # As the build: the last layer refit to the teacher (a fresh student's residual), then tuned.
+        residual = refit_projection(vit, teacher, data.load(args.data_dir / "train"), budget.refit_clips, rng)
+        _log(f"vit last layer refit: residual {residual:.3f} of the teacher's variance")
+        vit = tune_vit(vit, teacher, decoder, data.load(args.data_dir / "short"), budget, rng)
         torch.save(vit.state_dict(), args.tune_vit)
-        report = {"budget": asdict(budget), "val": vit_phase_report(vit, decoder, data.load(args.data_dir / "val"),
-                                                                     VIT_REPORT_BUDGETS)}
+        report = {"budget": asdict(budget), "vit_variant": args.vit_variant, "refit_residual": residual,
+                  "val": vit_phase_report(vit, decoder, data.load(args.data_dir / "val"), VIT_REPORT_BUDGETS)}
         Path(f"{args.tune_vit}.json").write_text(json.dumps(report, indent=2) + "\n")
         return
     if args.tune_sgs:
@@ -1217,9 +1229,8 @@ def main() -> None:
         torch.manual_seed(args.seed)
         teacher, _, _ = load_served(args.repository)
         datasets = [data.load(args.data_dir / name) for name in ("train", "short")]
-        vit = None
+        vit = new_vit(args.vit_variant, teacher)
         if args.init_vit is not None:
-            vit = create_vit(VIT_VARIANT)
             vit.load_state_dict(torch.load(args.init_vit, weights_only=True))
         vit = distill_vit(teacher, datasets, budget, np.random.default_rng(args.seed), student=vit,
                           checkpoint=args.distill_vit)

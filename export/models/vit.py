@@ -10,14 +10,17 @@ share. K >= the tokens a block receives keeps them all, so budget 1 reproduces t
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from export.adaptive.ats import adaptive_token_sampler, gather_rows, select_top_k
 from export.models.pixels import embed_patches, normalise
 from export.models.s3d import PIXEL_MEAN, PIXEL_STD
+from export.models.s3d_zoom import S3DZoom
 
 K_FLOOR = 8  # the thesis's K_n = max(ρ·#InputTokens_n, 8)
 
@@ -210,6 +213,61 @@ class VideoViT(nn.Module):
         return total + dim * self.feature_dim
 
 
+class VideoViTZoom(VideoViT):
+    """The ViT that also reads the diver's window: one token sequence of the full frame's tubelets
+    and the window's, the window cut where the served `s3d_zoom`'s localiser puts it (that encoder's
+    stem and localiser, frozen: `finder`), its crop sampled up to the frame size and cut into the
+    same tubelets, so each window token covers window_crop / (frame_size / patch) source pixels.
+    Why: the plain ViT sees the ~25-px diver in 16-px tubelets and cannot imitate the two-stream
+    teacher's counts (README "Adaptive computation"); the window's tokens are also where ATS has
+    the most to drop outside the flight. Not exported yet (`forward_served`)."""
+
+    def __init__(self, finder: S3DZoom, **vit):
+        super().__init__(**vit)
+        if finder.window_size != self.frame_size or finder.frame_size != self.frame_size:
+            raise ValueError(f"the finder's frames and windows must be {self.frame_size} px like the ViT's, "
+                             f"got {finder.frame_size} and {finder.window_size}")
+        if finder.full.stem_difference:
+            raise ValueError("the finder's stem must read the plain normalised video the ViT reads")
+        finder = copy.deepcopy(finder)
+        del finder.window_stream  # the teacher's reader of the window: the ViT reads it itself
+        self.finder = finder.eval().requires_grad_(False)
+        dim = self.cls.shape[-1]
+        self.window_embed = nn.Conv3d(3, dim, self.embed.kernel_size, stride=self.embed.stride)
+        self.tokens *= 2  # the window's tubelets tile it as the frame's tile the frame
+        self.position = nn.Parameter(torch.randn(1, self.tokens + 1, dim) * 0.02)
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            self.find(torch.zeros(1, 3, self.clip_frames, self.frame_size, self.frame_size))
+        self.finder_macs = counter.get_total_flops() // 2
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.finder.eval()  # frozen: its batch norms keep the teacher's statistics
+        return self
+
+    def find(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised video (N, 3, T, H, W) -> each clip's window (N, 3, T, H, W), at the centre the
+        finder's localiser puts it."""
+        return self.finder.window(x, self.finder.locate(self.finder.full.stem(x))[1])
+
+    def forward_features(
+        self, x: torch.Tensor, budget: torch.Tensor | None = None, *, k: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Normalised video (N, 3, T, H, W) -> `forward_tokens` of the frame's and the window's
+        tubelet embeddings."""
+        tokens = torch.cat([self.embed(x).flatten(2), self.window_embed(self.find(x)).flatten(2)], dim=2)
+        return self.forward_tokens(tokens.transpose(1, 2), budget, k=k)
+
+    def forward_served(self, clips: torch.Tensor, budget: torch.Tensor | None = None, *,
+                       k: torch.Tensor | None = None):
+        raise NotImplementedError("the zoom ViT has no served graph yet: a screen in torch (train_adaptive --vit-variant)")
+
+    def macs(self, kept: Sequence[int] | torch.Tensor | None = None):
+        """`VideoViT.macs` (its tubelet embedding counts the window's tokens too: the same kernel)
+        plus the finder's stem, localiser and window cut."""
+        return super().macs(kept) + self.finder_macs
+
+
 # Shape-named variants (after timm): the same weights serve `vit` and `vit_ats`.
 VARIANTS = {
     "vit_tiny_112": dict(dim=128, depth=6, heads=4, ats_blocks=(2, 3, 4, 5)),
@@ -219,7 +277,20 @@ VARIANTS = {
 }
 
 
-def create(name: str, **overrides) -> VideoViT:
+# The zoom ViT (`VideoViTZoom`) at vit_mini_112's width and depth. Its tubelets span 4 frames, so the
+# frame and the window together are vit_mini_112's 196 tokens: 2-frame tubelets (392 tokens) made a
+# training step 5.5x as long.
+ZOOM_VARIANTS = {"vit_zoom_mini_112": {**VARIANTS["vit_mini_112"], "tubelet": (4, 16)}}
+
+
+def create(name: str, finder: S3DZoom | None = None, **overrides) -> VideoViT:
+    """A ViT variant; a zoom variant reads its window where `finder` (an s3d_zoom) puts it."""
+    if name in ZOOM_VARIANTS:
+        if finder is None:
+            raise ValueError(f"{name} cuts its window where an s3d_zoom's localiser puts it: give that s3d_zoom")
+        return VideoViTZoom(finder, **{**ZOOM_VARIANTS[name], **overrides})
     if name not in VARIANTS:
-        raise ValueError(f"unknown ViT variant {name!r}; known: {', '.join(VARIANTS)}")
+        raise ValueError(f"unknown ViT variant {name!r}; known: {', '.join([*VARIANTS, *ZOOM_VARIANTS])}")
+    if finder is not None:
+        raise ValueError(f"{name} reads the full frame only: it takes no finder")
     return VideoViT(**{**VARIANTS[name], **overrides})

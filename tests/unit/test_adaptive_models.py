@@ -85,6 +85,75 @@ def test_vit_variants_are_the_issue_shape(variant, dim):
         create_vit("vit_huge")
 
 
+@pytest.fixture(scope="module")
+def zoom_vit():
+    from export.models.s3d_zoom import S3DZoom
+    from export.models.vit import VideoViTZoom
+
+    torch.manual_seed(0)
+    finder = S3DZoom(frame_size=64, window_crop=16, window_size=64, window_stem_patch=8).eval()
+    with torch.no_grad():  # batch norms with statistics of their own, so a training step would move them
+        for module in finder.modules():
+            if isinstance(module, torch.nn.BatchNorm3d):
+                module.running_mean.uniform_(-0.5, 0.5)
+    return VideoViTZoom(finder, dim=32, depth=4, heads=2, frame_size=64, tubelet=(4, 16), ats_blocks=(1, 2, 3)).eval()
+
+
+def test_zoom_vit_reads_the_frame_and_the_window_at_the_finders_centre(zoom_vit):
+    from export.models.s3d_zoom import grid_sample_window
+
+    finder = zoom_vit.finder
+    clips = _clips(2, seed=4, size=64)
+    x = finder.full.prepare(clips)
+    _, centres = finder.locate(finder.full.stem(x))
+    with torch.no_grad():
+        torch.testing.assert_close(zoom_vit.find(x), grid_sample_window(finder, x, centres), atol=1e-5, rtol=1e-5)
+        plain = zoom_vit(clips)
+        same, kept = zoom_vit(clips, torch.tensor(1.0))
+        zoom_vit.window_embed.weight.mul_(2)
+        moved = zoom_vit(clips)
+        zoom_vit.window_embed.weight.div_(2)
+    assert zoom_vit.tokens == 2 * 2 * 4 * 4  # the frame's and the window's 2 x 4 x 4 tubelets
+    torch.testing.assert_close(same, plain)  # budget 1: ATS keeps every token
+    assert (kept == zoom_vit.tokens + 1).all()
+    assert not torch.allclose(moved, plain)  # the window's tokens reach the features
+
+
+def test_zoom_vit_macs_are_the_counted_shapes_finder_included(zoom_vit):
+    clip = _clips(1, seed=5, size=64)
+    assert zoom_vit.macs() == _counted_macs(zoom_vit, clip) > zoom_vit.finder_macs > 0
+    with torch.no_grad():
+        _, kept = zoom_vit(clip, torch.tensor(0.5))
+    assert zoom_vit.macs(kept[0].tolist()) == _counted_macs(zoom_vit, clip, torch.tensor(0.5)) < zoom_vit.macs()
+
+
+def test_zoom_vit_trains_around_a_fixed_finder(zoom_vit):
+    import copy
+
+    model = copy.deepcopy(zoom_vit).train()
+    finder_before = {k: v.clone() for k, v in model.finder.state_dict().items()}
+    embed_before = model.window_embed.weight.detach().clone()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model(_clips(4, seed=6, size=64)).pow(2).mean().backward()
+    opt.step()
+    assert not model.finder.training
+    assert all(torch.equal(v, finder_before[k]) for k, v in model.finder.state_dict().items())
+    assert not torch.equal(model.window_embed.weight, embed_before)
+
+
+def test_zoom_vit_variant_needs_an_s3d_zoom_and_frames_of_its_size(zoom_vit):
+    from export.models.s3d_zoom import S3DZoom
+    from export.models.vit import VideoViTZoom
+
+    small = S3DZoom(frame_size=64, window_crop=16, window_size=64, window_stem_patch=8)
+    with pytest.raises(ValueError, match="s3d_zoom"):
+        create_vit("vit_zoom_mini_112")
+    with pytest.raises(ValueError, match="no finder"):
+        create_vit("vit_mini_112", finder=small)
+    with pytest.raises(ValueError, match="112 px"):
+        VideoViTZoom(small, dim=32, depth=2, heads=2, ats_blocks=(1,))  # a 64-px finder for 112-px frames
+
+
 def _sharpen(model: S3DSGS) -> S3DSGS:
     with torch.no_grad():  # a similarity net that tells frames apart (at init its biases dominate Δ)
         model.sgs.similarity.conv1.bias.zero_()
