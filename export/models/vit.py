@@ -230,7 +230,11 @@ class VideoViTZoom(VideoViT):
         if finder.full.stem_difference:
             raise ValueError("the finder's stem must read the plain normalised video the ViT reads")
         finder = copy.deepcopy(finder)
-        del finder.window_stream  # the teacher's reader of the window: the ViT reads it itself
+        # Only the full stream's stem and the localiser run: the teacher's readers of the frame and
+        # the window would be dead weight in the ViT's state dict.
+        del finder.window_stream
+        for reader in ("stage2", "stage3", "stage4", "proj"):
+            delattr(finder.full, reader)
         self.finder = finder.eval().requires_grad_(False)
         dim = self.cls.shape[-1]
         self.window_embed = nn.Conv3d(3, dim, self.embed.kernel_size, stride=self.embed.stride)
