@@ -34,12 +34,12 @@ import onnx
 import torch
 from torch import nn
 
-from export import onnx_export
+from export import onnx_export, train
 from export.adaptive import onnx_functions
 from export.models import s3d_zoom_sgs, tqn
 from export.models.s3d_sgs import S3DSGS
 from export.models.s3d_zoom_sgs import S3DZoomSGS
-from export.models.vit import K_FLOOR, VideoViT
+from export.models.vit import K_FLOOR, VideoViT, VideoViTZoom
 
 ENCODER_INPUT = "clips"
 BUDGET_INPUT = "budget"
@@ -339,7 +339,10 @@ def load_served(model_dir: Path, *, domain: bool = True) -> nn.Module:
     meta = json.loads((model_dir / "1" / "model.json").read_text())
     state = torch.load(model_dir.parent / meta["weights"], weights_only=True)
     if meta["encoder"] in ("vit", "vit_ats"):
-        vit = VideoViT(**meta["config"])
+        if meta.get("finder") is not None:  # a zoom ViT: its finder's layers are in its own weights
+            vit = VideoViTZoom(train.encoder_from_config(meta["finder"]), **meta["config"])
+        else:
+            vit = VideoViT(**meta["config"])
         vit.load_state_dict(state)
         served = ServedViT(vit) if meta["encoder"] == "vit" else ServedViTATS(vit)
     elif meta["encoder"] == "s3d_sgs":

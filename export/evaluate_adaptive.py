@@ -179,12 +179,11 @@ def run_served(ds: data.ClipDataset, videos: np.ndarray, curve_videos: set[int],
 def top_k_accuracy(ds: data.ClipDataset, videos: np.ndarray, repository: Path, k_per_block: list[int]) -> dict:
     """The ViT with the K highest-scoring tokens per ATS block (the thesis's Table 7.1 baseline),
     in torch, decoded by the served decoder's weights."""
-    from export.models.vit import create as create_vit
-    from export.train_adaptive import VIT_VARIANT, load_served
+    from export.train_adaptive import load_served
 
-    vit = create_vit(VIT_VARIANT, top_k=True)
-    vit.load_state_dict(torch.load(repository / "clip_encoder_vit" / "1" / "model.pt", weights_only=True))
-    vit.eval()
+    vit = adaptive_export.load_served(repository / "clip_encoder_vit", domain=False).vit
+    for block in vit.blocks:
+        block.top_k = True
     _, decoder, _ = load_served(repository)
     k = torch.tensor(k_per_block)
     preds = {q: [] for q in HEADS}

@@ -2,14 +2,16 @@
 
 "The served s3d" is whatever `clip_encoder_s3d` serves (`train.load_served_encoder`): a plain s3d
 or the two-stream s3d_zoom of issue 8. For an s3d_zoom, `s3d_sgs` is `S3DZoomSGS` (one SGS node
-after both stems, placement "stem" only) and the ViT, unchanged, is distilled from the zoom
-encoder's features (it reads only the full frame). A ViT that also reads the window
-(`VideoViTZoom`) is screened in torch only (`--vit-variant` with `--distill-vit` and `--tune-vit`).
+after both stems, placement "stem" only) and the ViT is distilled from the zoom encoder's
+features.
 
-- `vit`: the tubelet ViT (`vit_mini_112`: dim 64, 6 blocks, 2×16×16 tubelets) distilled from the
-  served s3d's clip features (no labels; `vit_student`, cached beside the data), its last layer
-  refit to them by least squares, then trained on through the served (frozen) TQN decoder with ATS
-  in the loop for half the clips (`tune_vit`), so the decoder reads its features unchanged;
+- `vit`: the tubelet ViT (`AdaptiveBudget.vit_variant`: `vit_zoom_mini_112`, dim 64, 6 blocks,
+  4×16×16 tubelets of the full frame and of the diver's window, cut where the served s3d_zoom's
+  frozen localiser puts it; `vit_mini_112` reads the full frame only, in 2×16×16 tubelets)
+  distilled from the served s3d's clip features (no labels; `vit_student`, cached beside the
+  data), its last layer refit to them by least squares, then trained on through the served
+  (frozen) TQN decoder with ATS in the loop for half the clips (`tune_vit`), so the decoder reads
+  its features unchanged;
   `vit_ats` is the same weights with ATS in blocks 3..6 (ATS has no parameters).
 - `s3d_sgs`: the served s3d's weights with SGS inserted (a centred similarity net whose bias is
   calibrated on training clips; bins passed on as time-ordered means, see `S3DSGS`), trained
@@ -65,8 +67,7 @@ from export.models.vit import create as create_vit
 
 REPORT = REPO / "export" / "adaptive_training.json"
 SEED = 9
-VIT_VARIANT = "vit_mini_112"
-STUDENT = "vit_student.pt"  # the distilled ViT, kept beside the data (`vit_student`)
+STUDENT = "{variant}_student.pt"  # the distilled ViT of a variant, kept beside the data (`vit_student`)
 MORE_SEED = 19  # the second distillation run's draws (`vit_student`)
 # A student's teacher, in its history: the sha256 of the s3d weights it regressed (model.pt, what
 # the distillation reads; the ONNX file's hash also moves with metadata that changes no output).
@@ -104,6 +105,10 @@ SGSEncoder = S3DSGS | S3DZoomSGS
 
 @dataclass(frozen=True)
 class AdaptiveBudget:
+    # The ViT served as `vit` / `vit_ats` (`export.models.vit`): "vit_zoom_mini_112" also reads the
+    # diver's window where the served s3d_zoom's localiser puts it (session 23's screen on validation:
+    # mean 73.7 against vit_mini_112's 47.5 at the same 196 tokens; README "Adaptive computation").
+    vit_variant: str = "vit_zoom_mini_112"
     # From scratch (no cached student beside the data): ~1.4-2 s a step at one thread, so 1,500 is
     # ~35-50 min: what a fresh clone's build fits in a session beside the other parts.
     vit_steps: int = 1500
@@ -190,14 +195,14 @@ SGS_ONLY = ("sgs_similarity", "sgs_prefit_steps", "sgs_prefit_lr", "sgs_steps", 
             "similarity_lr", "sgs_idle_weight", "sgs_spread_weight", "sgs_bins_low", "sgs_fixed_stem",
             "val_every")
 # And those only the ViT part reads: s3d_sgs built before they changed is what today's defaults give.
-VIT_ONLY = ("vit_steps", "vit_align_steps", "vit_more_steps", "vit_clips_per_step", "vit_lr", "vit_tune_steps",
+VIT_ONLY = ("vit_variant", "vit_steps", "vit_align_steps", "vit_more_steps", "vit_clips_per_step", "vit_lr", "vit_tune_steps",
             "vit_tune_lr", "event_fraction", "ats_full_share", "ats_tune_low", "ats_tune_high", "ats_self_distill",
             "ats_token_cost", "ats_spread_weight", "ats_share_still", "ats_share_moving", "refit_clips",
             "vit_val_every")
 
 # Fields added after served artifacts were built, with the value those builds used: a provenance
 # without one was built so (tests/contract/test_adaptive_artifacts.py).
-ADDED_FIELDS = {"vit_more_steps": 0, "ats_tune_low": 0.2, "ats_tune_high": 1.0, "sgs_spread_weight": 0.0,
+ADDED_FIELDS = {"vit_variant": "vit_mini_112", "vit_more_steps": 0, "ats_tune_low": 0.2, "ats_tune_high": 1.0, "sgs_spread_weight": 0.0,
                 "sgs_similarity": "frame", "sgs_prefit_steps": 0, "sgs_prefit_lr": 1e-2, "sgs_idle_weight": 0.0,
                 "ats_spread_weight": 0.0, "ats_share_still": 0.35, "ats_share_moving": 0.85, "sgs_bins_low": 1,
                 "sgs_fixed_stem": False}
@@ -261,7 +266,7 @@ def distill_vit(teacher: Encoder, datasets: list[data.ClipDataset], budget: Adap
     """The ViT regressing the teacher's clip features (MSE over the teacher's feature scale) for
     `steps` (default `budget.vit_steps`), from `student` when given (else a fresh one); its state
     dict saved to `checkpoint` every 250 steps (a long run stopped early still leaves a student)."""
-    student = student if student is not None else create_vit(VIT_VARIANT)
+    student = student if student is not None else new_vit(budget.vit_variant, teacher)
     student.train()
     steps = budget.vit_steps if steps is None else steps
     opt, sched = _optimizer(student.parameters(), budget.vit_lr, steps)
@@ -306,15 +311,22 @@ def vit_student(teacher: Encoder, teacher_weights_sha256: str, datasets: list[da
     """The distilled ViT and its history (one entry per distillation run: steps, teacher).
 
     Starts from `init` (a state dict, or a student file as this writes it) or else the student
-    cached beside the data (`STUDENT`, as build.py keeps its trained models there: the
+    cached beside the data (`STUDENT` of `budget.vit_variant`, as build.py keeps its trained models there: the
     distillation is the long part); a student distilled from another s3d is distilled
     `budget.vit_align_steps` more against this one. Without either, `budget.vit_steps` from
     scratch. Then, unless its history already has it, `budget.vit_more_steps` more against this
     s3d (`MORE_SEED`'s draws, so a build from the cache and one from scratch continue alike). The
-    student is (re)written to the cache with its history."""
-    cache = Path(data_dir) / STUDENT
+    student is (re)written to the cache with its history. A cached student distilled from scratch
+    for another number of steps (a --quick build's, say) is not this budget's: distilled anew."""
+    cache = Path(data_dir) / STUDENT.format(variant=budget.vit_variant)
+    if init is None and cache.exists():
+        first = torch.load(cache, weights_only=True).get("history", [{}])[0]
+        if first.get("from") == "scratch" and first.get("steps") != budget.vit_steps:
+            _log(f"vit: the cached student was distilled {first.get('steps')} steps from scratch, this budget "
+                 f"{budget.vit_steps}: distilling anew")
+            cache.unlink()
     source = init if init is not None else (cache if cache.exists() else None)
-    vit = create_vit(VIT_VARIANT)
+    vit = new_vit(budget.vit_variant, teacher)
     history: list = []
     if source is None:
         vit = distill_vit(teacher, datasets, budget, rng, student=vit)
@@ -1024,7 +1036,12 @@ def build_adaptive(data_dir: Path, repository: Path = MODEL_REPOSITORY, *, budge
             vit = tune_vit(vit, teacher, decoder, short, budget, rng)
         result["vit_train_seconds"] = time.monotonic() - t
         vit_dir, ats_dir = stage / "clip_encoder_vit", stage / "clip_encoder_vit_ats"
-        meta = {"encoder": "vit", "variant": VIT_VARIANT, "config": VIT_VARIANTS[VIT_VARIANT],
+        zoom = budget.vit_variant in ZOOM_VARIANTS
+        meta = {"encoder": "vit", "variant": budget.vit_variant,
+                "config": (ZOOM_VARIANTS if zoom else VIT_VARIANTS)[budget.vit_variant],
+                # a zoom ViT's finder: the served s3d_zoom's architecture (its stem and localiser
+                # weights are in the ViT's own, frozen copies)
+                "finder": s3d_meta["config"] if zoom else None,
                 "training": "distilled from clip_encoder_s3d's features (no labels), last layer refit to the "
                             "served s3d's, then tuned through the served decoder (provenance: teacher, budget)",
                 "student_history": result["vit_history"], "refit_residual": result["vit_refit_residual"],
@@ -1137,9 +1154,8 @@ def main() -> None:
     parser.add_argument("--tune-vit", type=Path, default=None, metavar="OUT",
                         help="only train --init-vit on through the served decoder (--vit-tune-steps), save it to OUT "
                              "and its validation report (torch) to OUT.json")
-    parser.add_argument("--vit-variant", choices=[*VIT_VARIANTS, *ZOOM_VARIANTS], default=VIT_VARIANT,
-                        help="--distill-vit and --tune-vit: the ViT to screen (a zoom one reads the diver's window "
-                             "too; not exported yet)")
+    parser.add_argument("--vit-variant", choices=[*VIT_VARIANTS, *ZOOM_VARIANTS], default=None,
+                        help="the ViT (a zoom one reads the diver's window too; default: the budget's)")
     parser.add_argument("--vit-tune-steps", type=int, default=None)
     parser.add_argument("--vit-more-steps", type=int, default=None,
                         help="a second distillation run on the student (0: none; default: the budget's)")
@@ -1186,7 +1202,7 @@ def main() -> None:
         parser.error("--quick needs --repository (a copy holding clip_encoder_s3d and tqn_decoder): "
                      "it would replace the served adaptive encoders with barely trained ones")
     budget = QUICK if args.quick else AdaptiveBudget()
-    budget_options = ("vit_steps", "vit_more_steps", "ats_tune_low", "ats_tune_high", "vit_tune_steps",
+    budget_options = ("vit_variant", "vit_steps", "vit_more_steps", "ats_tune_low", "ats_tune_high", "vit_tune_steps",
                       "ats_self_distill", "ats_token_cost", "ats_spread_weight", "ats_share_still",
                       "ats_share_moving", "val_every", "vit_val_every", "vit_align_steps",
                       "sgs_steps", "sgs_frozen_steps", "sgs_spread_weight", "sgs_lr", "sgs_similarity",
@@ -1198,7 +1214,7 @@ def main() -> None:
         torch.set_num_threads(train.TRAIN_THREADS)
         torch.manual_seed(args.seed)
         teacher, decoder, _ = load_served(args.repository)
-        vit = new_vit(args.vit_variant, teacher)
+        vit = new_vit(budget.vit_variant, teacher)
         vit.load_state_dict(torch.load(args.init_vit, weights_only=True))
         rng = np.random.default_rng(args.seed)
         # As the build: the last layer refit to the teacher (a fresh student's residual), then tuned.
@@ -1206,7 +1222,7 @@ def main() -> None:
         _log(f"vit last layer refit: residual {residual:.3f} of the teacher's variance")
         vit = tune_vit(vit, teacher, decoder, data.load(args.data_dir / "short"), budget, rng)
         torch.save(vit.state_dict(), args.tune_vit)
-        report = {"budget": asdict(budget), "vit_variant": args.vit_variant, "refit_residual": residual,
+        report = {"budget": asdict(budget), "refit_residual": residual,
                   "val": vit_phase_report(vit, decoder, data.load(args.data_dir / "val"), VIT_REPORT_BUDGETS)}
         Path(f"{args.tune_vit}.json").write_text(json.dumps(report, indent=2) + "\n")
         return
@@ -1229,7 +1245,7 @@ def main() -> None:
         torch.manual_seed(args.seed)
         teacher, _, _ = load_served(args.repository)
         datasets = [data.load(args.data_dir / name) for name in ("train", "short")]
-        vit = new_vit(args.vit_variant, teacher)
+        vit = new_vit(budget.vit_variant, teacher)
         if args.init_vit is not None:
             vit.load_state_dict(torch.load(args.init_vit, weights_only=True))
         vit = distill_vit(teacher, datasets, budget, np.random.default_rng(args.seed), student=vit,

@@ -220,7 +220,7 @@ class VideoViTZoom(VideoViT):
     same tubelets, so each window token covers window_crop / (frame_size / patch) source pixels.
     Why: the plain ViT sees the ~25-px diver in 16-px tubelets and cannot imitate the two-stream
     teacher's counts (README "Adaptive computation"); the window's tokens are also where ATS has
-    the most to drop outside the flight. Not exported yet (`forward_served`)."""
+    the most to drop outside the flight."""
 
     def __init__(self, finder: S3DZoom, **vit):
         super().__init__(**vit)
@@ -264,7 +264,20 @@ class VideoViTZoom(VideoViT):
 
     def forward_served(self, clips: torch.Tensor, budget: torch.Tensor | None = None, *,
                        k: torch.Tensor | None = None):
-        raise NotImplementedError("the zoom ViT has no served graph yet: a screen in torch (train_adaptive --vit-variant)")
+        """`forward` as the served graphs compute it, equal up to float rounding: both tubelet
+        embeddings and the finder's stem read raw pixels (`pixels.embed_patches`), and the window is
+        cut from the raw frames, not the normalised video (its bilinear weights sum to 1 per pixel,
+        so cutting commutes with the per-channel normalisation): no normalised video is written.
+        (Cutting the window from the channels-last bytes, or embedding it by a convolution instead of
+        transposing it to channels last, changed nothing measurable in ONNX Runtime.)"""
+        full = self.finder.full
+        stem = full.stem[1:](full.patchify(clips, served=True))
+        window = self.finder.window(clips.permute(0, 4, 1, 2, 3).float(), self.finder.locate(stem)[1])
+        tokens = torch.cat([embed_patches(clips, self.embed, self.mean, self.std).flatten(1, 3),
+                            embed_patches(window.permute(0, 2, 3, 4, 1), self.window_embed, self.mean,
+                                          self.std).flatten(1, 3)], dim=1)
+        features, kept = self.forward_tokens(tokens, budget, k=k)
+        return self._answer(features, kept, plain=budget is None and k is None)
 
     def macs(self, kept: Sequence[int] | torch.Tensor | None = None):
         """`VideoViT.macs` (its tubelet embedding counts the window's tokens too: the same kernel)

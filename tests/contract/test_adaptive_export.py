@@ -405,3 +405,42 @@ def test_an_exported_encoder_gains_its_own_domain_output_and_keeps_everything_el
         np.testing.assert_allclose(served(torch.from_numpy(clips), torch.from_numpy(budget))[3].numpy(), distance,
                                    rtol=1e-4)
     assert ae.parity(served, path, [1.0, 0.5]) <= TOLERANCE
+
+
+def test_served_zoom_vit_exports_its_window_and_matches_torch(tmp_path):
+    """The zoom ViT as `vqs models --part adaptive` exports it (112 px, its finder the served
+    s3d_zoom's stem and localiser): `vit_ats` keeps one vqs node per ATS block, its GMACs count the
+    finder, the directory loads back as the zoom ViT, and ONNX Runtime matches torch: the training
+    `forward` where nothing is sampled (budget 1), the served twin in batches that mix budgets (below
+    1 a token on the edge of a sampling interval may fall either way under float rounding)."""
+    from export import adaptive_export as ae
+    from export import train
+    from export.models.vit import VideoViTZoom
+    from export.models.vit import create as create_vit
+
+    torch.manual_seed(0)
+    vit = create_vit("vit_zoom_mini_112", finder=train.build_served_encoder().eval()).eval()
+    with torch.no_grad():  # sharper attention, as after training, so ATS drops tokens below budget 1
+        for block in vit.blocks:
+            block.attn.qkv.weight[:64].mul_(8)
+    meta = {"encoder": "vit_ats", "config": {"dim": 64, "depth": 6, "heads": 4, "ats_blocks": [2, 3, 4, 5],
+                                             "tubelet": [4, 16]}, "finder": train.served_encoder_config()}
+    model_dir = tmp_path / "clip_encoder_vit_ats"
+    path = ae.export_served(ae.ServedViTATS(vit), vit, model_dir, adaptive=True, kept_dims=len(vit.ats_blocks),
+                            parameters=ae.vit_parameters(vit, ats=True, clip_fps=15, budget_default=0.9), meta=meta)
+    proto = onnx.load(str(path))
+    onnx.checker.check_model(proto, full_check=True)
+    assert [n.op_type for n in proto.graph.node if n.domain == "vqs"] == ["AdaptiveTokenSampler"] * 4
+    served = ae.load_served(model_dir)
+    assert type(served.vit) is VideoViTZoom
+    torch.testing.assert_close(served.vit.state_dict(), vit.state_dict())
+    clips = torch.from_numpy(_video(3, seed=4).repeat(2, axis=2).repeat(2, axis=3)[:, :, :112, :112])
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    budget = np.asarray([[1.0], [0.9], [0.5]], np.float32)
+    features, kept, gmacs = session.run(None, {"clips": clips.numpy(), "budget": budget})
+    with torch.no_grad():
+        want = vit(clips)
+    np.testing.assert_allclose(features[0], want[0].numpy(), atol=TOLERANCE * float(want.abs().max()), rtol=0)
+    assert (kept[0] == vit.tokens).all() and (kept[1:] < vit.tokens).all()
+    assert gmacs[0, 0] == pytest.approx(vit.macs() / 1e9) and vit.finder_macs / 1e9 < gmacs[2, 0] < gmacs[1, 0] < gmacs[0, 0]
+    assert ae.parity(served, path, [1.0, 0.9, 0.5]) <= TOLERANCE

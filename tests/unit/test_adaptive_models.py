@@ -486,10 +486,10 @@ def test_vit_student_distils_on_once_and_caches_the_history(tmp_path, monkeypatc
         return VideoViT(dim=16, depth=2, heads=2, frame_size=32, ats_blocks=(1,))
 
     monkeypatch.setattr(train_adaptive, "create_vit", small)
-    budget = replace(AdaptiveBudget(), vit_steps=7, vit_more_steps=3)
+    budget = replace(AdaptiveBudget(), vit_variant="vit_mini_112", vit_steps=7, vit_more_steps=3)
     cached = small(None).state_dict()
     torch.save({"state": cached, "history": [{"steps": 7, "from": "scratch", TEACHER_KEY: "s3d"}]},
-               tmp_path / STUDENT)
+               tmp_path / STUDENT.format(variant="vit_mini_112"))
 
     vit, history = vit_student(None, "s3d", [], tmp_path, budget, np.random.default_rng(0))
     more = {"steps": 3, "from": "the student above, distilled on", TEACHER_KEY: "s3d"}
@@ -501,6 +501,35 @@ def test_vit_student_distils_on_once_and_caches_the_history(tmp_path, monkeypatc
     again, history_again = vit_student(None, "s3d", [], tmp_path, budget, np.random.default_rng(0))
     assert len(calls) == 1 and history_again == history
     torch.testing.assert_close(again.state_dict(), vit.state_dict())
+
+
+def test_vit_student_distils_anew_over_a_cached_student_of_another_step_count(tmp_path, monkeypatch):
+    """A --quick build's student (20 steps) left beside the data is not a full build's: the build
+    distils from scratch and the cache then holds its own student."""
+    from dataclasses import replace
+
+    import numpy as np
+
+    from export import train_adaptive
+    from export.train_adaptive import STUDENT, TEACHER_KEY, AdaptiveBudget, vit_student
+
+    calls = []
+
+    def fake_distill(teacher, datasets, budget, rng, student=None, checkpoint=None, steps=None):
+        calls.append(steps)
+        return student
+
+    monkeypatch.setattr(train_adaptive, "distill_vit", fake_distill)
+    monkeypatch.setattr(train_adaptive, "create_vit",
+                        lambda variant: VideoViT(dim=16, depth=2, heads=2, frame_size=32, ats_blocks=(1,)))
+    budget = replace(AdaptiveBudget(), vit_variant="vit_mini_112", vit_steps=7, vit_more_steps=0)
+    cache = tmp_path / STUDENT.format(variant="vit_mini_112")
+    quick = {"steps": 20, "from": "scratch", TEACHER_KEY: "s3d"}
+    torch.save({"state": {}, "history": [quick]}, cache)
+
+    _, history = vit_student(None, "s3d", [], tmp_path, budget, np.random.default_rng(0))
+    assert calls == [None] and history == [{"steps": 7, "from": "scratch", TEACHER_KEY: "s3d"}]
+    assert torch.load(cache, weights_only=True)["history"] == history
 
 
 def test_clip_motion_is_the_mean_grey_change_between_frames():
