@@ -195,15 +195,15 @@ SGS_ONLY = ("sgs_similarity", "sgs_prefit_steps", "sgs_prefit_lr", "sgs_steps", 
             "similarity_lr", "sgs_idle_weight", "sgs_spread_weight", "sgs_bins_low", "sgs_fixed_stem",
             "val_every")
 # And those only the ViT part reads: s3d_sgs built before they changed is what today's defaults give.
-VIT_ONLY = ("vit_variant", "vit_steps", "vit_align_steps", "vit_more_steps", "vit_clips_per_step", "vit_lr", "vit_tune_steps",
-            "vit_tune_lr", "event_fraction", "ats_full_share", "ats_tune_low", "ats_tune_high", "ats_self_distill",
+VIT_ONLY = ("vit_variant", "vit_steps", "vit_align_steps", "vit_more_steps", "vit_clips_per_step", "vit_lr",
+            "vit_tune_steps", "vit_tune_lr", "event_fraction", "ats_full_share", "ats_tune_low", "ats_tune_high", "ats_self_distill",
             "ats_token_cost", "ats_spread_weight", "ats_share_still", "ats_share_moving", "refit_clips",
             "vit_val_every")
 
 # Fields added after served artifacts were built, with the value those builds used: a provenance
 # without one was built so (tests/contract/test_adaptive_artifacts.py).
-ADDED_FIELDS = {"vit_variant": "vit_mini_112", "vit_more_steps": 0, "ats_tune_low": 0.2, "ats_tune_high": 1.0, "sgs_spread_weight": 0.0,
-                "sgs_similarity": "frame", "sgs_prefit_steps": 0, "sgs_prefit_lr": 1e-2, "sgs_idle_weight": 0.0,
+ADDED_FIELDS = {"vit_variant": "vit_mini_112", "vit_more_steps": 0, "ats_tune_low": 0.2, "ats_tune_high": 1.0,
+                "sgs_spread_weight": 0.0, "sgs_similarity": "frame", "sgs_prefit_steps": 0, "sgs_prefit_lr": 1e-2, "sgs_idle_weight": 0.0,
                 "ats_spread_weight": 0.0, "ats_share_still": 0.35, "ats_share_moving": 0.85, "sgs_bins_low": 1,
                 "sgs_fixed_stem": False}
 
@@ -311,28 +311,28 @@ def vit_student(teacher: Encoder, teacher_weights_sha256: str, datasets: list[da
     """The distilled ViT and its history (one entry per distillation run: steps, teacher).
 
     Starts from `init` (a state dict, or a student file as this writes it) or else the student
-    cached beside the data (`STUDENT` of `budget.vit_variant`, as build.py keeps its trained models there: the
-    distillation is the long part); a student distilled from another s3d is distilled
+    cached beside the data (`STUDENT` of `budget.vit_variant`, as build.py keeps its trained models
+    there: the distillation is the long part); a student distilled from another s3d is distilled
     `budget.vit_align_steps` more against this one. Without either, `budget.vit_steps` from
     scratch. Then, unless its history already has it, `budget.vit_more_steps` more against this
     s3d (`MORE_SEED`'s draws, so a build from the cache and one from scratch continue alike). The
     student is (re)written to the cache with its history. A cached student distilled from scratch
     for another number of steps (a --quick build's, say) is not this budget's: distilled anew."""
     cache = Path(data_dir) / STUDENT.format(variant=budget.vit_variant)
-    if init is None and cache.exists():
-        first = torch.load(cache, weights_only=True).get("history", [{}])[0]
+    source = init if init is not None else (cache if cache.exists() else None)
+    saved = None if source is None else torch.load(source, weights_only=True)
+    if init is None and saved is not None:
+        first = saved.get("history", [{}])[0]
         if first.get("from") == "scratch" and first.get("steps") != budget.vit_steps:
             _log(f"vit: the cached student was distilled {first.get('steps')} steps from scratch, this budget "
                  f"{budget.vit_steps}: distilling anew")
-            cache.unlink()
-    source = init if init is not None else (cache if cache.exists() else None)
+            saved = None
     vit = new_vit(budget.vit_variant, teacher)
     history: list = []
-    if source is None:
+    if saved is None:
         vit = distill_vit(teacher, datasets, budget, rng, student=vit)
         history.append({"steps": budget.vit_steps, "from": "scratch", TEACHER_KEY: teacher_weights_sha256})
     else:
-        saved = torch.load(source, weights_only=True)
         vit.load_state_dict(saved["state"] if "state" in saved else saved)
         history = list(saved.get("history", [{"from": str(Path(source).name), TEACHER_KEY: None}]))
         if history[-1].get(TEACHER_KEY) != teacher_weights_sha256 and budget.vit_align_steps:
