@@ -1,6 +1,6 @@
 """Issue 9's measurement, in one run on the test split through the served models.
 
-    python -m export.evaluate_adaptive [--data-dir data] [--videos N]
+    python -m export.evaluate_adaptive [--data-dir data] [--videos N] [--split test_large --encoders s3d s3d_sgs]
 
 Starts a real tritonserver on the model repository and sends every test video's clips (decoded by
 decord at 112 px, as the gateway decodes them; the split's frame cache) to each clip encoder, then
@@ -13,7 +13,9 @@ trip, which adds the gRPC transfer of the clips, is reported beside it; configur
 interleaved video by video so machine load hits them alike), and kept counts by clip phase. The top-K token baseline is not served (it is not an
 export target): it runs in torch on the same clips at ATS's mean K' per block.
 
-Writes export/adaptive_evaluation.json and PNGs under docs/ (budget curve, B' and K' histograms).
+Writes export/adaptive_evaluation.json and PNGs under docs/ (budget curve, B' and K' histograms);
+for another held-out split (`build.EXTRA_SPLITS`), export/adaptive_evaluation_<split>.json and
+docs/<split>/.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import numpy as np
 import torch
 
 from export import REPO, adaptive_export, data
-from export.build import in_domain_report, paired_bootstrap
+from export.build import EXTRA_SPLITS, in_domain_report, make_split, paired_bootstrap
 from export.onnx_export import IN_DOMAIN_OUTPUT, IN_DOMAIN_THRESHOLD_PARAMETER
 from export.synth import PHASES
 from export.train_adaptive import HEADS, accuracy
@@ -44,6 +46,7 @@ CURVES = {"s3d_sgs": (1.0, 0.5, 0.35, 0.25), "vit_ats": (1.0, 0.99, 0.97, 0.95, 
 # The budget curve runs on every sixth test video (50 of 300): the 2 cores are shared by seven
 # sessions; the four encoders' table uses every video.
 CURVE_EVERY = 6
+ENCODERS = ("s3d", "vit", "s3d_sgs", "vit_ats")
 
 
 def _log(message: str) -> None:
@@ -105,7 +108,8 @@ def _configurations(budget_defaults: dict[str, float], present: set[str]) -> lis
     return [c for c in configs if c[1] in present]
 
 
-def run_served(ds: data.ClipDataset, videos: np.ndarray, curve_videos: set[int], repository: Path) -> dict:
+def run_served(ds: data.ClipDataset, videos: np.ndarray, curve_videos: set[int], repository: Path,
+               encoders: tuple[str, ...] = ENCODERS) -> dict:
     import tritonclient.grpc as grpcclient
 
     from server.launcher import TritonProcess
@@ -119,8 +123,7 @@ def run_served(ds: data.ClipDataset, videos: np.ndarray, curve_videos: set[int],
         process.wait_ready()
         client = grpcclient.InferenceServerClient(process.grpc_url)
         # clip_encoder_vit(_ats) are evaluated when the repository serves them (not by default).
-        present = {m for m in ("clip_encoder_s3d", "clip_encoder_vit", "clip_encoder_s3d_sgs", "clip_encoder_vit_ats")
-                   if (repository / m / "config.pbtxt").is_file()}
+        present = {f"clip_encoder_{e}" for e in encoders if (repository / f"clip_encoder_{e}" / "config.pbtxt").is_file()}
         params = {m: _parameters(client, m) for m in present | {"tqn_decoder"}}
         scored = {m for m in present if any(o["name"] == adaptive_export.DOMAIN_OUTPUT for o in
                                             client.get_model_config(m, as_json=True)["config"]["output"])}
@@ -289,13 +292,13 @@ def _plots(summary: dict, curve: dict, kept: dict[str, tuple[np.ndarray, np.ndar
 
 
 def evaluate(data_dir: Path, repository: Path, *, videos: int | None = None, out: Path = OUT,
-             docs: Path = DOCS) -> dict:
+             docs: Path = DOCS, split: str = "test", encoders: tuple[str, ...] = ENCODERS) -> dict:
     start = time.monotonic()
     load_start = os.getloadavg()
-    ds = data.load(Path(data_dir) / "test")
+    ds = data.load(make_split(Path(data_dir), split))
     chosen = np.arange(len(ds.records)) if videos is None else np.linspace(0, len(ds.records) - 1, videos).astype(int)
     curve_videos = chosen[::CURVE_EVERY]
-    served = run_served(ds, chosen, set(curve_videos.tolist()), repository)
+    served = run_served(ds, chosen, set(curve_videos.tolist()), repository, encoders)
     phases_of = {int(v): ds.clip_phases(int(v)) for v in chosen}
     summary, kept, curve, hits = {}, {}, {}, {}
     for label, r in served["results"].items():
@@ -363,14 +366,14 @@ def evaluate(data_dir: Path, repository: Path, *, videos: int | None = None, out
             point[f"interval95_points_vs_{plain}"] = paired_intervals(hits[label], hits[plain], curve_videos)
 
     report = {
-        "split": "test", "videos": len(chosen), "clips": int(ds.num_clips[chosen].sum()),
+        "split": split, "videos": len(chosen), "clips": int(ds.num_clips[chosen].sum()),
         "path": "tritonserver (python backend, ONNX Runtime) for every encoder and the tqn_decoder; gateway not in the loop",
         "serving_batch": BATCH,
         "load_average_start": load_start, "load_average_end": os.getloadavg(),
         "seconds": time.monotonic() - start,
         "configurations": summary,
-        "s3d_sgs_vs_s3d": _vs("s3d_sgs", "s3d"),
-        "vit_ats_vs_vit": _vs("vit_ats", "vit") if "vit_ats" in summary else None,
+        "s3d_sgs_vs_s3d": _vs("s3d_sgs", "s3d") if {"s3d_sgs", "s3d"} <= summary.keys() else None,
+        "vit_ats_vs_vit": _vs("vit_ats", "vit") if {"vit_ats", "vit"} <= summary.keys() else None,
         "budget_curve": {"videos": len(curve_videos), "points": curve},
         "top_k_baseline": top_k,
         "budget_defaults": served["defaults"],
@@ -386,11 +389,18 @@ def main() -> None:
     parser.add_argument("--data-dir", type=Path, default=REPO / "data")
     parser.add_argument("--repository", type=Path, default=REPO / "model_repository")
     parser.add_argument("--videos", type=int, default=None, help="evenly spaced test videos (default: all)")
-    parser.add_argument("--out", type=Path, default=OUT)
-    parser.add_argument("--docs", type=Path, default=DOCS, help="where the PNGs go")
+    parser.add_argument("--split", choices=["test", *EXTRA_SPLITS], default="test",
+                        help="the held-out split (made if absent; test_large: 3,000 videos)")
+    parser.add_argument("--encoders", nargs="+", choices=ENCODERS, default=list(ENCODERS))
+    parser.add_argument("--out", type=Path, default=None, help="default: export/adaptive_evaluation[_SPLIT].json")
+    parser.add_argument("--docs", type=Path, default=None, help="where the PNGs go (default: docs/[SPLIT/])")
     args = parser.parse_args()
     torch.set_num_threads(2)
-    report = evaluate(args.data_dir, args.repository, videos=args.videos, out=args.out, docs=args.docs)
+    other = args.split != "test"
+    out = args.out or (OUT.with_name(f"{OUT.stem}_{args.split}.json") if other else OUT)
+    docs = args.docs or (DOCS / args.split if other else DOCS)
+    report = evaluate(args.data_dir, args.repository, videos=args.videos, out=out, docs=docs, split=args.split,
+                      encoders=tuple(args.encoders))
     for label, r in report["configurations"].items():
         acc = " ".join(f"{q}={100 * a:.1f}" for q, a in r["accuracy"].items())
         print(f"{label:14s} budget={r['budget']!s:5s} gmacs={r['gmacs_per_clip']:.4f} "

@@ -128,6 +128,17 @@ def test_a_split_from_another_generator_version_is_rebuilt_not_reused(tmp_path, 
     assert build.fingerprint(folder) == first  # same seed and version: the same labels again
 
 
+def test_an_extra_held_out_split_has_its_own_seed_and_stays_out_of_the_build(tmp_path, monkeypatch):
+    from export import build
+
+    seeds = [row[2] for row in build.SPLITS.values()]
+    assert all(row[2] not in seeds for row in build.EXTRA_SPLITS.values())  # independent draws
+    assert not set(build.EXTRA_SPLITS) & set(build.SPLITS)  # `make_splits` (every build) never makes it
+    monkeypatch.setitem(build.EXTRA_SPLITS, "tiny_extra", ("tiny_extra", 2, 6, 2.2, 3.0))
+    folder = build.make_split(tmp_path, "tiny_extra")
+    assert folder == tmp_path / "tiny_extra" and len((folder / "labels.jsonl").read_text().splitlines()) == 2
+
+
 def _one_routine_dataset():
     """A one-video dataset of a rendered-length routine with its real labels and phases."""
     from export import synth
