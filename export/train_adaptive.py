@@ -161,6 +161,9 @@ class AdaptiveBudget:
     # a moving one whatever B allows. 0: off.
     sgs_spread_weight: float = 0.0
     distill_weight: float = 1.0
+    # fine_tune_sgs: an event clip's (take-off, flight, entry: where the answers are) share of the
+    # distillation against any other clip's, whose features the decoder hardly reads. 1: all alike.
+    sgs_event_distill: float = 1.0
     event_fraction: float = 0.5  # of the ViT's clips, drawn from clips that show an event
     ats_full_share: float = 0.5  # of the clips tune_vit runs without sampling (the rest with ATS)
     # tune_vit's budgets for the clips it runs with ATS, drawn uniformly from [low, high] (low = high:
@@ -193,7 +196,7 @@ class AdaptiveBudget:
 # what a build with today's defaults gives (tests/contract/test_adaptive_artifacts.py).
 SGS_ONLY = ("sgs_similarity", "sgs_prefit_steps", "sgs_prefit_lr", "sgs_steps", "sgs_lr", "sgs_frozen_steps",
             "similarity_lr", "sgs_idle_weight", "sgs_spread_weight", "sgs_bins_low", "sgs_fixed_stem",
-            "val_every")
+            "sgs_event_distill", "val_every")
 # And those only the ViT part reads: s3d_sgs built before they changed is what today's defaults give.
 VIT_ONLY = ("vit_variant", "vit_steps", "vit_align_steps", "vit_more_steps", "vit_clips_per_step", "vit_lr",
             "vit_tune_steps", "vit_tune_lr", "event_fraction", "ats_full_share", "ats_tune_low", "ats_tune_high", "ats_self_distill",
@@ -205,7 +208,7 @@ VIT_ONLY = ("vit_variant", "vit_steps", "vit_align_steps", "vit_more_steps", "vi
 ADDED_FIELDS = {"vit_variant": "vit_mini_112", "vit_more_steps": 0, "ats_tune_low": 0.2, "ats_tune_high": 1.0,
                 "sgs_spread_weight": 0.0, "sgs_similarity": "frame", "sgs_prefit_steps": 0, "sgs_prefit_lr": 1e-2, "sgs_idle_weight": 0.0,
                 "ats_spread_weight": 0.0, "ats_share_still": 0.35, "ats_share_moving": 0.85, "sgs_bins_low": 1,
-                "sgs_fixed_stem": False}
+                "sgs_fixed_stem": False, "sgs_event_distill": 1.0}
 
 QUICK = AdaptiveBudget(vit_steps=20, vit_align_steps=5, vit_more_steps=5, vit_tune_steps=5, sgs_prefit_steps=5,
                       sgs_steps=10, sgs_frozen_steps=5,
@@ -478,12 +481,24 @@ def prefit_similarity(model: SGSEncoder, short: data.ClipDataset, budget: Adapti
     model.train()
 
 
+def distillation_loss(features: torch.Tensor, target: torch.Tensor, phases: np.ndarray,
+                      event_distill: float = 1.0) -> torch.Tensor:
+    """The clips' mean squared distance to the teacher's features, in units of the teacher's
+    variance, an event clip's weighted `event_distill` against another's."""
+    scale = target.var(dim=0).mean().clamp(min=1e-6)
+    if event_distill == 1.0:
+        return F.mse_loss(features, target) / scale
+    weight = torch.from_numpy(np.where(np.isin(phases, EVENT_PHASES), event_distill, 1.0)).to(features.dtype)
+    return ((features - target).pow(2).mean(dim=1) * weight).sum() / weight.sum() / scale
+
+
 def tune_through_decoder(name: str, model: torch.nn.Module, encode, groups: list[dict], teacher: Encoder,
                          decoder: TQNDecoder, short: data.ClipDataset, *, steps: int, videos_per_step: int,
-                         lr: float, distill_weight: float, rng: np.random.Generator) -> None:
+                         lr: float, distill_weight: float, rng: np.random.Generator, event_distill: float = 1.0) -> None:
     """Every clip of a few short videos online through `encode(clips, phases, rng) -> (features,
-    kept, extra)` (`phases`: each clip's, `ClipDataset.clip_phases`), the frozen decoder's query loss plus distillation to the teacher's clip features plus
-    `extra` (a loss of the encoder's own, or None)."""
+    kept, extra)` (`phases`: each clip's, `ClipDataset.clip_phases`), the frozen decoder's query
+    loss plus distillation to the teacher's clip features (an event clip's weighted `event_distill`
+    against another's) plus `extra` (a loss of the encoder's own, or None)."""
     model.train()
     for p in decoder.parameters():
         p.requires_grad_(False)
@@ -497,8 +512,7 @@ def tune_through_decoder(name: str, model: torch.nn.Module, encode, groups: list
         feats, mask = train._pad(list(features.split(counts)))
         logits = decoder(feats, mask)[: len(HEADS)]
         targets = {q: torch.as_tensor(short.targets[q][videos]) for q in HEADS}
-        scale = target.var(dim=0).mean().clamp(min=1e-6)
-        distill = F.mse_loss(features, target) / scale
+        distill = distillation_loss(features, target, phases, event_distill)
         loss = train.query_loss(logits, targets) + distill_weight * distill
         if extra is not None:
             loss = loss + extra
@@ -596,7 +610,7 @@ def fine_tune_sgs(model: SGSEncoder, teacher: Encoder, decoder: TQNDecoder, shor
         return features, kept, sum(extras) if extras else None
 
     common = dict(videos_per_step=budget.sgs_videos_per_step, lr=budget.sgs_lr, distill_weight=budget.distill_weight,
-                  rng=rng)
+                  rng=rng, event_distill=budget.sgs_event_distill)
     frozen = min(budget.sgs_frozen_steps, budget.sgs_steps)
     if frozen:
         for p in fresh:
@@ -1173,6 +1187,8 @@ def main() -> None:
     parser.add_argument("--sgs-spread-weight", type=float, default=None,
                         help="fine_tune_sgs: weight of the clips' Δ spread against their motion's target")
     parser.add_argument("--sgs-lr", type=float, default=None)
+    parser.add_argument("--sgs-event-distill", type=float, default=None,
+                        help="fine_tune_sgs: an event clip's weight in the distillation (others 1)")
     parser.add_argument("--sgs-bins-low", type=int, default=None, help="fine_tune_sgs: fewest bins a clip trains at")
     parser.add_argument("--sgs-fixed-stem", action=argparse.BooleanOptionalAction, default=None,
                         help="fine_tune_sgs: train none of the layers before SGS")
@@ -1206,7 +1222,7 @@ def main() -> None:
                       "ats_self_distill", "ats_token_cost", "ats_spread_weight", "ats_share_still",
                       "ats_share_moving", "val_every", "vit_val_every", "vit_align_steps",
                       "sgs_steps", "sgs_frozen_steps", "sgs_spread_weight", "sgs_lr", "sgs_similarity",
-                      "sgs_prefit_steps", "sgs_idle_weight", "sgs_bins_low", "sgs_fixed_stem",
+                      "sgs_prefit_steps", "sgs_idle_weight", "sgs_bins_low", "sgs_fixed_stem", "sgs_event_distill",
                       "similarity_lr")  # AdaptiveBudget fields
     overrides = {name: getattr(args, name) for name in budget_options if getattr(args, name) is not None}
     budget = replace(budget, **overrides)

@@ -25,3 +25,29 @@ def test_paired_intervals_pair_the_same_videos_and_cover_the_difference():
     assert sub[QUERIES[1]] == [0.0, 0.0]
     shifted = paired_intervals((curve, plain[1::2]), (plain_videos, plain))  # the wrong rows: not identical
     assert shifted[QUERIES[1]] != [0.0, 0.0]
+
+
+def test_the_sgs_screen_scores_each_video_by_its_own_clips():
+    import math
+    from types import SimpleNamespace
+
+    import torch
+
+    from export.sgs_screen import answers
+
+    sizes = [len(a) for a in HEADS.values()]
+
+    def decoder(feats, mask):  # every head answers index 1 if the video's clips sum positive, else 0
+        sign = 1.0 if float(feats.sum()) > 0 else -1.0
+        return [torch.tensor([[0.0, sign] + [-9.0] * (n - 2)]) for n in sizes] + [torch.zeros(1)]
+
+    ds = SimpleNamespace(records=[{}, {}], num_clips=np.array([2, 3]),
+                         targets={q: np.array([1, 1]) for q in HEADS})
+    features = np.array([[1.0], [1.0], [-1.0], [-1.0], [5.0]], np.float32)  # video 0: +2; video 1: +3
+    hits, nll = answers(decoder, features, ds)
+    assert hits.shape == nll.shape == (2, len(HEADS)) and hits.all()
+    tail = sum(math.exp(-9.0) for _ in range(max(sizes) - 2))
+    assert 0 < nll[0, 0] < math.log(1 + math.exp(-1.0) + tail) + 1e-6  # the truth is the likelier answer
+    features[4] = 0.0  # video 1 now sums to -2: answers 0, wrong, and its truth is unlikely
+    hits, nll = answers(decoder, features, ds)
+    assert hits[0].all() and not hits[1].any() and (nll[1] > nll[0]).all()

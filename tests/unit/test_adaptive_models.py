@@ -604,3 +604,22 @@ def test_before_sgs_parameters_are_the_layers_the_similarity_net_reads():
     deeper = create_s3d_sgs("s3d_sgs_stage2_112", frame_size=64)
     found = {id(p) for p in before_sgs_parameters(deeper, clips)}
     assert found == {id(p) for module in (deeper.stem, deeper.stage2) for p in module.parameters()}
+
+
+def test_event_clips_weigh_more_in_the_sgs_distillation_only_when_asked():
+    import numpy as np
+    from torch.nn import functional as F
+
+    from export.synth import PHASES
+    from export.train_adaptive import distillation_loss
+
+    target = torch.randn(6, 4)
+    features = target.clone()
+    features[0] += 1.0  # an idle clip off by 1 in every dimension; every event clip exact
+    phases = np.array([PHASES.index(p) for p in ("before", "take_off", "flight", "flight", "entry", "after")])
+    scale = target.var(dim=0).mean()
+    assert torch.allclose(distillation_loss(features, target, phases), F.mse_loss(features, target) / scale)
+    # the idle clip's error is 1 of weight 1 among weights 1 + 4 x 4 + 1
+    assert torch.allclose(distillation_loss(features, target, phases, 4.0), 1.0 / 18 / scale)
+    features[2] += 2.0  # a flight clip off by 2: its squared error 4, weighted 4
+    assert torch.allclose(distillation_loss(features, target, phases, 4.0), (1.0 + 16.0) / 18 / scale)
