@@ -171,12 +171,8 @@ class MotionSimilarityNet(nn.Module):
     ((2t + 1) / (2T − 1) half-widths right of its centre), so it keeps every frame, and at B = T / 2
     pairs of neighbours (tested)."""
 
-    def __init__(self, in_channels: int, *, snap: float | None = None):
-        """`snap`: a clip whose spread 1 − Δ_0 / Δ_max reaches it (one that moves over most of the
-        clip) has its Δ spaced evenly, as the clip that changes evenly above, so it keeps every
-        frame at B = T and pairs at T / 2 (`SNAP_SPREAD`); gradients pass as if it had not snapped."""
+    def __init__(self, in_channels: int):
         super().__init__()
-        self.snap = snap
         self.conv1 = nn.Conv1d(in_channels, in_channels, 1)
         self.act = nn.ReLU(inplace=True)
         self.conv2 = nn.Conv1d(in_channels, 1, 1)
@@ -190,33 +186,22 @@ class MotionSimilarityNet(nn.Module):
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         steps = self.steps(features)
         start = steps.new_zeros((steps.shape[0], 1))
-        delta = F.softplus(self.offset) + torch.cat([start, steps.cumsum(dim=1)], dim=1)  # N, T
-        if self.snap is not None:
-            t = delta.shape[1]
-            even = delta[:, -1:] * (torch.arange(t, dtype=delta.dtype) + 0.5) / (t - 0.5)
-            moving = 1.0 - delta[:, :1] / delta[:, -1:] >= self.snap  # Δ is increasing: Δ_0 least, Δ_T−1 most
-            delta = torch.where(moving, even + (delta - delta.detach()), delta)
-        return delta.unsqueeze(-1)  # N, T, 1
+        return (F.softplus(self.offset) + torch.cat([start, steps.cumsum(dim=1)], dim=1)).unsqueeze(-1)  # N, T, 1
 
 
-# "motion_snap"'s spread from which a clip keeps every frame: at B = 8 a clip whose Δ spans half of
-# Δ_max keeps about 5 bins (ceil(B × spread + 1/2)), most flight clips more.
-SNAP_SPREAD = 0.5
-SIMILARITIES = ("frame", "motion", "motion_snap")
+SIMILARITIES = ("frame", "motion")
 
 
 class SimilarityGuidedSampling(nn.Module):
     """(N, C, T, H, W) features and a bin count B -> (N, C, B'max, H, W) and a (N, B'max) mask.
-    `similarity`: "frame" (`SimilarityNet`, the thesis's), "motion" (`MotionSimilarityNet`) or
-    "motion_snap" (the same, snapping a moving clip to every frame)."""
+    `similarity`: "frame" (`SimilarityNet`, the thesis's) or "motion" (`MotionSimilarityNet`)."""
 
     def __init__(self, in_channels: int, *, similarity_dim: int = 8, centred: bool = False,
                  similarity: str = "frame"):
         super().__init__()
         if similarity not in SIMILARITIES:
             raise ValueError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}")
-        self.similarity = (MotionSimilarityNet(in_channels, snap=SNAP_SPREAD if similarity == "motion_snap" else None)
-                           if similarity.startswith("motion")
+        self.similarity = (MotionSimilarityNet(in_channels) if similarity == "motion"
                            else SimilarityNet(in_channels, similarity_dim=similarity_dim, centred=centred))
 
     def forward(self, features: torch.Tensor, bins: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

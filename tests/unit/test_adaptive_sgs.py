@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from export.adaptive.sgs import SNAP_SPREAD, MotionSimilarityNet, SimilarityGuidedSampling, bin_weights, similarity_guided_sampling
+from export.adaptive.sgs import MotionSimilarityNet, SimilarityGuidedSampling, bin_weights, similarity_guided_sampling
 
 
 def _z_with_norms(*norms: float) -> torch.Tensor:
@@ -188,29 +188,6 @@ def test_the_motion_net_learns_through_the_kernel():
     sampled.square().sum().backward()
     for name, parameter in module.named_parameters():
         assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
-
-
-def test_a_snapping_motion_net_keeps_every_frame_of_a_moving_clip_and_leaves_a_still_one():
-    plain = _even_motion_net(3, 1.0)  # m = 50 x a frame's change, d = 25
-    net = MotionSimilarityNet(3, snap=SNAP_SPREAD).double()
-    net.load_state_dict(plain.state_dict())
-
-    def clip(changes):  # frame t filled with the sum of the first t changes
-        values = torch.tensor([0.0, *changes], dtype=torch.float64).cumsum(0)
-        return values.reshape(1, 1, 8, 1, 1).expand(1, 3, 8, 2, 2).contiguous()
-
-    moving = clip([1, 3, 1, 1, 2, 1, 3])  # uneven: unsnapped, some bins stay empty and frames share
-    still = clip([0.01] * 7)  # each step softplus(0.5) ~ 0.97 against d = 25: spread 0.21
-    features = torch.cat([moving, still]).requires_grad_(True)
-    raw, z = plain(features), net(features)
-    assert (bin_weights(raw[:1], 8)[0].sum(dim=0) > 0).sum() < 8
-    weights = bin_weights(z[:1], 8)[0]
-    assert weights.argmax(dim=1).tolist() == list(range(8)) and (weights > 0).sum(dim=1).tolist() == [1] * 8
-    torch.testing.assert_close(z[0, -1], raw[0, -1])  # Δ_max kept: the snap only spaces the frames
-    torch.testing.assert_close(z[1], raw[1])  # below the spread: untouched (its frames in two bins)
-    assert (bin_weights(z[1:], 8)[0].sum(dim=0) > 0).sum() == 2
-    z[0].sum().backward()  # straight through: the net still learns from a snapped clip
-    assert net.conv2.weight.grad.abs().sum() > 0 and net.offset.grad.abs() > 0
 
 
 def test_unknown_similarity_is_refused():
