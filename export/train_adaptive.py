@@ -165,6 +165,7 @@ class AdaptiveBudget:
     distill_weight: float = 1.0
     # fine_tune_sgs: an event clip's (take-off, flight, entry: where the answers are) share of the
     # distillation against any other clip's, whose features the decoder hardly reads. 1: all alike.
+    # 4 answered the counts worse on val_large (export/sgs_recipe_screen.json).
     sgs_event_distill: float = 1.0
     event_fraction: float = 0.5  # of the ViT's clips, drawn from clips that show an event
     ats_full_share: float = 0.5  # of the clips tune_vit runs without sampling (the rest with ATS)
