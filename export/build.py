@@ -66,8 +66,13 @@ def _log(msg: str) -> None:
     print(f"models: {msg}", file=sys.stderr, flush=True)
 
 
+def _split_row(split: str) -> tuple:
+    """(folder, count, seed, min seconds, max seconds) of a build split or an extra one."""
+    return SPLITS[split] if split in SPLITS else EXTRA_SPLITS[split]
+
+
 def _split_spec(split: str) -> dict:
-    folder, count, seed, lo, hi = {**SPLITS, **EXTRA_SPLITS}[split]
+    folder, count, seed, lo, hi = _split_row(split)
     return {"generator_version": synth.GENERATOR_VERSION, "count": count, "seed": seed,
             "min_seconds": lo, "max_seconds": hi, "fps": FPS, "null_every": NULL_EVERY,
             "free_flight_share": FREE_FLIGHT_SHARE.get(split, 0.0)}
@@ -80,7 +85,7 @@ def fingerprint(folder: Path) -> str:
 
 def make_split(data_dir: Path, split: str) -> Path:
     """The split's folder, (re)synthesised unless it holds exactly this generator version and spec."""
-    out = Path(data_dir) / {**SPLITS, **EXTRA_SPLITS}[split][0]
+    out = Path(data_dir) / _split_row(split)[0]
     spec = _split_spec(split)
     spec_path = out / "split.json"
     if spec_path.exists() and (out / "labels.jsonl").exists() and json.loads(spec_path.read_text()) == spec:
