@@ -115,7 +115,9 @@ class WorkerProcess:
         self.inbox.put_nowait((m, payload))
 
     def send(self, m: msg.ToWorker) -> None:
-        with self._send_lock:
+        """To a worker that has died this does nothing: its `Died` reaches the inbox instead, so the
+        request fails with the crash and not with the broken pipe that the send would raise."""
+        with self._send_lock, contextlib.suppress(OSError):
             self.conn.send(m)
 
     async def recv(self, timeout: float) -> Inbox:
@@ -187,8 +189,7 @@ class WorkerPool:
         for task in list(self._tasks):
             task.cancel()
         for w in list(self._all):
-            with contextlib.suppress(Exception):
-                w.send(msg.Exit())
+            w.send(msg.Exit())
         for w in list(self._all):
             with contextlib.suppress(subprocess.TimeoutExpired):
                 await asyncio.to_thread(w.proc.wait, 3)
@@ -223,14 +224,13 @@ class WorkerPool:
                     break
                 if isinstance(m, Died):
                     raise WorkerDied()
-        except (VqsError, WorkerDied, OSError):
+        except (VqsError, WorkerDied):
             self.replace(w)
             return
         w.inbox = asyncio.Queue()
         if w.jobs >= self.recycle_after or w.rss_mb > self.recycle_rss_mb:
             logger.info("recycling %s after %d videos (rss %.0f MB)", w.name, w.jobs, w.rss_mb)
-            with contextlib.suppress(OSError):
-                w.send(msg.Exit())
+            w.send(msg.Exit())
             self.replace(w)
         elif self._idle is not None and not self._closed:
             self._idle.put_nowait(w)

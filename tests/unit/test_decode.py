@@ -20,7 +20,9 @@ import pytest_asyncio
 from export.synth import render_video
 from server.errors import Timeout, TooLarge, UnsupportedMedia
 from server.pipeline import decode_backends as backends
+from server.pipeline import decode_protocol as msg
 from server.pipeline.decode import ClipBatch, VideoDecoder
+from server.pipeline.decode_pool import Died, WorkerProcess
 from server.settings import DecodeSettings
 
 SIZE = 32  # decode-time resize; small keeps the tests fast
@@ -483,6 +485,23 @@ async def test_a_worker_crash_fails_the_request_and_is_replaced(media):
         assert (await _collect(dec, media["short"]))[-1].info.frames == 5
     finally:
         await dec.close()
+
+
+async def test_a_send_to_a_dead_worker_does_not_raise_and_its_death_reaches_the_inbox():
+    # The consumer credits a worker after each chunk; if the worker has just died, that send
+    # met a broken pipe and the request failed with it instead of with the crash.
+    worker = WorkerProcess(asyncio.get_running_loop(), "decode-test")
+    try:
+        ready, _ = await worker.recv(timeout=30)
+        assert isinstance(ready, msg.Ready)
+        os.kill(worker.pid, signal.SIGKILL)
+        await asyncio.to_thread(worker.proc.wait, 10)
+        for _ in range(64):  # the first sends may still fit the socket's buffer
+            worker.send(msg.Credit(1))
+        died, _ = await worker.recv(timeout=10)
+        assert isinstance(died, Died)
+    finally:
+        worker.kill()
 
 
 @pytest.mark.parametrize("backend", ["pyav", "decord"])  # with decord: inputs above decord_max_bytes
