@@ -59,7 +59,7 @@ class S3DZoom(nn.Module):
         if not 0 < window_crop <= frame_size:
             raise ValueError(f"window_crop must be in (0, frame_size={frame_size}], got {window_crop}")
         self.clip_frames, self.frame_size, self.feature_dim = clip_frames, frame_size, feature_dim
-        self.window_crop, self.window_size = window_crop, window_size
+        self.window_crop = window_crop
         self.full = S3D(channels=channels, feature_dim=feature_dim, clip_frames=clip_frames,
                         frame_size=frame_size, stem_patch=stem_patch, norm_layer=norm_layer)
         self.window_stream = S3D(channels=window_channels, feature_dim=feature_dim, clip_frames=clip_frames,
@@ -75,14 +75,19 @@ class S3DZoom(nn.Module):
         middles = torch.arange(self.grid).float() * stem_patch + (stem_patch - 1) / 2  # px, each cell's middle
         self.register_buffer("cells", torch.stack([middles.repeat(self.grid),
                                                    middles.repeat_interleave(self.grid)], -1))  # G*G, 2 (x, y)
+        self.sample_windows_to(window_size)
+
+    def sample_windows_to(self, size: int) -> None:
+        """Cut the windows `size` px square (the same crop, sampled more or less finely). The
+        window stream reads `window_size` px, so only a finder without it (the zoom ViT's) may change it."""
+        self.window_size = size
         # where each window pixel samples, in px from the window's centre
-        self.register_buffer("offsets", (torch.arange(window_size).float() + 0.5 - window_size / 2)
-                             * window_crop / window_size)
+        self.register_buffer("offsets", (torch.arange(size).float() + 0.5 - size / 2) * self.window_crop / size)
         # source pixels that hold all of a window's taps along one axis: its positions span
         # `span` px, so their left taps at most floor(span) + 1 pixels (+ 1e-3: float rounding of
         # the positions), and the last one's right tap one more
         span = float(self.offsets[-1] - self.offsets[0])
-        self.band = min(frame_size, math.floor(span + 1e-3) + 3)
+        self.band = min(self.frame_size, math.floor(span + 1e-3) + 3)
 
     def locate(self, stem: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Stem features (B, C1, T, G, G) -> heatmap logits (B, T, G*G) and the clip's centre (B, 2),

@@ -216,28 +216,35 @@ class VideoViT(nn.Module):
 class VideoViTZoom(VideoViT):
     """The ViT that also reads the diver's window: one token sequence of the full frame's tubelets
     and the window's, the window cut where the served `s3d_zoom`'s localiser puts it (that encoder's
-    stem and localiser, frozen: `finder`), its crop sampled up to the frame size and cut into the
-    same tubelets, so each window token covers window_crop / (frame_size / patch) source pixels.
+    stem and localiser, frozen: `finder`), its crop sampled to `window_size` px (default: the
+    frame's) and cut into as many tubelets as the frame, so each window token covers
+    window_crop / (frame_size / patch) source pixels whatever `window_size` is: a smaller one only
+    embeds fewer (interpolated) pixels per token.
     Why: the plain ViT sees the ~25-px diver in 16-px tubelets and cannot imitate the two-stream
     teacher's counts (README "Adaptive computation"); the window's tokens are also where ATS has
     the most to drop outside the flight."""
 
-    def __init__(self, finder: S3DZoom, **vit):
+    def __init__(self, finder: S3DZoom, *, window_size: int | None = None, **vit):
         super().__init__(**vit)
-        if finder.window_size != self.frame_size or finder.frame_size != self.frame_size:
-            raise ValueError(f"the finder's frames and windows must be {self.frame_size} px like the ViT's, "
-                             f"got {finder.frame_size} and {finder.window_size}")
+        window_size = self.frame_size if window_size is None else window_size
+        grid = self.frame_size // self.embed.kernel_size[1]
+        if finder.frame_size != self.frame_size:
+            raise ValueError(f"the finder's frames must be {self.frame_size} px like the ViT's, got {finder.frame_size}")
+        if window_size % grid:
+            raise ValueError(f"a {window_size}-px window does not tile into the frame's {grid}x{grid} tubelets")
         if finder.full.stem_difference:
             raise ValueError("the finder's stem must read the plain normalised video the ViT reads")
         finder = copy.deepcopy(finder)
         # Only the full stream's stem and the localiser run: the teacher's readers of the frame and
         # the window would be dead weight in the ViT's state dict.
         del finder.window_stream
+        finder.sample_windows_to(window_size)
         for reader in ("stage2", "stage3", "stage4", "proj"):
             delattr(finder.full, reader)
         self.finder = finder.eval().requires_grad_(False)
         dim = self.cls.shape[-1]
-        self.window_embed = nn.Conv3d(3, dim, self.embed.kernel_size, stride=self.embed.stride)
+        kernel = (self.embed.kernel_size[0], window_size // grid, window_size // grid)
+        self.window_embed = nn.Conv3d(3, dim, kernel, stride=kernel)
         self.tokens *= 2  # the window's tubelets tile it as the frame's tile the frame
         self.position = nn.Parameter(torch.randn(1, self.tokens + 1, dim) * 0.02)
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
@@ -280,9 +287,11 @@ class VideoViTZoom(VideoViT):
         return self._answer(features, kept, plain=budget is None and k is None)
 
     def macs(self, kept: Sequence[int] | torch.Tensor | None = None):
-        """`VideoViT.macs` (its tubelet embedding counts the window's tokens too: the same kernel)
-        plus the finder's stem, localiser and window cut."""
-        return super().macs(kept) + self.finder_macs
+        """`VideoViT.macs` (which embeds every token with the frame's kernel), the window's tokens
+        with the window's kernel instead, plus the finder's stem, localiser and window cut."""
+        window_tokens, dim = self.tokens // 2, self.cls.shape[-1]
+        window_kernel = window_tokens * dim * (self.window_embed.weight[0].numel() - self.embed.weight[0].numel())
+        return super().macs(kept) + window_kernel + self.finder_macs
 
 
 # Shape-named variants (after timm): the same weights serve `vit` and `vit_ats`.
@@ -297,7 +306,12 @@ VARIANTS = {
 # The zoom ViT (`VideoViTZoom`) at vit_mini_112's width and depth. Its tubelets span 4 frames, so the
 # frame and the window together are vit_mini_112's 196 tokens: 2-frame tubelets (392 tokens) made a
 # training step 5.5x as long.
-ZOOM_VARIANTS = {"vit_zoom_mini_112": {**VARIANTS["vit_mini_112"], "tubelet": (4, 16)}}
+ZOOM_VARIANTS = {
+    "vit_zoom_mini_112": {**VARIANTS["vit_mini_112"], "tubelet": (4, 16)},
+    # The window sampled to 56 px, not 112, in 4x8x8 tubelets: the same 32-px crop and tokens, a
+    # quarter of the window's cut and embedding (the part of the ViT that ATS cannot save).
+    "vit_zoom56_mini_112": {**VARIANTS["vit_mini_112"], "tubelet": (4, 16), "window_size": 56},
+}
 
 
 def create(name: str, finder: S3DZoom | None = None, **overrides) -> VideoViT:

@@ -27,13 +27,13 @@ def test_paired_intervals_pair_the_same_videos_and_cover_the_difference():
     assert shifted[QUERIES[1]] != [0.0, 0.0]
 
 
-def test_the_sgs_screen_scores_each_video_by_its_own_clips():
+def test_the_adaptive_screen_scores_each_video_by_its_own_clips():
     import math
     from types import SimpleNamespace
 
     import torch
 
-    from export.sgs_screen import answers
+    from export.adaptive_screen import answers
 
     sizes = [len(a) for a in HEADS.values()]
 

@@ -85,10 +85,8 @@ def test_vit_variants_are_the_issue_shape(variant, dim):
         create_vit("vit_huge")
 
 
-@pytest.fixture(scope="module")
-def zoom_vit():
+def _finder():
     from export.models.s3d_zoom import S3DZoom
-    from export.models.vit import VideoViTZoom
 
     torch.manual_seed(0)
     finder = S3DZoom(frame_size=64, window_crop=16, window_size=64, window_stem_patch=8).eval()
@@ -96,7 +94,14 @@ def zoom_vit():
         for module in finder.modules():
             if isinstance(module, torch.nn.BatchNorm3d):
                 module.running_mean.uniform_(-0.5, 0.5)
-    return VideoViTZoom(finder, dim=32, depth=4, heads=2, frame_size=64, tubelet=(4, 16), ats_blocks=(1, 2, 3)).eval()
+    return finder
+
+
+@pytest.fixture(scope="module")
+def zoom_vit():
+    from export.models.vit import VideoViTZoom
+
+    return VideoViTZoom(_finder(), dim=32, depth=4, heads=2, frame_size=64, tubelet=(4, 16), ats_blocks=(1, 2, 3)).eval()
 
 
 def test_zoom_vit_reads_the_frame_and_the_window_at_the_finders_centre(zoom_vit):
@@ -139,6 +144,29 @@ def test_zoom_vit_trains_around_a_fixed_finder(zoom_vit):
     assert not model.finder.training
     assert all(torch.equal(v, finder_before[k]) for k, v in model.finder.state_dict().items())
     assert not torch.equal(model.window_embed.weight, embed_before)
+
+
+def test_zoom_vit_with_a_smaller_window_cuts_the_same_crop_into_as_many_tokens(zoom_vit):
+    from export.models.s3d_zoom import grid_sample_window
+    from export.models.vit import VideoViTZoom
+
+    small = VideoViTZoom(_finder(), window_size=32, dim=32, depth=4, heads=2, frame_size=64, tubelet=(4, 16),
+                         ats_blocks=(1, 2, 3)).eval()
+    clips = _clips(2, seed=8, size=64)
+    x = small.finder.full.prepare(clips)
+    _, centres = small.finder.locate(small.finder.full.stem(x))
+    with torch.no_grad():
+        window = small.find(x)
+        torch.testing.assert_close(window, grid_sample_window(small.finder, x, centres), atol=1e-5, rtol=1e-5)
+    assert window.shape == (2, 3, 8, 32, 32) and small.window_embed.kernel_size == (4, 8, 8)
+    # the same 16-px crop: each of the 32 px samples midway between two of the 64-px window's
+    fine, coarse = zoom_vit.finder.sampling_grid(centres), small.finder.sampling_grid(centres)
+    torch.testing.assert_close(coarse, fine.unflatten(2, (32, 2)).mean(3).unflatten(1, (32, 2)).mean(2))
+    assert small.tokens == zoom_vit.tokens
+    assert small.macs() == _counted_macs(small, clips[:1]) < zoom_vit.macs()
+    with pytest.raises(ValueError, match="does not tile"):
+        VideoViTZoom(_finder(), window_size=30, dim=32, depth=2, heads=2, frame_size=64, tubelet=(4, 16),
+                     ats_blocks=(1,))
 
 
 def test_zoom_vit_variant_needs_an_s3d_zoom_and_frames_of_its_size(zoom_vit):
@@ -530,6 +558,54 @@ def test_vit_student_distils_anew_over_a_cached_student_of_another_step_count(tm
     _, history = vit_student(None, "s3d", [], tmp_path, budget, np.random.default_rng(0))
     assert calls == [None] and history == [{"steps": 7, "from": "scratch", TEACHER_KEY: "s3d"}]
     assert torch.load(cache, weights_only=True)["history"] == history
+
+
+def test_vit_student_distils_anew_over_a_cached_student_without_ats_in_its_distillation(tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    import numpy as np
+
+    from export import train_adaptive
+    from export.train_adaptive import STUDENT, TEACHER_KEY, AdaptiveBudget, vit_student
+
+    calls = []
+    monkeypatch.setattr(train_adaptive, "distill_vit", lambda *a, **k: calls.append(k.get("steps")) or k["student"])
+    monkeypatch.setattr(train_adaptive, "create_vit",
+                        lambda variant: VideoViT(dim=16, depth=2, heads=2, frame_size=32, ats_blocks=(1,)))
+    budget = replace(AdaptiveBudget(), vit_variant="vit_mini_112", vit_steps=7, vit_more_steps=0, ats_distill_share=0.5)
+    torch.save({"state": {}, "history": [{"steps": 7, "from": "scratch", TEACHER_KEY: "s3d"}]},
+               tmp_path / STUDENT.format(variant="vit_mini_112"))
+    _, history = vit_student(None, "s3d", [], tmp_path, budget, np.random.default_rng(0))
+    assert calls == [None]
+    assert history == [{"steps": 7, "from": "scratch", TEACHER_KEY: "s3d", "ats_distill_share": 0.5}]
+
+
+@pytest.mark.parametrize("share", [0.0, 1.0])
+def test_distillation_encodes_its_share_of_clips_with_ats(monkeypatch, share):
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from export import train_adaptive
+    from export.train_adaptive import AdaptiveBudget, distill_vit
+
+    monkeypatch.setattr(train_adaptive, "_event_clips", lambda ds: np.arange(4))
+    monkeypatch.setattr(train_adaptive, "_clip_batch", lambda ds, flat: _clips(len(flat), seed=9, size=32))
+    student = VideoViT(dim=16, depth=2, heads=2, frame_size=32, feature_dim=8, ats_blocks=(1,))
+    budgets = []
+    forward = student.forward
+
+    def recording(clips, budget=None, **kw):
+        budgets.append(None if budget is None else budget.tolist())
+        return forward(clips, budget, **kw)
+
+    monkeypatch.setattr(student, "forward", recording)
+    budget = replace(AdaptiveBudget(), vit_steps=2, vit_clips_per_step=4, ats_distill_share=share,
+                     ats_tune_low=0.3, ats_tune_high=0.3)
+    distill_vit(lambda clips: torch.randn(len(clips), 8), [SimpleNamespace(total_clips=10)], budget,
+                np.random.default_rng(0), student=student)
+    assert budgets == ([None, None] if share == 0 else [[pytest.approx(0.3)] * 4] * 2)
 
 
 def test_clip_motion_is_the_mean_grey_change_between_frames():
