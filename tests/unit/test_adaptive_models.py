@@ -514,7 +514,7 @@ def test_vit_student_distils_on_once_and_caches_the_history(tmp_path, monkeypatc
         return VideoViT(dim=16, depth=2, heads=2, frame_size=32, ats_blocks=(1,))
 
     monkeypatch.setattr(train_adaptive, "create_vit", small)
-    budget = replace(AdaptiveBudget(), vit_variant="vit_mini_112", vit_steps=7, vit_more_steps=3)
+    budget = replace(AdaptiveBudget(), vit_variant="vit_mini_112", vit_steps=7, vit_more_steps=3, ats_distill_share=0)
     cached = small(None).state_dict()
     torch.save({"state": cached, "history": [{"steps": 7, "from": "scratch", TEACHER_KEY: "s3d"}]},
                tmp_path / STUDENT.format(variant="vit_mini_112"))
@@ -550,7 +550,7 @@ def test_vit_student_distils_anew_over_a_cached_student_of_another_step_count(tm
     monkeypatch.setattr(train_adaptive, "distill_vit", fake_distill)
     monkeypatch.setattr(train_adaptive, "create_vit",
                         lambda variant: VideoViT(dim=16, depth=2, heads=2, frame_size=32, ats_blocks=(1,)))
-    budget = replace(AdaptiveBudget(), vit_variant="vit_mini_112", vit_steps=7, vit_more_steps=0)
+    budget = replace(AdaptiveBudget(), vit_variant="vit_mini_112", vit_steps=7, vit_more_steps=0, ats_distill_share=0)
     cache = tmp_path / STUDENT.format(variant="vit_mini_112")
     quick = {"steps": 20, "from": "scratch", TEACHER_KEY: "s3d"}
     torch.save({"state": {}, "history": [quick]}, cache)
