@@ -5,13 +5,13 @@ or the two-stream s3d_zoom of issue 8. For an s3d_zoom, `s3d_sgs` is `S3DZoomSGS
 after both stems, placement "stem" only) and the ViT is distilled from the zoom encoder's
 features.
 
-- `vit`: the tubelet ViT (`AdaptiveBudget.vit_variant`: `vit_zoom_mini_112`, dim 64, 6 blocks,
-  4×16×16 tubelets of the full frame and of the diver's window, cut where the served s3d_zoom's
-  frozen localiser puts it; `vit_mini_112` reads the full frame only, in 2×16×16 tubelets)
-  distilled from the served s3d's clip features (no labels; `vit_student`, cached beside the
-  data), its last layer refit to them by least squares, then trained on through the served
-  (frozen) TQN decoder with ATS in the loop for half the clips (`tune_vit`), so the decoder reads
-  its features unchanged;
+- `vit`: the tubelet ViT (`AdaptiveBudget.vit_variant`: `vit_zoom56_mini_112`, dim 64, 6 blocks,
+  4×16×16 tubelets of the full frame and 4×8×8 of the diver's window sampled to 56 px, cut where
+  the served s3d_zoom's frozen localiser puts it; `vit_mini_112` reads the full frame only, in
+  2×16×16 tubelets) distilled from the served s3d's clip features (no labels; half the clips
+  encoded with ATS; `vit_student`, cached beside the data), its last layer refit to them by least
+  squares, then trained on through the served (frozen) TQN decoder with ATS in the loop for half
+  the clips (`tune_vit`), so the decoder reads its features unchanged;
   `vit_ats` is the same weights with ATS in blocks 3..6 (ATS has no parameters).
 - `s3d_sgs`: the served s3d's weights with SGS inserted (a centred similarity net whose bias is
   calibrated on training clips; bins passed on as time-ordered means, see `S3DSGS`), trained
@@ -86,8 +86,7 @@ BIAS_SCALE = 1.0  # the similarity net's output bias, in units of the median ‖
 # curve looks closely there, where a default within the tolerance can still save a lot.
 ATS_VAL_BUDGETS = (1.0, 0.99, 0.97, 0.95, 0.9, 0.75, 0.5)
 SGS_VAL_BUDGETS = (1.0, 0.5, 0.25)
-# `vit_phase_report`'s budgets for a --tune-vit screen: the build's curve below 1 (-30% GMACs needs
-# 0.35-0.5 on the served vit_zoom_mini_112, README "Adaptive computation").
+# `vit_phase_report`'s budgets for a --tune-vit screen: the build's curve below 1.
 VIT_REPORT_BUDGETS = tuple(b for b in ATS_VAL_BUDGETS if b < 1)
 # Every validation video (300, ~6,100 clips) for s3d and the s3d_sgs curve: on every sixth (50) one
 # answer of one video moves a query by 2 points, and the choice is about a point (README).
@@ -122,8 +121,9 @@ class AdaptiveBudget:
     # A second distillation run on the student (its own warm-up and cosine, its own random
     # draws), after the first `vit_steps`, cached with the student so a build distils it once.
     # Session 14's screen with 1,500 and no ATS in the distillation: `vit` +11 points, but ATS's gap
-    # to it grew from ~1 to 4-7 points near budget 1. With `ats_distill_share` 0.5 (session 26):
-    # `vit` +10 points and every budget down to 0.5 within a point (README "Adaptive computation").
+    # to it grew from ~1 to 4-7 points near budget 1. With `ats_distill_share` 0.5 (session 26, on
+    # 3,000 validation videos): `vit` +12 points, and ATS's gap at 0.99 / 0.5 fell from -2.7 / -6.3
+    # to -0.7 / -1.8 points (README "Adaptive computation").
     vit_more_steps: int = 1500
     vit_clips_per_step: int = 32
     vit_lr: float = 1e-3
