@@ -266,12 +266,15 @@ def _plots(summary: dict, curve: dict, kept: dict[str, tuple[np.ndarray, np.ndar
     written.append(str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path))
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    sgs, phases = kept["s3d_sgs"]
-    axes[0].hist([sgs[phases == 2, 0], sgs[np.isin(phases, (0, 4)), 0]], bins=np.arange(0.5, 9.5), density=True,
-                 label=["flight clips", "idle clips (before/after)"])
-    axes[0].set_xlabel("B' (bins kept of 8)")
-    axes[0].set_title(f"s3d_sgs at budget {summary['s3d_sgs']['budget']:g}")
-    axes[0].legend(fontsize=8)
+    if "s3d_sgs" in kept:
+        sgs, phases = kept["s3d_sgs"]
+        axes[0].hist([sgs[phases == 2, 0], sgs[np.isin(phases, (0, 4)), 0]], bins=np.arange(0.5, 9.5), density=True,
+                     label=["flight clips", "idle clips (before/after)"])
+        axes[0].set_xlabel("B' (bins kept of 8)")
+        axes[0].set_title(f"s3d_sgs at budget {summary['s3d_sgs']['budget']:g}")
+        axes[0].legend(fontsize=8)
+    else:
+        axes[0].set_visible(False)
     ats_label = _sampling_label(summary, "vit_ats")
     if ats_label is not None:
         k, phases = kept[ats_label]
@@ -351,8 +354,6 @@ def evaluate(data_dir: Path, repository: Path, *, videos: int | None = None, out
         k = [max(1, int(round(x))) for x in summary[label]["kept_mean"]]
         top_k[label] = top_k_accuracy(ds, curve_videos, repository, k) | {"ats_accuracy": curve[label]["accuracy"],
                                                                            "ats_gmacs_per_clip": curve[label]["gmacs_per_clip"]}
-    pngs = _plots(summary, curve, kept, docs)
-
     def _vs(fast: str, base: str) -> dict:
         f, b = summary[fast], summary[base]
         return {"gmacs_reduction": 1 - f["gmacs_per_clip"] / b["gmacs_per_clip"],
@@ -377,8 +378,10 @@ def evaluate(data_dir: Path, repository: Path, *, videos: int | None = None, out
         "budget_curve": {"videos": len(curve_videos), "points": curve},
         "top_k_baseline": top_k,
         "budget_defaults": served["defaults"],
-        "pngs": pngs,
+        "pngs": None,
     }
+    out.write_text(json.dumps(report, indent=2) + "\n")  # before the plots: a plot that fails loses no run
+    report["pngs"] = _plots(summary, curve, kept, docs)
     out.write_text(json.dumps(report, indent=2) + "\n")
     _log(f"wrote {out} in {report['seconds']:.0f}s")
     return report

@@ -51,3 +51,26 @@ def test_the_adaptive_screen_scores_each_video_by_its_own_clips():
     features[4] = 0.0  # video 1 now sums to -2: answers 0, wrong, and its truth is unlikely
     hits, nll = answers(decoder, features, ds)
     assert hits[0].all() and not hits[1].any() and (nll[1] > nll[0]).all()
+
+
+def test_the_plots_draw_whichever_adaptive_encoders_were_evaluated(tmp_path):
+    """--encoders vit vit_ats (no s3d_sgs) or s3d s3d_sgs (no ViT) each get their panels."""
+    from export.evaluate_adaptive import _plots
+
+    rng = np.random.default_rng(0)
+    accuracy = {q: 0.9 for q in HEADS}
+    phases = rng.integers(0, 5, 40)
+    runs = {
+        "vit": ({"vit": {"budget": None}, "vit_ats": {"budget": 0.5}},
+                {"vit": {"budget": None, "accuracy": accuracy, "ms_per_clip": 3.0},
+                 "vit_ats": {"budget": 0.5, "accuracy": accuracy, "ms_per_clip": 2.0}},
+                {"vit_ats": (rng.integers(8, 197, (40, 4)), phases)}),
+        "s3d": ({"s3d": {"budget": None}, "s3d_sgs": {"budget": 1.0}},
+                {"s3d": {"budget": None, "accuracy": accuracy, "ms_per_clip": 3.0},
+                 "s3d_sgs": {"budget": 1.0, "accuracy": accuracy, "ms_per_clip": 2.0}},
+                {"s3d_sgs": (rng.integers(1, 9, (40, 1)), phases)}),
+    }
+    for name, (summary, curve, kept) in runs.items():
+        pngs = _plots(summary, curve, kept, tmp_path / name)
+        assert [p.rsplit("/", 1)[-1] for p in pngs] == ["adaptive_budget_curve.png", "adaptive_kept_histograms.png"]
+        assert all((tmp_path / name / p.rsplit("/", 1)[-1]).stat().st_size > 0 for p in pngs)
