@@ -218,6 +218,12 @@ async def test_calls_with_the_token_pass_and_others_are_unauthenticated(pki, pro
             assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED
             assert expected in error.value.details() and "wrong" not in error.value.details()
             assert dict(error.value.trailing_metadata())["x-request-id"] == "r-auth"
+    # The interceptor counts a call when it leaves it, just after the status went out: the client
+    # can see the status first.
+    for _ in range(500):
+        if metrics.errors.labels(code="UNAUTHENTICATED")._value.get() == 2 and metrics.inflight._value.get() == 0:
+            break
+        await asyncio.sleep(0.01)
     assert metrics.errors.labels(code="UNAUTHENTICATED")._value.get() == 2
     assert metrics.inflight._value.get() == 0
 
