@@ -69,6 +69,7 @@ REPORT = REPO / "export" / "adaptive_training.json"
 SEED = 9
 STUDENT = "{variant}_student.pt"  # the distilled ViT of a variant, kept beside the data (`vit_student`)
 MORE_SEED = 19  # the second distillation run's draws (`vit_student`)
+ATS_STAGE_SEED = 31  # the third's (`vit_student`)
 TUNE_SEED = 29  # the ViT's refit and tuning draws (`build_adaptive`)
 # A student's teacher, in its history: the sha256 of the s3d weights it regressed (model.pt, what
 # the distillation reads; the ONNX file's hash also moves with metadata that changes no output).
@@ -126,6 +127,10 @@ class AdaptiveBudget:
     # at 0.99 / 0.5 from -2.7 / -6.3 to -0.7 / -1.8 points; 3,000, `vit` +16 and -0.3 / -1.5
     # (README "Adaptive computation").
     vit_more_steps: int = 3000
+    # A third run on the student, with `vit_ats_share` of each step's clips encoded with ATS (the
+    # first two: `ats_distill_share`), so the last steps teach the sampled paths most. 0: none.
+    vit_ats_steps: int = 0
+    vit_ats_share: float = 1.0
     vit_clips_per_step: int = 32
     vit_lr: float = 1e-3
     vit_tune_steps: int = 120  # after the distillation, through the frozen decoder (`tune_vit`)
@@ -212,7 +217,7 @@ SGS_ONLY = ("sgs_similarity", "sgs_prefit_steps", "sgs_prefit_lr", "sgs_steps", 
             "similarity_lr", "sgs_idle_weight", "sgs_spread_weight", "sgs_bins_low", "sgs_fixed_stem",
             "sgs_event_distill", "val_every")
 # And those only the ViT part reads: s3d_sgs built before they changed is what today's defaults give.
-VIT_ONLY = ("vit_variant", "vit_steps", "vit_align_steps", "vit_more_steps", "vit_clips_per_step", "vit_lr",
+VIT_ONLY = ("vit_variant", "vit_steps", "vit_align_steps", "vit_more_steps", "vit_ats_steps", "vit_ats_share", "vit_clips_per_step", "vit_lr",
             "vit_tune_steps", "vit_tune_lr", "event_fraction", "ats_full_share", "ats_distill_share", "ats_tune_low", "ats_tune_high", "ats_self_distill",
             "ats_token_cost", "ats_spread_weight", "ats_share_still", "ats_share_moving", "refit_clips",
             "vit_val_every")
@@ -222,7 +227,8 @@ VIT_ONLY = ("vit_variant", "vit_steps", "vit_align_steps", "vit_more_steps", "vi
 ADDED_FIELDS = {"vit_variant": "vit_mini_112", "vit_more_steps": 0, "ats_tune_low": 0.2, "ats_tune_high": 1.0,
                 "sgs_spread_weight": 0.0, "sgs_similarity": "frame", "sgs_prefit_steps": 0, "sgs_prefit_lr": 1e-2, "sgs_idle_weight": 0.0,
                 "ats_spread_weight": 0.0, "ats_share_still": 0.35, "ats_share_moving": 0.85, "sgs_bins_low": 1,
-                "sgs_fixed_stem": False, "sgs_event_distill": 1.0, "ats_distill_share": 0.0}
+                "sgs_fixed_stem": False, "sgs_event_distill": 1.0, "ats_distill_share": 0.0,
+                "vit_ats_steps": 0, "vit_ats_share": 1.0}
 
 QUICK = AdaptiveBudget(vit_steps=20, vit_align_steps=5, vit_more_steps=5, vit_tune_steps=5, sgs_prefit_steps=5,
                       sgs_steps=10, sgs_frozen_steps=5,
@@ -342,20 +348,38 @@ def vit_student(teacher: Encoder, teacher_weights_sha256: str, datasets: list[da
     cached beside the data (`STUDENT` of `budget.vit_variant`, as build.py keeps its trained models
     there: the distillation is the long part); a student distilled from another s3d is distilled
     `budget.vit_align_steps` more against this one. Without either, `budget.vit_steps` from
-    scratch. Then, unless its history already has it, `budget.vit_more_steps` more against this
-    s3d (`MORE_SEED`'s draws, so a build from the cache and one from scratch continue alike). The
-    student is (re)written to the cache with its history. A cached student distilled from scratch
-    for another number of steps (a --quick build's, say) is not this budget's: distilled anew."""
+    scratch. Then, unless its history already has them, `budget.vit_more_steps` more against this
+    s3d and `budget.vit_ats_steps` more after those (each run with draws of its own, so a build from
+    the cache and one from scratch continue alike). The student is (re)written to the cache with its
+    history. A cached student distilled otherwise (a --quick build's, say) is not this budget's:
+    distilled anew."""
     cache = Path(data_dir) / STUDENT.format(variant=budget.vit_variant)
     source = init if init is not None else (cache if cache.exists() else None)
     saved = None if source is None else torch.load(source, weights_only=True)
-    if init is None and saved is not None:
-        first = saved.get("history", [{}])[0]
-        recipe = (first.get("steps"), first.get("ats_distill_share", 0.0))
-        if first.get("from") == "scratch" and recipe != (budget.vit_steps, budget.ats_distill_share):
+    # The runs after the first, in order, each with its own draws.
+    stages = [({"steps": budget.vit_more_steps, "from": "the student above, distilled on",
+                TEACHER_KEY: teacher_weights_sha256,
+                **({"ats_distill_share": budget.ats_distill_share} if budget.ats_distill_share else {})},
+               budget, MORE_SEED),
+              ({"steps": budget.vit_ats_steps, "from": "the student above, distilled on with ATS",
+                TEACHER_KEY: teacher_weights_sha256, "ats_distill_share": budget.vit_ats_share},
+               replace(budget, ats_distill_share=budget.vit_ats_share), ATS_STAGE_SEED)]
+    stages = [stage for stage in stages if stage[0]["steps"]]
+    done = 0  # of `stages`, already in the saved student
+    if saved is not None:
+        history = saved.get("history", [{}])
+        later = [entry for entry in history[1:] if entry.get("from") != "the student above"]
+        is_prefix = later == [entry for entry, _, _ in stages[:len(later)]]
+        recipe = (history[0].get("steps"), history[0].get("ats_distill_share", 0.0))
+        if init is None and history[0].get("from") == "scratch" and recipe != (budget.vit_steps, budget.ats_distill_share):
             _log(f"vit: the cached student was distilled (steps, ATS share) {recipe} from scratch, this budget "
                  f"{(budget.vit_steps, budget.ats_distill_share)}: distilling anew")
             saved = None
+        elif init is None and not is_prefix:
+            _log(f"vit: the cached student's later runs {later} are not this budget's: distilling anew")
+            saved = None
+        else:
+            done = len(later) if is_prefix else 0
     vit = new_vit(budget.vit_variant, teacher)
     history: list = []
     if saved is None:
@@ -369,12 +393,10 @@ def vit_student(teacher: Encoder, teacher_weights_sha256: str, datasets: list[da
             vit = distill_vit(teacher, datasets, budget, rng, student=vit, steps=budget.vit_align_steps)
             history.append({"steps": budget.vit_align_steps, "from": "the student above",
                             TEACHER_KEY: teacher_weights_sha256})
-    more = {"steps": budget.vit_more_steps, "from": "the student above, distilled on", TEACHER_KEY: teacher_weights_sha256,
-            **({"ats_distill_share": budget.ats_distill_share} if budget.ats_distill_share else {})}
-    if budget.vit_more_steps and history[-1] != more:
-        vit = distill_vit(teacher, datasets, budget, np.random.default_rng(MORE_SEED), student=vit,
-                          steps=budget.vit_more_steps)
-        history.append(more)
+    for entry, stage_budget, stage_seed in stages[done:]:
+        vit = distill_vit(teacher, datasets, stage_budget, np.random.default_rng(stage_seed), student=vit,
+                          steps=entry["steps"])
+        history.append(entry)
     torch.save({"state": vit.state_dict(), "history": history}, cache)
     return vit.eval(), history
 
@@ -1203,6 +1225,10 @@ def main() -> None:
     parser.add_argument("--vit-tune-steps", type=int, default=None)
     parser.add_argument("--vit-more-steps", type=int, default=None,
                         help="a second distillation run on the student (0: none; default: the budget's)")
+    parser.add_argument("--vit-ats-steps", type=int, default=None,
+                        help="a third distillation run, with --vit-ats-share of the clips through ATS (0: none)")
+    parser.add_argument("--vit-ats-share", type=float, default=None,
+                        help="of the third distillation run's clips, the share encoded with ATS")
     parser.add_argument("--ats-tune-low", type=float, default=None, help="tune_vit: lowest budget of the ATS clips")
     parser.add_argument("--ats-tune-high", type=float, default=None, help="tune_vit: highest budget of the ATS clips")
     parser.add_argument("--ats-distill-share", type=float, default=None,
@@ -1250,7 +1276,7 @@ def main() -> None:
         parser.error("--quick needs --repository (a copy holding clip_encoder_s3d and tqn_decoder): "
                      "it would replace the served adaptive encoders with barely trained ones")
     budget = QUICK if args.quick else AdaptiveBudget()
-    budget_options = ("vit_variant", "vit_steps", "vit_more_steps", "ats_tune_low", "ats_tune_high", "ats_distill_share",
+    budget_options = ("vit_variant", "vit_steps", "vit_more_steps", "vit_ats_steps", "vit_ats_share", "ats_tune_low", "ats_tune_high", "ats_distill_share",
                       "vit_tune_steps",
                       "ats_self_distill", "ats_token_cost", "ats_spread_weight", "ats_share_still",
                       "ats_share_moving", "val_every", "vit_val_every", "vit_align_steps",

@@ -95,12 +95,14 @@ def test_graph_config_and_provenance(loaded, name):
         from export.train_adaptive import TEACHER_KEY, AdaptiveBudget
 
         s3d_weights = hashlib.sha256((REPOSITORY / "clip_encoder_s3d" / "1" / "model.pt").read_bytes()).hexdigest()
-        more, share = AdaptiveBudget().vit_more_steps, AdaptiveBudget().ats_distill_share
-        with_ats = {"ats_distill_share": share} if share else {}
+        budget = AdaptiveBudget()
+        with_ats = {"ats_distill_share": budget.ats_distill_share} if budget.ats_distill_share else {}
         assert meta["student_history"] == [
-            {"steps": AdaptiveBudget().vit_steps, "from": "scratch", TEACHER_KEY: s3d_weights, **with_ats},
-            *([{"steps": more, "from": "the student above, distilled on", TEACHER_KEY: s3d_weights, **with_ats}]
-              if more else [])]
+            {"steps": budget.vit_steps, "from": "scratch", TEACHER_KEY: s3d_weights, **with_ats},
+            *([{"steps": budget.vit_more_steps, "from": "the student above, distilled on", TEACHER_KEY: s3d_weights,
+                **with_ats}] if budget.vit_more_steps else []),
+            *([{"steps": budget.vit_ats_steps, "from": "the student above, distilled on with ATS",
+                TEACHER_KEY: s3d_weights, "ats_distill_share": budget.vit_ats_share}] if budget.vit_ats_steps else [])]
         assert meta["provenance"]["budget"]["vit_steps"] == AdaptiveBudget().vit_steps
     if name in ("clip_encoder_vit", "clip_encoder_vit_ats"):  # built with the defaults a fresh clone's build uses
         from dataclasses import asdict

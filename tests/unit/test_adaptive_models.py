@@ -531,6 +531,43 @@ def test_vit_student_distils_on_once_and_caches_the_history(tmp_path, monkeypatc
     torch.testing.assert_close(again.state_dict(), vit.state_dict())
 
 
+def test_vit_student_runs_the_ats_stage_after_the_cached_runs_and_redoes_a_student_of_other_runs(tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    import numpy as np
+
+    from export import train_adaptive
+    from export.train_adaptive import ATS_STAGE_SEED, STUDENT, TEACHER_KEY, AdaptiveBudget, vit_student
+
+    calls = []
+
+    def fake_distill(teacher, datasets, budget, rng, student=None, checkpoint=None, steps=None):
+        calls.append((steps, budget.ats_distill_share, rng.integers(1 << 30)))
+        return student
+
+    monkeypatch.setattr(train_adaptive, "distill_vit", fake_distill)
+    monkeypatch.setattr(train_adaptive, "create_vit",
+                        lambda variant: VideoViT(dim=16, depth=2, heads=2, frame_size=32, ats_blocks=(1,)))
+    budget = replace(AdaptiveBudget(), vit_variant="vit_mini_112", vit_steps=7, vit_more_steps=3,
+                     ats_distill_share=0.5, vit_ats_steps=2, vit_ats_share=1.0)
+    first = {"steps": 7, "from": "scratch", TEACHER_KEY: "s3d", "ats_distill_share": 0.5}
+    more = {"steps": 3, "from": "the student above, distilled on", TEACHER_KEY: "s3d", "ats_distill_share": 0.5}
+    cache = tmp_path / STUDENT.format(variant="vit_mini_112")
+    state = VideoViT(dim=16, depth=2, heads=2, frame_size=32, ats_blocks=(1,)).state_dict()
+    torch.save({"state": state, "history": [first, more]}, cache)
+
+    _, history = vit_student(None, "s3d", [], tmp_path, budget, np.random.default_rng(0))
+    # only the third run, every clip through ATS, with its own draws
+    assert calls == [(2, 1.0, np.random.default_rng(ATS_STAGE_SEED).integers(1 << 30))]
+    assert history == [first, more, {"steps": 2, "from": "the student above, distilled on with ATS",
+                                     TEACHER_KEY: "s3d", "ats_distill_share": 1.0}]
+    # a student whose second run was not this budget's is distilled anew, every run in order
+    calls.clear()
+    torch.save({"state": state, "history": [first, {**more, "steps": 5}]}, cache)
+    _, again = vit_student(None, "s3d", [], tmp_path, budget, np.random.default_rng(0))
+    assert [c[:2] for c in calls] == [(None, 0.5), (3, 0.5), (2, 1.0)] and again == history
+
+
 def test_vit_student_distils_anew_over_a_cached_student_of_another_step_count(tmp_path, monkeypatch):
     """A --quick build's student (20 steps) left beside the data is not a full build's: the build
     distils from scratch and the cache then holds its own student."""
