@@ -129,8 +129,9 @@ class AdaptiveBudget:
     vit_more_steps: int = 3000
     # A third run on the student, with `vit_ats_share` of each step's clips encoded with ATS (the
     # first two: `ats_distill_share`), so the last steps teach the sampled paths most. 0: none.
-    vit_ats_steps: int = 0
-    vit_ats_share: float = 1.0
+    # Chosen on val_large over share 1.0 (session 27, README "Adaptive computation").
+    vit_ats_steps: int = 1500
+    vit_ats_share: float = 0.75
     vit_clips_per_step: int = 32
     vit_lr: float = 1e-3
     vit_tune_steps: int = 120  # after the distillation, through the frozen decoder (`tune_vit`)
@@ -230,8 +231,8 @@ ADDED_FIELDS = {"vit_variant": "vit_mini_112", "vit_more_steps": 0, "ats_tune_lo
                 "sgs_fixed_stem": False, "sgs_event_distill": 1.0, "ats_distill_share": 0.0,
                 "vit_ats_steps": 0, "vit_ats_share": 1.0}
 
-QUICK = AdaptiveBudget(vit_steps=20, vit_align_steps=5, vit_more_steps=5, vit_tune_steps=5, sgs_prefit_steps=5,
-                      sgs_steps=10, sgs_frozen_steps=5,
+QUICK = AdaptiveBudget(vit_steps=20, vit_align_steps=5, vit_more_steps=5, vit_ats_steps=5, vit_tune_steps=5,
+                      sgs_prefit_steps=5, sgs_steps=10, sgs_frozen_steps=5,
                       refit_clips=256, val_every=15, vit_val_every=15)
 
 

@@ -514,7 +514,8 @@ def test_vit_student_distils_on_once_and_caches_the_history(tmp_path, monkeypatc
         return VideoViT(dim=16, depth=2, heads=2, frame_size=32, ats_blocks=(1,))
 
     monkeypatch.setattr(train_adaptive, "create_vit", small)
-    budget = replace(AdaptiveBudget(), vit_variant="vit_mini_112", vit_steps=7, vit_more_steps=3, ats_distill_share=0)
+    budget = replace(AdaptiveBudget(), vit_variant="vit_mini_112", vit_steps=7, vit_more_steps=3, ats_distill_share=0,
+                     vit_ats_steps=0)
     cached = small(None).state_dict()
     torch.save({"state": cached, "history": [{"steps": 7, "from": "scratch", TEACHER_KEY: "s3d"}]},
                tmp_path / STUDENT.format(variant="vit_mini_112"))
@@ -587,7 +588,8 @@ def test_vit_student_distils_anew_over_a_cached_student_of_another_step_count(tm
     monkeypatch.setattr(train_adaptive, "distill_vit", fake_distill)
     monkeypatch.setattr(train_adaptive, "create_vit",
                         lambda variant: VideoViT(dim=16, depth=2, heads=2, frame_size=32, ats_blocks=(1,)))
-    budget = replace(AdaptiveBudget(), vit_variant="vit_mini_112", vit_steps=7, vit_more_steps=0, ats_distill_share=0)
+    budget = replace(AdaptiveBudget(), vit_variant="vit_mini_112", vit_steps=7, vit_more_steps=0, ats_distill_share=0,
+                     vit_ats_steps=0)
     cache = tmp_path / STUDENT.format(variant="vit_mini_112")
     quick = {"steps": 20, "from": "scratch", TEACHER_KEY: "s3d"}
     torch.save({"state": {}, "history": [quick]}, cache)
@@ -609,7 +611,8 @@ def test_vit_student_distils_anew_over_a_cached_student_without_ats_in_its_disti
     monkeypatch.setattr(train_adaptive, "distill_vit", lambda *a, **k: calls.append(k.get("steps")) or k["student"])
     monkeypatch.setattr(train_adaptive, "create_vit",
                         lambda variant: VideoViT(dim=16, depth=2, heads=2, frame_size=32, ats_blocks=(1,)))
-    budget = replace(AdaptiveBudget(), vit_variant="vit_mini_112", vit_steps=7, vit_more_steps=0, ats_distill_share=0.5)
+    budget = replace(AdaptiveBudget(), vit_variant="vit_mini_112", vit_steps=7, vit_more_steps=0, ats_distill_share=0.5,
+                     vit_ats_steps=0)
     torch.save({"state": {}, "history": [{"steps": 7, "from": "scratch", TEACHER_KEY: "s3d"}]},
                tmp_path / STUDENT.format(variant="vit_mini_112"))
     _, history = vit_student(None, "s3d", [], tmp_path, budget, np.random.default_rng(0))
