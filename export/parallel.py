@@ -18,9 +18,7 @@ three models trained at once on one encoder wrecked it.
 
 from __future__ import annotations
 
-import os
 import pickle
-import socket
 import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -78,27 +76,21 @@ def average_buffers(module: nn.Module, shard: Shard) -> None:
             buffer /= shard.world
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _by_value(fn: Callable, args: tuple) -> bytes:
     """`fn` and `args` with their tensors' data in the bytes (plain pickle, not multiprocessing's)."""
     return pickle.dumps((fn, args))
 
 
-def _rank_main(rank: int, world: int, port: int, job: bytes, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def _rank_main(rank: int, world: int, store: str, job: bytes, out: str) -> None:
+    # A file store, not rank 0's TCP store: with a barrier before leaving, rank 0 hosting the
+    # rendezvous still aborted now and then as the ranks tore down ("terminate called without an
+    # active exception", twice in CI).
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
         fn, args = pickle.loads(job)
         result = fn(Shard(rank, world), *args)
         if rank == 0:
             torch.save(result, out)
-        # Rank 0 hosts the rendezvous store: leaving while the other rank still talks to it
-        # aborted that process ("terminate called without an active exception", once in CI).
         dist.barrier()
     finally:
         dist.destroy_process_group()
@@ -111,7 +103,8 @@ def run(fn: Callable, world: int, *args):
         return fn(SINGLE, *args)
     with tempfile.TemporaryDirectory() as tmp:
         out = str(Path(tmp) / "result.pt")
-        mp.spawn(_rank_main, args=(world, _free_port(), _by_value(fn, args), out), nprocs=world, join=True)
+        store = str(Path(tmp) / "rendezvous")
+        mp.spawn(_rank_main, args=(world, store, _by_value(fn, args), out), nprocs=world, join=True)
         return torch.load(out, weights_only=False)
 
 
