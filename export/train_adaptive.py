@@ -218,7 +218,8 @@ SGS_ONLY = ("sgs_similarity", "sgs_prefit_steps", "sgs_prefit_lr", "sgs_steps", 
             "similarity_lr", "sgs_idle_weight", "sgs_spread_weight", "sgs_bins_low", "sgs_fixed_stem",
             "sgs_event_distill", "val_every")
 # And those only the ViT part reads: s3d_sgs built before they changed is what today's defaults give.
-VIT_ONLY = ("vit_variant", "vit_steps", "vit_align_steps", "vit_more_steps", "vit_ats_steps", "vit_ats_share", "vit_clips_per_step", "vit_lr",
+VIT_ONLY = ("vit_variant", "vit_steps", "vit_align_steps", "vit_more_steps", "vit_ats_steps", "vit_ats_share",
+            "vit_clips_per_step", "vit_lr",
             "vit_tune_steps", "vit_tune_lr", "event_fraction", "ats_full_share", "ats_distill_share", "ats_tune_low", "ats_tune_high", "ats_self_distill",
             "ats_token_cost", "ats_spread_weight", "ats_share_still", "ats_share_moving", "refit_clips",
             "vit_val_every")
@@ -368,19 +369,19 @@ def vit_student(teacher: Encoder, teacher_weights_sha256: str, datasets: list[da
     stages = [stage for stage in stages if stage[0]["steps"]]
     done = 0  # of `stages`, already in the saved student
     if saved is not None:
-        history = saved.get("history", [{}])
-        later = [entry for entry in history[1:] if entry.get("from") != "the student above"]
+        runs = saved.get("history", [{}])
+        later = [entry for entry in runs[1:] if entry.get("from") != "the student above"]
         is_prefix = later == [entry for entry, _, _ in stages[:len(later)]]
-        recipe = (history[0].get("steps"), history[0].get("ats_distill_share", 0.0))
-        if init is None and history[0].get("from") == "scratch" and recipe != (budget.vit_steps, budget.ats_distill_share):
+        recipe = (runs[0].get("steps"), runs[0].get("ats_distill_share", 0.0))
+        if init is None and runs[0].get("from") == "scratch" and recipe != (budget.vit_steps, budget.ats_distill_share):
             _log(f"vit: the cached student was distilled (steps, ATS share) {recipe} from scratch, this budget "
                  f"{(budget.vit_steps, budget.ats_distill_share)}: distilling anew")
             saved = None
         elif init is None and not is_prefix:
             _log(f"vit: the cached student's later runs {later} are not this budget's: distilling anew")
             saved = None
-        else:
-            done = len(later) if is_prefix else 0
+        elif is_prefix:
+            done = len(later)
     vit = new_vit(budget.vit_variant, teacher)
     history: list = []
     if saved is None:
@@ -1277,7 +1278,8 @@ def main() -> None:
         parser.error("--quick needs --repository (a copy holding clip_encoder_s3d and tqn_decoder): "
                      "it would replace the served adaptive encoders with barely trained ones")
     budget = QUICK if args.quick else AdaptiveBudget()
-    budget_options = ("vit_variant", "vit_steps", "vit_more_steps", "vit_ats_steps", "vit_ats_share", "ats_tune_low", "ats_tune_high", "ats_distill_share",
+    budget_options = ("vit_variant", "vit_steps", "vit_more_steps", "vit_ats_steps", "vit_ats_share",
+                      "ats_tune_low", "ats_tune_high", "ats_distill_share",
                       "vit_tune_steps",
                       "ats_self_distill", "ats_token_cost", "ats_spread_weight", "ats_share_still",
                       "ats_share_moving", "val_every", "vit_val_every", "vit_align_steps",
