@@ -17,7 +17,9 @@ Contract (agreed with the gateway, issue 9), batched with dynamic batching:
 - config parameters the gateway reads from Triton: `clip_fps`, `gmacs_per_clip` (the same encoder
   without its adaptive module: the constant cost of a plain encoder, the denominator of an
   adaptive one's kept ratio), and for adaptive ones `adaptive` ("sgs" | "ats"), `budget_units`,
-  `budget_floor` and `budget_default` (the budget chosen on validation).
+  `budget_floor` and `budget_default` (the budget chosen on validation); `clip_encoder_vit_ats`
+  also `budget_powers` "still,moving" when it spreads a request's budget over its clips by their
+  motion (`MotionBudget`): each clip's budget is first raised to its own power.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from export.adaptive import onnx_functions
 from export.models import s3d_zoom_sgs, tqn
 from export.models.s3d_sgs import S3DSGS
 from export.models.s3d_zoom_sgs import S3DZoomSGS
-from export.models.vit import K_FLOOR, VideoViT, VideoViTZoom
+from export.models.vit import K_FLOOR, MotionBudget, VideoViT, VideoViTZoom
 
 ENCODER_INPUT = "clips"
 BUDGET_INPUT = "budget"
@@ -55,6 +57,7 @@ ADAPTIVE_PARAMETER = "adaptive"
 BUDGET_UNITS_PARAMETER = "budget_units"
 BUDGET_FLOOR_PARAMETER = "budget_floor"
 BUDGET_DEFAULT_PARAMETER = "budget_default"
+BUDGET_POWERS_PARAMETER = "budget_powers"
 
 MAX_BATCH = 64
 
@@ -76,14 +79,18 @@ class ServedViT(nn.Module):
 
 
 class ServedViTATS(nn.Module):
-    """The same ViT with ATS in its ATS blocks, each block's K from each clip's budget."""
+    """The same ViT with ATS in its ATS blocks, each block's K from each clip's budget: the request's,
+    or with `motion` the request's spread over the clips by how much each moves."""
 
-    def __init__(self, vit: VideoViT):
+    def __init__(self, vit: VideoViT, motion: MotionBudget | None = None):
         super().__init__()
-        self.vit = vit
+        self.vit, self.motion = vit, motion
 
     def forward(self, clips: torch.Tensor, budget: torch.Tensor):
-        features, kept = self.vit.forward_served(clips, budget.clamp(0.0, 1.0))  # kept: per ATS block, cls included
+        budget = budget.clamp(0.0, 1.0).reshape(-1)
+        if self.motion is not None:
+            budget = self.motion(clips, budget)
+        features, kept = self.vit.forward_served(clips, budget)  # kept: per ATS block, cls included
         gmacs = (self.vit.macs(kept).to(torch.float32) / 1e9).unsqueeze(1)
         return features, kept - 1, gmacs
 
@@ -135,11 +142,14 @@ class WithDomain(nn.Module):
         return (*out, self.domain(out[0]))
 
 
-def vit_parameters(vit: VideoViT, *, ats: bool, clip_fps: float, budget_default: float | None) -> dict[str, str]:
+def vit_parameters(vit: VideoViT, *, ats: bool, clip_fps: float, budget_default: float | None,
+                   motion: MotionBudget | None = None) -> dict[str, str]:
     parameters = {CLIP_FPS_PARAMETER: f"{clip_fps:g}", GMACS_PER_CLIP_PARAMETER: f"{vit.macs() / 1e9:.6g}"}
     if ats:
         parameters |= {ADAPTIVE_PARAMETER: "ats", BUDGET_UNITS_PARAMETER: str(vit.tokens),
                        BUDGET_FLOOR_PARAMETER: str(K_FLOOR)}
+        if motion is not None:
+            parameters[BUDGET_POWERS_PARAMETER] = f"{motion.still_power:g},{motion.moving_power:g}"
         if budget_default is not None:
             parameters[BUDGET_DEFAULT_PARAMETER] = f"{budget_default:g}"
     return parameters
@@ -344,7 +354,8 @@ def load_served(model_dir: Path, *, domain: bool = True) -> nn.Module:
         else:
             vit = VideoViT(**meta["config"])
         vit.load_state_dict(state)
-        served = ServedViT(vit) if meta["encoder"] == "vit" else ServedViTATS(vit)
+        motion = meta.get("budget_by_motion")
+        served = ServedViT(vit) if meta["encoder"] == "vit" else ServedViTATS(vit, MotionBudget(**motion) if motion else None)
     elif meta["encoder"] == "s3d_sgs":
         model = s3d_zoom_sgs.from_config(meta["config"])
         model.load_state_dict(state)

@@ -60,7 +60,8 @@ from export.models.s3d_zoom_sgs import S3DZoomSGS
 from export.models.tqn import TQNDecoder
 from export.adaptive.ats import significance
 from export.adaptive.sgs import SIMILARITIES, MotionSimilarityNet
-from export.models.vit import VideoViT, block_k
+from export.models.pixels import clip_motion, motion_ramp
+from export.models.vit import MotionBudget, VideoViT, block_k
 from export.models.vit import VARIANTS as VIT_VARIANTS
 from export.models.vit import ZOOM_VARIANTS
 from export.models.vit import create as create_vit
@@ -85,7 +86,7 @@ BIAS_SCALE = 1.0  # the similarity net's output bias, in units of the median ‖
 # Every ATS block samples a share of what it receives and inverse-transform points that land on the
 # same token keep it once, so GMACs fall fast just below 1 (README "Adaptive computation"): the
 # curve looks closely there, where a default within the tolerance can still save a lot.
-ATS_VAL_BUDGETS = (1.0, 0.99, 0.97, 0.95, 0.9, 0.75, 0.5)
+ATS_VAL_BUDGETS = (1.0, 0.99, 0.97, 0.95, 0.9, 0.75, 0.5, 0.35, 0.25)
 SGS_VAL_BUDGETS = (1.0, 0.5, 0.25)
 # `vit_phase_report`'s budgets for a --tune-vit screen: the build's curve below 1.
 VIT_REPORT_BUDGETS = tuple(b for b in ATS_VAL_BUDGETS if b < 1)
@@ -204,6 +205,15 @@ class AdaptiveBudget:
     ats_spread_weight: float = 0.0
     ats_share_still: float = 0.35
     ats_share_moving: float = 0.85
+    # vit_ats spreads a request's budget over its clips by how much each moves (`MotionBudget`): a
+    # clip at the short training clips' `ats_still_percentile` of motion or below encodes at
+    # budget ** `ats_still_power`, one at `ats_moving_percentile` or above at budget **
+    # `ats_moving_power`. Both powers 1: one budget for every clip. Export only (no training reads
+    # them); chosen on val_large (session 28, README "Adaptive computation").
+    ats_still_percentile: float = 35.0
+    ats_moving_percentile: float = 70.0
+    ats_still_power: float = 1.0
+    ats_moving_power: float = 1.0
     refit_clips: int = 2048  # for the least-squares refit of the ViT's last layer
     val_every: int = VAL_EVERY
     # The ViT pair's validation stride (vit and the vit_ats curve that chooses its budget_default):
@@ -221,8 +231,11 @@ SGS_ONLY = ("sgs_similarity", "sgs_prefit_steps", "sgs_prefit_lr", "sgs_steps", 
 VIT_ONLY = ("vit_variant", "vit_steps", "vit_align_steps", "vit_more_steps", "vit_ats_steps", "vit_ats_share",
             "vit_clips_per_step", "vit_lr",
             "vit_tune_steps", "vit_tune_lr", "event_fraction", "ats_full_share", "ats_distill_share", "ats_tune_low", "ats_tune_high", "ats_self_distill",
-            "ats_token_cost", "ats_spread_weight", "ats_share_still", "ats_share_moving", "refit_clips",
-            "vit_val_every")
+            "ats_token_cost", "ats_spread_weight", "ats_share_still", "ats_share_moving", "ats_still_percentile",
+            "ats_moving_percentile", "ats_still_power", "ats_moving_power", "refit_clips", "vit_val_every")
+# Of those, the ones only the ViT pair's export reads: `reexport_vit_pair` may change them.
+VIT_EXPORT_ONLY = ("ats_still_percentile", "ats_moving_percentile", "ats_still_power", "ats_moving_power",
+                   "vit_val_every")
 
 # Fields added after served artifacts were built, with the value those builds used: a provenance
 # without one was built so (tests/contract/test_adaptive_artifacts.py).
@@ -230,7 +243,8 @@ ADDED_FIELDS = {"vit_variant": "vit_mini_112", "vit_more_steps": 0, "ats_tune_lo
                 "sgs_spread_weight": 0.0, "sgs_similarity": "frame", "sgs_prefit_steps": 0, "sgs_prefit_lr": 1e-2, "sgs_idle_weight": 0.0,
                 "ats_spread_weight": 0.0, "ats_share_still": 0.35, "ats_share_moving": 0.85, "sgs_bins_low": 1,
                 "sgs_fixed_stem": False, "sgs_event_distill": 1.0, "ats_distill_share": 0.0,
-                "vit_ats_steps": 0, "vit_ats_share": 1.0}
+                "vit_ats_steps": 0, "vit_ats_share": 1.0, "ats_still_percentile": 35.0, "ats_moving_percentile": 70.0,
+                "ats_still_power": 1.0, "ats_moving_power": 1.0}
 
 QUICK = AdaptiveBudget(vit_steps=20, vit_align_steps=5, vit_more_steps=5, vit_ats_steps=5, vit_tune_steps=5,
                       sgs_prefit_steps=5, sgs_steps=10, sgs_frozen_steps=5,
@@ -590,23 +604,11 @@ MOTION_PERCENTILES = (50.0, 95.0)
 SPREAD_MAX = 0.75
 
 
-def clip_motion(clips: torch.Tensor) -> torch.Tensor:
-    """Per uint8 clip (N, T, H, W, 3), the mean absolute change of its grey frames from one frame to
-    the next."""
-    grey = clips.float().mean(dim=-1)
-    return (grey[:, 1:] - grey[:, :-1]).abs().mean(dim=(1, 2, 3))
-
-
 def delta_spread(z: torch.Tensor) -> torch.Tensor:
     """Per clip, 1 - min Δ_t / max Δ_t of its similarity vectors (N, T, L): how far down from Δ_max
     its frames reach, in [0, 1]. B' is about ceil(B × spread + 1/2) (bins are 1/B of Δ_max wide)."""
     delta = torch.linalg.vector_norm(z, dim=-1)
     return 1.0 - delta.amin(dim=1) / delta.amax(dim=1).clamp(min=1e-12)
-
-
-def motion_ramp(motion: torch.Tensor, low: float, high: float) -> torch.Tensor:
-    """0 at motion `low` and below, 1 at `high` and above, linear in between."""
-    return ((motion - low) / max(high - low, 1e-6)).clamp(0.0, 1.0)
 
 
 def spread_target(motion: torch.Tensor, low: float, high: float) -> torch.Tensor:
@@ -1031,6 +1033,51 @@ def _choose_budget(curve: dict[str, dict], reference: dict[str, float]) -> float
     return max(cheap, key=lambda b: (_mean_accuracy(ok[b]["accuracy"]), -b))
 
 
+def motion_budget(short: data.ClipDataset, budget: AdaptiveBudget) -> MotionBudget | None:
+    """vit_ats's `MotionBudget`, its motion levels the short training clips' at the budget's
+    percentiles; None when both powers are 1 (one budget for every clip)."""
+    if budget.ats_still_power == budget.ats_moving_power == 1.0:
+        return None
+    low, high = motion_levels(short, 1024, np.random.default_rng(SEED),
+                              (budget.ats_still_percentile, budget.ats_moving_percentile))
+    return MotionBudget(low, high, budget.ats_still_power, budget.ats_moving_power)
+
+
+def export_vit_pair(vit: VideoViT, meta: dict, stage: Path, budget: AdaptiveBudget, decoder: TQNDecoder,
+                    splits: tuple[data.ClipDataset, data.ClipDataset, data.ClipDataset], clip_fps: float,
+                    result: dict) -> None:
+    """Export a trained ViT into `stage` as clip_encoder_vit and clip_encoder_vit_ats (the same
+    weights, with `meta`), score both on validation, set vit_ats's budget_default by the vit_ats
+    curve (`_choose_budget`) and fit each one's in-domain Gaussian; `result` takes the scores."""
+    short, full, val = splits
+    vit_dir, ats_dir = stage / "clip_encoder_vit", stage / "clip_encoder_vit_ats"
+    adaptive_export.export_served(adaptive_export.ServedViT(vit), vit, vit_dir, adaptive=False, kept_dims=None,
+                                  parameters=adaptive_export.vit_parameters(vit, ats=False, clip_fps=clip_fps,
+                                                                            budget_default=None), meta=meta)
+    _log("vit on val")
+    result["val"]["vit"] = _score(vit_dir / "1" / "model.onnx", decoder, val, None, budget.vit_val_every) | {
+        "gmacs_per_clip": vit.macs() / 1e9}
+    motion = motion_budget(short, budget)
+    adaptive_export.export_served(adaptive_export.ServedViTATS(vit, motion), vit, ats_dir, adaptive=True,
+                                  kept_dims=len(vit.ats_blocks),
+                                  parameters=adaptive_export.vit_parameters(vit, ats=True, clip_fps=clip_fps,
+                                                                            budget_default=None, motion=motion),
+                                  meta={**meta, "encoder": "vit_ats", "ats_blocks": [b + 1 for b in vit.ats_blocks],
+                                        "budget_by_motion": motion.config() if motion else None},
+                                  weights=vit_dir / "1" / "model.pt")
+    ats_curve = {}
+    for b in ATS_VAL_BUDGETS:
+        _log(f"vit_ats on val at budget {b}")
+        ats_curve[str(b)] = _score(ats_dir / "1" / "model.onnx", decoder, val, b, budget.vit_val_every)
+    result["val"]["vit_ats"] = ats_curve
+    ats_default = _choose_budget(ats_curve, result["val"]["vit"]["accuracy"])
+    adaptive_export.set_parameters(ats_dir, {adaptive_export.BUDGET_DEFAULT_PARAMETER: f"{ats_default:g}"})
+    result["vit_ats_budget_default"] = ats_default
+    for name, model_dir, b in (("vit", vit_dir, None), ("vit_ats", ats_dir, ats_default)):
+        _log(f"{name}: its own in-domain Gaussian and threshold")
+        result["in_domain"][name] = fit_own_domain(model_dir, full, val, b)
+
+
 def build_adaptive(data_dir: Path, repository: Path = MODEL_REPOSITORY, *, budget: AdaptiveBudget = AdaptiveBudget(),
                    seed: int = SEED, report: Path | None = REPORT, work_dir: Path | None = None,
                    init_vit: Path | None = None, encoders: tuple[str, ...] = ("vit", "s3d_sgs"),
@@ -1103,7 +1150,6 @@ def build_adaptive(data_dir: Path, repository: Path = MODEL_REPOSITORY, *, budge
         if budget.vit_tune_steps:
             vit = tune_vit(vit, teacher, decoder, short, budget, rng)
         result["vit_train_seconds"] = time.monotonic() - t
-        vit_dir, ats_dir = stage / "clip_encoder_vit", stage / "clip_encoder_vit_ats"
         zoom = budget.vit_variant in ZOOM_VARIANTS
         meta = {"encoder": "vit", "variant": budget.vit_variant,
                 "config": (ZOOM_VARIANTS if zoom else VIT_VARIANTS)[budget.vit_variant],
@@ -1114,30 +1160,7 @@ def build_adaptive(data_dir: Path, repository: Path = MODEL_REPOSITORY, *, budge
                             "served s3d's, then tuned through the served decoder (provenance: teacher, budget)",
                 "student_history": result["vit_history"], "refit_residual": result["vit_refit_residual"],
                 "provenance": provenance}
-        adaptive_export.export_served(adaptive_export.ServedViT(vit), vit, vit_dir, adaptive=False, kept_dims=None,
-                                      parameters=adaptive_export.vit_parameters(vit, ats=False, clip_fps=clip_fps,
-                                                                                budget_default=None), meta=meta)
-        _log("vit on val")
-        result["val"]["vit"] = _score(vit_dir / "1" / "model.onnx", decoder, val, None, budget.vit_val_every) | {
-            "gmacs_per_clip": vit.macs() / 1e9}
-        adaptive_export.export_served(adaptive_export.ServedViTATS(vit), vit, ats_dir, adaptive=True,
-                                      kept_dims=len(vit.ats_blocks),
-                                      parameters=adaptive_export.vit_parameters(vit, ats=True, clip_fps=clip_fps,
-                                                                                budget_default=None),
-                                      meta={**meta, "encoder": "vit_ats", "ats_blocks": [b + 1 for b in vit.ats_blocks]},
-                                      weights=vit_dir / "1" / "model.pt")
-        ats_curve = {}
-        for b in ATS_VAL_BUDGETS:
-            _log(f"vit_ats on val at budget {b}")
-            ats_curve[str(b)] = _score(ats_dir / "1" / "model.onnx", decoder, val, b, budget.vit_val_every)
-        result["val"]["vit_ats"] = ats_curve
-        ats_default = _choose_budget(ats_curve, result["val"]["vit"]["accuracy"])
-        adaptive_export.set_parameters(ats_dir, {adaptive_export.BUDGET_DEFAULT_PARAMETER: f"{ats_default:g}"})
-        result["vit_ats_budget_default"] = ats_default
-        in_domain = result["in_domain"]
-        for name, model_dir, b in (("vit", vit_dir, None), ("vit_ats", ats_dir, ats_default)):
-            _log(f"{name}: its own in-domain Gaussian and threshold")
-            in_domain[name] = fit_own_domain(model_dir, full, val, b)
+        export_vit_pair(vit, meta, stage, budget, decoder, (short, full, val), clip_fps, result)
 
     if "s3d_sgs" not in encoders:
         for key in ("s3d_sgs_placement",):
@@ -1199,6 +1222,42 @@ def build_adaptive(data_dir: Path, repository: Path = MODEL_REPOSITORY, *, budge
         report.write_text(json.dumps(result, indent=2) + "\n")
     _log(f"done in {result['seconds']:.0f}s: s3d_sgs placement {result.get('s3d_sgs_placement')}, "
          f"vit_ats budget {result.get('vit_ats_budget_default')} (installed: {', '.join(result['installed']) or 'none'})")
+    return result
+
+
+def vit_training_changes(trained: dict, budget: AdaptiveBudget) -> list[str]:
+    """The fields the ViT's training reads (`VIT_ONLY` but `VIT_EXPORT_ONLY`) on which `budget`
+    differs from the budget a ViT was `trained` with (its provenance)."""
+    trained = {**ADDED_FIELDS, **trained}
+    return sorted(k for k, v in asdict(budget).items()
+                  if k in VIT_ONLY and k not in VIT_EXPORT_ONLY and trained.get(k) != v)
+
+
+def reexport_vit_pair(data_dir: Path, repository: Path, budget: AdaptiveBudget, report: Path) -> dict:
+    """The served ViT's weights exported anew as the build exports them (`export_vit_pair`) under
+    `budget`, whose fields other than `VIT_EXPORT_ONLY` must be the ones the weights were trained
+    with: the choices made after training (vit_ats's `MotionBudget`) without training again. The
+    pair is installed whole and the report's ViT entries replaced."""
+    torch.set_num_threads(train.TRAIN_THREADS)
+    served = json.loads((repository / "clip_encoder_vit" / "1" / "model.json").read_text())
+    if differs := vit_training_changes(served["provenance"]["budget"], budget):
+        raise ValueError(f"the served ViT was trained with other {differs}: rebuild it (--encoders vit)")
+    _, decoder, s3d_meta = load_served(repository)
+    vit = adaptive_export.load_served(repository / "clip_encoder_vit", domain=False).vit
+    meta = {k: served[k] for k in ("encoder", "variant", "config", "finder", "training", "student_history",
+                                   "refit_residual")}
+    meta["provenance"] = {**served["provenance"], "budget": asdict(budget)}
+    splits = tuple(data.load(build.make_split(data_dir, split)) for split in ("short", "train", "val"))
+    result = json.loads(report.read_text()) if report.exists() else {}
+    result.setdefault("val", {})
+    result.setdefault("in_domain", {})
+    stage = Path(tempfile.mkdtemp(prefix=".adaptive-staging-", dir=repository.parent))
+    export_vit_pair(vit, meta, stage, budget, decoder, splits, float(s3d_meta["clip_fps"]), result)
+    adaptive_export.install(stage, repository)
+    shutil.rmtree(stage, ignore_errors=True)
+    result["provenance"] = {**result.get("provenance", {}), "budget": asdict(budget)}
+    report.write_text(json.dumps(result, indent=2) + "\n")
+    _log(f"vit pair re-exported: vit_ats budget {result['vit_ats_budget_default']}")
     return result
 
 
@@ -1267,6 +1326,18 @@ def main() -> None:
                         help="every Nth validation video for vit and the vit_ats curve (1: all)")
     parser.add_argument("--vit-align-steps", type=int, default=None,
                         help="distillation steps for a student of another s3d (default: the budget's)")
+    parser.add_argument("--ats-still-percentile", type=float, default=None,
+                        help="vit_ats: the short clips' motion percentile at which a clip counts as still")
+    parser.add_argument("--ats-moving-percentile", type=float, default=None,
+                        help="vit_ats: the short clips' motion percentile at which a clip counts as moving")
+    parser.add_argument("--ats-still-power", type=float, default=None,
+                        help="vit_ats: a still clip encodes at budget ** this (1 and 1: one budget for all)")
+    parser.add_argument("--ats-moving-power", type=float, default=None,
+                        help="vit_ats: a moving clip encodes at budget ** this")
+    parser.add_argument("--reexport-vit", action="store_true",
+                        help="only export the served ViT's weights anew under the budget's export-time fields "
+                             "(vit_ats's motion allocation), score them on validation and fit their in-domain "
+                             "Gaussians (no training)")
     parser.add_argument("--own-domain", action="store_true",
                         help="only fit the served --encoders' own in-domain Gaussians and thresholds (no training)")
     args = parser.parse_args()
@@ -1285,9 +1356,13 @@ def main() -> None:
                       "ats_share_moving", "val_every", "vit_val_every", "vit_align_steps",
                       "sgs_steps", "sgs_frozen_steps", "sgs_spread_weight", "sgs_lr", "sgs_similarity",
                       "sgs_prefit_steps", "sgs_idle_weight", "sgs_bins_low", "sgs_fixed_stem", "sgs_event_distill",
-                      "similarity_lr")  # AdaptiveBudget fields
+                      "similarity_lr", "ats_still_percentile", "ats_moving_percentile", "ats_still_power",
+                      "ats_moving_power")  # AdaptiveBudget fields
     overrides = {name: getattr(args, name) for name in budget_options if getattr(args, name) is not None}
     budget = replace(budget, **overrides)
+    if args.reexport_vit:
+        reexport_vit_pair(args.data_dir, args.repository, budget, args.report)
+        return
     if args.tune_vit:
         torch.set_num_threads(train.TRAIN_THREADS)
         torch.manual_seed(args.seed)

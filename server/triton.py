@@ -71,6 +71,9 @@ ADAPTIVE = "adaptive"  # adaptive encoder: its module, "sgs" or "ats"
 BUDGET_UNITS = "budget_units"
 BUDGET_FLOOR = "budget_floor"
 BUDGET_DEFAULT = "budget_default"  # adaptive encoder, optional: the budget chosen on validation
+# adaptive encoder, optional: "still,moving", each clip runs at budget ** p, p from `still` for a
+# clip that hardly moves to `moving` for one that moves a lot (the graph measures its motion)
+BUDGET_POWERS = "budget_powers"
 QUERIES_PARAMETER = "queries"  # query decoder: query names, comma-separated, in output order
 ATTRIBUTES_PARAMETER_PREFIX = "attributes."  # + query: its attributes, comma-separated, by logit
 IN_DOMAIN_THRESHOLD = "in_domain_threshold"  # query decoder (and an encoder of its own): in domain = score >= this
@@ -239,14 +242,22 @@ class AdaptiveSpec:
     units: int  # the knob at budget 1 (nothing dropped for lack of room)
     floor: int  # the smallest knob
     default: float | None = None  # the budget chosen on validation; None: none chosen
+    # (still, moving): each clip runs at budget ** p by its motion (`BUDGET_POWERS`); None: at budget
+    powers: tuple[float, float] | None = None
 
     @property
     def knob(self) -> str:
-        return ADAPTIVE_KINDS[self.kind]
+        if self.powers is None:
+            return ADAPTIVE_KINDS[self.kind]
+        still, moving = self.powers
+        return (f"{ADAPTIVE_KINDS[self.kind]}, each clip's at budget ** p by its motion "
+                f"(p {still:g} still .. {moving:g} moving; the knob is the most any clip takes)")
 
     def knob_for(self, budget: float) -> int:
+        """The knob at `budget`; with `powers`, the most any clip takes (at the smaller power)."""
         # float32, as the model computes it from its FP32 `budget` input
-        return max(math.ceil(np.float32(budget) * np.float32(self.units)), self.floor)
+        share = np.float32(budget) if self.powers is None else np.float32(budget) ** np.float32(min(self.powers))
+        return max(math.ceil(share * np.float32(self.units)), self.floor)
 
 
 @dataclass(frozen=True)
@@ -368,7 +379,15 @@ def _adaptive_spec(config: dict) -> AdaptiveSpec | None:
     default = float(raw) if (raw := _parameter(config, BUDGET_DEFAULT)) else None
     if default is not None and not 0 < default <= 1:
         raise ValueError(f"{BUDGET_DEFAULT} {default} is outside (0, 1]")
-    return AdaptiveSpec(kind=kind, units=units, floor=floor, default=default)
+    powers = None
+    if raw := _parameter(config, BUDGET_POWERS):
+        try:
+            powers = tuple(float(p) for p in raw.split(","))
+        except ValueError:
+            powers = ()
+        if len(powers) != 2 or not all(p > 0 for p in powers):
+            raise ValueError(f"{BUDGET_POWERS} {raw!r} is not two positive powers 'still,moving'")
+    return AdaptiveSpec(kind=kind, units=units, floor=floor, default=default, powers=powers)
 
 
 def _names(value: str) -> tuple[str, ...]:

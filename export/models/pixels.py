@@ -43,3 +43,15 @@ def embed_patches(clips: torch.Tensor, conv: nn.Conv3d, mean: torch.Tensor, std:
     if conv.bias is not None:
         bias = bias + conv.bias
     return patches @ weight.permute(0, 2, 3, 4, 1).reshape(conv.out_channels, -1).t() + bias
+
+
+def clip_motion(clips: torch.Tensor) -> torch.Tensor:
+    """Per uint8 clip (N, T, H, W, 3), the mean absolute change of its grey frames from one frame to
+    the next."""
+    grey = clips.float().mean(dim=-1)
+    return (grey[:, 1:] - grey[:, :-1]).abs().mean(dim=(1, 2, 3))
+
+
+def motion_ramp(motion: torch.Tensor, low: float, high: float) -> torch.Tensor:
+    """0 at motion `low` and below, 1 at `high` and above, linear in between."""
+    return ((motion - low) / max(high - low, 1e-6)).clamp(0.0, 1.0)

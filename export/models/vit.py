@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from export.adaptive.ats import adaptive_token_sampler, gather_rows, select_top_k
-from export.models.pixels import embed_patches, normalise
+from export.models.pixels import clip_motion, embed_patches, motion_ramp, normalise
 from export.models.s3d import PIXEL_MEAN, PIXEL_STD
 from export.models.s3d_zoom import S3DZoom
 
@@ -29,6 +29,33 @@ def block_k(budget: torch.Tensor, received: torch.Tensor | int) -> torch.Tensor:
     """An ATS block's K per sample: max(⌈budget·received⌉, K_FLOOR) for the non-cls tokens it
     receives (a budget of 1 keeps them all, see `adaptive_token_sampler`)."""
     return torch.ceil(budget * received).clamp(min=K_FLOOR).to(torch.int64)
+
+
+class MotionBudget(nn.Module):
+    """Spreads a request's budget over its clips by how much each one moves: a clip's budget is
+    budget ** power, the power `still_power` at motion (`pixels.clip_motion`) `low` and below,
+    `moving_power` at `high` and above, linear in between. A budget of 1 stays 1 (the plain ViT).
+
+    Why: ATS keeps as many tokens as the cls attention is spread over, and in this data it spreads
+    in clips where nothing happens (nothing to look at) and gathers on the diver in flight, so one
+    ρ for every clip keeps more tokens before and after the dive than during it (README "Adaptive
+    computation"). The sampler is the thesis's; only each clip's K moves."""
+
+    def __init__(self, low: float, high: float, still_power: float, moving_power: float):
+        super().__init__()
+        if not high > low:
+            raise ValueError(f"the moving level {high} must be above the still one {low}")
+        if min(still_power, moving_power) <= 0:
+            raise ValueError(f"powers must be positive, got {still_power} and {moving_power}")
+        self.low, self.high, self.still_power, self.moving_power = low, high, still_power, moving_power
+
+    def forward(self, clips: torch.Tensor, budget: torch.Tensor) -> torch.Tensor:
+        """uint8 clips (N, T, H, W, C) and their budgets (N,) -> each clip's budget (N,)."""
+        ramp = motion_ramp(clip_motion(clips), self.low, self.high)
+        return budget ** (self.still_power + (self.moving_power - self.still_power) * ramp)
+
+    def config(self) -> dict[str, float]:
+        return {"low": self.low, "high": self.high, "still_power": self.still_power, "moving_power": self.moving_power}
 
 
 class Attention(nn.Module):

@@ -91,6 +91,16 @@ def test_graph_config_and_provenance(loaded, name):
         assert artifact.stat().st_size < MAX_ARTIFACT_BYTES, artifact
     if name == "clip_encoder_vit_ats":  # the plain ViT's weights, not a copy
         assert meta["weights"] == "clip_encoder_vit/1/model.pt"
+        from export.train_adaptive import AdaptiveBudget
+
+        # each clip's budget moved by its motion as the build's defaults say (`MotionBudget`), or not
+        budget, motion = AdaptiveBudget(), meta.get("budget_by_motion")
+        if budget.ats_still_power == budget.ats_moving_power == 1.0:
+            assert motion is None and "budget_powers" not in parameters
+        else:
+            assert (motion["still_power"], motion["moving_power"]) == (budget.ats_still_power, budget.ats_moving_power)
+            assert 0 < motion["low"] < motion["high"]
+            assert parameters["budget_powers"] == f"{budget.ats_still_power:g},{budget.ats_moving_power:g}"
     if name == "clip_encoder_vit":  # what a fresh clone's build distils: the default steps from scratch, then on
         from export.train_adaptive import TEACHER_KEY, AdaptiveBudget
 

@@ -37,7 +37,8 @@ from tests.vocabulary import model_config
 pytestmark = pytest.mark.integration
 
 SGS, ATS, VIT = "s3d_sgs", "vit_ats", "vit"
-# Budgets from full to the floor: SGS's B = 8, 4, 1; ATS's K = 196, 98, 25.
+# Budgets from full to the floor: SGS's B = 8, 4, 1; ATS's K = 196, 98, 25 (or, spread over the
+# clips by their motion, at most 196, 139, 70: `ats_knobs`).
 BUDGETS = {SGS: (1.0, 0.5, 0.125), ATS: (1.0, 0.5, 0.125)}
 S3D_GMACS = "0.0421"  # written into the copy's s3d config when the committed one lacks it
 
@@ -177,6 +178,12 @@ def scrape(url: str) -> dict[tuple[str, tuple], float]:
     }
 
 
+def ats_knobs(repository: Path, budgets: tuple[float, ...]) -> list[int]:
+    """The served vit_ats's knob at each budget, by its config (`AdaptiveSpec.knob_for`)."""
+    config = model_config(repository, contract.ENCODER_PREFIX + ATS)
+    return [contract._encoder_spec(contract.ENCODER_PREFIX + ATS, config).adaptive.knob_for(b) for b in budgets]
+
+
 def _kept(response: pb.AnalyzeResponse) -> list[list[int]]:
     return [list(c.kept) for c in response.compute.clips]
 
@@ -193,12 +200,14 @@ async def test_describe_models_lists_each_encoders_compute_and_budget_limits(ser
         assert detail.knob_full == int(parameters["budget_units"]["string_value"])
         assert detail.knob_min == int(parameters["budget_floor"]["string_value"])
         assert detail.gmacs_per_clip == pytest.approx(float(parameters["gmacs_per_clip"]["string_value"]))
+        # an encoder that spreads a request's budget over its clips by their motion says so
+        assert ("by its motion" in detail.knob) == ("budget_powers" in parameters)
     assert details[ATS].knob.startswith("K") and details[SGS].knob.startswith("B")
     assert details["s3d"].adaptive == "" and details["s3d"].gmacs_per_clip > 0
 
 
 @pytest.mark.parametrize("encoder", [SGS, ATS])
-async def test_a_lower_budget_spends_less_and_says_what_each_clip_kept(served, videos, encoder):
+async def test_a_lower_budget_spends_less_and_says_what_each_clip_kept(served, videos, encoder, adaptive_repository):
     _, stub = served
     responses = [await analyze(stub, videos["normal"], encoder, budget) for budget in BUDGETS[encoder]]
     clips = responses[0].video.clips
@@ -212,7 +221,8 @@ async def test_a_lower_budget_spends_less_and_says_what_each_clip_kept(served, v
         gmacs = [c.gmacs for c in compute.clips]
         assert compute.gmacs_per_clip == pytest.approx(np.mean(gmacs), rel=1e-5)
         assert len(response.answers) > 0  # the answers still come
-    assert [r.compute.knob for r in responses] == ([8, 4, 1] if encoder == SGS else [196, 98, 25])
+    assert [r.compute.knob for r in responses] == ([8, 4, 1] if encoder == SGS
+                                                   else ats_knobs(adaptive_repository, BUDGETS[ATS]))
     kept = [np.array(_kept(r)) for r in responses]
     if encoder == SGS:  # halving B merges bins pairwise: clip by clip, B' can only stay or drop
         assert all((low <= high).all() for high, low in zip(kept, kept[1:]))
@@ -324,7 +334,7 @@ async def test_mixed_budgets_in_one_dynamic_batch_each_get_their_own_compute(ser
     assert math.isclose(concurrent[1].compute.budget, 0.2, rel_tol=1e-6)
 
 
-async def test_a_stream_runs_at_its_budget_and_every_window_says_what_it_spent(served, videos):
+async def test_a_stream_runs_at_its_budget_and_every_window_says_what_it_spent(served, videos, adaptive_repository):
     from tests.integration.test_stream import collect
 
     _, stub = served
@@ -336,7 +346,7 @@ async def test_a_stream_runs_at_its_budget_and_every_window_says_what_it_spent(s
     assert final.kind == pb.StreamEvent.FINAL and windows
     for window in windows:
         compute = window.result.compute
-        assert (compute.budget, compute.knob) == (pytest.approx(0.25), 49)
+        assert (compute.budget, compute.knob) == (pytest.approx(0.25), *ats_knobs(adaptive_repository, (0.25,)))
         assert len(compute.clips) == window.last_clip - window.first_clip + 1
     analyzed = await analyze(stub, videos["normal"], ATS, 0.25)
     assert _kept(final.result) == _kept(analyzed)  # the whole stream's clips, as Analyze kept them
@@ -346,7 +356,7 @@ async def test_a_stream_runs_at_its_budget_and_every_window_says_what_it_spent(s
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "(0, 1]" in error.value.details()
 
 
-async def test_vqs_describe_and_vqs_analyze_show_the_compute(served, videos):
+async def test_vqs_describe_and_vqs_analyze_show_the_compute(served, videos, adaptive_repository):
     import json
 
     from typer.testing import CliRunner
@@ -366,10 +376,11 @@ async def test_vqs_describe_and_vqs_analyze_show_the_compute(served, videos):
     as_json = await asyncio.to_thread(runner.invoke, app, [*args, "--json"])
     assert as_json.exit_code == 0, as_json.output
     compute = json.loads(as_json.stdout)["compute"]
-    assert (compute["encoder"], compute["knob"], compute["budget"]) == (ATS, 98, 0.5)
+    knob, = ats_knobs(adaptive_repository, (0.5,))
+    assert (compute["encoder"], compute["knob"], compute["budget"]) == (ATS, knob, 0.5)
     assert compute["kept_ratio"] < 1 and all(len(c["kept"]) == 4 for c in compute["clips"])
     shown = await asyncio.to_thread(runner.invoke, app, args)
-    assert shown.exit_code == 0 and "0.5 -> K = 98" in shown.stdout and "K' ATS block 4" in shown.stdout
+    assert shown.exit_code == 0 and f"0.5 -> K = {knob}" in shown.stdout and "K' ATS block 4" in shown.stdout
     refused = await asyncio.to_thread(runner.invoke, app, [*args[:-1], "1.5"])
     assert refused.exit_code == 2  # a usage error, caught before any upload
     fixed = await asyncio.to_thread(

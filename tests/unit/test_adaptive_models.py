@@ -648,13 +648,33 @@ def test_distillation_encodes_its_share_of_clips_with_ats(monkeypatch, share):
     assert budgets == ([None, None] if share == 0 else [[pytest.approx(0.3)] * 4] * 2)
 
 
-def test_clip_motion_is_the_mean_grey_change_between_frames():
-    from export.train_adaptive import clip_motion
-
+def _still_and_blinking(change: int) -> torch.Tensor:
     still = torch.full((1, 8, 16, 16, 3), 90, dtype=torch.uint8)
     blinking = still.clone()
-    blinking[:, 1::2] += 12  # every other frame 12 grey levels brighter
-    torch.testing.assert_close(clip_motion(torch.cat([still, blinking])), torch.tensor([0.0, 12.0]))
+    blinking[:, 1::2] += change  # every other frame `change` grey levels brighter
+    return torch.cat([still, blinking])
+
+
+def test_clip_motion_is_the_mean_grey_change_between_frames():
+    from export.models.pixels import clip_motion
+
+    torch.testing.assert_close(clip_motion(_still_and_blinking(12)), torch.tensor([0.0, 12.0]))
+
+
+def test_motion_budget_moves_budget_from_still_clips_to_moving_ones():
+    from export.models.vit import MotionBudget
+
+    motion = MotionBudget(low=2.0, high=10.0, still_power=2.0, moving_power=0.5)
+    budget = torch.tensor([0.25, 0.25])
+    torch.testing.assert_close(motion(_still_and_blinking(12), budget), torch.tensor([0.0625, 0.5]))
+    # halfway between the levels: halfway between the powers
+    torch.testing.assert_close(motion(_still_and_blinking(6), budget), torch.tensor([0.0625, 0.25 ** 1.25]))
+    # a budget of 1 stays the plain ViT's for every clip
+    torch.testing.assert_close(motion(_still_and_blinking(12), torch.ones(2)), torch.ones(2))
+    with pytest.raises(ValueError, match="above"):
+        MotionBudget(low=3.0, high=3.0, still_power=2.0, moving_power=0.5)
+    with pytest.raises(ValueError, match="positive"):
+        MotionBudget(low=2.0, high=10.0, still_power=0.0, moving_power=0.5)
 
 
 def test_delta_spread_measures_how_far_the_frames_reach_below_the_largest_delta():
@@ -739,3 +759,17 @@ def test_event_clips_weigh_more_in_the_sgs_distillation_only_when_asked():
     assert torch.allclose(distillation_loss(features, target, phases, 4.0), 1.0 / 18 / scale)
     features[2] += 2.0  # a flight clip off by 2: its squared error 4, weighted 4
     assert torch.allclose(distillation_loss(features, target, phases, 4.0), (1.0 + 16.0) / 18 / scale)
+
+
+def test_a_vit_is_re_exported_only_under_the_budget_it_was_trained_with():
+    from dataclasses import asdict, replace
+
+    from export.train_adaptive import AdaptiveBudget, vit_training_changes
+
+    budget = AdaptiveBudget()
+    trained = asdict(budget)
+    # an export-time field may change; a provenance from before a field existed reads ADDED_FIELDS
+    assert vit_training_changes(trained, replace(budget, ats_still_power=2.0, sgs_steps=1)) == []
+    before_the_third_run = {k: v for k, v in trained.items() if k != "vit_ats_steps"}  # built with none (0)
+    assert vit_training_changes(before_the_third_run, budget) == ["vit_ats_steps"]
+    assert vit_training_changes(trained, replace(budget, vit_lr=3e-4, vit_tune_steps=7)) == ["vit_lr", "vit_tune_steps"]

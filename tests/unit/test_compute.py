@@ -42,12 +42,24 @@ def test_an_adaptive_config_gives_its_kind_knob_and_cost():
 
 @pytest.mark.parametrize(
     "change",
-    [dict(adaptive="token_merging"), dict(budget_floor="300"), dict(budget_units=""), dict(budget_default="1.5")],
+    [dict(adaptive="token_merging"), dict(budget_floor="300"), dict(budget_units=""), dict(budget_default="1.5"),
+     dict(budget_powers="1.25"), dict(budget_powers="1.25,-0.5"), dict(budget_powers="still,moving")],
 )
 def test_a_broken_adaptive_config_is_refused(change):
     config = _config(**{**{k: v["string_value"] for k, v in ATS["parameters"].items()}, **change})
     with pytest.raises(ValueError):
         triton._encoder_spec("clip_encoder_vit_ats", config)
+
+
+def test_budget_powers_say_how_each_clip_moves_the_budget():
+    config = _config(**{**{k: v["string_value"] for k, v in ATS["parameters"].items()}, "budget_powers": "1.25,0.5"})
+    spec = triton._encoder_spec("clip_encoder_vit_ats", config).adaptive
+    assert spec.powers == (1.25, 0.5)
+    assert spec.knob == ("K (tokens per ATS block), each clip's at budget ** p by its motion "
+                         "(p 1.25 still .. 0.5 moving; the knob is the most any clip takes)")
+    # the knob bounds every clip's K: a moving clip's, budget ** 0.5
+    assert [spec.knob_for(b) for b in (1.0, 0.25, 0.01)] == [196, 98, 20]
+    assert triton._encoder_spec("clip_encoder_vit_ats", ATS).adaptive.knob == "K (tokens per ATS block)"
 
 
 def test_budget_to_knob_follows_the_floor_and_the_full_count():
