@@ -212,8 +212,8 @@ class AdaptiveBudget:
     # them); chosen on val_large (session 28, README "Adaptive computation").
     ats_still_percentile: float = 35.0
     ats_moving_percentile: float = 70.0
-    ats_still_power: float = 1.0
-    ats_moving_power: float = 1.0
+    ats_still_power: float = 1.25
+    ats_moving_power: float = 0.5
     refit_clips: int = 2048  # for the least-squares refit of the ViT's last layer
     val_every: int = VAL_EVERY
     # The ViT pair's validation stride (vit and the vit_ats curve that chooses its budget_default):
