@@ -22,7 +22,7 @@ import torch
 
 from export import MODEL_REPOSITORY, REPO, adaptive_export, build, data, train
 from export.build import paired_bootstrap
-from export.models.vit import MotionBudget
+from export.models.vit import MOTION_STRIDE, MotionBudget
 from export.synth import PHASES
 from export.train_adaptive import HEADS, SEED, _clip_batches, accuracy, decode_videos, load_served, motion_levels
 
@@ -44,7 +44,7 @@ def screen(data_dir: Path, split: str, points: list[str], percentiles: tuple[flo
     _, decoder, _ = load_served(repository)
     ds = data.load(build.make_split(data_dir, split))
     low, high = motion_levels(data.load(build.make_split(data_dir, "short")), 1024, np.random.default_rng(SEED),
-                              percentiles)
+                              percentiles, MOTION_STRIDE)
     phases = np.concatenate([ds.clip_phases(v) for v in range(len(ds.records))])
     report = {"split": split, "videos": len(ds.records), "motion_levels": [low, high], "percentiles": list(percentiles),
               "points": {}, "paired_bootstrap_95_points": {}}

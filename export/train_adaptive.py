@@ -61,7 +61,7 @@ from export.models.tqn import TQNDecoder
 from export.adaptive.ats import significance
 from export.adaptive.sgs import SIMILARITIES, MotionSimilarityNet
 from export.models.pixels import clip_motion, motion_ramp
-from export.models.vit import MotionBudget, VideoViT, block_k
+from export.models.vit import MOTION_STRIDE, MotionBudget, VideoViT, block_k
 from export.models.vit import VARIANTS as VIT_VARIANTS
 from export.models.vit import ZOOM_VARIANTS
 from export.models.vit import create as create_vit
@@ -617,10 +617,10 @@ def spread_target(motion: torch.Tensor, low: float, high: float) -> torch.Tensor
 
 
 def motion_levels(ds: data.ClipDataset, clips: int, rng: np.random.Generator,
-                  percentiles: tuple[float, float] = MOTION_PERCENTILES) -> tuple[float, float]:
-    """The training clips' motion at `percentiles` (from `clips` random clips)."""
+                  percentiles: tuple[float, float] = MOTION_PERCENTILES, stride: int = 1) -> tuple[float, float]:
+    """The training clips' motion (`clip_motion` at `stride`) at `percentiles` (from `clips` random clips)."""
     flat = rng.integers(0, ds.total_clips, clips)
-    motion = torch.cat([clip_motion(_clip_batch(ds, flat[s : s + 64])) for s in range(0, clips, 64)]).numpy()
+    motion = torch.cat([clip_motion(_clip_batch(ds, flat[s : s + 64]), stride) for s in range(0, clips, 64)]).numpy()
     low, high = np.percentile(motion, percentiles)
     return float(low), float(high)
 
@@ -1039,7 +1039,7 @@ def motion_budget(short: data.ClipDataset, budget: AdaptiveBudget) -> MotionBudg
     if budget.ats_still_power == budget.ats_moving_power == 1.0:
         return None
     low, high = motion_levels(short, 1024, np.random.default_rng(SEED),
-                              (budget.ats_still_percentile, budget.ats_moving_percentile))
+                              (budget.ats_still_percentile, budget.ats_moving_percentile), MOTION_STRIDE)
     return MotionBudget(low, high, budget.ats_still_power, budget.ats_moving_power)
 
 

@@ -23,6 +23,10 @@ from export.models.s3d import PIXEL_MEAN, PIXEL_STD
 from export.models.s3d_zoom import S3DZoom
 
 K_FLOOR = 8  # the thesis's K_n = max(ρ·#InputTokens_n, 8)
+# `MotionBudget` measures a clip's motion on every 4th pixel each way: the mean change is as good
+# at a sixteenth of the reads, and over every pixel it cost a third of the ViT (README "Adaptive
+# computation").
+MOTION_STRIDE = 4
 
 
 def block_k(budget: torch.Tensor, received: torch.Tensor | int) -> torch.Tensor:
@@ -33,7 +37,7 @@ def block_k(budget: torch.Tensor, received: torch.Tensor | int) -> torch.Tensor:
 
 class MotionBudget(nn.Module):
     """Spreads a request's budget over its clips by how much each one moves: a clip's budget is
-    budget ** power, the power `still_power` at motion (`pixels.clip_motion`) `low` and below,
+    budget ** power, the power `still_power` at motion (`pixels.clip_motion` at `MOTION_STRIDE`) `low` and below,
     `moving_power` at `high` and above, linear in between. A budget of 1 stays 1 (the plain ViT).
 
     Why: ATS keeps as many tokens as the cls attention is spread over, and in this data it spreads
@@ -51,7 +55,7 @@ class MotionBudget(nn.Module):
 
     def forward(self, clips: torch.Tensor, budget: torch.Tensor) -> torch.Tensor:
         """uint8 clips (N, T, H, W, C) and their budgets (N,) -> each clip's budget (N,)."""
-        ramp = motion_ramp(clip_motion(clips), self.low, self.high)
+        ramp = motion_ramp(clip_motion(clips, MOTION_STRIDE), self.low, self.high)
         return budget ** (self.still_power + (self.moving_power - self.still_power) * ramp)
 
     def config(self) -> dict[str, float]:
