@@ -354,8 +354,11 @@ def load_served(model_dir: Path, *, domain: bool = True) -> nn.Module:
         else:
             vit = VideoViT(**meta["config"])
         vit.load_state_dict(state)
-        motion = meta.get("budget_by_motion")
-        served = ServedViT(vit) if meta["encoder"] == "vit" else ServedViTATS(vit, MotionBudget(**motion) if motion else None)
+        if meta["encoder"] == "vit":
+            served = ServedViT(vit)
+        else:
+            motion = meta.get("budget_by_motion")
+            served = ServedViTATS(vit, MotionBudget(**motion) if motion else None)
     elif meta["encoder"] == "s3d_sgs":
         model = s3d_zoom_sgs.from_config(meta["config"])
         model.load_state_dict(state)

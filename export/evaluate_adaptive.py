@@ -200,7 +200,8 @@ def top_k_accuracy(ds: data.ClipDataset, videos: np.ndarray, repository: Path,
         feats = []
         for s in range(0, n, BATCH):
             count = min(BATCH, n - s)
-            features, kept = vit(torch.from_numpy(ds.clips(int(v), s, count)), k=k if k.dim() == 1 else k[at : at + count])
+            clip_k = k if k.dim() == 1 else k[at : at + count]
+            features, kept = vit(torch.from_numpy(ds.clips(int(v), s, count)), k=clip_k)
             at += count
             feats.append(features)
             kept_all.append(kept - 1)

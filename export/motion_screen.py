@@ -63,7 +63,8 @@ def screen(data_dir: Path, split: str, points: list[str], percentiles: tuple[flo
         k = np.concatenate(kept)
         report["points"][point] = {
             "accuracy": accuracy(preds, ds), "gmacs_per_clip": float(np.concatenate(gmacs).mean()),
-            "kept_by_phase": {name: k[phases == p].mean(0).tolist() for p, name in enumerate(PHASES) if (phases == p).any()}}
+            "kept_by_phase": {name: k[phases == p].mean(0).tolist()
+                              for p, name in enumerate(PHASES) if (phases == p).any()}}
         print(f"{point}: {report['points'][point]}", flush=True)
     for a, b in pairs:  # per query and for the mean over queries: [difference, low, high]
         columns = {**{q: (hits[a][:, i], hits[b][:, i]) for i, q in enumerate(HEADS)},

@@ -37,8 +37,9 @@ def block_k(budget: torch.Tensor, received: torch.Tensor | int) -> torch.Tensor:
 
 class MotionBudget(nn.Module):
     """Spreads a request's budget over its clips by how much each one moves: a clip's budget is
-    budget ** power, the power `still_power` at motion (`pixels.clip_motion` at `MOTION_STRIDE`) `low` and below,
-    `moving_power` at `high` and above, linear in between. A budget of 1 stays 1 (the plain ViT).
+    budget ** power, the power `still_power` at motion (`pixels.clip_motion` at `MOTION_STRIDE`)
+    `low` and below, `moving_power` at `high` and above, linear in between. A budget of 1 stays 1
+    (the plain ViT).
 
     Why: ATS keeps as many tokens as the cls attention is spread over, and in this data it spreads
     in clips where nothing happens (nothing to look at) and gathers on the diver in flight, so one
