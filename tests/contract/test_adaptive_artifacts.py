@@ -14,6 +14,8 @@ import pytest
 import torch
 
 from export import adaptive_export as ae
+from server import triton
+from tests.vocabulary import model_config
 
 REPOSITORY = Path(__file__).resolve().parents[2] / "model_repository"
 MODELS = {"clip_encoder_vit": (None, 0), "clip_encoder_vit_ats": ("AdaptiveTokenSampler", 4),
@@ -142,7 +144,7 @@ def _clips(batch: int, seed: int) -> np.ndarray:
 @pytest.mark.parametrize("budgets", [(1.0,), (0.5, 0.5, 0.5), (1.0, 0.25, 0.6, 0.05), (0.15, 0.35)])
 @pytest.mark.parametrize("name", ["clip_encoder_vit_ats", "clip_encoder_s3d_sgs"])
 def test_adaptive_encoders_match_torch_in_mixed_batches(loaded, name, budgets):
-    served, _, session, config, _ = loaded[name]
+    served, _, session, _, _ = loaded[name]
     clips = _clips(len(budgets), seed=len(budgets))
     budget = np.asarray(budgets, np.float32)[:, None]
     features, kept, gmacs, distance = session.run(None, {"clips": clips, "budget": budget})
@@ -152,12 +154,10 @@ def test_adaptive_encoders_match_torch_in_mixed_batches(loaded, name, budgets):
     np.testing.assert_allclose(features, want[0].numpy(), atol=TOLERANCE, rtol=0)
     np.testing.assert_allclose(gmacs, want[2].numpy(), rtol=1e-6)
     np.testing.assert_allclose(distance, want[3].numpy(), rtol=1e-3)  # whitening magnifies the features' 1e-5
-    units = 196 if "vit" in name else 8
-    floor = 8 if "vit" in name else 1
-    # a budget spread over the clips by their motion: a moving clip's, budget ** the smaller power, bounds them all
-    powers = _parameters(config).get("budget_powers")
-    share = np.asarray(budgets) ** (min(float(p) for p in powers.split(",")) if powers else 1.0)
-    limit = np.maximum(np.ceil(share * units), floor)
+    # every clip keeps at most the knob the gateway reports for its budget (with a budget spread by
+    # motion, a moving clip's)
+    spec = triton._encoder_spec(name, model_config(REPOSITORY, name)).adaptive
+    limit = np.asarray([spec.knob_for(b) for b in budgets])
     assert (kept <= limit[:, None]).all() and (kept >= 1).all()
     for i in range(len(budgets)):  # each clip as if alone: its batch does not change it
         alone = session.run(None, {"clips": clips[i : i + 1], "budget": budget[i : i + 1]})
