@@ -72,6 +72,7 @@ STUDENT = "{variant}_student.pt"  # the distilled ViT of a variant, kept beside 
 MORE_SEED = 19  # the second distillation run's draws (`vit_student`)
 ATS_STAGE_SEED = 31  # the third's (`vit_student`)
 TUNE_SEED = 29  # the ViT's refit and tuning draws (`build_adaptive`)
+SPREAD_STAGE_SEED = 37  # the fourth's, at vit_ats's motion budgets (`vit_student`)
 # A student's teacher, in its history: the sha256 of the s3d weights it regressed (model.pt, what
 # the distillation reads; the ONNX file's hash also moves with metadata that changes no output).
 TEACHER_KEY = "teacher_weights_sha256"
@@ -133,6 +134,10 @@ class AdaptiveBudget:
     # Chosen on val_large over share 1.0 (session 27, README "Adaptive computation").
     vit_ats_steps: int = 1500
     vit_ats_share: float = 0.75
+    # A fourth run, `vit_ats_share` of each step's clips through ATS at the budget vit_ats serves
+    # them (`MotionBudget` of the drawn one: still clips lower, moving ones higher), so the weights
+    # learn the budgets served. 0: none.
+    vit_spread_steps: int = 0
     vit_clips_per_step: int = 32
     vit_lr: float = 1e-3
     vit_tune_steps: int = 120  # after the distillation, through the frozen decoder (`tune_vit`)
@@ -230,12 +235,13 @@ SGS_ONLY = ("sgs_similarity", "sgs_prefit_steps", "sgs_prefit_lr", "sgs_steps", 
 # And those only the ViT part reads: s3d_sgs built before they changed is what today's defaults give.
 VIT_ONLY = ("vit_variant", "vit_steps", "vit_align_steps", "vit_more_steps", "vit_ats_steps", "vit_ats_share",
             "vit_clips_per_step", "vit_lr",
-            "vit_tune_steps", "vit_tune_lr", "event_fraction", "ats_full_share", "ats_distill_share", "ats_tune_low", "ats_tune_high", "ats_self_distill",
+            "vit_tune_steps", "vit_spread_steps", "vit_tune_lr", "event_fraction", "ats_full_share", "ats_distill_share", "ats_tune_low", "ats_tune_high", "ats_self_distill",
             "ats_token_cost", "ats_spread_weight", "ats_share_still", "ats_share_moving", "ats_still_percentile",
             "ats_moving_percentile", "ats_still_power", "ats_moving_power", "refit_clips", "vit_val_every")
+# vit_ats's `MotionBudget`: read by the export, and by the training too when it has `vit_spread_steps`.
+MOTION_FIELDS = ("ats_still_percentile", "ats_moving_percentile", "ats_still_power", "ats_moving_power")
 # Of those, the ones only the ViT pair's export reads: `reexport_vit_pair` may change them.
-VIT_EXPORT_ONLY = ("ats_still_percentile", "ats_moving_percentile", "ats_still_power", "ats_moving_power",
-                   "vit_val_every")
+VIT_EXPORT_ONLY = (*MOTION_FIELDS, "vit_val_every")
 
 # Fields added after served artifacts were built, with the value those builds used: a provenance
 # without one was built so (tests/contract/test_adaptive_artifacts.py).
@@ -244,7 +250,7 @@ ADDED_FIELDS = {"vit_variant": "vit_mini_112", "vit_more_steps": 0, "ats_tune_lo
                 "ats_spread_weight": 0.0, "ats_share_still": 0.35, "ats_share_moving": 0.85, "sgs_bins_low": 1,
                 "sgs_fixed_stem": False, "sgs_event_distill": 1.0, "ats_distill_share": 0.0,
                 "vit_ats_steps": 0, "vit_ats_share": 1.0, "ats_still_percentile": 35.0, "ats_moving_percentile": 70.0,
-                "ats_still_power": 1.0, "ats_moving_power": 1.0}
+                "ats_still_power": 1.0, "ats_moving_power": 1.0, "vit_spread_steps": 0}
 
 QUICK = AdaptiveBudget(vit_steps=20, vit_align_steps=5, vit_more_steps=5, vit_ats_steps=5, vit_tune_steps=5,
                       sgs_prefit_steps=5, sgs_steps=10, sgs_frozen_steps=5,
@@ -301,10 +307,12 @@ def _optimizer(params, lr: float, steps: int):
 
 def distill_vit(teacher: Encoder, datasets: list[data.ClipDataset], budget: AdaptiveBudget,
                 rng: np.random.Generator, student: VideoViT | None = None,
-                checkpoint: Path | None = None, steps: int | None = None) -> VideoViT:
+                checkpoint: Path | None = None, steps: int | None = None,
+                motion: MotionBudget | None = None) -> VideoViT:
     """The ViT regressing the teacher's clip features (MSE over the teacher's feature scale) for
     `steps` (default `budget.vit_steps`), from `student` when given (else a fresh one); its state
-    dict saved to `checkpoint` every 250 steps (a long run stopped early still leaves a student)."""
+    dict saved to `checkpoint` every 250 steps (a long run stopped early still leaves a student).
+    With `motion`, each ATS clip runs at the budget vit_ats serves it (`clip_budgets`)."""
     student = student if student is not None else new_vit(budget.vit_variant, teacher)
     student.train()
     steps = budget.vit_steps if steps is None else steps
@@ -331,7 +339,7 @@ def distill_vit(teacher: Encoder, datasets: list[data.ClipDataset], budget: Adap
                 scale = target.var(dim=0).mean().clamp(min=1e-6)
         if budget.ats_distill_share:
             budgets = ats_budgets(rng, len(clips), 1 - budget.ats_distill_share, budget)
-            features = student(clips, torch.as_tensor(budgets, dtype=torch.float32))[0]
+            features = student(clips, clip_budgets(clips, budgets, motion))[0]
         else:
             features = student(clips)
         loss = F.mse_loss(features, target) / scale
@@ -356,8 +364,16 @@ def ats_budgets(rng: np.random.Generator, clips: int, full_share: float, budget:
     return np.where(rng.random(clips) < full_share, 1.0, rng.uniform(budget.ats_tune_low, budget.ats_tune_high, clips))
 
 
+def clip_budgets(clips: torch.Tensor, budgets: np.ndarray, motion: MotionBudget | None) -> torch.Tensor:
+    """The budgets (N,) drawn for uint8 clips (N, T, H, W, C) as each clip runs them: moved by its
+    motion as vit_ats serves it (`motion`), or as drawn (None)."""
+    per_clip = torch.as_tensor(budgets, dtype=torch.float32)
+    return per_clip if motion is None else motion(clips, per_clip)
+
+
 def vit_student(teacher: Encoder, teacher_weights_sha256: str, datasets: list[data.ClipDataset], data_dir: Path,
-                budget: AdaptiveBudget, rng: np.random.Generator, init: Path | None = None) -> tuple[VideoViT, list]:
+                budget: AdaptiveBudget, rng: np.random.Generator, init: Path | None = None,
+                motion: MotionBudget | None = None) -> tuple[VideoViT, list]:
     """The distilled ViT and its history (one entry per distillation run: steps, teacher).
 
     Starts from `init` (a state dict, or a student file as this writes it) or else the student
@@ -365,7 +381,8 @@ def vit_student(teacher: Encoder, teacher_weights_sha256: str, datasets: list[da
     there: the distillation is the long part); a student distilled from another s3d is distilled
     `budget.vit_align_steps` more against this one. Without either, `budget.vit_steps` from
     scratch. Then, unless its history already has them, `budget.vit_more_steps` more against this
-    s3d and `budget.vit_ats_steps` more after those (each run with draws of its own, so a build from
+    s3d, `budget.vit_ats_steps` more after those and `budget.vit_spread_steps` at vit_ats's
+    `motion` budgets after those (each run with draws of its own, so a build from
     the cache and one from scratch continue alike). The student is (re)written to the cache with its
     history. A cached student distilled otherwise (a --quick build's, say) is not this budget's:
     distilled anew."""
@@ -380,6 +397,11 @@ def vit_student(teacher: Encoder, teacher_weights_sha256: str, datasets: list[da
               ({"steps": budget.vit_ats_steps, "from": "the student above, distilled on with ATS",
                 TEACHER_KEY: teacher_weights_sha256, "ats_distill_share": budget.vit_ats_share},
                replace(budget, ats_distill_share=budget.vit_ats_share), ATS_STAGE_SEED)]
+    if motion is not None:
+        stages.append(({"steps": budget.vit_spread_steps, "from": "the student above, distilled on with ATS at vit_ats's "
+                        "motion budgets", TEACHER_KEY: teacher_weights_sha256,
+                        "ats_distill_share": budget.vit_ats_share, "budget_by_motion": motion.config()},
+                       replace(budget, ats_distill_share=budget.vit_ats_share), SPREAD_STAGE_SEED))
     stages = [stage for stage in stages if stage[0]["steps"]]
     done = 0  # of `stages`, already in the saved student
     if saved is not None:
@@ -411,7 +433,7 @@ def vit_student(teacher: Encoder, teacher_weights_sha256: str, datasets: list[da
                             TEACHER_KEY: teacher_weights_sha256})
     for entry, stage_budget, stage_seed in stages[done:]:
         vit = distill_vit(teacher, datasets, stage_budget, np.random.default_rng(stage_seed), student=vit,
-                          steps=entry["steps"])
+                          steps=entry["steps"], motion=motion if "budget_by_motion" in entry else None)
         history.append(entry)
     torch.save({"state": vit.state_dict(), "history": history}, cache)
     return vit.eval(), history
@@ -1140,7 +1162,7 @@ def build_adaptive(data_dir: Path, repository: Path = MODEL_REPOSITORY, *, budge
         t = time.monotonic()
         rng = part_rng()
         vit, result["vit_history"] = vit_student(teacher, teacher_weights, [full, short], data_dir, budget, rng,
-                                                 init=init_vit)
+                                                 init=init_vit, motion=motion_budget(short, budget))
         # Draws of their own, so a build from the cached student trains on as one that distils it first.
         torch.manual_seed(TUNE_SEED)
         rng = np.random.default_rng(TUNE_SEED)
@@ -1227,10 +1249,13 @@ def build_adaptive(data_dir: Path, repository: Path = MODEL_REPOSITORY, *, budge
 
 def vit_training_changes(trained: dict, budget: AdaptiveBudget) -> list[str]:
     """The fields the ViT's training reads (`VIT_ONLY` but `VIT_EXPORT_ONLY`) on which `budget`
-    differs from the budget a ViT was `trained` with (its provenance)."""
+    differs from the budget a ViT was `trained` with (its provenance); the motion fields too when
+    either tunes at vit_ats's motion budgets (`vit_spread_steps`)."""
     trained = {**ADDED_FIELDS, **trained}
+    tuned_by_motion = trained["vit_spread_steps"] or budget.vit_spread_steps
+    export_only = set(VIT_EXPORT_ONLY) - (set(MOTION_FIELDS) if tuned_by_motion else set())
     return sorted(k for k, v in asdict(budget).items()
-                  if k in VIT_ONLY and k not in VIT_EXPORT_ONLY and trained.get(k) != v)
+                  if k in VIT_ONLY and k not in export_only and trained.get(k) != v)
 
 
 def reexport_vit_pair(data_dir: Path, repository: Path, budget: AdaptiveBudget, report: Path) -> dict:
@@ -1284,6 +1309,8 @@ def main() -> None:
     parser.add_argument("--vit-variant", choices=[*VIT_VARIANTS, *ZOOM_VARIANTS], default=None,
                         help="the ViT (a zoom one reads the diver's window too; default: the budget's)")
     parser.add_argument("--vit-tune-steps", type=int, default=None)
+    parser.add_argument("--vit-spread-steps", type=int, default=None,
+                        help="after the tuning, steps more with each ATS clip at its served motion budget (0: none)")
     parser.add_argument("--vit-more-steps", type=int, default=None,
                         help="a second distillation run on the student (0: none; default: the budget's)")
     parser.add_argument("--vit-ats-steps", type=int, default=None,
@@ -1351,7 +1378,7 @@ def main() -> None:
     budget = QUICK if args.quick else AdaptiveBudget()
     budget_options = ("vit_variant", "vit_steps", "vit_more_steps", "vit_ats_steps", "vit_ats_share",
                       "ats_tune_low", "ats_tune_high", "ats_distill_share",
-                      "vit_tune_steps",
+                      "vit_tune_steps", "vit_spread_steps",
                       "ats_self_distill", "ats_token_cost", "ats_spread_weight", "ats_share_still",
                       "ats_share_moving", "val_every", "vit_val_every", "vit_align_steps",
                       "sgs_steps", "sgs_frozen_steps", "sgs_spread_weight", "sgs_lr", "sgs_similarity",

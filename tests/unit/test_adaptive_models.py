@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -496,14 +497,12 @@ def test_significance_recorder_records_each_ats_block_and_restores_the_model(vit
 def test_vit_student_distils_on_once_and_caches_the_history(tmp_path, monkeypatch):
     from dataclasses import replace
 
-    import numpy as np
-
     from export import train_adaptive
     from export.train_adaptive import MORE_SEED, STUDENT, TEACHER_KEY, AdaptiveBudget, vit_student
 
     calls = []
 
-    def fake_distill(teacher, datasets, budget, rng, student=None, checkpoint=None, steps=None):
+    def fake_distill(teacher, datasets, budget, rng, student=None, checkpoint=None, steps=None, motion=None):
         calls.append((steps, rng.integers(1 << 30)))
         with torch.no_grad():
             student.proj.bias.add_(1.0)  # a distillation run that leaves a mark on the weights
@@ -535,15 +534,14 @@ def test_vit_student_distils_on_once_and_caches_the_history(tmp_path, monkeypatc
 def test_vit_student_runs_the_ats_stage_after_the_cached_runs_and_redoes_a_student_of_other_runs(tmp_path, monkeypatch):
     from dataclasses import replace
 
-    import numpy as np
-
     from export import train_adaptive
-    from export.train_adaptive import ATS_STAGE_SEED, STUDENT, TEACHER_KEY, AdaptiveBudget, vit_student
+    from export.models.vit import MotionBudget
+    from export.train_adaptive import ATS_STAGE_SEED, SPREAD_STAGE_SEED, STUDENT, TEACHER_KEY, AdaptiveBudget, vit_student
 
     calls = []
 
-    def fake_distill(teacher, datasets, budget, rng, student=None, checkpoint=None, steps=None):
-        calls.append((steps, budget.ats_distill_share, rng.integers(1 << 30)))
+    def fake_distill(teacher, datasets, budget, rng, student=None, checkpoint=None, steps=None, motion=None):
+        calls.append((steps, budget.ats_distill_share, rng.integers(1 << 30), motion))
         return student
 
     monkeypatch.setattr(train_adaptive, "distill_vit", fake_distill)
@@ -559,9 +557,19 @@ def test_vit_student_runs_the_ats_stage_after_the_cached_runs_and_redoes_a_stude
 
     _, history = vit_student(None, "s3d", [], tmp_path, budget, np.random.default_rng(0))
     # only the third run, every clip through ATS, with its own draws
-    assert calls == [(2, 1.0, np.random.default_rng(ATS_STAGE_SEED).integers(1 << 30))]
-    assert history == [first, more, {"steps": 2, "from": "the student above, distilled on with ATS",
-                                     TEACHER_KEY: "s3d", "ats_distill_share": 1.0}]
+    assert calls == [(2, 1.0, np.random.default_rng(ATS_STAGE_SEED).integers(1 << 30), None)]
+    ats = {"steps": 2, "from": "the student above, distilled on with ATS", TEACHER_KEY: "s3d", "ats_distill_share": 1.0}
+    assert history == [first, more, ats]
+    # with vit_ats's motion budgets, a fourth run after the cached three, through them
+    calls.clear()
+    motion = MotionBudget(low=2.0, high=10.0, still_power=1.25, moving_power=0.5)
+    _, spread = vit_student(None, "s3d", [], tmp_path, replace(budget, vit_spread_steps=4), np.random.default_rng(0),
+                            motion=motion)
+    assert calls == [(4, 1.0, np.random.default_rng(SPREAD_STAGE_SEED).integers(1 << 30), motion)]
+    assert spread == [first, more, ats, {"steps": 4, "from": "the student above, distilled on with ATS at vit_ats's "
+                                         "motion budgets", TEACHER_KEY: "s3d", "ats_distill_share": 1.0,
+                                         "budget_by_motion": motion.config()}]
+    torch.save({"state": state, "history": [first, more, ats]}, cache)
     # a student whose second run was not this budget's is distilled anew, every run in order
     calls.clear()
     torch.save({"state": state, "history": [first, {**more, "steps": 5}]}, cache)
@@ -574,14 +582,12 @@ def test_vit_student_distils_anew_over_a_cached_student_of_another_step_count(tm
     distils from scratch and the cache then holds its own student."""
     from dataclasses import replace
 
-    import numpy as np
-
     from export import train_adaptive
     from export.train_adaptive import STUDENT, TEACHER_KEY, AdaptiveBudget, vit_student
 
     calls = []
 
-    def fake_distill(teacher, datasets, budget, rng, student=None, checkpoint=None, steps=None):
+    def fake_distill(teacher, datasets, budget, rng, student=None, checkpoint=None, steps=None, motion=None):
         calls.append(steps)
         return student
 
@@ -601,8 +607,6 @@ def test_vit_student_distils_anew_over_a_cached_student_of_another_step_count(tm
 
 def test_vit_student_distils_anew_over_a_cached_student_without_ats_in_its_distillation(tmp_path, monkeypatch):
     from dataclasses import replace
-
-    import numpy as np
 
     from export import train_adaptive
     from export.train_adaptive import STUDENT, TEACHER_KEY, AdaptiveBudget, vit_student
@@ -624,8 +628,6 @@ def test_vit_student_distils_anew_over_a_cached_student_without_ats_in_its_disti
 def test_distillation_encodes_its_share_of_clips_with_ats(monkeypatch, share):
     from dataclasses import replace
     from types import SimpleNamespace
-
-    import numpy as np
 
     from export import train_adaptive
     from export.train_adaptive import AdaptiveBudget, distill_vit
@@ -675,6 +677,18 @@ def test_motion_budget_moves_budget_from_still_clips_to_moving_ones():
         MotionBudget(low=3.0, high=3.0, still_power=2.0, moving_power=0.5)
     with pytest.raises(ValueError, match="positive"):
         MotionBudget(low=2.0, high=10.0, still_power=0.0, moving_power=0.5)
+
+
+def test_the_vit_tunes_each_clip_at_the_budget_vit_ats_serves_it():
+    from export.models.vit import MotionBudget
+    from export.train_adaptive import clip_budgets
+
+    clips, drawn = _still_and_blinking(12), np.array([0.25, 0.25])
+    motion = MotionBudget(low=2.0, high=10.0, still_power=2.0, moving_power=0.5)
+    torch.testing.assert_close(clip_budgets(clips, drawn, motion), torch.tensor([0.0625, 0.5]))
+    torch.testing.assert_close(clip_budgets(clips, drawn, None), torch.tensor([0.25, 0.25]))
+    # a clip drawn at full compute stays the plain ViT's
+    torch.testing.assert_close(clip_budgets(clips, np.array([1.0, 1.0]), motion), torch.ones(2))
 
 
 def test_delta_spread_measures_how_far_the_frames_reach_below_the_largest_delta():
@@ -743,7 +757,6 @@ def test_before_sgs_parameters_are_the_layers_the_similarity_net_reads():
 
 
 def test_event_clips_weigh_more_in_the_sgs_distillation_only_when_asked():
-    import numpy as np
     from torch.nn import functional as F
 
     from export.synth import PHASES
@@ -766,10 +779,14 @@ def test_a_vit_is_re_exported_only_under_the_budget_it_was_trained_with():
 
     from export.train_adaptive import AdaptiveBudget, vit_training_changes
 
-    budget = AdaptiveBudget()
+    budget = replace(AdaptiveBudget(), vit_spread_steps=0)
     trained = asdict(budget)
     # an export-time field may change; a provenance from before a field existed reads ADDED_FIELDS
     assert vit_training_changes(trained, replace(budget, ats_still_power=2.0, sgs_steps=1)) == []
     before_the_third_run = {k: v for k, v in trained.items() if k != "vit_ats_steps"}  # built with none (0)
     assert vit_training_changes(before_the_third_run, budget) == ["vit_ats_steps"]
     assert vit_training_changes(trained, replace(budget, vit_lr=3e-4, vit_tune_steps=7)) == ["vit_lr", "vit_tune_steps"]
+    # tuned at vit_ats's motion budgets, the weights were trained by the motion fields too
+    tuned = replace(budget, vit_spread_steps=60)
+    assert vit_training_changes(asdict(tuned), replace(tuned, ats_still_power=2.0)) == ["ats_still_power"]
+    assert vit_training_changes(trained, tuned) == ["vit_spread_steps"]
