@@ -136,7 +136,8 @@ class AdaptiveBudget:
     vit_ats_share: float = 0.75
     # A fourth run, `vit_ats_share` of each step's clips through ATS at the budget vit_ats serves
     # them (`MotionBudget` of the drawn one: still clips lower, moving ones higher), so the weights
-    # learn the budgets served. 0: none.
+    # learn the budgets served. 0: none. 1,500 raised `vit` more than `vit_ats` on val_large, so
+    # ATS's gap to it grew (session 29, README "Adaptive computation").
     vit_spread_steps: int = 0
     vit_clips_per_step: int = 32
     vit_lr: float = 1e-3
