@@ -111,7 +111,7 @@ def main() -> None:
     parser.add_argument("--pairs", nargs="*", default=["1.25:0.5@0.25-1:1@0.25", "1.25:0.5@0.25-1:1@0.5"],
                         help="A-B: point A minus point B, paired by video")
     parser.add_argument("--spread-steps", type=int, nargs="+", default=[0],
-                        help="the weights screened: served (0) and served tuned on N steps at the motion budgets")
+                        help="the weights screened: served (0) and served distilled N steps more at the motion budgets")
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
     pairs = [tuple(p.split(" - ")) if " - " in p else tuple(p.split("-")) for p in args.pairs]
