@@ -42,13 +42,12 @@ def parse_point(point: str) -> tuple[float, float, float]:
     return float(still), float(moving), float(budget)
 
 
-def screened_weights(data_dir: Path, spread_steps: list[int], repository: Path = MODEL_REPOSITORY) -> dict:
+def screened_weights(data_dir: Path, spread_steps: list[int], teacher, repository: Path = MODEL_REPOSITORY) -> dict:
     """Name prefix -> ViT: the served one ("") and, per nonzero step count N, it distilled N steps
     more at the motion budgets ("spread-N/")."""
     datasets = [data.load(build.make_split(data_dir, split)) for split in ("train", "short")]
     budget = AdaptiveBudget()
     stage = replace(budget, ats_distill_share=budget.vit_ats_share)
-    teacher, _, _ = load_served(repository)
     weights = {}
     for steps in spread_steps:
         vit = adaptive_export.load_served(repository / "clip_encoder_vit", domain=False).vit
@@ -64,9 +63,9 @@ def screened_weights(data_dir: Path, spread_steps: list[int], repository: Path =
 def screen(data_dir: Path, split: str, points: list[str], percentiles: tuple[float, float],
            pairs: list[tuple[str, str]], spread_steps: list[int], repository: Path = MODEL_REPOSITORY) -> dict:
     torch.set_num_threads(train.TRAIN_THREADS)
+    teacher, decoder, _ = load_served(repository)
     with torch.inference_mode(False):
-        weights = screened_weights(data_dir, spread_steps, repository)
-    _, decoder, _ = load_served(repository)
+        weights = screened_weights(data_dir, spread_steps, teacher, repository)
     ds = data.load(build.make_split(data_dir, split))
     low, high = motion_levels(data.load(build.make_split(data_dir, "short")), 1024, np.random.default_rng(SEED),
                               percentiles, MOTION_STRIDE)
