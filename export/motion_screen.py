@@ -63,8 +63,8 @@ def screened_weights(data_dir: Path, spread_steps: list[int], teacher, repositor
 def screen(data_dir: Path, split: str, points: list[str], percentiles: tuple[float, float],
            pairs: list[tuple[str, str]], spread_steps: list[int], repository: Path = MODEL_REPOSITORY) -> dict:
     torch.set_num_threads(train.TRAIN_THREADS)
-    teacher, decoder, _ = load_served(repository)
-    with torch.inference_mode(False):
+    with torch.inference_mode(False):  # the weights may train
+        teacher, decoder, _ = load_served(repository)
         weights = screened_weights(data_dir, spread_steps, teacher, repository)
     ds = data.load(build.make_split(data_dir, split))
     low, high = motion_levels(data.load(build.make_split(data_dir, "short")), 1024, np.random.default_rng(SEED),
