@@ -68,11 +68,19 @@ from export.models.vit import create as create_vit
 
 REPORT = REPO / "export" / "adaptive_training.json"
 SEED = 9
-STUDENT = "{variant}_student.pt"  # the distilled ViT of a variant, kept beside the data (`vit_student`)
+# The distilled ViT of a variant and build seed, kept beside the data (`vit_student`).
+STUDENT = "{variant}_seed{seed}_student.pt"
+# A build of seed SEED draws these in its later runs; a build of another seed, each shifted as far.
 MORE_SEED = 19  # the second distillation run's draws (`vit_student`)
 ATS_STAGE_SEED = 31  # the third's (`vit_student`)
 TUNE_SEED = 29  # the ViT's refit and tuning draws (`build_adaptive`)
 SPREAD_STAGE_SEED = 37  # the fourth's, at vit_ats's motion budgets (`vit_student`)
+
+
+def stage_seed(served: int, seed: int) -> int:
+    """The seed of a later run (`served`: the SEED build's) in a build of `seed`. Why not one seed
+    for every run: a build from the cached student must draw what one distilling it first does."""
+    return served + seed - SEED
 # A student's teacher, in its history: the sha256 of the s3d weights it regressed (model.pt, what
 # the distillation reads; the ONNX file's hash also moves with metadata that changes no output).
 TEACHER_KEY = "teacher_weights_sha256"
@@ -374,11 +382,11 @@ def clip_budgets(clips: torch.Tensor, budgets: np.ndarray, motion: MotionBudget 
 
 def vit_student(teacher: Encoder, teacher_weights_sha256: str, datasets: list[data.ClipDataset], data_dir: Path,
                 budget: AdaptiveBudget, rng: np.random.Generator, init: Path | None = None,
-                motion: MotionBudget | None = None) -> tuple[VideoViT, list]:
+                motion: MotionBudget | None = None, seed: int = SEED) -> tuple[VideoViT, list]:
     """The distilled ViT and its history (one entry per distillation run: steps, teacher).
 
     Starts from `init` (a state dict, or a student file as this writes it) or else the student
-    cached beside the data (`STUDENT` of `budget.vit_variant`, as build.py keeps its trained models
+    cached beside the data (`STUDENT` of `budget.vit_variant` and `seed`, as build.py keeps its trained models
     there: the distillation is the long part); a student distilled from another s3d is distilled
     `budget.vit_align_steps` more against this one. Without either, `budget.vit_steps` from
     scratch. Then, unless its history already has them, `budget.vit_more_steps` more against this
@@ -387,22 +395,23 @@ def vit_student(teacher: Encoder, teacher_weights_sha256: str, datasets: list[da
     the cache and one from scratch continue alike). The student is (re)written to the cache with its
     history. A cached student distilled otherwise (a --quick build's, say) is not this budget's:
     distilled anew."""
-    cache = Path(data_dir) / STUDENT.format(variant=budget.vit_variant)
+    cache = Path(data_dir) / STUDENT.format(variant=budget.vit_variant, seed=seed)
     source = init if init is not None else (cache if cache.exists() else None)
     saved = None if source is None else torch.load(source, weights_only=True)
     # The runs after the first, in order, each with its own draws.
     stages = [({"steps": budget.vit_more_steps, "from": "the student above, distilled on",
                 TEACHER_KEY: teacher_weights_sha256,
                 **({"ats_distill_share": budget.ats_distill_share} if budget.ats_distill_share else {})},
-               budget, MORE_SEED),
+               budget, stage_seed(MORE_SEED, seed)),
               ({"steps": budget.vit_ats_steps, "from": "the student above, distilled on with ATS",
                 TEACHER_KEY: teacher_weights_sha256, "ats_distill_share": budget.vit_ats_share},
-               replace(budget, ats_distill_share=budget.vit_ats_share), ATS_STAGE_SEED)]
+               replace(budget, ats_distill_share=budget.vit_ats_share), stage_seed(ATS_STAGE_SEED, seed))]
     if motion is not None:
         stages.append(({"steps": budget.vit_spread_steps, "from": "the student above, distilled on with ATS at vit_ats's "
                         "motion budgets", TEACHER_KEY: teacher_weights_sha256,
                         "ats_distill_share": budget.vit_ats_share, "budget_by_motion": motion.config()},
-                       replace(budget, ats_distill_share=budget.vit_ats_share), SPREAD_STAGE_SEED))
+                       replace(budget, ats_distill_share=budget.vit_ats_share),
+                       stage_seed(SPREAD_STAGE_SEED, seed)))
     stages = [stage for stage in stages if stage[0]["steps"]]
     done = 0  # of `stages`, already in the saved student
     if saved is not None:
@@ -432,8 +441,8 @@ def vit_student(teacher: Encoder, teacher_weights_sha256: str, datasets: list[da
             vit = distill_vit(teacher, datasets, budget, rng, student=vit, steps=budget.vit_align_steps)
             history.append({"steps": budget.vit_align_steps, "from": "the student above",
                             TEACHER_KEY: teacher_weights_sha256})
-    for entry, stage_budget, stage_seed in stages[done:]:
-        vit = distill_vit(teacher, datasets, stage_budget, np.random.default_rng(stage_seed), student=vit,
+    for entry, stage_budget, run_seed in stages[done:]:
+        vit = distill_vit(teacher, datasets, stage_budget, np.random.default_rng(run_seed), student=vit,
                           steps=entry["steps"], motion=motion if "budget_by_motion" in entry else None)
         history.append(entry)
     torch.save({"state": vit.state_dict(), "history": history}, cache)
@@ -1066,11 +1075,11 @@ def motion_budget(short: data.ClipDataset, budget: AdaptiveBudget) -> MotionBudg
     return MotionBudget(low, high, budget.ats_still_power, budget.ats_moving_power)
 
 
-def export_vit_pair(vit: VideoViT, meta: dict, stage: Path, budget: AdaptiveBudget, decoder: TQNDecoder,
-                    splits: tuple[data.ClipDataset, data.ClipDataset, data.ClipDataset], clip_fps: float,
-                    result: dict) -> None:
+def export_vit_pair(vit: VideoViT, meta: dict, stage: Path, budget: AdaptiveBudget, motion: MotionBudget | None,
+                    decoder: TQNDecoder, splits: tuple[data.ClipDataset, data.ClipDataset, data.ClipDataset],
+                    clip_fps: float, result: dict) -> None:
     """Export a trained ViT into `stage` as clip_encoder_vit and clip_encoder_vit_ats (the same
-    weights, with `meta`), score both on validation, set vit_ats's budget_default by the vit_ats
+    weights, with `meta`; vit_ats spreads its budget by `motion`), score both on validation, set vit_ats's budget_default by the vit_ats
     curve (`_choose_budget`) and fit each one's in-domain Gaussian; `result` takes the scores."""
     short, full, val = splits
     vit_dir, ats_dir = stage / "clip_encoder_vit", stage / "clip_encoder_vit_ats"
@@ -1080,7 +1089,6 @@ def export_vit_pair(vit: VideoViT, meta: dict, stage: Path, budget: AdaptiveBudg
     _log("vit on val")
     result["val"]["vit"] = _score(vit_dir / "1" / "model.onnx", decoder, val, None, budget.vit_val_every) | {
         "gmacs_per_clip": vit.macs() / 1e9}
-    motion = motion_budget(short, budget)
     adaptive_export.export_served(adaptive_export.ServedViTATS(vit, motion), vit, ats_dir, adaptive=True,
                                   kept_dims=len(vit.ats_blocks),
                                   parameters=adaptive_export.vit_parameters(vit, ats=True, clip_fps=clip_fps,
@@ -1162,11 +1170,12 @@ def build_adaptive(data_dir: Path, repository: Path = MODEL_REPOSITORY, *, budge
         # ViT, distilled, and the same weights with ATS.
         t = time.monotonic()
         rng = part_rng()
+        motion = motion_budget(short, budget)
         vit, result["vit_history"] = vit_student(teacher, teacher_weights, [full, short], data_dir, budget, rng,
-                                                 init=init_vit, motion=motion_budget(short, budget))
+                                                 init=init_vit, motion=motion, seed=seed)
         # Draws of their own, so a build from the cached student trains on as one that distils it first.
-        torch.manual_seed(TUNE_SEED)
-        rng = np.random.default_rng(TUNE_SEED)
+        torch.manual_seed(stage_seed(TUNE_SEED, seed))
+        rng = np.random.default_rng(stage_seed(TUNE_SEED, seed))
         # Refit first (cheap, aligns a student of another s3d with this one), then train on.
         result["vit_refit_residual"] = refit_projection(vit, teacher, full, budget.refit_clips, rng)
         _log(f"vit last layer refit: residual {result['vit_refit_residual']:.3f} of the teacher's variance")
@@ -1183,7 +1192,7 @@ def build_adaptive(data_dir: Path, repository: Path = MODEL_REPOSITORY, *, budge
                             "served s3d's, then tuned through the served decoder (provenance: teacher, budget)",
                 "student_history": result["vit_history"], "refit_residual": result["vit_refit_residual"],
                 "provenance": provenance}
-        export_vit_pair(vit, meta, stage, budget, decoder, (short, full, val), clip_fps, result)
+        export_vit_pair(vit, meta, stage, budget, motion, decoder, (short, full, val), clip_fps, result)
 
     if "s3d_sgs" not in encoders:
         for key in ("s3d_sgs_placement",):
@@ -1278,7 +1287,8 @@ def reexport_vit_pair(data_dir: Path, repository: Path, budget: AdaptiveBudget, 
     result.setdefault("val", {})
     result.setdefault("in_domain", {})
     stage = Path(tempfile.mkdtemp(prefix=".adaptive-staging-", dir=repository.parent))
-    export_vit_pair(vit, meta, stage, budget, decoder, splits, float(s3d_meta["clip_fps"]), result)
+    export_vit_pair(vit, meta, stage, budget, motion_budget(splits[0], budget), decoder, splits,
+                    float(s3d_meta["clip_fps"]), result)
     adaptive_export.install(stage, repository)
     shutil.rmtree(stage, ignore_errors=True)
     result["provenance"] = {**result.get("provenance", {}), "budget": asdict(budget)}

@@ -498,7 +498,7 @@ def test_vit_student_distils_on_once_and_caches_the_history(tmp_path, monkeypatc
     from dataclasses import replace
 
     from export import train_adaptive
-    from export.train_adaptive import MORE_SEED, STUDENT, TEACHER_KEY, AdaptiveBudget, vit_student
+    from export.train_adaptive import MORE_SEED, SEED, STUDENT, TEACHER_KEY, AdaptiveBudget, vit_student
 
     calls = []
 
@@ -517,7 +517,7 @@ def test_vit_student_distils_on_once_and_caches_the_history(tmp_path, monkeypatc
                      vit_ats_steps=0)
     cached = small(None).state_dict()
     torch.save({"state": cached, "history": [{"steps": 7, "from": "scratch", TEACHER_KEY: "s3d"}]},
-               tmp_path / STUDENT.format(variant="vit_mini_112"))
+               tmp_path / STUDENT.format(variant="vit_mini_112", seed=SEED))
 
     vit, history = vit_student(None, "s3d", [], tmp_path, budget, np.random.default_rng(0))
     more = {"steps": 3, "from": "the student above, distilled on", TEACHER_KEY: "s3d"}
@@ -529,6 +529,12 @@ def test_vit_student_distils_on_once_and_caches_the_history(tmp_path, monkeypatc
     again, history_again = vit_student(None, "s3d", [], tmp_path, budget, np.random.default_rng(0))
     assert len(calls) == 1 and history_again == history
     torch.testing.assert_close(again.state_dict(), vit.state_dict())
+    # a build of another seed neither reads that student nor shares its draws: it distils its own
+    calls.clear()
+    _, other = vit_student(None, "s3d", [], tmp_path, budget, np.random.default_rng(0), seed=SEED + 2)
+    assert calls == [(None, np.random.default_rng(0).integers(1 << 30)),
+                     (3, np.random.default_rng(MORE_SEED + 2).integers(1 << 30))]
+    assert (tmp_path / STUDENT.format(variant="vit_mini_112", seed=SEED + 2)).exists()
 
 
 def test_vit_student_runs_the_ats_stage_after_the_cached_runs_and_redoes_a_student_of_other_runs(tmp_path, monkeypatch):
@@ -536,7 +542,8 @@ def test_vit_student_runs_the_ats_stage_after_the_cached_runs_and_redoes_a_stude
 
     from export import train_adaptive
     from export.models.vit import MotionBudget
-    from export.train_adaptive import ATS_STAGE_SEED, SPREAD_STAGE_SEED, STUDENT, TEACHER_KEY, AdaptiveBudget, vit_student
+    from export.train_adaptive import (ATS_STAGE_SEED, SEED, SPREAD_STAGE_SEED, STUDENT, TEACHER_KEY, AdaptiveBudget,
+                                       vit_student)
 
     calls = []
 
@@ -551,7 +558,7 @@ def test_vit_student_runs_the_ats_stage_after_the_cached_runs_and_redoes_a_stude
                      ats_distill_share=0.5, vit_ats_steps=2, vit_ats_share=1.0)
     first = {"steps": 7, "from": "scratch", TEACHER_KEY: "s3d", "ats_distill_share": 0.5}
     more = {"steps": 3, "from": "the student above, distilled on", TEACHER_KEY: "s3d", "ats_distill_share": 0.5}
-    cache = tmp_path / STUDENT.format(variant="vit_mini_112")
+    cache = tmp_path / STUDENT.format(variant="vit_mini_112", seed=SEED)
     state = VideoViT(dim=16, depth=2, heads=2, frame_size=32, ats_blocks=(1,)).state_dict()
     torch.save({"state": state, "history": [first, more]}, cache)
 
@@ -583,7 +590,7 @@ def test_vit_student_distils_anew_over_a_cached_student_of_another_step_count(tm
     from dataclasses import replace
 
     from export import train_adaptive
-    from export.train_adaptive import STUDENT, TEACHER_KEY, AdaptiveBudget, vit_student
+    from export.train_adaptive import SEED, STUDENT, TEACHER_KEY, AdaptiveBudget, vit_student
 
     calls = []
 
@@ -596,7 +603,7 @@ def test_vit_student_distils_anew_over_a_cached_student_of_another_step_count(tm
                         lambda variant: VideoViT(dim=16, depth=2, heads=2, frame_size=32, ats_blocks=(1,)))
     budget = replace(AdaptiveBudget(), vit_variant="vit_mini_112", vit_steps=7, vit_more_steps=0, ats_distill_share=0,
                      vit_ats_steps=0)
-    cache = tmp_path / STUDENT.format(variant="vit_mini_112")
+    cache = tmp_path / STUDENT.format(variant="vit_mini_112", seed=SEED)
     quick = {"steps": 20, "from": "scratch", TEACHER_KEY: "s3d"}
     torch.save({"state": {}, "history": [quick]}, cache)
 
@@ -609,7 +616,7 @@ def test_vit_student_distils_anew_over_a_cached_student_without_ats_in_its_disti
     from dataclasses import replace
 
     from export import train_adaptive
-    from export.train_adaptive import STUDENT, TEACHER_KEY, AdaptiveBudget, vit_student
+    from export.train_adaptive import SEED, STUDENT, TEACHER_KEY, AdaptiveBudget, vit_student
 
     calls = []
     monkeypatch.setattr(train_adaptive, "distill_vit", lambda *a, **k: calls.append(k.get("steps")) or k["student"])
@@ -618,7 +625,7 @@ def test_vit_student_distils_anew_over_a_cached_student_without_ats_in_its_disti
     budget = replace(AdaptiveBudget(), vit_variant="vit_mini_112", vit_steps=7, vit_more_steps=0, ats_distill_share=0.5,
                      vit_ats_steps=0)
     torch.save({"state": {}, "history": [{"steps": 7, "from": "scratch", TEACHER_KEY: "s3d"}]},
-               tmp_path / STUDENT.format(variant="vit_mini_112"))
+               tmp_path / STUDENT.format(variant="vit_mini_112", seed=SEED))
     _, history = vit_student(None, "s3d", [], tmp_path, budget, np.random.default_rng(0))
     assert calls == [None]
     assert history == [{"steps": 7, "from": "scratch", TEACHER_KEY: "s3d", "ats_distill_share": 0.5}]
