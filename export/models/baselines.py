@@ -32,8 +32,9 @@ class QueryHeads(nn.Module):
         return self.classify(self.project(x))
 
 
-class AveragePooling(nn.Module):
-    """Long-term baseline: project every clip, average over the video's clips, classify per query."""
+class Baseline(nn.Module):
+    """A baseline over a video's clip features (B, N, feature_dim) and their mask (B, N), with
+    `QueryHeads` of the TQN's capacity."""
 
     def __init__(self, *, head_sizes: dict[str, int], feature_dim: int = 256, hidden_dim: int = 128,
                  dropout: float = 0.3):
@@ -41,6 +42,10 @@ class AveragePooling(nn.Module):
         self.heads = QueryHeads(head_sizes=head_sizes, feature_dim=feature_dim, hidden_dim=hidden_dim,
                                 dropout=dropout)
         self.query_names = self.heads.query_names
+
+
+class AveragePooling(Baseline):
+    """Long-term baseline: project every clip, average over the video's clips, classify per query."""
 
     def forward(self, features: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
         weights = mask.float() / mask.float().sum(dim=1, keepdim=True)  # B, N
@@ -48,15 +53,8 @@ class AveragePooling(nn.Module):
         return self.heads.classify(pooled)
 
 
-class ShortTerm(nn.Module):
+class ShortTerm(Baseline):
     """Short-term baseline: classify each clip alone; average clip probabilities at test."""
-
-    def __init__(self, *, head_sizes: dict[str, int], feature_dim: int = 256, hidden_dim: int = 128,
-                 dropout: float = 0.3):
-        super().__init__()
-        self.heads = QueryHeads(head_sizes=head_sizes, feature_dim=feature_dim, hidden_dim=hidden_dim,
-                                dropout=dropout)
-        self.query_names = self.heads.query_names
 
     def forward(self, features: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Log of the clip-averaged probabilities (B, n) per query, usable as logits."""
