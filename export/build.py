@@ -35,7 +35,7 @@ EXTRA_SPLITS = {"val_large": ("val_large", 3000, 206, 2.0, 20.0), "test_large": 
 # The training splits draw this share of their routines' flights attribute by attribute, off the
 # class table (synth's `free_flight_share`; such a video has no class target): on the table alone
 # the twist follows from the pose and somersaults in 10 of 12 flights, and the decoder learns that
-# instead of reading it (README "Why the pike flights fail"). Validation and test keep the table.
+# instead of reading it (docs/recipe.md "Why the pike flights fail"). Validation and test keep the table.
 FREE_FLIGHT_SHARE = {"short": 0.5, "train": 0.5}
 FLIGHTS = "flights"  # the count pre-training's clips (`count_specialist.write_flight_bank`), beside the splits
 FLIGHT_ROUTINES = 3000  # its free flights (5.4k all-flight clips)

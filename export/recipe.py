@@ -4,7 +4,7 @@
 0. Count pre-training: the served encoder (`train.SERVED_ENCODER`) is trained as a per-clip count
    specialist (`count_specialist.train_specialist`) on the all-flight clips of `build.FLIGHT_ROUTINES`
    freely drawn flights, learning their somersaults and twists and where the diver is. Without it
-   no recipe taught the encoder the twist (README "Teaching the twist").
+   no recipe taught the encoder the twist (docs/recipe.md "Teaching the twist").
 1. The warm-up from that encoder (`train.warmup`, the short split).
 2. From the warm-up, at once: TQN's and average pooling's feature-bank stages and the short-term
    baseline (`train.train_with_bank`, `train.train_short_term`), each in its own process with its

@@ -52,7 +52,7 @@ TRAIN_THREADS = 1
 # (`export.parallel`, `export.recipe`), which decides how gradients are summed.
 TRAIN_PROCESSES = 2
 # The served clip encoder: the full-frame s3d plus a localiser and a stream on a window around the
-# diver (README "The s3d_zoom encoder"); the twist is read only through the window.
+# diver (docs/recipe.md "The s3d_zoom encoder"); the twist is read only through the window.
 SERVED_ENCODER = "s3d_zoom_32x112_112"
 HEAD_SIZES = {q: len(a) for q, a in HEADS.items()}
 

@@ -86,21 +86,21 @@ def stage_seed(served: int, seed: int) -> int:
 TEACHER_KEY = "teacher_weights_sha256"
 # Where SGS can go, earliest first: after the patchify conv (B' = 1 costs 0.29 of s3d's work), after the
 # stem (0.32), after stage 2 (the thesis's place for X3D; 0.67): the placement study (`--placements`
-# with all three, README "Adaptive computation"). A build trains the one it chose, after the stem:
+# with all three, docs/adaptive.md). A build trains the one it chose, after the stem:
 # the study costs three trainings and chose it by 10 points of validation accuracy.
 PLACEMENTS = ("patchify", "stem", "stage2")
 BUILD_PLACEMENTS = ("stem",)
 CALIBRATION_CLIPS = 64  # random training clips that set the similarity net's bias (calibrate_similarity)
 BIAS_SCALE = 1.0  # the similarity net's output bias, in units of the median ‖Z_t‖ (calibrate_similarity)
 # Every ATS block samples a share of what it receives and inverse-transform points that land on the
-# same token keep it once, so GMACs fall fast just below 1 (README "Adaptive computation"): the
+# same token keep it once, so GMACs fall fast just below 1 (docs/adaptive.md): the
 # curve looks closely there, where a default within the tolerance can still save a lot.
 ATS_VAL_BUDGETS = (1.0, 0.99, 0.97, 0.95, 0.9, 0.75, 0.5, 0.35, 0.25)
 SGS_VAL_BUDGETS = (1.0, 0.5, 0.25)
 # `vit_phase_report`'s budgets for a --tune-vit screen: the build's curve below 1.
 VIT_REPORT_BUDGETS = tuple(b for b in ATS_VAL_BUDGETS if b < 1)
 # Every validation video (300, ~6,100 clips) for s3d and the s3d_sgs curve: on every sixth (50) one
-# answer of one video moves a query by 2 points, and the choice is about a point (README).
+# answer of one video moves a query by 2 points, and the choice is about a point (docs/adaptive.md).
 VAL_EVERY = 1
 # Mean accuracy over the queries (less noisy on 100 videos than each query alone).
 TOLERANCE_POINTS = 1.0
@@ -119,8 +119,8 @@ class AdaptiveBudget:
     # The ViT served as `vit` / `vit_ats` (`export.models.vit`): a zoom ViT also reads the diver's
     # window where the served s3d_zoom's localiser puts it (session 23's screen on validation: mean
     # 73.7 against vit_mini_112's 47.5 at the same 196 tokens); "vit_zoom56_mini_112" samples the
-    # window to 56 px, a quarter of its cut and embedding, and answered as well (session 26; README
-    # "Adaptive computation").
+    # window to 56 px, a quarter of its cut and embedding, and answered as well (session 26;
+    # docs/adaptive.md).
     vit_variant: str = "vit_zoom56_mini_112"
     # From scratch (no cached student beside the data): ~0.6-1 s a step at one thread, so 1,500 is
     # ~15-25 min.
@@ -135,17 +135,17 @@ class AdaptiveBudget:
     # to it grew from ~1 to 4-7 points near budget 1. With `ats_distill_share` 0.5 (session 26, on
     # 3,000 validation videos, against no second run): 1,500 steps, `vit` +12 points and ATS's gap
     # at 0.99 / 0.5 from -2.7 / -6.3 to -0.7 / -1.8 points; 3,000, `vit` +16 and -0.3 / -1.5
-    # (README "Adaptive computation").
+    # (docs/adaptive.md).
     vit_more_steps: int = 3000
     # A third run on the student, with `vit_ats_share` of each step's clips encoded with ATS (the
     # first two: `ats_distill_share`), so the last steps teach the sampled paths most. 0: none.
-    # Chosen on val_large over share 1.0 (session 27, README "Adaptive computation").
+    # Chosen on val_large over share 1.0 (session 27, docs/adaptive.md).
     vit_ats_steps: int = 1500
     vit_ats_share: float = 0.75
     # A fourth run, `vit_ats_share` of each step's clips through ATS at the budget vit_ats serves
     # them (`MotionBudget` of the drawn one: still clips lower, moving ones higher), so the weights
     # learn the budgets served. 0: none. 1,500 raised `vit` more than `vit_ats` on val_large, so
-    # ATS's gap to it grew (session 29, README "Adaptive computation").
+    # ATS's gap to it grew (session 29, docs/adaptive.md).
     vit_spread_steps: int = 0
     vit_clips_per_step: int = 32
     vit_lr: float = 1e-3
@@ -166,7 +166,7 @@ class AdaptiveBudget:
     # training it through the decoder (idle weight 1 or 0: both kept fewer bins in flight and answered
     # worse; export/sgs_motion_screen.json). 5,600 steps over 2,800 (the trunk was undertrained: mean
     # 91.1) and 8,400 (0.3 points lower, 6% fewer GMACs), both with the stems trained:
-    # README "Adaptive computation", export/sgs_trunk_screen.json. Then, stems fixed, 8,400 over
+    # docs/adaptive.md, export/sgs_trunk_screen.json. Then, stems fixed, 8,400 over
     # 5,600 on val_large (3,000 videos; export/sgs_recipe_screen.json): somersaults and twists
     # -0.9 / -0.9 points from s3d against -1.5 / -0.7 (seeds 7, 8: -1.7 / -1.8, -1.3 / -1.3).
     sgs_steps: int = 8400
@@ -223,7 +223,7 @@ class AdaptiveBudget:
     # clip at the short training clips' `ats_still_percentile` of motion or below encodes at
     # budget ** `ats_still_power`, one at `ats_moving_percentile` or above at budget **
     # `ats_moving_power`. Both powers 1: one budget for every clip. Export only (no training reads
-    # them); chosen on val_large (session 28, README "Adaptive computation").
+    # them); chosen on val_large (session 28, docs/adaptive.md).
     ats_still_percentile: float = 35.0
     ats_moving_percentile: float = 70.0
     ats_still_power: float = 1.25

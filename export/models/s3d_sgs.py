@@ -15,7 +15,7 @@ the same; the mass and the mean time are its sums over two channels appended to 
 convs saw single frames in time order; with sums in Δ order their input changes scale by up to 8x
 from clip to clip (batch norm cannot undo a per-clip scale) and loses its order. With time-ordered
 means a clip that keeps a bin per frame is exactly the s3d. (Measured only together with the
-training schedule that came with it: README "Adaptive computation".)
+training schedule that came with it: docs/adaptive.md.)
 
 Across a batch the kept bins are padded to the batch's largest B' (mask False). Padded frames are
 zeroed before every temporal conv and pooled out at the end, so a clip's features do not depend

@@ -9,8 +9,8 @@ Two streams and a localiser:
   diver moves inside it) and sampled up to `window_size` px (bilinear, edges repeated), read by a
   narrower `s3d` with a `window_stem_patch` stem, so each of its stem patches covers
   window_crop / (window_size / window_stem_patch) source pixels (32 / 14 = 2.3 at the default,
-  against 8 in the full stream: the magnification the twist needs, README "What makes the twist
-  readable").
+  against 8 in the full stream: the magnification the twist needs, docs/recipe.md "What makes the
+  twist readable").
 The clip feature is the sum of the two streams' projections (a linear map of their concatenated
 pooled features), `feature_dim` wide like `s3d`'s, so any decoder takes it unchanged.
 

@@ -24,8 +24,8 @@ from export.models.s3d_zoom import S3DZoom
 
 K_FLOOR = 8  # the thesis's K_n = max(ρ·#InputTokens_n, 8)
 # `MotionBudget` measures a clip's motion on every 4th pixel each way: the mean change is as good
-# at a sixteenth of the reads, and over every pixel it cost a third of the ViT (README "Adaptive
-# computation").
+# at a sixteenth of the reads, and over every pixel it cost a third of the ViT (docs/adaptive.md,
+# session 28).
 MOTION_STRIDE = 4
 
 
@@ -43,8 +43,8 @@ class MotionBudget(nn.Module):
 
     Why: ATS keeps as many tokens as the cls attention is spread over, and in this data it spreads
     in clips where nothing happens (nothing to look at) and gathers on the diver in flight, so one
-    ρ for every clip keeps more tokens before and after the dive than during it (README "Adaptive
-    computation"). The sampler is the thesis's; only each clip's K moves."""
+    ρ for every clip keeps more tokens before and after the dive than during it (docs/adaptive.md,
+    session 28). The sampler is the thesis's; only each clip's K moves."""
 
     def __init__(self, low: float, high: float, still_power: float, moving_power: float):
         super().__init__()
@@ -253,7 +253,7 @@ class VideoViTZoom(VideoViT):
     window_crop / (frame_size / patch) source pixels whatever `window_size` is: a smaller one only
     embeds fewer (interpolated) pixels per token.
     Why: the plain ViT sees the ~25-px diver in 16-px tubelets and cannot imitate the two-stream
-    teacher's counts (README "Adaptive computation"); the window's tokens are also where ATS has
+    teacher's counts (docs/adaptive.md); the window's tokens are also where ATS has
     the most to drop outside the flight."""
 
     def __init__(self, finder: S3DZoom, *, window_size: int | None = None, **vit):
