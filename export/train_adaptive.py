@@ -70,17 +70,12 @@ REPORT = REPO / "export" / "adaptive_training.json"
 SEED = 9
 # The distilled ViT of a variant and build seed, kept beside the data (`vit_student`).
 STUDENT = "{variant}_seed{seed}_student.pt"
-# A build of seed SEED draws these in its later runs; a build of another seed, each shifted as far.
+# A build of seed SEED draws these in its later runs; a build of another seed, each shifted as far
+# (`stage_seed`).
 MORE_SEED = 19  # the second distillation run's draws (`vit_student`)
 ATS_STAGE_SEED = 31  # the third's (`vit_student`)
 TUNE_SEED = 29  # the ViT's refit and tuning draws (`build_adaptive`)
 SPREAD_STAGE_SEED = 37  # the fourth's, at vit_ats's motion budgets (`vit_student`)
-
-
-def stage_seed(served: int, seed: int) -> int:
-    """The seed of a later run (`served`: the SEED build's) in a build of `seed`. Why not one seed
-    for every run: a build from the cached student must draw what one distilling it first does."""
-    return served + seed - SEED
 # A student's teacher, in its history: the sha256 of the s3d weights it regressed (model.pt, what
 # the distillation reads; the ONNX file's hash also moves with metadata that changes no output).
 TEACHER_KEY = "teacher_weights_sha256"
@@ -112,6 +107,13 @@ HEADS = train.HEADS
 # The served clip encoder (the teacher) and its version with SGS.
 Encoder = S3D | S3DZoom
 SGSEncoder = S3DSGS | S3DZoomSGS
+
+
+def stage_seed(served: int, seed: int) -> int:
+    """The seed of a later run in a build of `seed`, `served` being the SEED build's. Each run
+    draws from a seed of its own, not from the build's generator, so a build from the cached
+    student draws what one that distils it first does."""
+    return served + seed - SEED
 
 
 @dataclass(frozen=True)
